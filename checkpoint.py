@@ -1,0 +1,274 @@
+"""Load a Llama checkpoint into model.py's state-dict names, from any of three layouts:
+
+  * a llama.cpp `.gguf` file (dequantized here; llama.cpp's Q/K row permutation undone),
+  * a Hugging Face directory (config.json + one or sharded *.safetensors),
+  * a `model.pth` with `model_args.json` beside it, as written by write_checkpoint (the scripts/ converters).
+
+Tensors come back in float32 (GGUF) or in their stored float dtype; the caller casts. A model.pth must come from
+this repo's converters: it holds HF-layout q/k rows, unlike the Meta-layout model.pth of gpt-fast's own converter.
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from model import ModelArgs, rope_inv_freq
+
+REPO_DIR = Path(__file__).resolve().parent
+SETUP_HINT = "run `bash scripts/setup.sh` to prepare the default model, or pass --checkpoint_path"
+
+
+def default_checkpoint_path() -> Path:
+    return REPO_DIR / "checkpoints" / "smollm2-135m" / "model.pth"
+
+
+def load_checkpoint(path, dtype: torch.dtype = None) -> tuple[ModelArgs, dict[str, Tensor]]:
+    """(ModelArgs, state_dict) from a .gguf file, a HF directory, or a model.pth (or a directory holding one).
+    With `dtype`, each tensor is cast as it is read, so a large checkpoint never sits in memory twice."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"checkpoint not found: {path} — {SETUP_HINT}")
+    if path.is_dir():
+        if (path / "config.json").exists() and list(path.glob("*.safetensors")):
+            return load_hf_dir(path, dtype)
+        if (path / "model.pth").exists():
+            return load_pth(path / "model.pth", dtype)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return load_gguf(ggufs[0], dtype)
+        raise ValueError(f"no checkpoint in {path}: expected model.pth with model_args.json, one .gguf file, or "
+                         "config.json with *.safetensors — convert one with scripts/convert_hf_checkpoint.py, or "
+                         "pass the checkpoint file itself as --checkpoint_path")
+    if path.suffix == ".gguf":
+        return load_gguf(path, dtype)
+    if path.name == "config.json" or path.suffix == ".safetensors":
+        return load_hf_dir(path.parent, dtype)
+    return load_pth(path, dtype)
+
+
+def _cast(t: Tensor, dtype) -> Tensor:
+    return t if dtype is None else t.to(dtype)
+
+
+def _one_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+# ---- model.pth + model_args.json -----------------------------------------------------------------------------
+
+def load_pth(path: Path, dtype=None) -> tuple[ModelArgs, dict]:
+    args_path = path.parent / "model_args.json"
+    if not args_path.exists():
+        raise ValueError(f"{args_path} is missing, so {path} cannot be read — write the checkpoint with "
+                         "scripts/convert_hf_checkpoint.py or scripts/prepare_checkpoint.py")
+    try:
+        args = ModelArgs.from_dict(json.loads(args_path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{args_path} is not valid model args ({_one_line(e)}) — convert the checkpoint again")
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for a damaged file
+        raise ValueError(f"cannot read {path} ({_one_line(e)}) — the file is damaged or incomplete: "
+                         "delete it and convert/prepare the checkpoint again")
+    if not isinstance(state_dict, dict) or "tok_embeddings.weight" not in state_dict:
+        raise ValueError(f"{path} is not a model.pth written by this repo's converters — convert the checkpoint "
+                         "with scripts/convert_hf_checkpoint.py")
+    return args, {k: _cast(v, dtype) for k, v in state_dict.items()}
+
+
+def write_checkpoint(out_dir, args: ModelArgs, state_dict: dict, force: bool = False) -> Path:
+    """Write out_dir/model.pth and model_args.json. Never replaces an existing model.pth unless force."""
+    out_dir = Path(out_dir)
+    model_path = out_dir / "model.pth"
+    if model_path.exists() and not force:
+        raise ValueError(f"{model_path} already exists — pass --force to overwrite it, or choose another --out_dir")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Write under a temporary name first: an interrupted run must not leave a half-written model.pth behind.
+    tmp_path = out_dir / "model.pth.partial"
+    torch.save({k: v.contiguous() for k, v in state_dict.items()}, tmp_path)
+    (out_dir / "model_args.json").write_text(json.dumps(args.to_dict(), indent=2) + "\n")
+    os.replace(tmp_path, model_path)
+    return model_path
+
+
+# ---- Hugging Face directory ----------------------------------------------------------------------------------
+
+def hf_model_args(config: dict) -> ModelArgs:
+    if config.get("model_type", "llama") != "llama" or config.get("attention_bias") or config.get("mlp_bias"):
+        raise ValueError(f"unsupported model_type {config.get('model_type')!r} (or attention/mlp bias): only "
+                         "Llama-architecture checkpoints (Llama-2/3/3.1, SmolLM2) load")
+    # transformers < 5 writes rope_theta + rope_scaling; transformers 5 writes rope_parameters holding both.
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    rope_base = config.get("rope_theta", rope.pop("rope_theta", 10000.0))
+    rope.pop("rope_theta", None)
+    if rope.get("rope_type", rope.get("type")) in (None, "default"):
+        rope = None
+    return ModelArgs(
+        vocab_size=config["vocab_size"],
+        dim=config["hidden_size"],
+        n_layer=config["num_hidden_layers"],
+        n_head=config["num_attention_heads"],
+        n_kv_head=config.get("num_key_value_heads") or config["num_attention_heads"],
+        intermediate_size=config["intermediate_size"],
+        head_dim=config.get("head_dim"),
+        norm_eps=config.get("rms_norm_eps", 1e-6),
+        rope_base=float(rope_base),
+        rope_scaling=rope,
+        max_position_embeddings=config.get("max_position_embeddings", 4096),
+        tie_word_embeddings=config.get("tie_word_embeddings", False),
+    )
+
+
+HF_NAMES = {  # HF name (after "model.layers.{i}.") -> ours (after "layers.{i}.")
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+
+
+def load_hf_dir(path: Path, dtype=None) -> tuple[ModelArgs, dict]:
+    from safetensors import safe_open
+
+    try:
+        args = hf_model_args(json.loads((path / "config.json").read_text()))
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"cannot read {path / 'config.json'} ({_one_line(e)}) — download the checkpoint again")
+    index_path = path / "model.safetensors.index.json"
+    if index_path.exists():
+        files = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors in {path} — download the checkpoint's safetensors weights")
+    name_to_file = {}
+    try:
+        for f in files:
+            with safe_open(path / f, framework="pt") as handle:
+                name_to_file.update({name: f for name in handle.keys()})
+    except Exception as e:  # SafetensorError / OSError for a truncated or missing shard
+        raise ValueError(f"cannot read {path / f} ({_one_line(e)}) — the file is damaged or incomplete: "
+                         "download the checkpoint again")
+
+    def get(name: str) -> Tensor:
+        if name not in name_to_file:
+            raise ValueError(f"{path} has no tensor {name!r} — is it a complete Llama checkpoint?")
+        with safe_open(path / name_to_file[name], framework="pt") as handle:
+            return _cast(handle.get_tensor(name), dtype)
+
+    state_dict = {"tok_embeddings.weight": get("model.embed_tokens.weight"), "norm.weight": get("model.norm.weight")}
+    if not args.tie_word_embeddings:
+        state_dict["output.weight"] = get("lm_head.weight")
+    for i in range(args.n_layer):
+        hf = f"model.layers.{i}."
+        state_dict[f"layers.{i}.attention.wqkv.weight"] = torch.cat(
+            [get(hf + f"self_attn.{p}_proj.weight") for p in "qkv"])
+        for hf_name, name in HF_NAMES.items():
+            state_dict[f"layers.{i}.{name}"] = get(hf + hf_name)
+    return args, state_dict
+
+
+# ---- GGUF ----------------------------------------------------------------------------------------------------
+
+GGUF_NAMES = {  # llama.cpp name (after "blk.{i}.") -> ours (after "layers.{i}.")
+    "attn_norm.weight": "attention_norm.weight",
+    "attn_output.weight": "attention.wo.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+    "ffn_gate.weight": "feed_forward.w1.weight",
+    "ffn_up.weight": "feed_forward.w3.weight",
+    "ffn_down.weight": "feed_forward.w2.weight",
+}
+
+
+def unpermute_rope_rows(w: Tensor, n_head: int) -> Tensor:
+    """Undo llama.cpp's Q/K row permutation (its convert_hf_to_gguf.py `permute`; transformers reverses it the
+    same way): per head, llama.cpp interleaves the two rotate-half halves for its pairwise RoPE."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _gguf_rope_scaling(fields: dict, rope_freqs: Tensor, args: ModelArgs) -> dict:
+    """llama.cpp keeps Llama-3.1 rope scaling as a `rope_freqs` tensor (one divisor per frequency) rather than as
+    parameters. Recover the HF "llama3" parameters and check that they reproduce the tensor."""
+    factor = float(rope_freqs.max())
+    old_context = int(fields.get("llama.rope.scaling.original_context_length", 8192))
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": old_context}
+    plain = rope_inv_freq(ModelArgs(**{**args.to_dict(), "rope_scaling": None}))
+    scaled = rope_inv_freq(ModelArgs(**{**args.to_dict(), "rope_scaling": scaling}))
+    if not torch.allclose(plain / scaled, rope_freqs.float(), rtol=1e-3):
+        raise ValueError("this GGUF's rope_freqs tensor does not match Llama-3.1 rope scaling — convert the model "
+                         "from its Hugging Face checkpoint with scripts/convert_hf_checkpoint.py instead")
+    return scaling
+
+
+def load_gguf(path: Path, dtype=None) -> tuple[ModelArgs, dict]:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # a truncated file fails in many ways inside numpy's memmap parsing
+        raise ValueError(f"cannot read GGUF file {path} ({_one_line(e)}) — the file is damaged or incomplete: "
+                         "download it again")
+    fields = {name: field.contents() for name, field in reader.fields.items()
+              if not name.startswith("tokenizer.ggml.")}  # the token lists are large and not needed here
+    arch = fields.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path} holds a {arch!r} model: only llama-architecture GGUF files load")
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise ValueError(f"{path} has no token_embd.weight tensor — is it a complete Llama GGUF file?")
+    missing = [k for k in ("llama.block_count", "llama.embedding_length", "llama.feed_forward_length",
+                           "llama.attention.head_count", "llama.attention.layer_norm_rms_epsilon") if k not in fields]
+    if missing:
+        raise ValueError(f"{path} lacks the metadata {', '.join(missing)} — is it a complete Llama GGUF file?")
+    n_head = fields["llama.attention.head_count"]
+    args = ModelArgs(
+        # The embedding's rows, not the tokenizer's list: they can differ (padded vocabularies), the weights rule.
+        vocab_size=int(tensors["token_embd.weight"].shape[-1]),  # ggml shapes are (columns, rows)
+        dim=fields["llama.embedding_length"],
+        n_layer=fields["llama.block_count"],
+        n_head=n_head,
+        n_kv_head=fields.get("llama.attention.head_count_kv", n_head),
+        intermediate_size=fields["llama.feed_forward_length"],
+        head_dim=fields.get("llama.attention.key_length", fields.get("llama.rope.dimension_count")),
+        norm_eps=float(fields["llama.attention.layer_norm_rms_epsilon"]),
+        rope_base=float(fields.get("llama.rope.freq_base", 10000.0)),
+        max_position_embeddings=fields.get("llama.context_length", 4096),
+        tie_word_embeddings="output.weight" not in tensors,
+    )
+    scaling_type = fields.get("llama.rope.scaling.type", "none")
+    if scaling_type != "none":  # linear / yarn: passed on, and model.py says which types it implements
+        args.rope_scaling = {"rope_type": scaling_type, "factor": float(fields["llama.rope.scaling.factor"]),
+                             "original_max_position_embeddings":
+                                 int(fields.get("llama.rope.scaling.original_context_length", 8192))}
+
+    supported = {gguf.GGMLQuantizationType[t] for t in ("Q4_0", "Q4_1", "Q8_0", "F16", "BF16", "F32")}
+
+    def get(name: str) -> Tensor:
+        t = tensors.get(name)
+        if t is None:
+            raise ValueError(f"{path} has no tensor {name!r} — is it a complete Llama GGUF file?")
+        if t.tensor_type not in supported:
+            raise ValueError(f"tensor {name} of {path} has type {t.tensor_type.name}: only Q4_0, Q4_1, Q8_0, F16, "
+                             "BF16 and F32 GGUF tensors load — use a GGUF file quantized to one of these")
+        return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+
+    if "rope_freqs.weight" in tensors:
+        args.rope_scaling = _gguf_rope_scaling(fields, get("rope_freqs.weight"), args)
+    # (A truncated file already failed in GGUFReader: it maps every tensor's data when it opens the file.)
+    state_dict = {"tok_embeddings.weight": _cast(get("token_embd.weight"), dtype),
+                  "norm.weight": _cast(get("output_norm.weight"), dtype)}
+    if not args.tie_word_embeddings:
+        state_dict["output.weight"] = _cast(get("output.weight"), dtype)
+    for i in range(args.n_layer):
+        blk = f"blk.{i}."
+        q = unpermute_rope_rows(get(blk + "attn_q.weight"), args.n_head)
+        k = unpermute_rope_rows(get(blk + "attn_k.weight"), args.n_kv_head)
+        state_dict[f"layers.{i}.attention.wqkv.weight"] = _cast(torch.cat([q, k, get(blk + "attn_v.weight")]), dtype)
+        for gguf_name, name in GGUF_NAMES.items():
+            state_dict[f"layers.{i}.{name}"] = _cast(get(blk + gguf_name), dtype)
+    return args, state_dict

@@ -1,0 +1,1 @@
+"""Triton kernels for the caches, each beside its PyTorch reference."""

@@ -1,0 +1,410 @@
+"""Fused decode attention (one query token per sequence) over a 16-bit "hi" store and a quantized "mid" store.
+
+Flash-decoding: the keys are cut into splits (grid axis 1) that each run an online softmax over their share and
+write a partial output and log-sum-exp; a small second kernel merges the splits. The query heads that share a KV
+head (GQA) sit together in one program, so every KV tile is read once for the whole group. The mid store is
+dequantized tile by tile in registers (the dequantized mid never exists in memory). Lengths come in as device
+tensors and each split sizes its share from them at run time, so the grid depends on shapes only (CUDA-graph-able,
+no host sync). Layouts follow notes/cache_spec.md:
+
+  hi_k, hi_v   (B, H, NH, D) model dtype; slot i is attended when i <= hi_last (when given) and, with hi_pos
+               given, hi_pos[i] >= 0 and (hi_pos[i] < sink_size or hi_pos[i] >= sink_size + n_mid).
+  mid payload  (B, H, M, D // per_byte): int8, float8_e4m3fn, or uint8 packing 2 (4-bit) / 4 (2-bit) values a
+               byte, element i in byte i // per_byte at bits (i % per_byte) * bits.
+  mid scales   (B, H, M // F, D // G) float16 (zeros likewise, asymmetric only): token t, channel d use
+               scale[t // F, d // G]. Per-token int8/fp8: (B, H, M, 1); KIVI keys per channel: (B, H, M / F, D);
+               per-token values in channel groups: (B, H, M, D / G). x_hat = q * scale (+ zero).
+"""
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _group_tile(ptr, stride_sn, n0, end, F: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """Metadata of tokens n0 .. n0 + BLOCK_N - 1 (F tokens x G channels per entry), loaded once per entry as a small
+    contiguous tile and repeated over its tokens and channels: (BLOCK_N, BLOCK_D). F and G powers of two."""
+    R: tl.constexpr = BLOCK_N // F if BLOCK_N >= F else 1
+    C: tl.constexpr = BLOCK_D // G
+    first = n0 + tl.arange(0, R) * F  # first token of each entry row
+    s = tl.load(ptr + (first // F)[:, None] * stride_sn + tl.arange(0, C)[None, :], mask=(first < end)[:, None],
+                other=0).to(tl.float32)
+    return tl.reshape(tl.broadcast_to(s[:, None, :, None], (R, BLOCK_N // R, C, G)), (BLOCK_N, BLOCK_D))
+
+
+@triton.jit
+def _dequant_tile(payload_ptr, scale_ptr, zero_ptr, stride_pn, stride_sn, n0, end,
+                  D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PER_BYTE: tl.constexpr,
+                  F: tl.constexpr, G: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_TILES: tl.constexpr):
+    """Tokens n0 .. n0 + BLOCK_N - 1 (those below end) of one (batch, head) of the mid store, dequantized to float32
+    (BLOCK_N, BLOCK_D)."""
+    BITS: tl.constexpr = 8 // PER_BYTE
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < end
+    offs_d = tl.arange(0, BLOCK_D)
+    if PER_BYTE == 1:
+        raw = tl.load(payload_ptr + offs_n[:, None] * stride_pn + offs_d[None, :],
+                      mask=mask_n[:, None] & (offs_d[None, :] < D), other=0.0)
+        x = raw.to(tl.float32)
+    else:
+        # Load whole packed bytes (contiguous, vectorizable) and spread their fields back into channel order.
+        offs_p = tl.arange(0, BLOCK_D // PER_BYTE)
+        raw = tl.load(payload_ptr + offs_n[:, None] * stride_pn + offs_p[None, :],
+                      mask=mask_n[:, None] & (offs_p[None, :] < D // PER_BYTE), other=0)
+        field_mask: tl.constexpr = (1 << BITS) - 1
+        if PER_BYTE == 2:
+            x = tl.interleave(raw & field_mask, raw >> 4)
+        else:
+            x = tl.interleave(tl.interleave(raw & field_mask, (raw >> 4) & field_mask),
+                              tl.interleave((raw >> 2) & field_mask, raw >> 6))
+        x = x.to(tl.float32)
+    if GROUP_TILES:
+        x = x * _group_tile(scale_ptr, stride_sn, n0, end, F, G, BLOCK_N, BLOCK_D)
+        if HAS_ZERO:
+            x = x + _group_tile(zero_ptr, stride_sn, n0, end, F, G, BLOCK_N, BLOCK_D)
+    else:
+        # Any F, G: gather scale[t // F, d // G] element by element (served from L1).
+        offs_s = (offs_n // F)[:, None] * stride_sn + (offs_d // G)[None, :]
+        mask_s = mask_n[:, None] & (offs_d[None, :] < D)
+        x = x * tl.load(scale_ptr + offs_s, mask=mask_s, other=0).to(tl.float32)
+        if HAS_ZERO:
+            x = x + tl.load(zero_ptr + offs_s, mask=mask_s, other=0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _softmax_step(q, k, v, k_col_scale, v_row_scale, keep, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step of the query group q (BLOCK_G, D) over a tile k, v (BLOCK_N, D); scores in log2.
+    Operands are float32: 16-bit values are exact in tf32, and the dequantized tiles and the probabilities keep
+    tf32's 10 mantissa bits instead of bfloat16's 7 (a decode step is bound by memory, not by the dots)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (k_col_scale * qk_scale)[None, :]
+    s = tl.where(keep[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p * v_row_scale[None, :], v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, hi_k_ptr, hi_v_ptr, hi_pos_ptr, hi_last_ptr, n_mid_ptr,
+    kq_ptr, ks_ptr, kz_ptr, vq_ptr, vs_ptr, vz_ptr,
+    o_part_ptr, lse_part_ptr,
+    qk_scale, sink_size, n_hi,
+    stride_qb, stride_qh,
+    stride_hkb, stride_hkh, stride_hkn,
+    stride_hvb, stride_hvh, stride_hvn,
+    stride_last, stride_nmid,
+    stride_kqb, stride_kqh, stride_kqn,
+    stride_ksb, stride_ksh, stride_ksn,
+    stride_vqb, stride_vqh, stride_vqn,
+    stride_vsb, stride_vsh, stride_vsn,
+    H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+    HAS_HI_POS: tl.constexpr, HAS_HI_LAST: tl.constexpr, HAS_MID: tl.constexpr,
+    SPLITS_MID: tl.constexpr, SPLITS_HI: tl.constexpr,
+    K_PER_BYTE: tl.constexpr, K_F: tl.constexpr, K_G: tl.constexpr, K_ZERO: tl.constexpr, K_TILES: tl.constexpr,
+    V_PER_BYTE: tl.constexpr, V_F: tl.constexpr, V_G: tl.constexpr, V_ZERO: tl.constexpr, V_TILES: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    SPLITS: tl.constexpr = SPLITS_MID + SPLITS_HI
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_gd = (offs_g[:, None] < GROUP) & (offs_d[None, :] < D)
+    q = tl.load(q_ptr + b * stride_qb + (h * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_gd, other=0).to(tl.float32)
+
+    # A finite start keeps alpha = exp2(m_i - m_new) defined while every score so far is masked.
+    m_i = tl.full((BLOCK_G,), -1.0e30, tl.float32)
+    l_i = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+    ones_n = tl.full((BLOCK_N,), 1.0, tl.float32)
+    n_mid = 0
+    if HAS_MID:
+        n_mid = tl.load(n_mid_ptr + b * stride_nmid).to(tl.int32)
+
+    if split < SPLITS_MID:
+        # Mid store: tokens [0, n_mid), shared evenly (whole tiles) among the SPLITS_MID splits.
+        chunk = tl.cdiv(tl.cdiv(n_mid, SPLITS_MID), BLOCK_N) * BLOCK_N
+        start = split * chunk
+        end = tl.minimum(start + chunk, n_mid)
+        kq_base = kq_ptr + b * stride_kqb + h * stride_kqh
+        ks_base = ks_ptr + b * stride_ksb + h * stride_ksh
+        kz_base = kz_ptr + b * stride_ksb + h * stride_ksh
+        vq_base = vq_ptr + b * stride_vqb + h * stride_vqh
+        vs_base = vs_ptr + b * stride_vsb + h * stride_vsh
+        vz_base = vz_ptr + b * stride_vsb + h * stride_vsh
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            keep = offs_n < end
+            # One scale per token (int8 / fp8): apply it to the scores and probabilities, not the tiles.
+            if K_PER_BYTE == 1 and K_F == 1 and K_G >= D and not K_ZERO:
+                k = tl.load(kq_base + offs_n[:, None] * stride_kqn + offs_d[None, :],
+                            mask=keep[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+                k_col_scale = tl.load(ks_base + offs_n * stride_ksn, mask=keep, other=0).to(tl.float32)
+            else:
+                k = _dequant_tile(kq_base, ks_base, kz_base, stride_kqn, stride_ksn, n0, end,
+                                  D, BLOCK_N, BLOCK_D, K_PER_BYTE, K_F, K_G, K_ZERO, K_TILES)
+                k_col_scale = ones_n
+            if V_PER_BYTE == 1 and V_F == 1 and V_G >= D and not V_ZERO:
+                v = tl.load(vq_base + offs_n[:, None] * stride_vqn + offs_d[None, :],
+                            mask=keep[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+                v_row_scale = tl.load(vs_base + offs_n * stride_vsn, mask=keep, other=0).to(tl.float32)
+            else:
+                v = _dequant_tile(vq_base, vs_base, vz_base, stride_vqn, stride_vsn, n0, end,
+                                  D, BLOCK_N, BLOCK_D, V_PER_BYTE, V_F, V_G, V_ZERO, V_TILES)
+                v_row_scale = ones_n
+            m_i, l_i, acc = _softmax_step(q, k, v, k_col_scale, v_row_scale, keep, m_i, l_i, acc, qk_scale,
+                                          DOT_PRECISION)
+    else:
+        # Hi store: slots [0, hi_len), shared evenly among the SPLITS_HI splits.
+        hi_len = n_hi
+        if HAS_HI_LAST:
+            hi_len = tl.minimum(tl.load(hi_last_ptr + b * stride_last).to(tl.int32) + 1, n_hi)
+        hi_split = split - SPLITS_MID
+        chunk = tl.cdiv(tl.cdiv(hi_len, SPLITS_HI), BLOCK_N) * BLOCK_N
+        start = hi_split * chunk
+        end = tl.minimum(start + chunk, hi_len)
+        hk_base = hi_k_ptr + b * stride_hkb + h * stride_hkh
+        hv_base = hi_v_ptr + b * stride_hvb + h * stride_hvh
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            keep = offs_n < end
+            if HAS_HI_POS:
+                pos = tl.load(hi_pos_ptr + offs_n, mask=keep, other=-1)
+                keep = keep & (pos >= 0) & ((pos < sink_size) | (pos >= sink_size + n_mid))
+            mask_nd = keep[:, None] & (offs_d[None, :] < D)
+            k = tl.load(hk_base + offs_n[:, None] * stride_hkn + offs_d[None, :], mask=mask_nd, other=0)
+            v = tl.load(hv_base + offs_n[:, None] * stride_hvn + offs_d[None, :], mask=mask_nd, other=0)
+            m_i, l_i, acc = _softmax_step(q, k.to(tl.float32), v.to(tl.float32), ones_n, ones_n, keep, m_i, l_i,
+                                          acc, qk_scale, DOT_PRECISION)
+
+    # Partial result of this split: normalized output and log2-sum-exp (-inf when it saw no token).
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    rows = (b * H + h) * GROUP + offs_g
+    tl.store(o_part_ptr + (rows * SPLITS + split)[:, None] * D + offs_d[None, :], out, mask=mask_gd)
+    tl.store(lse_part_ptr + rows * SPLITS + split, lse, mask=offs_g < GROUP)
+
+
+@triton.jit
+def _decode_merge_kernel(o_part_ptr, lse_part_ptr, out_ptr, stride_ob, stride_oh,
+                         HQ: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+                         CHUNK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse), for one (sequence, query head)."""
+    row = tl.program_id(0)  # b * HQ + query head
+    offs_s = tl.arange(0, BLOCK_S)
+    lse = tl.load(lse_part_ptr + row * SPLITS + offs_s, mask=offs_s < SPLITS, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # no split saw a token: output 0 rather than NaN
+    denom = tl.maximum(tl.sum(tl.exp2(lse - m), 0), 1e-30)
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for s0 in tl.static_range(0, SPLITS, CHUNK_S):  # chunks keep the (splits, D) tile small in registers
+        offs_c = s0 + tl.arange(0, CHUNK_S)
+        w = tl.exp2(tl.load(lse_part_ptr + row * SPLITS + offs_c, mask=offs_c < SPLITS, other=float("-inf")) - m)
+        o = tl.load(o_part_ptr + (row * SPLITS + offs_c)[:, None] * D + offs_d[None, :],
+                    mask=(offs_c[:, None] < SPLITS) & (offs_d[None, :] < D), other=0)
+        acc += tl.sum(w[:, None] * o, 0)
+    b = row // HQ
+    hq = row % HQ
+    tl.store(out_ptr + b * stride_ob + hq * stride_oh + offs_d, (acc / denom).to(out_ptr.dtype.element_ty),
+             mask=offs_d < D)
+
+
+def _per_batch(t: Tensor, B: int) -> tuple[Tensor, int]:
+    """A length tensor of shape (), (1,) or (B,) and the stride that reads sequence b's entry."""
+    t = t.reshape(-1)
+    if t.numel() not in (1, B):
+        raise ValueError(f"length tensor has {t.numel()} entries; pass one, or one per sequence ({B})")
+    return t, (0 if t.numel() == 1 else t.stride(0))
+
+
+def mid_format(payload: Tensor, scale: Tensor, D: int) -> tuple[int, int, int]:
+    """(values per byte, tokens per scale row F, channels per scale column G) from the mid store's shapes."""
+    per_byte = D // payload.shape[-1]
+    if per_byte not in (1, 2, 4) or payload.shape[-1] * per_byte != D:
+        raise ValueError(f"mid payload last dim {payload.shape[-1]} does not pack head_dim {D} at 8, 4 or 2 bits")
+    F = payload.shape[2] // scale.shape[2]
+    G = D // scale.shape[3]
+    if F * scale.shape[2] != payload.shape[2] or G * scale.shape[3] != D:
+        raise ValueError(f"mid scale shape {tuple(scale.shape)} does not tile payload {tuple(payload.shape)}")
+    return per_byte, F, G
+
+
+def _group_tiles(F: int, G: int, D: int, block_d: int) -> bool:
+    """Whether metadata can be read as whole tiles (_group_tile): powers of two and no padded channels."""
+    pow2 = lambda n: n & (n - 1) == 0
+    return pow2(F) and pow2(G) and D == block_d and G <= D
+
+
+def _num_splits(device: torch.device, programs: int, capacity_mid: int, capacity_hi: int, block_n: int):
+    """Splits of the mid and the hi store: enough programs to fill the GPU a couple of times over."""
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4  # the CPU interpreter: a few splits exercise the merge without the cost of many programs
+    total = max(2, triton.cdiv(target, programs))
+    tiles_mid, tiles_hi = triton.cdiv(capacity_mid, block_n), triton.cdiv(capacity_hi, block_n)
+    splits_hi = min(tiles_hi, max(1, round(total * capacity_hi / max(1, capacity_mid + capacity_hi))))
+    splits_mid = min(tiles_mid, max(1 if tiles_mid else 0, total - splits_hi))
+    return splits_mid, max(1, splits_hi)
+
+
+def decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Tensor = None, hi_pos: Tensor = None,
+                     sink_size: int = 0, n_mid: Tensor = None, k_q: Tensor = None, k_scale: Tensor = None,
+                     k_zero: Tensor = None, v_q: Tensor = None, v_scale: Tensor = None, v_zero: Tensor = None,
+                     splits: tuple = None, block_n: int = None) -> Tensor:
+    """Attention of q (B, n_head, 1, D) (already rotated) over the hi store and the first n_mid mid tokens.
+
+    hi_last, n_mid: device tensors of shape (), (1,) or (B,); hi_last (the last hi slot to read, e.g. input_pos for
+    the full cache) may be None: every slot. hi_pos (NH,) int64 or None: then every slot up to hi_last counts.
+    The mid arguments are left None when there is no mid store.
+    splits=(mid, hi) overrides the number of splits; returns (B, n_head, 1, D) in q's dtype.
+    Under torch.compile this is the opaque op torch.ops.kvcache.decode_attention; eager calls launch directly
+    (a custom op's dispatch costs microseconds that 30 layers per token would feel)."""
+    args = (q, hi_k, hi_v, hi_last, hi_pos, sink_size, n_mid, k_q, k_scale, k_zero, v_q, v_scale, v_zero,
+            *(splits or (-1, -1)), block_n or 0)
+    if torch.compiler.is_compiling():
+        return torch.ops.kvcache.decode_attention(*args)
+    return _decode_attention(*args)
+
+
+def _decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[Tensor], hi_pos: Optional[Tensor],
+                      sink_size: int, n_mid: Optional[Tensor], k_q: Optional[Tensor], k_scale: Optional[Tensor],
+                      k_zero: Optional[Tensor], v_q: Optional[Tensor], v_scale: Optional[Tensor],
+                      v_zero: Optional[Tensor], split_mid: int, split_hi: int, block_n: int) -> Tensor:
+    B, HQ, T, D = q.shape
+    H, NH = hi_k.shape[1], hi_k.shape[2]
+    if T != 1:
+        raise ValueError(f"decode_attention takes one query token per sequence, got {T}")
+    if HQ % H:
+        raise ValueError(f"{HQ} query heads do not share {H} KV heads evenly")
+    if hi_k.stride(-1) != 1 or hi_v.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError("decode_attention needs head_dim contiguous in q, hi_k and hi_v")
+    group = HQ // H
+    has_mid = k_q is not None
+    if has_mid:
+        k_pb, k_f, k_g = mid_format(k_q, k_scale, D)
+        v_pb, v_f, v_g = mid_format(v_q, v_scale, D)
+        M = k_q.shape[2]
+        n_mid, stride_nmid = _per_batch(n_mid, B)
+    else:
+        k_pb = k_f = k_g = v_pb = v_f = v_g = 1
+        M, stride_nmid = 0, 0
+        k_q = k_scale = v_q = v_scale = n_mid = hi_k  # never read
+    stride_last = 0
+    if hi_last is not None:
+        hi_last, stride_last = _per_batch(hi_last, B)
+
+    BLOCK_D = triton.next_power_of_2(D)
+    BLOCK_G = max(16, triton.next_power_of_2(group))  # tl.dot needs at least 16 rows
+    if block_n <= 0:
+        block_n = 64 if BLOCK_D <= 128 else 32
+    splits_mid, splits_hi = (split_mid, split_hi) if split_mid >= 0 else _num_splits(q.device, B * H, M, NH, block_n)
+    if not has_mid:
+        splits_mid = 0
+    n_splits = splits_mid + splits_hi
+
+    o_part = torch.empty(B, HQ, n_splits, D, device=q.device, dtype=torch.float32)
+    lse_part = torch.empty(B, HQ, n_splits, device=q.device, dtype=torch.float32)
+    out = torch.empty(B, HQ, 1, D, device=q.device, dtype=q.dtype)
+    k_zero = k_scale if k_zero is None else k_zero
+    v_zero = v_scale if v_zero is None else v_zero
+    _decode_split_kernel[(B * H, n_splits)](
+        q, hi_k, hi_v, hi_k if hi_pos is None else hi_pos, hi_k if hi_last is None else hi_last, n_mid,
+        k_q, k_scale, k_zero, v_q, v_scale, v_zero,
+        o_part, lse_part,
+        LOG2E / math.sqrt(D), sink_size, NH,
+        q.stride(0), q.stride(1),
+        hi_k.stride(0), hi_k.stride(1), hi_k.stride(2),
+        hi_v.stride(0), hi_v.stride(1), hi_v.stride(2),
+        stride_last, stride_nmid,
+        k_q.stride(0), k_q.stride(1), k_q.stride(2),
+        k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
+        v_q.stride(0), v_q.stride(1), v_q.stride(2),
+        v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
+        H=H, GROUP=group, D=D,
+        HAS_HI_POS=hi_pos is not None, HAS_HI_LAST=hi_last is not None, HAS_MID=has_mid,
+        SPLITS_MID=splits_mid, SPLITS_HI=splits_hi,
+        K_PER_BYTE=k_pb, K_F=k_f, K_G=k_g, K_ZERO=has_mid and k_zero is not k_scale,
+        K_TILES=_group_tiles(k_f, k_g, D, BLOCK_D),
+        V_PER_BYTE=v_pb, V_F=v_f, V_G=v_g, V_ZERO=has_mid and v_zero is not v_scale,
+        V_TILES=_group_tiles(v_f, v_g, D, BLOCK_D),
+        BLOCK_G=BLOCK_G, BLOCK_N=block_n, BLOCK_D=BLOCK_D,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4, num_stages=2,
+    )
+    _decode_merge_kernel[(B * HQ,)](
+        o_part, lse_part, out, out.stride(0), out.stride(1),
+        HQ=HQ, D=D, SPLITS=n_splits, BLOCK_S=triton.next_power_of_2(n_splits),
+        CHUNK_S=min(16, triton.next_power_of_2(n_splits)), BLOCK_D=BLOCK_D, num_warps=2,
+    )
+    return out
+
+
+torch.library.custom_op("kvcache::decode_attention", _decode_attention, mutates_args=()).register_fake(
+    lambda q, *args: torch.empty_like(q))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PyTorch reference: dequantize in float64, then plain softmax attention.
+
+def unpack_ref(payload: Tensor, per_byte: int) -> Tensor:
+    """Packed uint8 (..., D // per_byte) -> (..., D) field values; int8 / fp8 payloads pass through."""
+    if per_byte == 1:
+        return payload.to(torch.float64)
+    bits = 8 // per_byte
+    shifts = torch.arange(per_byte, device=payload.device, dtype=torch.uint8) * bits
+    fields = (payload[..., None] >> shifts) & ((1 << bits) - 1)
+    return fields.flatten(-2).to(torch.float64)
+
+
+def dequantize_ref(payload: Tensor, scale: Tensor, zero: Tensor, D: int) -> Tensor:
+    """The mid store (B, H, M, ...) dequantized to float64 (B, H, M, D): x = q * scale[t // F, d // G] (+ zero)."""
+    per_byte, F, G = mid_format(payload, scale, D)
+    x = unpack_ref(payload, per_byte)
+    expand = lambda s: s.to(torch.float64).repeat_interleave(F, dim=2).repeat_interleave(G, dim=3)
+    x = x * expand(scale)
+    return x if zero is None else x + expand(zero)
+
+
+def decode_attention_ref(q, hi_k, hi_v, hi_last=None, hi_pos=None, sink_size=0, n_mid=None, k_q=None, k_scale=None,
+                         k_zero=None, v_q=None, v_scale=None, v_zero=None) -> Tensor:
+    """decode_attention in float64 PyTorch, one sequence at a time; returns (B, n_head, 1, D) in float64."""
+    B, HQ, _, D = q.shape
+    H = hi_k.shape[1]
+    NH = hi_k.shape[2]
+    hi_last = torch.full((B,), NH - 1, device=q.device) if hi_last is None else hi_last.reshape(-1).expand(B)
+    if k_q is not None:
+        n_mid = n_mid.reshape(-1).expand(B)
+        mid_k = dequantize_ref(k_q, k_scale, k_zero, D)
+        mid_v = dequantize_ref(v_q, v_scale, v_zero, D)
+    outs = []
+    for b in range(B):
+        keep = torch.arange(NH, device=q.device) <= hi_last[b]
+        nm = int(n_mid[b]) if k_q is not None else 0
+        if hi_pos is not None:
+            keep &= (hi_pos >= 0) & ((hi_pos < sink_size) | (hi_pos >= sink_size + nm))
+        k, v = hi_k[b][:, keep].double(), hi_v[b][:, keep].double()
+        if k_q is not None:
+            k = torch.cat([mid_k[b, :, :nm], k], dim=1)
+            v = torch.cat([mid_v[b, :, :nm], v], dim=1)
+        k, v = k.repeat_interleave(HQ // H, dim=0), v.repeat_interleave(HQ // H, dim=0)
+        scores = q[b].double() @ k.transpose(-1, -2) / math.sqrt(D)
+        outs.append(scores.softmax(-1) @ v)
+    return torch.stack(outs)

@@ -1,0 +1,172 @@
+"""Reference (PyTorch) quantization of keys and values for quantize_kv, in the layouts of notes/cache_spec.md.
+
+Everything is computed in float32; scales and zero-points are stored as float16 (as KIVI does). The float16 metadata
+is rounded *outward* (scales up, zero-points down) before the payload is computed from it, so every value stays
+inside the representable range and no clamp ever fires: the rounding error bound (scale/2 for the integer formats)
+holds with the stored metadata, not just with the float32 one.
+
+Shapes: x (B, H, N, D) with H = KV heads, N = tokens, D = head_dim.
+  * axis "token":   one scale per token and group of channels (group = D for 8-bit/fp8, i.e. per token and head;
+                    group_size channels for 4/2-bit). scale (B, H, N, D/group).
+  * axis "channel": one scale per channel and group of group_size tokens (KIVI keys; N a multiple of group_size).
+                    scale (B, H, N/group_size, D).
+4/2-bit payloads are packed along the channel dim, 2 or 4 per byte; int8/fp8 payloads are stored as they are.
+"""
+import torch
+from torch import Tensor
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+INT8_MAX = 127
+
+
+def _half_up(x: Tensor) -> Tensor:
+    """x (float32) rounded up to float16, so a scale never shrinks (which would push values out of range)."""
+    h = x.half()
+    return torch.where(h.float() < x, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+
+
+def _half_down(x: Tensor) -> Tensor:
+    """x (float32) rounded down to float16, so a zero-point never rises above the group minimum."""
+    h = x.half()
+    return torch.where(h.float() > x, torch.nextafter(h, torch.full_like(h, float("-inf"))), h)
+
+
+def _reciprocal(scale: Tensor) -> Tensor:
+    """1/scale in float32, 0 where the scale is 0 (an all-zero group: every code is 0 and dequantizes to 0)."""
+    scale = scale.float()
+    return torch.where(scale > 0, 1.0 / scale.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(scale))
+
+
+# ---------------------------------------------------------------- bit packing
+
+def pack_bits(q: Tensor, bits: int) -> Tensor:
+    """uint8 codes q (..., D) in [0, 2^bits) -> (..., D*bits/8): element i goes to byte i // (8/bits), bits
+    (i % (8/bits))*bits upward (little end first)."""
+    per_byte = 8 // bits
+    q = q.to(torch.uint8).unflatten(-1, (q.shape[-1] // per_byte, per_byte))
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=q.device)
+    return (q << shifts).sum(-1, dtype=torch.uint8)  # the fields do not overlap, so the sum is a bitwise or
+
+
+def unpack_bits(packed: Tensor, bits: int, D: int) -> Tensor:
+    """Inverse of pack_bits: (..., D*bits/8) uint8 -> codes (..., D) uint8."""
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    q = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return q.flatten(-2)[..., :D]
+
+
+# ---------------------------------------------------------------- element formats
+
+def quantize_int8(x: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 over `dim` (kept as size 1 in the scale): scale = amax/127, q = round(x/scale)."""
+    x = x.float()
+    scale = _half_up(x.abs().amax(dim, keepdim=True) / INT8_MAX)
+    q = torch.round(x * _reciprocal(scale)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: Tensor, scale: Tensor, dtype) -> Tensor:
+    return (q.float() * scale.float()).to(dtype)
+
+
+def quantize_fp8(x: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
+    """float8_e4m3fn payload with scale = amax/448 over `dim`. The clamp only guards float32 rounding at the top
+    (e4m3fn has no infinity: an out-of-range cast is NaN on some devices)."""
+    x = x.float()
+    scale = _half_up(x.abs().amax(dim, keepdim=True) / FP8_MAX)
+    q = (x * _reciprocal(scale)).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def dequantize_fp8(q: Tensor, scale: Tensor, dtype) -> Tensor:
+    return (q.float() * scale.float()).to(dtype)
+
+
+def quantize_asym(x: Tensor, bits: int, dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric b-bit over `dim` (kept as size 1): zero = min, scale = (max-min)/(2^b-1), q = round((x-zero)/scale)
+    as unpacked uint8 codes."""
+    x = x.float()
+    levels = (1 << bits) - 1
+    zero = _half_down(x.amin(dim, keepdim=True))
+    scale = _half_up((x.amax(dim, keepdim=True) - zero.float()) / levels)
+    q = torch.round((x - zero.float()) * _reciprocal(scale)).clamp_(0, levels).to(torch.uint8)
+    return q, scale, zero
+
+
+def dequantize_asym(q: Tensor, scale: Tensor, zero: Tensor, dtype) -> Tensor:
+    return (q.float() * scale.float() + zero.float()).to(dtype)
+
+
+# ---------------------------------------------------------------- key/value blocks in the cache layout
+
+def _channel_group(bits, D: int, group_size: int) -> int:
+    """Channels sharing one scale in a per-token layout: the whole head for 8-bit/fp8, group_size for 4/2-bit."""
+    return D if bits in (8, "fp8") else group_size
+
+
+def quantize_block(x: Tensor, bits, axis: str, group_size: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """x (B, H, N, D) -> (payload, scale, zero or None) in the mid-store layout of `axis` ("token" or "channel")."""
+    B, H, N, D = x.shape
+    if axis == "channel":
+        groups = x.reshape(B, H, N // group_size, group_size, D)
+        reduce_dim = -2
+    else:
+        g = _channel_group(bits, D, group_size)
+        groups = x.reshape(B, H, N, D // g, g)
+        reduce_dim = -1
+    zero = None
+    if bits == 8:
+        q, scale = quantize_int8(groups, reduce_dim)
+    elif bits == "fp8":
+        q, scale = quantize_fp8(groups, reduce_dim)
+    else:
+        q, scale, zero = quantize_asym(groups, bits, reduce_dim)
+        zero = zero.squeeze(reduce_dim)
+    q = q.reshape(B, H, N, D)
+    if bits in (4, 2):
+        q = pack_bits(q, bits)
+    return q, scale.squeeze(reduce_dim), zero
+
+
+def dequantize_block(q: Tensor, scale: Tensor, zero: Tensor | None, bits, axis: str, group_size: int, D: int,
+                     dtype) -> Tensor:
+    """Inverse of quantize_block: payload (B, H, N, ·) and metadata -> (B, H, N, D) in `dtype`."""
+    if bits in (4, 2):
+        q = unpack_bits(q, bits, D)
+    B, H, N, _ = q.shape
+    if axis == "channel":
+        q = q.reshape(B, H, N // group_size, group_size, D)
+        scale, zero = scale.unsqueeze(-2), None if zero is None else zero.unsqueeze(-2)
+    else:
+        g = _channel_group(bits, D, group_size)
+        q = q.reshape(B, H, N, D // g, g)
+        scale, zero = scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1)
+    if bits == 8:
+        x = dequantize_int8(q, scale, dtype)
+    elif bits == "fp8":
+        x = dequantize_fp8(q, scale, dtype)
+    else:
+        x = dequantize_asym(q, scale, zero, dtype)
+    return x.reshape(B, H, N, D)
+
+
+def quantize_keys(k: Tensor, bits, k_granularity: str, group_size: int):
+    """Keys (B, H, F, D) of one flush group (F = group_size tokens when per channel) -> (k_q, k_scale, k_zero)."""
+    return quantize_block(k, bits, k_granularity, group_size)
+
+
+def quantize_values(v: Tensor, bits, group_size: int):
+    """Values (B, H, N, D) -> (v_q, v_scale, v_zero): always per token (groups of channels)."""
+    return quantize_block(v, bits, "token", group_size)
+
+
+def dequantize_mid(k_q, k_scale, k_zero, v_q, v_scale, v_zero, n: int, bits, k_granularity: str, group_size: int,
+                   D: int, dtype) -> tuple[Tensor, Tensor]:
+    """16-bit (dtype) keys and values (B, H, n, D) of the first n tokens of the mid store (n a multiple of the
+    flush group when keys are per channel)."""
+    kg = n // group_size if k_granularity == "channel" else n
+    k = dequantize_block(k_q[:, :, :n], k_scale[:, :, :kg], None if k_zero is None else k_zero[:, :, :kg], bits,
+                         k_granularity, group_size, D, dtype)
+    v = dequantize_block(v_q[:, :, :n], v_scale[:, :, :n], None if v_zero is None else v_zero[:, :, :n], bits,
+                         "token", group_size, D, dtype)
+    return k, v

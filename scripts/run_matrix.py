@@ -1,0 +1,205 @@
+"""Evaluate every strategy of the matrix and render a markdown table and three plots.
+
+    python scripts/run_matrix.py                      # the default CPU matrix, into outputs/matrix/
+    python scripts/run_matrix.py --list               # the entries, one per line (a Slurm array runs one each)
+    python scripts/run_matrix.py --only 0,3 --out outputs/run1 --max_tokens 2048   # evaluate.py options pass through
+    python scripts/run_matrix.py --render --out outputs/run1                        # table + plots from the JSONs
+
+The matrix: full; compress_kv 16/32; quantize_kv 16/32 at 8, 4, 2 bits and fp8; and each compressed one again with
+sink/window 64/256. Each entry writes DIR/NN_name.json (evaluate.py's object); the table goes to DIR/table.md and
+the plots to DIR/kv_memory.png, DIR/perplexity_vs_position.png and DIR/retrieval_vs_length.png.
+
+The defaults below fit the whole matrix in under 30 minutes on a 2-core CPU with SmolLM2-135M in float32 (see
+README, "Evaluation"). --max_position 512 sizes the caches of fixed capacity (full, quantize_kv) as if the model's
+context were 512 tokens, so the 1024-token stream shows compress_kv carrying on where they stop; on a GPU, drop it and
+stream past the real 8192-token context (scripts/slurm/).
+"""
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_DIR))
+from scripts import evaluate  # noqa: E402
+
+MATRIX = [("full", ["full"])]
+for _sink, _window in ((16, 32), (64, 256)):
+    MATRIX.append((f"compress_kv {_sink}/{_window}",
+                   ["compress_kv", "--sink_size", str(_sink), "--window_size", str(_window)]))
+    for _bits in ("8", "4", "2", "fp8"):
+        MATRIX.append((f"quantize_kv {_sink}/{_window} {_bits if _bits == 'fp8' else 'int' + _bits}",
+                       ["quantize_kv", "--sink_size", str(_sink), "--window_size", str(_window), "--bits", _bits]))
+
+# evaluate.py options for the default (CPU) run; options given on the command line come later and win.
+CPU_DEFAULTS = ["--max_tokens", "512", "--stream_tokens", "1024", "--max_position", "512",
+                "--rouge_prompts", "4", "--prompt_tokens", "256", "--new_tokens", "64",
+                "--retrieval_lengths", "256,480", "--retrieval_depths", "0.1,0.5,0.9", "--retrieval_tasks", "passkey,qa"]
+
+
+def file_name(index: int, label: str) -> str:
+    return f"{index:02d}_{label.replace(' ', '_').replace('/', '-')}.json"
+
+
+def run(indices, out_dir: Path, settings: list[str]):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = tokenizer = checkpoint_path = None
+    for index in tqdm(indices, desc="matrix", unit="strategy"):
+        label, strategy_argv = MATRIX[index]
+        args, options = evaluate.parse(strategy_argv + CPU_DEFAULTS + settings)
+        if model is None:  # every entry shares the checkpoint, device and dtype: load once
+            model, tokenizer, checkpoint_path = evaluate.load(args)
+        result = {"label": label, "index": index,
+                  **evaluate.evaluate(model, tokenizer, args.strategy, options, args, checkpoint_path)}
+        evaluate.write_json(result, out_dir / file_name(index, label))
+        tqdm.write(f"{label}: " + evaluate.summary(result))
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def load_results(out_dir: Path) -> list[dict]:
+    results = [json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json"))]
+    results = [r for r in results if "strategy" in r and "kv_bytes" in r]
+    if not results:
+        raise ValueError(f"no evaluation JSON in {out_dir}: run scripts/run_matrix.py --out {out_dir} first")
+    return sorted(results, key=lambda r: r.get("index", len(MATRIX)))
+
+
+def label(r: dict) -> str:
+    return r.get("label") or " ".join([r["strategy"]] + [f"{k}={v}" for k, v in r["options"].items()])
+
+
+def fmt(value, spec, default="–"):
+    return default if value is None else format(value, spec)
+
+
+def render_table(results: list[dict]) -> str:
+    full = next((r for r in results if r["strategy"] == "full"), None)
+    first = results[0]
+    lines = [
+        f"Device {first['device']}, {first['dtype']}; checkpoint {first['checkpoint']}; corpus {first['data']}.",
+        f"Perplexity over {first['tokens']} tokens streamed {first['chunk_size']} at a time; ROUGE-L over "
+        f"{len(first.get('continuations', []))} greedy continuations; retrieval over "
+        f"{len(first.get('retrieval_samples', []))} prompts (lengths {sorted({s['length'] for s in first.get('retrieval_samples', [])})}); "
+        f"prompts fed {first['prefill_chunk']} tokens at a time; KV bytes for {first['kv_tokens']} tokens.",
+        "",
+        "| Strategy | Perplexity | vs full | ROUGE-L | ROUGE-L vs full | Retrieval | Tokens/s | KV MiB | × full |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        change = "–"
+        if full and r["perplexity"] is not None and full["perplexity"] is not None:
+            delta = r["perplexity"] - full["perplexity"]
+            change = f"{delta:+.2f} ({100 * delta / full['perplexity']:+.1f}%)"
+        lines.append(f"| {label(r)} | {fmt(r['perplexity'], '.2f')} | {change} | {fmt(r['rouge_l'], '.4f')} | "
+                     f"{fmt(r['rouge_l_vs_full'], '.4f')} | {fmt(r['retrieval_accuracy'], '.2f')} | "
+                     f"{fmt(r['tokens_per_s'], '.2f')} | {r['kv_bytes'] / 2**20:.2f} | {r['kv_ratio']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_plots(results: list[dict], out_dir: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    styles = {"full": "-", "compress_kv": "--", "quantize_kv": "-"}
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=120)
+        plt.close(fig)
+        written.append(out_dir / name)
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in results:
+        tokens, nbytes = zip(*r["kv_bytes_by_tokens"])
+        ax.plot(tokens, [b / 2**20 for b in nbytes], styles.get(r["strategy"], ":"), marker=".", label=label(r))
+    ax.set(xscale="log", yscale="log", xlabel="tokens held (prompt + generated)", ylabel="KV cache MiB allocated",
+           title=f"KV cache memory ({results[0]['dtype']}, all layers, one sequence)")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    save(fig, "kv_memory.png")
+
+    streams = [r for r in results if r.get("nll_by_position")]
+    if streams:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for r in streams:
+            curve = r["nll_by_position"]
+            x = [min((i + 0.5) * curve["bin"], curve["tokens"]) for i in range(len(curve["mean_nll"]))]
+            ax.plot(x, [2.718281828459045 ** n for n in curve["mean_nll"]], styles.get(r["strategy"], ":"),
+                    marker=".", label=label(r))
+        max_position = streams[0]["max_position"]
+        ax.axvline(max_position, color="grey", linestyle=":", label=f"capacity of full/quantize_kv ({max_position})")
+        ax.set(yscale="log", xlabel="position in the stream", ylabel=f"perplexity (mean over {curve['bin']} tokens)",
+               title="Perplexity along a stream, fed one chunk at a time through the cache")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        save(fig, "perplexity_vs_position.png")
+
+    scored = [r for r in results if r.get("retrieval_samples")]
+    if scored:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for r in scored:
+            by_length = {}
+            for s in r["retrieval_samples"]:
+                by_length.setdefault(s["length"], []).append(s["correct"])
+            lengths = sorted(by_length)
+            ax.plot(lengths, [sum(by_length[n]) / len(by_length[n]) for n in lengths], styles.get(r["strategy"], ":"),
+                    marker="o", label=label(r))
+        tasks = sorted({s["task"] for s in scored[0]["retrieval_samples"]})
+        ax.set(xlabel="context length (tokens)", ylabel="accuracy", ylim=(-0.05, 1.05),
+               title=f"Retrieval accuracy ({', '.join(tasks)}; mean over depths)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        save(fig, "retrieval_vs_length.png")
+    return written
+
+
+def render(out_dir: Path) -> str:
+    results = load_results(out_dir)
+    table = render_table(results)
+    (out_dir / "table.md").write_text(table)
+    plots = render_plots(results, out_dir)
+    print(table)
+    print(f"wrote {out_dir / 'table.md'}, " + ", ".join(str(p) for p in plots))
+    return table
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=evaluate.OUTPUTS / "matrix", help="folder for JSON, table, plots")
+    parser.add_argument("--only", type=evaluate.int_list, default=None, help="comma-separated entry indices (--list)")
+    parser.add_argument("--list", action="store_true", help="print the entries and exit")
+    parser.add_argument("--render", action="store_true", help="only render the table and plots from --out's JSON")
+    args, settings = parser.parse_known_args(argv)
+    if args.list:
+        for i, (name, strategy_argv) in enumerate(MATRIX):
+            print(f"{i}\t{name}\t{' '.join(strategy_argv)}")
+        return
+    try:
+        if not args.render:
+            indices = args.only if args.only is not None else range(len(MATRIX))
+            bad = [i for i in indices if not 0 <= i < len(MATRIX)]
+            if bad:
+                raise ValueError(f"--only {bad} is out of range: the matrix has entries 0..{len(MATRIX) - 1} (--list)")
+            started = datetime.datetime.now()
+            run(indices, args.out, settings)
+            with open(args.out / "commands.txt", "a") as log:  # what ran, when, where and for how long
+                log.write(f"{started:%Y-%m-%d %H:%M} on {platform.node()} ({torch.get_num_threads()} threads), "
+                          f"{(datetime.datetime.now() - started).total_seconds():.0f} s: python scripts/run_matrix.py "
+                          f"{' '.join(argv if argv is not None else sys.argv[1:])}\n")
+        render(args.out)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

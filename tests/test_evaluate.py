@@ -1,0 +1,167 @@
+"""scripts/evaluate.py and scripts/run_matrix.py end to end on a tiny slice, with the real embedded model.
+
+The reference for streaming perplexity is the model's own one-shot full-sequence perplexity (tests/test_model.py
+pins the model to transformers): the full cache streamed token by token must give it, and so must any strategy that
+compresses nothing (sink + window >= tokens), while one that does compress must not.
+"""
+import json
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from checkpoint import default_checkpoint_path
+from generate import setup_cache
+from scripts import corpus, evaluate, run_matrix
+from scripts.prepare_checkpoint import smollm2_gguf_path
+
+TOKENS = 40
+
+
+def checkpoint_path():
+    """The prepared model.pth when setup has run, else the GGUF it is made from (same weights)."""
+    path = default_checkpoint_path()
+    return path if path.exists() else smollm2_gguf_path()
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    args, _ = evaluate.parse(["--checkpoint_path", str(checkpoint_path()), "--device", "cpu", "--dtype", "float32"])
+    model, tokenizer, _ = evaluate.load(args)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def stream_ids(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    return torch.tensor(evaluate.encode(tokenizer, corpus.stream_text()[:2000])[:TOKENS + 1])
+
+
+def streamed_nll(model, ids, strategy, options):
+    setup_cache(model, strategy, options, 1, TOKENS)
+    with torch.inference_mode():
+        return evaluate.stream_nll(model, ids, chunk_size=1)
+
+
+@pytest.fixture(scope="module")
+def full_nll(model_and_tokenizer, stream_ids):
+    return streamed_nll(model_and_tokenizer[0], stream_ids, "full", {})
+
+
+def test_full_cache_streaming_equals_one_shot_perplexity(model_and_tokenizer, stream_ids, full_nll):
+    model, _ = model_and_tokenizer
+    streamed = full_nll
+    setup_cache(model, "full", {}, 1, TOKENS)
+    with torch.inference_mode():
+        logits = model(stream_ids[None, :-1], torch.arange(TOKENS))
+    one_shot = F.cross_entropy(logits[0].float(), stream_ids[1:], reduction="none")
+    torch.testing.assert_close(streamed, one_shot, rtol=0, atol=1e-4)
+    assert math.exp(streamed.mean()) == pytest.approx(math.exp(one_shot.mean()), rel=1e-5)
+    assert 2 < math.exp(one_shot.mean()) < 200  # an English essay under a working model
+
+
+@pytest.mark.parametrize("strategy, options", [
+    ("compress_kv", {"sink_size": 8, "window_size": TOKENS}),
+    ("quantize_kv", {"sink_size": 8, "window_size": TOKENS, "bits": "2"}),
+])
+def test_strategy_that_compresses_nothing_streams_like_full(model_and_tokenizer, stream_ids, full_nll, strategy,
+                                                            options):
+    model, _ = model_and_tokenizer
+    torch.testing.assert_close(streamed_nll(model, stream_ids, strategy, options), full_nll, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("strategy, options", [
+    ("compress_kv", {"sink_size": 4, "window_size": 8}),
+    ("quantize_kv", {"sink_size": 4, "window_size": 8, "bits": "2", "group_size": 8}),  # keys flushed 8 at a time
+])
+def test_compressing_strategy_is_scored_through_its_cache(model_and_tokenizer, stream_ids, full_nll, strategy,
+                                                          options):
+    """Token-by-token streaming reads the evicted/quantized cache: later tokens' NLL moves; the first 12 cannot."""
+    model, _ = model_and_tokenizer
+    compressed = streamed_nll(model, stream_ids, strategy, options)
+    torch.testing.assert_close(compressed[:12], full_nll[:12], rtol=0, atol=1e-4)
+    assert (compressed[12:] - full_nll[12:]).abs().max() > 1e-2
+
+
+def tiny_argv(out_json, strategy_argv):
+    return strategy_argv + [
+        "--checkpoint_path", str(checkpoint_path()), "--device", "cpu", "--dtype", "float32",
+        "--max_tokens", "24", "--stream_tokens", "48", "--max_position", "96",
+        "--rouge_prompts", "2", "--prompt_tokens", "20", "--new_tokens", "6", "--prefill_chunk", "8",
+        "--retrieval_tasks", "passkey", "--retrieval_lengths", "80", "--retrieval_depths", "0.5",
+        "--json", str(out_json)]
+
+
+def test_evaluate_and_render_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(evaluate, "OUTPUTS", tmp_path)  # the full cache's ROUGE-L reference is cached there
+    runs = {"full": ["full"],
+            "nothing": ["quantize_kv", "--sink_size", "4", "--window_size", "200", "--bits", "4"],
+            "compress": ["compress_kv", "--sink_size", "4", "--window_size", "8"]}
+    results = {}
+    for name, strategy_argv in runs.items():
+        evaluate.main(tiny_argv(tmp_path / "matrix" / f"{name}.json", strategy_argv))
+        results[name] = json.loads((tmp_path / "matrix" / f"{name}.json").read_text())
+    summary_lines = capsys.readouterr().out.strip().splitlines()
+    assert len(summary_lines) == 3 and summary_lines[0].startswith("full {}: perplexity")
+
+    for r in results.values():
+        for key in ("strategy", "options", "perplexity", "tokens", "rouge_l", "rouge_l_vs_full",
+                    "retrieval_accuracy", "tokens_per_s", "kv_bytes", "chunk_size"):
+            assert key in r and r[key] is not None, key
+        assert r["tokens"] == 24 and r["chunk_size"] == 1
+        assert [s["task"] for s in r["retrieval_samples"]] == ["passkey"]
+    full, nothing, compress = results["full"], results["nothing"], results["compress"]
+    assert nothing["perplexity"] == pytest.approx(full["perplexity"], rel=1e-5)
+    assert full["rouge_l_vs_full"] == 1.0 and nothing["rouge_l_vs_full"] == 1.0  # same greedy tokens
+    assert [c["output"] for c in nothing["continuations"]] == [c["full"] for c in nothing["continuations"]]
+    # The 48-token stream fits --max_position 96: every cache runs all of it.
+    assert compress["nll_by_position"]["tokens"] == 48 and full["nll_by_position"]["tokens"] == 48
+    assert compress["kv_bytes"] < full["kv_bytes"] == full["kv_bytes_full"]
+    assert compress["kv_ratio"] == pytest.approx(12 / 24, rel=0.01)  # 4 + 8 slots for 24 tokens (+ their positions)
+
+    table = run_matrix.render(tmp_path / "matrix")
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 3
+    full_row = next(row for row in rows if row.startswith("| full |"))
+    assert f"| {full['perplexity']:.2f} |" in full_row and "| 1.000 |" in full_row
+    compress_row = next(row for row in rows if row.startswith("| compress_kv"))
+    assert f"| {compress['kv_ratio']:.3f} |" in compress_row
+    for name in ("kv_memory.png", "perplexity_vs_position.png", "retrieval_vs_length.png"):
+        assert (tmp_path / "matrix" / name).stat().st_size > 10_000
+
+
+def test_stream_of_fixed_capacity_cache_stops_at_max_position(model_and_tokenizer, tmp_path):
+    model, tokenizer = model_and_tokenizer
+    args, options = evaluate.parse(tiny_argv(tmp_path / "r.json", ["full"]) + [
+        "--max_position", "32", "--rouge_prompts", "0", "--retrieval_lengths", ""])
+    result = evaluate.evaluate(model, tokenizer, "full", options, args, checkpoint_path())
+    assert result["nll_by_position"]["tokens"] == 32 and result["rouge_l"] is None
+    args.max_tokens = 40
+    with pytest.raises(ValueError, match="lower --max_tokens"):
+        evaluate.evaluate(model, tokenizer, "full", options, args, checkpoint_path())
+
+
+def test_bad_settings_are_one_line_errors(capsys):
+    with pytest.raises(SystemExit, match="--chunk_size must be at least 1"):
+        evaluate.main(["--chunk_size", "0"])
+    with pytest.raises(SystemExit, match="unknown retrieval task nope"):
+        evaluate.main(["--retrieval_tasks", "passkey,nope"])
+
+
+def test_retrieval_prompts_hold_the_answer_at_the_asked_depth(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    count = lambda text: len(tokenizer.encode(text))  # noqa: E731
+    for task, sample_fn in corpus.RETRIEVAL_TASKS.items():
+        for depth in (0.0, 0.5, 1.0):
+            sample = sample_fn(count, 1024, depth, random.Random(f"{task}-{depth}"))
+            tokens = count(sample["prompt"])
+            assert 900 < tokens <= 1024, (task, tokens)
+            prompt = sample["prompt"]
+            where = prompt.index(sample["answers"][0]) / len(prompt) if task == "passkey" else None
+            if where is not None:
+                assert abs(where - depth) < 0.15, (depth, where)
+    assert corpus.is_correct(" 89811. The pass key", ["89811"])
+    assert corpus.is_correct("The answer is the Normans.", ["Normans"])
+    assert not corpus.is_correct("France", ["Normandy"])

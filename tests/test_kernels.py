@@ -1,0 +1,163 @@
+"""Triton kernels against their float64 PyTorch references. Without a GPU they run under TRITON_INTERPRET=1 (set in
+conftest.py before triton is imported), so the shapes stay small; every output buffer is poisoned with NaN first."""
+import os
+import zlib
+
+import pytest
+import torch
+
+from kernels.decode_attention import decode_attention, decode_attention_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
+
+
+def rel_err(out, ref):
+    assert not out.isnan().any(), "output not fully written (NaN poison left)"
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.fixture(autouse=True)
+def poison_empty(monkeypatch):
+    """Every torch.empty the kernels allocate starts as NaN, so an unwritten element cannot pass."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def ring_state(pos, sink, ring, n_mid_group, window):
+    """hi_pos and n_mid after positions 0..pos were stored (notes/cache_spec.md)."""
+    hi_pos = torch.full((sink + ring,), -1, dtype=torch.int64)
+    for p in range(pos + 1):
+        hi_pos[p if p < sink else sink + (p - sink) % ring] = p
+    n_mid = max(0, (pos + 1 - sink - window) // n_mid_group) * n_mid_group
+    return hi_pos, n_mid
+
+
+def random_mid(kind, B, H, M, D, F, G, gen):
+    """A random mid store (payload, scale, zero) whose scale rows cover F tokens and columns G channels."""
+    scale_shape = (B, H, M // F, D // G)
+    if kind in ("int8", "fp8"):
+        if kind == "int8":
+            q = torch.randint(-127, 128, (B, H, M, D), generator=gen, dtype=torch.int8)
+        else:
+            q = (torch.randn(B, H, M, D, generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+        return q, torch.rand(scale_shape, generator=gen).add(0.5).div(127).half(), None
+    bits = int(kind[3:])
+    q = torch.randint(0, 256, (B, H, M, D * bits // 8), generator=gen, dtype=torch.uint8)
+    scale = torch.rand(scale_shape, generator=gen).add(0.5).div(2**bits - 1).half()
+    return q, scale, torch.randn(scale_shape, generator=gen).half()
+
+
+CASES = [
+    # name, dtype, B, n_head, n_kv_head, D, mid kind, key scale (tokens, channels), value scale channels
+    ("full-fp32", torch.float32, 2, 4, 2, 32, None, None, None),
+    ("full-bf16-gqa3-d40", torch.bfloat16, 1, 6, 2, 40, None, None, None),
+    ("int8-fp32", torch.float32, 2, 4, 2, 32, "int8", (1, 32), 32),
+    ("int8-bf16", torch.bfloat16, 1, 6, 2, 32, "int8", (1, 32), 32),
+    ("int8-keys-per-channel-fp32", torch.float32, 1, 4, 2, 32, "int8", (8, 1), 32),
+    ("fp8-fp32", torch.float32, 1, 4, 2, 32, "fp8", (1, 32), 32),
+    ("int4-kivi-fp32", torch.float32, 2, 4, 2, 32, "int4", (8, 1), 8),
+    ("int2-kivi-bf16", torch.bfloat16, 1, 6, 2, 64, "int2", (8, 1), 16),
+    ("int4-keys-per-token-fp32", torch.float32, 1, 4, 1, 32, "int4", (1, 8), 8),
+    ("int4-kivi-d48-fp32", torch.float32, 1, 2, 1, 48, "int4", (8, 1), 16),  # padded channels: gathered scales
+]
+
+
+@pytest.mark.parametrize("name,dtype,B,HQ,H,D,kind,k_group,v_group", CASES, ids=[c[0] for c in CASES])
+def test_decode_attention(name, dtype, B, HQ, H, D, kind, k_group, v_group):
+    gen = torch.Generator().manual_seed(int(os.environ.get("SEED", zlib.crc32(name.encode()))))
+    q = torch.randn(B, HQ, 1, D, generator=gen).to(dtype).to(DEVICE)
+    if kind is None:
+        # Full cache: the last slot per sequence, neither filling a tile nor the buffer.
+        NH = 75
+        hi_k = torch.randn(B, H, NH, D, generator=gen).to(dtype).to(DEVICE)
+        hi_v = torch.randn(B, H, NH, D, generator=gen).to(dtype).to(DEVICE)
+        args = dict(hi_last=torch.tensor([36, 69][:B], device=DEVICE))
+    else:
+        sink, window, flush = 4, 8, k_group[0]
+        ring = window + flush
+        pos = 4 + window + 3 * 16 + 5  # mid holds a few tiles and a partial one
+        hi_pos, n_mid = ring_state(pos, sink, ring, flush, window)
+        M = 80  # capacity beyond n_mid (the unused tail holds garbage the kernel must not read)
+        hi_k = torch.randn(B, H, sink + ring, D, generator=gen).to(dtype).to(DEVICE)
+        hi_v = torch.randn(B, H, sink + ring, D, generator=gen).to(dtype).to(DEVICE)
+        k_q, k_scale, k_zero = random_mid(kind, B, H, M, D, *k_group, gen)
+        v_q, v_scale, v_zero = random_mid(kind, B, H, M, D, 1, v_group, gen)
+        to_device = lambda t: None if t is None else t.to(DEVICE)
+        args = dict(hi_pos=hi_pos.to(DEVICE), sink_size=sink, n_mid=torch.tensor([n_mid], device=DEVICE),
+                    k_q=to_device(k_q), k_scale=to_device(k_scale), k_zero=to_device(k_zero),
+                    v_q=to_device(v_q), v_scale=to_device(v_scale), v_zero=to_device(v_zero))
+    ref = decode_attention_ref(q, hi_k, hi_v, **args)
+    for splits in [(3, 2), (1, 1)] if kind else [(0, 3)]:
+        out = decode_attention(q, hi_k, hi_v, splits=splits, block_n=16, **args)
+        assert out.shape == q.shape and out.dtype == dtype
+        assert rel_err(out, ref) < TOL[dtype], (name, splits)
+
+
+def test_decode_attention_op():
+    """The registered op (what torch.compile sees): schema, fake-tensor shapes and eager results agree."""
+    gen = torch.Generator().manual_seed(1)
+    B, HQ, H, D, M = 1, 2, 1, 16, 16
+    q = torch.randn(B, HQ, 1, D, generator=gen).to(DEVICE)
+    hi_k, hi_v = (torch.randn(B, H, 8, D, generator=gen).to(DEVICE) for _ in range(2))
+    k_q, v_q = (torch.randint(-127, 128, (B, H, M, D), generator=gen, dtype=torch.int8).to(DEVICE) for _ in range(2))
+    k_scale, v_scale = (torch.rand(B, H, M, 1, generator=gen).half().to(DEVICE) for _ in range(2))
+    args = (q, hi_k, hi_v, torch.tensor([6], device=DEVICE), None, 0, torch.tensor([5], device=DEVICE),
+            k_q, k_scale, None, v_q, v_scale, None, 1, 1, 16)
+    torch.library.opcheck(torch.ops.kvcache.decode_attention.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ---------------------------------------------------------------- the caches' decode step: triton path vs torch path
+
+E2E_CASES = [
+    ("full", {}),
+    ("compress_kv", dict(sink_size=4, window_size=8)),
+    ("compress_kv", dict(sink_size=4, window_size=8, rope_positions="original")),
+    ("quantize_kv", dict(sink_size=4, window_size=8, bits="8")),
+    ("quantize_kv", dict(sink_size=4, window_size=8, bits="fp8")),
+    ("quantize_kv", dict(sink_size=4, window_size=8, bits="4", group_size=8)),
+    ("quantize_kv", dict(sink_size=4, window_size=8, bits="2", group_size=8)),
+    ("quantize_kv", dict(sink_size=4, window_size=8, bits="4", group_size=8, k_granularity="token")),
+]
+
+
+@pytest.mark.parametrize("strategy,options", E2E_CASES, ids=[f"{s}-{o}" for s, o in E2E_CASES])
+def test_cache_decode_triton_matches_torch(strategy, options):
+    """A tiny random model generates through each cache with --attn_impl triton (fused decode attention and
+    quantize-on-append) and torch: the logits agree at every step, across flushes and a second prefill chunk."""
+    import kv_cache
+    from model import ModelArgs, Transformer
+
+    torch.manual_seed(0)
+    args = ModelArgs(vocab_size=64, dim=64, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=64, head_dim=32)
+    model = Transformer(args).to(DEVICE).eval().requires_grad_(False)
+    tokens = torch.randint(0, 64, (2, 40), device=DEVICE)
+    schedule = [12] + [1] * 12 + [5] + [1] * 11  # flushes and evictions happen during both decode runs
+    max_seq_length = 40
+    logits = {}
+    for impl in ("torch", "triton"):
+        cls = kv_cache.STRATEGIES[strategy]
+        model.setup_caches(lambda i: cls(2, max_seq_length, args.n_kv_head, args.head_dim, torch.float32, DEVICE,
+                                         **options, attn_impl=impl), max_seq_length)
+        out, pos = [], 0
+        for n in schedule:
+            out.append(model(tokens[:, pos:pos + n], torch.arange(pos, pos + n, device=DEVICE)))
+            pos += n
+        logits[impl] = torch.cat(out, dim=1)
+        if impl == "triton" and strategy == "quantize_kv":
+            stores = {name: buf.clone() for name, buf in model.layers[0].attention.kv_cache.named_buffers()}
+        elif strategy == "quantize_kv":
+            torch_stores = {name: buf.clone() for name, buf in model.layers[0].attention.kv_cache.named_buffers()}
+    assert rel_err(logits["triton"], logits["torch"]) < 1e-5
+    if strategy == "quantize_kv":  # the quantize-on-append kernel wrote what the PyTorch reference writes
+        for name, buf in torch_stores.items():
+            assert torch.equal(stores[name].view(torch.uint8), buf.view(torch.uint8)), name
