@@ -117,7 +117,7 @@ def _decode_split_kernel(
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # batch offsets can pass 2**31 elements in a large cache
     h = pid_bh % H
     SPLITS: tl.constexpr = SPLITS_MID + SPLITS_HI
 
@@ -257,7 +257,7 @@ def _num_splits(device: torch.device, programs: int, capacity_mid: int, capacity
     if device.type == "cuda":
         target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
-        target = 4  # the CPU interpreter: a few splits exercise the merge without the cost of many programs
+        target = 2  # the CPU interpreter: two splits exercise the merge without the cost of many programs
     total = max(2, triton.cdiv(target, programs))
     tiles_mid, tiles_hi = triton.cdiv(capacity_mid, block_n), triton.cdiv(capacity_hi, block_n)
     splits_hi = min(tiles_hi, max(1, round(total * capacity_hi / max(1, capacity_mid + capacity_hi))))
@@ -311,7 +311,7 @@ def _decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[T
     if hi_last is not None:
         hi_last, stride_last = _per_batch(hi_last, B)
 
-    BLOCK_D = triton.next_power_of_2(D)
+    BLOCK_D = max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16
     BLOCK_G = max(16, triton.next_power_of_2(group))  # tl.dot needs at least 16 rows
     if block_n <= 0:
         block_n = 64 if BLOCK_D <= 128 else 32

@@ -6,7 +6,8 @@ Rotary positions, `--rope_positions`:
   * cache (default, as StreamingLLM): keys are stored unrotated and rotated at attention time by their rank inside
     the cache (sinks 0..S-1, then the window in position order); the query by its own rank. Every position the model
     sees is below sink_size + window_size (+ the chunk length during prefill), so generation stays fluent far past
-    the model's trained context, which is the point of a streaming cache.
+    the model's trained context, which is the point of a streaming cache. (The RoPE tables need only
+    sink_size + window_size + the longest prefill chunk rows.)
   * original: keys are rotated once at their absolute positions and stored rotated. Cheaper per step, but past the
     trained context the model meets rotary angles it never saw and degrades; the RoPE tables must cover every
     absolute position of the stream.
@@ -19,7 +20,7 @@ length works, so prompts longer than the cache are fed in chunks (capacity None)
 import torch
 from torch import Tensor
 
-from kv_cache.base import KVCache, attend, register
+from kv_cache.base import KVCache, add_attn_impl_argument, attend, attn_impl_for, register
 from model import apply_rope
 
 SINK_SIZE, WINDOW_SIZE = 16, 32
@@ -54,6 +55,7 @@ class CompressKVCache(KVCache):
         parser.add_argument("--rope_positions", choices=ROPE_POSITIONS, default="cache",
                             help="rotate keys by their rank inside the cache (default, fluent past the trained "
                                  "context) or by their original absolute position")
+        add_attn_impl_argument(parser)
 
     @classmethod
     def check_options(cls, options, max_seq_length, head_dim):
@@ -61,6 +63,7 @@ class CompressKVCache(KVCache):
         rope_positions = options.get("rope_positions", "cache")
         if rope_positions not in ROPE_POSITIONS:
             raise ValueError(f"--rope_positions {rope_positions!r} is not supported: use cache or original")
+        attn_impl_for(options, "cpu")
 
     @classmethod
     def capacity(cls, options, max_seq_length):
@@ -71,6 +74,10 @@ class CompressKVCache(KVCache):
         self.check_options(options, max_seq_length, head_dim)
         self.sink_size, self.window_size = sink_window(options)
         self.rope_positions = options.get("rope_positions", "cache")
+        self.attn_impl = attn_impl_for(options, device)
+        if self.attn_impl == "triton":  # triton is imported only when asked for
+            from kernels.decode_attention import decode_attention
+            self.decode_attention = decode_attention
         shape = (batch_size, n_kv_head, self.sink_size + self.window_size, head_dim)
         self.register_buffer("hi_k", torch.zeros(shape, dtype=dtype, device=device))
         self.register_buffer("hi_v", torch.zeros(shape, dtype=dtype, device=device))
@@ -112,6 +119,8 @@ class CompressKVCache(KVCache):
             keys = apply_rope(keys, rope_cos[rank], rope_sin[rank])
             q_rank = input_pos - n_evicted
             q = apply_rope(q, rope_cos[q_rank], rope_sin[q_rank])
+        if self.attn_impl == "triton":  # the fused kernel skips empty slots (hi_pos < 0) itself
+            return self.decode_attention(q, keys, self.hi_v[:B], hi_pos=self.hi_pos)
         return attend(q, keys, self.hi_v[:B], (self.hi_pos >= 0)[None])
 
     def _prefill(self, q, k, v, input_pos, rope_cos, rope_sin):

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from kernels.quantize import dequantize_mid, quantize_keys, quantize_values
-from kv_cache.base import KVCache, attend, register
+from kv_cache.base import KVCache, add_attn_impl_argument, attend, attn_impl_for, register
 from kv_cache.compress_kv import add_sink_window_arguments, sink_window
 from model import apply_rope
 
@@ -58,12 +58,10 @@ def quant_config(options: dict, head_dim: int) -> dict:
             divisor = max(d for d in range(1, min(group_size, head_dim) + 1) if head_dim % d == 0)
             raise ValueError(f"--group_size {group_size} must divide head_dim {head_dim} (values are grouped by "
                              f"channels): use e.g. --group_size {divisor}")
-    attn_impl = options.get("attn_impl", "torch")
-    if attn_impl not in QuantizeKVCache.ATTN_IMPLS:
-        raise ValueError(f"--attn_impl {attn_impl!r} is not available: use one of {', '.join(QuantizeKVCache.ATTN_IMPLS)}")
+    attn_impl_for(options, "cpu")  # checks the name; the default depends on the device (resolved in __init__)
     flush_size = group_size if k_granularity == "channel" else 1
     return dict(sink_size=sink_size, window_size=window_size, bits=bits, group_size=group_size,
-                k_granularity=k_granularity, flush_size=flush_size, attn_impl=attn_impl)
+                k_granularity=k_granularity, flush_size=flush_size)
 
 
 def mid_capacity(cfg: dict, max_seq_length: int) -> int:
@@ -87,11 +85,15 @@ def mid_layout(cfg: dict, n_tokens: int, head_dim: int) -> dict:
     return layout
 
 
+def _raw(payload: Tensor) -> Tensor:
+    """fp8 payloads are copied as bytes: index_copy_ has no float8 implementation on some devices."""
+    return payload.view(torch.uint8) if payload.dtype == torch.float8_e4m3fn else payload
+
+
 @register
 class QuantizeKVCache(KVCache):
     name = "quantize_kv"
     help = "sinks and window in the model dtype, older tokens int8 / KIVI int4, int2 / fp8"
-    ATTN_IMPLS = ("torch",)  # decode attention implementations; a fused kernel adds its name here
 
     @classmethod
     def add_arguments(cls, parser):
@@ -102,8 +104,7 @@ class QuantizeKVCache(KVCache):
                             help=f"KIVI group: tokens per key scale, channels per value scale (default {GROUP_SIZE})")
         parser.add_argument("--k_granularity", choices=["token", "channel"], default=None,
                             help="key scales per token or per channel (default: channel for 4/2 bits, else token)")
-        parser.add_argument("--attn_impl", choices=list(cls.ATTN_IMPLS), default="torch",
-                            help="decode attention: torch = dequantize then attend")
+        add_attn_impl_argument(parser)
 
     @classmethod
     def check_options(cls, options, max_seq_length, head_dim):
@@ -127,7 +128,13 @@ class QuantizeKVCache(KVCache):
         cfg = quant_config(options, head_dim)
         self.sink_size, self.window_size, self.flush_size = cfg["sink_size"], cfg["window_size"], cfg["flush_size"]
         self.bits, self.group_size, self.k_granularity = cfg["bits"], cfg["group_size"], cfg["k_granularity"]
-        self.attn_impl = cfg["attn_impl"]
+        self.attn_impl = attn_impl_for(options, device)
+        if self.attn_impl == "triton":  # triton is imported only when asked for
+            from kernels.decode_attention import decode_attention
+            from kernels.quantize_append import quantize_into, triton_quantize_supported
+            self.decode_attention = decode_attention
+            # The decode flush quantizes in Triton too where its power-of-two tiles fit the layout.
+            self.quantize_into = quantize_into if triton_quantize_supported(head_dim, self.group_size) else None
         self.ring_size = self.window_size + self.flush_size
         self.mid_size = mid_capacity(cfg, max_seq_length)  # 0: everything fits in sinks + window, as full
         n_hi = self.sink_size + self.ring_size if self.mid_size else max_seq_length
@@ -160,11 +167,9 @@ class QuantizeKVCache(KVCache):
         k_q, k_scale, k_zero = quantize_keys(k, self.bits, self.k_granularity, self.group_size)
         v_q, v_scale, v_zero = quantize_values(v, self.bits, self.group_size)
         k_rows = tokens[::self.flush_size] // self.flush_size if self.k_granularity == "channel" else tokens
-        # fp8 payloads are copied as raw bytes: index_copy_ has no float8 implementation on some devices.
-        as_bytes = (lambda t: t.view(torch.uint8)) if self.bits == "fp8" else (lambda t: t)
-        as_bytes(self.k_q[:B]).index_copy_(2, tokens, as_bytes(k_q))
+        _raw(self.k_q[:B]).index_copy_(2, tokens, _raw(k_q))
         self.k_scale[:B].index_copy_(2, k_rows, k_scale)
-        as_bytes(self.v_q[:B]).index_copy_(2, tokens, as_bytes(v_q))
+        _raw(self.v_q[:B]).index_copy_(2, tokens, _raw(v_q))
         self.v_scale[:B].index_copy_(2, tokens, v_scale)
         if k_zero is not None:
             self.k_zero[:B].index_copy_(2, k_rows, k_zero)
@@ -205,9 +210,31 @@ class QuantizeKVCache(KVCache):
             completes = (n_past >= F) & (n_past % F == 0)
             start = torch.where(completes, group_pos[:1] - S, self.mid_size)
             group_slots = self._slots(group_pos).clamp(min=0)
-            self._store_mid(B, start + arange, self.hi_k[:B].index_select(2, group_slots),
-                            self.hi_v[:B].index_select(2, group_slots))
+            if self.attn_impl == "triton" and self.quantize_into is not None:
+                # Straight from the ring into the mid store at `start`: no gathered copy, no host sync.
+                self.quantize_into(self.hi_k[:B], self.hi_v[:B], group_slots, start, *self._mid_store(B))
+            else:
+                self._store_mid(B, start + arange, self.hi_k[:B].index_select(2, group_slots),
+                                self.hi_v[:B].index_select(2, group_slots))
+        if self.attn_impl == "triton":
+            return self._attend_decode_triton(q, n_mid, input_pos)
         return self._attend_decode(q, self._hi_keep(n_mid), n_mid)
+
+    def _mid_store(self, B: int) -> tuple:
+        """(k_q, k_scale, k_zero, v_q, v_scale, v_zero) of the first B sequences; zero-points None when symmetric."""
+        return tuple(None if t is None else t[:B]
+                     for t in (self.k_q, self.k_scale, self.k_zero, self.v_q, self.v_scale, self.v_zero))
+
+    def _attend_decode_triton(self, q, n_mid: Tensor, input_pos: Tensor) -> Tensor:
+        """The fused kernel: reads the hi slots and the first n_mid quantized tokens as stored, dequantizing tiles in
+        registers (kernels/decode_attention.py)."""
+        B = q.shape[0]
+        if not self.mid_size:  # everything fits in the hi store, filled in position order
+            return self.decode_attention(q, self.hi_k[:B], self.hi_v[:B], hi_last=input_pos, hi_pos=self.hi_pos)
+        k_q, k_scale, k_zero, v_q, v_scale, v_zero = self._mid_store(B)
+        return self.decode_attention(q, self.hi_k[:B], self.hi_v[:B], hi_pos=self.hi_pos, sink_size=self.sink_size,
+                                     n_mid=n_mid, k_q=k_q, k_scale=k_scale, k_zero=k_zero, v_q=v_q,
+                                     v_scale=v_scale, v_zero=v_zero)
 
     def _attend_decode(self, q, hi_keep: Tensor, n_mid: Tensor) -> Tensor:
         """Attention of the decode query q (B, n_head, 1, D), rotated, over the hi slots in hi_keep (n_hi,) and the

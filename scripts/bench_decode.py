@@ -192,7 +192,7 @@ def fill_context(model: Transformer, batch: int, context: int, chunk: int, devic
     for begin in range(0, context, chunk):
         end = min(begin + chunk, context)
         model(tokens[:, begin:end], torch.arange(begin, end, device=device))
-    return tokens[:, -1:]
+    return tokens[:, -1:].clone()  # contiguous like every later token: a strided one would compile a second graph
 
 
 @torch.no_grad()
@@ -282,7 +282,7 @@ def kernel_case(kind, args: ModelArgs, batch, context, cfg, device, generator):
     if kind == "bf16":
         hi_k = torch.randn(batch, H, context, D, device=device, dtype=DTYPE, generator=generator)
         hi_v = torch.randn_like(hi_k)
-        inputs = dict(q=q, hi_k=hi_k, hi_v=hi_v, hi_len=torch.tensor([context], device=device))
+        inputs = dict(q=q, hi_k=hi_k, hi_v=hi_v, hi_last=torch.tensor([context - 1], device=device))
         return inputs, 2 * q.nbytes + hi_k.nbytes + hi_v.nbytes
     bits = kind[3:] if kind.startswith("int") else kind
     options = strategy_options("quantize_kv", ["--bits", bits] + cfg["strategy_args"].get("quantize_kv", []))
@@ -306,8 +306,8 @@ def kernel_case(kind, args: ModelArgs, batch, context, cfg, device, generator):
     pos = torch.arange(context, device=device)
     pos = pos[(pos < S) | (pos >= context - ring)]
     cache.hi_pos.fill_(-1).index_copy_(0, torch.where(pos < S, pos, S + (pos - S) % ring), pos)
-    inputs = dict(q=q, hi_k=cache.hi_k, hi_v=cache.hi_v, hi_len=torch.tensor([n_hi], device=device),
-                  hi_pos=cache.hi_pos, sink_size=S, n_mid=torch.tensor([n_mid], device=device))
+    inputs = dict(q=q, hi_k=cache.hi_k, hi_v=cache.hi_v, hi_pos=cache.hi_pos, sink_size=S,
+                  n_mid=torch.tensor([n_mid], device=device))
     n_bytes = 2 * q.nbytes + cache.hi_k.nbytes + cache.hi_v.nbytes + cache.hi_pos.nbytes
     capacity = cache.mid_size + F  # the mid buffers hold one scratch flush group past the end
     for name in ("k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero"):
@@ -420,15 +420,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int_list, default=None, help="batch sizes (default 1,8,32; tiny: 1,2)")
     p.add_argument("--strategies", type=name_list(STRATEGIES), default=list(STRATEGIES),
                    help=f"comma-separated, from {','.join(STRATEGIES)} (default all)")
-    p.add_argument("--sink_size", type=int, default=16)
-    p.add_argument("--window_size", type=int, default=32)
+    p.add_argument("--sink_size", type=int, default=16, help="compress_kv and quantize_kv (default 16)")
+    p.add_argument("--window_size", type=int, default=32, help="compress_kv and quantize_kv (default 32)")
     p.add_argument("--steps", type=int, default=None, help="decode steps per timed repeat (default 32; CPU 4)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats, median reported (default 5; CPU 2)")
     p.add_argument("--warmup", type=int, default=3, help="untimed decode steps after the first call (default 3)")
     p.add_argument("--prefill_chunk", type=int, default=None, help="prefill chunk (default: sized to free memory)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step with CUDA graphs")
     p.add_argument("--attn_impl", default=None,
-                   help="quantize_kv decode attention implementation (torch or triton; default: the cache's own)")
+                   help="decode attention (torch or triton) of every strategy with an --attn_impl option "
+                        "(default: each cache's own)")
     p.add_argument("--attention_kernel", action="store_true",
                    help="time the fused decode-attention kernel alone (contexts default 32k) instead of decode steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

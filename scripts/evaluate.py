@@ -13,12 +13,14 @@ Strategies and their options are generate.py's subcommands. One JSON object per 
   * ROUGE-L: greedy continuations of --rouge_prompts prompts cut from the text, scored against the text's own
     continuation and against the full cache's (computed once per checkpoint and prompt set, cached in
     outputs/rouge_full/).
-  * retrieval: a pass key, and a SQuAD question whose paragraph sits among distractors, at each --retrieval_lengths
-    x --retrieval_depths; accuracy per length and depth.
-  ROUGE-L and retrieval prompts go through the cache --prefill_chunk tokens at a time, so a question at the end of a
-  long prompt sees only what the cache kept of the context (a one-chunk prompt would see all of it in 16 bits).
+  * retrieval: a pass key (and with --retrieval_tasks passkey,qa a SQuAD question whose paragraph sits among
+    distractors) at each --retrieval_lengths x --retrieval_depths; accuracy per length and depth.
   * tokens/s: greedy decode speed during the ROUGE-L continuations; KV bytes: what the cache allocates for
     --max_tokens tokens, against the full cache's.
+
+ROUGE-L and retrieval prompts go through the cache --prefill_chunk tokens at a time, so a question at the end of a
+long prompt sees only what the cache kept of the context (a one-chunk prompt would see all of it in 16 bits).
+The defaults take a minute or two per strategy on a 2-core CPU with SmolLM2-135M; scripts/slurm/env.sh has GPU ones.
 """
 import argparse
 import contextlib
@@ -84,8 +86,8 @@ def add_arguments(parser, suppress=False):
     parser.add_argument("--prefill_chunk", type=int, default=default(32),
                         help="prompt tokens fed per step for ROUGE-L and retrieval prompts")
     parser.add_argument("--retrieval_tasks", type=lambda s: [t for t in s.split(",") if t],
-                        default=default(list(corpus.RETRIEVAL_TASKS)), help="comma-separated: passkey,qa")
-    parser.add_argument("--retrieval_lengths", type=int_list, default=default([512, 1024, 2048]),
+                        default=default(["passkey"]), help="comma-separated: passkey,qa (default: passkey)")
+    parser.add_argument("--retrieval_lengths", type=int_list, default=default([128, 256, 500]),
                         help="comma-separated prompt lengths in tokens (empty: skip retrieval)")
     parser.add_argument("--retrieval_depths", type=float_list, default=default([0.1, 0.5, 0.9]),
                         help="comma-separated depths of the answer in the context, 0 = start, 1 = end")
@@ -116,9 +118,27 @@ def encode(tokenizer, text: str) -> list[int]:
     return ([tokenizer.bos_id] if tokenizer.add_bos else []) + tokenizer.encode(text)
 
 
+def encode_prefix(tokenizer, text: str, n_tokens: int) -> list[int]:
+    """The first n_tokens of encode(text) (fewer if the text is shorter), encoding only a little more text than
+    they need: the built-in corpus is 700k tokens."""
+    chars = 8 * n_tokens + 64
+    while True:
+        ids = encode(tokenizer, text[:chars])
+        if len(ids) >= n_tokens + 16 or chars >= len(text):  # 16 spare tokens: the cut cannot change those kept
+            return ids[:n_tokens]
+        chars *= 2
+
+
 def capacity(strategy, options, max_position) -> int | None:
     """Tokens one sequence may hold in a cache sized for max_position; None for streaming caches."""
     return kv_cache.STRATEGIES[strategy].capacity(options, max_position)
+
+
+def check_fits(strategy, options, max_position, tokens: int, what: str, fix: str):
+    cap = capacity(strategy, options, max_position)
+    if cap is not None and tokens > cap:
+        raise ValueError(f"{what} needs {tokens} tokens but a {strategy} cache holds {cap} at --max_position "
+                         f"{max_position}: {fix}")
 
 
 # ---------------------------------------------------------------- memory
@@ -149,13 +169,16 @@ def stream_nll(model, ids: torch.Tensor, chunk_size: int, desc="perplexity") -> 
     return nll
 
 
-def perplexity_stream(model, ids, strategy, options, args, max_position) -> dict:
+def stream_length(strategy, options, args, max_position) -> int:
+    """Tokens fed to the cache: --stream_tokens, or as many as a cache of fixed capacity holds."""
     stream_tokens = max(args.stream_tokens, args.max_tokens)
     cap = capacity(strategy, options, max_position)
-    fed = stream_tokens if cap is None else min(stream_tokens, cap)
-    if args.max_tokens > fed:
-        raise ValueError(f"--max_tokens {args.max_tokens} exceeds the {cap} tokens a {strategy} cache holds at "
-                         f"--max_position {max_position}: lower --max_tokens")
+    return stream_tokens if cap is None else min(stream_tokens, cap)
+
+
+def perplexity_stream(model, tokenizer, text, strategy, options, args, max_position) -> dict:
+    fed = stream_length(strategy, options, args, max_position)
+    ids = torch.tensor(encode_prefix(tokenizer, text, fed + 1))
     if len(ids) < fed + 1:
         raise ValueError(f"the text has {len(ids)} tokens, fewer than the {fed + 1} needed: lower --max_tokens / "
                          "--stream_tokens or pass a longer --data file")
@@ -172,16 +195,20 @@ def perplexity_stream(model, ids, strategy, options, args, max_position) -> dict
 # ---------------------------------------------------------------- ROUGE-L
 
 
-def rouge_windows(ids: torch.Tensor, count: int, prompt_tokens: int, new_tokens: int) -> list[torch.Tensor]:
-    """`count` windows of prompt_tokens + new_tokens tokens, spread evenly over the text after its first tenth
-    (the perplexity stream starts at the beginning)."""
+def rouge_windows(tokenizer, text: str, count: int, prompt_tokens: int, new_tokens: int) -> list[torch.Tensor]:
+    """`count` windows of prompt_tokens + new_tokens tokens (BOS first when the model wants one), starting at
+    word boundaries spread evenly over the text after its first tenth (the perplexity stream reads the start)."""
     span = prompt_tokens + new_tokens
-    start, stop = len(ids) // 10, len(ids) - span
-    if stop - start < span * (count - 1):
-        raise ValueError(f"the text ({len(ids)} tokens) is too short for {count} ROUGE-L windows of {span} tokens: "
-                         "lower --rouge_prompts / --prompt_tokens / --new_tokens or pass a longer --data file")
-    step = (stop - start) // max(count - 1, 1)
-    return [ids[start + i * step:start + i * step + span] for i in range(count)]
+    windows = []
+    for i in range(count):
+        start = len(text) // 10 + i * (len(text) * 9 // 10) // count
+        start = next((j + 1 for j in range(start, len(text)) if text[j].isspace()), len(text))
+        window = encode_prefix(tokenizer, text[start:], span)
+        if len(window) < span:
+            raise ValueError(f"the text is too short for {count} ROUGE-L windows of {span} tokens: lower "
+                             "--rouge_prompts / --prompt_tokens / --new_tokens or pass a longer --data file")
+        windows.append(torch.tensor(window))
+    return windows
 
 
 def greedy_continuations(model, tokenizer, windows, args, desc, profile_last=None) -> tuple[list[str], dict]:
@@ -223,12 +250,9 @@ def rouge_l(scorer, predictions, references) -> float:
     return sum(scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)) / len(references)
 
 
-def rouge_eval(model, tokenizer, ids, strategy, options, args, checkpoint_path, max_position) -> dict:
-    windows = rouge_windows(ids, args.rouge_prompts, args.prompt_tokens, args.new_tokens)
+def rouge_eval(model, tokenizer, text, strategy, options, args, checkpoint_path, max_position) -> dict:
+    windows = rouge_windows(tokenizer, text, args.rouge_prompts, args.prompt_tokens, args.new_tokens)
     span = args.prompt_tokens + args.new_tokens
-    cap = capacity(strategy, options, max_position)
-    if cap is not None and span > cap:
-        raise ValueError(f"--prompt_tokens + --new_tokens = {span} exceed the {cap} tokens a {strategy} cache holds")
     full_texts = None if strategy == "full" else full_continuations(model, tokenizer, windows, args, checkpoint_path)
     setup_cache(model, strategy, options, 1, span)
     texts, timing = greedy_continuations(model, tokenizer, windows, args, f"ROUGE-L ({strategy})", args.profile)
@@ -258,19 +282,18 @@ def retrieval_prompts(tokenizer, args) -> list[dict]:
     return prompts
 
 
-def retrieval_eval(model, tokenizer, strategy, options, args, max_position) -> dict:
+def retrieval_tokens(prompts, length) -> int:
+    """Cache size for the prompts of one length: the longest prompt plus its answer."""
+    return max(len(p["ids"]) + ANSWER_TOKENS[p["task"]] for p in prompts if p["length"] == length)
+
+
+def retrieval_eval(model, tokenizer, prompts, strategy, options, args) -> dict:
     device = model.tok_embeddings.weight.device
-    prompts = retrieval_prompts(tokenizer, args)
-    cap = capacity(strategy, options, max_position)
     results = []
     bar = tqdm(total=len(prompts), desc=f"retrieval ({strategy})", leave=False)
     for length in sorted(set(args.retrieval_lengths)):  # one cache per length: attention over a static full
         group = [p for p in prompts if p["length"] == length]  # cache costs its whole size, however short the prompt
-        need = max(len(p["ids"]) + ANSWER_TOKENS[p["task"]] for p in group)
-        if cap is not None and need > cap:
-            raise ValueError(f"retrieval length {length} needs {need} tokens but a {strategy} cache holds {cap} at "
-                             f"--max_position {max_position}: lower --retrieval_lengths")
-        setup_cache(model, strategy, options, 1, need)
+        setup_cache(model, strategy, options, 1, retrieval_tokens(prompts, length))
         for p in group:
             for cache in model.caches():
                 cache.reset()
@@ -300,7 +323,19 @@ def evaluate(model, tokenizer, strategy: str, options: dict, args, checkpoint_pa
     max_position = args.max_position or model.args.max_position_embeddings
     kv_cache.STRATEGIES[strategy].check_options(options, max_position, model.args.head_dim)
     text = args.data.read_text(encoding="utf-8") if args.data else corpus.stream_text()
-    ids = torch.tensor(encode(tokenizer, text))
+    # Every part's tokens must fit the cache: check them all before the first long part runs.
+    if args.max_tokens:
+        check_fits(strategy, options, max_position, args.max_tokens, f"--max_tokens {args.max_tokens}",
+                   "lower --max_tokens")
+    if args.rouge_prompts:
+        check_fits(strategy, options, max_position, args.prompt_tokens + args.new_tokens,
+                   "--prompt_tokens + --new_tokens", "lower them")
+    prompts = []
+    if args.retrieval_lengths and args.retrieval_tasks and args.retrieval_samples:
+        prompts = retrieval_prompts(tokenizer, args)
+        for length in args.retrieval_lengths:
+            check_fits(strategy, options, max_position, retrieval_tokens(prompts, length),
+                       f"retrieval length {length}", "lower --retrieval_lengths")
     weight = model.tok_embeddings.weight
     result = {"strategy": strategy, "options": options, "checkpoint": str(checkpoint_path),
               "device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch."),
@@ -308,7 +343,8 @@ def evaluate(model, tokenizer, strategy: str, options: dict, args, checkpoint_pa
               "chunk_size": args.chunk_size, "prefill_chunk": args.prefill_chunk, "max_position": max_position}
 
     kv_tokens = args.max_tokens or args.prompt_tokens + args.new_tokens
-    longest = max(max_position, model.args.max_position_embeddings)  # memory is cheap to measure: the whole context
+    # Allocating is cheap: the memory curve covers the model's context (to 8k) even when the run uses less.
+    longest = max(max_position, min(model.args.max_position_embeddings, 8192))
     grid = sorted({2 ** k for k in range(4, 20) if 2 ** k <= longest} | {kv_tokens})
     memory = kv_bytes_by_tokens(model, strategy, options, grid)
     result["kv_tokens"] = kv_tokens
@@ -319,22 +355,26 @@ def evaluate(model, tokenizer, strategy: str, options: dict, args, checkpoint_pa
 
     with torch.inference_mode():
         if args.max_tokens:
-            result.update(perplexity_stream(model, ids, strategy, options, args, max_position))
+            result.update(perplexity_stream(model, tokenizer, text, strategy, options, args, max_position))
         if args.rouge_prompts:
-            result.update(rouge_eval(model, tokenizer, ids, strategy, options, args, checkpoint_path, max_position))
-        if args.retrieval_lengths and args.retrieval_tasks and args.retrieval_samples:
-            result.update(retrieval_eval(model, tokenizer, strategy, options, args, max_position))
+            result.update(rouge_eval(model, tokenizer, text, strategy, options, args, checkpoint_path, max_position))
+        if prompts:
+            result.update(retrieval_eval(model, tokenizer, prompts, strategy, options, args))
     for key in ("perplexity", "tokens", "rouge_l", "rouge_l_vs_full", "retrieval_accuracy", "tokens_per_s"):
         result.setdefault(key, None)  # a skipped part still has its key
     result["seconds"] = time.perf_counter() - t0
     return result
 
 
+def describe(strategy: str, options: dict) -> str:
+    return " ".join([strategy] + [f"{k}={v}" for k, v in options.items() if v is not None])
+
+
 def summary(r: dict) -> str:
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
 
-    return (f"{r['strategy']} {r['options']}: perplexity {fmt(r['perplexity'], '.3f')} ({r['tokens'] or 0} tokens, "
+    return (f"{describe(r['strategy'], r['options'])}: perplexity {fmt(r['perplexity'], '.3f')} ({r['tokens'] or 0} tokens, "
             f"chunk {r['chunk_size']}), ROUGE-L {fmt(r['rouge_l'], '.4f')} (vs full {fmt(r['rouge_l_vs_full'], '.4f')}), "
             f"retrieval {fmt(r['retrieval_accuracy'], '.3f')}, {fmt(r['tokens_per_s'], '.2f')} tokens/s, "
             f"KV {r['kv_bytes'] / 2**20:.2f} MiB for {r['kv_tokens']} tokens ({r['kv_ratio']:.3f}x full), "

@@ -84,13 +84,13 @@ def decode_attention_case(kind, B, HQ, H, D, length, dtype, device, gen):
     """Inputs of one decode_attention call after `length` tokens were stored, as the caches lay them out."""
     q = torch.randn(B, HQ, 1, D, device=device, generator=gen).to(dtype)
     if KINDS[kind] is None:
-        # Full cache: per-sequence lengths, the buffer longer than both; the tail is NaN and must not be read.
+        # Full cache: per-sequence last slots, the buffer longer than both; the tail is NaN and must not be read.
         hi_k = torch.randn(B, H, length + 77, D, device=device, generator=gen).to(dtype)
         hi_v = torch.randn(B, H, length + 77, D, device=device, generator=gen).to(dtype)
-        hi_len = torch.tensor([length - 101 * b for b in range(B)], device=device)
+        hi_last = torch.tensor([length - 1 - 101 * b for b in range(B)], device=device)
         for b in range(B):
-            hi_k[b, :, hi_len[b]:] = hi_v[b, :, hi_len[b]:] = float("nan")
-        return dict(q=q, hi_k=hi_k, hi_v=hi_v, hi_len=hi_len), 0
+            hi_k[b, :, hi_last[b] + 1:] = hi_v[b, :, hi_last[b] + 1:] = float("nan")
+        return dict(q=q, hi_k=hi_k, hi_v=hi_v, hi_last=hi_last), 0
     bits, k_granularity = KINDS[kind]
     S, W = SINK_SIZE, WINDOW_SIZE
     F = GROUP_SIZE if k_granularity == "channel" else 1
@@ -107,8 +107,7 @@ def decode_attention_case(kind, B, HQ, H, D, length, dtype, device, gen):
     hi_v = torch.randn(B, H, S + ring, D, device=device, generator=gen).to(dtype)
     stale = (hi_pos < 0) | ((hi_pos >= S) & (hi_pos < S + n_mid))
     hi_k[:, :, stale] = hi_v[:, :, stale] = float("nan")
-    return dict(q=q, hi_k=hi_k, hi_v=hi_v, hi_len=torch.tensor(S + ring, device=device), hi_pos=hi_pos,
-                sink_size=S, n_mid=torch.tensor([n_mid], device=device), **mid), n_mid
+    return dict(q=q, hi_k=hi_k, hi_v=hi_v, hi_pos=hi_pos, sink_size=S, n_mid=torch.tensor([n_mid], device=device), **mid), n_mid
 
 
 def check_decode_attention(tiny: bool, device, gen, dtype=torch.bfloat16):

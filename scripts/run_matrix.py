@@ -9,10 +9,11 @@ The matrix: full; compress_kv 16/32; quantize_kv 16/32 at 8, 4, 2 bits and fp8; 
 sink/window 64/256. Each entry writes DIR/NN_name.json (evaluate.py's object); the table goes to DIR/table.md and
 the plots to DIR/kv_memory.png, DIR/perplexity_vs_position.png and DIR/retrieval_vs_length.png.
 
-The defaults below fit the whole matrix in under 30 minutes on a 2-core CPU with SmolLM2-135M in float32 (see
-README, "Evaluation"). --max_position 512 sizes the caches of fixed capacity (full, quantize_kv) as if the model's
-context were 512 tokens, so the 1024-token stream shows compress_kv carrying on where they stop; on a GPU, drop it and
-stream past the real 8192-token context (scripts/slurm/).
+With evaluate.py's defaults the whole matrix fits in under 30 minutes on a 2-core CPU with SmolLM2-135M in float32
+(see README, "Evaluation"). MATRIX_DEFAULTS adds --max_position 512, which sizes the caches of fixed capacity (full,
+quantize_kv) as if the model's context were 512 tokens, and a 1024-token stream, so the perplexity-by-position plot
+shows compress_kv carrying on where they stop; on a GPU, pass --max_position 0 (the model's own 8192) and a longer
+stream (scripts/slurm/env.sh does).
 """
 import argparse
 import datetime
@@ -36,10 +37,8 @@ for _sink, _window in ((16, 32), (64, 256)):
         MATRIX.append((f"quantize_kv {_sink}/{_window} {_bits if _bits == 'fp8' else 'int' + _bits}",
                        ["quantize_kv", "--sink_size", str(_sink), "--window_size", str(_window), "--bits", _bits]))
 
-# evaluate.py options for the default (CPU) run; options given on the command line come later and win.
-CPU_DEFAULTS = ["--max_tokens", "512", "--stream_tokens", "1024", "--max_position", "512",
-                "--rouge_prompts", "4", "--prompt_tokens", "256", "--new_tokens", "64",
-                "--retrieval_lengths", "256,480", "--retrieval_depths", "0.1,0.5,0.9", "--retrieval_tasks", "passkey,qa"]
+# Added to evaluate.py's own defaults for the matrix; options given on the command line come later and win.
+MATRIX_DEFAULTS = ["--stream_tokens", "1024", "--max_position", "512"]
 
 
 def file_name(index: int, label: str) -> str:
@@ -51,13 +50,13 @@ def run(indices, out_dir: Path, settings: list[str]):
     model = tokenizer = checkpoint_path = None
     for index in tqdm(indices, desc="matrix", unit="strategy"):
         label, strategy_argv = MATRIX[index]
-        args, options = evaluate.parse(strategy_argv + CPU_DEFAULTS + settings)
+        args, options = evaluate.parse(strategy_argv + MATRIX_DEFAULTS + settings)
         if model is None:  # every entry shares the checkpoint, device and dtype: load once
             model, tokenizer, checkpoint_path = evaluate.load(args)
         result = {"label": label, "index": index,
                   **evaluate.evaluate(model, tokenizer, args.strategy, options, args, checkpoint_path)}
         evaluate.write_json(result, out_dir / file_name(index, label))
-        tqdm.write(f"{label}: " + evaluate.summary(result))
+        tqdm.write(evaluate.summary(result))
 
 
 # ---------------------------------------------------------------- rendering
@@ -72,7 +71,7 @@ def load_results(out_dir: Path) -> list[dict]:
 
 
 def label(r: dict) -> str:
-    return r.get("label") or " ".join([r["strategy"]] + [f"{k}={v}" for k, v in r["options"].items()])
+    return r.get("label") or evaluate.describe(r["strategy"], r["options"])
 
 
 def fmt(value, spec, default="–"):
@@ -121,7 +120,7 @@ def render_plots(results: list[dict], out_dir: Path) -> list[Path]:
     for r in results:
         tokens, nbytes = zip(*r["kv_bytes_by_tokens"])
         ax.plot(tokens, [b / 2**20 for b in nbytes], styles.get(r["strategy"], ":"), marker=".", label=label(r))
-    ax.set(xscale="log", yscale="log", xlabel="tokens held (prompt + generated)", ylabel="KV cache MiB allocated",
+    ax.set(xscale="log", yscale="log", xlabel="tokens in the sequence (prompt + generated)", ylabel="KV cache MiB allocated",
            title=f"KV cache memory ({results[0]['dtype']}, all layers, one sequence)")
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.legend(fontsize=7)

@@ -163,3 +163,17 @@ def test_bench_decode_cpu_smoke(tmp_path):
     assert compress["kv_bytes"] < compress["full_kv_bytes"]  # 16 + 32 slots instead of 64 + steps
     table = next(tmp_path.glob("bench_decode_*.md")).read_text()
     assert "| tiny | 64 | 2 | quantize_kv-int4 |" in table and "copy bandwidth" in table
+
+
+def test_bench_attention_kernel_cpu_smoke(tmp_path):
+    """The fused-kernel rows (Triton's CPU interpreter here): every kind runs and its byte count is the stores'."""
+    bench_decode.main(["--device", "cpu", "--shapes", "tiny", "--attention_kernel", "--contexts", "100",
+                       "--batches", "1", "--out", str(tmp_path)])
+    rows = json.loads(next(tmp_path.glob("bench_decode_*.json")).read_text())["attention_kernel_rows"]
+    assert [r["kind"] for r in rows] == list(bench_decode.KERNEL_KINDS)
+    for r in rows:
+        assert r["note"] == "" and r["seconds"] > 0 and r["bytes_per_s"] > 0, r
+    args = bench_decode.SHAPES["tiny"]
+    q_bytes = 2 * args.n_head * args.head_dim * 2  # q read + output written, bfloat16
+    assert rows[0]["bytes"] == q_bytes + 2 * args.n_kv_head * 100 * args.head_dim * 2  # bf16: K and V of 100 tokens
+    assert all(r["bytes"] < rows[0]["bytes"] for r in rows[1:])  # quantized stores move fewer bytes

@@ -7,6 +7,7 @@ compresses nothing (sink + window >= tokens), while one that does compress must 
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from generate import setup_cache
 from scripts import corpus, evaluate, run_matrix
 from scripts.prepare_checkpoint import smollm2_gguf_path
 
-TOKENS = 40
+TOKENS = 32
 
 
 def checkpoint_path():
@@ -52,13 +53,12 @@ def full_nll(model_and_tokenizer, stream_ids):
 
 def test_full_cache_streaming_equals_one_shot_perplexity(model_and_tokenizer, stream_ids, full_nll):
     model, _ = model_and_tokenizer
-    streamed = full_nll
     setup_cache(model, "full", {}, 1, TOKENS)
     with torch.inference_mode():
         logits = model(stream_ids[None, :-1], torch.arange(TOKENS))
     one_shot = F.cross_entropy(logits[0].float(), stream_ids[1:], reduction="none")
-    torch.testing.assert_close(streamed, one_shot, rtol=0, atol=1e-4)
-    assert math.exp(streamed.mean()) == pytest.approx(math.exp(one_shot.mean()), rel=1e-5)
+    torch.testing.assert_close(full_nll, one_shot, rtol=0, atol=1e-4)
+    assert math.exp(full_nll.mean()) == pytest.approx(math.exp(one_shot.mean()), rel=1e-5)
     assert 2 < math.exp(one_shot.mean()) < 200  # an English essay under a working model
 
 
@@ -88,14 +88,15 @@ def test_compressing_strategy_is_scored_through_its_cache(model_and_tokenizer, s
 def tiny_argv(out_json, strategy_argv):
     return strategy_argv + [
         "--checkpoint_path", str(checkpoint_path()), "--device", "cpu", "--dtype", "float32",
-        "--max_tokens", "24", "--stream_tokens", "48", "--max_position", "96",
+        "--max_tokens", "16", "--stream_tokens", "32", "--max_position", "96",
         "--rouge_prompts", "2", "--prompt_tokens", "20", "--new_tokens", "6", "--prefill_chunk", "8",
         "--retrieval_tasks", "passkey", "--retrieval_lengths", "80", "--retrieval_depths", "0.5",
         "--json", str(out_json)]
 
 
-def test_evaluate_and_render_end_to_end(tmp_path, monkeypatch, capsys):
+def test_evaluate_and_render_end_to_end(model_and_tokenizer, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(evaluate, "OUTPUTS", tmp_path)  # the full cache's ROUGE-L reference is cached there
+    monkeypatch.setattr(evaluate, "load", lambda args: (*model_and_tokenizer, checkpoint_path()))  # loaded once
     runs = {"full": ["full"],
             "nothing": ["quantize_kv", "--sink_size", "4", "--window_size", "200", "--bits", "4"],
             "compress": ["compress_kv", "--sink_size", "4", "--window_size", "8"]}
@@ -104,22 +105,22 @@ def test_evaluate_and_render_end_to_end(tmp_path, monkeypatch, capsys):
         evaluate.main(tiny_argv(tmp_path / "matrix" / f"{name}.json", strategy_argv))
         results[name] = json.loads((tmp_path / "matrix" / f"{name}.json").read_text())
     summary_lines = capsys.readouterr().out.strip().splitlines()
-    assert len(summary_lines) == 3 and summary_lines[0].startswith("full {}: perplexity")
+    assert len(summary_lines) == 3 and re.match(r"full( \S+=\S+)*: perplexity \d+\.\d{3} \(16 tokens", summary_lines[0])
 
     for r in results.values():
         for key in ("strategy", "options", "perplexity", "tokens", "rouge_l", "rouge_l_vs_full",
                     "retrieval_accuracy", "tokens_per_s", "kv_bytes", "chunk_size"):
             assert key in r and r[key] is not None, key
-        assert r["tokens"] == 24 and r["chunk_size"] == 1
+        assert r["tokens"] == 16 and r["chunk_size"] == 1
         assert [s["task"] for s in r["retrieval_samples"]] == ["passkey"]
     full, nothing, compress = results["full"], results["nothing"], results["compress"]
     assert nothing["perplexity"] == pytest.approx(full["perplexity"], rel=1e-5)
     assert full["rouge_l_vs_full"] == 1.0 and nothing["rouge_l_vs_full"] == 1.0  # same greedy tokens
     assert [c["output"] for c in nothing["continuations"]] == [c["full"] for c in nothing["continuations"]]
-    # The 48-token stream fits --max_position 96: every cache runs all of it.
-    assert compress["nll_by_position"]["tokens"] == 48 and full["nll_by_position"]["tokens"] == 48
+    # The 32-token stream fits --max_position 96: every cache runs all of it.
+    assert compress["nll_by_position"]["tokens"] == 32 and full["nll_by_position"]["tokens"] == 32
     assert compress["kv_bytes"] < full["kv_bytes"] == full["kv_bytes_full"]
-    assert compress["kv_ratio"] == pytest.approx(12 / 24, rel=0.01)  # 4 + 8 slots for 24 tokens (+ their positions)
+    assert compress["kv_ratio"] == pytest.approx(12 / 16, rel=0.01)  # 4 + 8 slots for 16 tokens (+ their positions)
 
     table = run_matrix.render(tmp_path / "matrix")
     rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
@@ -135,11 +136,11 @@ def test_evaluate_and_render_end_to_end(tmp_path, monkeypatch, capsys):
 def test_stream_of_fixed_capacity_cache_stops_at_max_position(model_and_tokenizer, tmp_path):
     model, tokenizer = model_and_tokenizer
     args, options = evaluate.parse(tiny_argv(tmp_path / "r.json", ["full"]) + [
-        "--max_position", "32", "--rouge_prompts", "0", "--retrieval_lengths", ""])
+        "--max_position", "24", "--rouge_prompts", "0", "--retrieval_lengths", ""])
     result = evaluate.evaluate(model, tokenizer, "full", options, args, checkpoint_path())
-    assert result["nll_by_position"]["tokens"] == 32 and result["rouge_l"] is None
-    args.max_tokens = 40
-    with pytest.raises(ValueError, match="lower --max_tokens"):
+    assert result["nll_by_position"]["tokens"] == 24 and result["rouge_l"] is None
+    args.max_tokens = 30
+    with pytest.raises(ValueError, match="--max_tokens 30 needs 30 tokens but a full cache holds 24"):
         evaluate.evaluate(model, tokenizer, "full", options, args, checkpoint_path())
 
 

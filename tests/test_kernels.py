@@ -116,6 +116,70 @@ def test_decode_attention_op():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+# ---------------------------------------------------------------- quantize-on-append into the mid store
+
+QUANT_CASES = [  # bits, key axis, group_size
+    (8, "token", 32), ("fp8", "token", 32), (8, "channel", 8), (4, "channel", 8), (2, "channel", 8),
+    (4, "token", 8), (2, "token", 16),
+]
+
+
+@pytest.mark.parametrize("bits,axis,group", QUANT_CASES, ids=[f"{b}-{a}-{g}" for b, a, g in QUANT_CASES])
+def test_quantize_into(bits, axis, group):
+    """The Triton kernel writes exactly (bit for bit) what the PyTorch reference quantize_keys / quantize_values
+    give, at the token offset in a device tensor, reading its source rows through an index; nothing else changes."""
+    from kernels.quantize import quantize_keys, quantize_values
+    from kernels.quantize_append import quantize_into
+    from kv_cache.quantize_kv import mid_layout
+
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{bits}{axis}{group}".encode()))
+    B, H, D, M = 2, 2, 32, 48
+    F = group if axis == "channel" else 1
+    layout = mid_layout(dict(bits=bits, group_size=group, k_granularity=axis), M, D)
+    store = {name: torch.full((B, H, *shape), 0xAB, dtype=torch.uint8).view(dtype).to(DEVICE)
+             for name, (shape, dtype) in layout.items() if dtype.itemsize == 1}
+    store.update({name: torch.full((B, H, *shape), float("nan"), dtype=dtype, device=DEVICE)
+                  for name, (shape, dtype) in layout.items() if dtype.itemsize > 1})
+    before = {name: t.clone() for name, t in store.items()}
+    src_k = torch.randn(B, H, 20, D, generator=gen) * 3
+    src_k[..., 3] *= 20  # an outlier channel
+    src_k[:, :, 2] = 0  # an all-zero token: scale 0
+    src_v = torch.randn(B, H, 20, D, generator=gen)
+    N = 2 * F if F > 1 else 3
+    rows = torch.randperm(20, generator=gen)[:N]
+    start = 2 * F if F > 1 else 5
+    quantize_into(src_k.to(DEVICE), src_v.to(DEVICE), rows.to(DEVICE), torch.tensor([start], device=DEVICE),
+                  store["k_q"], store["k_scale"], store.get("k_zero"), store["v_q"], store["v_scale"],
+                  store.get("v_zero"))
+    expected = dict(zip(["k_q", "k_scale", "k_zero"], quantize_keys(src_k[:, :, rows], bits, axis, group)))
+    expected.update(zip(["v_q", "v_scale", "v_zero"], quantize_values(src_v[:, :, rows], bits, group)))
+    as_bytes = lambda t: t.cpu().contiguous().view(torch.uint8)
+    for name, t in store.items():
+        per_row = F if name.startswith("k_") and name != "k_q" else 1  # tokens per metadata row
+        lo, hi = start // per_row, (start + N) // per_row
+        assert torch.equal(as_bytes(t[:, :, lo:hi]), as_bytes(expected[name])), name
+        untouched = torch.ones(t.shape[2], dtype=torch.bool)
+        untouched[lo:hi] = False
+        assert torch.equal(as_bytes(t[:, :, untouched]), as_bytes(before[name][:, :, untouched])), name
+
+
+def test_quantize_into_op():
+    """The registered op declares its mutations (schema check) and traces with fake tensors."""
+    import kernels.quantize_append  # noqa: F401  (registers the op)
+
+    B, H, D, M = 1, 1, 16, 8
+    k, v = torch.randn(B, H, 4, D, device=DEVICE), torch.randn(B, H, 4, D, device=DEVICE)
+    args = (k, v, torch.tensor([2, 0], device=DEVICE), torch.tensor([4], device=DEVICE),
+            torch.zeros(B, H, M, D // 2, dtype=torch.uint8, device=DEVICE),
+            torch.zeros(B, H, M // 2, D, dtype=torch.float16, device=DEVICE),
+            torch.zeros(B, H, M // 2, D, dtype=torch.float16, device=DEVICE),
+            torch.zeros(B, H, M, D // 2, dtype=torch.uint8, device=DEVICE),
+            torch.zeros(B, H, M, 2, dtype=torch.float16, device=DEVICE),
+            torch.zeros(B, H, M, 2, dtype=torch.float16, device=DEVICE))
+    torch.library.opcheck(torch.ops.kvcache.quantize_into.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 # ---------------------------------------------------------------- the caches' decode step: triton path vs torch path
 
 E2E_CASES = [
@@ -138,16 +202,18 @@ def test_cache_decode_triton_matches_torch(strategy, options):
     from model import ModelArgs, Transformer
 
     torch.manual_seed(0)
-    args = ModelArgs(vocab_size=64, dim=64, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=64, head_dim=32)
+    args = ModelArgs(vocab_size=64, dim=64, n_layer=1, n_head=2, n_kv_head=1, intermediate_size=64, head_dim=32)
     model = Transformer(args).to(DEVICE).eval().requires_grad_(False)
-    tokens = torch.randint(0, 64, (2, 40), device=DEVICE)
-    schedule = [12] + [1] * 12 + [5] + [1] * 11  # flushes and evictions happen during both decode runs
-    max_seq_length = 40
+    tokens = torch.randint(0, 64, (2, 30), device=DEVICE)
+    # Decode steps at positions 10-19 and 24-29: KIVI groups (8 tokens past sinks 4 + window 8) flush at 19 and 27.
+    schedule = [10] + [1] * 10 + [4] + [1] * 6
+    max_seq_length = 30
     logits = {}
     for impl in ("torch", "triton"):
         cls = kv_cache.STRATEGIES[strategy]
         model.setup_caches(lambda i: cls(2, max_seq_length, args.n_kv_head, args.head_dim, torch.float32, DEVICE,
                                          **options, attn_impl=impl), max_seq_length)
+        assert model.layers[0].attention.kv_cache.attn_impl == impl
         out, pos = [], 0
         for n in schedule:
             out.append(model(tokens[:, pos:pos + n], torch.arange(pos, pos + n, device=DEVICE)))
@@ -161,3 +227,32 @@ def test_cache_decode_triton_matches_torch(strategy, options):
     if strategy == "quantize_kv":  # the quantize-on-append kernel wrote what the PyTorch reference writes
         for name, buf in torch_stores.items():
             assert torch.equal(stores[name].view(torch.uint8), buf.view(torch.uint8)), name
+
+
+def test_triton_decode_step_is_one_graph():
+    """With --attn_impl triton the decode step still compiles to one graph (the kernels are opaque registered ops,
+    the quantize op's writes to the mid store functionalized) and computes what the eager step computes."""
+    import torch._dynamo
+
+    import kv_cache
+    from model import ModelArgs, Transformer
+
+    torch.manual_seed(0)
+    args = ModelArgs(vocab_size=64, dim=64, n_layer=1, n_head=2, n_kv_head=1, intermediate_size=64, head_dim=32)
+    model = Transformer(args).to(DEVICE).eval().requires_grad_(False)
+    tokens = torch.randint(0, 64, (1, 21), device=DEVICE)
+    options = dict(sink_size=4, window_size=8, bits="4", group_size=8, attn_impl="triton")
+
+    def setup():
+        cls = kv_cache.STRATEGIES["quantize_kv"]
+        model.setup_caches(lambda i: cls(1, 21, 1, 32, torch.float32, DEVICE, **options), 21)
+        model(tokens[:, :17], torch.arange(17, device=DEVICE))
+
+    steps = [(tokens[:, t:t + 1], torch.tensor([t], device=DEVICE)) for t in range(17, 21)]  # a flush at 19
+    setup()
+    eager = [model(*step) for step in steps]
+    setup()
+    torch._dynamo.reset()
+    compiled_step = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
+    compiled = [compiled_step(*step) for step in steps]
+    assert rel_err(torch.cat(compiled), torch.cat(eager)) < 1e-6

@@ -24,6 +24,16 @@ from tokenizer import load_tokenizer
 BIT_OPTIONS = [dict(bits="8"), dict(bits="fp8"), dict(bits="4"), dict(bits="2")]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: fastest for the tiny models, and on a busy 2-core machine torch's spinning worker threads made
+    the SmolLM2 test 7x slower (778 s against 107 s), while one thread costs it at most ~2x on an idle one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(seed=0, dtype=torch.float64, **overrides) -> Transformer:
     torch.manual_seed(seed)
     args = ModelArgs(**{**dict(vocab_size=96, dim=64, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=128,
@@ -258,19 +268,22 @@ def english_prose(n_chars=6000) -> str:
 
 
 def test_int8_quantize_kv_tracks_full_on_smollm2(smollm2):
-    """512 decode steps over real text: int8 keeps every logit close to the full cache's and the argmax agrees."""
+    """512 tokens of real text, 448 of them decoded one by one with int8 quantize_kv (defaults: 16 sinks, window
+    32, so most of the context is quantized): the logits stay close to the full cache's. Measured: max |diff| 0.27
+    (logit std 5.6), mean 0.017, KL <= 5e-4, argmax always the same; int4 misses these bounds (max 1.3, mean 0.09)."""
     model, tokenizer = smollm2
-    ids = tokenizer.encode(english_prose())[:576]
-    assert len(ids) == 576
+    ids = tokenizer.encode(english_prose())[:512]
+    assert len(ids) == 512
     tokens = torch.tensor([ids])
     with torch.no_grad():
-        full = run(model, "full", {}, tokens, [576])
-        out = run(model, "quantize_kv", dict(bits="8"), tokens, [64] + [1] * 512)
-    diff = (out - full)[0, 64:]
-    assert diff.abs().max() < 0.5, diff.abs().max()
-    assert diff.abs().mean() < 0.05, diff.abs().mean()
-    agree = (out[0, 64:].argmax(-1) == full[0, 64:].argmax(-1)).float().mean()
-    assert agree > 0.97, agree
+        full = run(model, "full", {}, tokens, [512])[0, 64:]
+        out = run(model, "quantize_kv", dict(bits="8"), tokens, [64] + [1] * 448)[0, 64:]
+    diff = (out - full).abs()
+    assert diff.max() < 0.5 and diff.mean() < 0.03, (diff.max(), diff.mean())
+    log_p, log_q = full.log_softmax(-1), out.log_softmax(-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    assert kl.max() < 2e-3, kl.max()
+    assert (out.argmax(-1) == full.argmax(-1)).float().mean() >= 0.99
 
 
 # ---------------------------------------------------------------- memory
@@ -332,16 +345,16 @@ def test_packed_stores_are_4x_and_8x_smaller():
 def test_compress_kv_streams_10k_tokens_in_constant_memory():
     S, W = 4, 16
     model = tiny_model(dtype=torch.float32, n_layer=1, dim=32, n_head=2, n_kv_head=1, intermediate_size=32)
-    # RoPE tables for sinks + window only: cache positions never go past them, however long the stream.
-    setup(model, "compress_kv", dict(sink_size=S, window_size=W), 1, max_seq_length=64, rope_length=S + W)
+    # RoPE tables for sinks + window + the prefill chunk only: cache positions never go past them.
+    setup(model, "compress_kv", dict(sink_size=S, window_size=W), 1, max_seq_length=64, rope_length=S + W + 8)
     cache = model.caches()[0]
     buffers = {name: (b.data_ptr(), b.shape) for name, b in cache.named_buffers()}
     n_bytes = cache.nbytes()
     tokens = random_tokens(1, 10_000)
-    model(tokens[:, :32], torch.arange(32))
+    model(tokens[:, :8], torch.arange(8))
     last = None
     with torch.no_grad():
-        for t in range(32, 10_000):
+        for t in range(8, 10_000):
             last = model(tokens[:, t:t + 1], torch.tensor([t]))
     assert last.isfinite().all()
     assert cache.nbytes() == n_bytes
@@ -408,9 +421,10 @@ def test_nothing_to_quantize_is_full_with_a_notice(capsys):
 
 def test_cli_options_and_capacity():
     """add_arguments declares each option with the documented defaults; the parsed options build the cache."""
-    for strategy, expected in [("compress_kv", dict(sink_size=16, window_size=32, rope_positions="cache")),
+    for strategy, expected in [("compress_kv", dict(sink_size=16, window_size=32, rope_positions="cache",
+                                                    attn_impl=None)),
                                ("quantize_kv", dict(sink_size=16, window_size=32, bits="8", group_size=32,
-                                                    k_granularity=None, attn_impl="torch"))]:
+                                                    k_granularity=None, attn_impl=None))]:
         cls = kv_cache.STRATEGIES[strategy]
         parser = argparse.ArgumentParser()
         cls.add_arguments(parser)

@@ -100,7 +100,10 @@ def test_block_layout_and_bound(bits, axis):
     assert (zero is None) == (bits in (8, "fp8")) and (zero is None or zero.shape == meta)
     out = dequantize_block(q, scale, zero, bits, axis, G, D, torch.float64)
     # Expand the metadata back to one scale per element, as the layout says.
-    s = scale.double().repeat_interleave(G, 2) if axis == "channel" else scale.double().repeat_interleave(D // scale.shape[-1], 3)
+    if axis == "channel":
+        s = scale.double().repeat_interleave(G, 2)
+    else:
+        s = scale.double().repeat_interleave(D // scale.shape[-1], 3)
     err = (x.double() - out).abs()
     if bits == "fp8":
         assert_within(err, (ratio(x.double().abs(), s) * 2 ** -4 + 2 ** -10) * s + slack(x.double()))
