@@ -5,7 +5,10 @@ write a partial output and log-sum-exp; a small second kernel merges the splits.
 head (GQA) sit together in one program, so every KV tile is read once for the whole group. The mid store is
 dequantized tile by tile in registers (the dequantized mid never exists in memory). Lengths come in as device
 tensors and each split sizes its share from them at run time, so the grid depends on shapes only (CUDA-graph-able,
-no host sync). Layouts follow notes/cache_spec.md:
+no host sync). Grid (B * n_kv_head, mid splits + hi splits), about two programs per SM; tiles of BLOCK_N = 64 tokens
+(32 past head_dim 128) by the padded head_dim, the query group padded to 16 rows for tl.dot (tf32 on float32
+operands: 16-bit keys and values are exact in it); 16-byte loads of contiguous rows, pipelined (num_stages 2).
+Layouts follow notes/cache_spec.md:
 
   hi_k, hi_v   (B, H, NH, D) model dtype; slot i is attended when i <= hi_last (when given) and, with hi_pos
                given, hi_pos[i] >= 0 and (hi_pos[i] < sink_size or hi_pos[i] >= sink_size + n_mid).
@@ -275,8 +278,8 @@ def decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Tensor = No
     the full cache) may be None: every slot. hi_pos (NH,) int64 or None: then every slot up to hi_last counts.
     The mid arguments are left None when there is no mid store.
     splits=(mid, hi) overrides the number of splits; returns (B, n_head, 1, D) in q's dtype.
-    Under torch.compile this is the opaque op torch.ops.kvcache.decode_attention; eager calls launch directly
-    (a custom op's dispatch costs microseconds that 30 layers per token would feel)."""
+    Under torch.compile this is the opaque op torch.ops.kvcache.decode_attention; eager calls launch directly,
+    without the op dispatcher's per-call overhead."""
     args = (q, hi_k, hi_v, hi_last, hi_pos, sink_size, n_mid, k_q, k_scale, k_zero, v_q, v_scale, v_zero,
             *(splits or (-1, -1)), block_n or 0)
     if torch.compiler.is_compiling():
@@ -323,7 +326,8 @@ def _decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[T
     o_part = torch.empty(B, HQ, n_splits, D, device=q.device, dtype=torch.float32)
     lse_part = torch.empty(B, HQ, n_splits, device=q.device, dtype=torch.float32)
     out = torch.empty(B, HQ, 1, D, device=q.device, dtype=q.dtype)
-    k_zero = k_scale if k_zero is None else k_zero
+    k_asym, v_asym = k_zero is not None, v_zero is not None
+    k_zero = k_scale if k_zero is None else k_zero  # never read when symmetric
     v_zero = v_scale if v_zero is None else v_zero
     _decode_split_kernel[(B * H, n_splits)](
         q, hi_k, hi_v, hi_k if hi_pos is None else hi_pos, hi_k if hi_last is None else hi_last, n_mid,
@@ -341,9 +345,9 @@ def _decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[T
         H=H, GROUP=group, D=D,
         HAS_HI_POS=hi_pos is not None, HAS_HI_LAST=hi_last is not None, HAS_MID=has_mid,
         SPLITS_MID=splits_mid, SPLITS_HI=splits_hi,
-        K_PER_BYTE=k_pb, K_F=k_f, K_G=k_g, K_ZERO=has_mid and k_zero is not k_scale,
+        K_PER_BYTE=k_pb, K_F=k_f, K_G=k_g, K_ZERO=k_asym,
         K_TILES=_group_tiles(k_f, k_g, D, BLOCK_D),
-        V_PER_BYTE=v_pb, V_F=v_f, V_G=v_g, V_ZERO=has_mid and v_zero is not v_scale,
+        V_PER_BYTE=v_pb, V_F=v_f, V_G=v_g, V_ZERO=v_asym,
         V_TILES=_group_tiles(v_f, v_g, D, BLOCK_D),
         BLOCK_G=BLOCK_G, BLOCK_N=block_n, BLOCK_D=BLOCK_D,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -358,7 +362,7 @@ def _decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[T
 
 
 torch.library.custom_op("kvcache::decode_attention", _decode_attention, mutates_args=()).register_fake(
-    lambda q, *args: torch.empty_like(q))
+    lambda q, *args: q.new_empty(q.shape))  # contiguous, as the kernel's output
 
 
 # ---------------------------------------------------------------------------------------------------------------

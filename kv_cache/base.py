@@ -1,5 +1,7 @@
 """The cache interface every strategy implements, and the plain attention they share."""
 import argparse
+import importlib.util
+import os
 
 import torch
 import torch.nn as nn
@@ -72,11 +74,22 @@ def add_attn_impl_argument(parser: argparse.ArgumentParser):
                              "torch = PyTorch (default elsewhere); prefill always uses PyTorch")
 
 
-def attn_impl_for(options: dict, device) -> str:
-    """The decode implementation asked for, or the device's default; a one-line ValueError when unknown."""
-    impl = options.get("attn_impl") or ("triton" if torch.device(device).type == "cuda" else "torch")
-    if impl not in ATTN_IMPLS:
+def attn_impl_for(options: dict, device=None):
+    """The decode implementation asked for, or the device's default (triton on CUDA when installed, else torch); a
+    one-line ValueError when it cannot run there. device None: check the name only."""
+    impl = options.get("attn_impl")
+    if impl is not None and impl not in ATTN_IMPLS:
         raise ValueError(f"--attn_impl {impl!r} is not available: use one of {', '.join(ATTN_IMPLS)}")
+    if device is None:
+        return impl
+    has_triton = importlib.util.find_spec("triton") is not None
+    on_cuda = torch.device(device).type == "cuda"
+    impl = impl or ("triton" if on_cuda and has_triton else "torch")
+    if impl == "triton" and not has_triton:
+        raise ValueError("--attn_impl triton needs the triton package (pip install triton): or use --attn_impl torch")
+    if impl == "triton" and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("--attn_impl triton needs a CUDA device (or TRITON_INTERPRET=1, Triton's slow CPU "
+                         "interpreter): use --attn_impl torch")
     return impl
 
 

@@ -13,9 +13,10 @@ Rotary positions, `--rope_positions`:
     absolute position of the stream.
 
 Decode (one token) writes the token, then attends to the sink_size + window_size tokens the cache keeps; its slot,
-ranks and mask are tensor arithmetic on input_pos (no host sync). A prefill chunk attends to what the cache kept
-before the chunk plus the chunk itself causally, then keeps the chunk's sinks and last window_size tokens. Any chunk
-length works, so prompts longer than the cache are fed in chunks (capacity None).
+ranks and mask are tensor arithmetic on input_pos (no host sync); --attn_impl triton (the default on CUDA) attends
+with the fused kernel of kernels/decode_attention.py (keys rotated in PyTorch first). A prefill chunk attends to
+what the cache kept before the chunk plus the chunk itself causally, then keeps the chunk's sinks and last
+window_size tokens. Any chunk length works, so prompts longer than the cache are fed in chunks (capacity None).
 """
 import torch
 from torch import Tensor
@@ -63,7 +64,7 @@ class CompressKVCache(KVCache):
         rope_positions = options.get("rope_positions", "cache")
         if rope_positions not in ROPE_POSITIONS:
             raise ValueError(f"--rope_positions {rope_positions!r} is not supported: use cache or original")
-        attn_impl_for(options, "cpu")
+        attn_impl_for(options)
 
     @classmethod
     def capacity(cls, options, max_seq_length):

@@ -17,7 +17,7 @@ class FullCache(KVCache):
 
     @classmethod
     def check_options(cls, options, max_seq_length, head_dim):
-        attn_impl_for(options, "cpu")
+        attn_impl_for(options)
 
     def __init__(self, batch_size, max_seq_length, n_kv_head, head_dim, dtype, device, **options):
         super().__init__(batch_size, max_seq_length, n_kv_head, head_dim, dtype, device)

@@ -21,8 +21,10 @@ Choices made here:
 
 Decode (one token) is static: the slot, the flush of a group that has just left the window (written to a scratch
 group when none has) and the masks are tensor arithmetic on input_pos. A prefill chunk attends to what the cache held
-before it plus itself causally in full precision, then its old tokens are quantized. All attention is in
-`_attend_decode` (dequantize, then attend; a fused kernel drops in there via --attn_impl) and `_prefill`.
+before it plus itself causally in full precision, then its old tokens are quantized. Decode attention is
+`_attend_decode` (--attn_impl torch: dequantize, then attend) or `_attend_decode_triton` (--attn_impl triton, the
+default on CUDA: one fused kernel reads the stores as they are, and the flush quantizes straight from the ring in
+Triton); prefill is `_prefill`, in PyTorch either way.
 """
 import sys
 
@@ -58,7 +60,7 @@ def quant_config(options: dict, head_dim: int) -> dict:
             divisor = max(d for d in range(1, min(group_size, head_dim) + 1) if head_dim % d == 0)
             raise ValueError(f"--group_size {group_size} must divide head_dim {head_dim} (values are grouped by "
                              f"channels): use e.g. --group_size {divisor}")
-    attn_impl_for(options, "cpu")  # checks the name; the default depends on the device (resolved in __init__)
+    attn_impl_for(options)  # checks the name; the default depends on the device (resolved in __init__)
     flush_size = group_size if k_granularity == "channel" else 1
     return dict(sink_size=sink_size, window_size=window_size, bits=bits, group_size=group_size,
                 k_granularity=k_granularity, flush_size=flush_size)

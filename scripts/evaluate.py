@@ -353,13 +353,21 @@ def evaluate(model, tokenizer, strategy: str, options: dict, args, checkpoint_pa
     result["kv_ratio"] = result["kv_bytes"] / result["kv_bytes_full"]
     result["kv_bytes_by_tokens"] = memory
 
+    result["part_seconds"] = {}
+
+    def timed(name, part):
+        start = time.perf_counter()
+        result.update(part())
+        result["part_seconds"][name] = time.perf_counter() - start
+
     with torch.inference_mode():
         if args.max_tokens:
-            result.update(perplexity_stream(model, tokenizer, text, strategy, options, args, max_position))
+            timed("perplexity", lambda: perplexity_stream(model, tokenizer, text, strategy, options, args, max_position))
         if args.rouge_prompts:
-            result.update(rouge_eval(model, tokenizer, text, strategy, options, args, checkpoint_path, max_position))
+            timed("rouge_l", lambda: rouge_eval(model, tokenizer, text, strategy, options, args, checkpoint_path,
+                                                max_position))
         if prompts:
-            result.update(retrieval_eval(model, tokenizer, prompts, strategy, options, args))
+            timed("retrieval", lambda: retrieval_eval(model, tokenizer, prompts, strategy, options, args))
     for key in ("perplexity", "tokens", "rouge_l", "rouge_l_vs_full", "retrieval_accuracy", "tokens_per_s"):
         result.setdefault(key, None)  # a skipped part still has its key
     result["seconds"] = time.perf_counter() - t0

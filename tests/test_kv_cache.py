@@ -9,7 +9,6 @@ import argparse
 import importlib.util
 import json
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -201,14 +200,12 @@ def test_quantize_kv_equals_masked_reference(options):
     quantized-dequantized by the reference functions (tested on their own in test_quantize.py)."""
     options = {**dict(sink_size=4, window_size=8, group_size=8), **options}
     model, tokens = tiny_model(), random_tokens(2, 88)
-    cls = kv_cache.STRATEGIES["quantize_kv"]
-    setup(model, "quantize_kv", options, 2, 96)
-    cache = model.caches()[0]
-    out = stream(model, tokens, SCHEDULE)
-    S, W, F = options["sink_size"], options["window_size"], cache.flush_size
-    assert F == (8 if cache.k_granularity == "channel" else 1) and cls is type(cache)
+    out = run(model, "quantize_kv", options, tokens, SCHEDULE, 96)
+    bits = {"8": 8, "4": 4, "2": 2, "fp8": "fp8"}[options["bits"]]
+    k_granularity = options.get("k_granularity", "channel" if bits in (4, 2) else "token")  # the documented default
+    S, W, F = options["sink_size"], options["window_size"], 8 if k_granularity == "channel" else 1
     counts = quantized_counts(SCHEDULE, S, W, F)
-    quantize = group_quantizer(S, F, cache.bits, cache.k_granularity, 8, 88)
+    quantize = group_quantizer(S, F, bits, k_granularity, 8, 88)
     ref = reference_logits(model, tokens, quantize=quantize, n_quantized=counts, sink_size=S)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-9)
     full = reference_logits(model, tokens)

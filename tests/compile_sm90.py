@@ -1,0 +1,77 @@
+"""Compile the Triton kernels for an H100 (sm_90) without a GPU, and check the machine code for what the CPU
+interpreter cannot show. Run by tests/test_kernels.py in a subprocess (the kernels must not be in interpreter mode):
+
+    python tests/compile_sm90.py      # prints one line per kernel configuration; exit 1 on a failed check
+"""
+import os
+import re
+import sys
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 3.6 fuses by default too
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from kernels import decode_attention, quantize_append  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def compile_ptx(fn, types: dict, constexprs: dict, **options) -> str:
+    """PTX of fn with pointer/float argument types from `types` (other runtime arguments i32). Pointers and strides
+    get the divisibility-by-16 hint Triton gives them at launch for 16-byte-aligned tensors."""
+    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
+    aligned = [n for n in fn.arg_names if n not in constexprs and (n.endswith("_ptr") or n.startswith("stride"))]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET, options=options).asm["ptx"]
+
+
+def check(name: str, ptx: str, *patterns: str, absent: tuple = ()):
+    missing = [p for p in patterns if not re.search(p, ptx)]
+    present = [p for p in absent if re.search(p, ptx)]
+    print(f"{name}: {'ok' if not missing and not present else 'FAILED'}"
+          + "".join(f"; missing {p!r}" for p in missing) + "".join(f"; found {p!r}" for p in present))
+    return not missing and not present
+
+
+def main() -> int:
+    ok = True
+    split = decode_attention._decode_split_kernel
+    payloads = {"int8": ("i8", 1), "fp8": ("fp8e4nv", 1), "int4": ("u8", 2), "int2": ("u8", 4)}
+    for kind, (payload, per_byte) in payloads.items():
+        asym = per_byte > 1  # KIVI: keys per channel (32 tokens), values per token in groups of 32 channels
+        types = dict(q_ptr="*bf16", hi_k_ptr="*bf16", hi_v_ptr="*bf16", hi_pos_ptr="*i64", hi_last_ptr="*i64",
+                     n_mid_ptr="*i64", kq_ptr=f"*{payload}", vq_ptr=f"*{payload}", ks_ptr="*fp16", kz_ptr="*fp16",
+                     vs_ptr="*fp16", vz_ptr="*fp16", o_part_ptr="*fp32", lse_part_ptr="*fp32", qk_scale="fp32")
+        constexprs = dict(H=3, GROUP=3, D=64, HAS_HI_POS=True, HAS_HI_LAST=False, HAS_MID=True, SPLITS_MID=40,
+                          SPLITS_HI=2, K_PER_BYTE=per_byte, K_F=32 if asym else 1, K_G=1 if asym else 64,
+                          K_ZERO=asym, K_TILES=True, V_PER_BYTE=per_byte, V_F=1, V_G=32 if asym else 64,
+                          V_ZERO=asym, V_TILES=True, BLOCK_G=16, BLOCK_N=64, BLOCK_D=64, DOT_PRECISION="tf32")
+        ptx = compile_ptx(split, types, constexprs, num_warps=4, num_stages=2)
+        # Tensor-core dots, and the tiles fetched 16 bytes at a time (asynchronously, pipelined).
+        ok &= check(f"decode split, {kind} mid, bf16 model", ptx, r"mma\.sync", r"cp\.async\.c[ag]\.shared\.global.*0x10,")
+    ptx = compile_ptx(decode_attention._decode_merge_kernel,
+                      dict(o_part_ptr="*fp32", lse_part_ptr="*fp32", out_ptr="*bf16"),
+                      dict(HQ=9, D=64, SPLITS=88, BLOCK_S=128, CHUNK_S=16, BLOCK_D=64), num_warps=2)
+    ok &= check("decode merge", ptx, r"ld\.global(\.\w+)*\.v4")
+    for kind, (payload, per_byte) in payloads.items():
+        asym = per_byte > 1
+        types = dict(k_ptr="*bf16", v_ptr="*bf16", rows_ptr="*i64", start_ptr="*i64", kq_ptr=f"*{payload}",
+                     vq_ptr=f"*{payload}", ks_ptr="*fp16", kz_ptr="*fp16", vs_ptr="*fp16", vz_ptr="*fp16")
+        constexprs = dict(H=3, D=64, K_PER_BYTE=per_byte, K_F=32 if asym else 1, K_G=1 if asym else 64,
+                          V_PER_BYTE=per_byte, V_F=1, V_G=32 if asym else 64, ASYM=asym, FP8=kind == "fp8",
+                          BLOCK_T=32 if asym else 1)
+        ptx = compile_ptx(quantize_append._quantize_kv_kernel, types, constexprs, num_warps=4,
+                          enable_fp_fusion=False)
+        # Bit-exact with the PyTorch reference needs IEEE division and no fused multiply-add before rounding.
+        ok &= check(f"quantize on append, {kind}", ptx, r"div\.rn\.f32",
+                    absent=(r"div\.(full|approx)\.f32", r"fma\.rn\.f32"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
