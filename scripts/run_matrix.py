@@ -6,14 +6,15 @@
     python scripts/run_matrix.py --render --out outputs/run1                        # table + plots from the JSONs
 
 The matrix: full; compress_kv 16/32; quantize_kv 16/32 at 8, 4, 2 bits and fp8; and each compressed one again with
-sink/window 64/256. Each entry writes DIR/NN_name.json (evaluate.py's object); the table goes to DIR/table.md and
-the plots to DIR/kv_memory.png, DIR/perplexity_vs_position.png and DIR/retrieval_vs_length.png.
+a larger window (--windows; 16/128 by default, 64/256 in the GPU run). Each entry writes DIR/NN_name.json
+(evaluate.py's object); the table goes to DIR/table.md and the plots to DIR/kv_memory.png,
+DIR/perplexity_vs_position.png and DIR/retrieval_vs_length.png.
 
-With evaluate.py's defaults the whole matrix fits in under 30 minutes on a 2-core CPU with SmolLM2-135M in float32
-(see README, "Evaluation"). MATRIX_DEFAULTS adds --max_position 512, which sizes the caches of fixed capacity (full,
-quantize_kv) as if the model's context were 512 tokens, and a 1024-token stream, so the perplexity-by-position plot
-shows compress_kv carrying on where they stop; on a GPU, pass --max_position 0 (the model's own 8192) and a longer
-stream (scripts/slurm/env.sh does).
+With evaluate.py's defaults (256-token contexts, token-by-token perplexity) the whole matrix fits in under 30 minutes
+on a 2-core CPU with SmolLM2-135M in float32 (see README, "Evaluation"). MATRIX_DEFAULTS adds --max_position 256,
+which sizes the caches of fixed capacity (full, quantize_kv) as if the model's context were 256 tokens, and a
+512-token stream, so the perplexity-by-position plot shows compress_kv carrying on where they stop; on a GPU, pass
+--max_position 0 (the model's own 8192) and a longer stream (scripts/slurm/env.sh does).
 """
 import argparse
 import datetime
@@ -29,27 +30,38 @@ REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR))
 from scripts import evaluate  # noqa: E402
 
-MATRIX = [("full", ["full"])]
-for _sink, _window in ((16, 32), (64, 256)):
-    MATRIX.append((f"compress_kv {_sink}/{_window}",
-                   ["compress_kv", "--sink_size", str(_sink), "--window_size", str(_window)]))
-    for _bits in ("8", "4", "2", "fp8"):
-        MATRIX.append((f"quantize_kv {_sink}/{_window} {_bits if _bits == 'fp8' else 'int' + _bits}",
-                       ["quantize_kv", "--sink_size", str(_sink), "--window_size", str(_window), "--bits", _bits]))
-
+BITS = ("8", "4", "2", "fp8")
+# The CPU default's contexts are 256 tokens: a 64/256 cache would hold all of them, so its larger window is 16/128.
+WINDOWS = "16/32,16/128"
 # Added to evaluate.py's own defaults for the matrix; options given on the command line come later and win.
-MATRIX_DEFAULTS = ["--stream_tokens", "1024", "--max_position", "512"]
+MATRIX_DEFAULTS = ["--stream_tokens", "512", "--max_position", "256"]
+
+
+def sink_windows(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(n) for n in pair.split("/")) for pair in text.split(",") if pair]
+
+
+def build_matrix(windows=WINDOWS) -> list[tuple[str, list[str]]]:
+    """(label, strategy argv) of every entry: full, then per sink/window pair compress_kv and quantize_kv x BITS."""
+    matrix = [("full", ["full"])]
+    for sink, window in sink_windows(windows):
+        sink_window = ["--sink_size", str(sink), "--window_size", str(window)]
+        matrix.append((f"compress_kv {sink}/{window}", ["compress_kv"] + sink_window))
+        for bits in BITS:
+            name = bits if bits == "fp8" else f"int{bits}"
+            matrix.append((f"quantize_kv {sink}/{window} {name}", ["quantize_kv"] + sink_window + ["--bits", bits]))
+    return matrix
 
 
 def file_name(index: int, label: str) -> str:
     return f"{index:02d}_{label.replace(' ', '_').replace('/', '-')}.json"
 
 
-def run(indices, out_dir: Path, settings: list[str]):
+def run(matrix, indices, out_dir: Path, settings: list[str]):
     out_dir.mkdir(parents=True, exist_ok=True)
     model = tokenizer = checkpoint_path = None
     for index in tqdm(indices, desc="matrix", unit="strategy"):
-        label, strategy_argv = MATRIX[index]
+        label, strategy_argv = matrix[index]
         args, options = evaluate.parse(strategy_argv + MATRIX_DEFAULTS + settings)
         if model is None:  # every entry shares the checkpoint, device and dtype: load once
             model, tokenizer, checkpoint_path = evaluate.load(args)
@@ -67,7 +79,7 @@ def load_results(out_dir: Path) -> list[dict]:
     results = [r for r in results if "strategy" in r and "kv_bytes" in r]
     if not results:
         raise ValueError(f"no evaluation JSON in {out_dir}: run scripts/run_matrix.py --out {out_dir} first")
-    return sorted(results, key=lambda r: r.get("index", len(MATRIX)))
+    return sorted(results, key=lambda r: r.get("index", len(results)))
 
 
 def label(r: dict) -> str:
@@ -176,21 +188,30 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=evaluate.OUTPUTS / "matrix", help="folder for JSON, table, plots")
     parser.add_argument("--only", type=evaluate.int_list, default=None, help="comma-separated entry indices (--list)")
+    parser.add_argument("--windows", default=WINDOWS,
+                        help=f"sink/window pairs of the compressed entries (default {WINDOWS}; the GPU run: 16/32,64/256)")
     parser.add_argument("--list", action="store_true", help="print the entries and exit")
     parser.add_argument("--render", action="store_true", help="only render the table and plots from --out's JSON")
     args, settings = parser.parse_known_args(argv)
+    try:
+        matrix = build_matrix(args.windows)
+    except ValueError:
+        sys.exit(f"error: --windows {args.windows!r} is not a list of sink/window pairs such as 16/32,64/256")
     if args.list:
-        for i, (name, strategy_argv) in enumerate(MATRIX):
+        for i, (name, strategy_argv) in enumerate(matrix):
             print(f"{i}\t{name}\t{' '.join(strategy_argv)}")
         return
     try:
         if not args.render:
-            indices = args.only if args.only is not None else range(len(MATRIX))
-            bad = [i for i in indices if not 0 <= i < len(MATRIX)]
+            indices = args.only if args.only is not None else range(len(matrix))
+            bad = [i for i in indices if not 0 <= i < len(matrix)]
             if bad:
-                raise ValueError(f"--only {bad} is out of range: the matrix has entries 0..{len(MATRIX) - 1} (--list)")
+                raise ValueError(f"--only {bad} is out of range: the matrix has entries 0..{len(matrix) - 1} (--list)")
+            if args.only is None:  # a whole run replaces the folder's results (an array task adds its own)
+                for stale in args.out.glob("[0-9][0-9]_*.json"):
+                    stale.unlink()
             started = datetime.datetime.now()
-            run(indices, args.out, settings)
+            run(matrix, indices, args.out, settings)
             with open(args.out / "commands.txt", "a") as log:  # what ran, when, where and for how long
                 log.write(f"{started:%Y-%m-%d %H:%M} on {platform.node()} ({torch.get_num_threads()} threads), "
                           f"{(datetime.datetime.now() - started).total_seconds():.0f} s: python scripts/run_matrix.py "

@@ -434,3 +434,24 @@ def test_cli_options_and_capacity():
     assert (cache.bits, cache.group_size, cache.k_granularity, cache.flush_size) == (2, 16, "token", 1)
     assert kv_cache.STRATEGIES["compress_kv"].capacity({}, 128) is None
     assert kv_cache.STRATEGIES["quantize_kv"].capacity({}, 128) == 128
+
+
+LLAMA3_8B_LAYER = dict(vocab_size=512, dim=4096, n_layer=1, n_head=32, n_kv_head=8, intermediate_size=14336,
+                       rope_base=500000.0, max_position_embeddings=8192)
+
+
+def test_every_strategy_runs_at_llama3_8b_shape():
+    """One layer of the real Llama-3-8B shape (GQA 4:1, head_dim 128), random float32 weights, batch 2: every
+    strategy prefills, decodes past several flushes, and stays close to full (int8 tightest, compress_kv differs)."""
+    model = tiny_model(dtype=torch.float32, **LLAMA3_8B_LAYER)
+    tokens = random_tokens(2, 112, vocab=512)
+    schedule = [64] + [1] * 48
+    with torch.no_grad():
+        full = run(model, "full", {}, tokens, schedule)[:, 64:]
+        errors = {}
+        for strategy, options in [("compress_kv", {}), *[("quantize_kv", o) for o in BIT_OPTIONS]]:
+            out = run(model, strategy, options, tokens, schedule)[:, 64:]
+            assert out.shape == full.shape and out.isfinite().all(), (strategy, options)
+            errors[(strategy, options.get("bits"))] = ((out - full).norm() / full.norm()).item()
+    assert errors[("quantize_kv", "8")] < 1e-2, errors
+    assert errors[("quantize_kv", "8")] < errors[("quantize_kv", "4")] < errors[("quantize_kv", "2")], errors

@@ -2,9 +2,9 @@
 # before calling submit.sh; sbatch passes the environment on).
 MODULES="${MODULES-anaconda3}"              # `module load $MODULES`; empty: no modules
 CONDA_ENV="${CONDA_ENV-kv-cache}"           # `conda activate $CONDA_ENV`; empty: use ./.venv from scripts/setup.sh
-# evaluate.py options for the GPU matrix (they override run_matrix.py's CPU defaults): the model's full context,
-# a stream past it, more prompts and the retrieval lengths up to 8k.
-EVAL_ARGS="${EVAL_ARGS---max_position 0 --max_tokens 4096 --stream_tokens 12288 --rouge_prompts 16 --prompt_tokens 1024 --new_tokens 128 --retrieval_tasks passkey,qa --retrieval_lengths 1024,2048,4096,8000 --retrieval_depths 0.1,0.3,0.5,0.7,0.9 --retrieval_samples 4}"
+# run_matrix.py / evaluate.py options for the GPU matrix (they override the CPU defaults): sink/window 16/32 and
+# 64/256, the model's whole context, a stream past it, more prompts, retrieval up to 8k tokens.
+EVAL_ARGS="${EVAL_ARGS---windows 16/32,64/256 --max_position 0 --max_tokens 4096 --stream_tokens 12288 --rouge_prompts 16 --prompt_tokens 1024 --new_tokens 128 --retrieval_tasks passkey,qa --retrieval_lengths 1024,2048,4096,8192 --retrieval_depths 0.1,0.3,0.5,0.7,0.9 --retrieval_samples 4}"
 
 if [ -n "$MODULES" ]; then
   module load $MODULES
