@@ -19,6 +19,7 @@ which sizes the caches of fixed capacity (full, quantize_kv) as if the model's c
 import argparse
 import datetime
 import json
+import math
 import platform
 import sys
 from pathlib import Path
@@ -93,6 +94,9 @@ def fmt(value, spec, default="–"):
 def render_table(results: list[dict]) -> str:
     full = next((r for r in results if r["strategy"] == "full"), None)
     first = results[0]
+    # The run's contexts are short; the memory a cache saves shows at the model's whole context (the memory curve's end).
+    long_tokens = max(n for n, _ in first["kv_bytes_by_tokens"])
+    full_long = full and dict(full["kv_bytes_by_tokens"]).get(long_tokens)
     lines = [
         f"Device {first['device']}, {first['dtype']}; checkpoint {first['checkpoint']}; corpus {first['data']}.",
         f"Perplexity over {first['tokens']} tokens streamed {first['chunk_size']} at a time; ROUGE-L over "
@@ -100,17 +104,21 @@ def render_table(results: list[dict]) -> str:
         f"{len(first.get('retrieval_samples', []))} prompts (lengths {sorted({s['length'] for s in first.get('retrieval_samples', [])})}); "
         f"prompts fed {first['prefill_chunk']} tokens at a time; KV bytes for {first['kv_tokens']} tokens.",
         "",
-        "| Strategy | Perplexity | vs full | ROUGE-L | ROUGE-L vs full | Retrieval | Tokens/s | KV MiB | × full |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| Strategy | Perplexity | vs full | ROUGE-L | ROUGE-L vs full | Retrieval | Tokens/s | KV MiB | × full "
+        f"| KV MiB at {long_tokens} | × full |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        long_bytes = dict(r["kv_bytes_by_tokens"]).get(long_tokens)
+        long_ratio = long_bytes / full_long if long_bytes and full_long else None
         change = "–"
         if full and r["perplexity"] is not None and full["perplexity"] is not None:
             delta = r["perplexity"] - full["perplexity"]
             change = f"{delta:+.2f} ({100 * delta / full['perplexity']:+.1f}%)"
         lines.append(f"| {label(r)} | {fmt(r['perplexity'], '.2f')} | {change} | {fmt(r['rouge_l'], '.4f')} | "
                      f"{fmt(r['rouge_l_vs_full'], '.4f')} | {fmt(r['retrieval_accuracy'], '.2f')} | "
-                     f"{fmt(r['tokens_per_s'], '.2f')} | {r['kv_bytes'] / 2**20:.2f} | {r['kv_ratio']:.3f} |")
+                     f"{fmt(r['tokens_per_s'], '.2f')} | {r['kv_bytes'] / 2**20:.2f} | {r['kv_ratio']:.3f} | "
+                     f"{fmt(long_bytes and long_bytes / 2**20, '.1f')} | {fmt(long_ratio, '.3f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -120,57 +128,62 @@ def render_plots(results: list[dict], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    styles = {"full": "-", "compress_kv": "--", "quantize_kv": "-"}
+    # Colour: the strategy and its bits; line: the sink/window pair (solid for the first, dashed for the next...).
+    colours, pairs = {}, {}
 
-    def save(fig, name):
+    def style(r):
+        if r["strategy"] == "full":
+            return {"color": "black", "linestyle": "-", "label": label(r)}
+        colour = colours.setdefault((r["strategy"], r["options"].get("bits")), f"C{len(colours)}")
+        pair = pairs.setdefault((r["options"].get("sink_size"), r["options"].get("window_size")), len(pairs))
+        return {"color": colour, "linestyle": ["-", "--", ":", "-."][pair % 4], "label": label(r)}
+
+    def save(fig, ax, name):
+        # Outside the axes: strategies that tie draw on top of each other, and the legend must not hide the data.
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
         fig.tight_layout()
         fig.savefig(out_dir / name, dpi=120)
         plt.close(fig)
         written.append(out_dir / name)
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     for r in results:
         tokens, nbytes = zip(*r["kv_bytes_by_tokens"])
-        ax.plot(tokens, [b / 2**20 for b in nbytes], styles.get(r["strategy"], ":"), marker=".", label=label(r))
+        ax.plot(tokens, [b / 2**20 for b in nbytes], marker=".", **style(r))
     ax.set(xscale="log", yscale="log", xlabel="tokens in the sequence (prompt + generated)", ylabel="KV cache MiB allocated",
            title=f"KV cache memory ({results[0]['dtype']}, all layers, one sequence)")
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    save(fig, "kv_memory.png")
+    save(fig, ax, "kv_memory.png")
 
     streams = [r for r in results if r.get("nll_by_position")]
     if streams:
-        fig, ax = plt.subplots(figsize=(8, 5))
+        fig, ax = plt.subplots(figsize=(10, 5))
         for r in streams:
             curve = r["nll_by_position"]
             x = [min((i + 0.5) * curve["bin"], curve["tokens"]) for i in range(len(curve["mean_nll"]))]
-            ax.plot(x, [2.718281828459045 ** n for n in curve["mean_nll"]], styles.get(r["strategy"], ":"),
-                    marker=".", label=label(r))
+            ax.plot(x, [math.exp(n) for n in curve["mean_nll"]], marker=".", **style(r))
         max_position = streams[0]["max_position"]
         ax.axvline(max_position, color="grey", linestyle=":", label=f"capacity of full/quantize_kv ({max_position})")
         ax.set(yscale="log", xlabel="position in the stream", ylabel=f"perplexity (mean over {curve['bin']} tokens)",
                title="Perplexity along a stream, fed one chunk at a time through the cache")
-        ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-        save(fig, "perplexity_vs_position.png")
+        save(fig, ax, "perplexity_vs_position.png")
 
     scored = [r for r in results if r.get("retrieval_samples")]
     if scored:
-        fig, ax = plt.subplots(figsize=(8, 5))
+        fig, ax = plt.subplots(figsize=(10, 5))
         for r in scored:
             by_length = {}
             for s in r["retrieval_samples"]:
                 by_length.setdefault(s["length"], []).append(s["correct"])
             lengths = sorted(by_length)
-            ax.plot(lengths, [sum(by_length[n]) / len(by_length[n]) for n in lengths], styles.get(r["strategy"], ":"),
-                    marker="o", label=label(r))
+            ax.plot(lengths, [sum(by_length[n]) / len(by_length[n]) for n in lengths], marker="o", **style(r))
         tasks = sorted({s["task"] for s in scored[0]["retrieval_samples"]})
         ax.set(xlabel="context length (tokens)", ylabel="accuracy", ylim=(-0.05, 1.05),
                title=f"Retrieval accuracy ({', '.join(tasks)}; mean over depths)")
-        ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-        save(fig, "retrieval_vs_length.png")
+        save(fig, ax, "retrieval_vs_length.png")
     return written
 
 

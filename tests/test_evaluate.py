@@ -129,6 +129,9 @@ def test_evaluate_and_render_end_to_end(model_and_tokenizer, tmp_path, monkeypat
     assert f"| {full['perplexity']:.2f} |" in full_row and "| 1.000 |" in full_row
     compress_row = next(row for row in rows if row.startswith("| compress_kv"))
     assert f"| {compress['kv_ratio']:.3f} |" in compress_row
+    # The model's whole context: compress_kv's 12 slots against full's (sizes from each run's own memory curve).
+    long_tokens, compress_long = compress["kv_bytes_by_tokens"][-1]
+    assert f"| {compress_long / dict(full['kv_bytes_by_tokens'])[long_tokens]:.3f} |" in compress_row
     for name in ("kv_memory.png", "perplexity_vs_position.png", "retrieval_vs_length.png"):
         assert (tmp_path / "matrix" / name).stat().st_size > 10_000
 
