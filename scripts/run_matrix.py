@@ -146,43 +146,51 @@ def render_plots(results: list[dict], out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(out_dir / name)
 
-    fig, ax = plt.subplots(figsize=(10, 5))
-    for r in results:
+    def figure(rows, xy, marker, **axes):
+        """One curve (xy(r) -> x, y) per result row on fresh axes."""
+        fig, ax = plt.subplots(figsize=(10, 5))
+        for r in rows:
+            ax.plot(*xy(r), marker=marker, **style(r))
+        ax.set(**axes)
+        ax.grid(alpha=0.3)
+        return fig, ax
+
+    def memory_mib(r):
         tokens, nbytes = zip(*r["kv_bytes_by_tokens"])
-        ax.plot(tokens, [b / 2**20 for b in nbytes], marker=".", **style(r))
-    ax.set(xscale="log", yscale="log", xlabel="tokens in the sequence (prompt + generated)", ylabel="KV cache MiB allocated",
-           title=f"KV cache memory ({results[0]['dtype']}, all layers, one sequence)")
+        return tokens, [b / 2**20 for b in nbytes]
+
+    fig, ax = figure(results, memory_mib, ".", xscale="log", yscale="log",
+                     xlabel="tokens in the sequence (prompt + generated)", ylabel="KV cache MiB allocated",
+                     title=f"KV cache memory ({results[0]['dtype']}, all layers, one sequence)")
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.grid(alpha=0.3)
     save(fig, ax, "kv_memory.png")
+
+    def perplexity_by_position(r):
+        curve = r["nll_by_position"]
+        x = [min((i + 0.5) * curve["bin"], curve["tokens"]) for i in range(len(curve["mean_nll"]))]
+        return x, [math.exp(n) for n in curve["mean_nll"]]
 
     streams = [r for r in results if r.get("nll_by_position")]
     if streams:
-        fig, ax = plt.subplots(figsize=(10, 5))
-        for r in streams:
-            curve = r["nll_by_position"]
-            x = [min((i + 0.5) * curve["bin"], curve["tokens"]) for i in range(len(curve["mean_nll"]))]
-            ax.plot(x, [math.exp(n) for n in curve["mean_nll"]], marker=".", **style(r))
+        fig, ax = figure(streams, perplexity_by_position, ".", yscale="log", xlabel="position in the stream",
+                         ylabel=f"perplexity (mean over {streams[0]['nll_by_position']['bin']} tokens)",
+                         title="Perplexity along a stream, fed one chunk at a time through the cache")
         max_position = streams[0]["max_position"]
         ax.axvline(max_position, color="grey", linestyle=":", label=f"capacity of full/quantize_kv ({max_position})")
-        ax.set(yscale="log", xlabel="position in the stream", ylabel=f"perplexity (mean over {curve['bin']} tokens)",
-               title="Perplexity along a stream, fed one chunk at a time through the cache")
-        ax.grid(alpha=0.3)
         save(fig, ax, "perplexity_vs_position.png")
+
+    def accuracy_by_length(r):
+        by_length = {}
+        for sample in r["retrieval_samples"]:
+            by_length.setdefault(sample["length"], []).append(sample["correct"])
+        lengths = sorted(by_length)
+        return lengths, [sum(by_length[n]) / len(by_length[n]) for n in lengths]
 
     scored = [r for r in results if r.get("retrieval_samples")]
     if scored:
-        fig, ax = plt.subplots(figsize=(10, 5))
-        for r in scored:
-            by_length = {}
-            for s in r["retrieval_samples"]:
-                by_length.setdefault(s["length"], []).append(s["correct"])
-            lengths = sorted(by_length)
-            ax.plot(lengths, [sum(by_length[n]) / len(by_length[n]) for n in lengths], marker="o", **style(r))
-        tasks = sorted({s["task"] for s in scored[0]["retrieval_samples"]})
-        ax.set(xlabel="context length (tokens)", ylabel="accuracy", ylim=(-0.05, 1.05),
-               title=f"Retrieval accuracy ({', '.join(tasks)}; mean over depths)")
-        ax.grid(alpha=0.3)
+        tasks = sorted({sample["task"] for sample in scored[0]["retrieval_samples"]})
+        fig, ax = figure(scored, accuracy_by_length, "o", xlabel="context length (tokens)", ylabel="accuracy",
+                         ylim=(-0.05, 1.05), title=f"Retrieval accuracy ({', '.join(tasks)}; mean over depths)")
         save(fig, ax, "retrieval_vs_length.png")
     return written
 
