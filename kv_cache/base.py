@@ -55,6 +55,14 @@ class KVCache(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, rope_cos: Tensor, rope_sin: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def use_attn_impl(self, options: dict, device):
+        """Resolve --attn_impl for this device (self.attn_impl); the fused decode kernel is imported only when asked
+        for, so the torch path never needs triton."""
+        self.attn_impl = attn_impl_for(options, device)
+        if self.attn_impl == "triton":
+            from kernels.decode_attention import decode_attention
+            self.decode_attention = decode_attention
+
     def nbytes(self) -> int:
         """Bytes really allocated for this layer's cache: every buffer it holds (scales and zero-points too)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())

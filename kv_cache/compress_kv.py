@@ -75,10 +75,7 @@ class CompressKVCache(KVCache):
         self.check_options(options, max_seq_length, head_dim)
         self.sink_size, self.window_size = sink_window(options)
         self.rope_positions = options.get("rope_positions", "cache")
-        self.attn_impl = attn_impl_for(options, device)
-        if self.attn_impl == "triton":  # triton is imported only when asked for
-            from kernels.decode_attention import decode_attention
-            self.decode_attention = decode_attention
+        self.use_attn_impl(options, device)
         shape = (batch_size, n_kv_head, self.sink_size + self.window_size, head_dim)
         self.register_buffer("hi_k", torch.zeros(shape, dtype=dtype, device=device))
         self.register_buffer("hi_v", torch.zeros(shape, dtype=dtype, device=device))

@@ -24,10 +24,7 @@ class FullCache(KVCache):
         shape = (batch_size, n_kv_head, max_seq_length, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device))
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device))
-        self.attn_impl = attn_impl_for(options, device)
-        if self.attn_impl == "triton":
-            from kernels.decode_attention import decode_attention  # triton is imported only when asked for
-            self.decode_attention = decode_attention
+        self.use_attn_impl(options, device)
 
     def forward(self, q, k, v, input_pos: Tensor, rope_cos, rope_sin):
         cos, sin = rope_cos[input_pos], rope_sin[input_pos]

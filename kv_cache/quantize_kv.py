@@ -130,11 +130,9 @@ class QuantizeKVCache(KVCache):
         cfg = quant_config(options, head_dim)
         self.sink_size, self.window_size, self.flush_size = cfg["sink_size"], cfg["window_size"], cfg["flush_size"]
         self.bits, self.group_size, self.k_granularity = cfg["bits"], cfg["group_size"], cfg["k_granularity"]
-        self.attn_impl = attn_impl_for(options, device)
-        if self.attn_impl == "triton":  # triton is imported only when asked for
-            from kernels.decode_attention import decode_attention
+        self.use_attn_impl(options, device)
+        if self.attn_impl == "triton":
             from kernels.quantize_append import quantize_into, triton_quantize_supported
-            self.decode_attention = decode_attention
             # The decode flush quantizes in Triton too where its power-of-two tiles fit the layout.
             self.quantize_into = quantize_into if triton_quantize_supported(head_dim, self.group_size) else None
         self.ring_size = self.window_size + self.flush_size
