@@ -1,0 +1,75 @@
+"""scripts/gpu_suite.py --tiny: the GPU suite's own code paths on the CPU (Triton interpreter, tiny shapes), so the
+one GPU run a lease allows cannot fail on a typo. Runs the real script in a subprocess, as the GPU machine will."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+SECTIONS = ["kernels", "model", "headline", "short", "long", "kernel", "budget", "peer", "compiled", "curve"]
+
+
+@pytest.fixture(scope="module")
+def suite_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("suite")
+    proc = subprocess.run([sys.executable, "scripts/gpu_suite.py", str(out), "--tiny"], cwd=REPO_DIR,
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, TRITON_INTERPRET="1"))
+    return out, proc
+
+
+def test_tiny_suite_runs_every_section(suite_run):
+    out, proc = suite_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gpu_suite.json").read_text())
+    assert report["finished"] and report["mode"] == "tiny" and report["bandwidth"] > 0
+    assert "command" in report and "torch" in report and "triton" in report and "device" in report
+    rows = report["rows"]
+    assert [s for s in SECTIONS if any(r["section"] == s for r in rows)] == SECTIONS
+    broken = [r for r in rows if r.get("result", "").startswith("FAIL") or r["note"].startswith(("error", "skipped"))]
+    assert not broken, broken
+    # the printed row and the recorded one agree; the markdown holds every section and the targets
+    assert proc.stdout.count("[model]") == sum(r["section"] == "model" for r in rows)
+    table = (out / "gpu_suite.md").read_text()
+    assert "## targets" in table and "| headline | full | 80 | 1 |" in table
+
+
+def test_tiny_suite_rows_are_consistent(suite_run):
+    out, _ = suite_run
+    report = json.loads((out / "gpu_suite.json").read_text())
+    rows = report["rows"]
+    for r in (r for r in rows if "tokens_per_s" in r and r["name"] != "hf-eager"):
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] / r["step_s"])
+        assert r["roofline_s"] == pytest.approx((r["weight_bytes"] + r["kv_bytes"]) / report["bandwidth"])
+    model_rows = [r for r in rows if r["section"] == "model"]
+    # every strategy and bit width, at head_dim 64 and 128, fused vs torch path within the stated bf16 tolerance
+    assert len(model_rows) == 12 and all(r["err"] <= r["tol"] for r in model_rows)
+    full_torch = next(r for r in rows if r["section"] == "long" and r["name"] == "full@torch")
+    assert full_torch["attn_impl"] == "torch"
+    budget = {r["name"]: r for r in rows if r["section"] == "budget"}
+    # the budget rows' batches come from the caches' byte counts: smaller KV per token, more sequences
+    assert budget["full"]["batch"] < budget["quantize_kv-int4"]["batch"] < budget["quantize_kv-int2"]["batch"]
+    assert all(r["kv_bytes"] + report["weight_bytes"] <= r["budget_gb"] * 1e9 for r in budget.values())
+    peer = [r for r in rows if r["section"] == "peer" and r["name"] == "full"]
+    assert len(peer) == 2 and all(r["vs_peer"] > 0 for r in peer)
+    kinds = {t["case"] for t in report["targets"]}
+    assert "full b1" in kinds and "int4 / full" in kinds
+
+
+def test_plot_from_the_json(suite_run):
+    out, _ = suite_run
+    proc = subprocess.run([sys.executable, "scripts/gpu_suite.py", str(out), "--plot"], cwd=REPO_DIR,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "roofline.png").stat().st_size > 10_000
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_without_a_gpu_it_says_to_rehearse(tmp_path):
+    proc = subprocess.run([sys.executable, "scripts/gpu_suite.py", str(tmp_path / "x")], cwd=REPO_DIR,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0 and "--tiny" in proc.stderr
+    assert not (tmp_path / "x").exists()
