@@ -103,14 +103,14 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_head * args.head_dim, args.dim, bias=False)
         self.kv_cache = None
 
-    def forward(self, x: Tensor, input_pos: Tensor, rope_cos: Tensor, rope_sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, input_pos: Tensor, rope_cos: Tensor, rope_sin: Tensor, rows=None) -> Tensor:
         B, T, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        y = self.kv_cache(q, k, v, input_pos, rope_cos, rope_sin)  # (B, n_head, T, head_dim)
+        y = self.kv_cache(q, k, v, input_pos, rope_cos, rope_sin, rows)  # (B, n_head, T, head_dim)
         return self.wo(y.transpose(1, 2).reshape(B, T, q_size))
 
 
@@ -133,8 +133,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x: Tensor, input_pos: Tensor, rope_cos: Tensor, rope_sin: Tensor) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), input_pos, rope_cos, rope_sin)
+    def forward(self, x: Tensor, input_pos: Tensor, rope_cos: Tensor, rope_sin: Tensor, rows=None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), input_pos, rope_cos, rope_sin, rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -157,13 +157,28 @@ class Transformer(nn.Module):
         self.rope_cos, self.rope_sin = rope_tables(self.args, rope_length, device)
 
     def caches(self) -> list:
+        if self.rope_cos is None:
+            raise RuntimeError("the caches are not set up: call setup_caches first")
         return [layer.attention.kv_cache for layer in self.layers]
 
-    def forward(self, idx: Tensor, input_pos: Tensor) -> Tensor:
-        """idx (B, T) token ids at positions input_pos (T,), consecutive after what the caches hold."""
+    def reset_caches(self, rows: Optional[Tensor] = None):
+        """Forget what the caches hold for sequences `rows` (every sequence when None)."""
+        for cache in self.caches():
+            cache.reset(rows)
+
+    def finish_sequences(self, rows: Tensor):
+        """Sequences `rows` have ended; the caches may skip their attention work until they are reset."""
+        for cache in self.caches():
+            cache.finish(rows)
+
+    def forward(self, idx: Tensor, input_pos: Tensor, rows: Optional[Tensor] = None) -> Tensor:
+        """idx (B, T) token ids at positions input_pos: (T,) shared by the rows, or (B, T) one row per sequence,
+        consecutive after what the caches hold. rows (B,): the caches' sequences idx feeds (None: the first B)."""
+        if self.rope_cos is None:
+            raise RuntimeError("the caches are not set up: call setup_caches first")
         x = self.tok_embeddings(idx)
         for layer in self.layers:
-            x = layer(x, input_pos, self.rope_cos, self.rope_sin)
+            x = layer(x, input_pos, self.rope_cos, self.rope_sin, rows)
         x = self.norm(x)
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
         return F.linear(x, weight)

@@ -8,10 +8,14 @@ tensors and each split sizes its share from them at run time, so the grid depend
 no host sync). Grid (B * n_kv_head, mid splits + hi splits), about two programs per SM; tiles of BLOCK_N = 64 tokens
 (32 past head_dim 128) by the padded head_dim, the query group padded to 16 rows for tl.dot (tf32 on float32
 operands: 16-bit keys and values are exact in it); 16-byte loads of contiguous rows, pipelined (num_stages 2).
-Layouts follow notes/cache_spec.md:
+Every sequence of the batch has its own lengths and ring state, read with a batch stride (0 when the batch shares
+one): a finished sequence (hi_last -1, n_mid 0) runs empty loops, loads no tile and gets output 0.
+Layouts follow kv_cache/stores.py:
 
-  hi_k, hi_v   (B, H, NH, D) model dtype; slot i is attended when i <= hi_last (when given) and, with hi_pos
-               given, hi_pos[i] >= 0 and (hi_pos[i] < sink_size or hi_pos[i] >= sink_size + n_mid).
+  hi_k, hi_v   (B, H, NH, D) model dtype; slot i of sequence b is attended when i <= hi_last[b] (when given) and,
+               with hi_pos given, p = hi_pos[b, i] (hi_pos[i] when shared) has p >= 0 and (p < sink_size or
+               p >= sink_size + n_mid[b]).
+  hi_pos       (NH,) int64 shared by the batch, or (B, NH) one row per sequence; -1 marks an empty slot.
   mid payload  (B, H, M, D // per_byte): int8, float8_e4m3fn, or uint8 packing 2 (4-bit) / 4 (2-bit) values a
                byte, element i in byte i // per_byte at bits (i % per_byte) * bits.
   mid scales   (B, H, M // F, D // G) float16 (zeros likewise, asymmetric only): token t, channel d use
@@ -106,7 +110,7 @@ def _decode_split_kernel(
     stride_qb, stride_qh,
     stride_hkb, stride_hkh, stride_hkn,
     stride_hvb, stride_hvh, stride_hvn,
-    stride_last, stride_nmid,
+    stride_last, stride_nmid, stride_posb,
     stride_kqb, stride_kqh, stride_kqn,
     stride_ksb, stride_ksh, stride_ksn,
     stride_vqb, stride_vqh, stride_vqn,
@@ -173,10 +177,11 @@ def _decode_split_kernel(
             m_i, l_i, acc = _softmax_step(q, k, v, k_col_scale, v_row_scale, keep, m_i, l_i, acc, qk_scale,
                                           DOT_PRECISION)
     else:
-        # Hi store: slots [0, hi_len), shared evenly among the SPLITS_HI splits.
+        # Hi store: slots [0, hi_len), shared evenly among the SPLITS_HI splits. hi_last -1 (a finished sequence)
+        # gives hi_len 0: chunk 0, so every split's loop is empty.
         hi_len = n_hi
         if HAS_HI_LAST:
-            hi_len = tl.minimum(tl.load(hi_last_ptr + b * stride_last).to(tl.int32) + 1, n_hi)
+            hi_len = tl.maximum(tl.minimum(tl.load(hi_last_ptr + b * stride_last).to(tl.int32) + 1, n_hi), 0)
         hi_split = split - SPLITS_MID
         chunk = tl.cdiv(tl.cdiv(hi_len, SPLITS_HI), BLOCK_N) * BLOCK_N
         start = hi_split * chunk
@@ -187,7 +192,7 @@ def _decode_split_kernel(
             offs_n = n0 + tl.arange(0, BLOCK_N)
             keep = offs_n < end
             if HAS_HI_POS:
-                pos = tl.load(hi_pos_ptr + offs_n, mask=keep, other=-1)
+                pos = tl.load(hi_pos_ptr + b * stride_posb + offs_n, mask=keep, other=-1)
                 keep = keep & (pos >= 0) & ((pos < sink_size) | (pos >= sink_size + n_mid))
             mask_nd = keep[:, None] & (offs_d[None, :] < D)
             k = tl.load(hk_base + offs_n[:, None] * stride_hkn + offs_d[None, :], mask=mask_nd, other=0)
@@ -229,12 +234,22 @@ def _decode_merge_kernel(o_part_ptr, lse_part_ptr, out_ptr, stride_ob, stride_oh
              mask=offs_d < D)
 
 
-def _per_batch(t: Tensor, B: int) -> tuple[Tensor, int]:
-    """A length tensor of shape (), (1,) or (B,) and the stride that reads sequence b's entry."""
+def per_batch(t: Tensor, B: int) -> tuple[Tensor, int]:
+    """A length tensor of shape (), (1,) or (B,) and the stride that reads sequence b's entry (0 when shared)."""
     t = t.reshape(-1)
     if t.numel() not in (1, B):
         raise ValueError(f"length tensor has {t.numel()} entries; pass one, or one per sequence ({B})")
     return t, (0 if t.numel() == 1 else t.stride(0))
+
+
+def per_batch_rows(t: Tensor, B: int, name: str) -> tuple[Tensor, int]:
+    """A row tensor of shape (N,) or (1, N) shared by the batch, or (B, N) one row per sequence, and the stride
+    that reads sequence b's row (0 when shared). The kernels index a row with unit steps."""
+    if t.dim() not in (1, 2) or (t.dim() == 2 and t.shape[0] not in (1, B)):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; pass (N,) shared by the batch or ({B}, N)")
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
+        raise ValueError(f"{name} needs its last dim contiguous")
+    return t, (0 if t.dim() == 1 or t.shape[0] == 1 else t.stride(0))
 
 
 def mid_format(payload: Tensor, scale: Tensor, D: int) -> tuple[int, int, int]:
@@ -275,8 +290,9 @@ def decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Tensor = No
     """Attention of q (B, n_head, 1, D) (already rotated) over the hi store and the first n_mid mid tokens.
 
     hi_last, n_mid: device tensors of shape (), (1,) or (B,); hi_last (the last hi slot to read, e.g. input_pos for
-    the full cache) may be None: every slot. hi_pos (NH,) int64 or None: then every slot up to hi_last counts.
-    The mid arguments are left None when there is no mid store.
+    the full cache) may be None: every slot. hi_pos int64 (NH,) shared by the batch, (B, NH) per sequence, or None:
+    then every slot up to hi_last counts. A sequence with hi_last -1 and n_mid 0 (finished) reads nothing and
+    gets output 0. The mid arguments are left None when there is no mid store.
     splits=(mid, hi) overrides the number of splits; returns (B, n_head, 1, D) in q's dtype.
     Under torch.compile this is the opaque op torch.ops.kvcache.decode_attention; eager calls launch directly,
     without the op dispatcher's per-call overhead."""
@@ -305,14 +321,18 @@ def _decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[T
         k_pb, k_f, k_g = mid_format(k_q, k_scale, D)
         v_pb, v_f, v_g = mid_format(v_q, v_scale, D)
         M = k_q.shape[2]
-        n_mid, stride_nmid = _per_batch(n_mid, B)
+        n_mid, stride_nmid = per_batch(n_mid, B)
     else:
         k_pb = k_f = k_g = v_pb = v_f = v_g = 1
         M, stride_nmid = 0, 0
         k_q = k_scale = v_q = v_scale = n_mid = hi_k  # never read
-    stride_last = 0
+    stride_last = stride_posb = 0
     if hi_last is not None:
-        hi_last, stride_last = _per_batch(hi_last, B)
+        hi_last, stride_last = per_batch(hi_last, B)
+    if hi_pos is not None:
+        if hi_pos.shape[-1] != NH:
+            raise ValueError(f"hi_pos has {hi_pos.shape[-1]} slots, the hi store {NH}")
+        hi_pos, stride_posb = per_batch_rows(hi_pos, B, "hi_pos")
 
     BLOCK_D = max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16
     BLOCK_G = max(16, triton.next_power_of_2(group))  # tl.dot needs at least 16 rows
@@ -337,7 +357,7 @@ def _decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[T
         q.stride(0), q.stride(1),
         hi_k.stride(0), hi_k.stride(1), hi_k.stride(2),
         hi_v.stride(0), hi_v.stride(1), hi_v.stride(2),
-        stride_last, stride_nmid,
+        stride_last, stride_nmid, stride_posb,
         k_q.stride(0), k_q.stride(1), k_q.stride(2),
         k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
         v_q.stride(0), v_q.stride(1), v_q.stride(2),
@@ -389,11 +409,14 @@ def dequantize_ref(payload: Tensor, scale: Tensor, zero: Tensor, D: int) -> Tens
 
 def decode_attention_ref(q, hi_k, hi_v, hi_last=None, hi_pos=None, sink_size=0, n_mid=None, k_q=None, k_scale=None,
                          k_zero=None, v_q=None, v_scale=None, v_zero=None) -> Tensor:
-    """decode_attention in float64 PyTorch, one sequence at a time; returns (B, n_head, 1, D) in float64."""
+    """decode_attention in float64 PyTorch, one sequence at a time; returns (B, n_head, 1, D) in float64. A sequence
+    that attends to nothing (finished: hi_last -1, n_mid 0) gets output 0, as in the kernel."""
     B, HQ, _, D = q.shape
     H = hi_k.shape[1]
     NH = hi_k.shape[2]
     hi_last = torch.full((B,), NH - 1, device=q.device) if hi_last is None else hi_last.reshape(-1).expand(B)
+    if hi_pos is not None:
+        hi_pos = hi_pos.reshape(-1, NH).expand(B, NH)  # a row shared by the batch, or one per sequence
     if k_q is not None:
         n_mid = n_mid.reshape(-1).expand(B)
         mid_k = dequantize_ref(k_q, k_scale, k_zero, D)
@@ -403,11 +426,14 @@ def decode_attention_ref(q, hi_k, hi_v, hi_last=None, hi_pos=None, sink_size=0, 
         keep = torch.arange(NH, device=q.device) <= hi_last[b]
         nm = int(n_mid[b]) if k_q is not None else 0
         if hi_pos is not None:
-            keep &= (hi_pos >= 0) & ((hi_pos < sink_size) | (hi_pos >= sink_size + nm))
+            keep &= (hi_pos[b] >= 0) & ((hi_pos[b] < sink_size) | (hi_pos[b] >= sink_size + nm))
         k, v = hi_k[b][:, keep].double(), hi_v[b][:, keep].double()
         if k_q is not None:
             k = torch.cat([mid_k[b, :, :nm], k], dim=1)
             v = torch.cat([mid_v[b, :, :nm], v], dim=1)
+        if k.shape[1] == 0:  # no token to attend to: output 0 by definition (a softmax over nothing is undefined)
+            outs.append(torch.zeros(HQ, 1, D, dtype=torch.float64, device=q.device))
+            continue
         k, v = k.repeat_interleave(HQ // H, dim=0), v.repeat_interleave(HQ // H, dim=0)
         scores = q[b].double() @ k.transpose(-1, -2) / math.sqrt(D)
         outs.append(scores.softmax(-1) @ v)

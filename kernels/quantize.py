@@ -1,4 +1,4 @@
-"""Reference (PyTorch) quantization of keys and values for quantize_kv, in the layouts of notes/cache_spec.md.
+"""Reference (PyTorch) quantization of keys and values for quantize_kv, in the mid-store layout of kv_cache/stores.py.
 
 Everything is computed in float32; scales and zero-points are stored as float16 (as KIVI does). The float16 metadata
 is rounded *outward* (scales up, zero-points down) before the payload is computed from it, so every value stays
@@ -14,6 +14,8 @@ Shapes: x (B, H, N, D) with H = KV heads, N = tokens, D = head_dim.
 """
 import torch
 from torch import Tensor
+
+from kernels.formats import get_format
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 INT8_MAX = 127
@@ -65,7 +67,8 @@ def quantize_int8(x: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
-def dequantize_int8(q: Tensor, scale: Tensor, dtype) -> Tensor:
+def dequantize_scaled(q: Tensor, scale: Tensor, dtype) -> Tensor:
+    """The symmetric formats (int8 and fp8): x = q * scale."""
     return (q.float() * scale.float()).to(dtype)
 
 
@@ -76,10 +79,6 @@ def quantize_fp8(x: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
     scale = _half_up(x.abs().amax(dim, keepdim=True) / FP8_MAX)
     q = (x * _reciprocal(scale)).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, scale
-
-
-def dequantize_fp8(q: Tensor, scale: Tensor, dtype) -> Tensor:
-    return (q.float() * scale.float()).to(dtype)
 
 
 def quantize_asym(x: Tensor, bits: int, dim: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -99,54 +98,47 @@ def dequantize_asym(q: Tensor, scale: Tensor, zero: Tensor, dtype) -> Tensor:
 
 # ---------------------------------------------------------------- key/value blocks in the cache layout
 
-def _channel_group(bits, D: int, group_size: int) -> int:
-    """Channels sharing one scale in a per-token layout: the whole head for 8-bit/fp8, group_size for 4/2-bit."""
-    return D if bits in (8, "fp8") else group_size
-
-
 def quantize_block(x: Tensor, bits, axis: str, group_size: int) -> tuple[Tensor, Tensor, Tensor | None]:
-    """x (B, H, N, D) -> (payload, scale, zero or None) in the mid-store layout of `axis` ("token" or "channel")."""
+    """x (B, H, N, D) -> (payload, scale, zero or None) in the mid-store layout of `axis` ("token" or "channel");
+    bits: a kernels/formats.py format or its --bits name."""
+    fmt = get_format(bits)
     B, H, N, D = x.shape
     if axis == "channel":
         groups = x.reshape(B, H, N // group_size, group_size, D)
         reduce_dim = -2
     else:
-        g = _channel_group(bits, D, group_size)
+        g = fmt.channel_group(D, group_size)
         groups = x.reshape(B, H, N, D // g, g)
         reduce_dim = -1
     zero = None
-    if bits == 8:
-        q, scale = quantize_int8(groups, reduce_dim)
-    elif bits == "fp8":
+    if fmt.asymmetric:
+        q, scale, zero = quantize_asym(groups, fmt.bits, reduce_dim)
+        zero = zero.squeeze(reduce_dim)
+    elif fmt.payload_dtype == torch.float8_e4m3fn:
         q, scale = quantize_fp8(groups, reduce_dim)
     else:
-        q, scale, zero = quantize_asym(groups, bits, reduce_dim)
-        zero = zero.squeeze(reduce_dim)
+        q, scale = quantize_int8(groups, reduce_dim)
     q = q.reshape(B, H, N, D)
-    if bits in (4, 2):
-        q = pack_bits(q, bits)
+    if fmt.per_byte > 1:
+        q = pack_bits(q, fmt.bits)
     return q, scale.squeeze(reduce_dim), zero
 
 
 def dequantize_block(q: Tensor, scale: Tensor, zero: Tensor | None, bits, axis: str, group_size: int, D: int,
                      dtype) -> Tensor:
     """Inverse of quantize_block: payload (B, H, N, ·) and metadata -> (B, H, N, D) in `dtype`."""
-    if bits in (4, 2):
-        q = unpack_bits(q, bits, D)
+    fmt = get_format(bits)
+    if fmt.per_byte > 1:
+        q = unpack_bits(q, fmt.bits, D)
     B, H, N, _ = q.shape
     if axis == "channel":
         q = q.reshape(B, H, N // group_size, group_size, D)
         scale, zero = scale.unsqueeze(-2), None if zero is None else zero.unsqueeze(-2)
     else:
-        g = _channel_group(bits, D, group_size)
+        g = fmt.channel_group(D, group_size)
         q = q.reshape(B, H, N, D // g, g)
         scale, zero = scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1)
-    if bits == 8:
-        x = dequantize_int8(q, scale, dtype)
-    elif bits == "fp8":
-        x = dequantize_fp8(q, scale, dtype)
-    else:
-        x = dequantize_asym(q, scale, zero, dtype)
+    x = dequantize_asym(q, scale, zero, dtype) if fmt.asymmetric else dequantize_scaled(q, scale, dtype)
     return x.reshape(B, H, N, D)
 
 

@@ -5,8 +5,10 @@ operations in the same order (metadata rounded outward to float16, round half to
 bytes. It lives in its own file because triton is imported only when --attn_impl triton asks for it (the PyTorch
 functions serve every platform, triton is Linux-only). Source rows are read through an index (the hi ring at decode:
 no gathered copy), and the token offset in the store comes in a device tensor: no host sync, static shapes
-(CUDA-graph-able). Keys and values go in one launch. The format of each store is read off its buffers' shapes
-(kernels.decode_attention.mid_format): scale rows cover F tokens and scale columns G channels.
+(CUDA-graph-able). Both may be shared by the batch or given per sequence (each sequence flushes its own ring slots
+into its own mid position), read with a batch stride (0 when shared). Keys and values go in one launch. The format
+of each store is read off its buffers' shapes (kernels.decode_attention.mid_format): scale rows cover F tokens and
+scale columns G channels.
 """
 from typing import Optional
 
@@ -15,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.decode_attention import mid_format
+from kernels.decode_attention import mid_format, per_batch, per_batch_rows
 
 
 @triton.jit
@@ -121,7 +123,7 @@ def _quantize_store(src_ptr, rows_ptr, n_rows, start, payload_ptr, scale_ptr, ze
 
 @triton.jit
 def _quantize_kv_kernel(
-    k_ptr, v_ptr, rows_ptr, n_rows, start_ptr,
+    k_ptr, v_ptr, rows_ptr, n_rows, start_ptr, stride_rowsb, stride_start,
     kq_ptr, ks_ptr, kz_ptr, vq_ptr, vs_ptr, vz_ptr,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_kqb, stride_kqh, stride_kqn, stride_ksb, stride_ksh, stride_ksn,
@@ -133,7 +135,8 @@ def _quantize_kv_kernel(
 ):
     b = (tl.program_id(0) // H).to(tl.int64)  # batch offsets can pass 2**31 elements in a large cache
     h = tl.program_id(0) % H
-    start = tl.load(start_ptr).to(tl.int32)
+    start = tl.load(start_ptr + b * stride_start).to(tl.int32)
+    rows_ptr += b * stride_rowsb
     if tl.program_id(2) == 0:
         _quantize_store(k_ptr, rows_ptr, n_rows, start, kq_ptr, ks_ptr, kz_ptr, b, h,
                         stride_kb, stride_kh, stride_kn, stride_kqb, stride_kqh, stride_kqn,
@@ -152,11 +155,13 @@ def triton_quantize_supported(head_dim: int, group_size: int) -> bool:
 
 def quantize_into(k: Tensor, v: Tensor, rows: Tensor, start: Tensor, k_q: Tensor, k_scale: Tensor,
                   k_zero: Optional[Tensor], v_q: Tensor, v_scale: Tensor, v_zero: Optional[Tensor]):
-    """Quantize k[:, :, rows] and v[:, :, rows] (B, H, ., D) into mid tokens start .. start + len(rows) - 1 of the
-    store (k_q, k_scale, k_zero, v_q, v_scale, v_zero), exactly as quantize_keys / quantize_values + index_copy_.
-    start: device tensor (1,), a multiple of the key group when keys are per channel; rows: (N,) int64 device
-    tensor, N a multiple of that group. The mid buffers may be views of the first B sequences. Under
-    torch.compile this is the op torch.ops.kvcache.quantize_into (mutating the store); eager calls launch directly."""
+    """Quantize k[b, :, rows[b]] and v[b, :, rows[b]] (k, v: (B, H, ., D)) into mid tokens start[b] .. start[b] + N - 1
+    of sequence b of the store (k_q, k_scale, k_zero, v_q, v_scale, v_zero), exactly as quantize_keys /
+    quantize_values + index_copy_. rows: int64 device tensor (N,) shared by the batch or (B, N) per sequence, N a
+    multiple of the key group when keys are per channel; start: device tensor (1,) shared or (B,) per sequence,
+    each a multiple of that group. Every sequence writes N tokens. The mid buffers may be views of the first B
+    sequences. Under torch.compile this is the op torch.ops.kvcache.quantize_into (mutating the store); eager calls
+    launch directly."""
     args = (k, v, rows, start, k_q, k_scale, k_zero, v_q, v_scale, v_zero)
     if torch.compiler.is_compiling():
         torch.ops.kvcache.quantize_into(*args)
@@ -169,14 +174,16 @@ def _quantize_into(k: Tensor, v: Tensor, rows: Tensor, start: Tensor, k_q: Tenso
     B, H, _, D = k.shape
     k_pb, k_f, k_g = mid_format(k_q, k_scale, D)
     v_pb, v_f, v_g = mid_format(v_q, v_scale, D)
-    N = rows.numel()
+    rows, stride_rowsb = per_batch_rows(rows, B, "rows")
+    start, stride_start = per_batch(start, B)
+    N = rows.shape[-1]
     if N % k_f or N % v_f:
         raise ValueError(f"{N} tokens do not fill whole scale groups of {k_f} tokens")
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("quantize_into needs head_dim contiguous in k and v")
     block_t = max(k_f, v_f, min(triton.next_power_of_2(N), 16))
     _quantize_kv_kernel[(B * H, triton.cdiv(N, block_t), 2)](
-        k, v, rows, N, start,
+        k, v, rows, N, start, stride_rowsb, stride_start,
         k_q, k_scale, k_scale if k_zero is None else k_zero, v_q, v_scale, v_scale if v_zero is None else v_zero,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         k_q.stride(0), k_q.stride(1), k_q.stride(2), k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),

@@ -1,14 +1,26 @@
-"""The cache interface every strategy implements, and the plain attention they share."""
+"""The cache interface every strategy implements, its options, and the pieces every strategy shares: RoPE by
+position and the choice of decode-attention backend (one description of what to attend to, two backends).
+
+A strategy is a policy: which tokens to keep and where they go (kv_cache/stores.py holds them). Its options are one
+dataclass, resolved and checked once; the command-line options are generated from its fields.
+"""
 import argparse
+import dataclasses
 import importlib.util
 import os
+import typing
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from model import apply_rope
+
 STRATEGIES: dict[str, type["KVCache"]] = {}
+ATTN_IMPLS = ("triton", "torch")
 
 
 def register(cls):
@@ -16,76 +28,173 @@ def register(cls):
     return cls
 
 
+def option(default, help: str, choices=None):
+    """A strategy option: a dataclass field that also declares its command-line flag."""
+    return field(default=default, metadata=dict(help=help, choices=choices))
+
+
+@dataclass
+class CacheOptions:
+    """Options every strategy has. Subclasses add fields and extend check()."""
+    attn_impl: Optional[str] = option(None, "decode step: triton = fused attention over the stored format (default "
+                                            "on CUDA), torch = PyTorch (default elsewhere); prefill always uses "
+                                            "PyTorch", choices=ATTN_IMPLS)
+
+    def check(self, head_dim: int):
+        """Raise ValueError with one line naming the fix when the options cannot work."""
+        attn_impl_for(self.attn_impl)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
+            kind = hints[f.name]
+            kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # Optional[X] -> X
+            default = f"default {f.default}" if f.default is not None else None
+            parser.add_argument(f"--{f.name}", type=kind, default=f.default, choices=f.metadata.get("choices"),
+                                help=f.metadata["help"] + (f" ({default})" if default else ""))
+
+    @classmethod
+    def resolve(cls, options, head_dim: int) -> "CacheOptions":
+        """The options (a dict of flag values, or already an instance) with defaults filled in and checked."""
+        if isinstance(options, cls):
+            return options
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ValueError(f"unknown option(s) {', '.join('--' + u for u in unknown)}: this strategy takes "
+                             f"{', '.join('--' + n for n in sorted(names))}")
+        resolved = cls(**options)
+        resolved.check(head_dim)  # may fill in defaults that depend on other options
+        return resolved
+
+
 class KVCache(nn.Module):
     """Storage for one layer's keys and values, and the attention over them.
 
     Storage is allocated once in __init__ (static shapes, written in place). forward() receives the new tokens'
-    q (B, n_head, T, head_dim) and k, v (B, n_kv_head, T, head_dim) *before* RoPE, their positions input_pos (T,)
-    (consecutive, continuing what the cache holds) and the model's RoPE tables; it stores k, v and returns the
-    attention output (B, n_head, T, head_dim) of the new tokens over everything the cache keeps.
+    q (R, n_head, T, head_dim) and k, v (R, n_kv_head, T, head_dim) *before* RoPE, their positions input_pos: (T,)
+    shared by the R sequences or (R, T) per sequence, each row consecutive and continuing what the cache holds for
+    that sequence, the model's RoPE tables and rows (R,): which of the cache's sequences they are (None: the first
+    R). It stores k, v and returns the attention output (R, n_head, T, head_dim) of the new tokens over everything
+    the cache keeps. A prefill chunk (T > 1) has the same positions in every row it feeds; a decode step (T = 1)
+    feeds the first R sequences, each at its own position.
     """
 
     name = ""
     help = ""
+    Options = CacheOptions
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser):
         """The strategy's command-line options (a subcommand of generate.py and scripts/evaluate.py)."""
+        cls.Options.add_arguments(parser)
 
     @classmethod
-    def check_options(cls, options: dict, max_seq_length: int, head_dim: int):
-        """Raise ValueError with one line naming the fix when the options cannot work."""
+    def check_options(cls, options, max_seq_length: int, head_dim: int) -> CacheOptions:
+        """The resolved options, or ValueError with one line naming the fix when they cannot work."""
+        return cls.Options.resolve(options, head_dim)
 
     @classmethod
-    def capacity(cls, options: dict, max_seq_length: int):
+    def capacity(cls, options, max_seq_length: int):
         """How many tokens one sequence may hold in all; None when the cache can stream without end."""
         return max_seq_length
 
     @classmethod
-    def bytes_per_token(cls, options: dict, n_kv_head: int, head_dim: int, dtype) -> float:
+    def bytes_per_token(cls, options, n_kv_head: int, head_dim: int, dtype) -> float:
         """Bytes one more stored token costs in one layer and one sequence (keys + values, metadata amortized);
         for quantize_kv, a token of the quantized store."""
         return 2 * n_kv_head * head_dim * dtype.itemsize
 
-    def __init__(self, batch_size: int, max_seq_length: int, n_kv_head: int, head_dim: int, dtype, device, **options):
+    def __init__(self, batch_size: int, max_seq_length: int, n_kv_head: int, head_dim: int, dtype, device,
+                 options=None, **option_values):
         super().__init__()
         self.batch_size, self.max_seq_length = batch_size, max_seq_length
         self.n_kv_head, self.head_dim, self.dtype = n_kv_head, head_dim, dtype
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, rope_cos: Tensor, rope_sin: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def use_attn_impl(self, options: dict, device):
-        """Resolve --attn_impl for this device (self.attn_impl); the fused decode kernel is imported only when asked
-        for, so the torch path never needs triton."""
-        self.attn_impl = attn_impl_for(options, device)
-        if self.attn_impl == "triton":
+        self.opts = self.Options.resolve(option_values if options is None else options, head_dim)
+        self.attn_impl = attn_impl_for(self.opts.attn_impl, device)
+        if self.attn_impl == "triton":  # imported only when asked for: the torch path never needs triton
             from kernels.decode_attention import decode_attention
             self.decode_attention = decode_attention
+        # Sequences still decoding; a finished one (generate.py's per-sequence EOS) costs the fused kernel nothing.
+        self.register_buffer("active", torch.ones(batch_size, dtype=torch.bool, device=device))
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, rope_cos: Tensor, rope_sin: Tensor,
+                rows: Optional[Tensor] = None) -> Tensor:
+        raise NotImplementedError
+
+    def rows_and_positions(self, q: Tensor, input_pos: Tensor, rows: Optional[Tensor]):
+        """(rows (R,), sel, positions (R, T)) of a call, whichever form they came in; sel indexes the stores' rows: a
+        slice (a view, no copy) when the call feeds the first R sequences."""
+        R, T = q.shape[0], q.shape[2]
+        sel = slice(0, R) if rows is None else rows
+        if rows is None:
+            rows = torch.arange(R, device=q.device)
+        return rows, sel, input_pos.reshape(-1, T).expand(R, T)
+
+    def attend_decode(self, q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[Tensor] = None,
+                      hi_pos: Optional[Tensor] = None, sink_size: int = 0, n_mid: Optional[Tensor] = None,
+                      mid=None) -> Tensor:
+        """Decode attention of q (B, n_head, 1, D), already rotated, over the first B sequences of the stores:
+        16-bit slots i <= hi_last[b] (every slot when None) that, with hi_pos (B, NH) given, hold a token
+        (hi_pos >= 0) not yet in the quantized store (a sink, or position >= sink_size + n_mid[b]), plus the first
+        n_mid[b] tokens of the QuantizedStore `mid`. One description, two backends: the fused Triton kernel
+        (kernels/decode_attention.py) reads the stores as they are; the torch path dequantizes, masks and runs SDPA."""
+        B = q.shape[0]
+        if self.attn_impl == "triton":
+            active = self.active[:B]
+            last = hi_last if hi_last is not None else torch.full((B,), hi_k.shape[2] - 1, device=q.device)
+            mid_args = {}
+            if mid is not None:
+                k_q, k_scale, k_zero, v_q, v_scale, v_zero = mid.buffers_of(B)
+                mid_args = dict(n_mid=torch.where(active, n_mid, 0), k_q=k_q, k_scale=k_scale, k_zero=k_zero,
+                                v_q=v_q, v_scale=v_scale, v_zero=v_zero)
+            return self.decode_attention(q, hi_k, hi_v, hi_last=torch.where(active, last, -1), hi_pos=hi_pos,
+                                         sink_size=sink_size, **mid_args)
+        NH = hi_k.shape[2]
+        keep = torch.ones(B, NH, dtype=torch.bool, device=q.device)
+        if hi_last is not None:
+            keep = torch.arange(NH, device=q.device) <= hi_last[:, None]
+        if hi_pos is not None:
+            n_old = sink_size + (n_mid[:, None] if mid is not None else 0)
+            keep = keep & (hi_pos >= 0) & ((hi_pos < sink_size) | (hi_pos >= n_old))
+        if mid is None:
+            return attend(q, hi_k, hi_v, keep[:, None, None, :])
+        k_mid, v_mid = mid.dequantize(slice(0, B), mid.capacity, self.dtype)
+        mid_keep = torch.arange(mid.capacity, device=q.device) < n_mid[:, None]
+        return attend(q, torch.cat([hi_k, k_mid], dim=2), torch.cat([hi_v, v_mid], dim=2),
+                      torch.cat([keep, mid_keep], dim=1)[:, None, None, :])
 
     def nbytes(self) -> int:
-        """Bytes really allocated for this layer's cache: every buffer it holds (scales and zero-points too)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Bytes really allocated for this layer's cache: every buffer its stores hold (scales, zero-points and slot
+        positions too); the batch's active flags (a byte per sequence) are not KV storage."""
+        return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if name != "active")
 
-    def reset(self):
-        """Forget every stored token, so the cache can take a new sequence from position 0."""
-        for b in self.buffers():
-            b.zero_()
+    def reset(self, rows: Optional[Tensor] = None):
+        """Forget every stored token of sequences `rows` (all when None), so they can start again at position 0."""
+        rows = torch.arange(self.batch_size, device=self.active.device) if rows is None else rows
+        for module in self.children():
+            module.reset(rows)
+        self.active[rows] = True
 
-
-ATTN_IMPLS = ("triton", "torch")
-
-
-def add_attn_impl_argument(parser: argparse.ArgumentParser):
-    parser.add_argument("--attn_impl", choices=ATTN_IMPLS, default=None,
-                        help="decode step: triton = fused attention over the stored format (default on CUDA), "
-                             "torch = PyTorch (default elsewhere); prefill always uses PyTorch")
+    def finish(self, rows: Tensor):
+        """Sequences `rows` have ended: their decode steps stop costing attention work (fused kernel)."""
+        self.active[rows] = False
 
 
-def attn_impl_for(options: dict, device=None):
+def rotate(x: Tensor, pos: Tensor, rope_cos: Tensor, rope_sin: Tensor) -> Tensor:
+    """x (R, heads, T, D) rotated by positions pos (R, T) (or (T,), the same for every row)."""
+    cos, sin = rope_cos[pos], rope_sin[pos]
+    if pos.ndim == 2:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return apply_rope(x, cos, sin)
+
+
+def attn_impl_for(impl, device=None):
     """The decode implementation asked for, or the device's default (triton on CUDA when installed, else torch); a
     one-line ValueError when it cannot run there. device None: check the name only."""
-    impl = options.get("attn_impl")
     if impl is not None and impl not in ATTN_IMPLS:
         raise ValueError(f"--attn_impl {impl!r} is not available: use one of {', '.join(ATTN_IMPLS)}")
     if device is None:
@@ -95,13 +204,15 @@ def attn_impl_for(options: dict, device=None):
     impl = impl or ("triton" if on_cuda and has_triton else "torch")
     if impl == "triton" and not has_triton:
         raise ValueError("--attn_impl triton needs the triton package (pip install triton): or use --attn_impl torch")
-    if impl == "triton" and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if impl == "triton" and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1" \
+            and torch.device(device).type != "meta":
         raise ValueError("--attn_impl triton needs a CUDA device (or TRITON_INTERPRET=1, Triton's slow CPU "
                          "interpreter): use --attn_impl torch")
     return impl
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """Softmax attention of q (B, n_head, T, D) over k, v (B, n_kv_head, S, D); mask (T, S) or (B, 1, T, S), True = keep.
-    Query heads are grouped onto KV heads (GQA)."""
+    """Softmax attention of q (B, n_head, T, D) over k, v (B, n_kv_head, S, D); mask (T, S) or (B, 1, T, S), True =
+    keep. Query heads are grouped onto KV heads (GQA)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+

@@ -1,6 +1,6 @@
 """compress_kv: StreamingLLM (Xiao et al., 2023). The cache keeps the first sink_size tokens (attention sinks) and the
 most recent window_size tokens in the model dtype and evicts everything between, so its memory is constant however
-long the stream runs: sink_size + window_size slots, allocated once and overwritten in place (the window is a ring).
+long the stream runs: a RingStore of sink_size + window_size slots per sequence, overwritten in place.
 
 Rotary positions, `--rope_positions`:
   * cache (default, as StreamingLLM): keys are stored unrotated and rotated at attention time by their rank inside
@@ -12,140 +12,123 @@ Rotary positions, `--rope_positions`:
     trained context the model meets rotary angles it never saw and degrades; the RoPE tables must cover every
     absolute position of the stream.
 
-Decode (one token) writes the token, then attends to the sink_size + window_size tokens the cache keeps; its slot,
-ranks and mask are tensor arithmetic on input_pos (no host sync); --attn_impl triton (the default on CUDA) attends
-with the fused kernel of kernels/decode_attention.py (keys rotated in PyTorch first). A prefill chunk attends to
-what the cache kept before the chunk plus the chunk itself causally, then keeps the chunk's sinks and last
-window_size tokens. Any chunk length works, so prompts longer than the cache are fed in chunks (capacity None).
+Decode (one token per sequence, each at its own position) writes the token, then attends to what its sequence
+keeps; slots, ranks and masks are tensor arithmetic on the positions (no host sync). A prefill chunk attends to what
+the cache kept before the chunk plus the chunk itself causally, then keeps the chunk's sinks and last window_size
+tokens. Any chunk length works, so prompts longer than the cache are fed in chunks (capacity None).
+
+Sizing: when sink_size + window_size > max_seq_length, a run that fits max_seq_length never evicts anything, and
+S + W slots would cost up to (S + W) / max_seq_length times the full cache (3.2x for a 15-token run with 16/32). The
+cache is then the full cache: a DenseStore of max_seq_length slots, full's forward, full's bytes and outputs, and
+capacity max_seq_length (a longer stream needs --max_seq_length >= sink_size + window_size to stream on).
 """
+from dataclasses import dataclass
+
 import torch
-from torch import Tensor
 
-from kv_cache.base import KVCache, add_attn_impl_argument, attend, attn_impl_for, register
-from model import apply_rope
+from kv_cache.base import CacheOptions, KVCache, attend, option, register, rotate
+from kv_cache.full import FullCache
+from kv_cache.stores import DenseStore, RingStore
 
-SINK_SIZE, WINDOW_SIZE = 16, 32
 ROPE_POSITIONS = ("cache", "original")
 
 
-def add_sink_window_arguments(parser):
-    parser.add_argument("--sink_size", type=int, default=SINK_SIZE,
-                        help=f"first tokens always kept in the model dtype, the attention sinks (default {SINK_SIZE})")
-    parser.add_argument("--window_size", type=int, default=WINDOW_SIZE,
-                        help=f"most recent tokens kept in the model dtype (default {WINDOW_SIZE})")
+@dataclass
+class SinkWindowOptions(CacheOptions):
+    sink_size: int = option(16, "first tokens always kept in the model dtype, the attention sinks")
+    window_size: int = option(32, "most recent tokens kept in the model dtype")
+
+    def check(self, head_dim):
+        super().check(head_dim)
+        if not isinstance(self.sink_size, int) or self.sink_size < 0:
+            raise ValueError(f"--sink_size must be a whole number >= 0 (got {self.sink_size})")
+        if not isinstance(self.window_size, int) or self.window_size < 1:
+            raise ValueError(f"--window_size must be a whole number >= 1 (got {self.window_size}): the newest token "
+                             "must stay")
 
 
-def sink_window(options: dict) -> tuple[int, int]:
-    """(sink_size, window_size) from the options, or a one-line ValueError."""
-    sink_size, window_size = options.get("sink_size", SINK_SIZE), options.get("window_size", WINDOW_SIZE)
-    if not isinstance(sink_size, int) or sink_size < 0:
-        raise ValueError(f"--sink_size must be a whole number >= 0 (got {sink_size})")
-    if not isinstance(window_size, int) or window_size < 1:
-        raise ValueError(f"--window_size must be a whole number >= 1 (got {window_size}): the newest token must stay")
-    return sink_size, window_size
+@dataclass
+class CompressOptions(SinkWindowOptions):
+    rope_positions: str = option("cache", "rotate keys by their rank inside the cache (fluent past the trained "
+                                          "context) or by their original absolute position", choices=ROPE_POSITIONS)
+
+    def check(self, head_dim):
+        super().check(head_dim)
+        if self.rope_positions not in ROPE_POSITIONS:
+            raise ValueError(f"--rope_positions {self.rope_positions!r} is not supported: use cache or original")
+
+
+def holds_everything(opts: SinkWindowOptions, max_seq_length: int) -> bool:
+    """Sinks + window outnumber the tokens the cache is sized for: within max_seq_length nothing is ever evicted."""
+    return opts.sink_size + opts.window_size > max_seq_length
 
 
 @register
 class CompressKVCache(KVCache):
     name = "compress_kv"
     help = "StreamingLLM: keep the first sink_size and the last window_size tokens, evict the middle"
-
-    @classmethod
-    def add_arguments(cls, parser):
-        add_sink_window_arguments(parser)
-        parser.add_argument("--rope_positions", choices=ROPE_POSITIONS, default="cache",
-                            help="rotate keys by their rank inside the cache (default, fluent past the trained "
-                                 "context) or by their original absolute position")
-        add_attn_impl_argument(parser)
-
-    @classmethod
-    def check_options(cls, options, max_seq_length, head_dim):
-        sink_window(options)
-        rope_positions = options.get("rope_positions", "cache")
-        if rope_positions not in ROPE_POSITIONS:
-            raise ValueError(f"--rope_positions {rope_positions!r} is not supported: use cache or original")
-        attn_impl_for(options)
+    Options = CompressOptions
 
     @classmethod
     def capacity(cls, options, max_seq_length):
+        if holds_everything(cls.Options.resolve(options, None), max_seq_length):
+            return max_seq_length  # sized as the full cache (see Sizing above): it cannot hold more
         return None  # constant memory: streams without end
 
-    def __init__(self, batch_size, max_seq_length, n_kv_head, head_dim, dtype, device, **options):
-        super().__init__(batch_size, max_seq_length, n_kv_head, head_dim, dtype, device)
-        self.check_options(options, max_seq_length, head_dim)
-        self.sink_size, self.window_size = sink_window(options)
-        self.rope_positions = options.get("rope_positions", "cache")
-        self.use_attn_impl(options, device)
-        shape = (batch_size, n_kv_head, self.sink_size + self.window_size, head_dim)
-        self.register_buffer("hi_k", torch.zeros(shape, dtype=dtype, device=device))
-        self.register_buffer("hi_v", torch.zeros(shape, dtype=dtype, device=device))
-        self.register_buffer("hi_pos", torch.full(shape[2:3], -1, dtype=torch.long, device=device))  # -1: empty
+    def __init__(self, batch_size, max_seq_length, n_kv_head, head_dim, dtype, device, options=None, **option_values):
+        super().__init__(batch_size, max_seq_length, n_kv_head, head_dim, dtype, device, options, **option_values)
+        self.sink_size, self.window_size = self.opts.sink_size, self.opts.window_size
+        self.rope_positions = self.opts.rope_positions
+        self.as_full = holds_everything(self.opts, max_seq_length)
+        if self.as_full:  # nothing to evict: exactly the full cache's storage (no slot positions either)
+            self.store = DenseStore(batch_size, n_kv_head, max_seq_length, head_dim, dtype, device)
+            return
+        self.ring = RingStore(batch_size, n_kv_head, self.sink_size, self.window_size, head_dim, dtype, device)
 
-    def reset(self):
-        super().reset()
-        self.hi_pos.fill_(-1)
+    def _ranks(self, ring_pos, n_evicted):
+        """Rank inside the cache of each slot's token (R, S + W), when n_evicted (R, 1) tokens have left the middle
+        (0 for empty slots, which are masked anyway): sinks keep their positions and the window follows in order."""
+        return torch.where(ring_pos < self.sink_size, ring_pos, ring_pos - n_evicted).clamp(min=0)
 
-    def _slots(self, pos: Tensor) -> Tensor:
-        """Slot of each position: sinks in place, later tokens in the window ring."""
-        S, W = self.sink_size, self.window_size
-        return torch.where(pos < S, pos, S + (pos - S) % W)
-
-    def _ranks(self, n_evicted) -> Tensor:
-        """Rank inside the cache of each slot's token, when n_evicted tokens have left the middle (0 for empty slots,
-        which are masked anyway): sinks keep their positions and the window follows them in order."""
-        pos = self.hi_pos
-        return torch.where(pos < self.sink_size, pos, pos - n_evicted).clamp(min=0)
-
-    def forward(self, q, k, v, input_pos: Tensor, rope_cos, rope_sin):
-        if q.shape[2] == 1:
-            return self._decode(q, k, v, input_pos, rope_cos, rope_sin)
-        return self._prefill(q, k, v, input_pos, rope_cos, rope_sin)
-
-    def _decode(self, q, k, v, input_pos, rope_cos, rope_sin):
-        B, S, W = q.shape[0], self.sink_size, self.window_size
+    def forward(self, q, k, v, input_pos, rope_cos, rope_sin, rows=None):
+        if self.as_full:  # rank in the cache = absolute position while nothing is evicted: both rope modes agree
+            return FullCache.forward(self, q, k, v, input_pos, rope_cos, rope_sin, rows)
+        rows, sel, pos = self.rows_and_positions(q, input_pos, rows)
         if self.rope_positions == "original":
-            cos, sin = rope_cos[input_pos], rope_sin[input_pos]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        slot = self._slots(input_pos)  # the window slot of the token that leaves the window now
-        self.hi_k[:B].index_copy_(2, slot, k)
-        self.hi_v[:B].index_copy_(2, slot, v)
-        self.hi_pos.index_copy_(0, slot, input_pos)
-        keys = self.hi_k[:B]
-        if self.rope_positions == "cache":
-            n_evicted = (input_pos + 1 - S - W).clamp(min=0)
-            rank = self._ranks(n_evicted)
-            keys = apply_rope(keys, rope_cos[rank], rope_sin[rank])
-            q_rank = input_pos - n_evicted
-            q = apply_rope(q, rope_cos[q_rank], rope_sin[q_rank])
-        if self.attn_impl == "triton":  # the fused kernel skips empty slots (hi_pos < 0) itself
-            return self.decode_attention(q, keys, self.hi_v[:B], hi_pos=self.hi_pos)
-        return attend(q, keys, self.hi_v[:B], (self.hi_pos >= 0)[None])
+            q, k = rotate(q, pos, rope_cos, rope_sin), rotate(k, pos, rope_cos, rope_sin)
+        if q.shape[2] == 1:
+            return self._decode(q, k, v, pos, rows, rope_cos, rope_sin)
+        return self._prefill(q, k, v, pos, rows, sel, rope_cos, rope_sin)
 
-    def _prefill(self, q, k, v, input_pos, rope_cos, rope_sin):
-        B, T, S, W = q.shape[0], q.shape[2], self.sink_size, self.window_size
-        first = int(input_pos[0])
-        last = first + T - 1
+    def _decode(self, q, k, v, pos, rows, rope_cos, rope_sin):
+        R = q.shape[0]
+        self.ring.write_positions(rows, pos, k, v)
+        keys, ring_pos = self.ring.k[:R], self.ring.pos[:R]
         if self.rope_positions == "cache":
-            rank = self._ranks(max(0, first - S - W))
-            old_k = apply_rope(self.hi_k[:B], rope_cos[rank], rope_sin[rank])
+            n_evicted = (pos + 1 - self.sink_size - self.window_size).clamp(min=0)  # (R, 1)
+            keys = rotate(keys, self._ranks(ring_pos, n_evicted), rope_cos, rope_sin)
+            q = rotate(q, pos - n_evicted, rope_cos, rope_sin)
+        return self.attend_decode(q, keys, self.ring.v[:R], hi_pos=ring_pos)
+
+    def _prefill(self, q, k, v, pos, rows, sel, rope_cos, rope_sin):
+        T, S, W = q.shape[2], self.sink_size, self.window_size
+        first = int(pos[0, 0])
+        chunk_pos = pos[0]
+        ring_pos = self.ring.pos[sel]
+        if self.rope_positions == "cache":
+            old_k = rotate(self.ring.k[sel], self._ranks(ring_pos, max(0, first - S - W)), rope_cos, rope_sin)
             n_held = min(first, S + W)
             chunk_rank = torch.arange(n_held, n_held + T, device=q.device)
-            cos, sin = rope_cos[chunk_rank], rope_sin[chunk_rank]
-            q, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k_rot = rotate(q, chunk_rank, rope_cos, rope_sin), rotate(k, chunk_rank, rope_cos, rope_sin)
             stored_k = k  # unrotated
         else:
-            old_k = self.hi_k[:B]
-            cos, sin = rope_cos[input_pos], rope_sin[input_pos]
-            q, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            stored_k = k_rot
+            old_k, k_rot = self.ring.k[sel], k
+            stored_k = k  # already rotated at absolute positions
         causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        mask = torch.cat([(self.hi_pos >= 0).expand(T, -1), causal], dim=1)
-        out = attend(q, torch.cat([old_k, k_rot], dim=2), torch.cat([self.hi_v[:B], v], dim=2), mask)
+        mask = torch.cat([(ring_pos >= 0)[:, None, None, :].expand(-1, 1, T, -1),
+                          causal.expand(q.shape[0], 1, T, T)], dim=-1)
+        out = attend(q, torch.cat([old_k, k_rot], dim=2), torch.cat([self.ring.v[sel], v], dim=2), mask)
         # Keep the chunk's sinks and its last W tokens (earlier ones would be overwritten in the ring anyway).
-        idx = ((input_pos < S) | (input_pos > last - W)).nonzero().squeeze(1)
-        pos = input_pos[idx]
-        slot = self._slots(pos)
-        self.hi_k[:B].index_copy_(2, slot, stored_k[:, :, idx])
-        self.hi_v[:B].index_copy_(2, slot, v[:, :, idx])
-        self.hi_pos.index_copy_(0, slot, pos)
+        idx = ((chunk_pos < S) | (chunk_pos > first + T - 1 - W)).nonzero().squeeze(1)
+        self.ring.write_positions(rows, pos[:, idx], stored_k[:, :, idx], v[:, :, idx])
         return out

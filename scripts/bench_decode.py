@@ -30,6 +30,7 @@ if not torch.cuda.is_available():
 REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR))
 import kv_cache  # noqa: E402
+from kernels.formats import FORMATS  # noqa: E402
 from generate import compile_decode, decode_one_token, peak_memory_bytes, setup_cache  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
@@ -42,15 +43,10 @@ SHAPES = {
                            rope_base=500000.0),
 }
 # name -> (kv_cache strategy, its command-line options); sinks and window come from --sink_size/--window_size.
-STRATEGIES = {
-    "full": ("full", []),
-    "compress_kv": ("compress_kv", []),
-    "quantize_kv-int8": ("quantize_kv", ["--bits", "8"]),
-    "quantize_kv-int4": ("quantize_kv", ["--bits", "4"]),
-    "quantize_kv-int2": ("quantize_kv", ["--bits", "2"]),
-    "quantize_kv-fp8": ("quantize_kv", ["--bits", "fp8"]),
-}
-KERNEL_KINDS = ("bf16", "int8", "int4", "int2", "fp8")  # --attention_kernel rows: 16-bit only, or quantized mid
+STRATEGIES = {"full": ("full", []), "compress_kv": ("compress_kv", []),
+              **{f"quantize_kv-{f.label}": ("quantize_kv", ["--bits", f.name]) for f in FORMATS.values()}}
+# --attention_kernel rows: 16-bit only, or a quantized mid store of each format
+KERNEL_KINDS = ("bf16", *(f.label for f in FORMATS.values()))
 DTYPE = torch.bfloat16
 GiB = 2**30
 
@@ -323,11 +319,12 @@ def kernel_case(kind, args: ModelArgs, batch, context, cfg, device, generator):
         hi_v = torch.randn_like(hi_k)
         inputs = dict(q=q, hi_k=hi_k, hi_v=hi_v, hi_last=torch.tensor([context - 1], device=device))
         return inputs, 2 * q.nbytes + hi_k.nbytes + hi_v.nbytes
-    bits = kind[3:] if kind.startswith("int") else kind
+    bits = next(f.name for f in FORMATS.values() if f.label == kind)
     options = strategy_options("quantize_kv", ["--bits", bits] + cfg["strategy_args"].get("quantize_kv", []))
     cache = kv_cache.STRATEGIES["quantize_kv"](batch, context, H, D, DTYPE, device, **options)
     S, W, F = cache.sink_size, cache.window_size, cache.flush_size
     n_mid = max(0, context - S - W) // F * F
+    ring, mid = cache.ring, cache.mid
     for name, buf in cache.named_buffers():
         if buf.dtype == torch.float16:  # scales and zero-points: small, so dequantized values stay moderate
             buf.copy_(torch.rand(buf.shape, device=device, generator=generator) * 0.02)
@@ -340,17 +337,14 @@ def kernel_case(kind, args: ModelArgs, batch, context, cfg, device, generator):
             buf.copy_(torch.randn(buf.shape, device=device, generator=generator))
     # hi_pos after positions 0..context-1 were stored: the sinks, and in each ring slot its latest position
     # (the oldest of them may already be in the mid store: the kernel masks those).
-    n_hi = cache.hi_pos.numel()
-    ring = n_hi - S
     pos = torch.arange(context, device=device)
-    pos = pos[(pos < S) | (pos >= context - ring)]
-    cache.hi_pos.fill_(-1).index_copy_(0, torch.where(pos < S, pos, S + (pos - S) % ring), pos)
-    inputs = dict(q=q, hi_k=cache.hi_k, hi_v=cache.hi_v, hi_pos=cache.hi_pos, sink_size=S,
+    pos = pos[(pos < S) | (pos >= context - ring.ring_size)]
+    ring.pos.fill_(-1)[:, ring.slots(pos)] = pos
+    inputs = dict(q=q, hi_k=ring.k, hi_v=ring.v, hi_pos=ring.pos, sink_size=S,
                   n_mid=torch.tensor([n_mid], device=device))
-    n_bytes = 2 * q.nbytes + cache.hi_k.nbytes + cache.hi_v.nbytes + cache.hi_pos.nbytes
+    n_bytes = 2 * q.nbytes + ring.k.nbytes + ring.v.nbytes + ring.pos.nbytes
     capacity = cache.mid_size + F  # the mid buffers hold one scratch flush group past the end
-    for name in ("k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero"):
-        buf = getattr(cache, name, None)
+    for name, buf in zip(("k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero"), mid.buffers_of(batch)):
         if buf is not None:
             inputs[name] = buf
             n_bytes += buf.nbytes * n_mid // capacity  # only the first n_mid tokens are read

@@ -119,7 +119,7 @@ def assert_same(name, compiled, eager, exact):
     for layer, (got, want) in enumerate(zip(buffers, ref_buffers)):
         for key in want:
             where = f"{name}: layer {layer} {key}"
-            if exact or key == "hi_pos":
+            if exact or key.endswith("pos"):  # positions (ring.pos) are exact whatever the rounding
                 assert torch.equal(got[key], want[key]), f"{where} differs"
                 continue
             diff = (got[key].float() - want[key].float()).abs()

@@ -37,7 +37,7 @@ def poison_empty(monkeypatch):
 
 
 def ring_state(pos, sink, ring, n_mid_group, window):
-    """hi_pos and n_mid after positions 0..pos were stored (notes/cache_spec.md)."""
+    """hi_pos and n_mid after positions 0..pos were stored (kv_cache/stores.py)."""
     hi_pos = torch.full((sink + ring,), -1, dtype=torch.int64)
     for p in range(pos + 1):
         hi_pos[p if p < sink else sink + (p - sink) % ring] = p
@@ -106,6 +106,77 @@ def test_decode_attention(name, dtype, B, HQ, H, D, kind, k_group, v_group):
         assert rel_err(out, ref) < TOL[dtype], (name, splits)
 
 
+PER_SEQUENCE_CASES = [
+    # name, dtype, n_head, n_kv_head, D, mid kind, key scale (tokens, channels), value scale channels
+    ("ring-fp32", torch.float32, 4, 2, 32, None, None, None),  # compress_kv: a ring, no mid store
+    ("int8-fp32", torch.float32, 4, 2, 32, "int8", (1, 32), 32),
+    ("int4-kivi-bf16", torch.bfloat16, 6, 2, 32, "int4", (8, 1), 8),
+]
+
+
+@pytest.mark.parametrize("name,dtype,HQ,H,D,kind,k_group,v_group", PER_SEQUENCE_CASES,
+                         ids=[c[0] for c in PER_SEQUENCE_CASES])
+def test_decode_attention_per_sequence(name, dtype, HQ, H, D, kind, k_group, v_group, monkeypatch):
+    """A batch of different prompts: each sequence has its own hi_pos row, hi_last and n_mid. Sequence 0 has not
+    filled its ring, sequence 1 has wrapped its ring several times (mid holds a few tiles and a partial one; read
+    with sequence 0's row, its ring slots would count as mid tokens), sequence 2 is finished (hi_pos all -1,
+    hi_last -1, n_mid 0): it loads no tile and its output is exactly 0."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"per-sequence-{name}".encode()))
+    sink, window, flush = 4, 8, k_group[0] if kind else 1
+    ring = window + flush
+    NH, M = sink + ring, 80
+    states = [ring_state(pos, sink, ring, flush, window) for pos in (sink + ring - 3, 4 + window + 3 * 16 + 5)]
+    hi_pos = torch.stack([pos for pos, _ in states] + [torch.full((NH,), -1, dtype=torch.int64)])
+    n_mid = torch.tensor([n for _, n in states] + [0]) if kind else torch.zeros(3, dtype=torch.int64)
+    hi_last = torch.tensor([sink + ring - 3, NH - 1, -1])  # the last slot written: slots fill in order, then wrap
+    assert len(set(map(tuple, hi_pos.tolist()))) == 3 and (not kind or n_mid[1] > n_mid[0])
+    B = 3
+    q = torch.randn(B, HQ, 1, D, generator=gen).to(dtype).to(DEVICE)
+    hi_k = torch.randn(B, H, NH, D, generator=gen).to(dtype).to(DEVICE)
+    hi_v = torch.randn(B, H, NH, D, generator=gen).to(dtype).to(DEVICE)
+    args = dict(hi_last=hi_last.to(DEVICE), hi_pos=hi_pos.to(DEVICE), sink_size=sink)
+    batched = dict(hi_k=hi_k, hi_v=hi_v, hi_pos=args["hi_pos"])  # every input with rows per sequence
+    if kind:
+        k_q, k_scale, k_zero = random_mid(kind, B, H, M, D, *k_group, gen)
+        v_q, v_scale, v_zero = random_mid(kind, B, H, M, D, 1, v_group, gen)
+        to_device = lambda t: None if t is None else t.to(DEVICE)
+        mid = dict(k_q=to_device(k_q), k_scale=to_device(k_scale), k_zero=to_device(k_zero),
+                   v_q=to_device(v_q), v_scale=to_device(v_scale), v_zero=to_device(v_zero))
+        args.update(n_mid=n_mid.to(DEVICE), **mid)
+        batched.update((n, t) for n, t in mid.items() if t is not None)
+    ref = decode_attention_ref(q, hi_k, hi_v, **args)
+    assert torch.equal(ref[2], torch.zeros_like(ref[2]))
+
+    loads = []  # (program, addresses of every lane, mask)
+    if DEVICE == "cpu":  # the interpreter shows every load: its program and addresses, masked lanes included
+        from triton.runtime import interpreter
+
+        builder = interpreter.interpreter_builder
+        masked_load = builder.create_masked_load
+
+        def recording_load(ptrs, mask, *rest):
+            loads.append((builder.grid_idx[0], ptrs.data.reshape(-1).astype("int64"), mask.data.reshape(-1)))
+            return masked_load(ptrs, mask, *rest)
+
+        monkeypatch.setattr(builder, "create_masked_load", recording_load)
+    for splits in [(3, 2), (1, 1)] if kind else [(0, 3)]:
+        loads.clear()
+        out = decode_attention(q, hi_k, hi_v, splits=splits, block_n=16, **args)
+        assert out.shape == q.shape and out.dtype == dtype
+        assert rel_err(out, ref) < TOL[dtype], (name, splits)
+        assert rel_err(out[:2], ref[:2]) < TOL[dtype], (name, splits)  # not hidden by the batch's norm
+        assert torch.equal(out[2], torch.zeros_like(out[2])), (name, splits)
+        if DEVICE == "cpu":
+            assert loads
+            for tensor, t in batched.items():  # sequence 2's rows of every input
+                lo = t.data_ptr() + 2 * t.stride(0) * t.element_size()
+                hi = t.data_ptr() + 3 * t.stride(0) * t.element_size()
+                for program, addresses, mask in loads:
+                    hit = (addresses >= lo) & (addresses < hi)
+                    # Its own programs issue no tile load at all (empty loops), and no program reads its rows.
+                    assert not hit.any() if program // H == 2 else not (hit & mask).any(), (name, splits, tensor)
+
+
 def test_decode_attention_op():
     """The registered op (what torch.compile sees): schema, fake-tensor shapes and eager results agree."""
     gen = torch.Generator().manual_seed(1)
@@ -115,6 +186,17 @@ def test_decode_attention_op():
     k_q, v_q = (torch.randint(-127, 128, (B, H, M, D), generator=gen, dtype=torch.int8).to(DEVICE) for _ in range(2))
     k_scale, v_scale = (torch.rand(B, H, M, 1, generator=gen).half().to(DEVICE) for _ in range(2))
     args = (q, hi_k, hi_v, torch.tensor([6], device=DEVICE), None, 0, torch.tensor([5], device=DEVICE),
+            k_q, k_scale, None, v_q, v_scale, None, 1, 1, 16)
+    torch.library.opcheck(torch.ops.kvcache.decode_attention.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    # Per sequence: a hi_pos row, hi_last and n_mid each, the second sequence finished.
+    B = 2
+    q = torch.randn(B, 1, HQ, D, generator=gen).to(DEVICE).transpose(1, 2)
+    hi_k, hi_v = (torch.randn(B, H, 8, D, generator=gen).to(DEVICE) for _ in range(2))
+    k_q, v_q = (torch.randint(-127, 128, (B, H, M, D), generator=gen, dtype=torch.int8).to(DEVICE) for _ in range(2))
+    k_scale, v_scale = (torch.rand(B, H, M, 1, generator=gen).half().to(DEVICE) for _ in range(2))
+    hi_pos = torch.tensor([[0, 1, 2, 3, 12, 13, 10, 11], [-1] * 8], device=DEVICE)
+    args = (q, hi_k, hi_v, torch.tensor([7, -1], device=DEVICE), hi_pos, 4, torch.tensor([6, 0], device=DEVICE),
             k_q, k_scale, None, v_q, v_scale, None, 1, 1, 16)
     torch.library.opcheck(torch.ops.kvcache.decode_attention.default, args,
                           test_utils=("test_schema", "test_faketensor"))
@@ -128,22 +210,31 @@ QUANT_CASES = [  # bits, key axis, group_size
 ]
 
 
+def poisoned_mid_store(bits, axis, group, B, H, M, D) -> dict:
+    """A mid store of M tokens in the layout the cache allocates (kv_cache/stores.py), poisoned: 0xAB bytes in the
+    payloads, NaN in the metadata."""
+    from kernels.formats import get_format
+    from kv_cache.stores import QuantizedStore
+
+    layout = QuantizedStore.layout(get_format(bits), group, axis, M, D)
+    store = {name: torch.full((B, H, *shape), 0xAB, dtype=torch.uint8).view(dtype).to(DEVICE)
+             for name, (shape, dtype) in layout.items() if dtype.itemsize == 1}
+    store.update({name: torch.full((B, H, *shape), float("nan"), dtype=dtype, device=DEVICE)
+                  for name, (shape, dtype) in layout.items() if dtype.itemsize > 1})
+    return store
+
+
 @pytest.mark.parametrize("bits,axis,group", QUANT_CASES, ids=[f"{b}-{a}-{g}" for b, a, g in QUANT_CASES])
 def test_quantize_into(bits, axis, group):
     """The Triton kernel writes exactly (bit for bit) what the PyTorch reference quantize_keys / quantize_values
     give, at the token offset in a device tensor, reading its source rows through an index; nothing else changes."""
     from kernels.quantize import quantize_keys, quantize_values
     from kernels.quantize_append import quantize_into
-    from kv_cache.quantize_kv import mid_layout
 
     gen = torch.Generator().manual_seed(zlib.crc32(f"{bits}{axis}{group}".encode()))
     B, H, D, M = 2, 2, 32, 48
     F = group if axis == "channel" else 1
-    layout = mid_layout(dict(bits=bits, group_size=group, k_granularity=axis), M, D)
-    store = {name: torch.full((B, H, *shape), 0xAB, dtype=torch.uint8).view(dtype).to(DEVICE)
-             for name, (shape, dtype) in layout.items() if dtype.itemsize == 1}
-    store.update({name: torch.full((B, H, *shape), float("nan"), dtype=dtype, device=DEVICE)
-                  for name, (shape, dtype) in layout.items() if dtype.itemsize > 1})
+    store = poisoned_mid_store(bits, axis, group, B, H, M, D)
     before = {name: t.clone() for name, t in store.items()}
     src_k = torch.randn(B, H, 20, D, generator=gen) * 3
     src_k[..., 3] *= 20  # an outlier channel
@@ -167,6 +258,42 @@ def test_quantize_into(bits, axis, group):
         assert torch.equal(as_bytes(t[:, :, untouched]), as_bytes(before[name][:, :, untouched])), name
 
 
+@pytest.mark.parametrize("bits,axis,group", QUANT_CASES, ids=[f"{b}-{a}-{g}" for b, a, g in QUANT_CASES])
+def test_quantize_into_per_sequence(bits, axis, group):
+    """Each sequence flushes its own ring slots (rows (B, N)) into its own mid position (start (B,)): sequence b's
+    store holds exactly what the reference path writes for it alone, and nothing else changes."""
+    from kernels.quantize import quantize_keys, quantize_values
+    from kernels.quantize_append import quantize_into
+
+    gen = torch.Generator().manual_seed(zlib.crc32(f"per-sequence-{bits}{axis}{group}".encode()))
+    B, H, D, M = 3, 2, 32, 48
+    F = group if axis == "channel" else 1
+    store = poisoned_mid_store(bits, axis, group, B, H, M, D)
+    before = {name: t.clone() for name, t in store.items()}
+    src_k = torch.randn(B, H, 20, D, generator=gen) * 3
+    src_k[..., 3] *= 20  # an outlier channel
+    src_k[:, :, 2] = 0  # an all-zero token: scale 0
+    src_v = torch.randn(B, H, 20, D, generator=gen)
+    N = 2 * F if F > 1 else 3
+    rows = torch.stack([torch.randperm(20, generator=gen)[:N] for _ in range(B)])
+    starts = [0, 3 * F, F] if F > 1 else [5, 0, 11]  # every sequence at its own mid position
+    quantize_into(src_k.to(DEVICE), src_v.to(DEVICE), rows.to(DEVICE), torch.tensor(starts, device=DEVICE),
+                  store["k_q"], store["k_scale"], store.get("k_zero"), store["v_q"], store["v_scale"],
+                  store.get("v_zero"))
+    as_bytes = lambda t: t.cpu().contiguous().view(torch.uint8)
+    for b, start in enumerate(starts):
+        expected = dict(zip(["k_q", "k_scale", "k_zero"],
+                            quantize_keys(src_k[b:b + 1, :, rows[b]], bits, axis, group)))
+        expected.update(zip(["v_q", "v_scale", "v_zero"], quantize_values(src_v[b:b + 1, :, rows[b]], bits, group)))
+        for name, t in store.items():
+            per_row = F if name.startswith("k_") and name != "k_q" else 1  # tokens per metadata row
+            lo, hi = start // per_row, (start + N) // per_row
+            assert torch.equal(as_bytes(t[b:b + 1, :, lo:hi]), as_bytes(expected[name])), (b, name)
+            untouched = torch.ones(t.shape[2], dtype=torch.bool)
+            untouched[lo:hi] = False
+            assert torch.equal(as_bytes(t[b, :, untouched]), as_bytes(before[name][b, :, untouched])), (b, name)
+
+
 def test_quantize_into_op():
     """The registered op declares its mutations (schema check) and traces with fake tensors."""
     import kernels.quantize_append  # noqa: F401  (registers the op)
@@ -180,6 +307,13 @@ def test_quantize_into_op():
             torch.zeros(B, H, M, D // 2, dtype=torch.uint8, device=DEVICE),
             torch.zeros(B, H, M, 2, dtype=torch.float16, device=DEVICE),
             torch.zeros(B, H, M, 2, dtype=torch.float16, device=DEVICE))
+    torch.library.opcheck(torch.ops.kvcache.quantize_into.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    # Per sequence: rows (B, N) and start (B,).
+    B = 2
+    k, v = torch.randn(B, H, 4, D, device=DEVICE), torch.randn(B, H, 4, D, device=DEVICE)
+    store = [torch.zeros(B, *t.shape[1:], dtype=t.dtype, device=DEVICE) for t in args[4:]]
+    args = (k, v, torch.tensor([[2, 0], [3, 1]], device=DEVICE), torch.tensor([4, 2], device=DEVICE), *store)
     torch.library.opcheck(torch.ops.kvcache.quantize_into.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 

@@ -3,7 +3,7 @@
 The references here never touch kv_cache/: `reference_logits` recomputes the model with plain, written-out attention
 in which token t attends to an explicit list of positions (with keys rotated by absolute position or by rank in that
 list), and the lists come from a few lines of Python that restate the eviction / quantization rules of
-notes/cache_spec.md. Random small models run in float64 so that exact comparisons are exact.
+kv_cache/stores.py. Random small models run in float64 so that exact comparisons are exact.
 """
 import argparse
 import importlib.util
@@ -287,7 +287,7 @@ def test_int8_quantize_kv_tracks_full_on_smollm2(smollm2):
 
 
 def spec_bytes(strategy, options, batch_size, max_seq_length, n_kv_head, head_dim, dtype_bytes):
-    """The storage notes/cache_spec.md lays out, counted by hand."""
+    """The storage kv_cache/stores.py lays out, counted by hand."""
     S, W = options.get("sink_size", 16), options.get("window_size", 32)
     BH, D = batch_size * n_kv_head, head_dim
     if strategy == "full":
@@ -356,7 +356,7 @@ def test_compress_kv_streams_10k_tokens_in_constant_memory():
     assert last.isfinite().all()
     assert cache.nbytes() == n_bytes
     assert {name: (b.data_ptr(), b.shape) for name, b in cache.named_buffers()} == buffers
-    assert sorted(cache.hi_pos.tolist()) == list(range(S)) + list(range(10_000 - W, 10_000))
+    assert sorted(cache.ring.pos[0].tolist()) == list(range(S)) + list(range(10_000 - W, 10_000))
 
 
 # ---------------------------------------------------------------- static decode, options
@@ -431,7 +431,7 @@ def test_cli_options_and_capacity():
     kv_cache.STRATEGIES["quantize_kv"].add_arguments(parser)
     parsed = vars(parser.parse_args(["--bits", "2", "--group_size", "16", "--k_granularity", "token"]))
     cache = kv_cache.STRATEGIES["quantize_kv"](1, 128, 2, 64, torch.float32, "cpu", **parsed)
-    assert (cache.bits, cache.group_size, cache.k_granularity, cache.flush_size) == (2, 16, "token", 1)
+    assert (cache.opts.format.bits, cache.opts.group_size, cache.opts.k_granularity, cache.flush_size) == (2, 16, "token", 1)
     assert kv_cache.STRATEGIES["compress_kv"].capacity({}, 128) is None
     assert kv_cache.STRATEGIES["quantize_kv"].capacity({}, 128) == 128
 

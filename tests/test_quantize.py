@@ -1,9 +1,9 @@
 """The reference quantization functions (kernels/quantize.py): bit packing, codes against float64 recomputation, and
-the rounding-error bound of each format, in the mid-store layouts of notes/cache_spec.md."""
+the rounding-error bound of each format, in the mid-store layouts of kv_cache/stores.py."""
 import pytest
 import torch
 
-from kernels.quantize import (dequantize_asym, dequantize_block, dequantize_fp8, dequantize_int8, dequantize_mid,
+from kernels.quantize import (dequantize_asym, dequantize_block, dequantize_mid, dequantize_scaled,
                               pack_bits, quantize_asym, quantize_block, quantize_fp8, quantize_int8, quantize_keys,
                               quantize_values, unpack_bits)
 
@@ -56,7 +56,7 @@ def test_int8_error_bound(dim):
     assert (q.double() - torch.round(ratio(x64, s64))).abs().max() <= 1  # codes as float64 would round them, ties aside
     err = (x64 - q.double() * s64).abs()
     assert_within(err, s64 / 2 + slack(x64))
-    assert torch.equal(dequantize_int8(q, scale, torch.float32), (q.float() * scale.float()))
+    assert torch.equal(dequantize_scaled(q, scale, torch.float32), (q.float() * scale.float()))
     assert (s64 * 127 >= x64.abs().amax(dim, keepdim=True)).all()  # the scale covers the range (rounded up)
     assert (s64 * 127 <= x64.abs().amax(dim, keepdim=True) * (1 + 2 ** -10) + 1e-7).all()  # ... and barely more
 
@@ -68,9 +68,9 @@ def test_fp8_error_bound():
     y, s64 = ratio(x.double(), scale.double()), scale.double()
     assert y.abs().max() <= 448 * (1 + 1e-6)
     # e4m3: 3 mantissa bits -> relative rounding error <= 2^-4 for normals, absolute 2^-10 below 2^-6 (subnormals).
-    err = (x.double() - dequantize_fp8(q, scale, torch.float64)).abs()
+    err = (x.double() - dequantize_scaled(q, scale, torch.float64)).abs()
     assert_within(err, (y.abs() * 2 ** -4 + 2 ** -10) * s64 + slack(x.double()))
-    assert not dequantize_fp8(q, scale, torch.float32).isnan().any()
+    assert not dequantize_scaled(q, scale, torch.float32).isnan().any()
 
 
 @pytest.mark.parametrize("bits", [4, 2])
