@@ -14,10 +14,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from atomic import AtomicDir
 from model import ModelArgs, rope_inv_freq
 
 REPO_DIR = Path(__file__).resolve().parent
 SETUP_HINT = "run `bash scripts/setup.sh` to prepare the default model, or pass --checkpoint_path"
+TOKENIZER_NAMES = ("tokenizer.json", "tokenizer.model")  # what tokenizer.load_tokenizer reads from a folder
 
 
 def default_checkpoint_path() -> Path:
@@ -58,11 +60,36 @@ def _one_line(e: Exception) -> str:
 
 # ---- model.pth + model_args.json -----------------------------------------------------------------------------
 
+def checkpoint_problem(directory, tokenizer: bool = True, model_file: str = "model.pth") -> str | None:
+    """Why `directory` is not a complete model.pth checkpoint, in one line, or None when it is. Complete: the
+    weights (model_file), model_args.json and, with `tokenizer`, tokenizer.json or tokenizer.model: every file
+    generate.py reads. Presence only (cheap): a damaged file is reported by the loader that reads it."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return f"{directory} does not exist"
+    missing = [name for name in (model_file, "model_args.json") if not (directory / name).is_file()]
+    if tokenizer and not any((directory / name).is_file() for name in TOKENIZER_NAMES):
+        missing.append(" or ".join(TOKENIZER_NAMES))
+    if not missing:
+        return None
+    return f"{directory} is an incomplete checkpoint: no {', no '.join(missing)}"
+
+
+def rebuild_hint(directory) -> str:
+    """The command that rebuilds the checkpoint folder `directory` whole (the fix an incomplete one needs)."""
+    directory = Path(directory)
+    if directory.resolve() == default_checkpoint_path().parent:
+        return "rebuild it with `python scripts/prepare_checkpoint.py --force`"
+    return (f"rebuild it with `python scripts/convert_hf_checkpoint.py --checkpoint_dir HF_DIR --out_dir {directory} "
+            f"--force` (or `python scripts/prepare_checkpoint.py --out_dir {directory} --force` for SmolLM2)")
+
+
 def load_pth(path: Path, dtype=None) -> tuple[ModelArgs, dict]:
     args_path = path.parent / "model_args.json"
-    if not args_path.exists():
-        raise ValueError(f"{args_path} is missing, so {path} cannot be read — write the checkpoint with "
-                         "scripts/convert_hf_checkpoint.py or scripts/prepare_checkpoint.py")
+    # The tokenizer is not needed for the weights: tokenizer.py reports a missing one itself.
+    problem = checkpoint_problem(path.parent, tokenizer=False, model_file=path.name)
+    if problem:
+        raise ValueError(f"{problem}, so {path} cannot be read — {rebuild_hint(path.parent)}")
     try:
         args = ModelArgs.from_dict(json.loads(args_path.read_text()))
     except (ValueError, TypeError) as e:
@@ -78,19 +105,49 @@ def load_pth(path: Path, dtype=None) -> tuple[ModelArgs, dict]:
     return args, {k: _cast(v, dtype) for k, v in state_dict.items()}
 
 
-def write_checkpoint(out_dir, args: ModelArgs, state_dict: dict, force: bool = False) -> Path:
-    """Write out_dir/model.pth and model_args.json. Never replaces an existing model.pth unless force."""
+def check_replaceable(out_dir: Path, force: bool):
+    """Raise ValueError (one line naming the fix) unless write_checkpoint may replace out_dir: it is absent or an
+    empty folder, or force is given and it is a checkpoint folder (files only; a folder of folders, such as
+    checkpoints/ itself, is never swapped away)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file, not a folder: choose another --out_dir")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    subfolders = sorted(p.name for p in out_dir.iterdir() if p.is_dir())
+    if subfolders:
+        raise ValueError(f"{out_dir} holds folders ({', '.join(subfolders[:3])}), so it is not a checkpoint folder "
+                         "and is not replaced: choose another --out_dir")
+    if not force:
+        what = "model.pth" if (out_dir / "model.pth").exists() else "a non-empty folder"
+        raise ValueError(f"{out_dir} already exists ({what}) — pass --force to replace the whole folder, or choose "
+                         "another --out_dir")
+
+
+def _folder_mode(out_dir: Path) -> int:
+    """The permissions the new folder gets: the old folder's, else the umask's (mkdtemp would leave 0o700)."""
+    if out_dir.is_dir():
+        return out_dir.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
+def write_checkpoint(out_dir, args: ModelArgs, state_dict: dict, force: bool = False, write_extra=None) -> Path:
+    """Write out_dir as one new checkpoint folder: model.pth, model_args.json and whatever write_extra(folder)
+    adds (the tokenizer files). The folder is built beside out_dir and swapped in whole (atomic.AtomicDir): a killed
+    or failed run leaves the previous folder exactly as it was, and a finished one leaves no file of it behind (a
+    stale tokenizer.json would be loaded before the new model's tokenizer.model). An existing folder is replaced
+    only with force (check_replaceable)."""
     out_dir = Path(out_dir)
-    model_path = out_dir / "model.pth"
-    if model_path.exists() and not force:
-        raise ValueError(f"{model_path} already exists — pass --force to overwrite it, or choose another --out_dir")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Write under a temporary name first: an interrupted run must not leave a half-written model.pth behind.
-    tmp_path = out_dir / "model.pth.partial"
-    torch.save({k: v.contiguous() for k, v in state_dict.items()}, tmp_path)
-    (out_dir / "model_args.json").write_text(json.dumps(args.to_dict(), indent=2) + "\n")
-    os.replace(tmp_path, model_path)
-    return model_path
+    check_replaceable(out_dir, force)
+    mode = _folder_mode(out_dir)
+    with AtomicDir(out_dir) as tmp:
+        os.chmod(tmp, mode)
+        torch.save({k: v.contiguous() for k, v in state_dict.items()}, tmp / "model.pth")
+        (tmp / "model_args.json").write_text(json.dumps(args.to_dict(), indent=2) + "\n")
+        if write_extra is not None:
+            write_extra(tmp)
+    return out_dir / "model.pth"
 
 
 # ---- Hugging Face directory ----------------------------------------------------------------------------------

@@ -6,16 +6,22 @@ The cache strategy is a subcommand (full by default); each file in kv_cache/ add
 """
 import argparse
 import contextlib
+import json
+import math
+import os
+import re
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 import kv_cache
-from checkpoint import default_checkpoint_path, load_checkpoint
-from model import Transformer
+from atomic import atomic_write_text, check_writable_file
+from checkpoint import SETUP_HINT, default_checkpoint_path, load_checkpoint
+from model import ModelArgs, Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OUTPUTS = Path(__file__).resolve().parent / "outputs"
@@ -34,12 +40,12 @@ def setup_cache(model: Transformer, strategy: str, options: dict, batch_size: in
     """Give every layer a fresh cache of `strategy`; RoPE tables cover max(max_seq_length, rope_length) positions."""
     cache_cls = kv_cache.STRATEGIES[strategy]
     args = model.args
-    cache_cls.check_options(options, max_seq_length, args.head_dim)
+    resolved = cache_cls.check_options(options, max_seq_length, args.head_dim)  # once for all layers
     weight = model.tok_embeddings.weight
 
     def make_cache(layer_idx):
         return cache_cls(batch_size, max_seq_length, args.n_kv_head, args.head_dim, weight.dtype, weight.device,
-                         **options)
+                         options=resolved)
 
     model.setup_caches(make_cache, max(max_seq_length, rope_length))
 
@@ -54,15 +60,97 @@ def full_kv_bytes(model: Transformer, batch_size: int, tokens: int) -> int:
     return 2 * a.n_layer * batch_size * a.n_kv_head * a.head_dim * tokens * model.tok_embeddings.weight.element_size()
 
 
+def cache_bytes(args: ModelArgs, strategy: str, options: dict, batch_size: int, max_seq_length: int,
+                dtype=torch.bfloat16) -> int:
+    """What the caches of all layers allocate, from one cache built on the meta device (no memory used)."""
+    # Storage does not depend on the attention path, and the meta device has no Triton kernels to check for.
+    options = {**options, "attn_impl": "torch"}
+    cache = kv_cache.STRATEGIES[strategy](batch_size, max_seq_length, args.n_kv_head, args.head_dim, dtype,
+                                          torch.device("meta"), **options)
+    return cache.nbytes() * args.n_layer
+
+
+def generation_bytes(args: ModelArgs, strategy: str, options: dict, batch_size: int, max_seq_length: int,
+                     prompt_len: int, rope_length: int, dtype) -> int:
+    """Bytes a generation allocates beyond the weights: the caches, the float32 RoPE tables (cos, sin and the
+    angles they come from) and the prefill's logits (B, T, vocab) with their concatenated copy."""
+    rope = 4 * max(rope_length, max_seq_length) * args.head_dim * 4
+    logits = 2 * batch_size * prompt_len * args.vocab_size * dtype.itemsize
+    return cache_bytes(args, strategy, options, batch_size, max_seq_length, dtype) + rope + logits
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Memory a new allocation can still get: free GPU memory plus what this process's allocator holds unused
+    (CUDA); on the CPU the kernel's MemAvailable (free pages plus reclaimable cache), else the free physical pages."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+
+
+def largest_fitting(fits, upper: int) -> int:
+    """The largest n in 1..upper with fits(n), or 0; fits must be monotone (true up to some n, then false)."""
+    low, high = 0, upper
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
+
+
+def check_memory(model: Transformer, strategy: str, options: dict, batch_size: int, max_seq_length: int,
+                 prompt_len: int, rope_length: int, available: int = None):
+    """Before anything is allocated: a one-line ValueError when the caches and prefill buffers cannot fit in the
+    memory left after the weights, naming the largest --max_seq_length and --batch_size that would."""
+    weight = model.tok_embeddings.weight
+    available = available_memory_bytes(weight.device) if available is None else available
+
+    def needed(batch, length):
+        return generation_bytes(model.args, strategy, options, batch, length, prompt_len, rope_length, weight.dtype)
+
+    need = needed(batch_size, max_seq_length)
+    if need <= available:
+        return
+    tokens = rope_length  # prompt + new tokens: a cache of fixed capacity must hold them all
+    capacity = kv_cache.STRATEGIES[strategy].capacity
+    fixes = []
+    length_fit = largest_fitting(lambda length: needed(batch_size, length) <= available, max_seq_length)
+    if length_fit and (capacity(options, length_fit) is None or capacity(options, length_fit) >= tokens):
+        fixes.append(f"--max_seq_length {length_fit}")
+    batch_fit = largest_fitting(lambda batch: needed(batch, max_seq_length) <= available, batch_size)
+    if batch_fit:
+        fixes.append(f"--batch_size {batch_fit}")
+    fix = (" or ".join(fixes) + " fits" if fixes else
+           "even one sequence does not fit: lower --max_new_tokens or shorten the prompt, or use compress_kv")
+    where = "GPU memory" if weight.device.type == "cuda" else "memory"
+    raise ValueError(f"the {strategy} cache, RoPE tables and prefill logits need {format_bytes(need)} for "
+                     f"--max_seq_length {max_seq_length} x --batch_size {batch_size} but {format_bytes(available)} "
+                     f"of {where} is free: {fix}")
+
+
 # ---------------------------------------------------------------- generation
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k) -> torch.Tensor:
-    """Next token per row from the last position's logits (B, V): greedy when temperature is 0."""
+    """Next token per row from the last position's logits (B, V): greedy when temperature is 0; top_k None or 0
+    samples from every token. Each row draws its own noise, so the rows of a batch are independent samples."""
     if temperature <= 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
-    if top_k is not None:
+    if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
         logits = torch.where(logits < kth, float("-inf"), logits)
     probs = torch.softmax(logits.float(), dim=-1)
@@ -70,14 +158,16 @@ def sample(logits: torch.Tensor, temperature: float, top_k) -> torch.Tensor:
     return torch.argmax(probs / torch.empty_like(probs).exponential_(1), dim=-1, keepdim=True)
 
 
-def prefill(model: Transformer, tokens: torch.Tensor, start_pos: int = 0, chunk_size: int = None) -> torch.Tensor:
-    """Feed tokens (B, T) at positions start_pos.. in chunks; return logits (B, T, V)."""
+def prefill(model: Transformer, tokens: torch.Tensor, start_pos: int = 0, chunk_size: int = None,
+            rows: torch.Tensor = None) -> torch.Tensor:
+    """Feed tokens (B, T) at positions start_pos.. in chunks into cache sequences `rows` (None: the first B);
+    return logits (B, T, V)."""
     chunk_size = chunk_size or tokens.shape[1]
     logits = []
     for begin in range(0, tokens.shape[1], chunk_size):
         chunk = tokens[:, begin:begin + chunk_size]
         input_pos = torch.arange(start_pos + begin, start_pos + begin + chunk.shape[1], device=tokens.device)
-        logits.append(model(chunk, input_pos))
+        logits.append(model(chunk, input_pos, rows))
     return torch.cat(logits, dim=1)
 
 
@@ -96,43 +186,111 @@ def compile_decode(decode_fn=decode_one_token):
     return torch.compile(decode_fn, mode="reduce-overhead", fullgraph=True)
 
 
-def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature=0.0, top_k=None, eos_ids=(),
-             prefill_chunk=None, decode_fn=decode_one_token, on_token=None) -> dict:
-    """Generate up to max_new_tokens after prompt (B, T). Stops early when every row has produced an EOS."""
-    B, T = prompt.shape
-    device = prompt.device
+def prefill_prompts(model: Transformer, prompts: list[list[int]], chunk_size, temperature, top_k) -> torch.Tensor:
+    """Prefill prompt b into cache sequence b and sample each one's first new token: (B, 1). Copies of one prompt
+    are fed together; prompts of different lengths one at a time (each sequence starts at position 0, so no
+    padding is stored or attended to)."""
+    device = model.tok_embeddings.weight.device
+    if all(ids == prompts[0] for ids in prompts):
+        logits = prefill(model, torch.tensor(prompts, device=device), 0, chunk_size)
+        return sample(logits[:, -1], temperature, top_k)
+    first = []
+    for b, ids in enumerate(prompts):
+        logits = prefill(model, torch.tensor([ids], device=device), 0, chunk_size, rows=torch.tensor([b], device=device))
+        first.append(sample(logits[:, -1], temperature, top_k))
+    return torch.cat(first)
+
+
+def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, temperature=0.0, top_k=None, eos_ids=(),
+                   prefill_chunk=None, decode_fn=decode_one_token, on_token=None) -> dict:
+    """Generate up to max_new_tokens after each prompt (token id lists of any lengths) in one batch, from freshly
+    reset caches. Every sequence decodes at its own position and ends at its own EOS: from then on its position
+    stays where it is and the caches skip its attention work; the loop stops when every sequence has ended.
+
+    Returns sequences (per prompt: tokens up to and including the EOS, finish_reason "eos" or "length"), tokens
+    (B, steps) as decoded (after a sequence's EOS its row holds filler), prompt_tokens, prefill_s, decode_s and
+    decode_steps."""
+    B = len(prompts)
+    device = model.tok_embeddings.weight.device
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    model.reset_caches()
     t0 = time.perf_counter()
-    next_token = sample(prefill(model, prompt, 0, prefill_chunk)[:, -1], temperature, top_k)
+    next_token = prefill_prompts(model, prompts, prefill_chunk, temperature, top_k)
     synchronize()
     t1 = time.perf_counter()
-    new_tokens, finished = [next_token], torch.zeros(B, dtype=torch.bool, device=device)
+    input_pos = torch.tensor([len(ids) for ids in prompts], device=device)[:, None]  # where each next token goes
     eos = torch.tensor(sorted(eos_ids), device=device, dtype=torch.long)
+    new_tokens, finished = [next_token], torch.zeros(B, dtype=torch.bool, device=device)
     if on_token:
         on_token(next_token)
     for step in range(1, max_new_tokens):
         finished |= torch.isin(next_token[:, 0], eos)
-        if eos.numel() and bool(finished.all()):
-            break
-        input_pos = torch.tensor([T + step - 1], device=device)
+        if eos.numel():
+            if bool(finished.all()):
+                break
+            model.finish_sequences(finished)
         next_token = decode_fn(model, next_token, input_pos, temperature, top_k).clone()
+        input_pos = input_pos + (~finished)[:, None]
         new_tokens.append(next_token)
         if on_token:
             on_token(next_token)
     synchronize()
     t2 = time.perf_counter()
-    return {"tokens": torch.cat(new_tokens, dim=1), "prefill_s": t1 - t0, "decode_s": t2 - t1,
-            "decode_steps": len(new_tokens) - 1}
+    tokens = torch.cat(new_tokens, dim=1)
+    sequences = []
+    for row in tokens.tolist():
+        end = next((i for i, token in enumerate(row) if token in eos_ids), None)
+        sequences.append(dict(tokens=row if end is None else row[:end + 1],
+                              finish_reason="length" if end is None else "eos"))
+    return {"sequences": sequences, "tokens": tokens, "prompt_tokens": sum(map(len, prompts)), "prefill_s": t1 - t0,
+            "decode_s": t2 - t1, "decode_steps": len(new_tokens) - 1}
+
+
+def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature=0.0, top_k=None, eos_ids=(),
+             prefill_chunk=None, decode_fn=decode_one_token, on_token=None) -> dict:
+    """generate_batch for a prompt tensor (B, T): rows of one length."""
+    return generate_batch(model, prompt.tolist(), max_new_tokens, temperature, top_k, eos_ids, prefill_chunk,
+                          decode_fn, on_token)
+
+
+def warm_up(model: Transformer, decode_fn, batch_size: int, temperature: float, top_k, calls: int = 3) -> float:
+    """Call decode_fn `calls` times untimed, so compilation (and CUDA-graph recording, which takes the first calls)
+    is not counted as decode speed; return the seconds it took. It decodes at positions 0.. of the caches and
+    resets them after, and the random state is restored, so the timed run samples exactly what it would have."""
+    device = model.tok_embeddings.weight.device
+    token = torch.zeros((batch_size, 1), dtype=torch.long, device=device)
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        for pos in range(calls):  # positions (B, 1), as generate_batch passes them: the graph it will replay
+            input_pos = torch.full((batch_size, 1), pos, device=device)
+            token = decode_fn(model, token, input_pos, temperature, top_k).clone()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    model.reset_caches()
+    return time.perf_counter() - t0
+
+
+def until_eos(ids: list[int], eos_ids) -> list[int]:
+    """A row's tokens up to (not including) its first EOS: after it the row only waits for the others."""
+    for i, token in enumerate(ids):
+        if token in eos_ids:
+            return ids[:i]
+    return ids
 
 
 class TextStreamer:
-    """Prints row 0's text as tokens arrive; decodes the whole tail so multi-byte characters print whole."""
+    """Prints row 0's text as tokens arrive, up to its first EOS; decodes the whole tail so multi-byte characters
+    print whole."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+    def __init__(self, tokenizer, eos_ids=()):
+        self.tokenizer, self.eos_ids, self.ids, self.printed, self.done = tokenizer, set(eos_ids), [], "", False
 
     def __call__(self, token: torch.Tensor):
-        self.ids.append(int(token[0, 0]))
+        token_id = int(token[0, 0])
+        self.done = self.done or token_id in self.eos_ids
+        if self.done:
+            return
+        self.ids.append(token_id)
         text = self.tokenizer.decode(self.ids)
         if not text.endswith("\ufffd"):
             print(text[len(self.printed):], end="", flush=True)
@@ -145,30 +303,118 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak RSS (Linux reports KiB)
 
 
+PROFILE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+PROFILE_SUFFIXES = ("_trace.json", "_table.txt", "_memory.html")
+# Kineto (torch.profiler's C++ core) logs `USDT:2026-01-01 12:00:00 123:123 File.cpp:52] profiler_start` lines.
+KINETO_LOG_LINE = re.compile(r"[A-Z]+:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ \S+:\d+\] ")
+
+
+def check_profile_name(name: str):
+    """A profile name is a file-name stem inside outputs/: checked before any work, so no run ends by failing to
+    write (a missing folder) or writes outside outputs/ (a path)."""
+    if not PROFILE_NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"--profile {name!r} is not a name: use letters, digits and - _ . only (no folders); "
+                         "the files go to outputs/NAME_trace.json, outputs/NAME_table.txt, ...")
+    for suffix in PROFILE_SUFFIXES:
+        check_writable_file(OUTPUTS / f"{name}{suffix}")
+
+
 @contextlib.contextmanager
-def maybe_profile(name, device):
-    """With --profile NAME: a Chrome/Perfetto trace, a key-averages table and (CUDA) a memory timeline in outputs/."""
+def quiet_profiler_logs():
+    """Hold stderr (the file descriptor: Kineto writes from C++) in a file while the profiler starts, stops and
+    exports, then pass on every line that is not Kineto's own log, so none lands in the middle of streamed text."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to hold
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().decode(errors="replace").splitlines(keepends=True)
+                    if not KINETO_LOG_LINE.match(line)]
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
+
+
+def export_atomically(path: Path, export):
+    """export(name) writes a whole file at `name`; it replaces `path` only once complete (same folder, one rename).
+    The temporary name keeps path's suffix: the profiler picks the format from it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        export(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def maybe_profile(name, device, written: list = None):
+    """With --profile NAME: a Chrome/Perfetto trace, a key-averages table and (CUDA) a memory timeline in outputs/,
+    each written atomically. The files written are appended to `written` when given (the caller reports them after
+    its own output), else named on stderr."""
     if not name:
         yield
         return
+    check_profile_name(name)
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    OUTPUTS.mkdir(exist_ok=True)
-    with profile(activities=activities, record_shapes=True, profile_memory=True, with_stack=True,
-                 with_flops=True) as prof:
+    prof = profile(activities=activities, record_shapes=True, profile_memory=True, with_stack=True, with_flops=True)
+    with quiet_profiler_logs():
+        prof.start()
+    try:
         yield
-    prof.export_chrome_trace(str(OUTPUTS / f"{name}_trace.json"))
+    finally:
+        with quiet_profiler_logs():
+            prof.stop()
+    paths = [OUTPUTS / f"{name}{suffix}" for suffix in PROFILE_SUFFIXES[:3 if device.type == "cuda" else 2]]
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort_by, row_limit=40)
-    (OUTPUTS / f"{name}_table.txt").write_text(table)
-    written = [f"{name}_trace.json", f"{name}_table.txt"]
-    if device.type == "cuda":
-        prof.export_memory_timeline(str(OUTPUTS / f"{name}_memory.html"), device=str(device))
-        written.append(f"{name}_memory.html")
-    print(f"profile: wrote {', '.join('outputs/' + w for w in written)} (open the trace in https://ui.perfetto.dev)")
+    with quiet_profiler_logs():
+        export_atomically(paths[0], prof.export_chrome_trace)
+        atomic_write_text(paths[1], prof.key_averages().table(sort_by=sort_by, row_limit=40))
+        if device.type == "cuda":
+            export_atomically(paths[2], lambda tmp: prof.export_memory_timeline(tmp, device=str(device)))
+    names = [str(path.relative_to(OUTPUTS.parent)) for path in paths]
+    if written is None:
+        print(f"profile: wrote {', '.join(names)} (open the trace in https://ui.perfetto.dev)", file=sys.stderr)
+    else:
+        written.extend(names)
 
 
 # ---------------------------------------------------------------- command line
+
+
+def whole_number(minimum: int, meaning: str = "", maximum: int = None):
+    """An argparse type: an int in minimum..maximum, else one line saying what is accepted."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}{meaning}, got {value}")
+        return value
+    return parse
+
+
+def temperature_value(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 (0 = greedy), got {text}")
+    return value
 
 
 def add_common_arguments(parser, suppress=False):
@@ -178,22 +424,39 @@ def add_common_arguments(parser, suppress=False):
 
     parser.add_argument("--checkpoint_path", type=Path, default=default(None),
                         help="model.pth (gpt-fast layout), a .gguf file or a HF directory (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--prompt", default=default("Once upon a time,"))
-    parser.add_argument("--max_new_tokens", type=int, default=default(200))
-    parser.add_argument("--num_samples", type=int, default=default(1))
-    parser.add_argument("--batch_size", type=int, default=default(1), help="copies of the prompt decoded together")
-    parser.add_argument("--temperature", type=float, default=default(0.0), help="0 = greedy")
-    parser.add_argument("--top_k", type=int, default=default(None))
-    parser.add_argument("--seed", type=int, default=default(1234))
-    parser.add_argument("--device", default=default("cuda" if torch.cuda.is_available() else "cpu"))
+    parser.add_argument("--prompt", default=default("Once upon a time,"),
+                        help="the prompt text; @FILE reads it from a UTF-8 file, - from standard input, @@TEXT is "
+                             "the text @TEXT; empty: start from the tokenizer's BOS token")
+    parser.add_argument("--prompts_file", type=Path, default=default(None),
+                        help="many prompts, one a line (UTF-8; \\n in a line is a newline, \\\\ a backslash), run "
+                             "--batch_size at a time, each with its own length and end; replaces --prompt")
+    parser.add_argument("--out", type=Path, default=default(None),
+                        help="write every completion as JSON lines to this file (prompt, completion, tokens, "
+                             "finish_reason), in input order, atomically")
+    parser.add_argument("--chat", action="store_true", default=default(False),
+                        help="wrap the prompt as a user message in the checkpoint's own chat template")
+    parser.add_argument("--system", metavar="TEXT", default=default(None),
+                        help="with --chat: a system message before the prompt")
+    parser.add_argument("--max_new_tokens", type=whole_number(1), default=default(200))
+    parser.add_argument("--num_samples", type=whole_number(1), default=default(1))
+    parser.add_argument("--batch_size", type=whole_number(1), default=default(1),
+                        help="sequences decoded together: copies of --prompt, or that many prompts of "
+                             "--prompts_file at a time (every row is shown)")
+    parser.add_argument("--temperature", type=temperature_value, default=default(0.0), help="0 = greedy")
+    parser.add_argument("--top_k", type=whole_number(0, " (0 = no top-k)"), default=default(None),
+                        help="sample among the k most likely tokens; 0 or unset: among all tokens")
+    parser.add_argument("--seed", type=whole_number(-2**63, "", 2**64 - 1), default=default(1234))
+    parser.add_argument("--device", default=default("cuda" if torch.cuda.is_available() else "cpu"),
+                        help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=default(None),
                         help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--max_seq_length", type=int, default=default(None),
-                        help="tokens the cache is sized for (default: prompt + max_new_tokens)")
+    parser.add_argument("--max_seq_length", type=whole_number(1), default=default(None),
+                        help="tokens the cache is sized for (default: prompt + max_new_tokens, at most the model's "
+                             "context); checked against free memory before anything is allocated")
     parser.add_argument("--compile", action="store_true", default=default(False),
-                        help="torch.compile the decode step (CUDA graphs on GPU)")
+                        help="torch.compile the decode step (CUDA graphs on GPU); compilation is timed apart")
     parser.add_argument("--profile", metavar="NAME", default=default(None),
-                        help="write a torch.profiler trace and table as outputs/NAME*")
+                        help="write a torch.profiler trace and table as outputs/NAME* (NAME: letters, digits, - _ .)")
 
 
 def one_line_error(message):
@@ -224,64 +487,266 @@ def strategy_options(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 
 
 def resolve_device_dtype(device_name: str, dtype_name):
-    device = torch.device(device_name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA GPU is visible: run with --device cpu (or on a GPU node)")
+    try:
+        device = torch.device(device_name)
+    except RuntimeError:
+        raise ValueError(f"--device {device_name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda but no CUDA GPU is visible: run with --device cpu (or on a GPU node)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device_name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible: "
+                             f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError("--device mps but no Apple GPU is available: run with --device cpu")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {device_name}: generate.py runs on cpu or cuda (cuda:N), not {device.type}")
     dtype = DTYPES[dtype_name] if dtype_name else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     return device, dtype
 
 
-def run(args, options):
-    device, dtype = resolve_device_dtype(args.device, args.dtype)
-    if args.max_new_tokens < 1 or args.batch_size < 1 or args.num_samples < 1:
-        raise ValueError("--max_new_tokens, --batch_size and --num_samples must be at least 1")
-    checkpoint_path = args.checkpoint_path or default_checkpoint_path()
-    torch.manual_seed(args.seed)
-    from tokenizer import load_tokenizer  # imported here: scripts/bench_decode.py uses this file without gguf
-    model = load_model(checkpoint_path, device, dtype)  # first: a missing checkpoint names the set-up fix
-    tokenizer = load_tokenizer(checkpoint_path)
+def read_prompts_file(path: Path) -> list[str]:
+    """One prompt a line (UTF-8); a backslash escapes the next character: \\n is a newline, \\\\ a backslash.
+    Blank lines are skipped."""
+    try:
+        text = read_prompt(f"@{path}")
+    except ValueError as e:
+        raise ValueError(str(e).replace(f"--prompt @{path}", f"--prompts_file {path}")) from None
+    prompts = [re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), line)
+               for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts_file {path} holds no prompt: write one prompt a line")
+    return prompts
 
-    prompt_ids = ([tokenizer.bos_id] if tokenizer.add_bos else []) + tokenizer.encode(args.prompt)
-    T = len(prompt_ids)
+
+def read_prompt(value: str) -> str:
+    """--prompt TEXT as it is, @FILE the file's text, - standard input (both UTF-8, read exactly as written, a
+    trailing newline included); @@TEXT is the literal text @TEXT."""
+    if value.startswith("@@"):
+        return value[1:]
+    if value == "-":
+        source = "standard input"
+        data = sys.stdin.buffer.read()
+    elif value.startswith("@"):
+        path = Path(value[1:])
+        source = str(path)
+        if not path.is_file():
+            raise ValueError(f"--prompt {value}: {path} " + ("is a folder" if path.is_dir() else "does not exist") +
+                             ": give an existing text file after @ (@@TEXT for a prompt that starts with @)")
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ValueError(f"--prompt {value}: cannot read {path} ({e.strerror}): check its permissions") from None
+    else:
+        return value
+    try:
+        return data.decode("utf-8-sig")  # a leading byte-order mark is not part of the prompt
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompt {value}: {source} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                         f"{e.start}): convert it to UTF-8 (e.g. iconv -t UTF-8)") from None
+
+
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".gguf", ".safetensors")
+
+
+def check_checkpoint_path(path: Path):
+    """Fail fast, before the tokenizer and the weights load, on a path that cannot be a checkpoint: the same
+    layouts checkpoint.load_checkpoint reads."""
+    if not path.exists():
+        raise ValueError(f"checkpoint not found: {path} — {SETUP_HINT}")
+    if path.is_dir():
+        hf = (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+        if not (hf or (path / "model.pth").is_file() or len(list(path.glob("*.gguf"))) == 1):
+            raise ValueError(f"no checkpoint in {path}: expected model.pth with model_args.json, one .gguf file, or "
+                             "config.json with *.safetensors — convert one with scripts/convert_hf_checkpoint.py, "
+                             "or pass the checkpoint file itself as --checkpoint_path")
+    elif path.suffix not in CHECKPOINT_SUFFIXES and path.name != "config.json":
+        raise ValueError(f"{path} is not a checkpoint file: pass a model.pth (model_args.json beside it), a .gguf "
+                         "file or a Hugging Face directory as --checkpoint_path")
+
+
+def check_options(args):
+    """Options that contradict each other, or name files that cannot be written: checked before any loading."""
+    if args.system is not None and not args.chat:
+        raise ValueError("--system is a chat message: add --chat (or put the text into --prompt)")
+    if args.prompts_file is not None and args.num_samples > 1:
+        raise ValueError("--num_samples repeats one --prompt: with --prompts_file write a prompt on several lines")
+    if args.out is not None:
+        check_writable_file(args.out)
+    if args.profile is not None:  # "" too: a name that is no name
+        check_profile_name(args.profile)
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def prompt_tokens(tokenizer, text: str, chat: bool, system) -> list[int]:
+    """The prompt's token ids: the chat template's rendering (which adds BOS itself where the model wants it,
+    as transformers' apply_chat_template) or the text after BOS when the tokenizer asks for one. An empty prompt
+    starts from BOS."""
+    if chat:
+        if not tokenizer.chat_template:
+            raise ValueError("--chat: this checkpoint has no chat template (no chat_template in its "
+                             "tokenizer_config.json or GGUF metadata): drop --chat and write the prompt in the "
+                             "model's own format")
+        messages = ([{"role": "system", "content": system}] if system is not None else [])
+        messages.append({"role": "user", "content": text})
+        ids = tokenizer.encode(tokenizer.apply_chat_template(messages))
+        if not ids:
+            raise ValueError("--chat: the checkpoint's chat template rendered nothing: fix its chat_template")
+        return ids
+    ids = ([tokenizer.bos_id] if tokenizer.add_bos else []) + tokenizer.encode(text)
+    if ids:
+        return ids
+    if tokenizer.bos_id is None:
+        raise ValueError("the prompt is empty and this tokenizer has no BOS token to start from: give --prompt TEXT")
+    return [tokenizer.bos_id]
+
+
+def run(args, options):
+    # Everything that can be checked without the weights is checked first, so a bad command line fails in seconds.
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    check_options(args)
+    kv_cache.base.attn_impl_for(options.get("attn_impl"), device)  # e.g. --attn_impl triton on a CPU
+    if args.top_k and args.temperature == 0:
+        warn("--top_k has no effect with --temperature 0 (greedy decoding): set --temperature to sample")
+    texts = read_prompts_file(args.prompts_file) if args.prompts_file else [read_prompt(args.prompt)]
+    checkpoint_path = args.checkpoint_path or default_checkpoint_path()
+    check_checkpoint_path(checkpoint_path)  # first: a missing checkpoint names the set-up fix
+    from tokenizer import load_tokenizer  # imported here: scripts/bench_decode.py uses this file without gguf
+    tokenizer = load_tokenizer(checkpoint_path)
+    prompts = [prompt_tokens(tokenizer, text, args.chat, args.system) for text in texts]
+    # --prompt: batch_size copies of it; --prompts_file: batch_size prompts at a time, in input order.
+    batches = ([[prompts[0]] * args.batch_size] if args.prompts_file is None else
+               [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)])
+    batch_size = max(map(len, batches))
+    T = max(map(len, prompts))
     total = T + args.max_new_tokens
-    max_seq_length = args.max_seq_length or min(total, model.args.max_position_embeddings)
+    torch.manual_seed(args.seed)
+    model = load_model(checkpoint_path, device, dtype)
+
+    largest_id = max(max(ids) for ids in prompts)
+    if largest_id >= model.args.vocab_size:
+        raise ValueError(f"the tokenizer gives token id {largest_id} but the model has {model.args.vocab_size} "
+                         f"embeddings: {checkpoint_path}'s tokenizer files belong to another model")
+    trained = model.args.max_position_embeddings
+    max_seq_length = args.max_seq_length or min(total, trained)
     capacity = kv_cache.STRATEGIES[args.strategy].capacity(options, max_seq_length)
     if capacity is not None and total > capacity:
         raise ValueError(f"prompt ({T} tokens) + --max_new_tokens ({args.max_new_tokens}) = {total} tokens but the "
                          f"{args.strategy} cache holds {capacity}: raise --max_seq_length, shorten the prompt or use compress_kv")
-    setup_cache(model, args.strategy, options, args.batch_size, max_seq_length, rope_length=total)
-    prompt = torch.tensor([prompt_ids] * args.batch_size, device=device)
-
-    decode_fn = decode_one_token
-    if args.compile:
-        decode_fn = compile_decode()
+    check_memory(model, args.strategy, options, batch_size, max_seq_length, T, rope_length=total)
+    if max_seq_length > trained:
+        warn(f"--max_seq_length {max_seq_length} is past the model's trained context ({trained} positions): "
+             "text past it degrades (compress_kv keeps positions inside its window)")
+    setup_cache(model, args.strategy, options, batch_size, max_seq_length, rope_length=total)
 
     print(f"model: {checkpoint_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, {dtype}, "
-          f"{device}); cache: {args.strategy} {options}")
-    results = []
-    for i in range(args.num_samples):
-        for cache in model.caches():
-            cache.reset()
-        profiling = args.profile if i == args.num_samples - 1 else None  # profile the last, warmest sample
-        streamer = TextStreamer(tokenizer)
-        print(args.prompt, end="", flush=True)
-        with maybe_profile(profiling, device):
-            out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, tokenizer.eos_ids,
-                           prefill_chunk=max_seq_length, decode_fn=decode_fn, on_token=streamer)
-        print()
-        results.append(out)
+          f"{device}); cache: {args.strategy} {options}" + ("; chat template applied" if args.chat else ""))
+    decode_fn = decode_one_token
+    compile_s = None
+    if args.compile:
+        decode_fn = compile_decode()
+        if args.max_new_tokens > 1:  # a single new token never calls the decode step
+            compile_s = warm_up(model, decode_fn, batch_size, args.temperature, args.top_k,
+                                calls=min(3, max_seq_length))
+    if args.prompts_file is None:
+        results = generate_prompt(args, model, tokenizer, batches[0], texts[0], decode_fn, device, max_seq_length)
+    else:
+        results = generate_prompts_file(args, model, tokenizer, batches, texts, decode_fn, device, max_seq_length)
+    report(args, model, results, compile_s, batch_size, max_seq_length, device)
 
-    timed = results[1:] if len(results) > 1 else results  # the first sample pays compilation and warm-up
-    prefill_tps = sum(T * args.batch_size for _ in timed) / sum(r["prefill_s"] for r in timed)
-    decode_tokens = sum(r["decode_steps"] * args.batch_size for r in timed)
+
+def generate_prompt(args, model, tokenizer, batch, text, decode_fn, device, max_seq_length) -> list[dict]:
+    """--prompt: row 0 streams as it is generated, the other rows follow in full; --num_samples times."""
+    shown_prompt = "" if args.chat else text  # in chat mode the answer is shown, not the template
+    results, profile_files = [], []
+    for i in range(args.num_samples):
+        profiling = args.profile if i == args.num_samples - 1 else None  # profile the last, warmest sample
+        streamer = TextStreamer(tokenizer, tokenizer.eos_ids)
+        if len(batch) > 1:
+            print(f"--- row 0 of {len(batch)} ---")
+        print(shown_prompt, end="", flush=True)
+        with maybe_profile(profiling, device, profile_files):
+            out = generate_batch(model, batch, args.max_new_tokens, args.temperature, args.top_k, tokenizer.eos_ids,
+                                 prefill_chunk=max_seq_length, decode_fn=decode_fn, on_token=streamer)
+        print()  # ends the streamed line before anything else is printed
+        print_other_rows(tokenizer, out["tokens"], shown_prompt)
+        out["profile_files"] = profile_files
+        results.append(out)
+    if args.out is not None:
+        write_jsonl(args.out, tokenizer, [text] * len(batch), [seq for r in results for seq in r["sequences"]])
+    return results
+
+
+def generate_prompts_file(args, model, tokenizer, batches, texts, decode_fn, device, max_seq_length) -> list[dict]:
+    """--prompts_file: the prompts run --batch_size at a time; each completion is printed (and written to --out)
+    in input order as its batch ends."""
+    results, sequences, profile_files = [], [], []
+    for i, batch in enumerate(batches):
+        profiling = args.profile if i == len(batches) - 1 else None
+        with maybe_profile(profiling, device, profile_files):
+            out = generate_batch(model, batch, args.max_new_tokens, args.temperature, args.top_k, tokenizer.eos_ids,
+                                 prefill_chunk=max_seq_length, decode_fn=decode_fn)
+        for seq in out["sequences"]:
+            index = len(sequences)
+            shown = "" if args.chat else texts[index]
+            print(f"--- prompt {index} ({seq['finish_reason']}, {len(seq['tokens'])} tokens) ---")
+            print(shown + tokenizer.decode(until_eos(seq["tokens"], tokenizer.eos_ids)))
+            sequences.append(seq)
+        if args.out is not None:  # after every batch: a run cut short keeps the completions it made
+            write_jsonl(args.out, tokenizer, texts[:len(sequences)], sequences)
+        out["profile_files"] = profile_files
+        results.append(out)
+    return results
+
+
+def write_jsonl(path: Path, tokenizer, texts: list[str], sequences: list[dict]):
+    rows = [json.dumps(dict(index=i, prompt=text, completion=tokenizer.decode(until_eos(seq["tokens"],
+                                                                                          tokenizer.eos_ids)),
+                            tokens=seq["tokens"], finish_reason=seq["finish_reason"]), ensure_ascii=False)
+            for i, (text, seq) in enumerate(zip(texts, sequences))]
+    atomic_write_text(path, "".join(row + "\n" for row in rows))
+
+
+def report(args, model, results, compile_s, batch_size, max_seq_length, device):
+    # With several samples the first is left out: it pays the warm-up of eager PyTorch (and of compilation when
+    # --compile runs a single new token); --compile's own warm-up above already kept compilation out.
+    timed = results[1:] if args.num_samples > 1 else results
+    prefill_tps = sum(r["prompt_tokens"] for r in timed) / sum(r["prefill_s"] for r in timed)
+    decode_tokens = sum(r["decode_steps"] * r["tokens"].shape[0] for r in timed)
     decode_s = sum(r["decode_s"] for r in timed)
     held = kv_bytes(model)
-    baseline = full_kv_bytes(model, args.batch_size, max_seq_length)
-    print(f"prompt tokens: {T}, new tokens: {results[-1]['tokens'].shape[1]} x batch {args.batch_size}")
+    baseline = full_kv_bytes(model, batch_size, max_seq_length)
+    sequences = [seq for r in results for seq in r["sequences"]]
+    n_eos = sum(seq["finish_reason"] == "eos" for seq in sequences)
+    print(f"prompt tokens: {sum(r['prompt_tokens'] for r in results)}, new tokens: {sum(len(seq['tokens']) for seq in sequences)} in "
+          f"{len(sequences)} sequence(s) ({n_eos} ended at EOS), batch {batch_size}")
     print(f"prefill: {prefill_tps:.1f} tokens/s, decode: {decode_tokens / decode_s if decode_s else float('nan'):.2f} tokens/s")
+    if compile_s is not None:
+        print(f"compile: {compile_s:.1f} s (compilation and warm-up of the decode step, before and apart from the "
+              "timed decode)")
     print(f"KV cache: {held / 2**20:.2f} MiB allocated ({held / baseline:.3f}x the full cache's "
           f"{baseline / 2**20:.2f} MiB for {max_seq_length} tokens)")
     print(f"peak memory: {peak_memory_bytes(device) / 2**30:.2f} GiB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
+    if args.out is not None:
+        print(f"wrote {len(sequences)} completion(s) to {args.out}")
+    profile_files = results[-1]["profile_files"]
+    if profile_files:
+        print(f"profile: wrote {', '.join(profile_files)} (open the trace in https://ui.perfetto.dev)")
+
+
+def print_other_rows(tokenizer, tokens: torch.Tensor, shown_prompt: str):
+    """Rows 1.. of a batch (row 0 was streamed), each up to its EOS; a row equal to row 0 (greedy) says so."""
+    rows = [until_eos(row, tokenizer.eos_ids) for row in tokens.tolist()]
+    for i, row in enumerate(rows[1:], start=1):
+        if row == rows[0]:
+            print(f"--- row {i} of {len(rows)}: the same text as row 0 ---")
+        else:
+            print(f"--- row {i} of {len(rows)} ---")
+            print(shown_prompt + tokenizer.decode(row))
 
 
 def main(argv=None):
@@ -291,9 +756,19 @@ def main(argv=None):
     try:
         run(args, options)
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {' '.join(str(e).split())}")  # one line, whatever a library put into the message
     except torch.cuda.OutOfMemoryError:
         sys.exit("error: out of GPU memory: lower --max_seq_length or --batch_size, or use quantize_kv/compress_kv")
+    except RuntimeError as e:
+        if "can't allocate memory" not in str(e) and "not enough memory" not in str(e):
+            raise
+        sys.exit("error: out of memory: lower --max_seq_length or --batch_size, or use quantize_kv/compress_kv")
+    except KeyboardInterrupt:
+        print(flush=True)
+        sys.exit("error: interrupted")
+    except BrokenPipeError:  # stdout closed early (| head): stop quietly, and keep Python from complaining at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":

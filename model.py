@@ -166,10 +166,10 @@ class Transformer(nn.Module):
         for cache in self.caches():
             cache.reset(rows)
 
-    def finish_sequences(self, rows: Tensor):
-        """Sequences `rows` have ended; the caches may skip their attention work until they are reset."""
+    def finish_sequences(self, finished: Tensor):
+        """finished (B,) bool: those sequences have ended; the caches may skip their attention work until reset."""
         for cache in self.caches():
-            cache.finish(rows)
+            cache.finish(finished)
 
     def forward(self, idx: Tensor, input_pos: Tensor, rows: Optional[Tensor] = None) -> Tensor:
         """idx (B, T) token ids at positions input_pos: (T,) shared by the rows, or (B, T) one row per sequence,

@@ -8,8 +8,12 @@ load_tokenizer(path) picks the backend from what it finds:
 tokenizer.json wins when both are there: it also knows the tokens a fine-tune added and, with
 generation_config.json, every stop token (Llama-3.1 has three).
 encode() never adds BOS: the caller puts bos_id first when add_bos is true.
+The chat template comes with the tokenizer: GGUF metadata `tokenizer.chat_template`, or in a directory
+chat_template.jinja / tokenizer_config.json's chat_template. apply_chat_template() renders it with jinja2 exactly as
+transformers' apply_chat_template does.
 """
 import base64
+import datetime
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +34,69 @@ class Tokenizer:
     eos_ids: set[int]  # any of these ends generation
     add_bos: bool  # whether a prompt should start with bos_id
     vocab_size: int
+    chat_template: str | None = None  # Jinja source, as the checkpoint ships it
+    bos_token: str | None = None  # token texts, the chat template's bos_token / eos_token variables
+    eos_token: str | None = None
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation as the model was trained to read it (text; encode() turns its special tokens into ids).
+        With add_generation_prompt the text ends where the assistant's answer begins."""
+        if not self.chat_template:
+            raise ValueError("this checkpoint has no chat template (no chat_template in its tokenizer_config.json "
+                             "or GGUF metadata)")
+        special = {"bos_token": self.bos_token, "eos_token": self.eos_token}
+        return render_chat_template(self.chat_template, messages, add_generation_prompt,
+                                    **{k: v for k, v in special.items() if v is not None})
+
+
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = True, **variables) -> str:
+    """Render a Hugging Face chat template as transformers does (utils/chat_template_utils.py): a sandboxed,
+    immutable Jinja environment (templates come from model repositories: untrusted code) with trim_blocks and
+    lstrip_blocks, the loopcontrols extension, the {% generation %} tag, and the helpers templates call:
+    raise_exception, strftime_now and a tojson that does not escape HTML. Template errors are one-line ValueErrors."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(jinja2.ext.Extension):
+        """{% generation %}...{% endgeneration %} marks the assistant's tokens for training masks; rendering keeps
+        the body as it is (transformers' AssistantTracker when it is not tracking)."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(format):
+        return datetime.datetime.now().strftime(format)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    try:
+        compiled = env.from_string(template)
+        return compiled.render(messages=messages, tools=None, documents=None,
+                               add_generation_prompt=add_generation_prompt, **variables)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ValueError(f"the checkpoint's chat template is not valid Jinja (line {e.lineno}: {e.message}): "
+                         "fix chat_template in its tokenizer_config.json") from None
+    except jinja2.exceptions.TemplateError as e:  # raise_exception(...), an undefined name, the sandbox
+        reason = " ".join(str(e).split())
+        raise ValueError(f"the checkpoint's chat template refused the conversation: {reason}") from None
+    except (TypeError, KeyError, IndexError, AttributeError) as e:  # e.g. a message field the template expects
+        raise ValueError(f"the checkpoint's chat template failed ({type(e).__name__}: {e}): it expects other "
+                         "messages than a user prompt (and --system)") from None
 
 
 # Llama-3, as Meta's llama3/tokenizer.py (and gpt-fast) define it.
@@ -76,13 +143,19 @@ def load_tokenizer(path) -> Tokenizer:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ValueError(f"{path} does not exist; pass an existing .gguf file or a checkpoint directory")
-        tokenizer, bos_token, eos_tokens, add_bos, _ = _read_gguf_tokenizer(path)
-        return _from_hf(tokenizer, bos_token, {tokenizer.token_to_id(token) for token in eos_tokens}, add_bos)
+        tokenizer, bos_token, eos_tokens, add_bos, chat_template = _read_gguf_tokenizer(path)
+        eos_ids = {tokenizer.token_to_id(token) for token in eos_tokens}
+        return _from_hf(tokenizer, bos_token, eos_ids, add_bos, chat_template, eos_tokens[0] if eos_tokens else None)
     directory = path if path.is_dir() else path.parent
     if (directory / "tokenizer.json").is_file():
         return _from_tokenizer_json(directory)
     if (directory / "tokenizer.model").is_file():
-        return _from_tokenizer_model(directory / "tokenizer.model")
+        tokenizer = _from_tokenizer_model(directory / "tokenizer.model")
+        config = _tokenizer_config(directory)  # a HF directory's chat template, when one sits beside
+        tokenizer.chat_template = _chat_template(directory, config)
+        tokenizer.bos_token = _content(config.get("bos_token")) or tokenizer.bos_token
+        tokenizer.eos_token = _content(config.get("eos_token")) or tokenizer.eos_token
+        return tokenizer
     raise ValueError(
         f"no tokenizer in {directory}: copy the model's tokenizer.model or tokenizer.json there "
         "(or convert a GGUF with scripts/prepare_checkpoint.py)"
@@ -133,6 +206,8 @@ def _from_tokenizer_model(model_path: Path) -> Tokenizer:
         eos_ids={special_ids["<|end_of_text|>"], special_ids["<|eot_id|>"]},
         add_bos=True,
         vocab_size=encoding.n_vocab,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|end_of_text|>",
     )
 
 
@@ -153,6 +228,8 @@ def _from_sentencepiece(model_path: Path) -> Tokenizer:
         eos_ids={eos_id} if eos_id >= 0 else set(),
         add_bos=bos_id >= 0,
         vocab_size=processor.vocab_size(),
+        bos_token=processor.id_to_piece(bos_id) if bos_id >= 0 else None,
+        eos_token=processor.id_to_piece(eos_id) if eos_id >= 0 else None,
     )
 
 
@@ -163,22 +240,40 @@ def _from_tokenizer_json(directory: Path) -> Tokenizer:
         raise ValueError(
             f"cannot read {directory / 'tokenizer.json'} ({e}); replace it with the model's original tokenizer.json"
         ) from None
+    config = _tokenizer_config(directory)
+    eos_token = _content(config.get("eos_token"))
+    eos_ids = {tokenizer.token_to_id(eos_token)} if eos_token else set()
+    if (directory / "generation_config.json").is_file():  # where HF dirs list every stop token (Llama-3: eot too)
+        generation_eos = json.loads((directory / "generation_config.json").read_text()).get("eos_token_id")
+        eos_ids |= {generation_eos} if isinstance(generation_eos, int) else set(generation_eos or [])
+    return _from_hf(tokenizer, _content(config.get("bos_token")), eos_ids - {None}, config.get("add_bos_token"),
+                    _chat_template(directory, config), eos_token)
+
+
+def _tokenizer_config(directory: Path) -> dict:
     config = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the later file wins
         if (directory / name).is_file():
             config.update(json.loads((directory / name).read_text()))
-
-    def content(token):  # tokenizer_config writes a token as "<s>" or {"content": "<s>", ...}
-        return token["content"] if isinstance(token, dict) else token
-
-    eos_ids = {tokenizer.token_to_id(content(config["eos_token"]))} if config.get("eos_token") else set()
-    if (directory / "generation_config.json").is_file():  # where HF dirs list every stop token (Llama-3: eot too)
-        generation_eos = json.loads((directory / "generation_config.json").read_text()).get("eos_token_id")
-        eos_ids |= {generation_eos} if isinstance(generation_eos, int) else set(generation_eos or [])
-    return _from_hf(tokenizer, content(config.get("bos_token")), eos_ids - {None}, config.get("add_bos_token"))
+    return config
 
 
-def _from_hf(tokenizer: HFTokenizer, bos_token, eos_ids, add_bos) -> Tokenizer:
+def _content(token):  # tokenizer_config writes a token as "<s>" or {"content": "<s>", ...}
+    return token["content"] if isinstance(token, dict) else token
+
+
+def _chat_template(directory: Path, config: dict):
+    """The directory's chat template, where transformers looks: chat_template.jinja (what transformers >= 4.50
+    saves) before tokenizer_config.json's chat_template, which may also be a list of named templates ("default")."""
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        template = {entry.get("name"): entry.get("template") for entry in template}.get("default")
+    return template or None
+
+
+def _from_hf(tokenizer: HFTokenizer, bos_token, eos_ids, add_bos, chat_template=None, eos_token=None) -> Tokenizer:
     bos_id = tokenizer.token_to_id(bos_token) if bos_token else None
     if add_bos is None:  # no flag: does the post-processor put BOS first (HF Llama-3 dirs)?
         add_bos = bos_id is not None and tokenizer.encode("a").ids[:1] == [bos_id]
@@ -189,6 +284,9 @@ def _from_hf(tokenizer: HFTokenizer, bos_token, eos_ids, add_bos) -> Tokenizer:
         eos_ids=eos_ids,
         add_bos=bool(add_bos),
         vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
+        chat_template=chat_template or None,
+        bos_token=bos_token or None,
+        eos_token=eos_token,
     )
 
 

@@ -33,7 +33,9 @@ def _round_e4m3(y):
     exponent = ((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     ulp_exponent = tl.maximum(exponent, -6) - 3  # 3 mantissa bits; below 2**-6 the spacing stays 2**-9
     ulp = ((ulp_exponent + 127) << 23).to(tl.float32, bitcast=True)
-    return _round_half_even(tl.math.div_rn(y, ulp)) * ulp
+    rounded = _round_half_even(tl.math.div_rn(y, ulp)) * ulp
+    # A small negative value that rounds to zero keeps its sign, as torch's cast stores it (-0, byte 0x80).
+    return tl.where(rounded == 0, y * 0.0, rounded)
 
 
 @triton.jit

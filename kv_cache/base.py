@@ -79,8 +79,8 @@ class KVCache(nn.Module):
     shared by the R sequences or (R, T) per sequence, each row consecutive and continuing what the cache holds for
     that sequence, the model's RoPE tables and rows (R,): which of the cache's sequences they are (None: the first
     R). It stores k, v and returns the attention output (R, n_head, T, head_dim) of the new tokens over everything
-    the cache keeps. A prefill chunk (T > 1) has the same positions in every row it feeds; a decode step (T = 1)
-    feeds the first R sequences, each at its own position.
+    the cache keeps. A decode step (T = 1, rows None) feeds the first R sequences, each at its own position; any
+    other call is a prefill chunk, with the same positions in every row it feeds.
     """
 
     name = ""
@@ -124,6 +124,12 @@ class KVCache(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, rope_cos: Tensor, rope_sin: Tensor,
                 rows: Optional[Tensor] = None) -> Tensor:
         raise NotImplementedError
+
+    @staticmethod
+    def is_decode(q: Tensor, rows: Optional[Tensor]) -> bool:
+        """The static decode step: one token for each of the first R sequences. Any other call (a one-token prompt
+        fed into chosen rows too) is a prefill chunk."""
+        return q.shape[2] == 1 and rows is None
 
     def rows_and_positions(self, q: Tensor, input_pos: Tensor, rows: Optional[Tensor]):
         """(rows (R,), sel, positions (R, T)) of a call, whichever form they came in; sel indexes the stores' rows: a
@@ -179,9 +185,10 @@ class KVCache(nn.Module):
             module.reset(rows)
         self.active[rows] = True
 
-    def finish(self, rows: Tensor):
-        """Sequences `rows` have ended: their decode steps stop costing attention work (fused kernel)."""
-        self.active[rows] = False
+    def finish(self, finished: Tensor):
+        """finished (B,) bool: the sequences that have ended stop costing attention work (fused kernel) until they
+        are reset. An elementwise update, so a decode loop calls it every step without a host sync."""
+        self.active[:finished.shape[0]] &= ~finished
 
 
 def rotate(x: Tensor, pos: Tensor, rope_cos: Tensor, rope_sin: Tensor) -> Tensor:

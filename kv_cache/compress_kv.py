@@ -93,10 +93,11 @@ class CompressKVCache(KVCache):
     def forward(self, q, k, v, input_pos, rope_cos, rope_sin, rows=None):
         if self.as_full:  # rank in the cache = absolute position while nothing is evicted: both rope modes agree
             return FullCache.forward(self, q, k, v, input_pos, rope_cos, rope_sin, rows)
+        decode = self.is_decode(q, rows)
         rows, sel, pos = self.rows_and_positions(q, input_pos, rows)
         if self.rope_positions == "original":
             q, k = rotate(q, pos, rope_cos, rope_sin), rotate(k, pos, rope_cos, rope_sin)
-        if q.shape[2] == 1:
+        if decode:
             return self._decode(q, k, v, pos, rows, rope_cos, rope_sin)
         return self._prefill(q, k, v, pos, rows, sel, rope_cos, rope_sin)
 

@@ -15,11 +15,12 @@ class FullCache(KVCache):
         self.store = DenseStore(batch_size, n_kv_head, max_seq_length, head_dim, dtype, device)
 
     def forward(self, q, k, v, input_pos, rope_cos, rope_sin, rows=None):
+        decode = self.is_decode(q, rows)
         rows, sel, pos = self.rows_and_positions(q, input_pos, rows)
         q, k = rotate(q, pos, rope_cos, rope_sin), rotate(k, pos, rope_cos, rope_sin)
         self.store.write(rows, pos, k, v)
         R = q.shape[0]
-        if q.shape[2] == 1:  # decode: the first R sequences, each up to its own position
+        if decode:  # the first R sequences, each up to its own position
             return self.attend_decode(q, self.store.k[:R], self.store.v[:R], hi_last=pos[:, 0])
         # Prefill: attend over the whole buffer (static shapes, as gpt-fast), masking slots after each query.
         mask = torch.arange(self.max_seq_length, device=q.device) <= pos[0, :, None]

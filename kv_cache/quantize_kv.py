@@ -121,9 +121,10 @@ class QuantizeKVCache(KVCache):
         return (ring_pos >= 0) & ((ring_pos < S) | (ring_pos >= S + n_mid))
 
     def forward(self, q, k, v, input_pos, rope_cos, rope_sin, rows=None):
+        decode = self.is_decode(q, rows)
         rows, sel, pos = self.rows_and_positions(q, input_pos, rows)
         q, k = rotate(q, pos, rope_cos, rope_sin), rotate(k, pos, rope_cos, rope_sin)
-        if q.shape[2] == 1:
+        if decode:
             return self._decode(q, k, v, pos, rows)
         return self._prefill(q, k, v, pos, rows, sel)
 

@@ -9,7 +9,8 @@ Apache-2.0; scripts/setup.sh installs it --no-deps). Nothing is downloaded at ru
 
 The retrieval prompts are built here: a passkey hidden in filler text (Mohtashami & Jaggi 2023, the test of
 StreamingLLM and LongLoRA) and a SQuAD question whose paragraph sits at a chosen depth among distractor paragraphs
-(RULER's qa_1 task). Both are deterministic in (seed, length, depth, sample), so every strategy sees the same prompts.
+(RULER's qa_1 task). Both are deterministic in (seed, length, depth, sample), so every strategy sees the same prompts,
+and exactly as long as asked (token ids, built part by part); a length too short for the fixed parts is a TooShort.
 """
 import functools
 import importlib.util
@@ -82,48 +83,98 @@ QA_QUESTION = ("\n\nAnswer the question based on the given documents. Only give 
                "other words.\n\nQuestion: {question} Answer:")
 
 
-def _place(units: list[str], needle: str, depth: float) -> list[str]:
+class TooShort(ValueError):
+    """The length asked for cannot hold the prompt's fixed parts; `minimum` is the shortest that can."""
+
+    def __init__(self, task: str, minimum: int):
+        super().__init__(f"a {task} prompt needs at least {minimum} tokens")
+        self.minimum = minimum
+
+
+def _place(units: list, needle, depth: float) -> list:
     at = round(depth * len(units))
     return units[:at] + [needle] + units[at:]
 
 
-def _fill(count_tokens, budget: int, next_unit) -> list[str]:
-    """Units from next_unit() while their tokens fit in budget."""
-    units, used = [], 0
+def _filler_ids(encode, n_tokens: int, leading_space: bool) -> list[int]:
+    """The first n_tokens of the filler repeated (cut at a token, wherever that falls in a sentence)."""
+    repeats = n_tokens // 8 + 2
     while True:
-        unit = next_unit()
-        used += count_tokens(unit)
-        if used > budget:
-            return units
-        units.append(unit)
+        ids = encode((" " if leading_space else "") + " ".join([PASSKEY_FILLER] * repeats))
+        if len(ids) >= n_tokens:
+            return ids[:n_tokens]
+        repeats *= 2
 
 
-def passkey_sample(count_tokens, length: int, depth: float, rng: random.Random) -> dict:
-    """A ~length-token prompt with a 5-digit pass key at `depth` (0 = start, 1 = end) of the filler."""
+# The prompts are built from token ids, each part encoded on its own (every part starts at a word or line boundary,
+# where a tokenizer splits anyway), so a prompt has exactly the length asked for: the filler is cut to the token.
+
+
+def passkey_sample(encode, length: int, depth: float, rng: random.Random) -> dict:
+    """A prompt of exactly `length` tokens (encode: text -> ids, no BOS): the intro, filler with a 5-digit pass key
+    at `depth` (0 = start, 1 = end) of it, the question."""
     key = str(rng.randint(10000, 99999))
-    needle = PASSKEY_NEEDLE.format(key=key)
-    budget = length - count_tokens(PASSKEY_INTRO + needle + PASSKEY_QUESTION)
-    units = _fill(count_tokens, budget, lambda: PASSKEY_FILLER + " ")
-    prompt = PASSKEY_INTRO + "".join(_place(units, needle + " ", depth)) + PASSKEY_QUESTION
-    return {"prompt": prompt, "answers": [key]}
+    head, tail = encode(PASSKEY_INTRO), encode(PASSKEY_QUESTION)
+    needle = encode(("" if depth == 0 else " ") + PASSKEY_NEEDLE.format(key=key))
+    filler = length - len(head) - len(needle) - len(tail)
+    if filler < 0:
+        raise TooShort("passkey", length - filler)
+    before = round(depth * filler)
+    ids = (head + _filler_ids(encode, before, leading_space=False) + needle
+           + _filler_ids(encode, filler - before, leading_space=True) + tail)
+    return {"ids": ids, "answers": [key], "needle_at": len(head) + before}
 
 
-def qa_sample(count_tokens, length: int, depth: float, rng: random.Random) -> dict:
-    """A ~length-token prompt: SQuAD distractor paragraphs (other articles) with the question's own at `depth`."""
+def _document(encode, index: int, paragraph_ids: list[int]) -> list[int]:
+    return encode(("\n\n" if index else "") + f"Document {index + 1}:\n") + paragraph_ids
+
+
+@functools.cache
+def _qa_minimum(encode) -> list[int]:
+    """Per SQuAD question, the tokens of its prompt with no distractor left. Its paragraph is counted with the
+    longest header below Document 100 (a prompt that short has fewer documents), wherever depth puts it."""
+    head, paragraph_ids = len(encode(QA_INTRO)), {}
+    needs = []
+    for qa in squad_questions():
+        if qa["paragraph"] not in paragraph_ids:
+            paragraph_ids[qa["paragraph"]] = len(_document(encode, 98, encode(qa["paragraph"])))
+        needs.append(head + paragraph_ids[qa["paragraph"]] + len(encode(QA_QUESTION.format(question=qa["question"]))))
+    return needs
+
+
+def qa_sample(encode, length: int, depth: float, rng: random.Random) -> dict:
+    """A prompt of exactly `length` tokens: SQuAD distractor paragraphs (other articles) with the question's own at
+    `depth`, the last distractor cut to fit. The question is drawn among those whose paragraph fits the length (at
+    1024 tokens and more, every question)."""
     questions, paragraphs = squad_questions(), squad_paragraphs()
-    qa = rng.choice(questions)
-    question = QA_QUESTION.format(question=qa["question"])
-    budget = length - count_tokens(QA_INTRO + qa["paragraph"] + question)
+    needs = _qa_minimum(encode)
+    fitting = [i for i, need in enumerate(needs) if need <= length]
+    if not fitting:
+        raise TooShort("qa", min(needs))
+    qa = questions[rng.choice(fitting)]
+    head, tail = encode(QA_INTRO), encode(QA_QUESTION.format(question=qa["question"]))
+    own_ids = encode(qa["paragraph"])
 
     def distractor():
         while True:
             article, para = rng.choice(paragraphs)
             if article != qa["article"]:
-                return para
+                return encode(para)
 
-    units = _place(_fill(count_tokens, budget, distractor), qa["paragraph"], depth)
-    context = "\n\n".join(f"Document {i + 1}:\n{para}" for i, para in enumerate(units))
-    return {"prompt": QA_INTRO + context + question, "answers": qa["answers"]}
+    distractors = []  # token ids of each distractor paragraph, encoded once
+    while True:
+        docs = _place(distractors, own_ids, depth)
+        ids = [_document(encode, i, para_ids) for i, para_ids in enumerate(docs)]
+        over = len(head) + sum(map(len, ids)) + len(tail) - length
+        if over >= 0:
+            break
+        distractors.append(distractor())
+    own = round(depth * len(distractors))  # where _place put the question's paragraph
+    for i in reversed(range(len(docs))):  # cut the excess from the end of the last distractors (the newest first)
+        if i != own and over:
+            cut = min(over, len(ids[i]))
+            ids[i], over = ids[i][:len(ids[i]) - cut], over - cut
+    return {"ids": head + [t for doc in ids for t in doc] + tail, "answers": qa["answers"]}
 
 
 RETRIEVAL_TASKS = {"passkey": passkey_sample, "qa": qa_sample}

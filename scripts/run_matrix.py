@@ -2,13 +2,18 @@
 
     python scripts/run_matrix.py                      # the default CPU matrix, into outputs/matrix/
     python scripts/run_matrix.py --list               # the entries, one per line (a Slurm array runs one each)
-    python scripts/run_matrix.py --only 0,3 --out outputs/run1 --max_tokens 2048   # evaluate.py options pass through
+    python scripts/run_matrix.py --only 0,3 --out outputs/run1 --max_tokens 2048 --max_position 0   # evaluate.py's
     python scripts/run_matrix.py --render --out outputs/run1                        # table + plots from the JSONs
 
 The matrix: full; compress_kv 16/32; quantize_kv 16/32 at 8, 4, 2 bits and fp8; and each compressed one again with
 a larger window (--windows; 16/128 by default, 64/256 in the GPU run). Each entry writes DIR/NN_name.json
 (evaluate.py's object); the table goes to DIR/table.md and the plots to DIR/kv_memory.png,
-DIR/perplexity_vs_position.png and DIR/retrieval_vs_length.png.
+DIR/perplexity_vs_position.png and DIR/retrieval_vs_length.png, every file written atomically.
+
+Run again with the same --out, it resumes: an entry whose JSON is complete and was made with the same settings (the
+JSON keeps them) is skipped, and said so; missing or stale ones are computed again. Every option, evaluate.py's
+included, is checked for every entry before any file is touched or any entry runs. A whole run (no --only) that
+completes moves the results of entries it does not have (another --windows) to DIR/superseded/.
 
 With evaluate.py's defaults (256-token contexts, token-by-token perplexity) the whole matrix fits in under 30 minutes
 on a 2-core CPU with SmolLM2-135M in float32 (see README, "Evaluation"). MATRIX_DEFAULTS adds --max_position 256,
@@ -18,8 +23,10 @@ which sizes the caches of fixed capacity (full, quantize_kv) as if the model's c
 """
 import argparse
 import datetime
+import io
 import json
 import math
+import os
 import platform
 import sys
 from pathlib import Path
@@ -29,6 +36,8 @@ from tqdm import tqdm
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR))
+from atomic import atomic_write_bytes, atomic_write_text, check_writable_file  # noqa: E402
+from generate import one_line_error  # noqa: E402
 from scripts import evaluate  # noqa: E402
 
 BITS = ("8", "4", "2", "fp8")
@@ -39,7 +48,18 @@ MATRIX_DEFAULTS = ["--stream_tokens", "512", "--max_position", "256"]
 
 
 def sink_windows(text: str) -> list[tuple[int, int]]:
-    return [tuple(int(n) for n in pair.split("/")) for pair in text.split(",") if pair]
+    """"16/32,64/256" -> [(16, 32), (64, 256)], or a one-line ValueError."""
+    try:
+        pairs = [tuple(int(n) for n in pair.split("/")) for pair in text.split(",") if pair]
+    except ValueError:
+        pairs = None
+    if not pairs or any(len(pair) != 2 for pair in pairs):
+        raise ValueError(f"--windows {text!r} is not a list of sink/window pairs such as 16/32,64/256")
+    twice = sorted({pair for pair in pairs if pairs.count(pair) > 1})
+    if twice:
+        listed = ", ".join(f"{sink}/{window}" for sink, window in twice)
+        raise ValueError(f"--windows lists {listed} more than once: give each pair once")
+    return pairs
 
 
 def build_matrix(windows=WINDOWS) -> list[tuple[str, list[str]]]:
@@ -58,26 +78,115 @@ def file_name(index: int, label: str) -> str:
     return f"{index:02d}_{label.replace(' ', '_').replace('/', '-')}.json"
 
 
-def run(matrix, indices, out_dir: Path, settings: list[str]):
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = tokenizer = checkpoint_path = None
-    for index in tqdm(indices, desc="matrix", unit="strategy"):
+def select(only, matrix) -> list[int]:
+    """The entry indices to run: --only's, checked, or every entry."""
+    if only is None:
+        return list(range(len(matrix)))
+    bad = [i for i in only if not 0 <= i < len(matrix)]
+    if not only or bad:
+        raise ValueError(f"--only {bad or 'with no index'} is out of range: the matrix has entries "
+                         f"0..{len(matrix) - 1} (--list)")
+    twice = sorted({i for i in only if only.count(i) > 1})
+    if twice:
+        raise ValueError(f"--only lists {', '.join(map(str, twice))} more than once: give each index once")
+    return only
+
+
+def make_jobs(matrix, indices, out_dir: Path, settings: list[str]) -> list[dict]:
+    """Each entry's parsed evaluate.py arguments, checked (a bad option fails here, before anything runs), and its
+    JSON path."""
+    jobs = []
+    for index in indices:
         label, strategy_argv = matrix[index]
         args, options = evaluate.parse(strategy_argv + MATRIX_DEFAULTS + settings)
-        if model is None:  # every entry shares the checkpoint, device and dtype: load once
-            model, tokenizer, checkpoint_path = evaluate.load(args)
-        result = {"label": label, "index": index,
-                  **evaluate.evaluate(model, tokenizer, args.strategy, options, args, checkpoint_path)}
-        evaluate.write_json(result, out_dir / file_name(index, label))
+        if args.json:
+            raise ValueError("--json: run_matrix.py writes one JSON per entry into --out DIR; drop --json")
+        path = out_dir / file_name(index, label)
+        if args.profile:  # one trace per entry, not each overwriting the last
+            args.profile = f"{args.profile}_{path.stem}"
+        jobs.append({"index": index, "label": label, "args": args, "options": options, "path": path})
+    return jobs
+
+
+def finished(path: Path, settings: dict) -> str | None:
+    """Why the entry's JSON is kept ("complete": a whole result made with these settings), or why not; None when
+    there is none."""
+    try:
+        result = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return "unreadable"
+    if not isinstance(result, dict) or "seconds" not in result:
+        return "incomplete"
+    return "complete" if result.get("settings") == settings else "stale"
+
+
+def run(jobs) -> int:
+    """Evaluate every job whose JSON is not complete with its settings; the number evaluated."""
+    states = [finished(job["path"], evaluate.run_settings(job["args"], job["options"])) for job in jobs]
+    todo = [job for job, state in zip(jobs, states) if state != "complete"]
+    planned = []
+    if todo:
+        # The evaluate.py options are the same for every entry (an entry only adds its strategy's): load and read
+        # once, then check every entry against the model before the first one runs.
+        first = todo[0]["args"]
+        model, tokenizer, checkpoint_path = evaluate.load(first)
+        inputs = evaluate.prepare(tokenizer, first)
+        planned = [evaluate.plan(model, job["args"].strategy, job["options"], job["args"], inputs) for job in todo]
+    for job, state in zip(jobs, states):
+        if state == "complete":
+            print(f"skipped {job['path'].name}: complete, made with the same settings")
+        elif state is not None:
+            print(f"redoing {job['path'].name}: {'made with other settings' if state == 'stale' else state}")
+    if not todo:
+        return 0
+    for job, plan in evaluate.progress(list(zip(todo, planned)), desc="matrix", unit="strategy", leave=True):
+        args = job["args"]
+        result = {"label": job["label"], "index": job["index"],
+                  **evaluate.evaluate(model, tokenizer, args.strategy, job["options"], args, checkpoint_path, plan)}
+        evaluate.write_json(result, job["path"])
         tqdm.write(evaluate.summary(result))
+    return len(todo)
+
+
+def set_aside_others(out_dir: Path, jobs):
+    """After a whole run: results of entries this matrix does not have (another --windows) would mix into the table;
+    move them to DIR/superseded/ rather than delete them."""
+    names = {job["path"].name for job in jobs}
+    others = [p for p in sorted(out_dir.glob("[0-9][0-9]_*.json")) if p.name not in names]
+    if others:
+        (out_dir / "superseded").mkdir(exist_ok=True)
+        for path in others:
+            os.replace(path, out_dir / "superseded" / path.name)
+        print(f"moved {len(others)} results of entries not in this matrix to {out_dir / 'superseded'}: "
+              + ", ".join(p.name for p in others))
+
+
+def log_command(out_dir: Path, started, argv):
+    """Append what ran, when, where and for how long to DIR/commands.txt (rewritten whole, atomically)."""
+    log = out_dir / "commands.txt"
+    old = log.read_text() if log.exists() else ""
+    atomic_write_text(log, old + f"{started:%Y-%m-%d %H:%M} on {platform.node()} ({torch.get_num_threads()} threads), "
+                                 f"{(datetime.datetime.now() - started).total_seconds():.0f} s: python "
+                                 f"scripts/run_matrix.py {' '.join(argv)}\n")
 
 
 # ---------------------------------------------------------------- rendering
 
 
 def load_results(out_dir: Path) -> list[dict]:
-    results = [json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json"))]
-    results = [r for r in results if "strategy" in r and "kv_bytes" in r]
+    """Every evaluation result in the folder; a file that is not one (a leftover of an older, non-atomic version)
+    is named on stderr and left out, so the table still shows the others."""
+    results = []
+    for path in sorted(out_dir.glob("*.json")):
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError):
+            print(f"warning: {path} is not readable JSON: left out of the table (run its entry again)", file=sys.stderr)
+            continue
+        if isinstance(result, dict) and "strategy" in result and "kv_bytes" in result:
+            results.append(result)
     if not results:
         raise ValueError(f"no evaluation JSON in {out_dir}: run scripts/run_matrix.py --out {out_dir} first")
     return sorted(results, key=lambda r: r.get("index", len(results)))
@@ -142,8 +251,10 @@ def render_plots(results: list[dict], out_dir: Path) -> list[Path]:
         # Outside the axes: strategies that tie draw on top of each other, and the legend must not hide the data.
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
         fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=120)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=120)
         plt.close(fig)
+        atomic_write_bytes(out_dir / name, png.getvalue())
         written.append(out_dir / name)
 
     def figure(rows, xy, marker, **axes):
@@ -198,48 +309,55 @@ def render_plots(results: list[dict], out_dir: Path) -> list[Path]:
 def render(out_dir: Path) -> str:
     results = load_results(out_dir)
     table = render_table(results)
-    (out_dir / "table.md").write_text(table)
+    atomic_write_text(out_dir / "table.md", table)
     plots = render_plots(results, out_dir)
     print(table)
     print(f"wrote {out_dir / 'table.md'}, " + ", ".join(str(p) for p in plots))
     return table
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # a prefix of an evaluate.py option must pass through
+    parser.error = one_line_error
     parser.add_argument("--out", type=Path, default=evaluate.OUTPUTS / "matrix", help="folder for JSON, table, plots")
     parser.add_argument("--only", type=evaluate.int_list, default=None, help="comma-separated entry indices (--list)")
     parser.add_argument("--windows", default=WINDOWS,
                         help=f"sink/window pairs of the compressed entries (default {WINDOWS}; the GPU run: 16/32,64/256)")
-    parser.add_argument("--list", action="store_true", help="print the entries and exit")
+    parser.add_argument("--list", action="store_true", help="check the options, print the entries and exit")
     parser.add_argument("--render", action="store_true", help="only render the table and plots from --out's JSON")
-    args, settings = parser.parse_known_args(argv)
+    return parser.parse_known_args(argv)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args, settings = parse_args(argv)
     try:
+        if args.render:
+            if settings or args.only is not None or args.list:
+                raise ValueError("--render only reads --out DIR: drop the other options")
+            render(args.out)
+            return
         matrix = build_matrix(args.windows)
-    except ValueError:
-        sys.exit(f"error: --windows {args.windows!r} is not a list of sink/window pairs such as 16/32,64/256")
-    if args.list:
-        for i, (name, strategy_argv) in enumerate(matrix):
-            print(f"{i}\t{name}\t{' '.join(strategy_argv)}")
-        return
-    try:
-        if not args.render:
-            indices = args.only if args.only is not None else range(len(matrix))
-            bad = [i for i in indices if not 0 <= i < len(matrix)]
-            if bad:
-                raise ValueError(f"--only {bad} is out of range: the matrix has entries 0..{len(matrix) - 1} (--list)")
-            if args.only is None:  # a whole run replaces the folder's results (an array task adds its own)
-                for stale in args.out.glob("[0-9][0-9]_*.json"):
-                    stale.unlink()
-            started = datetime.datetime.now()
-            run(matrix, indices, args.out, settings)
-            with open(args.out / "commands.txt", "a") as log:  # what ran, when, where and for how long
-                log.write(f"{started:%Y-%m-%d %H:%M} on {platform.node()} ({torch.get_num_threads()} threads), "
-                          f"{(datetime.datetime.now() - started).total_seconds():.0f} s: python scripts/run_matrix.py "
-                          f"{' '.join(argv if argv is not None else sys.argv[1:])}\n")
+        indices = select(args.only, matrix)
+        jobs = make_jobs(matrix, indices, args.out, settings)  # every option of every entry, before any file
+        if args.list:
+            for i, (name, strategy_argv) in enumerate(matrix):
+                print(f"{i}\t{name}\t{' '.join(strategy_argv)}")
+            return
+        check_writable_file(args.out / "table.md")
+        for job in jobs:
+            evaluate.check_output_paths(job["args"])
+        started = datetime.datetime.now()
+        if run(jobs):
+            log_command(args.out, started, argv)
+        if args.only is None:
+            set_aside_others(args.out, jobs)
         render(args.out)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
+    except torch.cuda.OutOfMemoryError:
+        sys.exit("error: out of GPU memory: lower --max_tokens, --stream_tokens or --retrieval_lengths")
 
 
 if __name__ == "__main__":

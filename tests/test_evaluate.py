@@ -156,13 +156,13 @@ def test_bad_settings_are_one_line_errors(capsys):
 
 def test_retrieval_prompts_hold_the_answer_at_the_asked_depth(model_and_tokenizer):
     _, tokenizer = model_and_tokenizer
-    count = lambda text: len(tokenizer.encode(text))  # noqa: E731
     for task, sample_fn in corpus.RETRIEVAL_TASKS.items():
         for depth in (0.0, 0.5, 1.0):
-            sample = sample_fn(count, 1024, depth, random.Random(f"{task}-{depth}"))
-            tokens = count(sample["prompt"])
+            sample = sample_fn(tokenizer.encode, 1024, depth, random.Random(f"{task}-{depth}"))
+            tokens = len(sample["ids"])
             assert 900 < tokens <= 1024, (task, tokens)
-            prompt = sample["prompt"]
+            assert tokens == 1024, (task, tokens)  # exactly the length asked for
+            prompt = tokenizer.decode(sample["ids"])
             where = prompt.index(sample["answers"][0]) / len(prompt) if task == "passkey" else None
             if where is not None:
                 assert abs(where - depth) < 0.15, (depth, where)

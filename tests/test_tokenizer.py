@@ -160,6 +160,97 @@ def test_saved_gguf_tokenizer_reads_the_same_in_transformers(smollm2_ours, smoll
     )
 
 
+# ---- chat templates, rendered as transformers' apply_chat_template renders them -----------------------------
+
+CHAT_MESSAGES = [
+    [{"role": "user", "content": "What is the capital of France? Answer in 3 words."}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name 2 rivers, café-style."}],
+]
+# A Llama-3.1-like template that uses what transformers gives templates: bos_token/eos_token, raise_exception,
+# strftime_now, namespace, loop controls ({% continue %}, {% break %}), whitespace control under trim_blocks and
+# lstrip_blocks, tojson, {% generation %} and add_generation_prompt.
+RICH_TEMPLATE = """{{- bos_token }}
+{%- set ns = namespace(system="") %}
+{%- for message in messages %}
+    {%- if message['role'] == 'system' %}
+        {%- set ns.system = message['content'] %}
+        {% continue %}
+    {%- endif %}
+    {%- if message['role'] not in ['user', 'assistant'] %}
+        {{- raise_exception('Only user and assistant roles are supported') }}
+    {%- endif %}
+{%- endfor %}
+<|im_start|>system
+Date: {{ strftime_now('%Y') }}. {{ ns.system if ns.system else 'No system prompt.' }} {{ {'n': 1, 'é': 'ü'} | tojson }}
+<|im_end|>
+{% for message in messages if message['role'] != 'system' %}
+    {% if loop.index > 4 %}{% break %}{% endif %}
+<|im_start|>{{ message['role'] }}
+    {% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] | trim }}{% endgeneration %}
+    {% else %}{{ message['content'] | trim }}{% endif %}
+{{ eos_token }}
+{% endfor %}
+{% if add_generation_prompt %}
+<|im_start|>assistant
+{% endif %}"""
+
+
+def transformers_chat_ids(tokenizer, messages, template=None):
+    out = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)  # transformers 5 returns a BatchEncoding
+
+
+@pytest.mark.parametrize("messages", CHAT_MESSAGES, ids=["user", "system+user"])
+def test_chat_template_matches_transformers(smollm2_ours, smollm2_transformers, smollm2_converted_dir, messages):
+    """The GGUF's own ChatML template (and the same template from tokenizer_config.json), token for token."""
+    converted = load_tokenizer(smollm2_converted_dir)
+    converted_transformers = AutoTokenizer.from_pretrained(smollm2_converted_dir)
+    assert smollm2_ours.chat_template == converted.chat_template == smollm2_transformers.chat_template
+    text = smollm2_ours.apply_chat_template(messages)
+    assert text == smollm2_transformers.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text.endswith("<|im_start|>assistant\n") and ("You are terse." in text) == (len(messages) == 2)
+    assert converted.apply_chat_template(messages) == text
+    # token for token; the GGUF-loaded transformers tokenizer splits whitespace before numerals its own way (above)
+    assert converted.encode(text) == transformers_chat_ids(converted_transformers, messages)
+    assert smollm2_ours.encode(text) == numerals_apart(smollm2_transformers, text)
+
+
+@pytest.mark.parametrize("messages", CHAT_MESSAGES + [CHAT_MESSAGES[1] + [
+    {"role": "assistant", "content": " Seine, Loire. "}, {"role": "user", "content": "More?"}]],
+    ids=["user", "system+user", "multi-turn"])
+def test_rich_chat_template_matches_transformers(smollm2_converted_dir, tmp_path, messages):
+    directory = tmp_path / "rich"
+    directory.mkdir()
+    (directory / "tokenizer.json").write_bytes((smollm2_converted_dir / "tokenizer.json").read_bytes())
+    config = json.loads((smollm2_converted_dir / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": RICH_TEMPLATE}))
+    ours, theirs = load_tokenizer(directory), AutoTokenizer.from_pretrained(directory)
+    text = ours.apply_chat_template(messages)
+    assert text == theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert ours.encode(text) == transformers_chat_ids(theirs, messages)
+    assert text.startswith("<|im_start|><|im_start|>system\nDate: 20") and '{"n": 1, "é": "ü"}' in text
+    # chat_template.jinja (what transformers >= 4.50 saves) wins over tokenizer_config.json, as in transformers
+    (directory / "chat_template.jinja").write_text("{{ bos_token }}{{ messages[-1]['content'] }}")
+    assert load_tokenizer(directory).apply_chat_template(messages) == "<|im_start|>" + messages[-1]["content"]
+    assert AutoTokenizer.from_pretrained(directory).apply_chat_template(messages, tokenize=False) == \
+        "<|im_start|>" + messages[-1]["content"]
+
+
+def test_chat_template_errors_are_one_line(smollm2_converted_dir, tmp_path):
+    directory = tmp_path / "bad"
+    directory.mkdir()
+    (directory / "tokenizer.json").write_bytes((smollm2_converted_dir / "tokenizer.json").read_bytes())
+    config = json.loads((smollm2_converted_dir / "tokenizer_config.json").read_text())
+    for template, message in [(RICH_TEMPLATE, "refused the conversation: Only user and assistant roles"),
+                              ("{% for m in messages %}", "is not valid Jinja"),
+                              ("{{ messages.__class__.__mro__ }}", "refused the conversation"),  # the sandbox
+                              (None, "no chat template")]:
+        (directory / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+        with pytest.raises(ValueError, match=message) as error:
+            load_tokenizer(directory).apply_chat_template([{"role": "tool", "content": "x"}])
+        assert "\n" not in str(error.value)
+
+
 # ---- (b) Llama-3 tiktoken tokenizer.model ---------------------------------------------------------------------
 
 
