@@ -40,11 +40,12 @@ class Format:
         return self.name if self.name == "fp8" else f"int{self.bits}"
 
 
+# In the order the scripts list them (benchmark rows, evaluation matrix entries).
 FORMATS = {f.name: f for f in (
     Format("8", 8, torch.int8, asymmetric=False, default_k_granularity="token"),
-    Format("fp8", 8, torch.float8_e4m3fn, asymmetric=False, default_k_granularity="token"),
     Format("4", 4, torch.uint8, asymmetric=True, default_k_granularity="channel"),
     Format("2", 2, torch.uint8, asymmetric=True, default_k_granularity="channel"),
+    Format("fp8", 8, torch.float8_e4m3fn, asymmetric=False, default_k_granularity="token"),
 )}
 
 

@@ -131,14 +131,12 @@ class KVCache(nn.Module):
         fed into chosen rows too) is a prefill chunk."""
         return q.shape[2] == 1 and rows is None
 
-    def rows_and_positions(self, q: Tensor, input_pos: Tensor, rows: Optional[Tensor]):
-        """(rows (R,), sel, positions (R, T)) of a call, whichever form they came in; sel indexes the stores' rows: a
-        slice (a view, no copy) when the call feeds the first R sequences."""
+    @staticmethod
+    def rows_and_positions(q: Tensor, input_pos: Tensor, rows: Optional[Tensor]):
+        """(rows, positions (R, T)) of a call: rows stays an index tensor when given, else it is the slice of the
+        first R sequences (views of the stores, written by one scatter: the static decode step's path)."""
         R, T = q.shape[0], q.shape[2]
-        sel = slice(0, R) if rows is None else rows
-        if rows is None:
-            rows = torch.arange(R, device=q.device)
-        return rows, sel, input_pos.reshape(-1, T).expand(R, T)
+        return (slice(0, R) if rows is None else rows), input_pos.reshape(-1, T).expand(R, T)
 
     def attend_decode(self, q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[Tensor] = None,
                       hi_pos: Optional[Tensor] = None, sink_size: int = 0, n_mid: Optional[Tensor] = None,
@@ -159,19 +157,17 @@ class KVCache(nn.Module):
                                 v_q=v_q, v_scale=v_scale, v_zero=v_zero)
             return self.decode_attention(q, hi_k, hi_v, hi_last=torch.where(active, last, -1), hi_pos=hi_pos,
                                          sink_size=sink_size, **mid_args)
-        NH = hi_k.shape[2]
-        keep = torch.ones(B, NH, dtype=torch.bool, device=q.device)
-        if hi_last is not None:
-            keep = torch.arange(NH, device=q.device) <= hi_last[:, None]
-        if hi_pos is not None:
+        if hi_pos is not None:  # ring slots hold their positions; with hi_last too they are filled in order
             n_old = sink_size + (n_mid[:, None] if mid is not None else 0)
-            keep = keep & (hi_pos >= 0) & ((hi_pos < sink_size) | (hi_pos >= n_old))
+            keep = (hi_pos >= 0) & ((hi_pos < sink_size) | (hi_pos >= n_old))
+        else:
+            keep = torch.arange(hi_k.shape[2], device=q.device) <= hi_last[:, None]
         if mid is None:
-            return attend(q, hi_k, hi_v, keep[:, None, None, :])
+            return attend(q, hi_k, hi_v, keep.view(B, 1, 1, -1))
         k_mid, v_mid = mid.dequantize(slice(0, B), mid.capacity, self.dtype)
         mid_keep = torch.arange(mid.capacity, device=q.device) < n_mid[:, None]
         return attend(q, torch.cat([hi_k, k_mid], dim=2), torch.cat([hi_v, v_mid], dim=2),
-                      torch.cat([keep, mid_keep], dim=1)[:, None, None, :])
+                      torch.cat([keep, mid_keep], dim=1).view(B, 1, 1, -1))
 
     def nbytes(self) -> int:
         """Bytes really allocated for this layer's cache: every buffer its stores hold (scales, zero-points and slot
@@ -191,12 +187,22 @@ class KVCache(nn.Module):
         self.active[:finished.shape[0]] &= ~finished
 
 
-def rotate(x: Tensor, pos: Tensor, rope_cos: Tensor, rope_sin: Tensor) -> Tensor:
-    """x (R, heads, T, D) rotated by positions pos (R, T) (or (T,), the same for every row)."""
-    cos, sin = rope_cos[pos], rope_sin[pos]
+def rope_at(pos: Tensor, rope_cos: Tensor, rope_sin: Tensor) -> tuple[Tensor, Tensor]:
+    """cos, sin of positions pos (R, T) (or (T,), the same for every row), shaped to rotate (R, heads, T, D)."""
     if pos.ndim == 2:
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return apply_rope(x, cos, sin)
+        pos = pos.unsqueeze(1)  # (R, 1, T): the tables come out (R, 1, T, D), broadcast over the heads
+    return rope_cos[pos], rope_sin[pos]
+
+
+def rotate(x: Tensor, pos: Tensor, rope_cos: Tensor, rope_sin: Tensor) -> Tensor:
+    """x (R, heads, T, D) rotated by positions pos (R, T) (or (T,))."""
+    return apply_rope(x, *rope_at(pos, rope_cos, rope_sin))
+
+
+def rotate_qk(q: Tensor, k: Tensor, pos: Tensor, rope_cos: Tensor, rope_sin: Tensor) -> tuple[Tensor, Tensor]:
+    """q and k rotated by the same positions (the tables gathered once)."""
+    cos, sin = rope_at(pos, rope_cos, rope_sin)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
 def attn_impl_for(impl, device=None):

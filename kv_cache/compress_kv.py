@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kv_cache.base import CacheOptions, KVCache, attend, option, register, rotate
+from kv_cache.base import CacheOptions, KVCache, attend, option, register, rotate, rotate_qk
 from kv_cache.full import FullCache
 from kv_cache.stores import DenseStore, RingStore
 
@@ -94,12 +94,12 @@ class CompressKVCache(KVCache):
         if self.as_full:  # rank in the cache = absolute position while nothing is evicted: both rope modes agree
             return FullCache.forward(self, q, k, v, input_pos, rope_cos, rope_sin, rows)
         decode = self.is_decode(q, rows)
-        rows, sel, pos = self.rows_and_positions(q, input_pos, rows)
+        rows, pos = self.rows_and_positions(q, input_pos, rows)
         if self.rope_positions == "original":
-            q, k = rotate(q, pos, rope_cos, rope_sin), rotate(k, pos, rope_cos, rope_sin)
+            q, k = rotate_qk(q, k, pos, rope_cos, rope_sin)
         if decode:
             return self._decode(q, k, v, pos, rows, rope_cos, rope_sin)
-        return self._prefill(q, k, v, pos, rows, sel, rope_cos, rope_sin)
+        return self._prefill(q, k, v, pos, rows, rope_cos, rope_sin)
 
     def _decode(self, q, k, v, pos, rows, rope_cos, rope_sin):
         R = q.shape[0]
@@ -111,24 +111,24 @@ class CompressKVCache(KVCache):
             q = rotate(q, pos - n_evicted, rope_cos, rope_sin)
         return self.attend_decode(q, keys, self.ring.v[:R], hi_pos=ring_pos)
 
-    def _prefill(self, q, k, v, pos, rows, sel, rope_cos, rope_sin):
+    def _prefill(self, q, k, v, pos, rows, rope_cos, rope_sin):
         T, S, W = q.shape[2], self.sink_size, self.window_size
         first = int(pos[0, 0])
         chunk_pos = pos[0]
-        ring_pos = self.ring.pos[sel]
+        ring_pos = self.ring.pos[rows]
         if self.rope_positions == "cache":
-            old_k = rotate(self.ring.k[sel], self._ranks(ring_pos, max(0, first - S - W)), rope_cos, rope_sin)
+            old_k = rotate(self.ring.k[rows], self._ranks(ring_pos, max(0, first - S - W)), rope_cos, rope_sin)
             n_held = min(first, S + W)
             chunk_rank = torch.arange(n_held, n_held + T, device=q.device)
-            q, k_rot = rotate(q, chunk_rank, rope_cos, rope_sin), rotate(k, chunk_rank, rope_cos, rope_sin)
+            q, k_rot = rotate_qk(q, k, chunk_rank, rope_cos, rope_sin)
             stored_k = k  # unrotated
         else:
-            old_k, k_rot = self.ring.k[sel], k
+            old_k, k_rot = self.ring.k[rows], k
             stored_k = k  # already rotated at absolute positions
         causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
         mask = torch.cat([(ring_pos >= 0)[:, None, None, :].expand(-1, 1, T, -1),
                           causal.expand(q.shape[0], 1, T, T)], dim=-1)
-        out = attend(q, torch.cat([old_k, k_rot], dim=2), torch.cat([self.ring.v[sel], v], dim=2), mask)
+        out = attend(q, torch.cat([old_k, k_rot], dim=2), torch.cat([self.ring.v[rows], v], dim=2), mask)
         # Keep the chunk's sinks and its last W tokens (earlier ones would be overwritten in the ring anyway).
         idx = ((chunk_pos < S) | (chunk_pos > first + T - 1 - W)).nonzero().squeeze(1)
         self.ring.write_positions(rows, pos[:, idx], stored_k[:, :, idx], v[:, :, idx])

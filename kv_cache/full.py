@@ -1,7 +1,7 @@
 """full: every token's key and value in the model dtype, as gpt-fast keeps them (a DenseStore: slot = position)."""
 import torch
 
-from kv_cache.base import KVCache, attend, register, rotate
+from kv_cache.base import KVCache, attend, register, rotate_qk
 from kv_cache.stores import DenseStore
 
 
@@ -16,12 +16,12 @@ class FullCache(KVCache):
 
     def forward(self, q, k, v, input_pos, rope_cos, rope_sin, rows=None):
         decode = self.is_decode(q, rows)
-        rows, sel, pos = self.rows_and_positions(q, input_pos, rows)
-        q, k = rotate(q, pos, rope_cos, rope_sin), rotate(k, pos, rope_cos, rope_sin)
+        rows, pos = self.rows_and_positions(q, input_pos, rows)
+        q, k = rotate_qk(q, k, pos, rope_cos, rope_sin)
         self.store.write(rows, pos, k, v)
         R = q.shape[0]
         if decode:  # the first R sequences, each up to its own position
             return self.attend_decode(q, self.store.k[:R], self.store.v[:R], hi_last=pos[:, 0])
         # Prefill: attend over the whole buffer (static shapes, as gpt-fast), masking slots after each query.
         mask = torch.arange(self.max_seq_length, device=q.device) <= pos[0, :, None]
-        return attend(q, self.store.k[sel], self.store.v[sel], mask)
+        return attend(q, self.store.k[rows], self.store.v[rows], mask)

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from kernels.formats import FORMATS, get_format
-from kv_cache.base import KVCache, attend, option, register, rotate
+from kv_cache.base import KVCache, attend, option, register, rotate_qk
 from kv_cache.compress_kv import SinkWindowOptions
 from kv_cache.stores import QuantizedStore, RingStore, read_rows
 
@@ -122,11 +122,11 @@ class QuantizeKVCache(KVCache):
 
     def forward(self, q, k, v, input_pos, rope_cos, rope_sin, rows=None):
         decode = self.is_decode(q, rows)
-        rows, sel, pos = self.rows_and_positions(q, input_pos, rows)
-        q, k = rotate(q, pos, rope_cos, rope_sin), rotate(k, pos, rope_cos, rope_sin)
+        rows, pos = self.rows_and_positions(q, input_pos, rows)
+        q, k = rotate_qk(q, k, pos, rope_cos, rope_sin)
         if decode:
             return self._decode(q, k, v, pos, rows)
-        return self._prefill(q, k, v, pos, rows, sel)
+        return self._prefill(q, k, v, pos, rows)
 
     def _decode(self, q, k, v, pos, rows):
         R, S, W, F = q.shape[0], self.sink_size, self.window_size, self.flush_size
@@ -152,17 +152,17 @@ class QuantizeKVCache(KVCache):
         return self.attend_decode(q, ring.k[:R], ring.v[:R], hi_pos=ring.pos[:R], sink_size=S, n_mid=n_mid,
                                   mid=self.mid)
 
-    def _prefill(self, q, k, v, pos, rows, sel):
+    def _prefill(self, q, k, v, pos, rows):
         R, T, S = q.shape[0], q.shape[2], self.sink_size
         first = int(pos[0, 0])
         chunk_pos = pos[0]
         n_mid_before, n_mid_after = self._n_mid(first - 1), self._n_mid(first + T - 1)
-        ring_k, ring_v = self.ring.k[sel], self.ring.v[sel]
+        ring_k, ring_v = self.ring.k[rows], self.ring.v[rows]
         # The chunk attends to what the cache held before it (quantized tokens dequantized) and to itself causally.
         keys, values = [ring_k], [ring_v]
-        masks = [self._hi_keep(self.ring.pos[sel], n_mid_before)[:, None, None, :].expand(-1, 1, T, -1)]
+        masks = [self._hi_keep(self.ring.pos[rows], n_mid_before)[:, None, None, :].expand(-1, 1, T, -1)]
         if n_mid_before:
-            k_mid, v_mid = self.mid.dequantize(sel, n_mid_before, self.dtype)
+            k_mid, v_mid = self.mid.dequantize(rows, n_mid_before, self.dtype)
             keys.append(k_mid)
             values.append(v_mid)
             masks.append(torch.ones(R, 1, T, n_mid_before, dtype=torch.bool, device=q.device))

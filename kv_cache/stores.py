@@ -33,19 +33,28 @@ from kernels.formats import Format
 from kernels.quantize import dequantize_mid, quantize_keys, quantize_values
 
 
-def all_rows(batch: int, device) -> Tensor:
-    return torch.arange(batch, device=device)
-
-
-def write_rows(buf: Tensor, rows: Tensor, slots: Tensor, x: Tensor):
-    """buf[rows[i], :, slots[i, t]] = x[i, :, t] for x (R, H, T, ...): each sequence writes its own slots."""
-    if buf.dtype == torch.float8_e4m3fn:  # index_put_ has no float8 kernel on some devices: copy the bytes
+def write_rows(buf: Tensor, rows, slots: Tensor, x: Tensor):
+    """buf[rows][i, :, slots[i, t]] = x[i, :, t] for x (R, H, T, ...): each sequence writes its own slots. rows: a
+    slice (the first R sequences: the static decode step, one scatter) or an index tensor (prefill into chosen
+    sequences)."""
+    if buf.dtype == torch.float8_e4m3fn:  # no float8 scatter / index_put on some devices: copy the bytes
         buf, x = buf.view(torch.uint8), x.view(torch.uint8)
-    buf[rows[:, None], :, slots] = x.transpose(1, 2)
+    if isinstance(rows, slice):
+        buf[rows].scatter_(2, slot_index(slots, x.shape), x)
+    else:
+        buf[rows[:, None], :, slots] = x.transpose(1, 2)
 
 
-def read_rows(buf: Tensor, rows: Tensor, slots: Tensor) -> Tensor:
-    """buf[rows[i], :, slots[i, t]] as (R, H, T, ...)."""
+def slot_index(slots: Tensor, shape) -> Tensor:
+    """slots (R, T) as the scatter/gather index of a (R, H, T, D) tensor (a view: no copy)."""
+    return slots.view(shape[0], 1, shape[2], 1).expand(shape)
+
+
+def read_rows(buf: Tensor, rows, slots: Tensor) -> Tensor:
+    """buf[rows][i, :, slots[i, t]] as (R, H, T, ...); rows as in write_rows."""
+    if isinstance(rows, slice):
+        part = buf[rows]
+        return part.gather(2, slot_index(slots, (part.shape[0], part.shape[1], slots.shape[1], part.shape[3])))
     return buf[rows[:, None], :, slots].transpose(1, 2)
 
 
@@ -56,7 +65,7 @@ class DenseStore(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device))
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device))
 
-    def write(self, rows: Tensor, slots: Tensor, k: Tensor, v: Tensor):
+    def write(self, rows, slots: Tensor, k: Tensor, v: Tensor):
         write_rows(self.k, rows, slots, k)
         write_rows(self.v, rows, slots, v)
 
@@ -77,11 +86,15 @@ class RingStore(DenseStore):
         S = self.sink_size
         return torch.where(pos < S, pos, S + (pos - S) % self.ring_size)
 
-    def write_positions(self, rows: Tensor, pos: Tensor, k: Tensor, v: Tensor):
-        """Store k, v (R, H, T, D) of positions pos (R, T) of sequences `rows` (no two of one row in one slot)."""
+    def write_positions(self, rows, pos: Tensor, k: Tensor, v: Tensor):
+        """Store k, v (R, H, T, D) of positions pos (R, T) of sequences `rows` (a slice or an index tensor, as in
+        write_rows; no two positions of one row in one slot)."""
         slots = self.slots(pos)
         self.write(rows, slots, k, v)
-        self.pos[rows[:, None], slots] = pos
+        if isinstance(rows, slice):
+            self.pos[rows].scatter_(1, slots, pos)
+        else:
+            self.pos[rows[:, None], slots] = pos
 
     def reset(self, rows: Tensor):
         super().reset(rows)
@@ -126,9 +139,9 @@ class QuantizedStore(nn.Module):
         return tuple(None if t is None else t[:batch]
                      for t in (self.k_q, self.k_scale, self.k_zero, self.v_q, self.v_scale, self.v_zero))
 
-    def store(self, rows: Tensor, tokens: Tensor, k: Tensor, v: Tensor):
-        """Quantize k, v (R, H, N, D) into mid tokens tokens (R, N) of sequences `rows`; each row's tokens are whole
-        flush groups in order."""
+    def store(self, rows, tokens: Tensor, k: Tensor, v: Tensor):
+        """Quantize k, v (R, H, N, D) into mid tokens tokens (R, N) of sequences `rows` (a slice or an index tensor);
+        each row's tokens are whole flush groups in order."""
         k_q, k_scale, k_zero = quantize_keys(k, self.fmt, self.k_granularity, self.group_size)
         v_q, v_scale, v_zero = quantize_values(v, self.fmt, self.group_size)
         k_rows = tokens[:, ::self.flush_size] // self.flush_size if self.k_granularity == "channel" else tokens
@@ -140,7 +153,7 @@ class QuantizedStore(nn.Module):
             write_rows(self.k_zero, rows, k_rows, k_zero)
             write_rows(self.v_zero, rows, tokens, v_zero)
 
-    def dequantize(self, rows: Tensor, n: int, dtype) -> tuple[Tensor, Tensor]:
+    def dequantize(self, rows, n: int, dtype) -> tuple[Tensor, Tensor]:
         """Keys and values (R, H, n, D) in `dtype` of the first n tokens of sequences `rows`."""
         parts = [None if t is None else t[rows]
                  for t in (self.k_q, self.k_scale, self.k_zero, self.v_q, self.v_scale, self.v_zero)]

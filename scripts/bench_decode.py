@@ -31,7 +31,8 @@ REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR))
 import kv_cache  # noqa: E402
 from kernels.formats import FORMATS  # noqa: E402
-from generate import compile_decode, decode_one_token, peak_memory_bytes, setup_cache  # noqa: E402
+from generate import (available_memory_bytes as available_bytes, cache_bytes, compile_decode,  # noqa: E402
+                      decode_one_token, peak_memory_bytes, setup_cache)
 from model import ModelArgs, Transformer  # noqa: E402
 
 SHAPES = {
@@ -102,13 +103,6 @@ def strategy_options(strategy: str, extra: list[str]) -> dict:
         raise ValueError(f"{strategy} {' '.join(extra)}: {e}")
 
 
-def cache_bytes(args: ModelArgs, strategy: str, options: dict, batch: int, max_seq_length: int) -> int:
-    """What the caches of all layers allocate, from a cache built on the meta device (no memory used)."""
-    cache = kv_cache.STRATEGIES[strategy](batch, max_seq_length, args.n_kv_head, args.head_dim, DTYPE,
-                                          torch.device("meta"), **options)
-    return cache.nbytes() * args.n_layer
-
-
 def transient_bytes(args: ModelArgs, batch: int, max_seq_length: int) -> tuple[int, int]:
     """(fixed, per prefill token) bytes of temporaries beyond weights and caches, a deliberate over-estimate:
     attention may expand the KV heads to the query heads (GQA) and quantize_kv dequantizes its store in the model
@@ -119,13 +113,6 @@ def transient_bytes(args: ModelArgs, batch: int, max_seq_length: int) -> tuple[i
     per_token = batch * (2 * args.vocab_size * item + 3 * args.intermediate_size * item
                          + 2 * args.n_head * max_seq_length * 4)
     return fixed, per_token
-
-
-def available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 def prefill_chunk(context: int, per_token: int, budget: int) -> int:
@@ -260,8 +247,8 @@ def bench_row(model, shape, name, context, batch, cfg, device) -> dict:
     options = strategy_options(strategy, extra + cfg["strategy_args"].get(strategy, []))
     total_steps = 1 + cfg["warmup"] + cfg["repeats"] * cfg["steps"]
     max_seq_length = context + total_steps
-    kv = cache_bytes(args, strategy, options, batch, max_seq_length)
-    full_kv = cache_bytes(args, "full", {}, batch, max_seq_length)
+    kv = cache_bytes(args, strategy, options, batch, max_seq_length, DTYPE)
+    full_kv = cache_bytes(args, "full", {}, batch, max_seq_length, DTYPE)
     fixed, per_token = transient_bytes(args, batch, max_seq_length)
     available = available_bytes(device)
     budget = max(GiB // 4, min(8 * GiB, (available - kv - fixed) // 2))

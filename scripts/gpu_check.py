@@ -28,6 +28,7 @@ import torch
 REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR))
 # The kernels (and triton) are imported inside the checks: main() must choose the interpreter before triton loads.
+from kernels.formats import FORMATS  # noqa: E402
 from kernels.quantize import quantize_keys, quantize_values  # noqa: E402
 
 TOL = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-5}
@@ -39,8 +40,8 @@ LENGTHS = {False: [4096 + 37, 32768 + 41], True: [101, 187]}
 # Batch sizes of the decode-attention cases; sequence b of a batch holds length - 101 b tokens (its own state).
 BATCHES = {False: [1, 8], True: [1, 3]}
 # mid-store kind: (bits, key granularity); None = the full cache's 16-bit store only.
-KINDS = {"bf16": None, "int8": (8, "token"), "fp8": ("fp8", "token"), "int4": (4, "channel"),
-         "int2": (2, "channel"), "int4-token-keys": (4, "token")}
+KINDS = {"bf16": None, **{f.label: (f.name, f.default_k_granularity) for f in FORMATS.values()},
+         "int4-token-keys": ("4", "token")}
 
 
 @contextlib.contextmanager

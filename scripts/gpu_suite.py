@@ -281,8 +281,8 @@ def speed_row(model, section, name, context, batch, mode: Mode, cfg, device, com
     row = dict(section=section, name=name, shape=mode.shape, context=context, batch=batch, note="")
     options = bench_decode.strategy_options(strategy, extra + cfg["strategy_args"].get(strategy, []))
     max_seq_length = context + 1 + mode.warmup + mode.repeats * mode.steps + 2
-    kv = bench_decode.cache_bytes(args, strategy, options, batch, max_seq_length)
-    full_kv = bench_decode.cache_bytes(args, "full", {}, batch, max_seq_length)
+    kv = bench_decode.cache_bytes(args, strategy, options, batch, max_seq_length, DTYPE)
+    full_kv = bench_decode.cache_bytes(args, "full", {}, batch, max_seq_length, DTYPE)
     weights = cfg["weight_bytes"]
     _, per_token = bench_decode.transient_bytes(args, 1, max_seq_length)  # the fill prefills one sequence
     chunk = bench_decode.prefill_chunk(context, per_token, 4 * GiB if device.type == "cuda" else 64 * 2**20)
@@ -304,14 +304,23 @@ def speed_row(model, section, name, context, batch, mode: Mode, cfg, device, com
         bench_decode.synchronize(device)
         row["fill_s"] = time.perf_counter() - t0
         if compiled:
-            decode_fn = compile_decode()
+            decode_fn, row["decode_path"] = compile_decode(), "torch.compile"
         elif mode.graph and device.type == "cuda":
-            decode_fn = bench_decode.GraphedDecode()
+            decode_fn, row["decode_path"] = bench_decode.GraphedDecode(), "cuda graph"
         else:
-            decode_fn = decode_one_token
-        row["decode_path"] = "torch.compile" if compiled else ("cuda graph" if mode.graph else "eager")
-        step_s, row["first_call_s"] = bench_decode.time_decode(model, decode_fn, token, context, mode.steps,
-                                                               mode.repeats, mode.warmup, device)
+            decode_fn, row["decode_path"] = decode_one_token, "eager"
+        try:
+            step_s, row["first_call_s"] = bench_decode.time_decode(model, decode_fn, token, context, mode.steps,
+                                                                   mode.repeats, mode.warmup, device)
+        except (RuntimeError, torch._dynamo.exc.TorchDynamoException) as e:
+            if row["decode_path"] == "eager":
+                raise
+            # One lease: a capture or compile failure must still leave an eager number (and say why).
+            row["note"] = f"{row['decode_path']} failed ({type(e).__name__}: {str(e)[:120]}); eager instead"
+            row["decode_path"] = "eager"
+            torch._dynamo.reset()
+            step_s, row["first_call_s"] = bench_decode.time_decode(model, decode_one_token, token, context,
+                                                                   mode.steps, mode.repeats, mode.warmup, device)
         row["peak_bytes"] = peak_memory_bytes(device)
     except torch.cuda.OutOfMemoryError:
         row["note"] = "OOM"
@@ -339,7 +348,7 @@ def budget_batch(args, name, context, mode: Mode, cfg) -> int:
     strategy, extra = STRATEGIES[name]
     options = bench_decode.strategy_options(strategy, extra + cfg["strategy_args"].get(strategy, []))
     max_seq_length = context + 1 + mode.warmup + mode.repeats * mode.steps + 2
-    per_sequence = bench_decode.cache_bytes(args, strategy, options, 1, max_seq_length)
+    per_sequence = bench_decode.cache_bytes(args, strategy, options, 1, max_seq_length, DTYPE)
     reserve = (6 * GiB if mode.shape != "tiny" else 8 * 2**20)
     room = mode.budget_gb * 1e9 - cfg["weight_bytes"] - reserve
     return max(1, int(room // per_sequence))

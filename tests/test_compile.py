@@ -37,13 +37,7 @@ if _impl is not None and "triton" in (_impl.choices or ()):
 PROMPT_LEN, NEW_TOKENS, MAX_SEQ_LENGTH = 20, 14, 48
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A tiny model runs fastest on one thread; several threads thrash on a busy two-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def model_():

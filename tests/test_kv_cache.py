@@ -23,14 +23,7 @@ from tokenizer import load_tokenizer
 BIT_OPTIONS = [dict(bits="8"), dict(bits="fp8"), dict(bits="4"), dict(bits="2")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: fastest for the tiny models, and on a busy 2-core machine torch's spinning worker threads made
-    the SmolLM2 test 7x slower (778 s against 107 s), while one thread costs it at most ~2x on an idle one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_model(seed=0, dtype=torch.float64, **overrides) -> Transformer:

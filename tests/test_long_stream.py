@@ -16,12 +16,7 @@ from model import ModelArgs, Transformer
 MiB = 2**20
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_model(dtype=torch.float32, **overrides) -> Transformer:
