@@ -217,8 +217,7 @@ def test_quantize_kv_equals_masked_reference(options):
 def test_batch_equals_separate_runs_and_reset(strategy, options):
     model, tokens = tiny_model(), random_tokens(3, 88)
     batched = run(model, strategy, options, tokens, SCHEDULE, 96)
-    for cache in model.caches():
-        cache.reset()
+    model.reset_caches()
     torch.testing.assert_close(stream(model, tokens, SCHEDULE), batched, rtol=0, atol=0)  # reset forgets all
     for b in range(3):
         alone = run(model, strategy, options, tokens[b:b + 1], SCHEDULE, 96)
