@@ -36,11 +36,12 @@ def load_model(checkpoint_path, device, dtype) -> Transformer:
 
 
 def setup_cache(model: Transformer, strategy: str, options: dict, batch_size: int, max_seq_length: int,
-                rope_length: int = 0):
-    """Give every layer a fresh cache of `strategy`; RoPE tables cover max(max_seq_length, rope_length) positions."""
+                rope_length: int = 0, quiet: bool = False):
+    """Give every layer a fresh cache of `strategy`; RoPE tables cover max(max_seq_length, rope_length) positions.
+    quiet: no notices from the options check (for caches sized internally, e.g. by scripts/evaluate.py)."""
     cache_cls = kv_cache.STRATEGIES[strategy]
     args = model.args
-    resolved = cache_cls.check_options(options, max_seq_length, args.head_dim)  # once for all layers
+    resolved = cache_cls.check_options(options, max_seq_length, args.head_dim, quiet)  # once for all layers
     weight = model.tok_embeddings.weight
 
     def make_cache(layer_idx):

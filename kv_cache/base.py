@@ -93,8 +93,9 @@ class KVCache(nn.Module):
         cls.Options.add_arguments(parser)
 
     @classmethod
-    def check_options(cls, options, max_seq_length: int, head_dim: int) -> CacheOptions:
-        """The resolved options, or ValueError with one line naming the fix when they cannot work."""
+    def check_options(cls, options, max_seq_length: int, head_dim: int, quiet: bool = False) -> CacheOptions:
+        """The resolved options, or ValueError with one line naming the fix when they cannot work; quiet: no
+        notices (a strategy may print one when the options work but do something the user may not expect)."""
         return cls.Options.resolve(options, head_dim)
 
     @classmethod

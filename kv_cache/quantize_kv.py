@@ -34,7 +34,7 @@ import torch
 from kernels.formats import FORMATS, get_format
 from kv_cache.base import KVCache, attend, option, register, rotate_qk
 from kv_cache.compress_kv import SinkWindowOptions
-from kv_cache.stores import QuantizedStore, RingStore, read_rows
+from kv_cache.stores import QuantizedStore, RingStore, flush_size, read_rows
 
 K_GRANULARITIES = ("token", "channel")
 
@@ -62,7 +62,7 @@ class QuantizeOptions(SinkWindowOptions):
                 divisor = max(d for d in range(1, min(self.group_size, head_dim) + 1) if head_dim % d == 0)
                 raise ValueError(f"--group_size {self.group_size} must divide head_dim {head_dim} (values are "
                                  f"grouped by channels): use e.g. --group_size {divisor}")
-        self.flush_size = self.group_size if self.k_granularity == "channel" else 1
+        self.flush_size = flush_size(self.group_size, self.k_granularity)
 
     def mid_capacity(self, max_seq_length: int) -> int:
         """Tokens the quantized store can hold: what does not fit in sinks + window, in whole flush groups."""

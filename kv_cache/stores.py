@@ -58,6 +58,11 @@ def read_rows(buf: Tensor, rows, slots: Tensor) -> Tensor:
     return buf[rows[:, None], :, slots].transpose(1, 2)
 
 
+def ring_slots(pos: Tensor, sink_size: int, ring_size: int) -> Tensor:
+    """The RingStore slot of each position: sinks in place, later positions round the ring."""
+    return torch.where(pos < sink_size, pos, sink_size + (pos - sink_size) % ring_size)
+
+
 class DenseStore(nn.Module):
     def __init__(self, batch_size, n_kv_head, n_slots, head_dim, dtype, device):
         super().__init__()
@@ -82,9 +87,7 @@ class RingStore(DenseStore):
                                                device=device))
 
     def slots(self, pos: Tensor) -> Tensor:
-        """The slot of each position: sinks in place, later positions round the ring."""
-        S = self.sink_size
-        return torch.where(pos < S, pos, S + (pos - S) % self.ring_size)
+        return ring_slots(pos, self.sink_size, self.ring_size)
 
     def write_positions(self, rows, pos: Tensor, k: Tensor, v: Tensor):
         """Store k, v (R, H, T, D) of positions pos (R, T) of sequences `rows` (a slice or an index tensor, as in
@@ -101,11 +104,16 @@ class RingStore(DenseStore):
         self.pos[rows] = -1
 
 
+def flush_size(group_size: int, k_granularity: str) -> int:
+    """Tokens that leave the window together: a key group when keys are scaled per channel, else one token."""
+    return group_size if k_granularity == "channel" else 1
+
+
 class QuantizedStore(nn.Module):
     def __init__(self, batch_size, n_kv_head, capacity, head_dim, fmt: Format, group_size, k_granularity, device):
         super().__init__()
         self.fmt, self.group_size, self.k_granularity, self.head_dim = fmt, group_size, k_granularity, head_dim
-        self.flush_size = group_size if k_granularity == "channel" else 1
+        self.flush_size = flush_size(group_size, k_granularity)
         self.capacity = capacity
         for name, (shape, dtype) in self.layout(fmt, group_size, k_granularity, capacity + self.flush_size,
                                                 head_dim).items():
@@ -130,13 +138,15 @@ class QuantizedStore(nn.Module):
     @classmethod
     def bytes_per_token(cls, fmt: Format, group_size: int, k_granularity: str, head_dim: int) -> float:
         """Bytes of one stored token in one KV head: payload plus scales/zero-points amortized over their groups."""
-        flush = group_size if k_granularity == "channel" else 1
+        flush = flush_size(group_size, k_granularity)
         layout = cls.layout(fmt, group_size, k_granularity, flush, head_dim)
         return sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in layout.values()) / flush
 
-    def buffers_of(self, batch: int) -> tuple:
-        """(k_q, k_scale, k_zero, v_q, v_scale, v_zero) of the first `batch` sequences; zeros None when symmetric."""
-        return tuple(None if t is None else t[:batch]
+    def buffers_of(self, rows) -> tuple:
+        """(k_q, k_scale, k_zero, v_q, v_scale, v_zero) of sequences `rows` (a count: the first ones, as views; a
+        slice or an index tensor); zero-points None when symmetric."""
+        rows = slice(0, rows) if isinstance(rows, int) else rows
+        return tuple(None if t is None else t[rows]
                      for t in (self.k_q, self.k_scale, self.k_zero, self.v_q, self.v_scale, self.v_zero))
 
     def store(self, rows, tokens: Tensor, k: Tensor, v: Tensor):
@@ -155,9 +165,7 @@ class QuantizedStore(nn.Module):
 
     def dequantize(self, rows, n: int, dtype) -> tuple[Tensor, Tensor]:
         """Keys and values (R, H, n, D) in `dtype` of the first n tokens of sequences `rows`."""
-        parts = [None if t is None else t[rows]
-                 for t in (self.k_q, self.k_scale, self.k_zero, self.v_q, self.v_scale, self.v_zero)]
-        return dequantize_mid(*parts, n, self.fmt, self.k_granularity, self.group_size, self.head_dim, dtype)
+        return dequantize_mid(*self.buffers_of(rows), n, self.fmt, self.k_granularity, self.group_size, self.head_dim, dtype)
 
     def reset(self, rows: Tensor):
         for buf in self.buffers():

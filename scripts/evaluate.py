@@ -45,7 +45,8 @@ import kv_cache  # noqa: E402
 from atomic import atomic_write_json, check_writable_file  # noqa: E402
 from checkpoint import default_checkpoint_path  # noqa: E402
 from generate import (DTYPES, OUTPUTS, build_parser, cache_bytes, check_profile_name, full_kv_bytes,  # noqa: E402
-                      generate_batch, load_model, maybe_profile, prefill, resolve_device_dtype, strategy_options)
+                      generate_batch, load_model, maybe_profile, prefill, resolve_device_dtype, setup_cache,
+                      strategy_options)
 from scripts import corpus  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
@@ -173,14 +174,9 @@ def check_fits(strategy, options, max_position, tokens: int, what: str, fix: str
 
 
 def install_cache(model, strategy, options, max_seq_length, rope_length=0, batch_size=1):
-    """generate.setup_cache without check_options: evaluate checks the options once, at --max_position (where
-    quantize_kv's "nothing is quantized" notice means something), not again at every internal size; the caches'
-    own constructors still reject what cannot work."""
-    cache_cls, a, weight = kv_cache.STRATEGIES[strategy], model.args, model.tok_embeddings.weight
-    resolved = cache_cls.Options.resolve(options, a.head_dim)
-    model.setup_caches(lambda layer_idx: cache_cls(batch_size, max_seq_length, a.n_kv_head, a.head_dim, weight.dtype,
-                                                   weight.device, options=resolved),
-                       max(max_seq_length, rope_length))
+    """generate.setup_cache without the options' notices: evaluate checks the options once, at --max_position
+    (where quantize_kv's "nothing is quantized" notice means something), not again at every internal size."""
+    setup_cache(model, strategy, options, batch_size, max_seq_length, rope_length, quiet=True)
 
 
 def batches(items: list, size: int) -> list[list]:

@@ -29,6 +29,7 @@ REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR))
 # The kernels (and triton) are imported inside the checks: main() must choose the interpreter before triton loads.
 from kernels.formats import FORMATS  # noqa: E402
+from kv_cache.stores import flush_size, ring_slots  # noqa: E402
 from kernels.quantize import quantize_keys, quantize_values  # noqa: E402
 
 TOL = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-5}
@@ -69,7 +70,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def quantized_mid(B, H, D, n_mid, bits, k_granularity, device, gen):
     """A mid store holding n_mid random tokens, quantized by kernels/quantize.py in the cache layout, with one
     scratch flush group of garbage past the end (payload random, scales NaN: reading them poisons the output)."""
-    F = GROUP_SIZE if k_granularity == "channel" else 1
+    F = flush_size(GROUP_SIZE, k_granularity)
     k = torch.randn(B, H, n_mid, D, device=device, generator=gen)
     v = torch.randn(B, H, n_mid, D, device=device, generator=gen)
     mid = dict(zip(("k_q", "k_scale", "k_zero"), quantize_keys(k, bits, k_granularity, GROUP_SIZE)))
@@ -99,7 +100,7 @@ def decode_attention_case(kind, B, HQ, H, D, length, dtype, device, gen):
         return dict(q=q, hi_k=hi_k, hi_v=hi_v, hi_last=hi_last), 0
     bits, k_granularity = KINDS[kind]
     S, W = SINK_SIZE, WINDOW_SIZE
-    F = GROUP_SIZE if k_granularity == "channel" else 1
+    F = flush_size(GROUP_SIZE, k_granularity)
     # Every sequence has its own length (as in a batch of different prompts): its own ring state and n_mid.
     lengths = [max(1, length - 101 * b) for b in range(B)]
     n_mids = [max(0, n - S - W) // F * F for n in lengths]
@@ -116,7 +117,7 @@ def decode_attention_case(kind, B, HQ, H, D, length, dtype, device, gen):
     for b, (n, n_mid) in enumerate(zip(lengths, n_mids)):
         pos = torch.arange(n, device=device)
         pos = pos[(pos < S) | (pos >= n - ring)]
-        hi_pos[b, torch.where(pos < S, pos, S + (pos - S) % ring)] = pos
+        hi_pos[b, ring_slots(pos, S, ring)] = pos
         stale = (hi_pos[b] < 0) | ((hi_pos[b] >= S) & (hi_pos[b] < S + n_mid))
         hi_k[b, :, stale] = hi_v[b, :, stale] = float("nan")
     return dict(q=q, hi_k=hi_k, hi_v=hi_v, hi_pos=hi_pos, sink_size=S, n_mid=torch.tensor(n_mids, device=device),
@@ -187,7 +188,7 @@ def quantize_into_case(kind, B, H, D, length, dtype, device, gen):
     a ring of 16-bit tokens read through a row index; the store holds the mid tokens (whole flush groups) plus one
     scratch group. Yields (what, start, n_rows, inputs)."""
     bits, k_granularity = KINDS[kind]
-    F = GROUP_SIZE if k_granularity == "channel" else 1
+    F = flush_size(GROUP_SIZE, k_granularity)
     capacity = max(F, (length - SINK_SIZE - WINDOW_SIZE) // F * F)
     bulk = max(F, min(capacity // 2, 4096) // F * F)
     for what, start, n_rows in (("flush", capacity - F, F), ("bulk", capacity + F - bulk, bulk)):
