@@ -21,6 +21,7 @@ import torch
 import kv_cache
 from atomic import atomic_write_text, check_writable_file
 from checkpoint import SETUP_HINT, default_checkpoint_path, load_checkpoint
+from kv_cache.paging import BlockPool, PageSpace
 from model import ModelArgs, Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,23 +37,56 @@ def load_model(checkpoint_path, device, dtype) -> Transformer:
 
 
 def setup_cache(model: Transformer, strategy: str, options: dict, batch_size: int, max_seq_length: int,
-                rope_length: int = 0, quiet: bool = False):
+                rope_length: int = 0, quiet: bool = False, block_size: int = None, num_blocks: int = None):
     """Give every layer a fresh cache of `strategy`; RoPE tables cover max(max_seq_length, rope_length) positions.
-    quiet: no notices from the options check (for caches sized internally, e.g. by scripts/evaluate.py)."""
+    quiet: no notices from the options check (for caches sized internally, e.g. by scripts/evaluate.py).
+    block_size: page the cache in a pool of num_blocks blocks shared by the batch and all layers (kv_cache/paging.py;
+    num_blocks None: every sequence's max_seq_length fits). Returns the pool (None when contiguous)."""
     cache_cls = kv_cache.STRATEGIES[strategy]
     args = model.args
     resolved = cache_cls.check_options(options, max_seq_length, args.head_dim, quiet)  # once for all layers
     weight = model.tok_embeddings.weight
+    pool = None
+    if block_size:
+        space = cache_cls.page_space(resolved, max_seq_length, block_size)
+        pool = BlockPool(num_blocks or default_num_blocks(space, batch_size, max_seq_length), space, batch_size,
+                         weight.device)
 
     def make_cache(layer_idx):
         return cache_cls(batch_size, max_seq_length, args.n_kv_head, args.head_dim, weight.dtype, weight.device,
-                         options=resolved)
+                         options=resolved, pool=pool)
 
     model.setup_caches(make_cache, max(max_seq_length, rope_length))
+    return pool
+
+
+def default_num_blocks(space: PageSpace, batch_size: int, max_seq_length: int) -> int:
+    """A pool where every sequence of the batch reaches max_seq_length (what contiguous storage allocates), plus
+    the null block."""
+    return batch_size * space.blocks_for(max_seq_length) + 1
+
+
+def pool_of(model: Transformer):
+    """The caches' shared BlockPool, or None when they are contiguous."""
+    return model.caches()[0].pool
 
 
 def kv_bytes(model: Transformer) -> int:
     return sum(cache.nbytes() for cache in model.caches())
+
+
+def pool_bytes(args: ModelArgs, strategy: str, options: dict, batch_size: int, max_seq_length: int, block_size: int,
+               dtype=torch.bfloat16) -> tuple[int, int]:
+    """(bytes that do not depend on the pool's size, bytes per block), all layers: from caches built on the meta
+    device with pools of 2 and 3 blocks, so they are the stores' own byte counts."""
+    two, three = (cache_bytes(args, strategy, options, batch_size, max_seq_length, dtype, block_size, n)
+                  for n in (2, 3))
+    return two - 2 * (three - two), three - two
+
+
+def blocks_in(memory_bytes: float, fixed: int, per_block: int) -> int:
+    """Blocks a pool of memory_bytes holds (beside the fixed bytes)."""
+    return max(0, int((memory_bytes - fixed) // per_block))
 
 
 def full_kv_bytes(model: Transformer, batch_size: int, tokens: int) -> int:
@@ -62,22 +96,29 @@ def full_kv_bytes(model: Transformer, batch_size: int, tokens: int) -> int:
 
 
 def cache_bytes(args: ModelArgs, strategy: str, options: dict, batch_size: int, max_seq_length: int,
-                dtype=torch.bfloat16) -> int:
-    """What the caches of all layers allocate, from one cache built on the meta device (no memory used)."""
+                dtype=torch.bfloat16, block_size: int = None, num_blocks: int = None) -> int:
+    """What the caches of all layers allocate, from one cache built on the meta device (no memory used); paged
+    with block_size: a pool of num_blocks blocks (default: every sequence reaches max_seq_length)."""
     # Storage does not depend on the attention path, and the meta device has no Triton kernels to check for.
-    options = {**options, "attn_impl": "torch"}
-    cache = kv_cache.STRATEGIES[strategy](batch_size, max_seq_length, args.n_kv_head, args.head_dim, dtype,
-                                          torch.device("meta"), **options)
+    cache_cls = kv_cache.STRATEGIES[strategy]
+    resolved = cache_cls.Options.resolve({**options, "attn_impl": "torch"}, args.head_dim)
+    pool = None
+    if block_size:
+        space = cache_cls.page_space(resolved, max_seq_length, block_size)
+        pool = BlockPool(num_blocks or default_num_blocks(space, batch_size, max_seq_length), space, batch_size,
+                         torch.device("meta"))
+    cache = cache_cls(batch_size, max_seq_length, args.n_kv_head, args.head_dim, dtype, torch.device("meta"),
+                      options=resolved, pool=pool)
     return cache.nbytes() * args.n_layer
 
 
 def generation_bytes(args: ModelArgs, strategy: str, options: dict, batch_size: int, max_seq_length: int,
-                     prompt_len: int, rope_length: int, dtype) -> int:
+                     prompt_len: int, rope_length: int, dtype, block_size: int = None, num_blocks: int = None) -> int:
     """Bytes a generation allocates beyond the weights: the caches, the float32 RoPE tables (cos, sin and the
-    angles they come from) and the prefill's logits (B, T, vocab) with their concatenated copy."""
+    angles they come from) and one prefill chunk's logits (B, chunk, vocab) with a copy."""
     rope = 4 * max(rope_length, max_seq_length) * args.head_dim * 4
     logits = 2 * batch_size * prompt_len * args.vocab_size * dtype.itemsize
-    return cache_bytes(args, strategy, options, batch_size, max_seq_length, dtype) + rope + logits
+    return cache_bytes(args, strategy, options, batch_size, max_seq_length, dtype, block_size, num_blocks) + rope + logits
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -113,14 +154,16 @@ def largest_fitting(fits, upper: int) -> int:
 
 
 def check_memory(model: Transformer, strategy: str, options: dict, batch_size: int, max_seq_length: int,
-                 prompt_len: int, rope_length: int, available: int = None):
+                 prompt_len: int, rope_length: int, available: int = None, block_size: int = None,
+                 num_blocks: int = None):
     """Before anything is allocated: a one-line ValueError when the caches and prefill buffers cannot fit in the
     memory left after the weights, naming the largest --max_seq_length and --batch_size that would."""
     weight = model.tok_embeddings.weight
     available = available_memory_bytes(weight.device) if available is None else available
 
     def needed(batch, length):
-        return generation_bytes(model.args, strategy, options, batch, length, prompt_len, rope_length, weight.dtype)
+        return generation_bytes(model.args, strategy, options, batch, length, prompt_len, rope_length, weight.dtype,
+                                block_size, num_blocks)
 
     need = needed(batch_size, max_seq_length)
     if need <= available:
@@ -134,6 +177,8 @@ def check_memory(model: Transformer, strategy: str, options: dict, batch_size: i
     batch_fit = largest_fitting(lambda batch: needed(batch, max_seq_length) <= available, batch_size)
     if batch_fit:
         fixes.append(f"--batch_size {batch_fit}")
+    if num_blocks:
+        fixes = ["fewer --num_blocks / a smaller --kv_memory_gb"]
     fix = (" or ".join(fixes) + " fits" if fixes else
            "even one sequence does not fit: lower --max_new_tokens or shorten the prompt, or use compress_kv")
     where = "GPU memory" if weight.device.type == "cuda" else "memory"
@@ -160,16 +205,28 @@ def sample(logits: torch.Tensor, temperature: float, top_k) -> torch.Tensor:
 
 
 def prefill(model: Transformer, tokens: torch.Tensor, start_pos: int = 0, chunk_size: int = None,
-            rows: torch.Tensor = None) -> torch.Tensor:
-    """Feed tokens (B, T) at positions start_pos.. in chunks into cache sequences `rows` (None: the first B);
-    return logits (B, T, V)."""
+            rows: torch.Tensor = None, last_only: bool = False) -> torch.Tensor:
+    """Feed tokens (B, T) at positions start_pos.. in chunks of chunk_size (None: all at once) into cache sequences
+    `rows` (None: the first B); each chunk attends to what the cache holds plus itself causally, so activations
+    grow with chunk_size x context, not context^2. Returns logits (B, T, V), or (B, 1, V) of the last token with
+    last_only (the (B, T, V) logits of a long prompt would outweigh the chunking). Paged caches take the blocks
+    each chunk needs first."""
     chunk_size = chunk_size or tokens.shape[1]
+    pool = pool_of(model)
+    if rows is None:  # named, so a one-token chunk is a prefill chunk too, never taken for the decode step
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+    row_ids = rows.tolist()
     logits = []
     for begin in range(0, tokens.shape[1], chunk_size):
         chunk = tokens[:, begin:begin + chunk_size]
-        input_pos = torch.arange(start_pos + begin, start_pos + begin + chunk.shape[1], device=tokens.device)
-        logits.append(model(chunk, input_pos, rows))
-    return torch.cat(logits, dim=1)
+        end = start_pos + begin + chunk.shape[1]
+        if pool is not None:
+            for row in row_ids:
+                pool.reserve(row, end)
+        input_pos = torch.arange(start_pos + begin, end, device=tokens.device)
+        out = model(chunk, input_pos, rows)
+        logits.append(out[:, -1:] if last_only else out)
+    return logits[-1] if last_only else torch.cat(logits, dim=1)
 
 
 def decode_one_token(model: Transformer, token: torch.Tensor, input_pos: torch.Tensor, temperature: float, top_k):
@@ -187,19 +244,32 @@ def compile_decode(decode_fn=decode_one_token):
     return torch.compile(decode_fn, mode="reduce-overhead", fullgraph=True)
 
 
+def prefill_one(model: Transformer, ids: list[int], row: int, chunk_size) -> torch.Tensor:
+    """Prefill one prompt into cache sequence `row` (reset), sharing the blocks of a prompt prefix that a paged
+    pool already holds (only the rest is computed); return the last token's logits (1, V)."""
+    device = model.tok_embeddings.weight.device
+    pool = pool_of(model)
+    shared = pool.share_prefix(row, ids) if pool is not None else 0
+    logits = prefill(model, torch.tensor([ids[shared:]], device=device), shared, chunk_size,
+                     rows=torch.tensor([row], device=device), last_only=True)
+    if pool is not None:
+        pool.publish_prefix(row, ids)
+    return logits[:, -1]
+
+
 def prefill_prompts(model: Transformer, prompts: list[list[int]], chunk_size, temperature, top_k) -> torch.Tensor:
     """Prefill prompt b into cache sequence b and sample each one's first new token: (B, 1). Copies of one prompt
-    are fed together; prompts of different lengths one at a time (each sequence starts at position 0, so no
-    padding is stored or attended to)."""
+    are fed together (in a paged pool that shares prefixes, the first is stored and the others share it);
+    prompts of different lengths one at a time (each sequence starts at position 0, so no padding is stored or
+    attended to)."""
     device = model.tok_embeddings.weight.device
-    if all(ids == prompts[0] for ids in prompts):
-        logits = prefill(model, torch.tensor(prompts, device=device), 0, chunk_size)
+    pool = pool_of(model)
+    sharing = pool is not None and pool.space.sharable
+    if all(ids == prompts[0] for ids in prompts) and not sharing:
+        logits = prefill(model, torch.tensor(prompts, device=device), 0, chunk_size, last_only=True)
         return sample(logits[:, -1], temperature, top_k)
-    first = []
-    for b, ids in enumerate(prompts):
-        logits = prefill(model, torch.tensor([ids], device=device), 0, chunk_size, rows=torch.tensor([b], device=device))
-        first.append(sample(logits[:, -1], temperature, top_k))
-    return torch.cat(first)
+    return torch.cat([sample(prefill_one(model, ids, b, chunk_size), temperature, top_k)
+                      for b, ids in enumerate(prompts)])
 
 
 def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, temperature=0.0, top_k=None, eos_ids=(),
@@ -214,12 +284,14 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, tempera
     B = len(prompts)
     device = model.tok_embeddings.weight.device
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    pool = pool_of(model)
     model.reset_caches()
     t0 = time.perf_counter()
     next_token = prefill_prompts(model, prompts, prefill_chunk, temperature, top_k)
     synchronize()
     t1 = time.perf_counter()
-    input_pos = torch.tensor([len(ids) for ids in prompts], device=device)[:, None]  # where each next token goes
+    positions = [len(ids) for ids in prompts]  # where each next token goes (a host copy, for a paged pool)
+    input_pos = torch.tensor(positions, device=device)[:, None]
     eos = torch.tensor(sorted(eos_ids), device=device, dtype=torch.long)
     new_tokens, finished = [next_token], torch.zeros(B, dtype=torch.bool, device=device)
     if on_token:
@@ -230,6 +302,12 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, tempera
             if bool(finished.all()):
                 break
             model.finish_sequences(finished)
+        if pool is not None:  # blocks for this step's writes (a finished row's write lands in the null block)
+            done = finished.tolist()
+            for b in range(B):
+                if not done[b]:
+                    pool.reserve(b, positions[b] + 1)
+                    positions[b] += 1
         next_token = decode_fn(model, next_token, input_pos, temperature, top_k).clone()
         input_pos = input_pos + (~finished)[:, None]
         new_tokens.append(next_token)
@@ -418,6 +496,16 @@ def temperature_value(text):
     return value
 
 
+def positive_number(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
 def add_common_arguments(parser, suppress=False):
     """Options accepted before and after the strategy subcommand (the seed README puts some after it)."""
     def default(value):
@@ -454,6 +542,22 @@ def add_common_arguments(parser, suppress=False):
     parser.add_argument("--max_seq_length", type=whole_number(1), default=default(None),
                         help="tokens the cache is sized for (default: prompt + max_new_tokens, at most the model's "
                              "context); checked against free memory before anything is allocated")
+    parser.add_argument("--prefill_chunk_size", type=whole_number(1), default=default(512),
+                        help="prompt tokens fed at a time: each chunk attends to the cache so far and itself, so "
+                             "prefill memory grows with chunk x prompt, not prompt^2")
+    parser.add_argument("--max_batch_size", type=whole_number(1), default=default(None),
+                        help="with --prompts_file: continuous batching, up to N sequences at once; when one ends the "
+                             "next prompt takes its place (instead of --batch_size batches)")
+    parser.add_argument("--paged", action="store_true", default=default(False),
+                        help="page the KV cache in one pool of blocks shared by every sequence (taken on demand, "
+                             "returned at the end; full shares prompt prefixes)")
+    parser.add_argument("--block_size", type=whole_number(1), default=default(16),
+                        help="with --paged: tokens per block (quantize_kv rounds up to whole key groups)")
+    parser.add_argument("--num_blocks", type=whole_number(2), default=default(None),
+                        help="with --paged: blocks in the pool, the null block included (default: every sequence "
+                             "can reach --max_seq_length)")
+    parser.add_argument("--kv_memory_gb", type=positive_number, default=default(None),
+                        help="with --paged: size the pool to this many GiB of KV memory (instead of --num_blocks)")
     parser.add_argument("--compile", action="store_true", default=default(False),
                         help="torch.compile the decode step (CUDA graphs on GPU); compilation is timed apart")
     parser.add_argument("--profile", metavar="NAME", default=default(None),
@@ -573,6 +677,20 @@ def check_options(args):
         raise ValueError("--system is a chat message: add --chat (or put the text into --prompt)")
     if args.prompts_file is not None and args.num_samples > 1:
         raise ValueError("--num_samples repeats one --prompt: with --prompts_file write a prompt on several lines")
+    if args.max_batch_size is not None:
+        if args.prompts_file is None:
+            raise ValueError("--max_batch_size admits the prompts of --prompts_file as sequences end: add "
+                             "--prompts_file (or use --batch_size for copies of --prompt)")
+        if args.batch_size > 1:
+            raise ValueError("--max_batch_size (continuous batching) replaces --batch_size (static batches): "
+                             "give one of them")
+    if not args.paged:
+        given = [flag for flag, value in (("--num_blocks", args.num_blocks), ("--kv_memory_gb", args.kv_memory_gb),
+                                          ("--block_size", args.block_size != 16 or None)) if value]
+        if given:
+            raise ValueError(f"{given[0]} sizes the paged pool: add --paged")
+    if args.num_blocks is not None and args.kv_memory_gb is not None:
+        raise ValueError("--num_blocks and --kv_memory_gb both size the pool: give one of them")
     if args.out is not None:
         check_writable_file(args.out)
     if args.profile is not None:  # "" too: a name that is no name
@@ -622,7 +740,8 @@ def run(args, options):
     # --prompt: batch_size copies of it; --prompts_file: batch_size prompts at a time, in input order.
     batches = ([[prompts[0]] * args.batch_size] if args.prompts_file is None else
                [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)])
-    batch_size = max(map(len, batches))
+    continuous = args.max_batch_size is not None
+    batch_size = min(args.max_batch_size, len(prompts)) if continuous else max(map(len, batches))
     T = max(map(len, prompts))
     total = T + args.max_new_tokens
     torch.manual_seed(args.seed)
@@ -638,11 +757,26 @@ def run(args, options):
     if capacity is not None and total > capacity:
         raise ValueError(f"prompt ({T} tokens) + --max_new_tokens ({args.max_new_tokens}) = {total} tokens but the "
                          f"{args.strategy} cache holds {capacity}: raise --max_seq_length, shorten the prompt or use compress_kv")
-    check_memory(model, args.strategy, options, batch_size, max_seq_length, T, rope_length=total)
+    block_size = args.block_size if args.paged else None
+    num_blocks = args.num_blocks
+    if args.kv_memory_gb is not None:
+        fixed, per_block = pool_bytes(model.args, args.strategy, options, batch_size, max_seq_length, block_size,
+                                      dtype)
+        num_blocks = blocks_in(args.kv_memory_gb * 2**30, fixed, per_block)
+        if num_blocks < 2:
+            raise ValueError(f"--kv_memory_gb {args.kv_memory_gb} holds {num_blocks} block(s) of "
+                             f"{format_bytes(per_block)} beside {format_bytes(fixed)} of per-sequence state: raise it")
+    chunk = min(args.prefill_chunk_size, T)
+    check_memory(model, args.strategy, options, batch_size, max_seq_length, chunk, rope_length=total,
+                 block_size=block_size, num_blocks=num_blocks)
     if max_seq_length > trained:
         warn(f"--max_seq_length {max_seq_length} is past the model's trained context ({trained} positions): "
              "text past it degrades (compress_kv keeps positions inside its window)")
-    setup_cache(model, args.strategy, options, batch_size, max_seq_length, rope_length=total)
+    pool = setup_cache(model, args.strategy, options, batch_size, max_seq_length, rope_length=total,
+                       block_size=block_size, num_blocks=num_blocks)
+    if pool is not None and not continuous:  # static batches: every sequence of a batch runs to the end
+        import scheduler
+        scheduler.check_fits(model, prompts, args.max_new_tokens)
 
     print(f"model: {checkpoint_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, {dtype}, "
           f"{device}); cache: {args.strategy} {options}" + ("; chat template applied" if args.chat else ""))
@@ -654,13 +788,15 @@ def run(args, options):
             compile_s = warm_up(model, decode_fn, batch_size, args.temperature, args.top_k,
                                 calls=min(3, max_seq_length))
     if args.prompts_file is None:
-        results = generate_prompt(args, model, tokenizer, batches[0], texts[0], decode_fn, device, max_seq_length)
+        results = generate_prompt(args, model, tokenizer, batches[0], texts[0], decode_fn, device)
+    elif continuous:
+        results = generate_continuously(args, model, tokenizer, prompts, texts, decode_fn, device)
     else:
-        results = generate_prompts_file(args, model, tokenizer, batches, texts, decode_fn, device, max_seq_length)
+        results = generate_prompts_file(args, model, tokenizer, batches, texts, decode_fn, device)
     report(args, model, results, compile_s, batch_size, max_seq_length, device)
 
 
-def generate_prompt(args, model, tokenizer, batch, text, decode_fn, device, max_seq_length) -> list[dict]:
+def generate_prompt(args, model, tokenizer, batch, text, decode_fn, device) -> list[dict]:
     """--prompt: row 0 streams as it is generated, the other rows follow in full; --num_samples times."""
     shown_prompt = "" if args.chat else text  # in chat mode the answer is shown, not the template
     results, profile_files = [], []
@@ -672,17 +808,18 @@ def generate_prompt(args, model, tokenizer, batch, text, decode_fn, device, max_
         print(shown_prompt, end="", flush=True)
         with maybe_profile(profiling, device, profile_files):
             out = generate_batch(model, batch, args.max_new_tokens, args.temperature, args.top_k, tokenizer.eos_ids,
-                                 prefill_chunk=max_seq_length, decode_fn=decode_fn, on_token=streamer)
+                                 prefill_chunk=args.prefill_chunk_size, decode_fn=decode_fn, on_token=streamer)
         print()  # ends the streamed line before anything else is printed
         print_other_rows(tokenizer, out["tokens"], shown_prompt)
         out["profile_files"] = profile_files
         results.append(out)
     if args.out is not None:
-        write_jsonl(args.out, tokenizer, [text] * len(batch), [seq for r in results for seq in r["sequences"]])
+        sequences = [seq for r in results for seq in r["sequences"]]
+        write_jsonl(args.out, tokenizer, [text] * len(sequences), dict(enumerate(sequences)))
     return results
 
 
-def generate_prompts_file(args, model, tokenizer, batches, texts, decode_fn, device, max_seq_length) -> list[dict]:
+def generate_prompts_file(args, model, tokenizer, batches, texts, decode_fn, device) -> list[dict]:
     """--prompts_file: the prompts run --batch_size at a time; each completion is printed (and written to --out)
     in input order as its batch ends."""
     results, sequences, profile_files = [], [], []
@@ -690,7 +827,7 @@ def generate_prompts_file(args, model, tokenizer, batches, texts, decode_fn, dev
         profiling = args.profile if i == len(batches) - 1 else None
         with maybe_profile(profiling, device, profile_files):
             out = generate_batch(model, batch, args.max_new_tokens, args.temperature, args.top_k, tokenizer.eos_ids,
-                                 prefill_chunk=max_seq_length, decode_fn=decode_fn)
+                                 prefill_chunk=args.prefill_chunk_size, decode_fn=decode_fn)
         for seq in out["sequences"]:
             index = len(sequences)
             shown = "" if args.chat else texts[index]
@@ -698,17 +835,39 @@ def generate_prompts_file(args, model, tokenizer, batches, texts, decode_fn, dev
             print(shown + tokenizer.decode(until_eos(seq["tokens"], tokenizer.eos_ids)))
             sequences.append(seq)
         if args.out is not None:  # after every batch: a run cut short keeps the completions it made
-            write_jsonl(args.out, tokenizer, texts[:len(sequences)], sequences)
+            write_jsonl(args.out, tokenizer, texts, dict(enumerate(sequences)))
         out["profile_files"] = profile_files
         results.append(out)
     return results
 
 
-def write_jsonl(path: Path, tokenizer, texts: list[str], sequences: list[dict]):
-    rows = [json.dumps(dict(index=i, prompt=text, completion=tokenizer.decode(until_eos(seq["tokens"],
-                                                                                          tokenizer.eos_ids)),
+def generate_continuously(args, model, tokenizer, prompts, texts, decode_fn, device) -> list[dict]:
+    """--prompts_file with --max_batch_size: continuous batching (scheduler.py); each completion is printed as it
+    ends, and --out rewritten with every completion so far, in input order."""
+    import scheduler
+    done, profile_files = {}, []
+
+    def on_sequence(index, seq):
+        shown = "" if args.chat else texts[index]
+        print(f"--- prompt {index} ({seq['finish_reason']}, {len(seq['tokens'])} tokens) ---")
+        print(shown + tokenizer.decode(until_eos(seq["tokens"], tokenizer.eos_ids)))
+        done[index] = seq
+        if args.out is not None:
+            write_jsonl(args.out, tokenizer, texts, done)
+
+    with maybe_profile(args.profile, device, profile_files):
+        out = scheduler.generate_continuous(model, prompts, args.max_new_tokens, args.temperature, args.top_k,
+                                            tokenizer.eos_ids, args.prefill_chunk_size, decode_fn, on_sequence)
+    out["profile_files"] = profile_files
+    return [out]
+
+
+def write_jsonl(path: Path, tokenizer, texts: list[str], sequences: dict):
+    """sequences: input index -> sequence; written in input order."""
+    rows = [json.dumps(dict(index=i, prompt=texts[i], completion=tokenizer.decode(until_eos(seq["tokens"],
+                                                                                             tokenizer.eos_ids)),
                             tokens=seq["tokens"], finish_reason=seq["finish_reason"]), ensure_ascii=False)
-            for i, (text, seq) in enumerate(zip(texts, sequences))]
+            for i, seq in sorted(sequences.items())]
     atomic_write_text(path, "".join(row + "\n" for row in rows))
 
 
@@ -717,7 +876,8 @@ def report(args, model, results, compile_s, batch_size, max_seq_length, device):
     # --compile runs a single new token); --compile's own warm-up above already kept compilation out.
     timed = results[1:] if args.num_samples > 1 else results
     prefill_tps = sum(r["prompt_tokens"] for r in timed) / sum(r["prefill_s"] for r in timed)
-    decode_tokens = sum(r["decode_steps"] * r["tokens"].shape[0] for r in timed)
+    decode_tokens = sum(r["decode_tokens"] if "decode_tokens" in r else r["decode_steps"] * r["tokens"].shape[0]
+                        for r in timed)
     decode_s = sum(r["decode_s"] for r in timed)
     held = kv_bytes(model)
     baseline = full_kv_bytes(model, batch_size, max_seq_length)
@@ -731,6 +891,16 @@ def report(args, model, results, compile_s, batch_size, max_seq_length, device):
               "timed decode)")
     print(f"KV cache: {held / 2**20:.2f} MiB allocated ({held / baseline:.3f}x the full cache's "
           f"{baseline / 2**20:.2f} MiB for {max_seq_length} tokens)")
+    pool = pool_of(model)
+    if pool is not None:
+        pooled = sum(cache.pool_nbytes() for cache in model.caches())
+        fixed, per_block = held - pooled, pooled // pool.num_blocks
+        print(f"KV pool: {pool.usable} blocks of {pool.block_tokens} tokens (+ the null block), "
+              f"{per_block / 2**10:.1f} KiB a block over all layers; peak {pool.peak_used} of {pool.usable} used: "
+              f"{format_bytes(fixed + pool.peak_used * per_block)} in use of {format_bytes(held)} allocated")
+    if "peak_running" in results[0]:
+        print(f"continuous batching: up to {results[0]['peak_running']} sequences at once (--max_batch_size "
+              f"{batch_size}), {results[0]['decode_steps']} decode steps")
     print(f"peak memory: {peak_memory_bytes(device) / 2**30:.2f} GiB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
     if args.out is not None:
         print(f"wrote {len(sequences)} completion(s) to {args.out}")

@@ -21,6 +21,21 @@ Layouts follow kv_cache/stores.py:
   mid scales   (B, H, M // F, D // G) float16 (zeros likewise, asymmetric only): token t, channel d use
                scale[t // F, d // G]. Per-token int8/fp8: (B, H, M, 1); KIVI keys per channel: (B, H, M / F, D);
                per-token values in channel groups: (B, H, M, D / G). x_hat = q * scale (+ zero).
+
+Paged stores (as vLLM's PagedAttention; hi_table / mid_table given): the store is a POOL of fixed-size blocks shared
+by the batch, batch dim 1 (or B with batch stride 0, an .expand of it), and a block table (B, max_blocks) int32 or
+int64 maps each sequence's logical blocks to pool blocks:
+
+  hi_k, hi_v   (1, H, P, D), P = pool blocks * hi_block. Logical slot n of sequence b (n < NH = max_blocks *
+               hi_block) is pool slot hi_table[b, n // hi_block] * hi_block + n % hi_block. hi_last, hi_pos and
+               the masks above keep their logical meaning (hi_pos has NH slots).
+  mid          payload (1, H, Pm, D // per_byte), scales/zeros (1, H, Pm // F, D // G). Logical token t of sequence
+               b is pool token mid_table[b, t // mid_block] * mid_block + t % mid_block, its metadata row that pool
+               token // F; mid_block is a multiple of F, so an F-token metadata row never straddles two blocks.
+               The logical capacity is M = max_blocks * mid_block; n_mid keeps its meaning.
+
+Table entries past a sequence's length hold 0: block 0 is a "null" block the caller reserves, which masked lanes
+may address but never load. Paging is a constexpr of the kernel: the unpaged path compiles as before.
 """
 import math
 from typing import Optional
@@ -34,36 +49,52 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _group_tile(ptr, stride_sn, n0, end, F: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr):
+def _physical_rows(table_ptr, offs_n, mask, stride_tn, BLOCK: tl.constexpr):
+    """Pool row of each logical token offs_n of one sequence (table_ptr at its row of the block table):
+    table[n // BLOCK] * BLOCK + n % BLOCK. int64: a pool holds the whole batch, so its offsets can pass 2**31
+    elements. Masked lanes read entry 0, i.e. rows of the null block, which their own loads mask out too."""
+    blk = tl.load(table_ptr + (offs_n // BLOCK) * stride_tn, mask=mask, other=0)
+    return blk.to(tl.int64) * BLOCK + offs_n % BLOCK
+
+
+@triton.jit
+def _group_tile(ptr, stride_sn, n0, end, table_ptr, stride_tn, F: tl.constexpr, G: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr):
     """Metadata of tokens n0 .. n0 + BLOCK_N - 1 (F tokens x G channels per entry), loaded once per entry as a small
-    contiguous tile and repeated over its tokens and channels: (BLOCK_N, BLOCK_D). F and G powers of two."""
+    contiguous tile and repeated over its tokens and channels: (BLOCK_N, BLOCK_D). F and G powers of two. Paged
+    (PAGED, PAGE tokens a block): an entry's row is that of the pool token holding its first token; F divides PAGE,
+    so the entry's F tokens sit together in one block."""
     R: tl.constexpr = BLOCK_N // F if BLOCK_N >= F else 1
     C: tl.constexpr = BLOCK_D // G
-    first = n0 + tl.arange(0, R) * F  # first token of each entry row
-    s = tl.load(ptr + (first // F)[:, None] * stride_sn + tl.arange(0, C)[None, :], mask=(first < end)[:, None],
+    first = n0 + tl.arange(0, R) * F  # first (logical) token of each entry row
+    mask = first < end
+    if PAGED:
+        first = _physical_rows(table_ptr, first, mask, stride_tn, PAGE)
+    s = tl.load(ptr + (first // F)[:, None] * stride_sn + tl.arange(0, C)[None, :], mask=mask[:, None],
                 other=0).to(tl.float32)
     return tl.reshape(tl.broadcast_to(s[:, None, :, None], (R, BLOCK_N // R, C, G)), (BLOCK_N, BLOCK_D))
 
 
 @triton.jit
-def _dequant_tile(payload_ptr, scale_ptr, zero_ptr, stride_pn, stride_sn, n0, end,
+def _dequant_tile(payload_ptr, scale_ptr, zero_ptr, stride_pn, stride_sn, n0, end, rows, table_ptr, stride_tn,
                   D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PER_BYTE: tl.constexpr,
-                  F: tl.constexpr, G: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_TILES: tl.constexpr):
+                  F: tl.constexpr, G: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_TILES: tl.constexpr,
+                  PAGED: tl.constexpr, PAGE: tl.constexpr):
     """Tokens n0 .. n0 + BLOCK_N - 1 (those below end) of one (batch, head) of the mid store, dequantized to float32
-    (BLOCK_N, BLOCK_D)."""
+    (BLOCK_N, BLOCK_D). rows: the store row of each token (n0 + arange unpaged, its pool token when PAGED); the
+    masks stay on the logical tokens."""
     BITS: tl.constexpr = 8 // PER_BYTE
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < end
     offs_d = tl.arange(0, BLOCK_D)
     if PER_BYTE == 1:
-        raw = tl.load(payload_ptr + offs_n[:, None] * stride_pn + offs_d[None, :],
+        raw = tl.load(payload_ptr + rows[:, None] * stride_pn + offs_d[None, :],
                       mask=mask_n[:, None] & (offs_d[None, :] < D), other=0.0)
         x = raw.to(tl.float32)
     else:
         # Load whole packed bytes (contiguous, vectorizable) and spread their fields back into channel order.
         offs_p = tl.arange(0, BLOCK_D // PER_BYTE)
-        raw = tl.load(payload_ptr + offs_n[:, None] * stride_pn + offs_p[None, :],
+        raw = tl.load(payload_ptr + rows[:, None] * stride_pn + offs_p[None, :],
                       mask=mask_n[:, None] & (offs_p[None, :] < D // PER_BYTE), other=0)
         field_mask: tl.constexpr = (1 << BITS) - 1
         if PER_BYTE == 2:
@@ -73,12 +104,14 @@ def _dequant_tile(payload_ptr, scale_ptr, zero_ptr, stride_pn, stride_sn, n0, en
                               tl.interleave((raw >> 2) & field_mask, raw >> 6))
         x = x.to(tl.float32)
     if GROUP_TILES:
-        x = x * _group_tile(scale_ptr, stride_sn, n0, end, F, G, BLOCK_N, BLOCK_D)
+        x = x * _group_tile(scale_ptr, stride_sn, n0, end, table_ptr, stride_tn, F, G, BLOCK_N, BLOCK_D, PAGED, PAGE)
         if HAS_ZERO:
-            x = x + _group_tile(zero_ptr, stride_sn, n0, end, F, G, BLOCK_N, BLOCK_D)
+            x = x + _group_tile(zero_ptr, stride_sn, n0, end, table_ptr, stride_tn, F, G, BLOCK_N, BLOCK_D, PAGED,
+                                PAGE)
     else:
-        # Any F, G: gather scale[t // F, d // G] element by element (served from L1).
-        offs_s = (offs_n // F)[:, None] * stride_sn + (offs_d // G)[None, :]
+        # Any F, G: gather scale[t // F, d // G] element by element (served from L1); paged, t is the pool token
+        # (F divides the block, so pool token // F is its pool metadata row).
+        offs_s = (rows // F)[:, None] * stride_sn + (offs_d // G)[None, :]
         mask_s = mask_n[:, None] & (offs_d[None, :] < D)
         x = x * tl.load(scale_ptr + offs_s, mask=mask_s, other=0).to(tl.float32)
         if HAS_ZERO:
@@ -102,10 +135,11 @@ def _softmax_step(q, k, v, k_col_scale, v_row_scale, keep, m_i, l_i, acc, qk_sca
 
 
 @triton.jit
-def _decode_split_kernel(
+def _decode_split(
     q_ptr, hi_k_ptr, hi_v_ptr, hi_pos_ptr, hi_last_ptr, n_mid_ptr,
     kq_ptr, ks_ptr, kz_ptr, vq_ptr, vs_ptr, vz_ptr,
     o_part_ptr, lse_part_ptr,
+    hi_table_ptr, mid_table_ptr,
     qk_scale, sink_size, n_hi,
     stride_qb, stride_qh,
     stride_hkb, stride_hkh, stride_hkn,
@@ -115,13 +149,18 @@ def _decode_split_kernel(
     stride_ksb, stride_ksh, stride_ksn,
     stride_vqb, stride_vqh, stride_vqn,
     stride_vsb, stride_vsh, stride_vsn,
+    stride_htb, stride_htn, stride_mtb, stride_mtn,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
     HAS_HI_POS: tl.constexpr, HAS_HI_LAST: tl.constexpr, HAS_MID: tl.constexpr,
     SPLITS_MID: tl.constexpr, SPLITS_HI: tl.constexpr,
     K_PER_BYTE: tl.constexpr, K_F: tl.constexpr, K_G: tl.constexpr, K_ZERO: tl.constexpr, K_TILES: tl.constexpr,
     V_PER_BYTE: tl.constexpr, V_F: tl.constexpr, V_G: tl.constexpr, V_ZERO: tl.constexpr, V_TILES: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PAGED_HI: tl.constexpr, HI_BLOCK: tl.constexpr, PAGED_MID: tl.constexpr, MID_BLOCK: tl.constexpr,
 ):
+    """One split of one (sequence, KV head): the body of both kernels below. PAGED_HI / PAGED_MID: the store is a
+    pool read through the block table (its batch strides are 0); every index and mask here is logical and only the
+    addresses go through the table."""
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)  # batch offsets can pass 2**31 elements in a large cache
@@ -148,31 +187,42 @@ def _decode_split_kernel(
         chunk = tl.cdiv(tl.cdiv(n_mid, SPLITS_MID), BLOCK_N) * BLOCK_N
         start = split * chunk
         end = tl.minimum(start + chunk, n_mid)
-        kq_base = kq_ptr + b * stride_kqb + h * stride_kqh
-        ks_base = ks_ptr + b * stride_ksb + h * stride_ksh
-        kz_base = kz_ptr + b * stride_ksb + h * stride_ksh
-        vq_base = vq_ptr + b * stride_vqb + h * stride_vqh
-        vs_base = vs_ptr + b * stride_vsb + h * stride_vsh
-        vz_base = vz_ptr + b * stride_vsb + h * stride_vsh
+        if PAGED_MID:
+            hm = h.to(tl.int64)  # a pool's head stride spans the whole batch's tokens: past 2**31 in a large one
+        else:
+            hm = h
+        kq_base = kq_ptr + b * stride_kqb + hm * stride_kqh
+        ks_base = ks_ptr + b * stride_ksb + hm * stride_ksh
+        kz_base = kz_ptr + b * stride_ksb + hm * stride_ksh
+        vq_base = vq_ptr + b * stride_vqb + hm * stride_vqh
+        vs_base = vs_ptr + b * stride_vsb + hm * stride_vsh
+        vz_base = vz_ptr + b * stride_vsb + hm * stride_vsh
+        mt_base = mid_table_ptr + b * stride_mtb
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             keep = offs_n < end
+            if PAGED_MID:  # one table lookup per tile, shared by keys, values and their metadata
+                rows = _physical_rows(mt_base, offs_n, keep, stride_mtn, MID_BLOCK)
+            else:
+                rows = offs_n
             # One scale per token (int8 / fp8): apply it to the scores and probabilities, not the tiles.
             if K_PER_BYTE == 1 and K_F == 1 and K_G >= D and not K_ZERO:
-                k = tl.load(kq_base + offs_n[:, None] * stride_kqn + offs_d[None, :],
+                k = tl.load(kq_base + rows[:, None] * stride_kqn + offs_d[None, :],
                             mask=keep[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
-                k_col_scale = tl.load(ks_base + offs_n * stride_ksn, mask=keep, other=0).to(tl.float32)
+                k_col_scale = tl.load(ks_base + rows * stride_ksn, mask=keep, other=0).to(tl.float32)
             else:
-                k = _dequant_tile(kq_base, ks_base, kz_base, stride_kqn, stride_ksn, n0, end,
-                                  D, BLOCK_N, BLOCK_D, K_PER_BYTE, K_F, K_G, K_ZERO, K_TILES)
+                k = _dequant_tile(kq_base, ks_base, kz_base, stride_kqn, stride_ksn, n0, end, rows, mt_base,
+                                  stride_mtn, D, BLOCK_N, BLOCK_D, K_PER_BYTE, K_F, K_G, K_ZERO, K_TILES,
+                                  PAGED_MID, MID_BLOCK)
                 k_col_scale = ones_n
             if V_PER_BYTE == 1 and V_F == 1 and V_G >= D and not V_ZERO:
-                v = tl.load(vq_base + offs_n[:, None] * stride_vqn + offs_d[None, :],
+                v = tl.load(vq_base + rows[:, None] * stride_vqn + offs_d[None, :],
                             mask=keep[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
-                v_row_scale = tl.load(vs_base + offs_n * stride_vsn, mask=keep, other=0).to(tl.float32)
+                v_row_scale = tl.load(vs_base + rows * stride_vsn, mask=keep, other=0).to(tl.float32)
             else:
-                v = _dequant_tile(vq_base, vs_base, vz_base, stride_vqn, stride_vsn, n0, end,
-                                  D, BLOCK_N, BLOCK_D, V_PER_BYTE, V_F, V_G, V_ZERO, V_TILES)
+                v = _dequant_tile(vq_base, vs_base, vz_base, stride_vqn, stride_vsn, n0, end, rows, mt_base,
+                                  stride_mtn, D, BLOCK_N, BLOCK_D, V_PER_BYTE, V_F, V_G, V_ZERO, V_TILES,
+                                  PAGED_MID, MID_BLOCK)
                 v_row_scale = ones_n
             m_i, l_i, acc = _softmax_step(q, k, v, k_col_scale, v_row_scale, keep, m_i, l_i, acc, qk_scale,
                                           DOT_PRECISION)
@@ -186,17 +236,26 @@ def _decode_split_kernel(
         chunk = tl.cdiv(tl.cdiv(hi_len, SPLITS_HI), BLOCK_N) * BLOCK_N
         start = hi_split * chunk
         end = tl.minimum(start + chunk, hi_len)
-        hk_base = hi_k_ptr + b * stride_hkb + h * stride_hkh
-        hv_base = hi_v_ptr + b * stride_hvb + h * stride_hvh
+        if PAGED_HI:
+            hh = h.to(tl.int64)  # a pool's head stride spans the whole batch's slots: past 2**31 in a large one
+        else:
+            hh = h
+        hk_base = hi_k_ptr + b * stride_hkb + hh * stride_hkh
+        hv_base = hi_v_ptr + b * stride_hvb + hh * stride_hvh
+        ht_base = hi_table_ptr + b * stride_htb
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             keep = offs_n < end
+            if PAGED_HI:  # masked by the range only, so it need not wait for hi_pos
+                rows = _physical_rows(ht_base, offs_n, keep, stride_htn, HI_BLOCK)
+            else:
+                rows = offs_n
             if HAS_HI_POS:
                 pos = tl.load(hi_pos_ptr + b * stride_posb + offs_n, mask=keep, other=-1)
                 keep = keep & (pos >= 0) & ((pos < sink_size) | (pos >= sink_size + n_mid))
             mask_nd = keep[:, None] & (offs_d[None, :] < D)
-            k = tl.load(hk_base + offs_n[:, None] * stride_hkn + offs_d[None, :], mask=mask_nd, other=0)
-            v = tl.load(hv_base + offs_n[:, None] * stride_hvn + offs_d[None, :], mask=mask_nd, other=0)
+            k = tl.load(hk_base + rows[:, None] * stride_hkn + offs_d[None, :], mask=mask_nd, other=0)
+            v = tl.load(hv_base + rows[:, None] * stride_hvn + offs_d[None, :], mask=mask_nd, other=0)
             m_i, l_i, acc = _softmax_step(q, k.to(tl.float32), v.to(tl.float32), ones_n, ones_n, keep, m_i, l_i,
                                           acc, qk_scale, DOT_PRECISION)
 
@@ -207,6 +266,78 @@ def _decode_split_kernel(
     rows = (b * H + h) * GROUP + offs_g
     tl.store(o_part_ptr + (rows * SPLITS + split)[:, None] * D + offs_d[None, :], out, mask=mask_gd)
     tl.store(lse_part_ptr + rows * SPLITS + split, lse, mask=offs_g < GROUP)
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, hi_k_ptr, hi_v_ptr, hi_pos_ptr, hi_last_ptr, n_mid_ptr,
+    kq_ptr, ks_ptr, kz_ptr, vq_ptr, vs_ptr, vz_ptr,
+    o_part_ptr, lse_part_ptr,
+    qk_scale, sink_size, n_hi,
+    stride_qb, stride_qh,
+    stride_hkb, stride_hkh, stride_hkn,
+    stride_hvb, stride_hvh, stride_hvn,
+    stride_last, stride_nmid, stride_posb,
+    stride_kqb, stride_kqh, stride_kqn,
+    stride_ksb, stride_ksh, stride_ksn,
+    stride_vqb, stride_vqh, stride_vqn,
+    stride_vsb, stride_vsh, stride_vsn,
+    H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+    HAS_HI_POS: tl.constexpr, HAS_HI_LAST: tl.constexpr, HAS_MID: tl.constexpr,
+    SPLITS_MID: tl.constexpr, SPLITS_HI: tl.constexpr,
+    K_PER_BYTE: tl.constexpr, K_F: tl.constexpr, K_G: tl.constexpr, K_ZERO: tl.constexpr, K_TILES: tl.constexpr,
+    V_PER_BYTE: tl.constexpr, V_F: tl.constexpr, V_G: tl.constexpr, V_ZERO: tl.constexpr, V_TILES: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Unpaged stores (batch in dim 0). A kernel of its own, not a PAGED=False call of the paged one, so that its
+    signature (tests/compile_sm90.py compiles it by name) and its machine code stay what they were."""
+    _decode_split(
+        q_ptr, hi_k_ptr, hi_v_ptr, hi_pos_ptr, hi_last_ptr, n_mid_ptr, kq_ptr, ks_ptr, kz_ptr, vq_ptr, vs_ptr, vz_ptr,
+        o_part_ptr, lse_part_ptr, hi_k_ptr, hi_k_ptr,  # no block tables: never read
+        qk_scale, sink_size, n_hi, stride_qb, stride_qh, stride_hkb, stride_hkh, stride_hkn,
+        stride_hvb, stride_hvh, stride_hvn, stride_last, stride_nmid, stride_posb, stride_kqb, stride_kqh, stride_kqn,
+        stride_ksb, stride_ksh, stride_ksn, stride_vqb, stride_vqh, stride_vqn, stride_vsb, stride_vsh, stride_vsn,
+        0, 0, 0, 0,
+        H, GROUP, D, HAS_HI_POS, HAS_HI_LAST, HAS_MID, SPLITS_MID, SPLITS_HI,
+        K_PER_BYTE, K_F, K_G, K_ZERO, K_TILES, V_PER_BYTE, V_F, V_G, V_ZERO, V_TILES,
+        BLOCK_G, BLOCK_N, BLOCK_D, DOT_PRECISION, False, 1, False, 1)
+
+
+@triton.jit
+def _decode_split_paged_kernel(
+    q_ptr, hi_k_ptr, hi_v_ptr, hi_pos_ptr, hi_last_ptr, n_mid_ptr,
+    kq_ptr, ks_ptr, kz_ptr, vq_ptr, vs_ptr, vz_ptr,
+    o_part_ptr, lse_part_ptr,
+    hi_table_ptr, mid_table_ptr,
+    qk_scale, sink_size, n_hi,
+    stride_qb, stride_qh,
+    stride_hkb, stride_hkh, stride_hkn,
+    stride_hvb, stride_hvh, stride_hvn,
+    stride_last, stride_nmid, stride_posb,
+    stride_kqb, stride_kqh, stride_kqn,
+    stride_ksb, stride_ksh, stride_ksn,
+    stride_vqb, stride_vqh, stride_vqn,
+    stride_vsb, stride_vsh, stride_vsn,
+    stride_htb, stride_htn, stride_mtb, stride_mtn,
+    H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+    HAS_HI_POS: tl.constexpr, HAS_HI_LAST: tl.constexpr, HAS_MID: tl.constexpr,
+    SPLITS_MID: tl.constexpr, SPLITS_HI: tl.constexpr,
+    K_PER_BYTE: tl.constexpr, K_F: tl.constexpr, K_G: tl.constexpr, K_ZERO: tl.constexpr, K_TILES: tl.constexpr,
+    V_PER_BYTE: tl.constexpr, V_F: tl.constexpr, V_G: tl.constexpr, V_ZERO: tl.constexpr, V_TILES: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PAGED_HI: tl.constexpr, HI_BLOCK: tl.constexpr, PAGED_MID: tl.constexpr, MID_BLOCK: tl.constexpr,
+):
+    """The hi and/or the mid store paged (PAGED_HI / PAGED_MID): read through the block tables."""
+    _decode_split(
+        q_ptr, hi_k_ptr, hi_v_ptr, hi_pos_ptr, hi_last_ptr, n_mid_ptr, kq_ptr, ks_ptr, kz_ptr, vq_ptr, vs_ptr, vz_ptr,
+        o_part_ptr, lse_part_ptr, hi_table_ptr, mid_table_ptr,
+        qk_scale, sink_size, n_hi, stride_qb, stride_qh, stride_hkb, stride_hkh, stride_hkn,
+        stride_hvb, stride_hvh, stride_hvn, stride_last, stride_nmid, stride_posb, stride_kqb, stride_kqh, stride_kqn,
+        stride_ksb, stride_ksh, stride_ksn, stride_vqb, stride_vqh, stride_vqn, stride_vsb, stride_vsh, stride_vsn,
+        stride_htb, stride_htn, stride_mtb, stride_mtn,
+        H, GROUP, D, HAS_HI_POS, HAS_HI_LAST, HAS_MID, SPLITS_MID, SPLITS_HI,
+        K_PER_BYTE, K_F, K_G, K_ZERO, K_TILES, V_PER_BYTE, V_F, V_G, V_ZERO, V_TILES,
+        BLOCK_G, BLOCK_N, BLOCK_D, DOT_PRECISION, PAGED_HI, HI_BLOCK, PAGED_MID, MID_BLOCK)
 
 
 @triton.jit
@@ -283,21 +414,48 @@ def _num_splits(device: torch.device, programs: int, capacity_mid: int, capacity
     return splits_mid, max(1, splits_hi)
 
 
+def page_table(table: Tensor, block: int, B: int, name: str) -> int:
+    """Check a block table (B, max_blocks) of int32 / int64 pool block numbers and its block size; returns the
+    logical capacity max_blocks * block."""
+    if table.dim() != 2 or table.shape[0] != B:
+        raise ValueError(f"{name}_table has shape {tuple(table.shape)}; pass ({B}, max_blocks), one row per sequence")
+    if table.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}_table has dtype {table.dtype}; pass int32 or int64 block numbers")
+    if block <= 0:
+        raise ValueError(f"{name}_block is {block}; pass the tokens per block (> 0) with {name}_table")
+    return table.shape[1] * block
+
+
+def check_pool(pool: Tensor, B: int, block: int, tokens_per_row: int, name: str):
+    """A paged pool (1, H, rows, ...) shared by the batch, or its .expand(B, ...): whole blocks of block //
+    tokens_per_row rows."""
+    if pool.shape[0] not in (1, B):
+        raise ValueError(f"paged {name} has batch dim {pool.shape[0]}; pass the pool as (1, H, ...) or its .expand")
+    if pool.shape[2] * tokens_per_row % block:
+        raise ValueError(f"paged {name} holds {pool.shape[2] * tokens_per_row} tokens, not whole blocks of {block}")
+
+
 def decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Tensor = None, hi_pos: Tensor = None,
                      sink_size: int = 0, n_mid: Tensor = None, k_q: Tensor = None, k_scale: Tensor = None,
                      k_zero: Tensor = None, v_q: Tensor = None, v_scale: Tensor = None, v_zero: Tensor = None,
-                     splits: tuple = None, block_n: int = None) -> Tensor:
+                     splits: tuple = None, block_n: int = None, hi_table: Tensor = None, hi_block: int = 0,
+                     mid_table: Tensor = None, mid_block: int = 0) -> Tensor:
     """Attention of q (B, n_head, 1, D) (already rotated) over the hi store and the first n_mid mid tokens.
 
     hi_last, n_mid: device tensors of shape (), (1,) or (B,); hi_last (the last hi slot to read, e.g. input_pos for
     the full cache) may be None: every slot. hi_pos int64 (NH,) shared by the batch, (B, NH) per sequence, or None:
     then every slot up to hi_last counts. A sequence with hi_last -1 and n_mid 0 (finished) reads nothing and
     gets output 0. The mid arguments are left None when there is no mid store.
+    hi_table, hi_block: the hi store paged (module docstring): hi_k, hi_v are pools (1, H, P, D) and hi_table
+    (B, max_blocks) int32 / int64 maps logical block j of sequence b to pool block hi_table[b, j] of hi_block
+    slots; NH = max_blocks * hi_block logical slots. mid_table, mid_block: the mid store paged likewise (payload,
+    scales and zeros pools with batch dim 1; mid_block a multiple of the key group F); M = max_blocks * mid_block.
+    Unused table entries hold 0, the null block.
     splits=(mid, hi) overrides the number of splits; returns (B, n_head, 1, D) in q's dtype.
     Under torch.compile this is the opaque op torch.ops.kvcache.decode_attention; eager calls launch directly,
     without the op dispatcher's per-call overhead."""
     args = (q, hi_k, hi_v, hi_last, hi_pos, sink_size, n_mid, k_q, k_scale, k_zero, v_q, v_scale, v_zero,
-            *(splits or (-1, -1)), block_n or 0)
+            *(splits or (-1, -1)), block_n or 0, hi_table, hi_block, mid_table, mid_block)
     if torch.compiler.is_compiling():
         return torch.ops.kvcache.decode_attention(*args)
     return _decode_attention(*args)
@@ -306,7 +464,9 @@ def decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Tensor = No
 def _decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[Tensor], hi_pos: Optional[Tensor],
                       sink_size: int, n_mid: Optional[Tensor], k_q: Optional[Tensor], k_scale: Optional[Tensor],
                       k_zero: Optional[Tensor], v_q: Optional[Tensor], v_scale: Optional[Tensor],
-                      v_zero: Optional[Tensor], split_mid: int, split_hi: int, block_n: int) -> Tensor:
+                      v_zero: Optional[Tensor], split_mid: int, split_hi: int, block_n: int,
+                      hi_table: Optional[Tensor] = None, hi_block: int = 0, mid_table: Optional[Tensor] = None,
+                      mid_block: int = 0) -> Tensor:
     B, HQ, T, D = q.shape
     H, NH = hi_k.shape[1], hi_k.shape[2]
     if T != 1:
@@ -317,11 +477,29 @@ def _decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[T
         raise ValueError("decode_attention needs head_dim contiguous in q, hi_k and hi_v")
     group = HQ // H
     has_mid = k_q is not None
+    paged_hi, paged_mid = hi_table is not None, mid_table is not None
+    if hi_block and not paged_hi or mid_block and not paged_mid:
+        raise ValueError("hi_block / mid_block given without its block table (hi_table / mid_table)")
+    if paged_mid and not has_mid:
+        raise ValueError("mid_table given without a mid store (k_q, ...)")
+    if paged_hi:
+        NH = page_table(hi_table, hi_block, B, "hi")
+        for name, pool in (("hi_k", hi_k), ("hi_v", hi_v)):
+            check_pool(pool, B, hi_block, 1, name)
     if has_mid:
         k_pb, k_f, k_g = mid_format(k_q, k_scale, D)
         v_pb, v_f, v_g = mid_format(v_q, v_scale, D)
         M = k_q.shape[2]
         n_mid, stride_nmid = per_batch(n_mid, B)
+        if paged_mid:
+            M = page_table(mid_table, mid_block, B, "mid")
+            if mid_block % k_f or mid_block % v_f:
+                raise ValueError(f"mid_block {mid_block} is not a multiple of the key group {k_f}: a metadata row "
+                                 "would straddle two blocks")
+            for name, pool, f in (("k_q", k_q, 1), ("k_scale", k_scale, k_f), ("k_zero", k_zero, k_f),
+                                  ("v_q", v_q, 1), ("v_scale", v_scale, v_f), ("v_zero", v_zero, v_f)):
+                if pool is not None:
+                    check_pool(pool, B, mid_block, f, name)
     else:
         k_pb = k_f = k_g = v_pb = v_f = v_g = 1
         M, stride_nmid = 0, 0
@@ -331,7 +509,8 @@ def _decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[T
         hi_last, stride_last = per_batch(hi_last, B)
     if hi_pos is not None:
         if hi_pos.shape[-1] != NH:
-            raise ValueError(f"hi_pos has {hi_pos.shape[-1]} slots, the hi store {NH}")
+            raise ValueError(f"hi_pos has {hi_pos.shape[-1]} slots, the hi store {NH}"
+                             + (" (hi_table blocks x hi_block)" if paged_hi else ""))
         hi_pos, stride_posb = per_batch_rows(hi_pos, B, "hi_pos")
 
     BLOCK_D = max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16
@@ -349,19 +528,23 @@ def _decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[T
     k_asym, v_asym = k_zero is not None, v_zero is not None
     k_zero = k_scale if k_zero is None else k_zero  # never read when symmetric
     v_zero = v_scale if v_zero is None else v_zero
-    _decode_split_kernel[(B * H, n_splits)](
+    # A pool is shared by the batch: batch stride 0, whether it comes as (1, ...) or expanded to (B, ...).
+    batch_stride = lambda t, paged: 0 if paged else t.stride(0)  # noqa: E731
+    args = [
         q, hi_k, hi_v, hi_k if hi_pos is None else hi_pos, hi_k if hi_last is None else hi_last, n_mid,
         k_q, k_scale, k_zero, v_q, v_scale, v_zero,
         o_part, lse_part,
         LOG2E / math.sqrt(D), sink_size, NH,
         q.stride(0), q.stride(1),
-        hi_k.stride(0), hi_k.stride(1), hi_k.stride(2),
-        hi_v.stride(0), hi_v.stride(1), hi_v.stride(2),
+        batch_stride(hi_k, paged_hi), hi_k.stride(1), hi_k.stride(2),
+        batch_stride(hi_v, paged_hi), hi_v.stride(1), hi_v.stride(2),
         stride_last, stride_nmid, stride_posb,
-        k_q.stride(0), k_q.stride(1), k_q.stride(2),
-        k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
-        v_q.stride(0), v_q.stride(1), v_q.stride(2),
-        v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
+        batch_stride(k_q, paged_mid), k_q.stride(1), k_q.stride(2),
+        batch_stride(k_scale, paged_mid), k_scale.stride(1), k_scale.stride(2),
+        batch_stride(v_q, paged_mid), v_q.stride(1), v_q.stride(2),
+        batch_stride(v_scale, paged_mid), v_scale.stride(1), v_scale.stride(2),
+    ]
+    constexprs = dict(
         H=H, GROUP=group, D=D,
         HAS_HI_POS=hi_pos is not None, HAS_HI_LAST=hi_last is not None, HAS_MID=has_mid,
         SPLITS_MID=splits_mid, SPLITS_HI=splits_hi,
@@ -373,6 +556,17 @@ def _decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[T
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=2,
     )
+    if paged_hi or paged_mid:
+        ht = hi_table if paged_hi else q  # never read when that store is not paged
+        mt = mid_table if paged_mid else q
+        args[14:14] = [ht, mt]  # after o_part, lse_part
+        args += [ht.stride(0) if paged_hi else 0, ht.stride(1) if paged_hi else 0,
+                 mt.stride(0) if paged_mid else 0, mt.stride(1) if paged_mid else 0]
+        _decode_split_paged_kernel[(B * H, n_splits)](
+            *args, **constexprs, PAGED_HI=paged_hi, HI_BLOCK=hi_block if paged_hi else 1, PAGED_MID=paged_mid,
+            MID_BLOCK=mid_block if paged_mid else 1)
+    else:
+        _decode_split_kernel[(B * H, n_splits)](*args, **constexprs)
     _decode_merge_kernel[(B * HQ,)](
         o_part, lse_part, out, out.stride(0), out.stride(1),
         HQ=HQ, D=D, SPLITS=n_splits, BLOCK_S=triton.next_power_of_2(n_splits),
@@ -407,10 +601,30 @@ def dequantize_ref(payload: Tensor, scale: Tensor, zero: Tensor, D: int) -> Tens
     return x if zero is None else x + expand(zero)
 
 
+def unpage(pool: Tensor, table: Tensor, block: int, tokens_per_row: int = 1) -> Tensor:
+    """A paged pool (1 or B, H, rows, ...) gathered back into the logical layout (B, H, n_blocks * block //
+    tokens_per_row, ...): logical block j of sequence b is pool block table[b, j], i.e. pool rows table[b, j] * r ..
+    table[b, j] * r + r - 1 with r = block // tokens_per_row rows a block (tokens_per_row: tokens sharing a row,
+    F for per-channel key metadata, else 1)."""
+    r = block // tokens_per_row
+    rows = table.long()[:, :, None] * r + torch.arange(r, device=table.device)  # (B, n_blocks, r)
+    return pool[0][:, rows.flatten(1)].transpose(0, 1)  # (H, B, n_blocks * r, ...) -> (B, H, ...)
+
+
 def decode_attention_ref(q, hi_k, hi_v, hi_last=None, hi_pos=None, sink_size=0, n_mid=None, k_q=None, k_scale=None,
-                         k_zero=None, v_q=None, v_scale=None, v_zero=None) -> Tensor:
+                         k_zero=None, v_q=None, v_scale=None, v_zero=None, hi_table=None, hi_block=0,
+                         mid_table=None, mid_block=0) -> Tensor:
     """decode_attention in float64 PyTorch, one sequence at a time; returns (B, n_head, 1, D) in float64. A sequence
-    that attends to nothing (finished: hi_last -1, n_mid 0) gets output 0, as in the kernel."""
+    that attends to nothing (finished: hi_last -1, n_mid 0) gets output 0, as in the kernel. Paged stores (hi_table,
+    mid_table) are unpaged into the logical layout first (unpage), then read as the unpaged ones are."""
+    if hi_table is not None:
+        hi_k, hi_v = unpage(hi_k, hi_table, hi_block), unpage(hi_v, hi_table, hi_block)
+    if mid_table is not None:
+        D = q.shape[-1]
+        k_f, v_f = mid_format(k_q, k_scale, D)[1], mid_format(v_q, v_scale, D)[1]
+        pages = lambda t, f: None if t is None else unpage(t, mid_table, mid_block, f)  # noqa: E731
+        k_q, k_scale, k_zero = pages(k_q, 1), pages(k_scale, k_f), pages(k_zero, k_f)
+        v_q, v_scale, v_zero = pages(v_q, 1), pages(v_scale, v_f), pages(v_zero, v_f)
     B, HQ, _, D = q.shape
     H = hi_k.shape[1]
     NH = hi_k.shape[2]

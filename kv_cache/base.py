@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from kv_cache.paging import PageSpace, round_up
+from kv_cache.stores import DenseStore
 from model import apply_rope
 
 STRATEGIES: dict[str, type["KVCache"]] = {}
@@ -109,9 +111,18 @@ class KVCache(nn.Module):
         for quantize_kv, a token of the quantized store."""
         return 2 * n_kv_head * head_dim * dtype.itemsize
 
+    @classmethod
+    def page_space(cls, options, max_seq_length: int, block_size: int) -> PageSpace:
+        """How the strategy's growing store is paged in blocks of about block_size tokens (kv_cache/paging.py).
+        The full cache's: slot = position, so prompt blocks can be shared."""
+        return PageSpace(block_size, round_up(max_seq_length, block_size), lambda n: min(n, max_seq_length),
+                         sharable=True)
+
     def __init__(self, batch_size: int, max_seq_length: int, n_kv_head: int, head_dim: int, dtype, device,
-                 options=None, **option_values):
+                 options=None, pool=None, **option_values):
+        """pool: a kv_cache.paging.BlockPool built from page_space(): the growing store is paged in it."""
         super().__init__()
+        self.pool = pool
         self.batch_size, self.max_seq_length = batch_size, max_seq_length
         self.n_kv_head, self.head_dim, self.dtype = n_kv_head, head_dim, dtype
         self.opts = self.Options.resolve(option_values if options is None else options, head_dim)
@@ -139,25 +150,28 @@ class KVCache(nn.Module):
         R, T = q.shape[0], q.shape[2]
         return (slice(0, R) if rows is None else rows), input_pos.reshape(-1, T).expand(R, T)
 
-    def attend_decode(self, q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[Tensor] = None,
-                      hi_pos: Optional[Tensor] = None, sink_size: int = 0, n_mid: Optional[Tensor] = None,
-                      mid=None) -> Tensor:
+    def attend_decode(self, q: Tensor, hi, hi_last: Optional[Tensor] = None, hi_pos: Optional[Tensor] = None,
+                      sink_size: int = 0, n_mid: Optional[Tensor] = None, mid=None) -> Tensor:
         """Decode attention of q (B, n_head, 1, D), already rotated, over the first B sequences of the stores:
-        16-bit slots i <= hi_last[b] (every slot when None) that, with hi_pos (B, NH) given, hold a token
-        (hi_pos >= 0) not yet in the quantized store (a sink, or position >= sink_size + n_mid[b]), plus the first
-        n_mid[b] tokens of the QuantizedStore `mid`. One description, two backends: the fused Triton kernel
-        (kernels/decode_attention.py) reads the stores as they are; the torch path dequantizes, masks and runs SDPA."""
+        16-bit slots i <= hi_last[b] (every slot when None) of `hi` (a DenseStore / RingStore, contiguous or paged,
+        or a (keys, values) pair (B, H, NH, D)) that, with hi_pos (B, NH) given, hold a token (hi_pos >= 0) not yet
+        in the quantized store (a sink, or position >= sink_size + n_mid[b]), plus the first n_mid[b] tokens of the
+        QuantizedStore `mid`. One description, two backends: the fused Triton kernel (kernels/decode_attention.py)
+        reads the stores as they are, through the block table when paged; the torch path gathers, dequantizes,
+        masks and runs SDPA."""
         B = q.shape[0]
+        is_store = isinstance(hi, DenseStore)
         if self.attn_impl == "triton":
             active = self.active[:B]
-            last = hi_last if hi_last is not None else torch.full((B,), hi_k.shape[2] - 1, device=q.device)
+            hi_args = hi.kernel_inputs(B) if is_store else dict(hi_k=hi[0], hi_v=hi[1])
+            n_slots = hi.n_slots if is_store else hi[0].shape[2]
+            last = hi_last if hi_last is not None else torch.full((B,), n_slots - 1, device=q.device)
             mid_args = {}
             if mid is not None:
-                k_q, k_scale, k_zero, v_q, v_scale, v_zero = mid.buffers_of(B)
-                mid_args = dict(n_mid=torch.where(active, n_mid, 0), k_q=k_q, k_scale=k_scale, k_zero=k_zero,
-                                v_q=v_q, v_scale=v_scale, v_zero=v_zero)
-            return self.decode_attention(q, hi_k, hi_v, hi_last=torch.where(active, last, -1), hi_pos=hi_pos,
+                mid_args = dict(n_mid=torch.where(active, n_mid, 0), **mid.kernel_inputs(B))
+            return self.decode_attention(q, **hi_args, hi_last=torch.where(active, last, -1), hi_pos=hi_pos,
                                          sink_size=sink_size, **mid_args)
+        hi_k, hi_v = hi.logical(slice(0, B)) if is_store else hi
         if hi_pos is not None:  # ring slots hold their positions; with hi_last too they are filled in order
             n_old = sink_size + (n_mid[:, None] if mid is not None else 0)
             keep = (hi_pos >= 0) & ((hi_pos < sink_size) | (hi_pos >= n_old))
@@ -172,8 +186,14 @@ class KVCache(nn.Module):
 
     def nbytes(self) -> int:
         """Bytes really allocated for this layer's cache: every buffer its stores hold (scales, zero-points and slot
-        positions too); the batch's active flags (a byte per sequence) are not KV storage."""
-        return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if name != "active")
+        positions too); paged, the whole pool of this layer. The batch's active flags and the shared block table are
+        not KV storage."""
+        return sum(b.numel() * b.element_size() for name, b in self.named_buffers()
+                   if name.rsplit(".", 1)[-1] not in ("active", "table"))
+
+    def pool_nbytes(self) -> int:
+        """Bytes of this layer's buffers that live in the shared block pool (0 when contiguous)."""
+        return sum(module.pool_nbytes() for module in self.children())
 
     def reset(self, rows: Optional[Tensor] = None):
         """Forget every stored token of sequences `rows` (all when None), so they can start again at position 0."""

@@ -28,6 +28,7 @@ import torch
 
 from kv_cache.base import CacheOptions, KVCache, attend, option, register, rotate, rotate_qk
 from kv_cache.full import FullCache
+from kv_cache.paging import PageSpace, round_up
 from kv_cache.stores import DenseStore, RingStore
 
 ROPE_POSITIONS = ("cache", "original")
@@ -75,15 +76,29 @@ class CompressKVCache(KVCache):
             return max_seq_length  # sized as the full cache (see Sizing above): it cannot hold more
         return None  # constant memory: streams without end
 
-    def __init__(self, batch_size, max_seq_length, n_kv_head, head_dim, dtype, device, options=None, **option_values):
-        super().__init__(batch_size, max_seq_length, n_kv_head, head_dim, dtype, device, options, **option_values)
+    @classmethod
+    def page_space(cls, options, max_seq_length, block_size):
+        """Paged, the ring's S + W slots are cut into blocks taken as the ring fills: a sequence never holds more
+        than ceil((S + W) / block) blocks. What is evicted is overwritten in place in the sequence's own blocks
+        (the same bytes as returning them and taking new ones, without the pool's traffic); they all return when
+        the sequence ends."""
+        opts = cls.Options.resolve(options, None)
+        if holds_everything(opts, max_seq_length):
+            return super().page_space(options, max_seq_length, block_size)
+        held = opts.sink_size + opts.window_size
+        return PageSpace(block_size, round_up(held, block_size), lambda n: min(n, held))
+
+    def __init__(self, batch_size, max_seq_length, n_kv_head, head_dim, dtype, device, options=None, pool=None,
+                 **option_values):
+        super().__init__(batch_size, max_seq_length, n_kv_head, head_dim, dtype, device, options, pool,
+                         **option_values)
         self.sink_size, self.window_size = self.opts.sink_size, self.opts.window_size
         self.rope_positions = self.opts.rope_positions
         self.as_full = holds_everything(self.opts, max_seq_length)
         if self.as_full:  # nothing to evict: exactly the full cache's storage (no slot positions either)
-            self.store = DenseStore(batch_size, n_kv_head, max_seq_length, head_dim, dtype, device)
+            self.store = DenseStore(batch_size, n_kv_head, max_seq_length, head_dim, dtype, device, pool)
             return
-        self.ring = RingStore(batch_size, n_kv_head, self.sink_size, self.window_size, head_dim, dtype, device)
+        self.ring = RingStore(batch_size, n_kv_head, self.sink_size, self.window_size, head_dim, dtype, device, pool)
 
     def _ranks(self, ring_pos, n_evicted):
         """Rank inside the cache of each slot's token (R, S + W), when n_evicted (R, 1) tokens have left the middle
@@ -104,31 +119,34 @@ class CompressKVCache(KVCache):
     def _decode(self, q, k, v, pos, rows, rope_cos, rope_sin):
         R = q.shape[0]
         self.ring.write_positions(rows, pos, k, v)
-        keys, ring_pos = self.ring.k[:R], self.ring.pos[:R]
-        if self.rope_positions == "cache":
+        ring_pos = self.ring.pos[:R]
+        hi = self.ring  # keys stored rotated: the kernel reads the ring as it is (through the table when paged)
+        if self.rope_positions == "cache":  # keys rotated now by their rank: a (small, S + W) rotated copy
+            keys, values = self.ring.logical(slice(0, R))
             n_evicted = (pos + 1 - self.sink_size - self.window_size).clamp(min=0)  # (R, 1)
-            keys = rotate(keys, self._ranks(ring_pos, n_evicted), rope_cos, rope_sin)
+            hi = (rotate(keys, self._ranks(ring_pos, n_evicted), rope_cos, rope_sin), values)
             q = rotate(q, pos - n_evicted, rope_cos, rope_sin)
-        return self.attend_decode(q, keys, self.ring.v[:R], hi_pos=ring_pos)
+        return self.attend_decode(q, hi, hi_pos=ring_pos)
 
     def _prefill(self, q, k, v, pos, rows, rope_cos, rope_sin):
         T, S, W = q.shape[2], self.sink_size, self.window_size
         first = int(pos[0, 0])
         chunk_pos = pos[0]
         ring_pos = self.ring.pos[rows]
+        ring_k, ring_v = self.ring.logical(rows)
         if self.rope_positions == "cache":
-            old_k = rotate(self.ring.k[rows], self._ranks(ring_pos, max(0, first - S - W)), rope_cos, rope_sin)
+            old_k = rotate(ring_k, self._ranks(ring_pos, max(0, first - S - W)), rope_cos, rope_sin)
             n_held = min(first, S + W)
             chunk_rank = torch.arange(n_held, n_held + T, device=q.device)
             q, k_rot = rotate_qk(q, k, chunk_rank, rope_cos, rope_sin)
             stored_k = k  # unrotated
         else:
-            old_k, k_rot = self.ring.k[rows], k
+            old_k, k_rot = ring_k, k
             stored_k = k  # already rotated at absolute positions
         causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
         mask = torch.cat([(ring_pos >= 0)[:, None, None, :].expand(-1, 1, T, -1),
                           causal.expand(q.shape[0], 1, T, T)], dim=-1)
-        out = attend(q, torch.cat([old_k, k_rot], dim=2), torch.cat([self.ring.v[rows], v], dim=2), mask)
+        out = attend(q, torch.cat([old_k, k_rot], dim=2), torch.cat([ring_v, v], dim=2), mask)
         # Keep the chunk's sinks and its last W tokens (earlier ones would be overwritten in the ring anyway).
         idx = ((chunk_pos < S) | (chunk_pos > first + T - 1 - W)).nonzero().squeeze(1)
         self.ring.write_positions(rows, pos[:, idx], stored_k[:, :, idx], v[:, :, idx])

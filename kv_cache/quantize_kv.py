@@ -25,6 +25,7 @@ A prefill chunk attends to what the cache held before it plus itself causally in
 tokens are quantized. With --attn_impl triton (the default on CUDA) one fused kernel reads the stores as they are
 and the flush quantizes straight from the ring in Triton; prefill runs in PyTorch either way.
 """
+import math
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -34,7 +35,8 @@ import torch
 from kernels.formats import FORMATS, get_format
 from kv_cache.base import KVCache, attend, option, register, rotate_qk
 from kv_cache.compress_kv import SinkWindowOptions
-from kv_cache.stores import QuantizedStore, RingStore, flush_size, read_rows
+from kv_cache.paging import PageSpace, round_up
+from kv_cache.stores import QuantizedStore, RingStore, flush_size
 
 K_GRANULARITIES = ("token", "channel")
 
@@ -66,8 +68,12 @@ class QuantizeOptions(SinkWindowOptions):
 
     def mid_capacity(self, max_seq_length: int) -> int:
         """Tokens the quantized store can hold: what does not fit in sinks + window, in whole flush groups."""
-        F = self.flush_size
-        return -(-max(0, max_seq_length - self.sink_size - self.window_size) // F) * F
+        return round_up(max(0, max_seq_length - self.sink_size - self.window_size), self.flush_size)
+
+    def n_mid(self, length: int) -> int:
+        """Tokens in the quantized store once a sequence holds `length` tokens: whole flush groups that have left
+        sinks + window."""
+        return max(0, length - self.sink_size - self.window_size) // self.flush_size * self.flush_size
 
 
 @register
@@ -90,8 +96,23 @@ class QuantizeKVCache(KVCache):
         opts = cls.Options.resolve(options, head_dim)
         return n_kv_head * QuantizedStore.bytes_per_token(opts.format, opts.group_size, opts.k_granularity, head_dim)
 
-    def __init__(self, batch_size, max_seq_length, n_kv_head, head_dim, dtype, device, options=None, **option_values):
-        super().__init__(batch_size, max_seq_length, n_kv_head, head_dim, dtype, device, options, **option_values)
+    @classmethod
+    def page_space(cls, options, max_seq_length, block_size):
+        """Paged: the quantized store, in blocks of block_size tokens rounded up to whole flush groups (KIVI's
+        per-channel key groups never straddle a block), one more logical block for the scratch group. The 16-bit
+        sinks and window stay per sequence. Everything in sinks + window (no quantized store): the ring, as full."""
+        opts = cls.Options.resolve(options, None)
+        capacity = opts.mid_capacity(max_seq_length)
+        if not capacity:
+            return PageSpace(block_size, round_up(max_seq_length, block_size), lambda n: min(n, max_seq_length))
+        block = math.lcm(block_size, opts.flush_size)
+        capacity = round_up(capacity, block)
+        return PageSpace(block, capacity + block, lambda n: min(opts.n_mid(n), capacity))
+
+    def __init__(self, batch_size, max_seq_length, n_kv_head, head_dim, dtype, device, options=None, pool=None,
+                 **option_values):
+        super().__init__(batch_size, max_seq_length, n_kv_head, head_dim, dtype, device, options, pool,
+                         **option_values)
         opts = self.opts
         self.sink_size, self.window_size, self.flush_size = opts.sink_size, opts.window_size, opts.flush_size
         self.quantize_into = None
@@ -105,15 +126,11 @@ class QuantizeKVCache(KVCache):
             self.ring = RingStore(batch_size, n_kv_head, self.sink_size, self.window_size + self.flush_size, head_dim,
                                   dtype, device)
             self.mid = QuantizedStore(batch_size, n_kv_head, self.mid_size, head_dim, opts.format, opts.group_size,
-                                      opts.k_granularity, device)
+                                      opts.k_granularity, device, pool)
+            self.mid_size = self.mid.capacity  # paged: rounded up to whole blocks; the scratch group follows it
         else:  # slot = position, as the full cache
-            self.ring = RingStore(batch_size, n_kv_head, 0, max_seq_length, head_dim, dtype, device)
+            self.ring = RingStore(batch_size, n_kv_head, 0, max_seq_length, head_dim, dtype, device, pool)
             self.mid = None
-
-    def _n_mid(self, last_pos: int) -> int:
-        """Tokens in the mid store once positions up to last_pos are stored (host arithmetic, for prefill)."""
-        F = self.flush_size
-        return max(0, last_pos + 1 - self.sink_size - self.window_size) // F * F
 
     def _hi_keep(self, ring_pos, n_mid):
         """16-bit slots holding a token that is not (yet) in the mid store."""
@@ -133,7 +150,7 @@ class QuantizeKVCache(KVCache):
         ring = self.ring
         ring.write_positions(rows, pos, k, v)
         if self.mid is None:
-            return self.attend_decode(q, ring.k[:R], ring.v[:R], hi_last=pos[:, 0], hi_pos=ring.pos[:R])
+            return self.attend_decode(q, ring, hi_last=pos[:, 0], hi_pos=ring.pos[:R])
         n_past = pos[:, 0] + 1 - S - W  # tokens of each sequence that have left sinks + window
         n_mid = n_past.clamp(min=0) // F * F
         # The group that completes now is the ring's oldest F tokens; when none completes, the (meaningless)
@@ -144,20 +161,18 @@ class QuantizeKVCache(KVCache):
         start = torch.where(completes, group_pos[:, 0] - S, self.mid_size)  # (R,)
         group_slots = ring.slots(group_pos).clamp(min=0)
         if self.quantize_into is not None:
-            # Straight from the ring into the mid store at `start`: no gathered copy, no host sync.
-            self.quantize_into(ring.k[:R], ring.v[:R], group_slots, start, *self.mid.buffers_of(R))
+            # Straight from the (contiguous) ring into the mid store at `start`: no gathered copy, no host sync.
+            self.quantize_into(ring.k[:R], ring.v[:R], group_slots, *self.mid.append_target(R, start))
         else:
-            self.mid.store(rows, start[:, None] + arange, read_rows(ring.k, rows, group_slots),
-                           read_rows(ring.v, rows, group_slots))
-        return self.attend_decode(q, ring.k[:R], ring.v[:R], hi_pos=ring.pos[:R], sink_size=S, n_mid=n_mid,
-                                  mid=self.mid)
+            self.mid.store(rows, start[:, None] + arange, *ring.read(rows, group_slots))
+        return self.attend_decode(q, ring, hi_pos=ring.pos[:R], sink_size=S, n_mid=n_mid, mid=self.mid)
 
     def _prefill(self, q, k, v, pos, rows):
         R, T, S = q.shape[0], q.shape[2], self.sink_size
         first = int(pos[0, 0])
         chunk_pos = pos[0]
-        n_mid_before, n_mid_after = self._n_mid(first - 1), self._n_mid(first + T - 1)
-        ring_k, ring_v = self.ring.k[rows], self.ring.v[rows]
+        n_mid_before, n_mid_after = self.opts.n_mid(first), self.opts.n_mid(first + T)
+        ring_k, ring_v = self.ring.logical(rows)
         # The chunk attends to what the cache held before it (quantized tokens dequantized) and to itself causally.
         keys, values = [ring_k], [ring_v]
         masks = [self._hi_keep(self.ring.pos[rows], n_mid_before)[:, None, None, :].expand(-1, 1, T, -1)]

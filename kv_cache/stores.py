@@ -24,6 +24,13 @@ QuantizedStore (quantize_kv's "mid" store: the tokens that left the window, in a
                      per-token keys: (B, H, M + F, C), C = 1 (int8, fp8) or D / group_size (4/2-bit).
   v_scale (v_zero)   (B, H, M + F, C) per token.
   float16; zero-points only for the asymmetric formats. x = q * scale (+ zero).
+
+Paged (kv_cache/paging.py): a store given a BlockPool keeps the same logical slots per sequence, but its buffers are
+one pool for the whole batch, first dimension 1: (1, H, P, ...) with P = num_blocks * block_tokens physical slots
+(per-channel key scales (1, H, P / F, D): a block is a whole number of key groups), and logical slot n of sequence b
+lives at physical slot table[b, n // block_tokens] * block_tokens + n % block_tokens (physical_slots). Per-sequence
+metadata (a ring's slot positions) stays per sequence. write / read / logical / kernel_inputs hide the difference
+from the strategies.
 """
 import torch
 import torch.nn as nn
@@ -52,10 +59,75 @@ def slot_index(slots: Tensor, shape) -> Tensor:
 
 def read_rows(buf: Tensor, rows, slots: Tensor) -> Tensor:
     """buf[rows][i, :, slots[i, t]] as (R, H, T, ...); rows as in write_rows."""
+    if buf.dtype == torch.float8_e4m3fn:  # no float8 gather / indexing on some devices: read the bytes
+        return read_rows(buf.view(torch.uint8), rows, slots).view(torch.float8_e4m3fn)
     if isinstance(rows, slice):
         part = buf[rows]
         return part.gather(2, slot_index(slots, (part.shape[0], part.shape[1], slots.shape[1], part.shape[3])))
     return buf[rows[:, None], :, slots].transpose(1, 2)
+
+
+def physical_slots(table: Tensor, rows, slots: Tensor, block_tokens: int) -> Tensor:
+    """Logical slots (R, T) of sequences `rows` (slice or index tensor) -> physical slots of the pool: the one
+    formula of kv_cache/paging.py."""
+    blocks = table[rows].long().gather(1, torch.div(slots, block_tokens, rounding_mode="floor"))
+    return blocks * block_tokens + slots % block_tokens
+
+
+def write_pool(buf: Tensor, phys: Tensor, x: Tensor):
+    """buf[0, :, phys[i, t]] = x[i, :, t] for a pool buf (1, H, P, ...), x (R, H, T, ...): one scatter."""
+    R, H, T = x.shape[:3]
+    write_rows(buf, slice(0, 1), phys.reshape(1, R * T), x.transpose(0, 1).reshape(1, H, R * T, *x.shape[3:]))
+
+
+def read_pool(buf: Tensor, phys: Tensor) -> Tensor:
+    """buf[0, :, phys[i, t]] as (R, H, T, ...)."""
+    R, T = phys.shape
+    part = read_rows(buf, slice(0, 1), phys.reshape(1, R * T))
+    return part.view(buf.shape[1], R, T, *buf.shape[3:]).transpose(0, 1)
+
+
+class Store(nn.Module):
+    """Reads and writes the buffers of a store by (sequence, logical slot), contiguous or paged."""
+
+    def __init__(self, pool=None):
+        super().__init__()
+        self.pool = pool
+        if pool is not None:  # the pool's table, shared by every layer (not KV storage: nbytes leaves it out)
+            self.register_buffer("table", pool.table, persistent=False)
+
+    POOLED = ("k", "v")  # the buffers that live in the pool when paged
+
+    def pool_nbytes(self) -> int:
+        """Bytes of this store's share of the pool (0 when contiguous)."""
+        if self.pool is None:
+            return 0
+        return sum(getattr(self, name).nbytes for name in self.POOLED if getattr(self, name) is not None)
+
+    def n_rows(self, rows) -> int:
+        return self.table[rows].shape[0] if self.pool is not None else self.k_like()[rows].shape[0]
+
+    def physical(self, rows, slots: Tensor) -> Tensor:
+        return physical_slots(self.table, rows, slots, self.pool.block_tokens)
+
+    def write_buf(self, buf: Tensor, rows, slots: Tensor, x: Tensor):
+        if self.pool is None:
+            write_rows(buf, rows, slots, x)
+        else:
+            write_pool(buf, self.physical(rows, slots), x)
+
+    def read_buf(self, buf: Tensor, rows, slots: Tensor) -> Tensor:
+        if self.pool is None:
+            return read_rows(buf, rows, slots)
+        return read_pool(buf, self.physical(rows, slots))
+
+    def release(self, rows: Tensor) -> bool:
+        """Paged: return the blocks of sequences `rows` to the pool (the data needs no clearing: reads are masked
+        by lengths and positions). False when contiguous: the caller clears the rows itself."""
+        if self.pool is None:
+            return False
+        self.pool.release(rows.tolist())
+        return True
 
 
 def ring_slots(pos: Tensor, sink_size: int, ring_size: int) -> Tensor:
@@ -63,28 +135,51 @@ def ring_slots(pos: Tensor, sink_size: int, ring_size: int) -> Tensor:
     return torch.where(pos < sink_size, pos, sink_size + (pos - sink_size) % ring_size)
 
 
-class DenseStore(nn.Module):
-    def __init__(self, batch_size, n_kv_head, n_slots, head_dim, dtype, device):
-        super().__init__()
-        shape = (batch_size, n_kv_head, n_slots, head_dim)
+class DenseStore(Store):
+    def __init__(self, batch_size, n_kv_head, n_slots, head_dim, dtype, device, pool=None):
+        super().__init__(pool)
+        self.n_slots = n_slots if pool is None else pool.space.n_slots
+        shape = ((batch_size, n_kv_head, n_slots, head_dim) if pool is None else
+                 (1, n_kv_head, pool.num_blocks * pool.block_tokens, head_dim))
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device))
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device))
 
+    def k_like(self) -> Tensor:
+        return self.k
+
     def write(self, rows, slots: Tensor, k: Tensor, v: Tensor):
-        write_rows(self.k, rows, slots, k)
-        write_rows(self.v, rows, slots, v)
+        self.write_buf(self.k, rows, slots, k)
+        self.write_buf(self.v, rows, slots, v)
+
+    def read(self, rows, slots: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values (R, H, T, D) in logical slots (R, T) of sequences `rows`."""
+        return self.read_buf(self.k, rows, slots), self.read_buf(self.v, rows, slots)
+
+    def logical(self, rows) -> tuple[Tensor, Tensor]:
+        """Every slot of sequences `rows` as (R, H, n_slots, D): views when contiguous, a gathered copy when paged."""
+        if self.pool is None:
+            return self.k[rows], self.v[rows]
+        slots = torch.arange(self.n_slots, device=self.k.device).expand(self.n_rows(rows), -1)
+        return self.read(rows, slots)
+
+    def kernel_inputs(self, R: int) -> dict:
+        """The first R sequences as the fused decode kernel reads them (kernels/decode_attention.py)."""
+        if self.pool is None:
+            return dict(hi_k=self.k[:R], hi_v=self.v[:R])
+        return dict(hi_k=self.k, hi_v=self.v, hi_table=self.table[:R], hi_block=self.pool.block_tokens)
 
     def reset(self, rows: Tensor):
-        self.k[rows] = 0
-        self.v[rows] = 0
+        if not self.release(rows):
+            self.k[rows] = 0
+            self.v[rows] = 0
 
 
 class RingStore(DenseStore):
-    def __init__(self, batch_size, n_kv_head, sink_size, ring_size, head_dim, dtype, device):
-        super().__init__(batch_size, n_kv_head, sink_size + ring_size, head_dim, dtype, device)
+    def __init__(self, batch_size, n_kv_head, sink_size, ring_size, head_dim, dtype, device, pool=None):
+        super().__init__(batch_size, n_kv_head, sink_size + ring_size, head_dim, dtype, device, pool)
         self.sink_size, self.ring_size = sink_size, ring_size
-        self.register_buffer("pos", torch.full((batch_size, sink_size + ring_size), -1, dtype=torch.long,
-                                               device=device))
+        # Paged, the logical slots are a whole number of blocks; the slots past sink_size + ring_size stay empty.
+        self.register_buffer("pos", torch.full((batch_size, self.n_slots), -1, dtype=torch.long, device=device))
 
     def slots(self, pos: Tensor) -> Tensor:
         return ring_slots(pos, self.sink_size, self.ring_size)
@@ -94,7 +189,7 @@ class RingStore(DenseStore):
         write_rows; no two positions of one row in one slot)."""
         slots = self.slots(pos)
         self.write(rows, slots, k, v)
-        if isinstance(rows, slice):
+        if isinstance(rows, slice):  # per sequence, never paged
             self.pos[rows].scatter_(1, slots, pos)
         else:
             self.pos[rows[:, None], slots] = pos
@@ -109,15 +204,22 @@ def flush_size(group_size: int, k_granularity: str) -> int:
     return group_size if k_granularity == "channel" else 1
 
 
-class QuantizedStore(nn.Module):
-    def __init__(self, batch_size, n_kv_head, capacity, head_dim, fmt: Format, group_size, k_granularity, device):
-        super().__init__()
+class QuantizedStore(Store):
+    def __init__(self, batch_size, n_kv_head, capacity, head_dim, fmt: Format, group_size, k_granularity, device,
+                 pool=None):
+        super().__init__(pool)
         self.fmt, self.group_size, self.k_granularity, self.head_dim = fmt, group_size, k_granularity, head_dim
         self.flush_size = flush_size(group_size, k_granularity)
-        self.capacity = capacity
-        for name, (shape, dtype) in self.layout(fmt, group_size, k_granularity, capacity + self.flush_size,
-                                                head_dim).items():
-            self.register_buffer(name, torch.zeros((batch_size, n_kv_head, *shape), dtype=dtype, device=device))
+        if pool is None:
+            self.capacity, n_tokens, batch = capacity, capacity + self.flush_size, batch_size
+        else:  # the last logical block is the scratch group's: never reserved, so it maps to the null block
+            if pool.block_tokens % self.flush_size:
+                raise ValueError(f"paged quantized blocks of {pool.block_tokens} tokens do not hold whole key groups "
+                                 f"of {self.flush_size}")
+            self.capacity = pool.space.n_slots - pool.block_tokens
+            n_tokens, batch = pool.num_blocks * pool.block_tokens, 1
+        for name, (shape, dtype) in self.layout(fmt, group_size, k_granularity, n_tokens, head_dim).items():
+            self.register_buffer(name, torch.zeros((batch, n_kv_head, *shape), dtype=dtype, device=device))
         if not fmt.asymmetric:
             self.register_buffer("k_zero", None)
             self.register_buffer("v_zero", None)
@@ -142,31 +244,71 @@ class QuantizedStore(nn.Module):
         layout = cls.layout(fmt, group_size, k_granularity, flush, head_dim)
         return sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in layout.values()) / flush
 
+    POOLED = ("k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero")
+
+    def k_like(self) -> Tensor:
+        return self.k_q
+
+    def all_buffers(self) -> tuple:
+        """(k_q, k_scale, k_zero, v_q, v_scale, v_zero), zero-points None when symmetric."""
+        return self.k_q, self.k_scale, self.k_zero, self.v_q, self.v_scale, self.v_zero
+
     def buffers_of(self, rows) -> tuple:
         """(k_q, k_scale, k_zero, v_q, v_scale, v_zero) of sequences `rows` (a count: the first ones, as views; a
-        slice or an index tensor); zero-points None when symmetric."""
+        slice or an index tensor) of a contiguous store; zero-points None when symmetric."""
         rows = slice(0, rows) if isinstance(rows, int) else rows
-        return tuple(None if t is None else t[rows]
-                     for t in (self.k_q, self.k_scale, self.k_zero, self.v_q, self.v_scale, self.v_zero))
+        return tuple(None if t is None else t[rows] for t in self.all_buffers())
+
+    def _key_rows(self, slots: Tensor) -> Tensor:
+        """Rows of the key metadata for (physical or logical) token slots (R, N) in whole flush groups."""
+        return slots[:, ::self.flush_size] // self.flush_size if self.k_granularity == "channel" else slots
+
+    def kernel_inputs(self, R: int) -> dict:
+        """The first R sequences as the fused decode kernel reads them (kernels/decode_attention.py)."""
+        names = ("k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero")
+        if self.pool is None:
+            return dict(zip(names, self.buffers_of(R)))
+        return dict(zip(names, self.all_buffers()), mid_table=self.table[:R], mid_block=self.pool.block_tokens)
+
+    def append_target(self, R: int, start: Tensor) -> tuple:
+        """(start, k_q, k_scale, k_zero, v_q, v_scale, v_zero) for kernels.quantize_append.quantize_into to write
+        one flush group at logical token start[b] (R,) of each of the first R sequences: paged, the group's
+        physical start (a group never straddles blocks) and the pool seen with batch stride 0."""
+        if self.pool is None:
+            return (start, *self.buffers_of(R))
+        phys = self.physical(slice(0, R), start[:, None])[:, 0]
+        return (phys, *(None if t is None else t.expand(R, *t.shape[1:]) for t in self.all_buffers()))
 
     def store(self, rows, tokens: Tensor, k: Tensor, v: Tensor):
         """Quantize k, v (R, H, N, D) into mid tokens tokens (R, N) of sequences `rows` (a slice or an index tensor);
         each row's tokens are whole flush groups in order."""
         k_q, k_scale, k_zero = quantize_keys(k, self.fmt, self.k_granularity, self.group_size)
         v_q, v_scale, v_zero = quantize_values(v, self.fmt, self.group_size)
-        k_rows = tokens[:, ::self.flush_size] // self.flush_size if self.k_granularity == "channel" else tokens
-        write_rows(self.k_q, rows, tokens, k_q)
-        write_rows(self.k_scale, rows, k_rows, k_scale)
-        write_rows(self.v_q, rows, tokens, v_q)
-        write_rows(self.v_scale, rows, tokens, v_scale)
+        slots = tokens if self.pool is None else self.physical(rows, tokens)
+        write = write_rows if self.pool is None else (lambda buf, _, where, x: write_pool(buf, where, x))
+        k_rows = self._key_rows(slots)
+        write(self.k_q, rows, slots, k_q)
+        write(self.k_scale, rows, k_rows, k_scale)
+        write(self.v_q, rows, slots, v_q)
+        write(self.v_scale, rows, slots, v_scale)
         if k_zero is not None:
-            write_rows(self.k_zero, rows, k_rows, k_zero)
-            write_rows(self.v_zero, rows, tokens, v_zero)
+            write(self.k_zero, rows, k_rows, k_zero)
+            write(self.v_zero, rows, slots, v_zero)
 
     def dequantize(self, rows, n: int, dtype) -> tuple[Tensor, Tensor]:
-        """Keys and values (R, H, n, D) in `dtype` of the first n tokens of sequences `rows`."""
-        return dequantize_mid(*self.buffers_of(rows), n, self.fmt, self.k_granularity, self.group_size, self.head_dim, dtype)
+        """Keys and values (R, H, n, D) in `dtype` of the first n tokens of sequences `rows` (n a whole number of
+        flush groups)."""
+        if self.pool is None:
+            buffers = self.buffers_of(rows)
+        else:  # gather the first n logical tokens of each sequence out of the pool
+            phys = self.physical(rows, torch.arange(n, device=self.k_q.device).expand(self.n_rows(rows), -1))
+            k_rows = self._key_rows(phys)
+            buffers = tuple(None if t is None else read_pool(t, k_rows if i in (1, 2) else phys)
+                            for i, t in enumerate(self.all_buffers()))
+        return dequantize_mid(*buffers, n, self.fmt, self.k_granularity, self.group_size, self.head_dim, dtype)
 
     def reset(self, rows: Tensor):
-        for buf in self.buffers():
-            buf[rows] = 0
+        if not self.release(rows):
+            for buf in self.all_buffers():
+                if buf is not None:
+                    buf[rows] = 0

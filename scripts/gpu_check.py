@@ -4,7 +4,10 @@
     python scripts/gpu_check.py --tiny            # no GPU: the same cases, small, in Triton's CPU interpreter
 
   * kernels/decode_attention.py against its float64 reference (decode_attention_ref): ||out - ref|| / ||ref||
-    within the tolerance of the dtype.
+    within the tolerance of the dtype. The "paged" cases read the same logical cache through block tables (as
+    vLLM's PagedAttention): the full cache's hi store, or the mid store of each format (its hi ring unpaged),
+    scattered over shuffled pool blocks of 16 tokens (32 for KIVI's 32-token key groups), the blocks no sequence
+    owns (the null block 0 every unused table entry points to, and spare ones) poisoned.
   * kernels/quantize_append.py (quantize_into, the decode flush of quantize_kv) against kernels/quantize.py's
     quantize_keys / quantize_values: the bytes it writes must be the reference's, bit for bit (tolerance 0; the
     error column is the fraction of bytes that differ), at the store offset it is given, and nothing else changes.
@@ -43,6 +46,8 @@ BATCHES = {False: [1, 8], True: [1, 3]}
 # mid-store kind: (bits, key granularity); None = the full cache's 16-bit store only.
 KINDS = {"bf16": None, **{f.label: (f.name, f.default_k_granularity) for f in FORMATS.values()},
          "int4-token-keys": ("4", "token")}
+# Tokens per block of a paged store; a mid block holds whole key groups (F = GROUP_SIZE for KIVI keys).
+PAGE_BLOCK = 16
 
 
 @contextlib.contextmanager
@@ -124,18 +129,74 @@ def decode_attention_case(kind, B, HQ, H, D, length, dtype, device, gen):
                 **mid), max(n_mids)
 
 
+def block_table(used: list, max_blocks: int, n_pool: int, device, gen) -> torch.Tensor:
+    """(B, max_blocks) int32: sequence b's first used[b] logical blocks on distinct shuffled pool blocks 1 ..
+    n_pool - 1 (block 0 is the null block), every later entry 0."""
+    free = torch.randperm(n_pool - 1, device=device, generator=gen) + 1
+    table = torch.zeros(len(used), max_blocks, dtype=torch.int32, device=device)
+    for b, n in enumerate(used):
+        table[b, :n] = free[sum(used[:b]):sum(used[:b]) + n].int()
+    return table
+
+
+def page(logical: torch.Tensor, table: torch.Tensor, used: list, block: int, n_pool: int, device, gen,
+         tokens_per_row: int = 1) -> torch.Tensor:
+    """The logical store (B, H, rows, ...) scattered into a pool (1, H, n_pool * block // tokens_per_row, ...) as
+    the table says (sequence b's first used[b] blocks; a last block past the store's rows only partly). Rows no
+    sequence owns hold poison: NaN (float16 / bfloat16) or random bytes (payloads, whose scales there are NaN)."""
+    B, H, rows = logical.shape[:3]
+    r = block // tokens_per_row  # rows a block
+    shape = (1, H, n_pool * r, *logical.shape[3:])
+    if logical.is_floating_point() and logical.element_size() > 1:
+        pool = torch.full(shape, float("nan"), device=device, dtype=logical.dtype)
+    else:
+        pool = torch.randint(0, 127, shape, device=device, generator=gen).to(logical.dtype)
+    for b, n in enumerate(used):
+        src = torch.arange(n * r, device=device)
+        dst = (table[b, :n].long()[:, None] * r + torch.arange(r, device=device)).flatten()
+        pool[0][:, dst[src < rows]] = logical[b][:, src[src < rows]]
+    return pool
+
+
+def paged_inputs(inputs: dict, kind: str, device, gen) -> dict:
+    """decode_attention_case's inputs with the full cache's hi store (kind bf16) or the mid store paged: pools of
+    PAGE_BLOCK-token blocks (the hi pool as an .expand over the batch, as a cache shares one), shuffled."""
+    paged = dict(inputs)
+    B = inputs["q"].shape[0]
+    if KINDS[kind] is None:
+        used = [max(0, -(-(last + 1) // PAGE_BLOCK)) for last in inputs["hi_last"].tolist()]  # -1: finished
+        n_pool = 1 + sum(used) + 2  # the null block and two spare ones
+        table = block_table(used, -(-inputs["hi_k"].shape[2] // PAGE_BLOCK), n_pool, device, gen)
+        for name in ("hi_k", "hi_v"):
+            paged[name] = page(inputs[name], table, used, PAGE_BLOCK, n_pool, device, gen).expand(B, -1, -1, -1)
+        return dict(paged, hi_table=table, hi_block=PAGE_BLOCK)
+    F = flush_size(GROUP_SIZE, KINDS[kind][1])
+    block = max(PAGE_BLOCK, F)
+    used = [-(-n // block) for n in inputs["n_mid"].tolist()]
+    n_pool = 1 + sum(used) + 2
+    table = block_table(used, -(-inputs["k_q"].shape[2] // block), n_pool, device, gen)
+    for name in ("k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero"):
+        if inputs.get(name) is not None:
+            per_row = F if name in ("k_scale", "k_zero") else 1  # tokens per metadata row
+            paged[name] = page(inputs[name], table, used, block, n_pool, device, gen, per_row)
+    return dict(paged, mid_table=table, mid_block=block)
+
+
 def check_decode_attention(tiny: bool, device, gen, dtype=torch.bfloat16):
     """Rows of (kernel, case description, n_mid, error, tolerance, exception) for kernels/decode_attention.py."""
     from kernels.decode_attention import decode_attention, decode_attention_ref
 
     for head_name, HQ, H, D in HEADS[tiny]:
         for length in LENGTHS[tiny]:
-            for kind, B in ((kind, B) for B in BATCHES[tiny] for kind in KINDS):
-                case = f"{kind} {head_name} B{B} L{length}"
+            cases = [(kind, B, False) for B in BATCHES[tiny] for kind in KINDS]
+            cases += [(kind, BATCHES[tiny][-1], True) for kind in KINDS]  # paged: the largest batch
+            for kind, B, paged in cases:
+                case = f"{kind}{' paged' if paged else ''} {head_name} B{B} L{length}"
                 try:
                     inputs, n_mid = decode_attention_case(kind, B, HQ, H, D, length, dtype, device, gen)
+                    kernel_inputs = paged_inputs(inputs, kind, device, gen) if paged else inputs
                     with poisoned_empty():
-                        out = decode_attention(**inputs)
+                        out = decode_attention(**kernel_inputs)
                     reference = decode_attention_ref(**dict(inputs, q=inputs["q"].double()))
                     err = rel_err(out, reference) if out.shape == inputs["q"].shape else float("nan")
                     yield "decode_attention", case, n_mid, err, TOL[dtype], ""

@@ -1,0 +1,255 @@
+"""Paged KV (kv_cache/paging.py), continuous batching (scheduler.py), chunked prefill and prefix sharing.
+
+References: the contiguous cache of the same strategy (paged must equal it, float64), each prompt run alone (a batch
+of one, the same code), the unchunked prefill, the unshared pool; the pool's accounting against an explicit count of
+who holds which block (BlockPool.check), under random interleavings drawn by hypothesis."""
+import pytest
+import torch
+import torch._dynamo
+from hypothesis import given, settings, strategies as st
+from torch._dynamo.utils import counters
+
+import generate
+import scheduler
+from kv_cache.paging import BlockPool, PageSpace, PoolExhausted
+from model import ModelArgs, Transformer
+
+ARGS = ModelArgs(vocab_size=96, dim=64, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=128,
+                 max_position_embeddings=256)
+SINK_WINDOW = dict(sink_size=4, window_size=8)
+CASES = {
+    "full": ("full", {}),
+    "compress_kv": ("compress_kv", SINK_WINDOW),
+    "compress_kv-original": ("compress_kv", dict(SINK_WINDOW, rope_positions="original")),
+    "quantize_kv-int8": ("quantize_kv", dict(SINK_WINDOW, bits="8")),
+    "quantize_kv-fp8": ("quantize_kv", dict(SINK_WINDOW, bits="fp8")),
+    "quantize_kv-int4": ("quantize_kv", dict(SINK_WINDOW, bits="4", group_size=8)),
+    "quantize_kv-int2": ("quantize_kv", dict(SINK_WINDOW, bits="2", group_size=8)),
+    "quantize_kv-int4-token-keys": ("quantize_kv", dict(SINK_WINDOW, bits="4", group_size=8, k_granularity="token")),
+    "quantize_kv-as-full": ("quantize_kv", dict(sink_size=32, window_size=64, bits="4", group_size=8)),
+}
+PROMPT_LENGTHS = [7, 1, 23, 41]
+NEW_TOKENS, MAX_SEQ_LENGTH, CHUNK = 14, 64, 5
+EOS = (3, 7)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Transformer(ARGS).double().eval().requires_grad_(False)
+
+
+def prompts(lengths=PROMPT_LENGTHS, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, ARGS.vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+class Recorder:
+    """A decode_fn that keeps every step's logits (the greedy choice is made from them as decode_one_token does)."""
+
+    def __init__(self):
+        self.logits = []
+
+    def __call__(self, model, token, input_pos, temperature, top_k):
+        logits = model(token, input_pos)
+        self.logits.append(logits.clone())
+        return generate.sample(logits[:, -1], temperature, top_k)
+
+
+def run(model, name, block_size=None, num_blocks=None, batch=4, chunk=CHUNK, eos=()):
+    strategy, opts = CASES[name]
+    pool = generate.setup_cache(model, strategy, opts, batch, MAX_SEQ_LENGTH, quiet=True, block_size=block_size,
+                                num_blocks=num_blocks)
+    recorder = Recorder()
+    out = generate.generate_batch(model, prompts(), NEW_TOKENS, eos_ids=eos, prefill_chunk=chunk, decode_fn=recorder)
+    return out, torch.stack(recorder.logits), pool
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_paged_equals_contiguous(model, name, block_size):
+    """Every strategy and format, ragged prompts, chunked prefill, float64: the same logits at every decode step
+    (bit for bit) and the same tokens; the pool accounts for every block, and a sequence holds just the blocks of
+    what its store keeps."""
+    want, want_logits, _ = run(model, name)
+    got, got_logits, pool = run(model, name, block_size)
+    assert torch.equal(got["tokens"], want["tokens"])
+    assert torch.equal(got_logits, want_logits)
+    pool.check()
+    space = pool.space
+    for row, ids in enumerate(prompts()):
+        stored = len(ids) + NEW_TOKENS - 1  # the last new token is sampled, never written
+        assert len(pool.held[row]) == space.blocks_for(stored), (row, len(pool.held[row]))
+
+
+def test_pool_sizes(model):
+    """Blocks hold what the strategy keeps: full grows with the sequence, compress_kv stops at sinks + window,
+    quantize_kv pages its quantized store only, in blocks of whole key groups."""
+    full = run(model, "full", 4)[2]
+    assert [len(h) for h in full.held] == [-(-(n + NEW_TOKENS - 1) // 4) for n in PROMPT_LENGTHS]
+    compress = run(model, "compress_kv", 4)[2]
+    assert max(len(h) for h in compress.held) == (4 + 8) // 4  # sinks + window, however long the sequence
+    int4 = run(model, "quantize_kv-int4", 4)[2]
+    assert int4.block_tokens == 8  # 4 rounded up to the key group of 8
+    for row, n in enumerate(PROMPT_LENGTHS):
+        in_mid = max(0, n + NEW_TOKENS - 1 - 12) // 8 * 8
+        assert len(int4.held[row]) == -(-in_mid // 8)
+
+
+def test_pool_nbytes(model):
+    """The pool's bytes are num_blocks x block bytes per layer; generate.pool_bytes (meta device) agrees with the
+    real caches."""
+    for name in ("full", "compress_kv", "quantize_kv-int4"):
+        strategy, opts = CASES[name]
+        pool = generate.setup_cache(model, strategy, opts, 4, MAX_SEQ_LENGTH, quiet=True, block_size=4, num_blocks=9)
+        held = generate.kv_bytes(model)
+        fixed, per_block = generate.pool_bytes(ARGS, strategy, opts, 4, MAX_SEQ_LENGTH, 4, torch.float64)
+        assert held == fixed + 9 * per_block
+        assert sum(c.pool_nbytes() for c in model.caches()) == 9 * per_block
+        assert pool.num_blocks == 9
+
+
+def test_pool_exhausted_is_a_clear_error(model):
+    strategy, opts = CASES["full"]
+    generate.setup_cache(model, strategy, opts, 4, MAX_SEQ_LENGTH, quiet=True, block_size=4, num_blocks=6)
+    with pytest.raises(PoolExhausted, match="free block"):
+        generate.generate_batch(model, prompts(), NEW_TOKENS)
+
+
+@pytest.mark.parametrize("name", ["full", "compress_kv", "quantize_kv-int4", "quantize_kv-int8"])
+@pytest.mark.parametrize("paged", [False, True])
+def test_continuous_batching_equals_one_by_one(model, name, paged):
+    """Eight ragged prompts (some end at an EOS) through 3 rows: each sequence as if it ran alone, token for token;
+    a small pool makes admission wait for blocks."""
+    texts = prompts([7, 1, 23, 41, 5, 30, 12, 9], seed=2)
+    strategy, opts = CASES[name]
+    alone = []
+    for ids in texts:
+        generate.setup_cache(model, strategy, opts, 1, MAX_SEQ_LENGTH, quiet=True)
+        alone.append(generate.generate_batch(model, [ids], NEW_TOKENS, eos_ids=EOS, prefill_chunk=CHUNK)
+                     ["sequences"][0])
+    pool = generate.setup_cache(model, strategy, opts, 3, MAX_SEQ_LENGTH, quiet=True, block_size=4 if paged else None,
+                                num_blocks=16 if paged else None)
+    ended = []
+    out = scheduler.generate_continuous(model, texts, NEW_TOKENS, eos_ids=EOS, prefill_chunk=CHUNK,
+                                        on_sequence=lambda i, seq: ended.append(i))
+    assert out["sequences"] == alone
+    assert sorted(ended) == list(range(len(texts)))
+    assert any(seq["finish_reason"] == "eos" for seq in alone)
+    assert out["peak_running"] <= 3
+    if paged:
+        pool.check()
+        assert pool.used == 0 and pool.peak_used <= pool.usable
+
+
+def test_continuous_batching_refuses_a_prompt_that_never_fits(model):
+    strategy, opts = CASES["full"]
+    generate.setup_cache(model, strategy, opts, 2, MAX_SEQ_LENGTH, quiet=True, block_size=4, num_blocks=6)
+    with pytest.raises(ValueError, match="prompt 1 .* needs 14 blocks .* pool has 5"):
+        scheduler.generate_continuous(model, prompts([3, 40]), NEW_TOKENS)
+
+
+def test_prefix_sharing_equals_unshared(model):
+    """Copies of one prompt and prompts that share a prefix: the same tokens as the contiguous cache; shared blocks
+    are stored once (reference-counted) and return to the pool only when their last holder ends."""
+    base = prompts([21], seed=3)[0]
+    texts = [base, base, base[:17] + [5, 6, 7, 8], base[:9]]
+    generate.setup_cache(model, "full", {}, 4, MAX_SEQ_LENGTH)
+    want = generate.generate_batch(model, texts, NEW_TOKENS, prefill_chunk=CHUNK)
+    pool = generate.setup_cache(model, "full", {}, 4, MAX_SEQ_LENGTH, block_size=4)
+    got = generate.generate_batch(model, texts, NEW_TOKENS, prefill_chunk=CHUNK)
+    assert torch.equal(got["tokens"], want["tokens"])
+    pool.check()
+    # base: 5 full prompt blocks (the 6th holds its last token: always its own); row 1 shares all 5, row 2 the
+    # first 4 (block 5 differs), row 3 the first 2 (its own third block holds its last token).
+    shared = [sum(pool.refs[b] > 1 for b in held) for held in pool.held]
+    assert shared == [5, 5, 4, 2]
+    assert pool.held[1][:5] == pool.held[0][:5] and pool.held[2][:4] == pool.held[0][:4]
+    unshared = sum(-(-(len(ids) + NEW_TOKENS - 1) // 4) for ids in texts)
+    assert pool.used == unshared - (5 + 4 + 2)
+    pool.release([0])
+    pool.check()
+    assert all(pool.refs[b] == 3 for b in pool.held[1][:2])  # rows 1, 2 and 3 still hold them
+
+
+def test_chunked_prefill_equals_unchunked_full(model):
+    """The full cache: a prompt fed in chunks of any size gives the logits of one pass, float64."""
+    ids = torch.tensor(prompts([45], seed=4))
+    generate.setup_cache(model, "full", {}, 1, MAX_SEQ_LENGTH)
+    want = generate.prefill(model, ids)
+    for chunk in (1, 7, 16, 44):
+        generate.setup_cache(model, "full", {}, 1, MAX_SEQ_LENGTH)
+        got = generate.prefill(model, ids, chunk_size=chunk)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        generate.setup_cache(model, "full", {}, 1, MAX_SEQ_LENGTH)
+        assert torch.equal(generate.prefill(model, ids, chunk_size=chunk, last_only=True), got[:, -1:])
+
+
+@pytest.mark.parametrize("name", ["full", "quantize_kv-int4", "compress_kv"])
+def test_paged_decode_compiles_once(model, name):
+    """Continuous batching over a paged pool, the decode step compiled (aot_eager: dynamo's graph capture without
+    inductor's code generation): one graph, no recompiles as sequences grow, end and are admitted, no graph breaks,
+    and the eager tokens."""
+    texts = prompts([7, 1, 23, 41, 5], seed=5)
+    strategy, opts = CASES[name]
+    generate.setup_cache(model, strategy, opts, 2, MAX_SEQ_LENGTH, quiet=True, block_size=4)
+    want = scheduler.generate_continuous(model, texts, NEW_TOKENS, eos_ids=EOS, prefill_chunk=CHUNK)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(generate.decode_one_token, backend="aot_eager", fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = scheduler.generate_continuous(model, texts, NEW_TOKENS, eos_ids=EOS, prefill_chunk=CHUNK,
+                                            decode_fn=compiled)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
+    assert got["sequences"] == want["sequences"]
+
+
+# ---------------------------------------------------------------- the pool's accounting, property-based
+
+OPS = st.lists(st.one_of(
+    st.tuples(st.just("reserve"), st.integers(0, 3), st.integers(0, 40)),
+    st.tuples(st.just("release"), st.integers(0, 3), st.just(0)),
+    st.tuples(st.just("share"), st.integers(0, 3), st.integers(0, 2)),
+), max_size=60)
+
+
+@settings(max_examples=200, deadline=None)
+@given(OPS)
+def test_block_accounting_under_random_interleavings(ops):
+    """Admissions (with and without a shared prefix), growth and ends in any order: after every step each block is
+    free or held by exactly its reference count of sequences, the table matches the held lists, the null block is
+    never handed out, and a failed reservation changes nothing."""
+    space = PageSpace(4, 40, lambda n: min(n, 40), sharable=True)
+    pool = BlockPool(13, space, 4, "cpu")
+    stems = [[1] * 9, [1] * 8 + [2], [3] * 13]
+    lengths = [0] * 4
+    for op, row, arg in ops:
+        if op == "reserve":
+            before = (list(pool.free), [list(h) for h in pool.held])
+            try:
+                pool.reserve(row, max(arg, lengths[row]))
+                lengths[row] = max(arg, lengths[row])
+            except PoolExhausted:
+                assert (pool.free, pool.held) == before
+        elif op == "release":
+            pool.release([row])
+            lengths[row] = 0
+        elif not pool.held[row]:
+            ids = stems[arg]
+            shared = pool.share_prefix(row, ids)
+            assert shared % 4 == 0 and shared < len(ids)
+            try:
+                pool.reserve(row, len(ids))
+                lengths[row] = len(ids)
+                pool.publish_prefix(row, ids)
+            except PoolExhausted:
+                pool.release([row])
+                lengths[row] = 0
+        pool.check()
+        assert pool.used == len({b for h in pool.held for b in h})
+    pool.release()
+    pool.check()
+    assert pool.used == 0 and not pool.prefix_index
