@@ -21,7 +21,7 @@ import torch
 import kv_cache
 from atomic import atomic_write_text, check_writable_file
 from checkpoint import SETUP_HINT, default_checkpoint_path, load_checkpoint
-from kv_cache.paging import BlockPool, PageSpace
+from kv_cache.paging import DEFAULT_BLOCK_SIZE, BlockPool, PageSpace
 from model import ModelArgs, Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -551,7 +551,7 @@ def add_common_arguments(parser, suppress=False):
     parser.add_argument("--paged", action="store_true", default=default(False),
                         help="page the KV cache in one pool of blocks shared by every sequence (taken on demand, "
                              "returned at the end; full shares prompt prefixes)")
-    parser.add_argument("--block_size", type=whole_number(1), default=default(16),
+    parser.add_argument("--block_size", type=whole_number(1), default=default(DEFAULT_BLOCK_SIZE),
                         help="with --paged: tokens per block (quantize_kv rounds up to whole key groups)")
     parser.add_argument("--num_blocks", type=whole_number(2), default=default(None),
                         help="with --paged: blocks in the pool, the null block included (default: every sequence "
@@ -686,7 +686,7 @@ def check_options(args):
                              "give one of them")
     if not args.paged:
         given = [flag for flag, value in (("--num_blocks", args.num_blocks), ("--kv_memory_gb", args.kv_memory_gb),
-                                          ("--block_size", args.block_size != 16 or None)) if value]
+                                          ("--block_size", args.block_size != DEFAULT_BLOCK_SIZE or None)) if value]
         if given:
             raise ValueError(f"{given[0]} sizes the paged pool: add --paged")
     if args.num_blocks is not None and args.kv_memory_gb is not None:

@@ -195,6 +195,13 @@ class KVCache(nn.Module):
         """Bytes of this layer's buffers that live in the shared block pool (0 when contiguous)."""
         return sum(module.pool_nbytes() for module in self.children())
 
+    def copy_blocks(self, src: list, dst: list):
+        """Copy pool blocks src into blocks dst in this layer's paged store (e.g. to give sequences copies of one
+        prefilled sequence)."""
+        for module in self.children():
+            if getattr(module, "pool", None) is not None:
+                module.copy_blocks(src, dst)
+
     def reset(self, rows: Optional[Tensor] = None):
         """Forget every stored token of sequences `rows` (all when None), so they can start again at position 0."""
         rows = torch.arange(self.batch_size, device=self.active.device) if rows is None else rows

@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 NULL_BLOCK = 0
+DEFAULT_BLOCK_SIZE = 16  # tokens per block (vLLM's default too): --block_size, the GPU suite's paged rows
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,18 @@ class Store(nn.Module):
             return 0
         return sum(getattr(self, name).nbytes for name in self.POOLED if getattr(self, name) is not None)
 
+    def copy_blocks(self, src: list[int], dst: list[int]):
+        """Paged: copy the contents of pool blocks src into blocks dst (every pooled buffer, its metadata rows
+        too: a buffer of P / F rows holds block_tokens / F rows a block)."""
+        for name in self.POOLED:
+            buf = getattr(self, name)
+            if buf is None:
+                continue
+            per_block = buf.shape[2] // self.pool.num_blocks
+            offsets = torch.arange(per_block, device=buf.device)
+            where = lambda blocks: (torch.tensor(blocks, device=buf.device)[:, None] * per_block + offsets).flatten()
+            buf[:, :, where(dst)] = buf[:, :, where(src)]
+
     def n_rows(self, rows) -> int:
         return self.table[rows].shape[0] if self.pool is not None else self.k_like()[rows].shape[0]
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO_DIR))
 import kv_cache  # noqa: E402
 from kernels.formats import FORMATS  # noqa: E402
 from generate import (available_memory_bytes as available_bytes, cache_bytes, compile_decode,  # noqa: E402
-                      decode_one_token, peak_memory_bytes, setup_cache)
+                      decode_one_token, peak_memory_bytes, pool_of, setup_cache)
 from model import ModelArgs, Transformer  # noqa: E402
 
 SHAPES = {
@@ -178,14 +178,22 @@ def fill_context(model: Transformer, batch: int, context: int, chunk: int, devic
     dimension is the batch (the caches' layout: (B, ...) for everything stored per sequence)."""
     rows = 1 if broadcast else batch
     tokens = torch.randint(model.args.vocab_size, (rows, context), device=device)
+    pool = pool_of(model)
+    for row in range(rows if pool is not None else 0):
+        pool.reserve(row, context)
     for begin in range(0, context, chunk):
         end = min(begin + chunk, context)
-        model(tokens[:, begin:end], torch.arange(begin, end, device=device))
+        model(tokens[:, begin:end], torch.arange(begin, end, device=device), torch.arange(rows, device=device))
     if broadcast and batch > 1:
         for cache in model.caches():
             for buf in cache.buffers():
-                if buf.ndim >= 2 and buf.shape[0] == batch:
+                if buf.ndim >= 2 and buf.shape[0] == batch and (pool is None or buf is not pool.table):
                     buf[1:].copy_(buf[:1].expand_as(buf[1:]))
+        if pool is not None:  # paged: every sequence its own copy of sequence 0's blocks (its own memory traffic)
+            for row in range(1, batch):
+                pool.reserve(row, context)
+                for cache in model.caches():
+                    cache.copy_blocks(pool.held[0], pool.held[row])
     # contiguous like every later token: a strided one would compile a second graph
     return tokens[:, -1:].expand(batch, 1).contiguous()
 

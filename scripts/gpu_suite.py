@@ -16,7 +16,8 @@ Sections, in the order they run (value first):
             bf16 tolerance
   headline  full cache, batch 1, context 256, decode step captured as a CUDA graph: tokens/s against the roofline
   short     quantize_kv / compress_kv at batch 1, context 256: never more than 5 % slower than full
-  long      32k context x batch 8: every strategy, speed-up over full against the ideal one from byte counts
+  long      32k context x batch 8: every strategy, speed-up over full against the ideal one from byte counts;
+            full and int4 / int2 paged too (blocks of 16 through the block table), against their contiguous rows
   kernel    the fused attention kernel alone at 32k: bytes moved / time against the copy bandwidth
   budget    the largest batch at 32k that fits --budget_gb (weights included) and its aggregate tokens/s
   peer      HF transformers eager (DynamicCache, SDPA) on the same shapes, and ours at the same settings
@@ -54,6 +55,7 @@ import gpu_check  # noqa: E402
 from atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from bench_decode import GiB, SHAPES, STRATEGIES, fmt  # noqa: E402
 from generate import compile_decode, decode_one_token, peak_memory_bytes, setup_cache  # noqa: E402
+from kv_cache.paging import DEFAULT_BLOCK_SIZE  # noqa: E402
 
 DTYPE = bench_decode.DTYPE
 # Targets from the issue: (section, what, threshold, which way is good).
@@ -159,7 +161,7 @@ def targets(rows: list[dict]) -> list[dict]:
     for r in rows:
         if r["section"] == "short" and r["name"].startswith("quantize_kv"):
             add("short", r["name"], r.get("vs_full"), TARGETS["short"][1])
-        if r["section"] == "long" and r["name"].startswith("quantize_kv") and r["name"] != "quantize_kv-fp8":
+        if r["section"] == "long" and r["name"] in ("quantize_kv-int8", "quantize_kv-int4", "quantize_kv-int2"):
             add("long", r["name"], r.get("pct_of_ideal"), TARGETS["long"][1])
         if r["section"] == "kernel":
             add("kernel", r["name"], r.get("copy_pct"), TARGETS["kernel"][1])
@@ -273,15 +275,18 @@ def model_check_row(name: str, args, strategy: str, extra: list, context: int, s
 
 def speed_row(model, section, name, context, batch, mode: Mode, cfg, device, compiled=False) -> dict:
     """One decode-speed row: the caches of `name` filled to `context` for `batch` sequences, then timed. A name
-    `strategy@impl` forces that strategy's --attn_impl (e.g. full@torch: PyTorch SDPA instead of the Triton kernel)."""
-    strategy, extra = STRATEGIES[name.split("@")[0]]
-    if "@" in name:
-        extra = extra + ["--attn_impl", name.split("@")[1]]
+    `strategy@impl` forces that strategy's --attn_impl (e.g. full@torch: PyTorch SDPA instead of the Triton kernel);
+    `strategy+paged` pages the cache in blocks of DEFAULT_BLOCK_SIZE tokens (the kernel reads through the block table)."""
+    base, paged = name.removesuffix("+paged"), name.endswith("+paged")
+    block_size = DEFAULT_BLOCK_SIZE if paged else None
+    strategy, extra = STRATEGIES[base.split("@")[0]]
+    if "@" in base:
+        extra = extra + ["--attn_impl", base.split("@")[1]]
     args = model.args
     row = dict(section=section, name=name, shape=mode.shape, context=context, batch=batch, note="")
     options = bench_decode.strategy_options(strategy, extra + cfg["strategy_args"].get(strategy, []))
     max_seq_length = context + 1 + mode.warmup + mode.repeats * mode.steps + 2
-    kv = bench_decode.cache_bytes(args, strategy, options, batch, max_seq_length, DTYPE)
+    kv = bench_decode.cache_bytes(args, strategy, options, batch, max_seq_length, DTYPE, block_size)
     full_kv = bench_decode.cache_bytes(args, "full", {}, batch, max_seq_length, DTYPE)
     weights = cfg["weight_bytes"]
     _, per_token = bench_decode.transient_bytes(args, 1, max_seq_length)  # the fill prefills one sequence
@@ -297,10 +302,12 @@ def speed_row(model, section, name, context, batch, mode: Mode, cfg, device, com
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        setup_cache(model, strategy, options, batch, max_seq_length)
+        pool = setup_cache(model, strategy, options, batch, max_seq_length, block_size=block_size)
         row["attn_impl"] = model.caches()[0].attn_impl
         t0 = time.perf_counter()
         token = bench_decode.fill_context(model, batch, context, chunk, device, broadcast=True)
+        for b in range(batch if pool is not None else 0):  # the timed steps run on the device alone
+            pool.reserve(b, max_seq_length)
         bench_decode.synchronize(device)
         row["fill_s"] = time.perf_counter() - t0
         if compiled:
@@ -478,8 +485,9 @@ def run(out: Path, quick: bool, tiny: bool, budget_gb: float, budget_s, seed: in
 
     short_names = ["quantize_kv-int4"] if quick else ["quantize_kv-int8", "quantize_kv-int4", "quantize_kv-int2",
                                                       "quantize_kv-fp8", "compress_kv"]
-    long_names = (["full", "quantize_kv-int4", "quantize_kv-int2"] if quick else
-                  ["full", "quantize_kv-int8", "quantize_kv-int4", "quantize_kv-int2", "compress_kv"])
+    long_names = (["full", "quantize_kv-int4", "quantize_kv-int2", "full+paged", "quantize_kv-int4+paged"] if quick
+                  else ["full", "quantize_kv-int8", "quantize_kv-int4", "quantize_kv-int2", "compress_kv",
+                        "full+paged", "quantize_kv-int4+paged", "quantize_kv-int2+paged"])
     speed("headline", "full", mode.short, 1)
     for name in short_names:
         speed("short", name, mode.short, 1)

@@ -113,6 +113,16 @@ def cases(c: dict) -> dict:
         "checkpoint_empty_folder": (["--checkpoint_path", str(root / "empty")], None),
         "checkpoint_other_file": (["--checkpoint_path", str(root / "notes.txt")], None),
         "tokenizer_of_another_model": (["--checkpoint_path", str(c["small_vocab"])], None),
+        # (11) paging and continuous batching
+        "num_blocks_unpaged": (fast + ["--num_blocks", "8"], None),
+        "block_size_unpaged": (fast + ["--block_size", "8"], None),
+        "kv_memory_and_num_blocks": (fast + ["--paged", "--num_blocks", "8", "--kv_memory_gb", "1"], None),
+        "kv_memory_gb_negative": (fast + ["--paged", "--kv_memory_gb", "-1"], None),
+        "kv_memory_gb_tiny": (fast + ["--paged", "--kv_memory_gb", "1e-7"], None),
+        "pool_too_small": (fast + ["--paged", "--block_size", "2", "--num_blocks", "3"], None),
+        "max_batch_size_without_file": (fast + ["--max_batch_size", "2"], None),
+        "max_batch_size_and_batch_size": (fast + ["--prompts_file", str(root / "prompt.txt"), "--max_batch_size",
+                                                  "2", "--batch_size", "2"], None),
         # runs that succeed
         "ok_top_k_0": (fast + ["--temperature", "0.8", "--top_k", "0"], None),
         "ok_batch_rows": (fast + ["--batch_size", "3", "--temperature", "0.8", "--max_new_tokens", "6"], None),
@@ -210,6 +220,14 @@ ERRORS = {  # case -> what the one line must say
     "checkpoint_empty_folder": "no checkpoint in",
     "checkpoint_other_file": "notes.txt is not a checkpoint file",
     "tokenizer_of_another_model": "belong to another model",
+    "num_blocks_unpaged": "--num_blocks sizes the paged pool: add --paged",
+    "block_size_unpaged": "--block_size sizes the paged pool: add --paged",
+    "kv_memory_and_num_blocks": "--num_blocks and --kv_memory_gb both size the pool: give one of them",
+    "kv_memory_gb_negative": "argument --kv_memory_gb: must be a number > 0, got -1",
+    "kv_memory_gb_tiny": "holds 0 block(s)",
+    "pool_too_small": "blocks of 2 tokens but the pool has 2: raise --num_blocks",
+    "max_batch_size_without_file": "--max_batch_size admits the prompts of --prompts_file",
+    "max_batch_size_and_batch_size": "--max_batch_size (continuous batching) replaces --batch_size",
 }
 
 
@@ -394,3 +412,22 @@ def test_prompts_file_runs_in_batches_and_writes_jsonl_in_input_order(checkpoint
         single = json.loads(alone.read_text())
         assert row["tokens"] == single["tokens"] and row["completion"] == single["completion"], text
         assert row["finish_reason"] in ("eos", "length")
+
+
+def test_continuous_batching_on_the_command_line(checkpoints, tmp_path, capsys):
+    """--prompts_file with --max_batch_size and --paged: every completion equals the one of the static batches
+    (greedy), --out holds them in input order, and the report shows the pool and the continuous batch."""
+    texts = ["Once upon a time,", "A list:\n1.", "Hi", "The capital of France is the city of", "Hi"]
+    (tmp_path / "prompts.txt").write_text("".join(t.replace("\n", "\\n") + "\n" for t in texts), encoding="utf-8")
+    common = ["--checkpoint_path", str(checkpoints["tiny"]), "--max_new_tokens", "6", "--prompts_file",
+              str(tmp_path / "prompts.txt"), "--prefill_chunk_size", "3"]
+    generate.main([*common, "--batch_size", "2", "--out", str(tmp_path / "static.jsonl")])
+    capsys.readouterr()
+    generate.main([*common, "--max_batch_size", "2", "--paged", "--block_size", "4", "--out",
+                   str(tmp_path / "continuous.jsonl")])
+    printed = capsys.readouterr().out
+    static = [json.loads(line) for line in (tmp_path / "static.jsonl").read_text().splitlines()]
+    continuous = [json.loads(line) for line in (tmp_path / "continuous.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in continuous] == list(range(len(texts)))
+    assert [r["tokens"] for r in continuous] == [r["tokens"] for r in static]
+    assert "KV pool:" in printed and "continuous batching: up to 2 sequences at once" in printed
