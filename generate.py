@@ -244,9 +244,9 @@ def compile_decode(decode_fn=decode_one_token):
     return torch.compile(decode_fn, mode="reduce-overhead", fullgraph=True)
 
 
-def prefill_one(model: Transformer, ids: list[int], row: int, chunk_size) -> torch.Tensor:
+def prefill_one(model: Transformer, ids: list[int], row: int, chunk_size) -> tuple[torch.Tensor, int]:
     """Prefill one prompt into cache sequence `row` (reset), sharing the blocks of a prompt prefix that a paged
-    pool already holds (only the rest is computed); return the last token's logits (1, V)."""
+    pool already holds (only the rest is computed); return the last token's logits (1, V) and the tokens shared."""
     device = model.tok_embeddings.weight.device
     pool = pool_of(model)
     shared = pool.share_prefix(row, ids) if pool is not None else 0
@@ -254,11 +254,12 @@ def prefill_one(model: Transformer, ids: list[int], row: int, chunk_size) -> tor
                      rows=torch.tensor([row], device=device), last_only=True)
     if pool is not None:
         pool.publish_prefix(row, ids)
-    return logits[:, -1]
+    return logits[:, -1], shared
 
 
-def prefill_prompts(model: Transformer, prompts: list[list[int]], chunk_size, temperature, top_k) -> torch.Tensor:
-    """Prefill prompt b into cache sequence b and sample each one's first new token: (B, 1). Copies of one prompt
+def prefill_prompts(model: Transformer, prompts: list[list[int]], chunk_size, temperature, top_k):
+    """Prefill prompt b into cache sequence b and sample each one's first new token: (B, 1), and the prompt tokens
+    taken from the pool's shared blocks instead of computed. Copies of one prompt
     are fed together (in a paged pool that shares prefixes, the first is stored and the others share it);
     prompts of different lengths one at a time (each sequence starts at position 0, so no padding is stored or
     attended to)."""
@@ -267,9 +268,13 @@ def prefill_prompts(model: Transformer, prompts: list[list[int]], chunk_size, te
     sharing = pool is not None and pool.space.sharable
     if all(ids == prompts[0] for ids in prompts) and not sharing:
         logits = prefill(model, torch.tensor(prompts, device=device), 0, chunk_size, last_only=True)
-        return sample(logits[:, -1], temperature, top_k)
-    return torch.cat([sample(prefill_one(model, ids, b, chunk_size), temperature, top_k)
-                      for b, ids in enumerate(prompts)])
+        return sample(logits[:, -1], temperature, top_k), 0
+    first, shared = [], 0
+    for b, ids in enumerate(prompts):
+        logits, n_shared = prefill_one(model, ids, b, chunk_size)
+        first.append(sample(logits, temperature, top_k))
+        shared += n_shared
+    return torch.cat(first), shared
 
 
 def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, temperature=0.0, top_k=None, eos_ids=(),
@@ -287,7 +292,7 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, tempera
     pool = pool_of(model)
     model.reset_caches()
     t0 = time.perf_counter()
-    next_token = prefill_prompts(model, prompts, prefill_chunk, temperature, top_k)
+    next_token, shared = prefill_prompts(model, prompts, prefill_chunk, temperature, top_k)
     synchronize()
     t1 = time.perf_counter()
     positions = [len(ids) for ids in prompts]  # where each next token goes (a host copy, for a paged pool)
@@ -321,7 +326,8 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, tempera
         end = next((i for i, token in enumerate(row) if token in eos_ids), None)
         sequences.append(dict(tokens=row if end is None else row[:end + 1],
                               finish_reason="length" if end is None else "eos"))
-    return {"sequences": sequences, "tokens": tokens, "prompt_tokens": sum(map(len, prompts)), "prefill_s": t1 - t0,
+    return {"sequences": sequences, "tokens": tokens, "prompt_tokens": sum(map(len, prompts)), "shared_tokens": shared,
+            "prefill_s": t1 - t0,
             "decode_s": t2 - t1, "decode_steps": len(new_tokens) - 1}
 
 
@@ -875,7 +881,9 @@ def report(args, model, results, compile_s, batch_size, max_seq_length, device):
     # With several samples the first is left out: it pays the warm-up of eager PyTorch (and of compilation when
     # --compile runs a single new token); --compile's own warm-up above already kept compilation out.
     timed = results[1:] if args.num_samples > 1 else results
-    prefill_tps = sum(r["prompt_tokens"] for r in timed) / sum(r["prefill_s"] for r in timed)
+    # Prompt tokens taken from shared blocks are not computed: they do not count as prefill speed.
+    shared = sum(r["shared_tokens"] for r in results)
+    prefill_tps = sum(r["prompt_tokens"] - r["shared_tokens"] for r in timed) / sum(r["prefill_s"] for r in timed)
     decode_tokens = sum(r["decode_tokens"] if "decode_tokens" in r else r["decode_steps"] * r["tokens"].shape[0]
                         for r in timed)
     decode_s = sum(r["decode_s"] for r in timed)
@@ -885,7 +893,9 @@ def report(args, model, results, compile_s, batch_size, max_seq_length, device):
     n_eos = sum(seq["finish_reason"] == "eos" for seq in sequences)
     print(f"prompt tokens: {sum(r['prompt_tokens'] for r in results)}, new tokens: {sum(len(seq['tokens']) for seq in sequences)} in "
           f"{len(sequences)} sequence(s) ({n_eos} ended at EOS), batch {batch_size}")
-    print(f"prefill: {prefill_tps:.1f} tokens/s, decode: {decode_tokens / decode_s if decode_s else float('nan'):.2f} tokens/s")
+    shared_note = f" ({shared} prompt tokens shared from the pool, not computed)" if shared else ""
+    decode_tps = decode_tokens / decode_s if decode_s else float("nan")
+    print(f"prefill: {prefill_tps:.1f} tokens/s{shared_note}, decode: {decode_tps:.2f} tokens/s")
     if compile_s is not None:
         print(f"compile: {compile_s:.1f} s (compilation and warm-up of the decode step, before and apart from the "
               "timed decode)")

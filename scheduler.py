@@ -54,8 +54,8 @@ def generate_continuous(model: Transformer, prompts: list[list[int]], max_new_to
     """Generate up to max_new_tokens after each prompt with at most the cache's batch size running at once,
     admitting the next prompt as soon as a row (and, paged, the blocks) are free. on_sequence(index, sequence) is
     called as each one ends. Returns sequences (input order: tokens up to and including the EOS, finish_reason),
-    prompt_tokens, prefill_s, decode_s, decode_steps, decode_tokens (tokens made by decode steps) and
-    peak_running."""
+    prompt_tokens, shared_tokens (taken from the pool's shared blocks, not computed), prefill_s, decode_s,
+    decode_steps, decode_tokens (tokens made by decode steps) and peak_running."""
     check_fits(model, prompts, max_new_tokens)
     caches = model.caches()
     B = caches[0].batch_size
@@ -70,7 +70,7 @@ def generate_continuous(model: Transformer, prompts: list[list[int]], max_new_to
     tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
     positions = [0] * B
     prefill_s = decode_s = 0.0
-    steps = decode_tokens = peak_running = 0
+    steps = decode_tokens = peak_running = shared = 0
 
     def promised() -> int:  # blocks the running sequences may still take
         return sum(worst_case_blocks(model, len(prompts[r.index]), max_new_tokens) - len(pool.held[row])
@@ -101,11 +101,13 @@ def generate_continuous(model: Transformer, prompts: list[list[int]], max_new_to
         while waiting and free_rows:
             ids = prompts[waiting[0]]
             if pool is not None and (worst_case_blocks(model, len(ids), max_new_tokens) >
-                                     len(pool.free) - promised()):
+                                     pool.available - promised()):
                 break  # wait for blocks: a running sequence ends within max_new_tokens steps
             index, row = waiting.popleft(), free_rows.pop(0)
             model.reset_caches(torch.tensor([row], device=device))  # empty, active again
-            first = sample(prefill_one(model, ids, row, prefill_chunk), temperature, top_k)
+            logits, n_shared = prefill_one(model, ids, row, prefill_chunk)
+            first = sample(logits, temperature, top_k)
+            shared += n_shared
             running[row] = Running(index, len(ids))
             if record(row, int(first)):
                 tokens[row] = first[0]
@@ -129,5 +131,6 @@ def generate_continuous(model: Transformer, prompts: list[list[int]], max_new_to
             record(row, new[row])
         tokens = next_token
         decode_s += time.perf_counter() - t1
-    return dict(sequences=sequences, prompt_tokens=sum(map(len, prompts)), prefill_s=prefill_s, decode_s=decode_s,
+    return dict(sequences=sequences, prompt_tokens=sum(map(len, prompts)), shared_tokens=shared, prefill_s=prefill_s,
+                decode_s=decode_s,
                 decode_steps=steps, decode_tokens=decode_tokens, peak_running=peak_running)

@@ -24,8 +24,12 @@ Prefix sharing (stores where slot = position, i.e. full): a full block of prompt
 up to its end, so sequences whose prompts start with the same blocks map them to the same physical block,
 reference-counted. A shared block is always full and never written again (a sequence writes only past what it
 shares, and the last prompt token is always recomputed), so no block ever needs copying: copy-on-write reduces to
-"the first block that differs, or is not full, is the sequence's own".
+"the first block that differs, or is not full, is the sequence's own". When its last holder ends, a prompt block
+stays in the index as a cached block (vLLM's automatic prefix caching): the next sequence with that prefix — the
+next --num_samples run of one prompt, a retried request — takes it back without recomputing it, and a cached block
+is handed out again (its index entry dropped), least recently released first, only when no free block is left.
 """
+from collections import OrderedDict
 import hashlib
 from dataclasses import dataclass
 from typing import Callable
@@ -76,6 +80,7 @@ class BlockPool:
         self.held = [[] for _ in range(batch_size)]  # per row: its blocks in logical order
         self.prefix_index: dict[bytes, int] = {}  # prefix key -> block holding the prefix's last block of tokens
         self.key_of: dict[int, bytes] = {}
+        self.cached: OrderedDict[int, None] = OrderedDict()  # held by nobody, still indexed: oldest first
         self.peak_used = 0
 
     @property
@@ -83,8 +88,21 @@ class BlockPool:
         return self.num_blocks - 1
 
     @property
+    def available(self) -> int:
+        """Blocks a reservation can take: free ones, then cached prompt blocks."""
+        return len(self.free) + len(self.cached)
+
+    @property
     def used(self) -> int:
-        return self.usable - len(self.free)
+        """Blocks held by sequences."""
+        return self.usable - self.available
+
+    def _take(self) -> int:
+        if self.free:
+            return self.free.pop()
+        block, _ = self.cached.popitem(last=False)  # the least recently released prompt block
+        del self.prefix_index[self.key_of.pop(block)]
+        return block
 
     def reserve(self, row: int, length: int):
         """Make sure sequence `row` holds the blocks of its first `length` tokens (taken on demand)."""
@@ -92,11 +110,11 @@ class BlockPool:
         need = self.space.blocks_for(length) - len(held)
         if need <= 0:
             return
-        if need > len(self.free):
-            raise PoolExhausted(f"the KV pool has {len(self.free)} free block(s) but sequence {row} needs {need} "
+        if need > self.available:
+            raise PoolExhausted(f"the KV pool has {self.available} free block(s) but sequence {row} needs {need} "
                                 f"more for {length} tokens: raise --num_blocks / --kv_memory_gb or lower "
                                 "--max_batch_size")
-        new = [self.free.pop() for _ in range(need)]
+        new = [self._take() for _ in range(need)]
         for block in new:
             self.refs[block] = 1
         self.table[row, len(held):len(held) + need] = torch.tensor(new, dtype=torch.int32)
@@ -104,7 +122,8 @@ class BlockPool:
         self.peak_used = max(self.peak_used, self.used)
 
     def release(self, rows=None):
-        """Return the blocks of sequences `rows` (all when None); shared blocks stay while another holds them."""
+        """Return the blocks of sequences `rows` (all when None); shared blocks stay while another holds them, and
+        indexed prompt blocks stay cached for a later sequence with the same prefix."""
         rows = range(len(self.held)) if rows is None else [int(r) for r in rows]
         for row in rows:
             if not self.held[row]:
@@ -112,10 +131,10 @@ class BlockPool:
             for block in self.held[row]:
                 self.refs[block] -= 1
                 if self.refs[block] == 0:
-                    self.free.append(block)
-                    key = self.key_of.pop(block, None)
-                    if key is not None:
-                        del self.prefix_index[key]
+                    if block in self.key_of:
+                        self.cached[block] = None
+                    else:
+                        self.free.append(block)
             self.held[row] = []
             self.table[row] = NULL_BLOCK
 
@@ -140,6 +159,7 @@ class BlockPool:
                 break
             shared.append(block)
         for block in shared:
+            self.cached.pop(block, None)  # a cached block comes back into use
             self.refs[block] += 1
         if shared:
             self.table[row, :len(shared)] = torch.tensor(shared, dtype=torch.int32)
@@ -164,10 +184,16 @@ class BlockPool:
                 holders[block] += 1
                 assert int(self.table[row, i]) == block, f"row {row} logical block {i}: table disagrees"
             assert all(int(b) == NULL_BLOCK for b in self.table[row, len(blocks):]), f"row {row}: stale entries"
-        assert NULL_BLOCK not in self.free and holders[NULL_BLOCK] == 0, "the null block was handed out"
-        assert len(set(self.free)) == len(self.free), "a block is free twice"
+        assert NULL_BLOCK not in self.free and NULL_BLOCK not in self.cached and holders[NULL_BLOCK] == 0, \
+            "the null block was handed out"
+        free = set(self.free)
+        assert len(free) == len(self.free), "a block is free twice"
+        assert not free & set(self.cached), "a block is both free and cached"
         for block in range(1, self.num_blocks):
             assert holders[block] == self.refs[block], f"block {block}: {holders[block]} holders, {self.refs[block]} refs"
-            assert (block in self.free) == (holders[block] == 0), f"block {block}: free and held, or leaked"
-        assert all(self.refs[b] > 0 for b in self.key_of), "the prefix index names a free block"
+            idle = block in free or block in self.cached
+            assert idle == (holders[block] == 0), f"block {block}: idle and held, or leaked"
+        assert all(block in self.key_of for block in self.cached), "a cached block is not indexed"
+        assert {b: k for k, b in self.prefix_index.items()} == self.key_of, "the prefix index and its inverse differ"
+        assert all(block not in free for block in self.key_of), "the prefix index names a free block"
 

@@ -174,6 +174,28 @@ def test_prefix_sharing_equals_unshared(model):
     assert all(pool.refs[b] == 3 for b in pool.held[1][:2])  # rows 1, 2 and 3 still hold them
 
 
+def test_prefix_cache_serves_the_next_run(model, monkeypatch):
+    """A prompt's full blocks stay cached when its sequence ends: the next run of the same prompt (as the next
+    --num_samples sample) computes only its last block, gets the same tokens, and a cached block is handed out
+    again only when no free block is left."""
+    ids = prompts([22], seed=7)[0]
+    pool = generate.setup_cache(model, "full", {}, 1, MAX_SEQ_LENGTH, block_size=4, num_blocks=11)
+    fed = []
+    real_prefill = generate.prefill
+    monkeypatch.setattr(generate, "prefill", lambda m, tokens, *a, **k: fed.append(tokens.shape[1]) or
+                        real_prefill(m, tokens, *a, **k))
+    first = generate.generate_batch(model, [ids], NEW_TOKENS)
+    second = generate.generate_batch(model, [ids], NEW_TOKENS)
+    assert fed == [22, 22 - 20]  # 5 full blocks of the 22-token prompt come from the cache
+    assert torch.equal(first["tokens"], second["tokens"])
+    pool.check()
+    pool.release()
+    assert len(pool.cached) == 5 and pool.used == 0
+    generate.generate_batch(model, [prompts([40], seed=8)[0]], 1)  # 10 blocks: the 5 free, then 5 cached ones
+    pool.check()
+    assert not pool.cached and not pool.prefix_index.keys() - set(pool._prefix_keys(prompts([40], seed=8)[0], 10))
+
+
 def test_chunked_prefill_equals_unchunked_full(model):
     """The full cache: a prompt fed in chunks of any size gives the logits of one pass, float64."""
     ids = torch.tensor(prompts([45], seed=4))
@@ -228,12 +250,12 @@ def test_block_accounting_under_random_interleavings(ops):
     lengths = [0] * 4
     for op, row, arg in ops:
         if op == "reserve":
-            before = (list(pool.free), [list(h) for h in pool.held])
+            before = (list(pool.free), list(pool.cached), [list(h) for h in pool.held])
             try:
                 pool.reserve(row, max(arg, lengths[row]))
                 lengths[row] = max(arg, lengths[row])
             except PoolExhausted:
-                assert (pool.free, pool.held) == before
+                assert (pool.free, list(pool.cached), pool.held) == before
         elif op == "release":
             pool.release([row])
             lengths[row] = 0
@@ -252,7 +274,8 @@ def test_block_accounting_under_random_interleavings(ops):
         assert pool.used == len({b for h in pool.held for b in h})
     pool.release()
     pool.check()
-    assert pool.used == 0 and not pool.prefix_index
+    assert pool.used == 0 and pool.available == pool.usable
+    assert set(pool.cached) == set(pool.prefix_index.values())  # what stays indexed is exactly the cached blocks
 
 
 # ---------------------------------------------------------------- the fused kernels through the block table
