@@ -135,7 +135,7 @@ def _softmax_step(q, k, v, k_col_scale, v_row_scale, keep, m_i, l_i, acc, qk_sca
 
 
 @triton.jit
-def _decode_split(
+def _decode_split_kernel(
     q_ptr, hi_k_ptr, hi_v_ptr, hi_pos_ptr, hi_last_ptr, n_mid_ptr,
     kq_ptr, ks_ptr, kz_ptr, vq_ptr, vs_ptr, vz_ptr,
     o_part_ptr, lse_part_ptr,
@@ -158,9 +158,9 @@ def _decode_split(
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     PAGED_HI: tl.constexpr, HI_BLOCK: tl.constexpr, PAGED_MID: tl.constexpr, MID_BLOCK: tl.constexpr,
 ):
-    """One split of one (sequence, KV head): the body of both kernels below. PAGED_HI / PAGED_MID: the store is a
-    pool read through the block table (its batch strides are 0); every index and mask here is logical and only the
-    addresses go through the table."""
+    """One split of one (sequence, KV head). PAGED_HI / PAGED_MID: that store is a pool read through its block
+    table (its batch strides are 0); every index and mask here is logical and only the addresses go through the
+    table. Unpaged, the table arguments are never read and the code is what it was before paging (constexpr)."""
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)  # batch offsets can pass 2**31 elements in a large cache
@@ -266,78 +266,6 @@ def _decode_split(
     rows = (b * H + h) * GROUP + offs_g
     tl.store(o_part_ptr + (rows * SPLITS + split)[:, None] * D + offs_d[None, :], out, mask=mask_gd)
     tl.store(lse_part_ptr + rows * SPLITS + split, lse, mask=offs_g < GROUP)
-
-
-@triton.jit
-def _decode_split_kernel(
-    q_ptr, hi_k_ptr, hi_v_ptr, hi_pos_ptr, hi_last_ptr, n_mid_ptr,
-    kq_ptr, ks_ptr, kz_ptr, vq_ptr, vs_ptr, vz_ptr,
-    o_part_ptr, lse_part_ptr,
-    qk_scale, sink_size, n_hi,
-    stride_qb, stride_qh,
-    stride_hkb, stride_hkh, stride_hkn,
-    stride_hvb, stride_hvh, stride_hvn,
-    stride_last, stride_nmid, stride_posb,
-    stride_kqb, stride_kqh, stride_kqn,
-    stride_ksb, stride_ksh, stride_ksn,
-    stride_vqb, stride_vqh, stride_vqn,
-    stride_vsb, stride_vsh, stride_vsn,
-    H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-    HAS_HI_POS: tl.constexpr, HAS_HI_LAST: tl.constexpr, HAS_MID: tl.constexpr,
-    SPLITS_MID: tl.constexpr, SPLITS_HI: tl.constexpr,
-    K_PER_BYTE: tl.constexpr, K_F: tl.constexpr, K_G: tl.constexpr, K_ZERO: tl.constexpr, K_TILES: tl.constexpr,
-    V_PER_BYTE: tl.constexpr, V_F: tl.constexpr, V_G: tl.constexpr, V_ZERO: tl.constexpr, V_TILES: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """Unpaged stores (batch in dim 0). A kernel of its own, not a PAGED=False call of the paged one, so that its
-    signature (tests/compile_sm90.py compiles it by name) and its machine code stay what they were."""
-    _decode_split(
-        q_ptr, hi_k_ptr, hi_v_ptr, hi_pos_ptr, hi_last_ptr, n_mid_ptr, kq_ptr, ks_ptr, kz_ptr, vq_ptr, vs_ptr, vz_ptr,
-        o_part_ptr, lse_part_ptr, hi_k_ptr, hi_k_ptr,  # no block tables: never read
-        qk_scale, sink_size, n_hi, stride_qb, stride_qh, stride_hkb, stride_hkh, stride_hkn,
-        stride_hvb, stride_hvh, stride_hvn, stride_last, stride_nmid, stride_posb, stride_kqb, stride_kqh, stride_kqn,
-        stride_ksb, stride_ksh, stride_ksn, stride_vqb, stride_vqh, stride_vqn, stride_vsb, stride_vsh, stride_vsn,
-        0, 0, 0, 0,
-        H, GROUP, D, HAS_HI_POS, HAS_HI_LAST, HAS_MID, SPLITS_MID, SPLITS_HI,
-        K_PER_BYTE, K_F, K_G, K_ZERO, K_TILES, V_PER_BYTE, V_F, V_G, V_ZERO, V_TILES,
-        BLOCK_G, BLOCK_N, BLOCK_D, DOT_PRECISION, False, 1, False, 1)
-
-
-@triton.jit
-def _decode_split_paged_kernel(
-    q_ptr, hi_k_ptr, hi_v_ptr, hi_pos_ptr, hi_last_ptr, n_mid_ptr,
-    kq_ptr, ks_ptr, kz_ptr, vq_ptr, vs_ptr, vz_ptr,
-    o_part_ptr, lse_part_ptr,
-    hi_table_ptr, mid_table_ptr,
-    qk_scale, sink_size, n_hi,
-    stride_qb, stride_qh,
-    stride_hkb, stride_hkh, stride_hkn,
-    stride_hvb, stride_hvh, stride_hvn,
-    stride_last, stride_nmid, stride_posb,
-    stride_kqb, stride_kqh, stride_kqn,
-    stride_ksb, stride_ksh, stride_ksn,
-    stride_vqb, stride_vqh, stride_vqn,
-    stride_vsb, stride_vsh, stride_vsn,
-    stride_htb, stride_htn, stride_mtb, stride_mtn,
-    H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-    HAS_HI_POS: tl.constexpr, HAS_HI_LAST: tl.constexpr, HAS_MID: tl.constexpr,
-    SPLITS_MID: tl.constexpr, SPLITS_HI: tl.constexpr,
-    K_PER_BYTE: tl.constexpr, K_F: tl.constexpr, K_G: tl.constexpr, K_ZERO: tl.constexpr, K_TILES: tl.constexpr,
-    V_PER_BYTE: tl.constexpr, V_F: tl.constexpr, V_G: tl.constexpr, V_ZERO: tl.constexpr, V_TILES: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PAGED_HI: tl.constexpr, HI_BLOCK: tl.constexpr, PAGED_MID: tl.constexpr, MID_BLOCK: tl.constexpr,
-):
-    """The hi and/or the mid store paged (PAGED_HI / PAGED_MID): read through the block tables."""
-    _decode_split(
-        q_ptr, hi_k_ptr, hi_v_ptr, hi_pos_ptr, hi_last_ptr, n_mid_ptr, kq_ptr, ks_ptr, kz_ptr, vq_ptr, vs_ptr, vz_ptr,
-        o_part_ptr, lse_part_ptr, hi_table_ptr, mid_table_ptr,
-        qk_scale, sink_size, n_hi, stride_qb, stride_qh, stride_hkb, stride_hkh, stride_hkn,
-        stride_hvb, stride_hvh, stride_hvn, stride_last, stride_nmid, stride_posb, stride_kqb, stride_kqh, stride_kqn,
-        stride_ksb, stride_ksh, stride_ksn, stride_vqb, stride_vqh, stride_vqn, stride_vsb, stride_vsh, stride_vsn,
-        stride_htb, stride_htn, stride_mtb, stride_mtn,
-        H, GROUP, D, HAS_HI_POS, HAS_HI_LAST, HAS_MID, SPLITS_MID, SPLITS_HI,
-        K_PER_BYTE, K_F, K_G, K_ZERO, K_TILES, V_PER_BYTE, V_F, V_G, V_ZERO, V_TILES,
-        BLOCK_G, BLOCK_N, BLOCK_D, DOT_PRECISION, PAGED_HI, HI_BLOCK, PAGED_MID, MID_BLOCK)
 
 
 @triton.jit
@@ -556,17 +484,14 @@ def _decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[T
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=2,
     )
-    if paged_hi or paged_mid:
-        ht = hi_table if paged_hi else q  # never read when that store is not paged
-        mt = mid_table if paged_mid else q
-        args[14:14] = [ht, mt]  # after o_part, lse_part
-        args += [ht.stride(0) if paged_hi else 0, ht.stride(1) if paged_hi else 0,
-                 mt.stride(0) if paged_mid else 0, mt.stride(1) if paged_mid else 0]
-        _decode_split_paged_kernel[(B * H, n_splits)](
-            *args, **constexprs, PAGED_HI=paged_hi, HI_BLOCK=hi_block if paged_hi else 1, PAGED_MID=paged_mid,
-            MID_BLOCK=mid_block if paged_mid else 1)
-    else:
-        _decode_split_kernel[(B * H, n_splits)](*args, **constexprs)
+    ht = hi_table if paged_hi else q  # never read when that store is not paged
+    mt = mid_table if paged_mid else q
+    args[14:14] = [ht, mt]  # after o_part, lse_part
+    args += [ht.stride(0) if paged_hi else 0, ht.stride(1) if paged_hi else 0,
+             mt.stride(0) if paged_mid else 0, mt.stride(1) if paged_mid else 0]
+    _decode_split_kernel[(B * H, n_splits)](
+        *args, **constexprs, PAGED_HI=paged_hi, HI_BLOCK=hi_block if paged_hi else 1, PAGED_MID=paged_mid,
+        MID_BLOCK=mid_block if paged_mid else 1)
     _decode_merge_kernel[(B * HQ,)](
         o_part, lse_part, out, out.stride(0), out.stride(1),
         HQ=HQ, D=D, SPLITS=n_splits, BLOCK_S=triton.next_power_of_2(n_splits),
