@@ -225,7 +225,7 @@ def prefill(model: Transformer, tokens: torch.Tensor, start_pos: int = 0, chunk_
                 pool.reserve(row, end)
         input_pos = torch.arange(start_pos + begin, end, device=tokens.device)
         out = model(chunk, input_pos, rows)
-        logits.append(out[:, -1:] if last_only else out)
+        logits.append(out[:, -1:].clone() if last_only else out)  # a copy: a view would keep the chunk's logits
     return logits[-1] if last_only else torch.cat(logits, dim=1)
 
 

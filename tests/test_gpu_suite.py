@@ -50,12 +50,13 @@ def test_tiny_suite_rows_are_consistent(suite_run):
     full_torch = next(r for r in rows if r["section"] == "long" and r["name"] == "full@torch")
     assert full_torch["attn_impl"] == "torch"
     long = {r["name"]: r for r in rows if r["section"] == "long"}
-    # paged rows: the pool holds every sequence's max_seq_length in blocks (a little more than contiguous: the
-    # null block and the rounding to whole blocks), and they are compared with the contiguous full row
+    # paged rows: the pool holds every sequence's max_seq_length in blocks (full: a little more than contiguous,
+    # the null block and the rounding to whole blocks; quantized pages need no per-sequence scratch group), and
+    # they are compared with the contiguous full row
+    assert long["full+paged"]["kv_bytes"] >= long["full"]["kv_bytes"]
     for name in ("full", "quantize_kv-int4", "quantize_kv-int2"):
         paged = long[name + "+paged"]
-        assert paged["kv_bytes"] >= long[name]["kv_bytes"] and "tokens_per_s" in paged
-    assert long["full+paged"]["vs_full"] > 0
+        assert 0 < paged["kv_bytes"] <= 1.1 * long[name]["kv_bytes"] and paged["vs_full"] > 0
     budget = {r["name"]: r for r in rows if r["section"] == "budget"}
     # the budget rows' batches come from the caches' byte counts: smaller KV per token, more sequences
     assert budget["full"]["batch"] < budget["quantize_kv-int4"]["batch"] < budget["quantize_kv-int2"]["batch"]
