@@ -31,6 +31,7 @@ REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR))
 import kv_cache  # noqa: E402
 from kernels.formats import FORMATS  # noqa: E402
+from atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from generate import (available_memory_bytes as available_bytes, cache_bytes, compile_decode,  # noqa: E402
                       decode_one_token, peak_memory_bytes, pool_of, setup_cache)
 from model import ModelArgs, Transformer  # noqa: E402
@@ -379,8 +380,8 @@ def fmt(value, spec):
 
 
 def write_report(path: Path, header: dict, rows: list[dict], kernel_rows: list[dict]):
-    path.with_suffix(".json").write_text(json.dumps(dict(header, rows=rows, attention_kernel_rows=kernel_rows),
-                                                    indent=1, default=str))
+    atomic_write_json(path.with_suffix(".json"), dict(header, rows=rows, attention_kernel_rows=kernel_rows),
+                      indent=1, default=str)
     lines = [f"# Decode benchmark {header['date']}", "",
              f"- device: {header['device']}",
              f"- copy bandwidth: {header['bandwidth'] / 1e9:.0f} GB/s (device-to-device copy, read + write)",
@@ -414,7 +415,7 @@ def write_report(path: Path, header: dict, rows: list[dict], kernel_rows: list[d
                          f"| {fmt(r.get('copy_pct'), '.1f')} | {r['note']} |")
         lines.append("")
     lines += [LEGEND, ""]
-    path.with_suffix(".md").write_text("\n".join(lines))
+    atomic_write_text(path.with_suffix(".md"), "\n".join(lines))
 
 
 # ---------------------------------------------------------------- command line

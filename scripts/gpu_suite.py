@@ -21,6 +21,8 @@ Sections, in the order they run (value first):
   kernel    the fused attention kernel alone at 32k: bytes moved / time against the copy bandwidth
   budget    the largest batch at 32k that fits --budget_gb (weights included) and its aggregate tokens/s
   peer      HF transformers eager (DynamicCache, SDPA) on the same shapes, and ours at the same settings
+  serve     scripts/bench_serve.py: a mixed workload at one KV budget, contiguous vs paged full / int8 / int4 pages,
+            static vs continuous batching, and peak prefill memory against chunk size (files in OUT_DIR/serve/)
   compiled  full cache, batch 1, context 256 through torch.compile (compile time reported apart)
   curve     more contexts at batch 1 and 8, for the roofline plot
 
@@ -98,7 +100,7 @@ def modes(quick: bool, tiny: bool, budget_gb: float) -> Mode:
                  ("tiny-d128-gqa4", dataclasses.replace(tiny_args, n_head=4, n_kv_head=1, head_dim=128))]
         return Mode(shape="tiny", short=80, long=150, long_batch=2, peer_context=100, curve=[(100, 1)],
                     budget_gb=0.02, model_check=check, model_context=90, steps=2, repeats=1, warmup=1,
-                    budget_s=110, graph=False)
+                    budget_s=240, graph=False)  # a cap: alone on 2 cores it takes ~60 s
     check = [("smollm2-135m", SHAPES["smollm2-135m"]),
              ("llama3-8b-2layers", dataclasses.replace(SHAPES["llama3-8b"], n_layer=2))]
     curve = [(4096, 1), (32768, 1), (256, 8), (4096, 8)]
@@ -169,7 +171,7 @@ def targets(rows: list[dict]) -> list[dict]:
     add("budget", "int4 / full", full_budget and int4_budget and int4_budget["tokens_per_s"] / full_budget["tokens_per_s"],
         TARGETS["budget"][1])
     for r in rows:
-        if r["section"] == "peer" and r["name"] == "full":
+        if r["section"] == "peer" and r["name"] == "full" and "batch" in r:  # a skipped row has no shape
             add("peer", f"full b{r['batch']} ctx {r['context']}", r.get("vs_peer"), TARGETS["peer"][1])
     return out
 
@@ -214,6 +216,16 @@ def markdown(header: dict, rows: list[dict]) -> str:
                   f"| {fmt(r.get('seconds') and r['seconds'] * 1e6, '.1f')} | {fmt(r.get('bytes') and r['bytes'] / 1e6, '.1f')} "
                   f"| {fmt(r.get('bytes_per_s') and r['bytes_per_s'] / 1e9, '.0f')} | {fmt(r.get('copy_pct'), '.1f')} "
                   f"| {r['note']} |" for r in kernel_rows]
+        lines.append("")
+    serve = [r for r in rows if r["section"] == "serve"]
+    if serve:
+        lines += ["## serving at one KV budget (scripts/bench_serve.py; its own tables in serve/)", "",
+                  "| row | rows | peak sequences | peak blocks | KV GiB | tokens/s | vs first | prefill s | peak GiB "
+                  "| note |", "|" + "---|" * 10]
+        lines += [f"| {r['name']} | {r.get('rows', '')} | {r.get('peak_running', '')} | {fmt(r.get('peak_blocks'), 'd')} "
+                  f"| {fmt(r.get('kv_bytes') and r['kv_bytes'] / GiB, '.3f')} | {fmt(r.get('total_tps'), '.1f')} "
+                  f"| {fmt(r.get('vs_first'), '.2f')} | {fmt(r.get('seconds'), '.3f')} "
+                  f"| {fmt(r.get('peak_bytes') and r['peak_bytes'] / GiB, '.3f')} | {r['note']} |" for r in serve]
         lines.append("")
     lines += ["## targets", "", "| target | case | value | result |", "|---|---|---|---|"]
     lines += [f"| {t['target']} | {t['case']} | {fmt(t['value'], '.3g')} | {t['result']} |" for t in targets(rows)]
@@ -408,6 +420,32 @@ def hf_peer_row(args, context, batch, mode: Mode, device) -> dict:
     return row
 
 
+SERVE_ARGS = {  # a mixed workload at one KV budget (scripts/bench_serve.py): its defaults size the budget
+    False: ["--device", "cuda", "--shape", "llama3-8b", "--num_prompts", "24", "--prompt_lengths", "128-2048",
+            "--new_tokens", "64", "--prefill_prompt", "8192", "--prefill_chunks", "512,2048,all"],
+    True: ["--device", "cpu", "--shape", "tiny", "--num_prompts", "6", "--prompt_lengths", "8-40", "--new_tokens", "6",
+           "--prefill_prompt", "64", "--prefill_chunks", "16,all"],
+}
+
+
+def serve_rows(report: Report, out: Path, tiny: bool) -> dict:
+    """scripts/bench_serve.py's rows (contiguous static / continuous, paged full / int8 / int4 pages at one KV
+    budget; peak prefill memory against chunk size) into OUT/serve/, and a summary row per layout in the suite."""
+    import bench_serve
+    argv = SERVE_ARGS[tiny] + ["--out", str(out / "serve")]
+    bench_serve.run(bench_serve.build_parser().parse_args(argv), argv)
+    result = json.loads(max((out / "serve").glob("bench_serve_*.json")).read_text())
+    for r in result["rows"]:
+        report.add(dict(section="serve", name=r["label"], note=r.get("note", ""), rows=r.get("rows"),
+                        peak_running=r.get("peak_running"), peak_blocks=r.get("peak_blocks"),
+                        kv_bytes=r.get("kv_bytes"), total_tps=r.get("total_tps"),
+                        vs_first=r.get("vs_first", {}).get("total_tps")))
+    for p in result["prefill_rows"]:
+        report.add(dict(section="serve", name=f"prefill chunk {p['chunk_label']}", note="",
+                        peak_bytes=p.get("peak_bytes"), seconds=p["seconds"]))
+    return dict(section="serve", name="bench_serve", note=f"files in {out / 'serve'}", result="done")
+
+
 # ---------------------------------------------------------------- the run
 
 
@@ -516,6 +554,7 @@ def run(out: Path, quick: bool, tiny: bool, budget_gb: float, budget_s, seed: in
             if hf and ours and "tokens_per_s" in hf and "tokens_per_s" in ours:
                 ours["vs_peer"] = ours["tokens_per_s"] / hf["tokens_per_s"]
                 report.write()
+        guarded(report, "serve", "bench_serve", deadline, lambda: serve_rows(report, out, tiny))
         speed("compiled", "full", mode.short, 1, compiled=True)
         for context, batch in mode.curve:
             for name in STRATEGIES:

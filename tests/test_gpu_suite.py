@@ -10,7 +10,8 @@ import pytest
 import torch
 
 REPO_DIR = Path(__file__).resolve().parent.parent
-SECTIONS = ["kernels", "model", "headline", "short", "long", "kernel", "budget", "peer", "compiled", "curve"]
+SECTIONS = ["kernels", "model", "headline", "short", "long", "kernel", "budget", "peer", "serve", "compiled",
+            "curve"]
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +82,15 @@ def test_without_a_gpu_it_says_to_rehearse(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0 and "--tiny" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_spent_time_budget_skips_rows_and_still_finishes(tmp_path):
+    """On the GPU the budget runs out part way: every later row is recorded as skipped, the targets and the tables
+    are still written, and the run ends normally (it crashed once on a skipped row without a shape)."""
+    proc = subprocess.run([sys.executable, "scripts/gpu_suite.py", str(tmp_path), "--tiny", "--budget_s", "0.01"],
+                          cwd=REPO_DIR, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert report["finished"] and report["rows"] and all(r["result"] == "skipped" for r in report["rows"])
+    assert "## targets" in (tmp_path / "gpu_suite.md").read_text()
