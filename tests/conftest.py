@@ -34,3 +34,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def reset_dynamo():
+    """torch._dynamo.reset(), once more if it fails: on a loaded machine a backend can register while the reset
+    iterates over dynamo's registry (torch 2.13: "dictionary changed size during iteration", seen once in
+    tests/test_compile.py after other compiling tests)."""
+    import torch._dynamo
+    try:
+        torch._dynamo.reset()
+    except RuntimeError:
+        torch._dynamo.reset()

@@ -7,6 +7,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
+from conftest import reset_dynamo
 import generate
 from model import ModelArgs, Transformer
 
@@ -94,7 +95,7 @@ def test_batched_decode_is_one_graph_as_sequences_finish(model):
     eager = run(model, "quantize_kv-int4", batch)
     eos = eager[0]["tokens"][2]
     eager = run(model, "quantize_kv-int4", batch, eos_ids={eos})
-    torch._dynamo.reset()
+    reset_dynamo()
     counters.clear()
     compiled_fn = torch.compile(generate.decode_one_token, backend="aot_eager", fullgraph=True)
     with torch._dynamo.config.patch(error_on_recompile=True):

@@ -10,6 +10,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
+from conftest import reset_dynamo
 import generate
 from model import ModelArgs, Transformer
 
@@ -94,7 +95,7 @@ def test_decode_step_is_static(model, name):
 
 
 def compiled_run(model, name, decode_fn):
-    torch._dynamo.reset()
+    reset_dynamo()
     counters.clear()
     # Any second compilation (a guard failing as positions advance) raises instead of silently recompiling.
     with torch._dynamo.config.patch(error_on_recompile=True):

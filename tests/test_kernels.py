@@ -10,6 +10,7 @@ import pytest
 import torch
 import triton
 
+from conftest import reset_dynamo
 from kernels.decode_attention import decode_attention, decode_attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -390,7 +391,7 @@ def test_triton_decode_step_is_one_graph():
     setup()
     eager = [model(*step) for step in steps]
     setup()
-    torch._dynamo.reset()
+    reset_dynamo()
     compiled_step = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
     compiled = [compiled_step(*step) for step in steps]
     assert rel_err(torch.cat(compiled), torch.cat(eager)) < 1e-6

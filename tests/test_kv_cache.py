@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import reset_dynamo
 import kv_cache
 from checkpoint import load_checkpoint
 from kernels.quantize import dequantize_block, quantize_keys, quantize_values
@@ -368,7 +369,7 @@ def test_decode_step_is_one_static_graph(strategy, options):
     eager = run(model, strategy, options, tokens, [4] + [1] * 20, 32)
     setup(model, strategy, options, 1, 32)
     model(tokens[:, :4], torch.arange(4))
-    torch._dynamo.reset()
+    reset_dynamo()
     step = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
     compiled = [step(tokens[:, t:t + 1], torch.tensor([t])) for t in range(4, 24)]
     torch.testing.assert_close(torch.cat(compiled, dim=1), eager[:, 4:], rtol=0, atol=1e-6)

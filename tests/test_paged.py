@@ -9,6 +9,7 @@ import torch._dynamo
 from hypothesis import given, settings, strategies as st
 from torch._dynamo.utils import counters
 
+from conftest import reset_dynamo
 import generate
 import scheduler
 from kv_cache.paging import BlockPool, PageSpace, PoolExhausted
@@ -218,7 +219,7 @@ def test_paged_decode_compiles_once(model, name):
     strategy, opts = CASES[name]
     generate.setup_cache(model, strategy, opts, 2, MAX_SEQ_LENGTH, quiet=True, block_size=4)
     want = scheduler.generate_continuous(model, texts, NEW_TOKENS, eos_ids=EOS, prefill_chunk=CHUNK)
-    torch._dynamo.reset()
+    reset_dynamo()
     counters.clear()
     compiled = torch.compile(generate.decode_one_token, backend="aot_eager", fullgraph=True)
     with torch._dynamo.config.patch(error_on_recompile=True):

@@ -14,6 +14,7 @@ import zlib
 import pytest
 import torch
 
+from conftest import reset_dynamo
 from kernels.decode_attention import decode_attention, decode_attention_ref, unpage
 from kernels.quantize import quantize_keys, quantize_values
 from test_kernels import DEVICE, TOL, poison_empty, rel_err, ring_state  # noqa: F401  (poison_empty: autouse)
@@ -220,6 +221,6 @@ def test_paged_op_under_torch_compile():
             pages["hi_table"], 16, pages["mid_table"], 16)
     torch.library.opcheck(torch.ops.kvcache.decode_attention.default, args,
                           test_utils=("test_schema", "test_faketensor"))
-    torch._dynamo.reset()
+    reset_dynamo()
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=False)
     assert torch.equal(compiled(q, *tensors), eager)
