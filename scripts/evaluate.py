@@ -16,11 +16,16 @@ Strategies and their options are generate.py's subcommands. One JSON object per 
   * retrieval: a pass key (and with --retrieval_tasks passkey,qa a SQuAD question whose paragraph sits among
     distractors) at each --retrieval_lengths x --retrieval_depths; accuracy per length and depth. A length is exact:
     the prompt and the greedy answer together fill exactly that many tokens.
+  * RULER (--ruler TASKS or all, off by default): the tasks of NVIDIA's RULER benchmark from its own generators and
+    scoring (scripts/ruler.py), --ruler_samples prompts per task at each --ruler_lengths (prompt and answer fit the
+    length), generated once per tokenizer and cached in outputs/ruler/; greedy answers of the task's own length,
+    scored 0-100 by RULER's string match: `ruler` {task: {length: score}} and their mean `ruler_mean`.
   * tokens/s: greedy decode speed during the ROUGE-L continuations; KV bytes: what the cache allocates for
     --max_tokens tokens, against the full cache's.
 
-ROUGE-L and retrieval prompts go through the cache --prefill_chunk tokens at a time, so a question at the end of a
-long prompt sees only what the cache kept of the context (a one-chunk prompt would see all of it in 16 bits).
+ROUGE-L, retrieval and RULER prompts go through the cache --prefill_chunk tokens at a time, so a question at the
+end of a long prompt sees only what the cache kept of the context (a one-chunk prompt would see all of it in 16
+bits).
 Every setting is checked before the model runs (a bad one is one line naming the fix), and --json is written
 atomically once the evaluation is complete. Progress goes to stderr: a bar on a terminal, whole lines in a log.
 The defaults take a minute or two per strategy on a 2-core CPU with SmolLM2-135M; scripts/slurm/env.sh has GPU ones.
@@ -47,7 +52,7 @@ from checkpoint import default_checkpoint_path  # noqa: E402
 from generate import (DTYPES, OUTPUTS, build_parser, cache_bytes, check_profile_name, full_kv_bytes,  # noqa: E402
                       generate_batch, load_model, maybe_profile, prefill, resolve_device_dtype, setup_cache,
                       strategy_options)
-from scripts import corpus  # noqa: E402
+from scripts import corpus, ruler  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 POSITION_BIN = 64  # tokens per point of the perplexity-by-position curve
@@ -101,7 +106,14 @@ def add_arguments(parser, suppress=False):
     parser.add_argument("--retrieval_depths", type=float_list, default=default([0.1, 0.5, 0.9]),
                         help="comma-separated depths of the answer in the context, 0 = start, 1 = end")
     parser.add_argument("--retrieval_samples", type=int, default=default(1), help="prompts per task, length and depth")
-    parser.add_argument("--seed", type=int, default=default(1234), help="picks the retrieval prompts")
+    parser.add_argument("--ruler", type=lambda s: [t for t in s.split(",") if t], default=default([]),
+                        help="RULER tasks, comma-separated, or all (niah_single_1..3, niah_multikey_1..3, "
+                             "niah_multivalue, niah_multiquery, vt, cwe, fwe, qa_1, qa_2; default: no RULER)")
+    parser.add_argument("--ruler_lengths", type=int_list, default=default([1024]),
+                        help="comma-separated RULER context lengths in tokens, prompt and answer (default 1024)")
+    parser.add_argument("--ruler_samples", type=int, default=default(5), help="RULER prompts per task and length")
+    parser.add_argument("--seed", type=int, default=default(1234),
+                        help="picks the retrieval prompts and seeds RULER's generators")
     parser.add_argument("--json", type=Path, default=default(None), help="write the result object here")
     parser.add_argument("--profile", metavar="NAME", default=default(None),
                         help="torch.profiler trace and table of the last ROUGE-L continuation as outputs/NAME*")
@@ -126,10 +138,27 @@ def check_settings(args):
         twice = sorted({v for v in values if values.count(v) > 1})
         if twice:
             raise ValueError(f"--{name} lists {', '.join(map(str, twice))} more than once: give each value once")
+    if args.ruler:
+        check_ruler_settings(args)
     if args.profile and not args.rouge_prompts:
         raise ValueError("--profile traces a ROUGE-L continuation: keep --rouge_prompts at 1 or more")
     if args.data is not None and not args.data.is_file():
         raise ValueError(f"--data {args.data} is not a file: give a UTF-8 text file")
+
+
+def check_ruler_settings(args):
+    """--ruler's tasks (`all` becomes the list), lengths and samples, and what their generators need installed."""
+    args.ruler = ruler.resolve_tasks(args.ruler)
+    if args.ruler_samples < 1:
+        raise ValueError(f"--ruler_samples must be at least 1 (got {args.ruler_samples})")
+    if not args.ruler_lengths:
+        raise ValueError("--ruler needs --ruler_lengths: give comma-separated lengths in tokens, e.g. 1024,4096")
+    if any(n < 1 for n in args.ruler_lengths):
+        raise ValueError(f"--ruler_lengths must be at least 1 token each (got {args.ruler_lengths})")
+    twice = sorted({n for n in args.ruler_lengths if args.ruler_lengths.count(n) > 1})
+    if twice:
+        raise ValueError(f"--ruler_lengths lists {', '.join(map(str, twice))} more than once: give each value once")
+    ruler.check_installed(args.ruler)
 
 
 def retrieval_asked(args) -> bool:
@@ -144,6 +173,8 @@ def check_output_paths(args):
         check_profile_name(args.profile)
     if args.rouge_prompts:  # the full cache's continuations are cached there
         check_writable_file(OUTPUTS / "rouge_full" / "check.json")
+    if args.ruler:  # and the RULER samples
+        check_writable_file(OUTPUTS / "ruler" / "check.json")
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -396,6 +427,60 @@ def retrieval_eval(model, tokenizer, prompts, strategy, options, args) -> dict:
             "retrieval_samples": results}
 
 
+# ---------------------------------------------------------------- RULER
+
+
+def ruler_prompts(tokenizer, args) -> list[dict]:
+    """The RULER samples of every --ruler task x length (scripts/ruler.py), from outputs/ruler/ or generated there."""
+    bar = None
+
+    def start(total):
+        nonlocal bar
+        bar = progress(total=total, desc="RULER samples", unit="task x length")
+
+    samples = ruler.load_samples(tokenizer, checkpoint_of(args), args.ruler, args.ruler_lengths, args.ruler_samples,
+                                 args.seed, OUTPUTS / "ruler", on_start=start, on_generated=lambda job: bar.update())
+    if bar is not None:
+        bar.close()
+    return samples
+
+
+def ruler_tokens(prompts, length) -> int:
+    """Cache size for the RULER prompts of one length: the longest prompt plus its answer (at most the length)."""
+    return max(len(p["ids"]) + ruler.tokens_to_generate(p["task"]) for p in prompts if p["length"] == length)
+
+
+def ruler_eval(model, tokenizer, prompts, strategy, options, args) -> dict:
+    """Greedy answers (the task's tokens_to_generate at most) through the cache, the prompt fed --prefill_chunk
+    tokens at a time, scored by RULER's own metric per task and length."""
+    results = []
+    bar = progress(total=len(prompts), desc=f"RULER ({strategy})", unit="prompt")
+    for length in sorted(set(args.ruler_lengths)):  # one cache per length, as retrieval
+        group = [p for p in prompts if p["length"] == length]
+        install_cache(model, strategy, options, ruler_tokens(prompts, length), batch_size=args.eval_batch_size)
+        for task in args.ruler:  # a batch shares one answer length
+            for chunk in batches([p for p in group if p["task"] == task], args.eval_batch_size):
+                out = generate_batch(model, [p["ids"] for p in chunk], ruler.tokens_to_generate(task),
+                                     eos_ids=tokenizer.eos_ids, prefill_chunk=args.prefill_chunk)
+                for p, seq in zip(chunk, out["sequences"]):  # decoded without the end token, as RULER's HF client
+                    output = tokenizer.decode([t for t in seq["tokens"] if t not in tokenizer.eos_ids])
+                    results.append({"task": task, "length": length, "index": p["index"], "tokens": len(p["ids"]),
+                                    "outputs": p["outputs"], "output": output})
+                bar.update(len(chunk))
+    bar.close()
+    scores = {}
+    for task in args.ruler:
+        for length in args.ruler_lengths:
+            rows = [r for r in results if r["task"] == task and r["length"] == length]
+            scores.setdefault(task, {})[str(length)], per_sample = ruler.score(
+                task, [r["output"] for r in rows], [r["outputs"] for r in rows])
+            for r, value in zip(rows, per_sample):
+                r["score"] = value
+    cells = [score for lengths in scores.values() for score in lengths.values()]
+    return {"ruler": scores, "ruler_mean": sum(cells) / len(cells), "ruler_template": ruler.template_kind(tokenizer),
+            "ruler_samples": results}
+
+
 # ---------------------------------------------------------------- one strategy
 
 
@@ -414,9 +499,10 @@ def prepare(tokenizer, args) -> dict:
     return inputs
 
 
-def plan(model, strategy: str, options: dict, args, inputs: dict) -> dict:
+def plan(model, strategy: str, options: dict, args, inputs: dict, tokenizer=None) -> dict:
     """Check that every part of the evaluation fits the strategy's cache (all of them before the first long part
-    runs) and return what evaluate() runs on: the inputs and the cache size --max_position resolves to."""
+    runs) and return what evaluate() runs on: the inputs and the cache size --max_position resolves to. With
+    --ruler, the RULER samples are made (or read) after the checks, once: kept in `inputs` for the next plan."""
     context = model.args.max_position_embeddings
     if args.max_position > context:
         raise ValueError(f"--max_position {args.max_position} is beyond the model's context of {context} tokens: use "
@@ -436,6 +522,17 @@ def plan(model, strategy: str, options: dict, args, inputs: dict) -> dict:
     for length in sorted({p["length"] for p in inputs["prompts"]}):
         check_fits(strategy, options, max_position, retrieval_tokens(inputs["prompts"], length),
                    f"retrieval length {length}", "lower --retrieval_lengths")
+    if args.ruler:
+        for length in sorted(args.ruler_lengths):
+            if length > context:
+                raise ValueError(f"--ruler_lengths {length} is beyond the model's context of {context} tokens: use "
+                                 f"{context} or less")
+            check_fits(strategy, options, max_position, length, f"RULER length {length}",
+                       "lower --ruler_lengths or raise --max_position (0: the model's context)")
+        if "ruler_prompts" not in inputs:
+            if tokenizer is None:
+                raise ValueError("plan(): --ruler needs the tokenizer to make its samples")
+            inputs["ruler_prompts"] = ruler_prompts(tokenizer, args)
     return {**inputs, "max_position": max_position}
 
 
@@ -463,9 +560,13 @@ def run_settings(args, options: dict) -> dict:
     add_arguments(parser)
     measured = [a.dest for a in parser._actions
                 if a.dest not in ("help", "checkpoint_path", "device", "dtype", "data", *OUTPUT_OPTIONS)]
+    if not args.ruler:  # no RULER: a result made before the RULER options existed has the same settings
+        measured = [name for name in measured if not name.startswith("ruler")]
     settings = {"strategy": args.strategy, "options": options, "checkpoint": file_identity(checkpoint_of(args)),
                 "data": file_identity(args.data), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
                 **{name: getattr(args, name) for name in measured}}
+    if args.ruler:  # another version of the package generates other samples
+        settings["ruler_package"] = ruler.package_version()
     return json.loads(json.dumps(settings))  # as it reads back from a JSON file: lists, not tuples
 
 
@@ -474,7 +575,7 @@ def evaluate(model, tokenizer, strategy: str, options: dict, args, checkpoint_pa
     the caller has checked already (scripts/run_matrix.py checks every entry before running the first)."""
     t0 = time.perf_counter()
     if planned is None:
-        planned = plan(model, strategy, options, args, prepare(tokenizer, args))
+        planned = plan(model, strategy, options, args, prepare(tokenizer, args), tokenizer)
     max_position = planned["max_position"]
     weight = model.tok_embeddings.weight
     result = {"strategy": strategy, "options": options, "checkpoint": str(checkpoint_path),
@@ -510,7 +611,10 @@ def evaluate(model, tokenizer, strategy: str, options: dict, args, checkpoint_pa
                                                 checkpoint_path))
         if planned["prompts"]:
             timed("retrieval", lambda: retrieval_eval(model, tokenizer, planned["prompts"], strategy, options, args))
-    for key in ("perplexity", "tokens", "rouge_l", "rouge_l_vs_full", "retrieval_accuracy", "tokens_per_s"):
+        if args.ruler:
+            timed("ruler", lambda: ruler_eval(model, tokenizer, planned["ruler_prompts"], strategy, options, args))
+    for key in ("perplexity", "tokens", "rouge_l", "rouge_l_vs_full", "retrieval_accuracy", "tokens_per_s",
+                "ruler_mean"):
         result.setdefault(key, None)  # a skipped part still has its key
     result["seconds"] = time.perf_counter() - t0
     return result
@@ -524,9 +628,15 @@ def summary(r: dict) -> str:
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
 
+    ruler_part = ""
+    if r.get("ruler"):  # per task its score at each length, in --ruler_lengths order
+        lengths = list(next(iter(r["ruler"].values())))
+        tasks = ", ".join(f"{task} {'/'.join(format(s, '.1f') for s in by_length.values())}"
+                          for task, by_length in r["ruler"].items())
+        ruler_part = f", RULER {r['ruler_mean']:.1f} ({tasks} at {'/'.join(lengths)} tokens)"
     return (f"{describe(r['strategy'], r['options'])}: perplexity {fmt(r['perplexity'], '.3f')} ({r['tokens'] or 0} tokens, "
             f"chunk {r['chunk_size']}), ROUGE-L {fmt(r['rouge_l'], '.4f')} (vs full {fmt(r['rouge_l_vs_full'], '.4f')}), "
-            f"retrieval {fmt(r['retrieval_accuracy'], '.3f')}, {fmt(r['tokens_per_s'], '.2f')} tokens/s, "
+            f"retrieval {fmt(r['retrieval_accuracy'], '.3f')}{ruler_part}, {fmt(r['tokens_per_s'], '.2f')} tokens/s, "
             f"KV {r['kv_bytes'] / 2**20:.2f} MiB for {r['kv_tokens']} tokens ({r['kv_ratio']:.3f}x full), "
             f"{r['seconds']:.0f} s")
 
@@ -563,7 +673,8 @@ def main(argv=None):
     except (ValueError, OSError) as e:  # OSError: a file that cannot be read (or, after the checks, written)
         sys.exit(f"error: {e}")
     except torch.cuda.OutOfMemoryError:
-        sys.exit("error: out of GPU memory: lower --max_tokens, --stream_tokens or --retrieval_lengths")
+        sys.exit("error: out of GPU memory: lower --max_tokens, --stream_tokens, --retrieval_lengths or "
+                 "--ruler_lengths")
     print(summary(result))
     return result
 

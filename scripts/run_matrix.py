@@ -15,6 +15,11 @@ JSON keeps them) is skipped, and said so; missing or stale ones are computed aga
 included, is checked for every entry before any file is touched or any entry runs. A whole run (no --only) that
 completes moves the results of entries it does not have (another --windows) to DIR/superseded/.
 
+RULER: evaluate.py's --ruler TASKS (or all), --ruler_lengths and --ruler_samples pass through like its other options
+(a length above the matrix's --max_position 256 needs --max_position 0 or larger); the table then has a RULER column
+(the mean score) and, with --ruler_by_task, one per task (its mean over the lengths). A changed RULER option makes
+the earlier JSONs stale, as any other option; results made without RULER still resume a run without it.
+
 With evaluate.py's defaults (256-token contexts, token-by-token perplexity) the whole matrix fits in under 30 minutes
 on a 2-core CPU with SmolLM2-135M in float32 (see README, "Evaluation"). MATRIX_DEFAULTS adds --max_position 256,
 which sizes the caches of fixed capacity (full, quantize_kv) as if the model's context were 256 tokens, and a
@@ -133,7 +138,8 @@ def run(jobs) -> int:
         first = todo[0]["args"]
         model, tokenizer, checkpoint_path = evaluate.load(first)
         inputs = evaluate.prepare(tokenizer, first)
-        planned = [evaluate.plan(model, job["args"].strategy, job["options"], job["args"], inputs) for job in todo]
+        planned = [evaluate.plan(model, job["args"].strategy, job["options"], job["args"], inputs, tokenizer)
+                   for job in todo]
     for job, state in zip(jobs, states):
         if state == "complete":
             print(f"skipped {job['path'].name}: complete, made with the same settings")
@@ -200,9 +206,37 @@ def fmt(value, spec, default="–"):
     return default if value is None else format(value, spec)
 
 
-def render_table(results: list[dict]) -> str:
+def ruler_columns(results: list[dict], by_task: bool) -> tuple[list[str], list]:
+    """The RULER columns when any row has RULER scores: the mean, then (by_task) each task's mean over its lengths;
+    (headers, row -> cells). A row without RULER shows dashes."""
+    scored = [r for r in results if r.get("ruler_mean") is not None]
+    if not scored:
+        return [], lambda r: []
+    tasks = list(dict.fromkeys(task for r in scored for task in r["ruler"])) if by_task else []
+
+    def cells(r):
+        by_task_scores = r.get("ruler") or {}
+        means = [sum(by_task_scores[t].values()) / len(by_task_scores[t]) if t in by_task_scores else None
+                 for t in tasks]
+        return [fmt(r.get("ruler_mean"), ".1f")] + [fmt(m, ".1f") for m in means]
+
+    return ["RULER"] + [f"RULER {task}" for task in tasks], cells
+
+
+def ruler_line(results: list[dict]) -> str:
+    r = next((r for r in results if r.get("ruler_mean") is not None), None)
+    if r is None:
+        return ""
+    lengths = sorted({s["length"] for s in r["ruler_samples"]})
+    per_cell = len(r["ruler_samples"]) // (len(r["ruler"]) * len(lengths))
+    return (f" RULER: {len(r['ruler'])} tasks at {lengths} tokens, {per_cell} samples each, "
+            f"{r.get('ruler_template', '?')} prompt template, scored 0-100 by RULER's string match.")
+
+
+def render_table(results: list[dict], ruler_by_task: bool = False) -> str:
     full = next((r for r in results if r["strategy"] == "full"), None)
     first = results[0]
+    ruler_headers, ruler_cells = ruler_columns(results, ruler_by_task)
     # The run's contexts are short; the memory a cache saves shows at the model's whole context (the memory curve's end).
     long_tokens = max(n for n, _ in first["kv_bytes_by_tokens"])
     full_long = full and dict(full["kv_bytes_by_tokens"]).get(long_tokens)
@@ -211,11 +245,13 @@ def render_table(results: list[dict]) -> str:
         f"Perplexity over {first['tokens']} tokens streamed {first['chunk_size']} at a time; ROUGE-L over "
         f"{len(first.get('continuations', []))} greedy continuations; retrieval over "
         f"{len(first.get('retrieval_samples', []))} prompts (lengths {sorted({s['length'] for s in first.get('retrieval_samples', [])})}); "
-        f"prompts fed {first['prefill_chunk']} tokens at a time; KV bytes for {first['kv_tokens']} tokens.",
+        f"prompts fed {first['prefill_chunk']} tokens at a time; KV bytes for {first['kv_tokens']} tokens."
+        + ruler_line(results),
         "",
-        "| Strategy | Perplexity | vs full | ROUGE-L | ROUGE-L vs full | Retrieval | Tokens/s | KV MiB | × full "
-        f"| KV MiB at {long_tokens} | × full |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| Strategy | Perplexity | vs full | ROUGE-L | ROUGE-L vs full | Retrieval | "
+        + "".join(f"{h} | " for h in ruler_headers)
+        + f"Tokens/s | KV MiB | × full | KV MiB at {long_tokens} | × full |",
+        "|---|---|---|---|---|---|" + "---|" * len(ruler_headers) + "---|---|---|---|---|",
     ]
     for r in results:
         long_bytes = dict(r["kv_bytes_by_tokens"]).get(long_tokens)
@@ -226,6 +262,7 @@ def render_table(results: list[dict]) -> str:
             change = f"{delta:+.2f} ({100 * delta / full['perplexity']:+.1f}%)"
         lines.append(f"| {label(r)} | {fmt(r['perplexity'], '.2f')} | {change} | {fmt(r['rouge_l'], '.4f')} | "
                      f"{fmt(r['rouge_l_vs_full'], '.4f')} | {fmt(r['retrieval_accuracy'], '.2f')} | "
+                     + "".join(f"{cell} | " for cell in ruler_cells(r)) +
                      f"{fmt(r['tokens_per_s'], '.2f')} | {r['kv_bytes'] / 2**20:.2f} | {r['kv_ratio']:.3f} | "
                      f"{fmt(long_bytes and long_bytes / 2**20, '.1f')} | {fmt(long_ratio, '.3f')} |")
     return "\n".join(lines) + "\n"
@@ -306,9 +343,9 @@ def render_plots(results: list[dict], out_dir: Path) -> list[Path]:
     return written
 
 
-def render(out_dir: Path) -> str:
+def render(out_dir: Path, ruler_by_task: bool = False) -> str:
     results = load_results(out_dir)
-    table = render_table(results)
+    table = render_table(results, ruler_by_task)
     atomic_write_text(out_dir / "table.md", table)
     plots = render_plots(results, out_dir)
     print(table)
@@ -326,6 +363,8 @@ def parse_args(argv):
                         help=f"sink/window pairs of the compressed entries (default {WINDOWS}; the GPU run: 16/32,64/256)")
     parser.add_argument("--list", action="store_true", help="check the options, print the entries and exit")
     parser.add_argument("--render", action="store_true", help="only render the table and plots from --out's JSON")
+    parser.add_argument("--ruler_by_task", action="store_true",
+                        help="a table column per RULER task (its mean over --ruler_lengths) besides the RULER mean")
     return parser.parse_known_args(argv)
 
 
@@ -335,8 +374,8 @@ def main(argv=None):
     try:
         if args.render:
             if settings or args.only is not None or args.list:
-                raise ValueError("--render only reads --out DIR: drop the other options")
-            render(args.out)
+                raise ValueError("--render only reads --out DIR (and --ruler_by_task): drop the other options")
+            render(args.out, args.ruler_by_task)
             return
         matrix = build_matrix(args.windows)
         indices = select(args.only, matrix)
@@ -353,11 +392,12 @@ def main(argv=None):
             log_command(args.out, started, argv)
         if args.only is None:
             set_aside_others(args.out, jobs)
-        render(args.out)
+        render(args.out, args.ruler_by_task)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     except torch.cuda.OutOfMemoryError:
-        sys.exit("error: out of GPU memory: lower --max_tokens, --stream_tokens or --retrieval_lengths")
+        sys.exit("error: out of GPU memory: lower --max_tokens, --stream_tokens, --retrieval_lengths or "
+                 "--ruler_lengths")
 
 
 if __name__ == "__main__":
