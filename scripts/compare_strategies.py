@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO_DIR))
 sys.path.insert(0, str(REPO_DIR / "scripts"))
 import kv_cache  # noqa: E402
 from atomic import atomic_write_json, atomic_write_text, check_writable_file  # noqa: E402
-from bench_decode import SHAPES  # noqa: E402
+from bench_decode import SHAPES, name_list  # noqa: E402
 from checkpoint import hf_model_args  # noqa: E402
 from generate import (DTYPES, blocks_in, cache_bytes, decode_one_token, format_bytes, generate_batch,  # noqa: E402
                       kv_bytes, pool_bytes, setup_cache)
@@ -460,15 +460,6 @@ def token_counts(text):
     return ("list", counts)
 
 
-def layout_names(text):
-    names = [x for x in text.split(",") if x]
-    unknown = [x for x in names if x not in LAYOUT_KEYS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown layout {', '.join(unknown) or '(empty)'}: choose from "
-                                         f"{','.join(LAYOUT_KEYS)}")
-    return names
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = fail
@@ -492,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sink_size", type=number(int, 0), default=16, help="compress_kv, quantize_kv (default 16)")
     p.add_argument("--window_size", type=number(int, 1), default=32, help="compress_kv, quantize_kv (default 32)")
     p.add_argument("--group_size", type=number(int, 1), default=32, help="quantize_kv's key/value group (default 32)")
-    p.add_argument("--layouts", type=layout_names, default=LAYOUT_KEYS,
+    p.add_argument("--layouts", type=name_list(LAYOUT_KEYS), default=LAYOUT_KEYS,
                    help=f"comma-separated, from {','.join(LAYOUT_KEYS)} (default all)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help="folder for compare_strategies_<shape>.md and .json (default outputs/results/)")

@@ -14,21 +14,12 @@ import generate
 import scheduler
 from kv_cache.paging import BlockPool, PageSpace, PoolExhausted
 from model import ModelArgs, Transformer
+from test_batch import ARGS, CASES as BATCH_CASES
 
-ARGS = ModelArgs(vocab_size=96, dim=64, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=128,
-                 max_position_embeddings=256)
-SINK_WINDOW = dict(sink_size=4, window_size=8)
-CASES = {
-    "full": ("full", {}),
-    "compress_kv": ("compress_kv", SINK_WINDOW),
-    "compress_kv-original": ("compress_kv", dict(SINK_WINDOW, rope_positions="original")),
-    "quantize_kv-int8": ("quantize_kv", dict(SINK_WINDOW, bits="8")),
-    "quantize_kv-fp8": ("quantize_kv", dict(SINK_WINDOW, bits="fp8")),
-    "quantize_kv-int4": ("quantize_kv", dict(SINK_WINDOW, bits="4", group_size=8)),
-    "quantize_kv-int2": ("quantize_kv", dict(SINK_WINDOW, bits="2", group_size=8)),
-    "quantize_kv-int4-token-keys": ("quantize_kv", dict(SINK_WINDOW, bits="4", group_size=8, k_granularity="token")),
-    "quantize_kv-as-full": ("quantize_kv", dict(sink_size=32, window_size=64, bits="4", group_size=8)),
-}
+# The model and the strategies and bit widths of the batch tests (tests/test_batch.py), plus a quantize_kv whose
+# sinks + window hold everything (its ring is the paged store then).
+CASES = {**BATCH_CASES,
+         "quantize_kv-as-full": ("quantize_kv", dict(sink_size=32, window_size=64, bits="4", group_size=8))}
 PROMPT_LENGTHS = [7, 1, 23, 41]
 NEW_TOKENS, MAX_SEQ_LENGTH, CHUNK = 14, 64, 5
 EOS = (3, 7)
