@@ -21,7 +21,7 @@ import torch
 import kv_cache
 from atomic import atomic_write_text, check_writable_file
 from checkpoint import SETUP_HINT, default_checkpoint_path, load_checkpoint
-from kv_cache.paging import DEFAULT_BLOCK_SIZE, BlockPool, PageSpace
+from kv_cache.paging import DEFAULT_BLOCK_SIZE, BlockPool, PageSpace, PoolExhausted
 from model import ModelArgs, Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -783,6 +783,12 @@ def run(args, options):
     if pool is not None and not continuous:  # static batches: every sequence of a batch runs to the end
         import scheduler
         scheduler.check_fits(model, prompts, args.max_new_tokens)
+        need = max(sum(scheduler.worst_case_blocks(model, len(ids), args.max_new_tokens) for ids in batch)
+                   for batch in batches)
+        if need > pool.usable:
+            raise ValueError(f"a batch of --batch_size {batch_size} needs up to {need} blocks of {pool.block_tokens} "
+                             f"tokens but the pool has {pool.usable}: use --max_batch_size (continuous batching "
+                             "admits prompts as blocks free), a smaller --batch_size, or raise --num_blocks")
 
     print(f"model: {checkpoint_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, {dtype}, "
           f"{device}); cache: {args.strategy} {options}" + ("; chat template applied" if args.chat else ""))
@@ -936,7 +942,7 @@ def main(argv=None):
     options = strategy_options(args, parser)
     try:
         run(args, options)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, PoolExhausted) as e:
         sys.exit(f"error: {' '.join(str(e).split())}")  # one line, whatever a library put into the message
     except torch.cuda.OutOfMemoryError:
         sys.exit("error: out of GPU memory: lower --max_seq_length or --batch_size, or use quantize_kv/compress_kv")

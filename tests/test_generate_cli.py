@@ -121,6 +121,8 @@ def cases(c: dict) -> dict:
         "kv_memory_gb_tiny": (fast + ["--paged", "--kv_memory_gb", "1e-7"], None),
         "pool_too_small": (fast + ["--paged", "--block_size", "2", "--num_blocks", "3"], None),
         "max_batch_size_without_file": (fast + ["--max_batch_size", "2"], None),
+        "pool_too_small_for_the_batch": (fast + ["--paged", "--block_size", "2", "--num_blocks", "8",
+                                                 "--batch_size", "3"], None),
         "max_batch_size_and_batch_size": (fast + ["--prompts_file", str(root / "prompt.txt"), "--max_batch_size",
                                                   "2", "--batch_size", "2"], None),
         # runs that succeed
@@ -227,6 +229,7 @@ ERRORS = {  # case -> what the one line must say
     "kv_memory_gb_tiny": "holds 0 block(s)",
     "pool_too_small": "blocks of 2 tokens but the pool has 2: raise --num_blocks",
     "max_batch_size_without_file": "--max_batch_size admits the prompts of --prompts_file",
+    "pool_too_small_for_the_batch": "a batch of --batch_size 3 needs up to",
     "max_batch_size_and_batch_size": "--max_batch_size (continuous batching) replaces --batch_size",
 }
 
