@@ -215,14 +215,13 @@ def prefill(model: Transformer, tokens: torch.Tensor, start_pos: int = 0, chunk_
     pool = pool_of(model)
     if rows is None:  # named, so a one-token chunk is a prefill chunk too, never taken for the decode step
         rows = torch.arange(tokens.shape[0], device=tokens.device)
-    row_ids = rows.tolist()
+    row_ids = rows.tolist() if pool is not None else ()
     logits = []
     for begin in range(0, tokens.shape[1], chunk_size):
         chunk = tokens[:, begin:begin + chunk_size]
         end = start_pos + begin + chunk.shape[1]
-        if pool is not None:
-            for row in row_ids:
-                pool.reserve(row, end)
+        for row in row_ids:
+            pool.reserve(row, end)
         input_pos = torch.arange(start_pos + begin, end, device=tokens.device)
         out = model(chunk, input_pos, rows)
         logits.append(out[:, -1:].clone() if last_only else out)  # a copy: a view would keep the chunk's logits
@@ -303,14 +302,14 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, tempera
         on_token(next_token)
     for step in range(1, max_new_tokens):
         finished |= torch.isin(next_token[:, 0], eos)
-        if eos.numel():
-            if bool(finished.all()):
+        done = finished.tolist() if eos.numel() else None  # one host copy a step, only when sequences can end
+        if done is not None:
+            if all(done):
                 break
             model.finish_sequences(finished)
-        if pool is not None:  # blocks for this step's writes (a finished row's write lands in the null block)
-            done = finished.tolist()
+        if pool is not None:  # blocks for this step's writes (a finished row writes into its own or the null block)
             for b in range(B):
-                if not done[b]:
+                if done is None or not done[b]:
                     pool.reserve(b, positions[b] + 1)
                     positions[b] += 1
         next_token = decode_fn(model, next_token, input_pos, temperature, top_k).clone()

@@ -25,6 +25,7 @@ A prefill chunk attends to what the cache held before it plus itself causally in
 tokens are quantized. With --attn_impl triton (the default on CUDA) one fused kernel reads the stores as they are
 and the flush quantizes straight from the ring in Triton; prefill runs in PyTorch either way.
 """
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass
@@ -103,8 +104,8 @@ class QuantizeKVCache(KVCache):
         sinks and window stay per sequence. Everything in sinks + window (no quantized store): the ring, as full."""
         opts = cls.Options.resolve(options, None)
         capacity = opts.mid_capacity(max_seq_length)
-        if not capacity:
-            return PageSpace(block_size, round_up(max_seq_length, block_size), lambda n: min(n, max_seq_length))
+        if not capacity:  # slot = position as in full, but the ring's slot positions are per sequence: not shared
+            return dataclasses.replace(super().page_space(options, max_seq_length, block_size), sharable=False)
         block = math.lcm(block_size, opts.flush_size)
         capacity = round_up(capacity, block)
         return PageSpace(block, capacity + block, lambda n: min(opts.n_mid(n), capacity))

@@ -117,7 +117,8 @@ class Store(nn.Module):
             buf[:, :, where(dst)] = buf[:, :, where(src)]
 
     def n_rows(self, rows) -> int:
-        return self.table[rows].shape[0] if self.pool is not None else self.k_like()[rows].shape[0]
+        """Paged: how many sequences `rows` (a slice or an index tensor) names."""
+        return self.table[rows].shape[0]
 
     def physical(self, rows, slots: Tensor) -> Tensor:
         return physical_slots(self.table, rows, slots, self.pool.block_tokens)
@@ -155,9 +156,6 @@ class DenseStore(Store):
                  (1, n_kv_head, pool.num_blocks * pool.block_tokens, head_dim))
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device))
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device))
-
-    def k_like(self) -> Tensor:
-        return self.k
 
     def write(self, rows, slots: Tensor, k: Tensor, v: Tensor):
         self.write_buf(self.k, rows, slots, k)
@@ -257,9 +255,6 @@ class QuantizedStore(Store):
         return sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in layout.values()) / flush
 
     POOLED = ("k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero")
-
-    def k_like(self) -> Tensor:
-        return self.k_q
 
     def all_buffers(self) -> tuple:
         """(k_q, k_scale, k_zero, v_q, v_scale, v_zero), zero-points None when symmetric."""

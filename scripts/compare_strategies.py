@@ -39,7 +39,7 @@ from atomic import atomic_write_json, atomic_write_text, check_writable_file  # 
 from bench_decode import SHAPES, name_list  # noqa: E402
 from checkpoint import hf_model_args  # noqa: E402
 from generate import (DTYPES, blocks_in, cache_bytes, decode_one_token, format_bytes, generate_batch,  # noqa: E402
-                      kv_bytes, pool_bytes, setup_cache)
+                      kv_bytes, largest_fitting, pool_bytes, setup_cache)
 from kernels.formats import FORMATS  # noqa: E402
 from kv_cache.paging import PoolExhausted  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
@@ -168,19 +168,14 @@ def allocated_for(sizer: Sizer, workload: Workload, n: int) -> int:
 
 
 def largest(fits) -> int:
-    """The largest n >= 0 with fits(n) (fits monotone: true up to some n, then false)."""
-    if not fits(1):
-        return 0
-    high = 2
+    """The largest n >= 0 with fits(n) (fits monotone: true up to some n, then false): an upper bound by doubling,
+    then generate.largest_fitting's bisection below it."""
+    high = 1
     while fits(high):
         high *= 2
         if high > 2**40:
             raise ValueError("the budget holds more than 2**40 sequences: give a smaller --kv_memory_gb")
-    low = high // 2  # fits(low), not fits(high)
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return low
+    return largest_fitting(fits, high)
 
 
 def sequences_that_fit(sizer: Sizer, workload: Workload, budget: int) -> int:
