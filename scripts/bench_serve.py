@@ -52,6 +52,7 @@ sys.path.insert(0, str(REPO_DIR))
 sys.path.insert(0, str(REPO_DIR / "scripts"))
 import bench_decode  # noqa: E402
 import kv_cache  # noqa: E402
+from kv_cache.paging import DEFAULT_BLOCK_SIZE  # noqa: E402
 import scheduler  # noqa: E402
 from atomic import atomic_write_json, atomic_write_text, check_writable_file  # noqa: E402
 from bench_decode import SHAPES, fmt, release, strategy_options, synchronize  # noqa: E402
@@ -469,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated, from {','.join(ROWS)} (default {','.join(DEFAULT_ROWS)})")
     p.add_argument("--max_rows", type=whole(1), default=None,
                    help="rows (batch) of the paged caches (default: the fewest that let the blocks bind)")
-    p.add_argument("--block_size", type=whole(1), default=16, help="paged: tokens per block (default 16)")
+    p.add_argument("--block_size", type=whole(1), default=DEFAULT_BLOCK_SIZE,
+                   help=f"paged: tokens per block (default {DEFAULT_BLOCK_SIZE})")
     p.add_argument("--sink_size", type=whole(0), default=16, help="quantize_kv sinks (default 16)")
     p.add_argument("--window_size", type=whole(0), default=32, help="quantize_kv 16-bit window (default 32)")
     p.add_argument("--group_size", type=whole(1), default=32, help="quantize_kv int4 group (default 32)")

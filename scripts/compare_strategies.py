@@ -41,7 +41,7 @@ from checkpoint import hf_model_args  # noqa: E402
 from generate import (DTYPES, blocks_in, cache_bytes, decode_one_token, format_bytes, generate_batch,  # noqa: E402
                       kv_bytes, largest_fitting, pool_bytes, setup_cache)
 from kernels.formats import FORMATS  # noqa: E402
-from kv_cache.paging import PoolExhausted  # noqa: E402
+from kv_cache.paging import DEFAULT_BLOCK_SIZE, PoolExhausted  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
 GiB = 2**30
@@ -472,8 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new_tokens", type=number(int, 1), default=256, help="new tokens per sequence (default 256)")
     p.add_argument("--kv_memory_gb", type=number(float, 0, strict=True), default=40.0,
                    help="the KV memory budget in GiB (default 40)")
-    p.add_argument("--block_size", type=number(int, 1), default=16,
-                   help="paged: tokens per block (quantize_kv rounds up to whole key groups; default 16)")
+    p.add_argument("--block_size", type=number(int, 1), default=DEFAULT_BLOCK_SIZE,
+                   help=f"paged: tokens per block (quantize_kv rounds up to whole key groups; default "
+                        f"{DEFAULT_BLOCK_SIZE})")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="the model dtype (default bfloat16)")
     p.add_argument("--sink_size", type=number(int, 0), default=16, help="compress_kv, quantize_kv (default 16)")
     p.add_argument("--window_size", type=number(int, 1), default=32, help="compress_kv, quantize_kv (default 32)")
