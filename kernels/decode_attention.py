@@ -131,7 +131,16 @@ def _softmax_step(q, k, v, k_col_scale, v_row_scale, keep, m_i, l_i, acc, qk_sca
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p * v_row_scale[None, :], v, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
+    return m_new, l_i, acc, s
+
+
+@triton.jit
+def _store_scores(scores_ptr, s, row0, offs_g, offs_n, end, n_scores, GROUP: tl.constexpr):
+    """The tile's log2 scores s (BLOCK_G, BLOCK_N) (-inf where masked) into rows row0 + g of the (B * HQ, n_scores)
+    score buffer at columns offs_n: what the softmax already computed, so a policy gets every token's attention
+    without a second pass over the keys."""
+    ptrs = scores_ptr + (row0 + offs_g).to(tl.int64)[:, None] * n_scores + offs_n[None, :]
+    tl.store(ptrs, s, mask=(offs_g < GROUP)[:, None] & (offs_n < end)[None, :])
 
 
 @triton.jit
@@ -139,8 +148,8 @@ def _decode_split_kernel(
     q_ptr, hi_k_ptr, hi_v_ptr, hi_pos_ptr, hi_last_ptr, n_mid_ptr,
     kq_ptr, ks_ptr, kz_ptr, vq_ptr, vs_ptr, vz_ptr,
     o_part_ptr, lse_part_ptr,
-    hi_table_ptr, mid_table_ptr,
-    qk_scale, sink_size, n_hi,
+    hi_table_ptr, mid_table_ptr, scores_ptr,
+    qk_scale, sink_size, n_hi, n_mid_slots,
     stride_qb, stride_qh,
     stride_hkb, stride_hkh, stride_hkn,
     stride_hvb, stride_hvh, stride_hvn,
@@ -157,10 +166,13 @@ def _decode_split_kernel(
     V_PER_BYTE: tl.constexpr, V_F: tl.constexpr, V_G: tl.constexpr, V_ZERO: tl.constexpr, V_TILES: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     PAGED_HI: tl.constexpr, HI_BLOCK: tl.constexpr, PAGED_MID: tl.constexpr, MID_BLOCK: tl.constexpr,
+    SCORES: tl.constexpr,
 ):
     """One split of one (sequence, KV head). PAGED_HI / PAGED_MID: that store is a pool read through its block
     table (its batch strides are 0); every index and mask here is logical and only the addresses go through the
-    table. Unpaged, the table arguments are never read and the code is what it was before paging (constexpr)."""
+    table. Unpaged, the table arguments are never read and the code is what it was before paging (constexpr).
+    SCORES: every tile's log2 scores are also stored, mid token t at column t and hi slot i at n_mid_slots + i of
+    the score rows (B * HQ, n_mid_slots + n_hi)."""
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)  # batch offsets can pass 2**31 elements in a large cache
@@ -224,8 +236,10 @@ def _decode_split_kernel(
                                   stride_mtn, D, BLOCK_N, BLOCK_D, V_PER_BYTE, V_F, V_G, V_ZERO, V_TILES,
                                   PAGED_MID, MID_BLOCK)
                 v_row_scale = ones_n
-            m_i, l_i, acc = _softmax_step(q, k, v, k_col_scale, v_row_scale, keep, m_i, l_i, acc, qk_scale,
-                                          DOT_PRECISION)
+            m_i, l_i, acc, s = _softmax_step(q, k, v, k_col_scale, v_row_scale, keep, m_i, l_i, acc, qk_scale,
+                                             DOT_PRECISION)
+            if SCORES:
+                _store_scores(scores_ptr, s, (b * H + h) * GROUP, offs_g, offs_n, end, n_mid_slots + n_hi, GROUP)
     else:
         # Hi store: slots [0, hi_len), shared evenly among the SPLITS_HI splits. hi_last -1 (a finished sequence)
         # gives hi_len 0: chunk 0, so every split's loop is empty.
@@ -256,8 +270,11 @@ def _decode_split_kernel(
             mask_nd = keep[:, None] & (offs_d[None, :] < D)
             k = tl.load(hk_base + rows[:, None] * stride_hkn + offs_d[None, :], mask=mask_nd, other=0)
             v = tl.load(hv_base + rows[:, None] * stride_hvn + offs_d[None, :], mask=mask_nd, other=0)
-            m_i, l_i, acc = _softmax_step(q, k.to(tl.float32), v.to(tl.float32), ones_n, ones_n, keep, m_i, l_i,
-                                          acc, qk_scale, DOT_PRECISION)
+            m_i, l_i, acc, s = _softmax_step(q, k.to(tl.float32), v.to(tl.float32), ones_n, ones_n, keep, m_i,
+                                             l_i, acc, qk_scale, DOT_PRECISION)
+            if SCORES:
+                _store_scores(scores_ptr, s, (b * H + h) * GROUP, offs_g, n_mid_slots + offs_n, n_mid_slots + end,
+                              n_mid_slots + n_hi, GROUP)
 
     # Partial result of this split: normalized output and log2-sum-exp (-inf when it saw no token).
     seen = l_i > 0
@@ -367,7 +384,7 @@ def decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Tensor = No
                      sink_size: int = 0, n_mid: Tensor = None, k_q: Tensor = None, k_scale: Tensor = None,
                      k_zero: Tensor = None, v_q: Tensor = None, v_scale: Tensor = None, v_zero: Tensor = None,
                      splits: tuple = None, block_n: int = None, hi_table: Tensor = None, hi_block: int = 0,
-                     mid_table: Tensor = None, mid_block: int = 0) -> Tensor:
+                     mid_table: Tensor = None, mid_block: int = 0, return_scores: bool = False):
     """Attention of q (B, n_head, 1, D) (already rotated) over the hi store and the first n_mid mid tokens.
 
     hi_last, n_mid: device tensors of shape (), (1,) or (B,); hi_last (the last hi slot to read, e.g. input_pos for
@@ -380,13 +397,17 @@ def decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Tensor = No
     scales and zeros pools with batch dim 1; mid_block a multiple of the key group F); M = max_blocks * mid_block.
     Unused table entries hold 0, the null block.
     splits=(mid, hi) overrides the number of splits; returns (B, n_head, 1, D) in q's dtype.
-    Under torch.compile this is the opaque op torch.ops.kvcache.decode_attention; eager calls launch directly,
-    without the op dispatcher's per-call overhead."""
+    return_scores: also return every token's attention probability (B, n_head, M + NH) float32, mid token t in
+    column t and hi slot i in column M + i (0 where not attended): the scores the softmax computed anyway, stored
+    as it goes and normalized with the merged log-sum-exp (no second pass over the keys), for eviction policies.
+    Under torch.compile this is the opaque op torch.ops.kvcache.decode_attention (decode_attention_scores);
+    eager calls launch directly, without the op dispatcher's per-call overhead."""
     args = (q, hi_k, hi_v, hi_last, hi_pos, sink_size, n_mid, k_q, k_scale, k_zero, v_q, v_scale, v_zero,
             *(splits or (-1, -1)), block_n or 0, hi_table, hi_block, mid_table, mid_block)
     if torch.compiler.is_compiling():
-        return torch.ops.kvcache.decode_attention(*args)
-    return _decode_attention(*args)
+        op = torch.ops.kvcache.decode_attention_scores if return_scores else torch.ops.kvcache.decode_attention
+        return op(*args)
+    return _decode_attention_scores(*args) if return_scores else _decode_attention(*args)
 
 
 def _decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[Tensor], hi_pos: Optional[Tensor],
@@ -395,6 +416,15 @@ def _decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[T
                       v_zero: Optional[Tensor], split_mid: int, split_hi: int, block_n: int,
                       hi_table: Optional[Tensor] = None, hi_block: int = 0, mid_table: Optional[Tensor] = None,
                       mid_block: int = 0) -> Tensor:
+    return _launch(q, hi_k, hi_v, hi_last, hi_pos, sink_size, n_mid, k_q, k_scale, k_zero, v_q, v_scale, v_zero,
+                   split_mid, split_hi, block_n, hi_table, hi_block, mid_table, mid_block, False)
+
+
+def _launch(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[Tensor], hi_pos: Optional[Tensor],
+            sink_size: int, n_mid: Optional[Tensor], k_q: Optional[Tensor], k_scale: Optional[Tensor],
+            k_zero: Optional[Tensor], v_q: Optional[Tensor], v_scale: Optional[Tensor], v_zero: Optional[Tensor],
+            split_mid: int, split_hi: int, block_n: int, hi_table: Optional[Tensor], hi_block: int,
+            mid_table: Optional[Tensor], mid_block: int, return_scores: bool):
     B, HQ, T, D = q.shape
     H, NH = hi_k.shape[1], hi_k.shape[2]
     if T != 1:
@@ -486,22 +516,53 @@ def _decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[T
     )
     ht = hi_table if paged_hi else q  # never read when that store is not paged
     mt = mid_table if paged_mid else q
-    args[14:14] = [ht, mt]  # after o_part, lse_part
+    mid_slots = M if has_mid else 0
+    # Columns not attended (past a length, a finished sequence) are never stored: they start at -inf (probability 0).
+    scores = torch.full((B, HQ, mid_slots + NH), float("-inf"), device=q.device) if return_scores else q
+    args[14:14] = [ht, mt, scores]  # after o_part, lse_part
+    args.insert(20, mid_slots)  # after n_hi
     args += [ht.stride(0) if paged_hi else 0, ht.stride(1) if paged_hi else 0,
              mt.stride(0) if paged_mid else 0, mt.stride(1) if paged_mid else 0]
     _decode_split_kernel[(B * H, n_splits)](
         *args, **constexprs, PAGED_HI=paged_hi, HI_BLOCK=hi_block if paged_hi else 1, PAGED_MID=paged_mid,
-        MID_BLOCK=mid_block if paged_mid else 1)
+        MID_BLOCK=mid_block if paged_mid else 1, SCORES=return_scores)
     _decode_merge_kernel[(B * HQ,)](
         o_part, lse_part, out, out.stride(0), out.stride(1),
         HQ=HQ, D=D, SPLITS=n_splits, BLOCK_S=triton.next_power_of_2(n_splits),
         CHUNK_S=min(16, triton.next_power_of_2(n_splits)), BLOCK_D=BLOCK_D, num_warps=2,
     )
-    return out
+    if not return_scores:
+        return out
+    lse = torch.logsumexp(lse_part * math.log(2), dim=-1) * LOG2E  # the merged log2-sum-exp of each query head
+    lse = torch.where(torch.isinf(lse), 0.0, lse)  # attended to nothing: every score is -inf, probability 0
+    return out, torch.exp2(scores - lse[..., None])
+
+
+def _decode_attention_scores(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[Tensor],
+                             hi_pos: Optional[Tensor], sink_size: int, n_mid: Optional[Tensor], k_q: Optional[Tensor],
+                             k_scale: Optional[Tensor], k_zero: Optional[Tensor], v_q: Optional[Tensor],
+                             v_scale: Optional[Tensor], v_zero: Optional[Tensor], split_mid: int, split_hi: int,
+                             block_n: int, hi_table: Optional[Tensor] = None, hi_block: int = 0,
+                             mid_table: Optional[Tensor] = None, mid_block: int = 0) -> tuple[Tensor, Tensor]:
+    return _launch(q, hi_k, hi_v, hi_last, hi_pos, sink_size, n_mid, k_q, k_scale, k_zero, v_q, v_scale, v_zero,
+                   split_mid, split_hi, block_n, hi_table, hi_block, mid_table, mid_block, True)
+
+
+def score_columns(hi_k, k_q, hi_table, hi_block, mid_table, mid_block) -> int:
+    """Columns of the score rows: the mid store's logical tokens, then the hi store's logical slots."""
+    n_hi = hi_table.shape[1] * hi_block if hi_table is not None else hi_k.shape[2]
+    n_mid = 0 if k_q is None else (mid_table.shape[1] * mid_block if mid_table is not None else k_q.shape[2])
+    return n_mid + n_hi
 
 
 torch.library.custom_op("kvcache::decode_attention", _decode_attention, mutates_args=()).register_fake(
     lambda q, *args: q.new_empty(q.shape))  # contiguous, as the kernel's output
+torch.library.custom_op("kvcache::decode_attention_scores", _decode_attention_scores, mutates_args=()).register_fake(
+    lambda q, hi_k, hi_v, hi_last, hi_pos, sink_size, n_mid, k_q, k_scale, k_zero, v_q, v_scale, v_zero, split_mid,
+    split_hi, block_n, hi_table=None, hi_block=0, mid_table=None, mid_block=0: (
+        q.new_empty(q.shape),
+        q.new_empty((q.shape[0], q.shape[1], score_columns(hi_k, k_q, hi_table, hi_block, mid_table, mid_block)),
+                    dtype=torch.float32)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -538,10 +599,12 @@ def unpage(pool: Tensor, table: Tensor, block: int, tokens_per_row: int = 1) -> 
 
 def decode_attention_ref(q, hi_k, hi_v, hi_last=None, hi_pos=None, sink_size=0, n_mid=None, k_q=None, k_scale=None,
                          k_zero=None, v_q=None, v_scale=None, v_zero=None, hi_table=None, hi_block=0,
-                         mid_table=None, mid_block=0) -> Tensor:
+                         mid_table=None, mid_block=0, return_scores=False):
     """decode_attention in float64 PyTorch, one sequence at a time; returns (B, n_head, 1, D) in float64. A sequence
     that attends to nothing (finished: hi_last -1, n_mid 0) gets output 0, as in the kernel. Paged stores (hi_table,
-    mid_table) are unpaged into the logical layout first (unpage), then read as the unpaged ones are."""
+    mid_table) are unpaged into the logical layout first (unpage), then read as the unpaged ones are.
+    return_scores: also the attention probabilities (B, n_head, M + NH) in float64, as decode_attention lays them
+    out (mid token t in column t, hi slot i in column M + i, 0 where not attended)."""
     if hi_table is not None:
         hi_k, hi_v = unpage(hi_k, hi_table, hi_block), unpage(hi_v, hi_table, hi_block)
     if mid_table is not None:
@@ -560,7 +623,8 @@ def decode_attention_ref(q, hi_k, hi_v, hi_last=None, hi_pos=None, sink_size=0, 
         n_mid = n_mid.reshape(-1).expand(B)
         mid_k = dequantize_ref(k_q, k_scale, k_zero, D)
         mid_v = dequantize_ref(v_q, v_scale, v_zero, D)
-    outs = []
+    M = k_q.shape[2] if k_q is not None else 0
+    outs, probs = [], torch.zeros(B, HQ, M + NH, dtype=torch.float64, device=q.device)
     for b in range(B):
         keep = torch.arange(NH, device=q.device) <= hi_last[b]
         nm = int(n_mid[b]) if k_q is not None else 0
@@ -574,6 +638,8 @@ def decode_attention_ref(q, hi_k, hi_v, hi_last=None, hi_pos=None, sink_size=0, 
             outs.append(torch.zeros(HQ, 1, D, dtype=torch.float64, device=q.device))
             continue
         k, v = k.repeat_interleave(HQ // H, dim=0), v.repeat_interleave(HQ // H, dim=0)
-        scores = q[b].double() @ k.transpose(-1, -2) / math.sqrt(D)
-        outs.append(scores.softmax(-1) @ v)
-    return torch.stack(outs)
+        p = (q[b].double() @ k.transpose(-1, -2) / math.sqrt(D)).softmax(-1)  # (HQ, 1, tokens)
+        outs.append(p @ v)
+        probs[b, :, :nm] = p[:, 0, :nm]
+        probs[b, :, M + keep.nonzero().squeeze(1)] = p[:, 0, nm:]
+    return (torch.stack(outs), probs) if return_scores else torch.stack(outs)

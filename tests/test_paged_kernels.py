@@ -224,3 +224,40 @@ def test_paged_op_under_torch_compile():
     reset_dynamo()
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=False)
     assert torch.equal(compiled(q, *tensors), eager)
+
+
+@pytest.mark.parametrize("name,dtype,B,HQ,H,D,kind,F,paged,hi_block,mid_block", CASES[::2], ids=[c[0] for c in CASES[::2]])
+def test_decode_attention_scores(name, dtype, B, HQ, H, D, kind, F, paged, hi_block, mid_block):
+    """return_scores: the probabilities the kernel's softmax computed, stored as it goes (eviction policies read
+    them), equal the float64 reference's, contiguous and paged alike; the output is the plain call's, exactly."""
+    q, logical, pages, finished = paged_case(name, dtype, B, HQ, H, D, kind, F, paged, hi_block, mid_block)
+    ref_out, ref_probs = decode_attention_ref(q, **logical, return_scores=True)
+    assert torch.equal(ref_out, decode_attention_ref(q, **logical))
+    live = B - finished
+    assert torch.allclose(ref_probs[:live].sum(-1), torch.ones(live, HQ, dtype=torch.float64))
+    for config in (dict(), dict(block_n=16, splits=(3, 2))):
+        out, probs = decode_attention(q, **logical, **config, return_scores=True)
+        out_paged, probs_paged = decode_attention(q, **pages, **config, return_scores=True)
+        assert torch.equal(out, decode_attention(q, **logical, **config)), (name, config)
+        assert torch.equal(out_paged, out) and torch.equal(probs_paged, probs), (name, config)
+        assert probs.shape == ref_probs.shape and probs.dtype == torch.float32
+        assert (probs - ref_probs).abs().max() < 10 * TOL[dtype] * ref_probs.abs().max(), (name, config)
+        if finished:
+            assert torch.equal(probs[-1], torch.zeros_like(probs[-1]))
+
+
+def test_decode_attention_scores_compile(monkeypatch):
+    """Under torch.compile the scores come from the opaque op kvcache::decode_attention_scores (its fake tensor
+    gives the shapes), in one graph, equal to eager."""
+    monkeypatch.undo()  # inductor's own torch.empty buffers must not be poisoned (it fills some under autograd)
+    reset_dynamo()
+    q, logical, pages, _ = paged_case("scores-compile", torch.float32, 3, 4, 2, 32, "4", 16, "hi+mid", 16, 16)
+    torch.library.opcheck(torch.ops.kvcache.decode_attention_scores.default,
+                          (q, pages["hi_k"], pages["hi_v"], pages["hi_last"], pages["hi_pos"], pages["sink_size"],
+                           pages["n_mid"], pages["k_q"], pages["k_scale"], pages["k_zero"], pages["v_q"],
+                           pages["v_scale"], pages["v_zero"], 1, 1, 16, pages["hi_table"], 16, pages["mid_table"],
+                           16), test_utils=("test_schema", "test_faketensor"))
+    step = torch.compile(lambda q: decode_attention(q, **pages, return_scores=True), fullgraph=True)
+    out, probs = step(q)
+    ref_out, ref_probs = decode_attention(q, **pages, return_scores=True)
+    assert torch.equal(out, ref_out) and torch.equal(probs, ref_probs)
