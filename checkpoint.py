@@ -20,38 +20,110 @@ from model import ModelArgs, rope_inv_freq
 REPO_DIR = Path(__file__).resolve().parent
 SETUP_HINT = "run `bash scripts/setup.sh` to prepare the default model, or pass --checkpoint_path"
 TOKENIZER_NAMES = ("tokenizer.json", "tokenizer.model")  # what tokenizer.load_tokenizer reads from a folder
+# Beside a model.pth whose linears hold torchao int8 weights (scripts/prepare_checkpoint.py --quantize): the mode,
+# so that loading imports torchao (its tensor classes must be registered before torch.load) and --plan knows it.
+WEIGHT_QUANTIZATION_FILE = "weight_quantization.json"
 
 
 def default_checkpoint_path() -> Path:
     return REPO_DIR / "checkpoints" / "smollm2-135m" / "model.pth"
 
 
-def load_checkpoint(path, dtype: torch.dtype = None) -> tuple[ModelArgs, dict[str, Tensor]]:
+def load_checkpoint(path, dtype: torch.dtype = None, shard=None) -> tuple[ModelArgs, dict[str, Tensor]]:
     """(ModelArgs, state_dict) from a .gguf file, a HF directory, or a model.pth (or a directory holding one).
-    With `dtype`, each tensor is cast as it is read, so a large checkpoint never sits in memory twice."""
+    With `dtype`, each tensor is cast as it is read, so a large checkpoint never sits in memory twice.
+    shard (tensor parallel, tp.py): a function of the ModelArgs, called before any tensor is read, giving
+    {name: (dim, [(start, stop), ...])}: of those tensors only the slices along dim are read (concatenated in
+    order): safetensors through get_slice, a model.pth through its memory map, GGUF one tensor at a time."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"checkpoint not found: {path} — {SETUP_HINT}")
     if path.is_dir():
         if (path / "config.json").exists() and list(path.glob("*.safetensors")):
-            return load_hf_dir(path, dtype)
+            return load_hf_dir(path, dtype, shard)
         if (path / "model.pth").exists():
-            return load_pth(path / "model.pth", dtype)
+            return load_pth(path / "model.pth", dtype, shard)
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
-            return load_gguf(ggufs[0], dtype)
+            return load_gguf(ggufs[0], dtype, shard)
         raise ValueError(f"no checkpoint in {path}: expected model.pth with model_args.json, one .gguf file, or "
                          "config.json with *.safetensors — convert one with scripts/convert_hf_checkpoint.py, or "
                          "pass the checkpoint file itself as --checkpoint_path")
     if path.suffix == ".gguf":
-        return load_gguf(path, dtype)
+        return load_gguf(path, dtype, shard)
     if path.name == "config.json" or path.suffix == ".safetensors":
-        return load_hf_dir(path.parent, dtype)
-    return load_pth(path, dtype)
+        return load_hf_dir(path.parent, dtype, shard)
+    return load_pth(path, dtype, shard)
 
 
 def _cast(t: Tensor, dtype) -> Tensor:
-    return t if dtype is None else t.to(dtype)
+    # A torchao tensor (a quantized checkpoint's linears) keeps its own dtypes: its activations set the output's.
+    return t if dtype is None or type(t) is not torch.Tensor else t.to(dtype)
+
+
+def weight_quantization(path) -> dict | None:
+    """{"mode": "int8", ...} for a model.pth checkpoint of torchao-quantized weights, else None (no weight read)."""
+    path = Path(path)
+    marker = (path if path.is_dir() else path.parent) / WEIGHT_QUANTIZATION_FILE
+    if not marker.is_file():
+        return None
+    try:
+        return json.loads(marker.read_text())
+    except ValueError as e:
+        raise ValueError(f"{marker} is not valid JSON ({_one_line(e)}) — prepare the checkpoint again")
+
+
+def load_model_args(path) -> ModelArgs:
+    """The checkpoint's ModelArgs alone, no weight read (generate.py --plan): the model_args.json of a model.pth
+    checkpoint, a Hugging Face config.json (the file, or a folder holding it: the weights need not be there), or
+    a GGUF's metadata. The same layouts load_checkpoint reads, in the same order."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"checkpoint not found: {path} — {SETUP_HINT}")
+    if path.suffix == ".gguf":
+        return read_gguf(path)[0]
+    folder = path if path.is_dir() else path.parent
+    hf = (path.name == "config.json" or path.suffix == ".safetensors" or
+          path.is_dir() and (path / "config.json").is_file() and
+          (any(path.glob("*.safetensors")) or not (path / "model_args.json").is_file()))
+    name = "config.json" if hf else "model_args.json"
+    if (folder / name).is_file():
+        try:
+            config = json.loads((folder / name).read_text())
+            return hf_model_args(config) if hf else ModelArgs.from_dict(config)
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"cannot read {folder / name} ({_one_line(e)}) — convert the checkpoint again")
+    ggufs = sorted(folder.glob("*.gguf")) if path.is_dir() else []
+    if len(ggufs) == 1:
+        return read_gguf(ggufs[0])[0]
+    raise ValueError(f"no model config in {folder}: expected model_args.json, a Hugging Face config.json or one "
+                     ".gguf file")
+
+
+def take_piece(t: Tensor, piece, dtype=None) -> Tensor:
+    """t, or with piece = (dim, [(start, stop), ...]) its slices along dim concatenated (a copy: only those
+    elements are read from a memory-mapped t), cast to dtype."""
+    if piece is None:
+        return _cast(t, dtype)
+    if type(t) is not torch.Tensor:  # a quantized tensor subclass (torchao): its packing is not sliced here
+        raise ValueError(f"a {type(t).__name__} tensor cannot be split for tensor parallelism: load the 16-bit "
+                         "checkpoint and quantize after sharding (--quantize)")
+    dim, ranges = piece
+    return torch.cat([_cast(t.narrow(dim, start, stop - start), dtype) for start, stop in ranges], dim)
+
+
+def _fused_parts(ranges, sizes) -> list[tuple[int, int, int]]:
+    """Rows [start, stop) of a tensor made of parts of `sizes` rows stacked, as (part, start, stop) within each
+    part, in order: how wqkv's rows are read from the q, k and v matrices of a checkpoint that keeps them apart."""
+    parts = []
+    for start, stop in ranges:
+        offset = 0
+        for i, size in enumerate(sizes):
+            low, high = max(start, offset), min(stop, offset + size)
+            if low < high:
+                parts.append((i, low - offset, high - offset))
+            offset += size
+    return parts
 
 
 def _one_line(e: Exception) -> str:
@@ -84,7 +156,7 @@ def rebuild_hint(directory) -> str:
             f"--force` (or `python scripts/prepare_checkpoint.py --out_dir {directory} --force` for SmolLM2)")
 
 
-def load_pth(path: Path, dtype=None) -> tuple[ModelArgs, dict]:
+def load_pth(path: Path, dtype=None, shard=None) -> tuple[ModelArgs, dict]:
     args_path = path.parent / "model_args.json"
     # The tokenizer is not needed for the weights: tokenizer.py reports a missing one itself.
     problem = checkpoint_problem(path.parent, tokenizer=False, model_file=path.name)
@@ -94,6 +166,9 @@ def load_pth(path: Path, dtype=None) -> tuple[ModelArgs, dict]:
         args = ModelArgs.from_dict(json.loads(args_path.read_text()))
     except (ValueError, TypeError) as e:
         raise ValueError(f"{args_path} is not valid model args ({_one_line(e)}) — convert the checkpoint again")
+    if weight_quantization(path) is not None:  # torchao's tensor classes, registered for weights_only loading
+        from weight_quant import import_torchao
+        import_torchao()
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for a damaged file
@@ -102,7 +177,8 @@ def load_pth(path: Path, dtype=None) -> tuple[ModelArgs, dict]:
     if not isinstance(state_dict, dict) or "tok_embeddings.weight" not in state_dict:
         raise ValueError(f"{path} is not a model.pth written by this repo's converters — convert the checkpoint "
                          "with scripts/convert_hf_checkpoint.py")
-    return args, {k: _cast(v, dtype) for k, v in state_dict.items()}
+    pieces = shard(args) if shard else {}
+    return args, {k: take_piece(v, pieces.get(k), dtype) for k, v in state_dict.items()}
 
 
 def check_replaceable(out_dir: Path, force: bool):
@@ -188,7 +264,7 @@ HF_NAMES = {  # HF name (after "model.layers.{i}.") -> ours (after "layers.{i}."
 }
 
 
-def load_hf_dir(path: Path, dtype=None) -> tuple[ModelArgs, dict]:
+def load_hf_dir(path: Path, dtype=None, shard=None) -> tuple[ModelArgs, dict]:
     from safetensors import safe_open
 
     try:
@@ -211,21 +287,34 @@ def load_hf_dir(path: Path, dtype=None) -> tuple[ModelArgs, dict]:
         raise ValueError(f"cannot read {path / f} ({_one_line(e)}) — the file is damaged or incomplete: "
                          "download the checkpoint again")
 
-    def get(name: str) -> Tensor:
+    pieces = shard(args) if shard else {}
+
+    def get(name: str, piece=None) -> Tensor:
         if name not in name_to_file:
             raise ValueError(f"{path} has no tensor {name!r} — is it a complete Llama checkpoint?")
         with safe_open(path / name_to_file[name], framework="pt") as handle:
-            return _cast(handle.get_tensor(name), dtype)
+            if piece is None:
+                return _cast(handle.get_tensor(name), dtype)
+            dim, ranges = piece  # get_slice reads only the rows (dim 0) or columns (dim 1) asked for
+            part = handle.get_slice(name)
+            return torch.cat([_cast(part[start:stop] if dim == 0 else part[:, start:stop], dtype)
+                              for start, stop in ranges], dim)
 
     state_dict = {"tok_embeddings.weight": get("model.embed_tokens.weight"), "norm.weight": get("model.norm.weight")}
     if not args.tie_word_embeddings:
         state_dict["output.weight"] = get("lm_head.weight")
+    q_rows, kv_rows = args.n_head * args.head_dim, args.n_kv_head * args.head_dim
     for i in range(args.n_layer):
         hf = f"model.layers.{i}."
-        state_dict[f"layers.{i}.attention.wqkv.weight"] = torch.cat(
-            [get(hf + f"self_attn.{p}_proj.weight") for p in "qkv"])
+        qkv = [hf + f"self_attn.{p}_proj.weight" for p in "qkv"]
+        wqkv = f"layers.{i}.attention.wqkv.weight"
+        if wqkv in pieces:  # our fused rows, read from q_proj, k_proj and v_proj
+            state_dict[wqkv] = torch.cat([get(qkv[part], (0, [(start, stop)])) for part, start, stop in
+                                          _fused_parts(pieces[wqkv][1], (q_rows, kv_rows, kv_rows))])
+        else:
+            state_dict[wqkv] = torch.cat([get(name) for name in qkv])
         for hf_name, name in HF_NAMES.items():
-            state_dict[f"layers.{i}.{name}"] = get(hf + hf_name)
+            state_dict[f"layers.{i}.{name}"] = get(hf + hf_name, pieces.get(f"layers.{i}.{name}"))
     return args, state_dict
 
 
@@ -262,7 +351,8 @@ def _gguf_rope_scaling(fields: dict, rope_freqs: Tensor, args: ModelArgs) -> dic
     return scaling
 
 
-def load_gguf(path: Path, dtype=None) -> tuple[ModelArgs, dict]:
+def read_gguf(path: Path):
+    """(ModelArgs, get): a GGUF's metadata read, its tensors only mapped; get(name) dequantizes one tensor."""
     import gguf
 
     try:
@@ -316,7 +406,13 @@ def load_gguf(path: Path, dtype=None) -> tuple[ModelArgs, dict]:
 
     if "rope_freqs.weight" in tensors:
         args.rope_scaling = _gguf_rope_scaling(fields, get("rope_freqs.weight"), args)
+    return args, get
+
+
+def load_gguf(path: Path, dtype=None, shard=None) -> tuple[ModelArgs, dict]:
+    args, get = read_gguf(path)
     # (A truncated file already failed in GGUFReader: it maps every tensor's data when it opens the file.)
+    pieces = shard(args) if shard else {}  # quantized blocks are dequantized whole, one tensor at a time, then cut
     state_dict = {"tok_embeddings.weight": _cast(get("token_embd.weight"), dtype),
                   "norm.weight": _cast(get("output_norm.weight"), dtype)}
     if not args.tie_word_embeddings:
@@ -325,7 +421,9 @@ def load_gguf(path: Path, dtype=None) -> tuple[ModelArgs, dict]:
         blk = f"blk.{i}."
         q = unpermute_rope_rows(get(blk + "attn_q.weight"), args.n_head)
         k = unpermute_rope_rows(get(blk + "attn_k.weight"), args.n_kv_head)
-        state_dict[f"layers.{i}.attention.wqkv.weight"] = _cast(torch.cat([q, k, get(blk + "attn_v.weight")]), dtype)
+        name = f"layers.{i}.attention.wqkv.weight"
+        state_dict[name] = take_piece(torch.cat([q, k, get(blk + "attn_v.weight")]), pieces.get(name), dtype)
         for gguf_name, name in GGUF_NAMES.items():
-            state_dict[f"layers.{i}.{name}"] = _cast(get(blk + gguf_name), dtype)
+            state_dict[f"layers.{i}.{name}"] = take_piece(get(blk + gguf_name), pieces.get(f"layers.{i}.{name}"),
+                                                          dtype)
     return args, state_dict

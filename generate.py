@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 import kv_cache
+import tp
+import weight_quant
 from atomic import atomic_write_text, check_writable_file
 from checkpoint import SETUP_HINT, default_checkpoint_path, load_checkpoint
 from kv_cache.paging import DEFAULT_BLOCK_SIZE, BlockPool, PageSpace, PoolExhausted
@@ -31,7 +33,9 @@ OUTPUTS = Path(__file__).resolve().parent / "outputs"
 # ---------------------------------------------------------------- model and cache set-up
 
 
-def load_model(checkpoint_path, device, dtype) -> Transformer:
+def load_model(checkpoint_path, device, dtype, replicate_kv_heads: bool = False) -> Transformer:
+    if tp.world_size() > 1:  # under torchrun: this rank's shard only (tp.py); quantize after this, on the shard
+        return tp.load_model(checkpoint_path, device, dtype, replicate_kv_heads)
     args, state_dict = load_checkpoint(checkpoint_path, dtype=dtype)  # cast as read: never two copies in memory
     return Transformer.from_state_dict(args, state_dict, device=device, dtype=dtype)
 
@@ -45,6 +49,7 @@ def setup_cache(model: Transformer, strategy: str, options: dict, batch_size: in
     cache_cls = kv_cache.STRATEGIES[strategy]
     args = model.args
     resolved = cache_cls.check_options(options, max_seq_length, args.head_dim, quiet)  # once for all layers
+    per_layer = [cache_cls.layer_options(resolved, i, args.n_layer) for i in range(args.n_layer)]  # checked first
     weight = model.tok_embeddings.weight
     pool = None
     if block_size:
@@ -54,7 +59,7 @@ def setup_cache(model: Transformer, strategy: str, options: dict, batch_size: in
 
     def make_cache(layer_idx):
         return cache_cls(batch_size, max_seq_length, args.n_kv_head, args.head_dim, weight.dtype, weight.device,
-                         options=resolved, pool=pool)
+                         options=per_layer[layer_idx], pool=pool)
 
     model.setup_caches(make_cache, max(max_seq_length, rope_length))
     return pool
@@ -97,8 +102,9 @@ def full_kv_bytes(model: Transformer, batch_size: int, tokens: int) -> int:
 
 def cache_bytes(args: ModelArgs, strategy: str, options: dict, batch_size: int, max_seq_length: int,
                 dtype=torch.bfloat16, block_size: int = None, num_blocks: int = None) -> int:
-    """What the caches of all layers allocate, from one cache built on the meta device (no memory used); paged
-    with block_size: a pool of num_blocks blocks (default: every sequence reaches max_seq_length)."""
+    """What the caches of all layers allocate, from the layers' caches built on the meta device (no memory used),
+    each with its own options (KVCache.layer_options: e.g. quantize_kv --bits_per_layer); paged with block_size: a
+    pool of num_blocks blocks (default: every sequence reaches max_seq_length)."""
     # Storage does not depend on the attention path, and the meta device has no Triton kernels to check for.
     cache_cls = kv_cache.STRATEGIES[strategy]
     resolved = cache_cls.Options.resolve({**options, "attn_impl": "torch"}, args.head_dim)
@@ -107,9 +113,17 @@ def cache_bytes(args: ModelArgs, strategy: str, options: dict, batch_size: int, 
         space = cache_cls.page_space(resolved, max_seq_length, block_size)
         pool = BlockPool(num_blocks or default_num_blocks(space, batch_size, max_seq_length), space, batch_size,
                          torch.device("meta"))
-    cache = cache_cls(batch_size, max_seq_length, args.n_kv_head, args.head_dim, dtype, torch.device("meta"),
-                      options=resolved, pool=pool)
-    return cache.nbytes() * args.n_layer
+    built = []  # (options, bytes): layers of equal options allocate equal buffers, so each is built once
+    total = 0
+    for i in range(args.n_layer):
+        layer = cache_cls.layer_options(resolved, i, args.n_layer)
+        n_bytes = next((n for opts, n in built if opts == layer), None)
+        if n_bytes is None:
+            n_bytes = cache_cls(batch_size, max_seq_length, args.n_kv_head, args.head_dim, dtype, torch.device("meta"),
+                                options=layer, pool=pool).nbytes()
+            built.append((layer, n_bytes))
+        total += n_bytes
+    return total
 
 
 def generation_bytes(args: ModelArgs, strategy: str, options: dict, batch_size: int, max_seq_length: int,
@@ -159,7 +173,8 @@ def check_memory(model: Transformer, strategy: str, options: dict, batch_size: i
     """Before anything is allocated: a one-line ValueError when the caches and prefill buffers cannot fit in the
     memory left after the weights, naming the largest --max_seq_length and --batch_size that would."""
     weight = model.tok_embeddings.weight
-    available = available_memory_bytes(weight.device) if available is None else available
+    if available is None:  # tensor parallel: the fullest GPU decides, so that every rank decides alike
+        available = int(tp.min_over_ranks(available_memory_bytes(weight.device)))
 
     def needed(batch, length):
         return generation_bytes(model.args, strategy, options, batch, length, prompt_len, rope_length, weight.dtype,
@@ -211,6 +226,8 @@ def prefill(model: Transformer, tokens: torch.Tensor, start_pos: int = 0, chunk_
     grow with chunk_size x context, not context^2. Returns logits (B, T, V), or (B, 1, V) of the last token with
     last_only (the (B, T, V) logits of a long prompt would outweigh the chunking). Paged caches take the blocks
     each chunk needs first."""
+    if model.caches()[0].whole_prompt:  # e.g. SnapKV scores the prompt from its end: one chunk
+        chunk_size = None
     chunk_size = chunk_size or tokens.shape[1]
     pool = pool_of(model)
     if rows is None:  # named, so a one-token chunk is a prefill chunk too, never taken for the decode step
@@ -446,7 +463,7 @@ def maybe_profile(name, device, written: list = None):
     """With --profile NAME: a Chrome/Perfetto trace, a key-averages table and (CUDA) a memory timeline in outputs/,
     each written atomically. The files written are appended to `written` when given (the caller reports them after
     its own output), else named on stderr."""
-    if not name:
+    if not name or not tp.is_main():  # tensor parallel: rank 0's profile
         yield
         return
     check_profile_name(name)
@@ -567,6 +584,22 @@ def add_common_arguments(parser, suppress=False):
                         help="torch.compile the decode step (CUDA graphs on GPU); compilation is timed apart")
     parser.add_argument("--profile", metavar="NAME", default=default(None),
                         help="write a torch.profiler trace and table as outputs/NAME* (NAME: letters, digits, - _ .)")
+    parser.add_argument("--replicate_kv_heads", action="store_true", default=default(False),
+                        help="tensor parallel (torchrun) with more ranks than KV heads: copy each KV head to "
+                             "ranks / KV heads ranks (tp.py)")
+    parser.add_argument("--quantize", choices=weight_quant.MODES, default=default(None),
+                        help="weight-only quantization of the linears with torchao (weight_quant.py): int8 per "
+                             "channel, int4 per group (on CUDA bfloat16 only)")
+    parser.add_argument("--weight_group_size", type=whole_number(1), default=default(None),
+                        help=f"with --quantize int4: input columns per scale (default {weight_quant.DEFAULT_GROUP_SIZE}"
+                             f" when it divides every linear's width, else {weight_quant.FALLBACK_GROUP_SIZE})")
+    parser.add_argument("--plan", action="store_true", default=default(False),
+                        help="print the memory plan per GPU (weights, KV cache, the largest batch and context that "
+                             "fit --memory_gb) from the checkpoint's config, without loading weights, and stop")
+    parser.add_argument("--tp", type=whole_number(1), default=default(None),
+                        help="with --plan: tensor-parallel ranks to plan for (under torchrun: its world size)")
+    parser.add_argument("--memory_gb", type=positive_number, default=default(None),
+                        help="with --plan: GiB of memory per GPU (default: what the device has free)")
 
 
 def one_line_error(message):
@@ -696,6 +729,13 @@ def check_options(args):
             raise ValueError(f"{given[0]} sizes the paged pool: add --paged")
     if args.num_blocks is not None and args.kv_memory_gb is not None:
         raise ValueError("--num_blocks and --kv_memory_gb both size the pool: give one of them")
+    if not args.plan:
+        given = [flag for flag, value in (("--tp", args.tp), ("--memory_gb", args.memory_gb)) if value is not None]
+        if given:
+            raise ValueError(f"{given[0]} is for --plan (add it); tensor parallel runs under torchrun "
+                             "(scripts/launch.py)")
+    if args.weight_group_size is not None and args.quantize != "int4":
+        raise ValueError("--weight_group_size sets int4's groups: add --quantize int4 (int8 is per channel)")
     if args.out is not None:
         check_writable_file(args.out)
     if args.profile is not None:  # "" too: a name that is no name
@@ -730,15 +770,21 @@ def prompt_tokens(tokenizer, text: str, chat: bool, system) -> list[int]:
 
 
 def run(args, options):
+    if args.plan:  # before the device check: a GPU run can be planned on a machine without one
+        import plan
+        return plan.run(args, options)
     # Everything that can be checked without the weights is checked first, so a bad command line fails in seconds.
     device, dtype = resolve_device_dtype(args.device, args.dtype)
+    device = tp.rank_device(device)  # under torchrun: this rank's GPU
     check_options(args)
+    weight_quant.check_mode(args.quantize, device, dtype)
     kv_cache.base.attn_impl_for(options.get("attn_impl"), device)  # e.g. --attn_impl triton on a CPU
     if args.top_k and args.temperature == 0:
         warn("--top_k has no effect with --temperature 0 (greedy decoding): set --temperature to sample")
     texts = read_prompts_file(args.prompts_file) if args.prompts_file else [read_prompt(args.prompt)]
     checkpoint_path = args.checkpoint_path or default_checkpoint_path()
     check_checkpoint_path(checkpoint_path)  # first: a missing checkpoint names the set-up fix
+    weight_quant.checkpoint_mode(args.quantize, checkpoint_path)  # --quantize against a quantized checkpoint
     from tokenizer import load_tokenizer  # imported here: scripts/bench_decode.py uses this file without gguf
     tokenizer = load_tokenizer(checkpoint_path)
     prompts = [prompt_tokens(tokenizer, text, args.chat, args.system) for text in texts]
@@ -750,7 +796,9 @@ def run(args, options):
     T = max(map(len, prompts))
     total = T + args.max_new_tokens
     torch.manual_seed(args.seed)
-    model = load_model(checkpoint_path, device, dtype)
+    tp.init(device)  # under torchrun: the process group (after the checks every rank makes alike)
+    model = load_model(checkpoint_path, device, dtype, args.replicate_kv_heads)
+    weight_quant.quantize_weights(model, args.quantize, args.weight_group_size)  # after sharding: each rank its own
 
     largest_id = max(max(ids) for ids in prompts)
     if largest_id >= model.args.vocab_size:
@@ -791,6 +839,10 @@ def run(args, options):
 
     print(f"model: {checkpoint_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, {dtype}, "
           f"{device}); cache: {args.strategy} {options}" + ("; chat template applied" if args.chat else ""))
+    if tp.world_size() > 1:
+        print(tp.describe(model))
+    if weight_quant.mode_of(model):
+        print(weight_quant.describe(model))
     decode_fn = decode_one_token
     compile_s = None
     if args.compile:
@@ -879,7 +931,8 @@ def write_jsonl(path: Path, tokenizer, texts: list[str], sequences: dict):
                                                                                              tokenizer.eos_ids)),
                             tokens=seq["tokens"], finish_reason=seq["finish_reason"]), ensure_ascii=False)
             for i, seq in sorted(sequences.items())]
-    atomic_write_text(path, "".join(row + "\n" for row in rows))
+    if tp.is_main():  # tensor parallel: every rank has the same completions; rank 0 writes them
+        atomic_write_text(path, "".join(row + "\n" for row in rows))
 
 
 def report(args, model, results, compile_s, batch_size, max_seq_length, device):
@@ -958,4 +1011,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    tp.run(main)  # under torchrun: rank 0 prints, the others only their own errors

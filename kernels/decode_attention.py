@@ -36,6 +36,11 @@ int64 maps each sequence's logical blocks to pool blocks:
 
 Table entries past a sequence's length hold 0: block 0 is a "null" block the caller reserves, which masked lanes
 may address but never load. Paging is a constexpr of the kernel: the unpaged path compiles as before.
+
+Keys quantized before RoPE (quantize_kv --key_rope pre, k_rope_cos / k_rope_sin given): mid token t is position
+sink_size + t, and each dequantized key tile is rotated in registers by those positions' rows of the RoPE tables
+(model.apply_rope's rotate-half layout: channel d pairs with d + D/2) before its scores; the hi store is attended as
+given (the caller rotates it). A constexpr too: without the tables the kernel is what it was.
 """
 import math
 from typing import Optional
@@ -144,6 +149,19 @@ def _store_scores(scores_ptr, s, row0, offs_g, offs_n, end, n_scores, GROUP: tl.
 
 
 @triton.jit
+def _rope_tile(x, cos_ptr, sin_ptr, stride_r, pos, mask, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows of x (BLOCK_N, BLOCK_D) float32 rotated by positions pos (BLOCK_N,) as model.apply_rope rotates them:
+    out[j] = x[j] cos - x[j + D/2] sin, out[j + D/2] = x[j + D/2] cos + x[j] sin (BLOCK_D == D). The tables of
+    model.rope_tables hold each angle twice (columns j and j + D/2), so only their first half is read."""
+    HALF: tl.constexpr = BLOCK_D // 2
+    rows = pos.to(tl.int64)[:, None] * stride_r + tl.arange(0, HALF)[None, :]
+    cos = tl.load(cos_ptr + rows, mask=mask[:, None], other=1.0)
+    sin = tl.load(sin_ptr + rows, mask=mask[:, None], other=0.0)
+    lo, hi = tl.split(tl.permute(tl.reshape(x, (BLOCK_N, 2, HALF)), (0, 2, 1)))  # x[:, :D/2], x[:, D/2:]
+    return tl.reshape(tl.permute(tl.join(lo * cos - hi * sin, hi * cos + lo * sin), (0, 2, 1)), (BLOCK_N, BLOCK_D))
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, hi_k_ptr, hi_v_ptr, hi_pos_ptr, hi_last_ptr, n_mid_ptr,
     kq_ptr, ks_ptr, kz_ptr, vq_ptr, vs_ptr, vz_ptr,
@@ -166,13 +184,14 @@ def _decode_split_kernel(
     V_PER_BYTE: tl.constexpr, V_F: tl.constexpr, V_G: tl.constexpr, V_ZERO: tl.constexpr, V_TILES: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     PAGED_HI: tl.constexpr, HI_BLOCK: tl.constexpr, PAGED_MID: tl.constexpr, MID_BLOCK: tl.constexpr,
-    SCORES: tl.constexpr,
+    SCORES: tl.constexpr, rope_cos_ptr, rope_sin_ptr, stride_rope, KEY_ROPE: tl.constexpr,
 ):
     """One split of one (sequence, KV head). PAGED_HI / PAGED_MID: that store is a pool read through its block
     table (its batch strides are 0); every index and mask here is logical and only the addresses go through the
     table. Unpaged, the table arguments are never read and the code is what it was before paging (constexpr).
     SCORES: every tile's log2 scores are also stored, mid token t at column t and hi slot i at n_mid_slots + i of
-    the score rows (B * HQ, n_mid_slots + n_hi)."""
+    the score rows (B * HQ, n_mid_slots + n_hi). KEY_ROPE: mid keys were quantized before RoPE; each dequantized
+    tile is rotated by positions sink_size + t (rows of the tables at rope_cos_ptr / rope_sin_ptr)."""
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)  # batch offsets can pass 2**31 elements in a large cache
@@ -227,6 +246,8 @@ def _decode_split_kernel(
                                   stride_mtn, D, BLOCK_N, BLOCK_D, K_PER_BYTE, K_F, K_G, K_ZERO, K_TILES,
                                   PAGED_MID, MID_BLOCK)
                 k_col_scale = ones_n
+            if KEY_ROPE:  # a per-token scale (k_col_scale) commutes with the rotation: the raw tile is rotated
+                k = _rope_tile(k, rope_cos_ptr, rope_sin_ptr, stride_rope, sink_size + offs_n, keep, BLOCK_N, BLOCK_D)
             if V_PER_BYTE == 1 and V_F == 1 and V_G >= D and not V_ZERO:
                 v = tl.load(vq_base + rows[:, None] * stride_vqn + offs_d[None, :],
                             mask=keep[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
@@ -384,7 +405,8 @@ def decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Tensor = No
                      sink_size: int = 0, n_mid: Tensor = None, k_q: Tensor = None, k_scale: Tensor = None,
                      k_zero: Tensor = None, v_q: Tensor = None, v_scale: Tensor = None, v_zero: Tensor = None,
                      splits: tuple = None, block_n: int = None, hi_table: Tensor = None, hi_block: int = 0,
-                     mid_table: Tensor = None, mid_block: int = 0, return_scores: bool = False):
+                     mid_table: Tensor = None, mid_block: int = 0, return_scores: bool = False,
+                     k_rope_cos: Tensor = None, k_rope_sin: Tensor = None):
     """Attention of q (B, n_head, 1, D) (already rotated) over the hi store and the first n_mid mid tokens.
 
     hi_last, n_mid: device tensors of shape (), (1,) or (B,); hi_last (the last hi slot to read, e.g. input_pos for
@@ -400,10 +422,13 @@ def decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Tensor = No
     return_scores: also return every token's attention probability (B, n_head, M + NH) float32, mid token t in
     column t and hi slot i in column M + i (0 where not attended): the scores the softmax computed anyway, stored
     as it goes and normalized with the merged log-sum-exp (no second pass over the keys), for eviction policies.
+    k_rope_cos, k_rope_sin: the mid keys were quantized before RoPE (quantize_kv --key_rope pre); these are the
+    model's float32 tables (positions, D) of model.rope_tables, and mid token t is rotated by row sink_size + t
+    after dequantization (module docstring). Needs a power-of-two head_dim >= 16.
     Under torch.compile this is the opaque op torch.ops.kvcache.decode_attention (decode_attention_scores);
     eager calls launch directly, without the op dispatcher's per-call overhead."""
     args = (q, hi_k, hi_v, hi_last, hi_pos, sink_size, n_mid, k_q, k_scale, k_zero, v_q, v_scale, v_zero,
-            *(splits or (-1, -1)), block_n or 0, hi_table, hi_block, mid_table, mid_block)
+            *(splits or (-1, -1)), block_n or 0, hi_table, hi_block, mid_table, mid_block, k_rope_cos, k_rope_sin)
     if torch.compiler.is_compiling():
         op = torch.ops.kvcache.decode_attention_scores if return_scores else torch.ops.kvcache.decode_attention
         return op(*args)
@@ -415,16 +440,19 @@ def _decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[T
                       k_zero: Optional[Tensor], v_q: Optional[Tensor], v_scale: Optional[Tensor],
                       v_zero: Optional[Tensor], split_mid: int, split_hi: int, block_n: int,
                       hi_table: Optional[Tensor] = None, hi_block: int = 0, mid_table: Optional[Tensor] = None,
-                      mid_block: int = 0) -> Tensor:
+                      mid_block: int = 0, k_rope_cos: Optional[Tensor] = None,
+                      k_rope_sin: Optional[Tensor] = None) -> Tensor:
     return _launch(q, hi_k, hi_v, hi_last, hi_pos, sink_size, n_mid, k_q, k_scale, k_zero, v_q, v_scale, v_zero,
-                   split_mid, split_hi, block_n, hi_table, hi_block, mid_table, mid_block, False)
+                   split_mid, split_hi, block_n, hi_table, hi_block, mid_table, mid_block, False, k_rope_cos,
+                   k_rope_sin)
 
 
 def _launch(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[Tensor], hi_pos: Optional[Tensor],
             sink_size: int, n_mid: Optional[Tensor], k_q: Optional[Tensor], k_scale: Optional[Tensor],
             k_zero: Optional[Tensor], v_q: Optional[Tensor], v_scale: Optional[Tensor], v_zero: Optional[Tensor],
             split_mid: int, split_hi: int, block_n: int, hi_table: Optional[Tensor], hi_block: int,
-            mid_table: Optional[Tensor], mid_block: int, return_scores: bool):
+            mid_table: Optional[Tensor], mid_block: int, return_scores: bool, k_rope_cos: Optional[Tensor] = None,
+            k_rope_sin: Optional[Tensor] = None):
     B, HQ, T, D = q.shape
     H, NH = hi_k.shape[1], hi_k.shape[2]
     if T != 1:
@@ -473,6 +501,18 @@ def _launch(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[Tensor], hi
 
     BLOCK_D = max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16
     BLOCK_G = max(16, triton.next_power_of_2(group))  # tl.dot needs at least 16 rows
+    key_rope = k_rope_cos is not None
+    if key_rope != (k_rope_sin is not None) or key_rope and not has_mid:
+        raise ValueError("k_rope_cos and k_rope_sin rotate the mid store's keys: pass both, with a mid store")
+    if key_rope:
+        if BLOCK_D != D:  # the rotation pairs the tile's halves: no padded channels
+            raise ValueError(f"keys quantized before RoPE need a power-of-two head_dim >= 16 in the fused kernel "
+                             f"(got {D}): use --attn_impl torch")
+        if k_rope_cos.shape != k_rope_sin.shape or k_rope_cos.dim() != 2 or k_rope_cos.shape[1] != D \
+                or k_rope_cos.dtype != torch.float32 or k_rope_cos.stride() != k_rope_sin.stride() \
+                or k_rope_cos.stride(1) != 1:
+            raise ValueError(f"k_rope_cos / k_rope_sin must be float32 tables (positions, {D}) with rows "
+                             "contiguous, as model.rope_tables makes them")
     if block_n <= 0:
         block_n = 64 if BLOCK_D <= 128 else 32
     splits_mid, splits_hi = (split_mid, split_hi) if split_mid >= 0 else _num_splits(q.device, B * H, M, NH, block_n)
@@ -525,7 +565,9 @@ def _launch(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[Tensor], hi
              mt.stride(0) if paged_mid else 0, mt.stride(1) if paged_mid else 0]
     _decode_split_kernel[(B * H, n_splits)](
         *args, **constexprs, PAGED_HI=paged_hi, HI_BLOCK=hi_block if paged_hi else 1, PAGED_MID=paged_mid,
-        MID_BLOCK=mid_block if paged_mid else 1, SCORES=return_scores)
+        MID_BLOCK=mid_block if paged_mid else 1, SCORES=return_scores,
+        rope_cos_ptr=k_rope_cos if key_rope else q, rope_sin_ptr=k_rope_sin if key_rope else q,  # else never read
+        stride_rope=k_rope_cos.stride(0) if key_rope else 0, KEY_ROPE=key_rope)
     _decode_merge_kernel[(B * HQ,)](
         o_part, lse_part, out, out.stride(0), out.stride(1),
         HQ=HQ, D=D, SPLITS=n_splits, BLOCK_S=triton.next_power_of_2(n_splits),
@@ -543,9 +585,12 @@ def _decode_attention_scores(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Opt
                              k_scale: Optional[Tensor], k_zero: Optional[Tensor], v_q: Optional[Tensor],
                              v_scale: Optional[Tensor], v_zero: Optional[Tensor], split_mid: int, split_hi: int,
                              block_n: int, hi_table: Optional[Tensor] = None, hi_block: int = 0,
-                             mid_table: Optional[Tensor] = None, mid_block: int = 0) -> tuple[Tensor, Tensor]:
+                             mid_table: Optional[Tensor] = None, mid_block: int = 0,
+                             k_rope_cos: Optional[Tensor] = None,
+                             k_rope_sin: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     return _launch(q, hi_k, hi_v, hi_last, hi_pos, sink_size, n_mid, k_q, k_scale, k_zero, v_q, v_scale, v_zero,
-                   split_mid, split_hi, block_n, hi_table, hi_block, mid_table, mid_block, True)
+                   split_mid, split_hi, block_n, hi_table, hi_block, mid_table, mid_block, True, k_rope_cos,
+                   k_rope_sin)
 
 
 def score_columns(hi_k, k_q, hi_table, hi_block, mid_table, mid_block) -> int:
@@ -559,7 +604,7 @@ torch.library.custom_op("kvcache::decode_attention", _decode_attention, mutates_
     lambda q, *args: q.new_empty(q.shape))  # contiguous, as the kernel's output
 torch.library.custom_op("kvcache::decode_attention_scores", _decode_attention_scores, mutates_args=()).register_fake(
     lambda q, hi_k, hi_v, hi_last, hi_pos, sink_size, n_mid, k_q, k_scale, k_zero, v_q, v_scale, v_zero, split_mid,
-    split_hi, block_n, hi_table=None, hi_block=0, mid_table=None, mid_block=0: (
+    split_hi, block_n, hi_table=None, hi_block=0, mid_table=None, mid_block=0, k_rope_cos=None, k_rope_sin=None: (
         q.new_empty(q.shape),
         q.new_empty((q.shape[0], q.shape[1], score_columns(hi_k, k_q, hi_table, hi_block, mid_table, mid_block)),
                     dtype=torch.float32)))

@@ -7,6 +7,7 @@ dataclass, resolved and checked once; the command-line options are generated fro
 import argparse
 import dataclasses
 import importlib.util
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ class KVCache(nn.Module):
     name = ""
     help = ""
     Options = CacheOptions
+    whole_prompt = False  # the strategy needs each prompt in one prefill chunk (a policy scoring from its end)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser):
@@ -99,6 +101,13 @@ class KVCache(nn.Module):
         """The resolved options, or ValueError with one line naming the fix when they cannot work; quiet: no
         notices (a strategy may print one when the options work but do something the user may not expect)."""
         return cls.Options.resolve(options, head_dim)
+
+    @classmethod
+    def layer_options(cls, options: CacheOptions, layer_idx: int, n_layer: int) -> CacheOptions:
+        """The options of layer layer_idx's cache out of a model's n_layer layers, from options resolved by
+        check_options (each layer is its own cache object, so a strategy may give layers different options, e.g.
+        quantize_kv --bits_per_layer); a one-line ValueError when they do not fit n_layer. Default: the same."""
+        return options
 
     @classmethod
     def capacity(cls, options, max_seq_length: int):
@@ -151,14 +160,21 @@ class KVCache(nn.Module):
         return (slice(0, R) if rows is None else rows), input_pos.reshape(-1, T).expand(R, T)
 
     def attend_decode(self, q: Tensor, hi, hi_last: Optional[Tensor] = None, hi_pos: Optional[Tensor] = None,
-                      sink_size: int = 0, n_mid: Optional[Tensor] = None, mid=None) -> Tensor:
+                      sink_size: int = 0, n_mid: Optional[Tensor] = None, mid=None, scores: bool = False,
+                      mid_read: Optional[int] = None):
         """Decode attention of q (B, n_head, 1, D), already rotated, over the first B sequences of the stores:
         16-bit slots i <= hi_last[b] (every slot when None) of `hi` (a DenseStore / RingStore, contiguous or paged,
         or a (keys, values) pair (B, H, NH, D)) that, with hi_pos (B, NH) given, hold a token (hi_pos >= 0) not yet
         in the quantized store (a sink, or position >= sink_size + n_mid[b]), plus the first n_mid[b] tokens of the
         QuantizedStore `mid`. One description, two backends: the fused Triton kernel (kernels/decode_attention.py)
         reads the stores as they are, through the block table when paged; the torch path gathers, dequantizes,
-        masks and runs SDPA."""
+        masks and runs SDPA.
+        scores: also return each token's attention probability summed over the query heads of its KV head,
+        (B, n_kv_head, M + NH): mid token t in column t, hi slot i in column M + i (M: the mid store's logical
+        capacity, 0 without one), 0 where not attended (what eviction policies score tokens by); the kernel stores
+        them as its softmax computes them, the torch path runs the softmax itself. mid_read: the torch path reads
+        only the first mid_read mid slots (n_mid never passes it), so contiguous and paged stores, whose logical
+        capacities differ, run the same arithmetic (default: the store's capacity)."""
         B = q.shape[0]
         is_store = isinstance(hi, DenseStore)
         if self.attn_impl == "triton":
@@ -169,8 +185,12 @@ class KVCache(nn.Module):
             mid_args = {}
             if mid is not None:
                 mid_args = dict(n_mid=torch.where(active, n_mid, 0), **mid.kernel_inputs(B))
-            return self.decode_attention(q, **hi_args, hi_last=torch.where(active, last, -1), hi_pos=hi_pos,
-                                         sink_size=sink_size, **mid_args)
+            result = self.decode_attention(q, **hi_args, hi_last=torch.where(active, last, -1), hi_pos=hi_pos,
+                                           sink_size=sink_size, **mid_args, return_scores=scores)
+            if not scores:
+                return result
+            out, probs = result
+            return out, probs.view(B, self.n_kv_head, -1, probs.shape[-1]).sum(2)
         hi_k, hi_v = hi.logical(slice(0, B)) if is_store else hi
         if hi_pos is not None:  # ring slots hold their positions; with hi_last too they are filled in order
             n_old = sink_size + (n_mid[:, None] if mid is not None else 0)
@@ -178,9 +198,17 @@ class KVCache(nn.Module):
         else:
             keep = torch.arange(hi_k.shape[2], device=q.device) <= hi_last[:, None]
         if mid is None:
+            if scores:
+                return attend_with_scores(q, hi_k, hi_v, keep)
             return attend(q, hi_k, hi_v, keep.view(B, 1, 1, -1))
-        k_mid, v_mid = mid.dequantize(slice(0, B), mid.capacity, self.dtype)
-        mid_keep = torch.arange(mid.capacity, device=q.device) < n_mid[:, None]
+        k_mid, v_mid = mid.dequantize(slice(0, B), mid_read or mid.capacity, self.dtype)
+        mid_keep = torch.arange(k_mid.shape[2], device=q.device) < n_mid[:, None]
+        if scores:  # mid first, as the kernel lays the columns out; the slots not read score 0
+            out, probs = attend_with_scores(q, torch.cat([k_mid, hi_k], dim=2), torch.cat([v_mid, hi_v], dim=2),
+                                            torch.cat([mid_keep, keep], dim=1))
+            n_read = k_mid.shape[2]
+            unread = probs.new_zeros(*probs.shape[:2], mid.n_slots - n_read)
+            return out, torch.cat([probs[..., :n_read], unread, probs[..., n_read:]], dim=2)
         return attend(q, torch.cat([hi_k, k_mid], dim=2), torch.cat([hi_v, v_mid], dim=2),
                       torch.cat([keep, mid_keep], dim=1).view(B, 1, 1, -1))
 
@@ -250,6 +278,28 @@ def attn_impl_for(impl, device=None):
         raise ValueError("--attn_impl triton needs a CUDA device (or TRITON_INTERPRET=1, Triton's slow CPU "
                          "interpreter): use --attn_impl torch")
     return impl
+
+
+def attention_probs(q: Tensor, k: Tensor, mask: Tensor) -> Tensor:
+    """Softmax attention probabilities (B, n_head, T, S) in float32 of q (B, n_head, T, D) over keys k (B, n_kv_head,
+    S, D); mask broadcastable to (B, 1, T, S), True = keep. A row that keeps nothing gets 0."""
+    group = q.shape[1] // k.shape[1]
+    logits = q.float() @ k.float().repeat_interleave(group, dim=1).transpose(-1, -2) / math.sqrt(q.shape[-1])
+    logits = logits.masked_fill(~mask, float("-inf"))
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+
+
+def per_kv_head(probs: Tensor, n_kv_head: int) -> Tensor:
+    """Probabilities (B, n_head, ...) summed over the query heads that share each KV head: (B, n_kv_head, ...)."""
+    return probs.unflatten(1, (n_kv_head, -1)).sum(2)
+
+
+def attend_with_scores(q: Tensor, k: Tensor, v: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Decode attention of q (B, n_head, 1, D) over k, v (B, n_kv_head, S, D) with keep (B, S), and the
+    probabilities per KV head (B, n_kv_head, S) (attend_decode's scores)."""
+    probs = attention_probs(q, k, keep[:, None, None, :])
+    out = (probs @ v.float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)).to(q.dtype)
+    return out, per_kv_head(probs[:, :, 0], k.shape[1])
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:

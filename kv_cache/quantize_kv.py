@@ -10,13 +10,25 @@ are dequantized on the fly inside attention. Layouts: kv_cache/stores.py; format
               and between window_size and window_size + group_size - 1 recent tokens stay 16-bit.
   --k_granularity token|channel: per-token keys (flushed one token at a time) or per-channel keys (flushed a
               group at a time). Default channel for 4/2 bits, token for 8/fp8; every combination works.
+  --bits_per_layer "8:0-1,28-29;2:*": a format per layer (overrides --bits). Entries BITS:LAYERS separated by ';',
+              LAYERS a comma list of indices and ranges a-b, or * (last) for every layer no earlier entry names.
+              Each layer is its own cache object, so layer i's cache simply gets layer i's options (layer_options):
+              the other options (--group_size, --k_granularity, ...) hold for every layer, and a layer's key
+              granularity defaults to its own format's.
+  --key_rope post|pre: keys quantized after RoPE at their absolute positions (post, default, as KIVI: attention
+              needs no re-rotation), or before it (pre, as KVQuant: per-channel key statistics are not smeared by
+              the position-dependent rotation) and rotated after dequantization, inside attention.
 
 Choices made here:
   * --group_size (default 32) must divide head_dim when values are grouped by channels (4/2 bits): a ValueError
     names a divisor instead of silently using another group size (keys and values share the option).
   * With sink_size + window_size >= max_seq_length nothing ever leaves the window: the cache is then exactly the full
     cache (same outputs, max_seq_length 16-bit slots, no quantized store) and check_options prints a one-line notice.
-  * Keys are quantized after RoPE at their absolute positions (as KIVI), so attention needs no re-rotation.
+  * Keys are quantized after RoPE at their absolute positions (as KIVI) by default, so attention needs no
+    re-rotation. With --key_rope pre the 16-bit ring holds unrotated keys too (see _decode for why), and both the
+    ring and the dequantized mid keys are rotated where they are attended; mid token t is position sink_size + t.
+  * Per-layer formats share one block table when paged: the page space is that of every format at once (blocks a
+    multiple of each flush group, as many slots as the layer that quantizes soonest needs; page_space).
   * Scales and zero-points are float16, rounded outward so the quantization error bound holds (kernels/quantize.py).
 
 Decode (one token per sequence, each at its own position) is static: the slot, the flush of a group that has just
@@ -34,12 +46,89 @@ from typing import Optional
 import torch
 
 from kernels.formats import FORMATS, get_format
-from kv_cache.base import KVCache, attend, option, register, rotate_qk
+from kv_cache.base import KVCache, attend, option, register, rotate, rotate_qk
 from kv_cache.compress_kv import SinkWindowOptions
 from kv_cache.paging import PageSpace, round_up
 from kv_cache.stores import QuantizedStore, RingStore, flush_size
 
 K_GRANULARITIES = ("token", "channel")
+KEY_ROPES = ("post", "pre")
+BITS_PER_LAYER_EXAMPLE = "'8:0-1,28-29;2:*'"
+
+
+def layer_list(layers) -> str:
+    """Layer indices as the spec writes them: [0, 1, 2, 5] -> '0-2,5'."""
+    runs = []
+    for i in sorted(layers):
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def parse_bits_per_layer(spec: str) -> list[tuple[str, Optional[list[int]]]]:
+    """The --bits_per_layer spec as [(bits, layers)], layers None for '*' (the last entry); a one-line ValueError
+    naming the fix for a malformed entry, an unknown format or a layer named twice. Layer counts are checked
+    against the model by layer_bits."""
+    what = f"--bits_per_layer {spec!r}"
+    entries = [e.strip() for e in spec.split(";")]
+    parsed, named = [], {}
+    for n, entry in enumerate(entries):
+        bits, sep, layers = (part.strip() for part in entry.partition(":"))
+        if not sep or not bits or not layers:
+            raise ValueError(f"{what}: entry {entry!r} is not BITS:LAYERS: write e.g. {BITS_PER_LAYER_EXAMPLE}")
+        if bits not in FORMATS:
+            raise ValueError(f"{what}: bits {bits!r} is not supported: use {', '.join(FORMATS)}")
+        if layers == "*":
+            if n != len(entries) - 1:
+                raise ValueError(f"{what}: '*' (every layer not named before it) must be the last entry, as in "
+                                 f"{BITS_PER_LAYER_EXAMPLE}")
+            parsed.append((bits, None))
+            continue
+        indices = []
+        for item in (i.strip() for i in layers.split(",")):
+            first, dash, last = item.partition("-")
+            if not first.isdigit() or dash and not last.isdigit():
+                raise ValueError(f"{what}: {item!r} is not a layer index or range a-b"
+                                 + (" ('*' stands alone: BITS:*)" if "*" in item else "")
+                                 + f": write e.g. {BITS_PER_LAYER_EXAMPLE}")
+            a, b = int(first), int(last) if dash else int(first)
+            if b < a:
+                raise ValueError(f"{what}: range {item!r} runs backwards: write {b}-{a}")
+            indices += range(a, b + 1)
+        for i in indices:
+            if i in named:
+                raise ValueError(f"{what}: layer {i} is named twice ({named[i]!r} and {entry!r}): give each layer one "
+                                 "format")
+            named[i] = entry
+        parsed.append((bits, indices))
+    return parsed
+
+
+def layer_bits(spec: str, n_layer: int) -> list[str]:
+    """The --bits value of each of the n_layer layers under a --bits_per_layer spec; a one-line ValueError when
+    the spec names a layer the model does not have, leaves one without a format, or has a '*' that names none."""
+    what = f"--bits_per_layer {spec!r}"
+    bits_of = [None] * n_layer
+    for bits, layers in parse_bits_per_layer(spec):
+        if layers is None:
+            rest = [i for i in range(n_layer) if bits_of[i] is None]
+            if not rest:
+                raise ValueError(f"{what}: '{bits}:*' names no layer (the entries before it name all {n_layer}): "
+                                 "drop it")
+            layers = rest
+        past = [i for i in layers if i >= n_layer]
+        if past:
+            raise ValueError(f"{what} names layer{'s' * (len(past) > 1)} {layer_list(past)} but the model has "
+                             f"{n_layer} layers (0-{n_layer - 1}): name layers below {n_layer}")
+        for i in layers:
+            bits_of[i] = bits
+    missing = [i for i in range(n_layer) if bits_of[i] is None]
+    if missing:
+        raise ValueError(f"{what} gives layer{'s' * (len(missing) > 1)} {layer_list(missing)} no format (the model "
+                         f"has {n_layer} layers): name them, or end the spec with an entry such as '8:*'")
+    return bits_of
 
 
 @dataclass
@@ -48,9 +137,27 @@ class QuantizeOptions(SinkWindowOptions):
     group_size: int = option(32, "KIVI group: tokens per key scale, channels per value scale")
     k_granularity: Optional[str] = option(None, "key scales per token or per channel (default: channel for 4/2 "
                                                 "bits, else token)", choices=K_GRANULARITIES)
+    bits_per_layer: Optional[str] = option(None, "a format per layer, overriding --bits: BITS:LAYERS entries "
+                                                 "separated by ';', LAYERS a comma list of indices and ranges a-b "
+                                                 "or * (last: every layer not named before), e.g. "
+                                                 f"{BITS_PER_LAYER_EXAMPLE}")
+    key_rope: str = option("post", "quantize keys after RoPE at their absolute positions (post), or before it and "
+                                   "rotate them after dequantization inside attention (pre, as KVQuant)",
+                           choices=KEY_ROPES)
 
     def check(self, head_dim):
         super().check(head_dim)
+        if self.key_rope not in KEY_ROPES:
+            raise ValueError(f"--key_rope {self.key_rope!r} is not supported: use post or pre")
+        if self.bits_per_layer is not None:
+            # Every format the spec names, resolved and checked as its --bits would be (k_granularity's default
+            # is each format's own): the options layer_options hands to the layers of that format.
+            self.format_options = {}
+            for bits, _ in parse_bits_per_layer(self.bits_per_layer):
+                layer = dataclasses.replace(self, bits=bits, bits_per_layer=None)
+                layer.check(head_dim)
+                self.format_options[bits] = layer
+            return  # no single format: each layer's cache is built from format_options
         self.format = get_format(self.bits)
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(f"--group_size must be a whole number >= 1 (got {self.group_size})")
@@ -66,6 +173,10 @@ class QuantizeOptions(SinkWindowOptions):
                 raise ValueError(f"--group_size {self.group_size} must divide head_dim {head_dim} (values are "
                                  f"grouped by channels): use e.g. --group_size {divisor}")
         self.flush_size = flush_size(self.group_size, self.k_granularity)
+
+    def formats(self) -> list["QuantizeOptions"]:
+        """The single-format options of every format the layers use: this one, or one per --bits_per_layer format."""
+        return list(self.format_options.values()) if self.bits_per_layer is not None else [self]
 
     def mid_capacity(self, max_seq_length: int) -> int:
         """Tokens the quantized store can hold: what does not fit in sinks + window, in whole flush groups."""
@@ -92,29 +203,48 @@ class QuantizeKVCache(KVCache):
         return opts
 
     @classmethod
+    def layer_options(cls, options, layer_idx, n_layer):
+        """Layer layer_idx's options: with --bits_per_layer, the options of that layer's format (checked against
+        the model's n_layer layers: a one-line ValueError for a spec that does not fit it)."""
+        if options.bits_per_layer is None:
+            return options
+        return options.format_options[layer_bits(options.bits_per_layer, n_layer)[layer_idx]]
+
+    @classmethod
     def bytes_per_token(cls, options, n_kv_head, head_dim, dtype):
         """Bytes per token of the quantized store: payload plus scales/zero-points amortized over their groups."""
         opts = cls.Options.resolve(options, head_dim)
+        if opts.bits_per_layer is not None:
+            raise ValueError("--bits_per_layer: bytes per token differ by layer: ask each layer's options "
+                             "(layer_options), or count the caches (generate.cache_bytes)")
         return n_kv_head * QuantizedStore.bytes_per_token(opts.format, opts.group_size, opts.k_granularity, head_dim)
 
     @classmethod
     def page_space(cls, options, max_seq_length, block_size):
         """Paged: the quantized store, in blocks of block_size tokens rounded up to whole flush groups (KIVI's
         per-channel key groups never straddle a block), one more logical block for the scratch group. The 16-bit
-        sinks and window stay per sequence. Everything in sinks + window (no quantized store): the ring, as full."""
-        opts = cls.Options.resolve(options, None)
-        capacity = opts.mid_capacity(max_seq_length)
+        sinks and window stay per sequence. Everything in sinks + window (no quantized store): the ring, as full.
+        Per-layer formats share the block table, so the space serves every format the layers use: blocks of whole
+        flush groups of each, and a sequence holds the slots of the format that quantizes soonest (its smallest
+        flush group); a layer of a larger group leaves the tail of its last block unused. Every format of a valid
+        spec is used by some layer (layer_bits refuses a '*' that names none), so this space is no larger than
+        the layers need."""
+        layers = cls.Options.resolve(options, None).formats()
+        capacity = max(opts.mid_capacity(max_seq_length) for opts in layers)
         if not capacity:  # slot = position as in full, but the ring's slot positions are per sequence: not shared
             return dataclasses.replace(super().page_space(options, max_seq_length, block_size), sharable=False)
-        block = math.lcm(block_size, opts.flush_size)
+        block = math.lcm(block_size, *(opts.flush_size for opts in layers))
         capacity = round_up(capacity, block)
-        return PageSpace(block, capacity + block, lambda n: min(opts.n_mid(n), capacity))
+        return PageSpace(block, capacity + block, lambda n: min(max(opts.n_mid(n) for opts in layers), capacity))
 
     def __init__(self, batch_size, max_seq_length, n_kv_head, head_dim, dtype, device, options=None, pool=None,
                  **option_values):
         super().__init__(batch_size, max_seq_length, n_kv_head, head_dim, dtype, device, options, pool,
                          **option_values)
         opts = self.opts
+        if opts.bits_per_layer is not None:
+            raise ValueError("--bits_per_layer gives each layer its own format: build layer i's cache with "
+                             "options=QuantizeKVCache.layer_options(options, i, n_layer) (generate.setup_cache does)")
         self.sink_size, self.window_size, self.flush_size = opts.sink_size, opts.window_size, opts.flush_size
         self.quantize_into = None
         if self.attn_impl == "triton":
@@ -132,6 +262,11 @@ class QuantizeKVCache(KVCache):
         else:  # slot = position, as the full cache
             self.ring = RingStore(batch_size, n_kv_head, 0, max_seq_length, head_dim, dtype, device, pool)
             self.mid = None
+        # Nothing is ever quantized without a mid store: then --key_rope pre changes nothing and post's path runs.
+        self.pre_rope = opts.key_rope == "pre" and self.mid is not None
+        if self.pre_rope and self.attn_impl == "triton" and (head_dim < 16 or head_dim & (head_dim - 1)):
+            raise ValueError(f"--key_rope pre with --attn_impl triton needs a power-of-two head_dim >= 16 (the "
+                             f"fused kernel rotates whole tiles; this model's is {head_dim}): use --attn_impl torch")
 
     def _hi_keep(self, ring_pos, n_mid):
         """16-bit slots holding a token that is not (yet) in the mid store."""
@@ -141,12 +276,21 @@ class QuantizeKVCache(KVCache):
     def forward(self, q, k, v, input_pos, rope_cos, rope_sin, rows=None):
         decode = self.is_decode(q, rows)
         rows, pos = self.rows_and_positions(q, input_pos, rows)
-        q, k = rotate_qk(q, k, pos, rope_cos, rope_sin)
+        q, k_rot = rotate_qk(q, k, pos, rope_cos, rope_sin)
+        rope = (rope_cos, rope_sin)
+        stored_k = k if self.pre_rope else k_rot  # what the ring and the mid store hold
         if decode:
-            return self._decode(q, k, v, pos, rows)
-        return self._prefill(q, k, v, pos, rows)
+            return self._decode(q, stored_k, v, pos, rows, rope)
+        return self._prefill(q, k_rot, stored_k, v, pos, rows, rope)
 
-    def _decode(self, q, k, v, pos, rows):
+    def _attended(self, keys, ring_pos, rope):
+        """Ring keys (R, H, slots, D) and the mid store as attention reads them: as stored (post), or rotated by
+        each slot's position and a mid view that rotates its dequantized keys (pre)."""
+        if not self.pre_rope:
+            return keys, self.mid
+        return rotate(keys, ring_pos.clamp(min=0), *rope), PreRopeMid(self.mid, *rope, self.sink_size)
+
+    def _decode(self, q, k, v, pos, rows, rope):
         R, S, W, F = q.shape[0], self.sink_size, self.window_size, self.flush_size
         ring = self.ring
         ring.write_positions(rows, pos, k, v)
@@ -161,28 +305,41 @@ class QuantizeKVCache(KVCache):
         completes = (n_past >= F) & (n_past % F == 0)
         start = torch.where(completes, group_pos[:, 0] - S, self.mid_size)  # (R,)
         group_slots = ring.slots(group_pos).clamp(min=0)
+        # --key_rope pre: the ring holds unrotated keys, so the flush below quantizes them as they are, from the
+        # same ring slots, in Triton or PyTorch alike. (Un-rotating rotated ring keys before quantizing would
+        # instead round twice in the model dtype, and cost an inverse rotation of every flushed group.) What
+        # attention reads is then rotated: the ring's S + W + F slots each step (a small copy) and the
+        # dequantized mid keys, inside the fused kernel's tiles or after the PyTorch path dequantizes them.
         if self.quantize_into is not None:
             # Straight from the (contiguous) ring into the mid store at `start`: no gathered copy, no host sync.
             self.quantize_into(ring.k[:R], ring.v[:R], group_slots, *self.mid.append_target(R, start))
         else:
             self.mid.store(rows, start[:, None] + arange, *ring.read(rows, group_slots))
-        return self.attend_decode(q, ring, hi_pos=ring.pos[:R], sink_size=S, n_mid=n_mid, mid=self.mid)
+        hi, mid = ring, self.mid
+        if self.pre_rope:
+            ring_k, ring_v = ring.logical(slice(0, R))
+            ring_k, mid = self._attended(ring_k, ring.pos[:R], rope)
+            hi = (ring_k, ring_v)
+        return self.attend_decode(q, hi, hi_pos=ring.pos[:R], sink_size=S, n_mid=n_mid, mid=mid)
 
-    def _prefill(self, q, k, v, pos, rows):
+    def _prefill(self, q, k_rot, k, v, pos, rows, rope):
+        """k_rot: the chunk's keys rotated (attended); k: as stored (rotated, or unrotated with --key_rope pre)."""
         R, T, S = q.shape[0], q.shape[2], self.sink_size
         first = int(pos[0, 0])
         chunk_pos = pos[0]
         n_mid_before, n_mid_after = self.opts.n_mid(first), self.opts.n_mid(first + T)
         ring_k, ring_v = self.ring.logical(rows)
+        ring_pos = self.ring.pos[rows]
+        attended_k, mid = self._attended(ring_k, ring_pos, rope)
         # The chunk attends to what the cache held before it (quantized tokens dequantized) and to itself causally.
-        keys, values = [ring_k], [ring_v]
-        masks = [self._hi_keep(self.ring.pos[rows], n_mid_before)[:, None, None, :].expand(-1, 1, T, -1)]
+        keys, values = [attended_k], [ring_v]
+        masks = [self._hi_keep(ring_pos, n_mid_before)[:, None, None, :].expand(-1, 1, T, -1)]
         if n_mid_before:
-            k_mid, v_mid = self.mid.dequantize(rows, n_mid_before, self.dtype)
+            k_mid, v_mid = mid.dequantize(rows, n_mid_before, self.dtype)
             keys.append(k_mid)
             values.append(v_mid)
             masks.append(torch.ones(R, 1, T, n_mid_before, dtype=torch.bool, device=q.device))
-        keys.append(k)
+        keys.append(k_rot)
         values.append(v)
         masks.append(torch.ones(T, T, dtype=torch.bool, device=q.device).tril().expand(R, 1, T, T))
         out = attend(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), torch.cat(masks, dim=-1))
@@ -196,3 +353,23 @@ class QuantizeKVCache(KVCache):
         idx = ((chunk_pos < S) | (chunk_pos >= S + n_mid_after)).nonzero().squeeze(1)
         self.ring.write_positions(rows, pos[:, idx], k[:, :, idx], v[:, :, idx])
         return out
+
+
+class PreRopeMid:
+    """The mid store as attention reads it under --key_rope pre: keys were quantized before RoPE, and mid token t
+    (position sink_size + t) is rotated after dequantization. KVCache.attend_decode takes it in place of the
+    store: its PyTorch path dequantizes through dequantize() below; its fused kernel gets the RoPE tables from
+    kernel_inputs() and rotates each dequantized key tile in registers (kernels/decode_attention.py)."""
+
+    def __init__(self, store: QuantizedStore, rope_cos, rope_sin, sink_size: int):
+        self.store, self.rope_cos, self.rope_sin, self.sink_size = store, rope_cos, rope_sin, sink_size
+        self.capacity, self.n_slots = store.capacity, store.n_slots
+
+    def dequantize(self, rows, n: int, dtype):
+        k, v = self.store.dequantize(rows, n, dtype)
+        # Tokens past the tables' end are never attended (they lie past n_mid): any row serves them.
+        pos = (self.sink_size + torch.arange(n, device=k.device)).clamp(max=self.rope_cos.shape[0] - 1)
+        return rotate(k, pos, self.rope_cos, self.rope_sin), v
+
+    def kernel_inputs(self, R: int) -> dict:
+        return dict(self.store.kernel_inputs(R), k_rope_cos=self.rope_cos, k_rope_sin=self.rope_sin)

@@ -25,6 +25,11 @@ QuantizedStore (quantize_kv's "mid" store: the tokens that left the window, in a
   v_scale (v_zero)   (B, H, M + F, C) per token.
   float16; zero-points only for the asymmetric formats. x = q * scale (+ zero).
 
+DenseMidStore, QuantizedStore with per-token keys (the eviction policies' "kept" store, kv_cache/evict.py)
+  Slot n of each KV head holds a token of that head's own choosing (slots are filled in order and overwritten in
+  place, head by head: write_heads); the first n_kept slots are valid in every head. DenseMidStore is a DenseStore
+  in the model dtype that the fused kernel reads as its mid store with unit scales (16-bit "payload").
+
 Paged (kv_cache/paging.py): a store given a BlockPool keeps the same logical slots per sequence, but its buffers are
 one pool for the whole batch, first dimension 1: (1, H, P, ...) with P = num_blocks * block_tokens physical slots
 (per-channel key scales (1, H, P / F, D): a block is a whole number of key groups), and logical slot n of sequence b
@@ -68,10 +73,24 @@ def read_rows(buf: Tensor, rows, slots: Tensor) -> Tensor:
 
 
 def physical_slots(table: Tensor, rows, slots: Tensor, block_tokens: int) -> Tensor:
-    """Logical slots (R, T) of sequences `rows` (slice or index tensor) -> physical slots of the pool: the one
-    formula of kv_cache/paging.py."""
-    blocks = table[rows].long().gather(1, torch.div(slots, block_tokens, rounding_mode="floor"))
-    return blocks * block_tokens + slots % block_tokens
+    """Logical slots (R, T) (or (R, H, T), per head) of sequences `rows` (slice or index tensor) -> physical slots
+    of the pool: the one formula of kv_cache/paging.py."""
+    blocks = table[rows].long().gather(1, torch.div(slots, block_tokens, rounding_mode="floor").flatten(1))
+    return blocks.view(slots.shape) * block_tokens + slots % block_tokens
+
+
+def write_heads(buf: Tensor, rows, slots: Tensor, x: Tensor, phys: Tensor = None):
+    """buf[rows][i, h, slots[i, h, t]] = x[i, h, t] for x (R, H, T, ...): each KV head writes its own slots.
+    phys: the physical slots (R, H, T) of a pool buf (1, H, P, ...) instead (slots is then unused)."""
+    if buf.dtype == torch.float8_e4m3fn:  # no float8 scatter / index_put on some devices: copy the bytes
+        buf, x = buf.view(torch.uint8), x.view(torch.uint8)
+    heads = torch.arange(x.shape[1], device=x.device).view(1, -1, 1)
+    if phys is not None:
+        buf[0][heads, phys] = x
+    elif isinstance(rows, slice):
+        buf[rows].scatter_(2, slots.view(*slots.shape, *[1] * (x.dim() - 3)).expand(x.shape), x)
+    else:
+        buf[rows.view(-1, 1, 1), heads, slots] = x
 
 
 def write_pool(buf: Tensor, phys: Tensor, x: Tensor):
@@ -133,6 +152,12 @@ class Store(nn.Module):
         if self.pool is None:
             return read_rows(buf, rows, slots)
         return read_pool(buf, self.physical(rows, slots))
+
+    def write_heads_buf(self, buffers: dict, rows, slots: Tensor):
+        """Write {buffer name: x (R, H, T, ...)} at per-head slots (R, H, T) of sequences `rows` (write_heads)."""
+        phys = None if self.pool is None else self.physical(rows, slots)
+        for name, x in buffers.items():
+            write_heads(getattr(self, name), rows, slots, x, phys)
 
     def release(self, rows: Tensor) -> bool:
         """Paged: return the blocks of sequences `rows` to the pool (the data needs no clearing: reads are masked
@@ -209,6 +234,50 @@ class RingStore(DenseStore):
         self.pos[rows] = -1
 
 
+class DenseMidStore(DenseStore):
+    """A DenseStore of `capacity` slots plus a scratch slot (paged: a scratch block, never reserved, so on the null
+    block) whose slots each KV head fills with its own tokens (write_heads); read by the fused kernel as a mid store
+    in the model dtype with unit scales, so the kernel's quantized path serves it unchanged."""
+
+    def __init__(self, batch_size, n_kv_head, capacity, head_dim, dtype, device, pool=None):
+        super().__init__(batch_size, n_kv_head, capacity + 1, head_dim, dtype, device, pool)
+        self.capacity = capacity if pool is None else self.n_slots - pool.block_tokens
+        # One float16 1.0 seen as every token's scale (stride 0): no memory, and not a buffer (nbytes leaves it out).
+        self.unit_scale = torch.ones((1, 1, 1, 1), dtype=torch.float16, device=device)
+
+    def write_heads(self, rows, slots: Tensor, k: Tensor, v: Tensor):
+        self.write_heads_buf(dict(k=k, v=v), rows, slots)
+
+    def kernel_inputs(self, R: int) -> dict:
+        hi = super().kernel_inputs(R)
+        k, v = hi["hi_k"], hi["hi_v"]
+        inputs = dict(k_q=k, k_scale=self.unit_scale.expand(*k.shape[:3], 1), k_zero=None, v_q=v,
+                      v_scale=self.unit_scale.expand(*v.shape[:3], 1), v_zero=None)
+        if self.pool is not None:
+            inputs.update(mid_table=hi["hi_table"], mid_block=hi["hi_block"])
+        return inputs
+
+    def dequantize(self, rows, n: int, dtype) -> tuple[Tensor, Tensor]:
+        """Keys and values (R, H, n, D) of the first n slots of sequences `rows`."""
+        if self.pool is None:
+            return self.k[rows, :, :n].to(dtype), self.v[rows, :, :n].to(dtype)
+        slots = torch.arange(n, device=self.k.device).expand(self.n_rows(rows), -1)
+        return self.read(rows, slots)
+
+    def raw(self, rows, n: int) -> dict:
+        """The stored form of the first n slots of sequences `rows`: {buffer name: (R, H, n, ...)}."""
+        return dict(zip(("k", "v"), self.dequantize(rows, n, self.k.dtype)))
+
+    def encode(self, k: Tensor, v: Tensor) -> dict:
+        """k, v (R, H, N, D) in the stored form (as raw returns it)."""
+        return dict(k=k.to(self.k.dtype), v=v.to(self.v.dtype))
+
+    def write_raw(self, rows, slots: Tensor, raw: dict):
+        """Write the stored form {buffer name: (R, H, T, ...)} at slots (R, T), the same in every head."""
+        for name, x in raw.items():
+            self.write_buf(getattr(self, name), rows, slots, x)
+
+
 def flush_size(group_size: int, k_granularity: str) -> int:
     """Tokens that leave the window together: a key group when keys are scaled per channel, else one token."""
     return group_size if k_granularity == "channel" else 1
@@ -228,6 +297,7 @@ class QuantizedStore(Store):
                                  f"of {self.flush_size}")
             self.capacity = pool.space.n_slots - pool.block_tokens
             n_tokens, batch = pool.num_blocks * pool.block_tokens, 1
+        self.n_slots = n_tokens if pool is None else pool.space.n_slots  # logical tokens, the scratch group's too
         for name, (shape, dtype) in self.layout(fmt, group_size, k_granularity, n_tokens, head_dim).items():
             self.register_buffer(name, torch.zeros((batch, n_kv_head, *shape), dtype=dtype, device=device))
         if not fmt.asymmetric:
@@ -301,6 +371,29 @@ class QuantizedStore(Store):
         if k_zero is not None:
             write(self.k_zero, rows, k_rows, k_zero)
             write(self.v_zero, rows, slots, v_zero)
+
+    def encode(self, k: Tensor, v: Tensor) -> dict:
+        """k, v (R, H, N, D) quantized, per-token keys ({buffer name: (R, H, N, ...)}): the eviction stores' form."""
+        assert self.k_granularity == "token", "per-head slots need per-token key scales"
+        names = ("k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero")
+        encoded = (*quantize_keys(k, self.fmt, "token", self.group_size), *quantize_values(v, self.fmt, self.group_size))
+        return {name: x for name, x in zip(names, encoded) if x is not None}
+
+    def write_heads(self, rows, slots: Tensor, k: Tensor, v: Tensor):
+        """Quantize k, v (R, H, T, D) into per-head token slots (R, H, T) of sequences `rows` (per-token keys)."""
+        self.write_heads_buf(self.encode(k, v), rows, slots)
+
+    def raw(self, rows, n: int) -> dict:
+        """The stored form of the first n tokens of sequences `rows` (per-token keys): {buffer name: (R, H, n, ...)}."""
+        slots = torch.arange(n, device=self.k_q.device).expand(self.n_rows(rows) if self.pool is not None else
+                                                                self.k_q[rows].shape[0], -1)
+        return {name: self.read_buf(getattr(self, name), rows, slots) for name in self.POOLED
+                if getattr(self, name) is not None}
+
+    def write_raw(self, rows, slots: Tensor, raw: dict):
+        """Write the stored form {buffer name: (R, H, T, ...)} at token slots (R, T), the same in every head."""
+        for name, x in raw.items():
+            self.write_buf(getattr(self, name), rows, slots, x)
 
     def dequantize(self, rows, n: int, dtype) -> tuple[Tensor, Tensor]:
         """Keys and values (R, H, n, D) in `dtype` of the first n tokens of sequences `rows` (n a whole number of

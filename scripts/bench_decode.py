@@ -3,6 +3,7 @@
     python scripts/bench_decode.py --shapes llama3-8b --contexts 256,32768 --batches 1,8 --compile
     python scripts/bench_decode.py --attention_kernel                 # the fused decode-attention kernel alone
     python scripts/bench_decode.py --device cpu --shapes tiny         # seconds: the tests' smoke run
+    python scripts/bench_decode.py --tp 8 --shapes llama3-70b --compile   # tensor parallel (tp.py), 8 ranks
 
 No checkpoint is needed: the weights are random bfloat16 of the real shapes (speed does not depend on their values).
 Each row fills the context with a chunked prefill of random tokens, then times --steps decode steps (CUDA events,
@@ -10,6 +11,10 @@ warm-up excluded, median of --repeats), compiled and replayed as CUDA graphs thr
 with --compile. The run measures the device's copy bandwidth first, and compares every row with its roofline:
 (weight bytes + KV bytes read per step) / bandwidth. Results go to OUT/bench_decode_<date>.md and .json, rewritten
 after every row so a run cut short keeps what it measured; the markdown file explains its columns.
+
+--tp N runs the rows tensor parallel over N ranks (started here through scripts/launch.py, or under torchrun): each
+rank holds its shard of random weights (tp.py), the weight and KV bytes are one GPU's, and the roofline adds the
+bytes each GPU sends for the step's all-reduces (2 per layer, ring) over the measured all-reduce bus bandwidth.
 """
 import argparse
 import datetime
@@ -30,6 +35,7 @@ if not torch.cuda.is_available():
 REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR))
 import kv_cache  # noqa: E402
+import tp  # noqa: E402
 from kernels.formats import FORMATS  # noqa: E402
 from atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from generate import (available_memory_bytes as available_bytes, cache_bytes, compile_decode,  # noqa: E402
@@ -39,10 +45,15 @@ from model import ModelArgs, Transformer  # noqa: E402
 SHAPES = {
     # Two layers, GQA 2:1, head_dim 64: every strategy works on it, and a CPU runs it in seconds.
     "tiny": ModelArgs(vocab_size=512, dim=128, n_layer=2, n_head=2, n_kv_head=1, intermediate_size=256, head_dim=64),
+    # tiny with GQA 2:1 over 4 heads: splits over 2 ranks (--tp 2) without replicating KV heads
+    "tiny-gqa": ModelArgs(vocab_size=512, dim=128, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=256,
+                          head_dim=32),
     "smollm2-135m": ModelArgs(vocab_size=49152, dim=576, n_layer=30, n_head=9, n_kv_head=3, intermediate_size=1536,
                               rope_base=100000.0, tie_word_embeddings=True),
     "llama3-8b": ModelArgs(vocab_size=128256, dim=4096, n_layer=32, n_head=32, n_kv_head=8, intermediate_size=14336,
                            rope_base=500000.0),
+    "llama3-70b": ModelArgs(vocab_size=128256, dim=8192, n_layer=80, n_head=64, n_kv_head=8, intermediate_size=28672,
+                            rope_base=500000.0),
 }
 # name -> (kv_cache strategy, its command-line options); sinks and window come from --sink_size/--window_size.
 STRATEGIES = {"full": ("full", []), "compress_kv": ("compress_kv", []),
@@ -60,7 +71,10 @@ the same shape, context and batch. **ideal** = the speed-up over full that the b
 can be. **% roofline** = roofline ms / step ms. **KV MiB** = bytes the caches allocate (all layers; scales and
 zero-points included; a static decode step reads them). **peak GiB** = peak memory of the row (GPU allocated,
 weights included; process RSS on CPU). **fill s** = the chunked prefill of the context. **first call s** = the
-first decode call (compilation with --compile).
+first decode call (compilation with --compile). Tensor parallel (--tp N): bytes are one GPU's, and **roofline ms**
+adds **all-reduce KiB** (what each GPU sends per step for its 2 x layers all-reduces, ring: 2 (N-1)/N of each
+message) over the all-reduce bus bandwidth; **all-reduce ms** = the step's all-reduces of their real size, timed
+back to back (small messages: latency, which the byte roofline does not see).
 Attention-kernel rows: one layer's fused decode attention over the context; **GB/s** = bytes it must read and write
 / median time; **% copy** = GB/s over the copy bandwidth."""
 
@@ -169,6 +183,22 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * n_bytes / seconds
 
 
+def all_reduce_seconds(n_bytes: int, device, repeats: int = 20) -> float:
+    """Median seconds of one all-reduce (sum) of n_bytes of bfloat16 over the tensor-parallel ranks."""
+    import torch.distributed as dist
+    t = torch.zeros(max(1, n_bytes // DTYPE.itemsize), dtype=DTYPE, device=device)
+    for _ in range(3):
+        dist.all_reduce(t)
+    synchronize(device)
+    return statistics.median(timed(lambda: dist.all_reduce(t), device) for _ in range(repeats))
+
+
+def all_reduce_bandwidth(device, world: int) -> float:
+    """Bus bandwidth of a large all-reduce: the bytes each rank sends in a ring (tp.ring_bytes) per second."""
+    n_bytes = GiB // 4 if device.type == "cuda" else 16 * 2**20
+    return tp.ring_bytes(n_bytes, world) / all_reduce_seconds(n_bytes, device, repeats=5)
+
+
 @torch.no_grad()
 def fill_context(model: Transformer, batch: int, context: int, chunk: int, device, broadcast: bool = False):
     """Prefill `context` random tokens in chunks (logits dropped chunk by chunk, so memory stays bounded).
@@ -259,7 +289,7 @@ def bench_row(model, shape, name, context, batch, cfg, device) -> dict:
     kv = cache_bytes(args, strategy, options, batch, max_seq_length, DTYPE)
     full_kv = cache_bytes(args, "full", {}, batch, max_seq_length, DTYPE)
     fixed, per_token = transient_bytes(args, batch, max_seq_length)
-    available = available_bytes(device)
+    available = int(tp.min_over_ranks(available_bytes(device)))  # tensor parallel: every rank skips alike
     budget = max(GiB // 4, min(8 * GiB, (available - kv - fixed) // 2))
     chunk = cfg["prefill_chunk"] or prefill_chunk(context, per_token, budget)
     need = kv + fixed + chunk * per_token + GiB // 2
@@ -287,6 +317,12 @@ def bench_row(model, shape, name, context, batch, cfg, device) -> dict:
     finally:
         release(model, device)
     roofline_s = (weights + kv) / cfg["bandwidth"]
+    world = getattr(model, "tp_world", 1)
+    if world > 1:  # each GPU sends (and receives) its ring share of the step's 2 x n_layer all-reduces
+        message = tp.all_reduce_bytes(args, batch, 1, DTYPE) // (2 * args.n_layer)
+        row["allreduce_bytes"] = tp.ring_bytes(message, world) * 2 * args.n_layer
+        row["allreduce_step_s"] = 2 * args.n_layer * all_reduce_seconds(message, device)  # measured, back to back
+        roofline_s += row["allreduce_bytes"] / cfg["allreduce_bandwidth"]
     row.update(step_s=step_s, tokens_per_s=batch / step_s, roofline_s=roofline_s,
                roofline_pct=100 * roofline_s / step_s)
     return row
@@ -380,6 +416,9 @@ def fmt(value, spec):
 
 
 def write_report(path: Path, header: dict, rows: list[dict], kernel_rows: list[dict]):
+    if not tp.is_main():  # tensor parallel: rank 0 writes
+        return
+    tp_rows = header.get("tp", 1) > 1
     atomic_write_json(path.with_suffix(".json"), dict(header, rows=rows, attention_kernel_rows=kernel_rows),
                       indent=1, default=str)
     lines = [f"# Decode benchmark {header['date']}", "",
@@ -389,12 +428,20 @@ def write_report(path: Path, header: dict, rows: list[dict], kernel_rows: list[d
              f"- compile: {header['compile']}; steps {header['steps']} x repeats {header['repeats']} "
              f"(median), warm-up {header['warmup']}",
              f"- command: `{header['command']}`",
-             *[f"- {s}: weights read per step {b / 1e9:.3f} GB" for s, b in header["weight_bytes"].items()], ""]
+             *[f"- {s}: weights read per step {b / 1e9:.3f} GB" + (" per GPU" if tp_rows else "")
+               for s, b in header["weight_bytes"].items()], ""]
+    if tp_rows:
+        lines[-1:-1] = [f"- tensor parallel: {header['tp']} ranks (tp.py); weight, KV and peak bytes are one GPU's; "
+                        f"all-reduce bus bandwidth {header['allreduce_bandwidth'] / 1e9:.1f} GB/s (ring bytes sent "
+                        "per rank / time, a large all-reduce)"]
     if rows:
+        comm = "| all-reduce KiB | all-reduce ms " if tp_rows else ""  # per GPU and step (see LEGEND)
         lines += ["| shape | context | batch | strategy | tokens/s | vs full | ideal | % ideal | step ms | roofline ms "
-                  "| % roofline | KV MiB | peak GiB | fill s | first call s | note |",
-                  "|" + "---|" * 16]
+                  f"| % roofline | KV MiB | peak GiB | fill s | first call s {comm}| note |",
+                  "|" + "---|" * (18 if tp_rows else 16)]
         for r in rows:
+            comm = (f"| {fmt(r.get('allreduce_bytes') and r['allreduce_bytes'] / 2**10, '.1f')} "
+                    f"| {fmt(r.get('allreduce_step_s') and r['allreduce_step_s'] * 1e3, '.3f')} " if tp_rows else "")
             lines.append(
                 f"| {r['shape']} | {r['context']} | {r['batch']} | {r['strategy']} "
                 f"| {fmt(r.get('tokens_per_s'), '.1f')} "
@@ -403,7 +450,7 @@ def write_report(path: Path, header: dict, rows: list[dict], kernel_rows: list[d
                 f"| {fmt(r.get('roofline_s') and r['roofline_s'] * 1e3, '.3f')} | {fmt(r.get('roofline_pct'), '.1f')} "
                 f"| {fmt(r.get('kv_bytes') and r['kv_bytes'] / 2**20, '.1f')} "
                 f"| {fmt(r.get('peak_bytes') and r['peak_bytes'] / GiB, '.2f')} | {fmt(r.get('fill_s'), '.1f')} "
-                f"| {fmt(r.get('first_call_s'), '.2f')} | {r['note']} |")
+                f"| {fmt(r.get('first_call_s'), '.2f')} {comm}| {r['note']} |")
         lines.append("")
     if kernel_rows:
         lines += ["| shape | kind | context | batch | us | MB moved | GB/s | % copy | note |", "|" + "---|" * 9]
@@ -462,6 +509,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention_kernel", action="store_true",
                    help="time the fused decode-attention kernel alone (contexts default 32k) instead of decode steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks (tp.py): started through scripts/launch.py unless under torchrun")
+    p.add_argument("--replicate_kv_heads", action="store_true",
+                   help="with --tp above the KV heads: copy each KV head to tp / KV heads ranks")
     p.add_argument("--out", type=Path, default=REPO_DIR / "outputs",
                    help="folder for the .md and .json (default outputs/)")
     return p
@@ -469,6 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.tp > 1 and tp.world_size() == 1:  # one process per rank: the same command under torchrun
+        import launch
+        argv = sys.argv[1:] if argv is None else argv
+        code = launch.main(["--nproc_per_node", str(args.tp), str(Path(__file__).resolve()), *argv])
+        if code:
+            sys.exit(code)
+        return
     try:
         run(args, argv)
     except ValueError as e:  # bad options reach the caches' checks: one line, no traceback
@@ -479,6 +537,15 @@ def run(args, argv):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but no CUDA GPU is visible: run on a GPU machine or pass --device cpu")
+    world = tp.world_size()
+    if world != max(1, args.tp):
+        sys.exit(f"error: --tp {args.tp} but torchrun started {world} rank(s): give --tp {world}")
+    if world > 1 and args.attention_kernel:
+        sys.exit("error: --attention_kernel times one GPU's kernel: drop --tp")
+    for shape in args.shapes:  # a shape that does not split fails before any row runs
+        tp.shard_args(SHAPES[shape], world, args.replicate_kv_heads)
+    device = tp.rank_device(device)
+    tp.init(device)
     on_cpu = device.type == "cpu"
     tiny_only = args.shapes == ["tiny"]
     if on_cpu and tiny_only:
@@ -514,12 +581,15 @@ def run(args, argv):
     bandwidth = copy_bandwidth(device)
     cfg = dict(steps=steps, repeats=repeats, warmup=args.warmup, compile=args.compile, bandwidth=bandwidth,
                prefill_chunk=args.prefill_chunk, strategy_args=strategy_args, weight_bytes={})
+    if world > 1:
+        cfg["allreduce_bandwidth"] = all_reduce_bandwidth(device, world)
     header = dict(date=now.isoformat(timespec="seconds"), device=f"{device_name} ({device.type})",
                   bandwidth=bandwidth, torch=torch.__version__, triton=triton_version,
                   python=platform.python_version(), compile=args.compile, attn_impl=args.attn_impl, steps=steps,
                   repeats=repeats, warmup=args.warmup, sink_size=args.sink_size, window_size=args.window_size,
                   command=" ".join(["python", "scripts/bench_decode.py"] + (sys.argv[1:] if argv is None else argv)),
-                  weight_bytes=cfg["weight_bytes"])
+                  weight_bytes=cfg["weight_bytes"], tp=world, replicate_kv_heads=args.replicate_kv_heads,
+                  allreduce_bandwidth=cfg.get("allreduce_bandwidth"))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"bench_decode_{now:%Y-%m-%d_%H%M%S}"
     print(f"{header['device']}: copy bandwidth {bandwidth / 1e9:.0f} GB/s; torch {torch.__version__}, triton "
@@ -544,7 +614,10 @@ def run(args, argv):
     else:
         with torch.no_grad():
             for shape in args.shapes:
-                model = random_model(SHAPES[shape], device)
+                shard = tp.shard_args(SHAPES[shape], world, args.replicate_kv_heads)  # the shape itself at --tp 1
+                model = random_model(shard, device, seed=tp.rank())
+                if world > 1:
+                    tp.parallelize(model, SHAPES[shape], args.replicate_kv_heads)
                 cfg["weight_bytes"][shape] = weight_bytes_read(model)
                 for context in contexts:
                     for batch in batches:
@@ -561,9 +634,10 @@ def run(args, argv):
                 del model
                 gc.collect()
     write_report(path, header, rows, kernel_rows)
-    print(path.with_suffix(".md").read_text())
+    if tp.is_main():
+        print(path.with_suffix(".md").read_text())
 
 
 
 if __name__ == "__main__":
-    main()
+    tp.run(main)  # under torchrun: rank 0 prints, the others only their own errors

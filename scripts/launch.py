@@ -1,0 +1,146 @@
+"""Start a tensor-parallel job (tp.py): torchrun on this node, one rank per GPU, running generate.py,
+scripts/evaluate.py or scripts/bench_decode.py with their own arguments (any strategy) passed through.
+
+    python scripts/launch.py --nproc_per_node 8 generate.py --prompt "..." quantize_kv --bits 4
+    python scripts/launch.py --nproc_per_node 3 scripts/evaluate.py --device cpu full --json out.json
+    srun --ntasks-per-node=1 python scripts/launch.py --slurm generate.py ...   # in an sbatch job: one per node
+    python scripts/launch.py --slurm --dry-run generate.py ...                 # print what would run
+
+--slurm reads the job: SLURM_JOB_NUM_NODES nodes, SLURM_GPUS_ON_NODE ranks per node (else torchrun's `gpu`: every
+visible GPU), and on several nodes a c10d rendezvous on the job's first node (`scontrol show hostnames
+$SLURM_JOB_NODELIST`), id SLURM_JOB_ID, port 20000 + SLURM_JOB_ID % 10000 (or --rdzv_port). One node needs no
+rendezvous host: torchrun --standalone. The command is `python -m torch.distributed.run ARGS SCRIPT ...`; --dry-run
+prints it and exits, else it runs in this process (torch.distributed.run's own main), so that a rank that fails
+ends the job with its one error line (tp.run), or, for a rank killed by a signal or exiting otherwise, one line
+naming it, instead of torchrun's traceback.
+"""
+import argparse
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+SCRIPTS = ("generate.py", "scripts/evaluate.py", "scripts/bench_decode.py")
+DEFAULT_PORT = 29500
+
+
+def slurm_job(env=os.environ) -> dict:
+    """nnodes, nproc_per_node, rendezvous host and job id of the Slurm job this runs in; a ValueError outside one."""
+    if "SLURM_JOB_ID" not in env:
+        raise ValueError("--slurm outside a Slurm job (no SLURM_JOB_ID): run it inside sbatch/srun, or give "
+                         "--nproc_per_node (and --nnodes, --rdzv_endpoint) yourself")
+    nnodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+    job = dict(nnodes=nnodes, job_id=env["SLURM_JOB_ID"], nproc_per_node=env.get("SLURM_GPUS_ON_NODE") or "gpu",
+               head=None)
+    if nnodes > 1:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if not nodelist:
+            raise ValueError("--slurm: the job has no SLURM_JOB_NODELIST: run inside the sbatch allocation")
+        try:
+            hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True,
+                                   text=True).stdout.split()
+        except (OSError, subprocess.CalledProcessError) as e:
+            raise ValueError(f"--slurm: `scontrol show hostnames {nodelist}` failed ({e}): run on a Slurm node")
+        if not hosts:
+            raise ValueError(f"--slurm: `scontrol show hostnames {nodelist}` named no host")
+        job["head"] = hosts[0]
+    return job
+
+
+def torchrun_args(nnodes: int, nproc_per_node, head=None, port: int = DEFAULT_PORT, job_id=None) -> list[str]:
+    """torchrun's own arguments: --standalone on one node; a c10d rendezvous at head:port on several. No restarts:
+    a failed rank ends the job (a generation restarted from scratch would print its text twice)."""
+    common = ["--nproc_per_node", str(nproc_per_node), "--max_restarts", "0"]
+    if nnodes == 1:
+        return ["--standalone", "--nnodes", "1", *common]
+    if not head:
+        raise ValueError(f"--nnodes {nnodes} needs the rendezvous host: give --rdzv_endpoint HOST[:PORT] (or --slurm)")
+    return ["--nnodes", str(nnodes), *common, "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{head}:{port}",
+            "--rdzv_id", str(job_id or "kvcache")]
+
+
+def command(torchrun: list[str], script_argv: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *torchrun, *script_argv]
+
+
+def check_script(script_argv: list[str]):
+    if not script_argv:
+        raise ValueError(f"name the script to run: one of {', '.join(SCRIPTS)}, then its arguments")
+    script = Path(script_argv[0])
+    if not script.is_file():
+        raise ValueError(f"{script} does not exist: run one of {', '.join(SCRIPTS)} (paths from the repository "
+                         f"root, {REPO_DIR})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: sys.exit(f"error: {message} (see --help)")
+    p.add_argument("--nproc_per_node", default=None,
+                   help="ranks on this node: a number, or gpu (every visible GPU; the default with --slurm)")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes, each running this launcher (default 1)")
+    p.add_argument("--rdzv_endpoint", default=None, help="HOST[:PORT] of the c10d rendezvous (several nodes)")
+    p.add_argument("--rdzv_id", default=None, help="rendezvous id shared by the nodes (--slurm: the job id)")
+    p.add_argument("--rdzv_port", type=int, default=None,
+                   help=f"rendezvous port (default {DEFAULT_PORT}; --slurm: 20000 + job id % 10000)")
+    p.add_argument("--slurm", action="store_true", help="take nodes, GPUs and the rendezvous host from the Slurm job")
+    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                   help="print the command and exit")
+    p.add_argument("script", nargs=argparse.REMAINDER,
+                   help=f"the script ({', '.join(SCRIPTS)}) and its arguments, passed through")
+    return p
+
+
+def plan(args, env=os.environ) -> list[str]:
+    """The command this node runs."""
+    check_script(args.script)
+    if args.slurm:
+        job = slurm_job(env)
+        port = args.rdzv_port or 20000 + int(job["job_id"]) % 10000
+        return command(torchrun_args(job["nnodes"], args.nproc_per_node or job["nproc_per_node"], job["head"], port,
+                                     args.rdzv_id or job["job_id"]), args.script)
+    if args.nproc_per_node is None:
+        raise ValueError("give --nproc_per_node N (ranks on this node; gpu: one per visible GPU), or --slurm")
+    head, _, port = (args.rdzv_endpoint or "").partition(":")
+    port = int(port) if port else args.rdzv_port or DEFAULT_PORT
+    return command(torchrun_args(args.nnodes, args.nproc_per_node, head or None, port, args.rdzv_id), args.script)
+
+
+def run_torchrun(cmd: list[str]) -> int:
+    """Run `python -m torch.distributed.run ...` (cmd) in this process; a failed rank is one line on stderr."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    # torchrun's agent logs each failure and its OMP_NUM_THREADS banner; the line below says what failed.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    logging.getLogger("torch.distributed.run").setLevel(logging.CRITICAL)
+    try:
+        torchrun.main(cmd[3:])
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if failure.exitcode == 1:  # the ranks of this project's scripts exit with 1 after their one error line
+            return 1
+        how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
+               else f"exited with code {failure.exitcode}")
+        others = len(e.failures) - 1
+        print(f"error: rank {rank} {how} (its own error, if it printed one, is above); the job stopped"
+              + (f", {others} other rank(s) with it" if others else ""), file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cmd = plan(args)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    if args.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    return run_torchrun(cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""The eviction policies (kv_cache/snapkv.py, kv_cache/h2o.py on kv_cache/evict.py) against an explicit reference:
+a per-head Python simulation in float64 that holds token positions in lists, scores them as the papers do (H2O:
+attention accumulated over every query; TOVA: the current query's; SnapKV: the observation window's, average-pooled
+over neighbouring positions) and evicts by the documented rule. Which tokens each head keeps must match exactly,
+and so must every attention output (to float32 tolerance); hand-set scores decide a replacement exactly; the bytes
+a cache allocates are its layout's, to the byte. Generation-level checks (budget >= tokens equals full, batches
+equal one by one, paged equals contiguous, compile) live with the other strategies in tests/test_batch.py,
+tests/test_paged.py, tests/test_compile.py and tests/test_kernels.py."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kv_cache
+from kv_cache.stores import QuantizedStore
+
+S, W, BUDGET = 2, 3, 9  # kept = 4 slots per head
+HQ, H, D = 4, 2, 8
+PROMPT, STEPS = 12, 10
+
+
+class Reference:
+    """One sequence, per KV head: sinks and window by position, `kept` in slot order, scores by position."""
+
+    def __init__(self, policy: str, kernel_size: int = 5):
+        self.policy, self.kernel_size = policy, kernel_size
+        self.k, self.v = {}, {}
+        self.kept = [[] for _ in range(H)]
+        self.score = [{} for _ in range(H)]
+
+    def probs(self, h, q, positions):
+        """Attention (group heads, len(positions)) of q (group heads, D) over the head's tokens, float64."""
+        keys = torch.stack([self.k[p][h] for p in positions]).double()
+        return (q.double() @ keys.T / math.sqrt(D)).softmax(-1)
+
+    def attend(self, q, positions_of_head):
+        out = torch.zeros(HQ, D, dtype=torch.float64)
+        group = HQ // H
+        probs = []
+        for h in range(H):
+            p = self.probs(h, q[h * group:(h + 1) * group], positions_of_head[h])
+            out[h * group:(h + 1) * group] = p @ torch.stack([self.v[t][h] for t in positions_of_head[h]]).double()
+            probs.append(p.sum(0))
+        return out, probs
+
+    def prefill(self, q, k, v):
+        """A first chunk of T tokens: q (HQ, T, D), k, v (H, T, D). Returns outputs (HQ, T, D)."""
+        T = q.shape[1]
+        for t in range(T):
+            self.k[t], self.v[t] = k[:, t], v[:, t]
+        outs = torch.stack([self.attend(q[:, t], [list(range(t + 1))] * H)[0] for t in range(T)], dim=1)
+        queries = {"h2o": range(T), "tova": [T - 1], "snapkv": range(max(0, T - W), T)}[self.policy]
+        candidates = list(range(S, T - W))
+        for h in range(H):
+            mass = torch.zeros(T, dtype=torch.float64)
+            for t in queries:
+                mass[:t + 1] += self.attend(q[:, t], [list(range(t + 1))] * H)[1][h]
+            if self.policy == "snapkv":
+                mass = F.avg_pool1d(mass[None, None], self.kernel_size, 1, self.kernel_size // 2,
+                                    count_include_pad=False)[0, 0]
+            self.score[h] = {t: float(mass[t]) for t in range(T)}
+            best = sorted(candidates, key=lambda t: -self.score[h][t])[:BUDGET - S - W]
+            self.kept[h] = sorted(best)
+        self.length = T
+        return outs
+
+    def decode(self, q, k, v):
+        p = self.length
+        self.k[p], self.v[p] = k, v
+        leaving = p - W
+        for h in range(H):
+            if leaving >= S:
+                kept, score = self.kept[h], self.score[h]
+                if len(kept) < BUDGET - S - W:
+                    kept.append(leaving)
+                elif self.policy != "snapkv":
+                    lowest = min(range(len(kept)), key=lambda i: (score[kept[i]], i))
+                    if score[leaving] > score[kept[lowest]]:
+                        kept[lowest] = leaving
+            self.score[h][p] = 0.0
+        held = [sorted(set(range(min(S, p + 1))) | set(range(max(S, p - W + 1), p + 1)) | set(self.kept[h]))
+                for h in range(H)]
+        out, probs = self.attend(q, held)
+        for h in range(H):
+            for t, prob in zip(held[h], probs[h].tolist()):
+                if self.policy == "h2o":
+                    self.score[h][t] += prob
+                elif self.policy == "tova":
+                    self.score[h][t] = prob
+        self.length += 1
+        return out
+
+
+def identity_rope(length):
+    return torch.ones(length, D), torch.zeros(length, D)
+
+
+def make_cache(policy, batch=1, **options):
+    cls = kv_cache.STRATEGIES[policy]
+    return cls(batch, 64, H, D, torch.float32, "cpu", sink_size=S, window_size=W, budget=BUDGET, **options)
+
+
+@pytest.mark.parametrize("policy", ["h2o", "tova", "snapkv"])
+def test_policy_keeps_what_the_reference_keeps(policy):
+    gen = torch.Generator().manual_seed(7)
+    T = PROMPT + STEPS
+    q = torch.randn(1, HQ, T, D, generator=gen) * 2  # peaked attention: scores well apart, no near-ties
+    k = torch.randn(1, H, T, D, generator=gen) * 2
+    v = torch.randn(1, H, T, D, generator=gen)
+    cache, ref = make_cache(policy), Reference(policy)
+    cos, sin = identity_rope(T)  # keys and queries unrotated: the reference needs no RoPE
+    out = cache(q[:, :, :PROMPT], k[:, :, :PROMPT], v[:, :, :PROMPT], torch.arange(PROMPT), cos, sin,
+                torch.tensor([0]))
+    ref_out = ref.prefill(q[0, :, :PROMPT], k[0, :, :PROMPT], v[0, :, :PROMPT])
+    assert torch.allclose(out[0].double(), ref_out, atol=1e-5)
+    assert cache.kept_tokens(0) == ref.kept, "after the prompt"
+    for p in range(PROMPT, T):
+        out = cache(q[:, :, p:p + 1], k[:, :, p:p + 1], v[:, :, p:p + 1], torch.tensor([[p]]), cos, sin)
+        ref_out = ref.decode(q[0, :, p], k[0, :, p], v[0, :, p])
+        assert torch.allclose(out[0, :, 0].double(), ref_out, atol=1e-5), f"output at position {p}"
+        assert cache.kept_tokens(0) == [sorted(kept) for kept in ref.kept], f"kept after position {p}"
+        for h in range(H):  # the scores beside the kept tokens are the reference's
+            n = int(cache.n_kept[0])
+            got = dict(zip(cache.kept_pos[0, h, :n].tolist(), cache.kept_score[0, h, :n].tolist()))
+            assert all(abs(got[t] - ref.score[h][t]) < 1e-4 for t in ref.kept[h]), (p, h)
+    if policy == "tova":  # decoding replaced some prompt tokens (h2o's prompt tokens have accumulated more)
+        assert any(t >= PROMPT - W for kept in ref.kept for t in kept)
+
+
+def test_hand_set_scores_decide_the_replacement():
+    """h2o with the kept store full: the token leaving the window replaces the head's lowest-scored kept token only
+    when it scores higher (head 0: 2.0 > 1.0 replaces slot 1; head 1: 0.5 < 1.0 is dropped)."""
+    gen = torch.Generator().manual_seed(3)
+    cache = make_cache("h2o")
+    cos, sin = identity_rope(32)
+    x = lambda heads, n: torch.randn(1, heads, n, D, generator=gen)  # noqa: E731
+    cache(x(HQ, PROMPT), x(H, PROMPT), x(H, PROMPT), torch.arange(PROMPT), cos, sin, torch.tensor([0]))
+    before = cache.kept_pos[0, :, :4].tolist()
+    cache.kept_score[0] = 0.0
+    cache.kept_score[0, 0, :4] = torch.tensor([5.0, 1.0, 7.0, 3.0])
+    cache.kept_score[0, 1, :4] = torch.tensor([1.0, 4.0, 2.0, 6.0])
+    leaving = PROMPT - W  # the token position PROMPT pushes out of the window
+    slot = int(cache.ring.slots(torch.tensor(leaving)))
+    assert int(cache.ring.pos[0, slot]) == leaving
+    cache.ring_score[0, :, slot] = torch.tensor([2.0, 0.5])
+    cache(x(HQ, 1), x(H, 1), x(H, 1), torch.tensor([[PROMPT]]), cos, sin)
+    assert cache.kept_pos[0, 0, :4].tolist() == [before[0][0], leaving, before[0][2], before[0][3]]
+    assert cache.kept_pos[0, 1, :4].tolist() == before[1]
+
+
+@pytest.mark.parametrize("then_bits", [None, "8", "4", "fp8"])
+def test_bytes_are_the_layout(then_bits):
+    """nbytes counts every buffer (ring, kept store, scores, positions, counts) and bytes_per_token is what one more
+    kept slot costs, to the byte."""
+    options = dict(then_bits=then_bits, group_size=4)
+    B, ring, kept_slots = 3, S + W, BUDGET - S - W + 1  # + the scratch slot
+    cache = make_cache("h2o", batch=B, **options)
+    if then_bits is None:
+        kept = 2 * B * H * kept_slots * D * 4
+    else:
+        kept = B * H * kept_slots * QuantizedStore.bytes_per_token(cache.opts.format, 4, "token", D)
+    expected = (2 * B * H * ring * D * 4 + B * ring * 8  # ring keys, values and positions
+                + kept + B * H * (ring + kept_slots) * 4 + B * H * kept_slots * 4 + B * 8)  # scores, kept_pos, n_kept
+    assert cache.nbytes() == expected
+    cls = kv_cache.STRATEGIES["h2o"]
+    bigger = cls(B, 64, H, D, torch.float32, "cpu", sink_size=S, window_size=W, budget=BUDGET + 1, **options)
+    assert bigger.nbytes() - cache.nbytes() == B * cls.bytes_per_token(cache.opts, H, D, torch.float32)
+
+
+def test_bad_options_are_one_line_errors():
+    cls = kv_cache.STRATEGIES["snapkv"]
+    with pytest.raises(ValueError, match="--budget 10 leaves no room.*use --budget 49"):
+        cls.check_options(dict(budget=10), 128, 64)
+    with pytest.raises(ValueError, match="--kernel_size must be an odd"):
+        cls.check_options(dict(kernel_size=4), 128, 64)
+    with pytest.raises(ValueError, match="--group_size 48 must divide head_dim 64"):
+        kv_cache.STRATEGIES["h2o"].check_options(dict(then_bits="4", group_size=48), 128, 64)
