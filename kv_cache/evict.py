@@ -220,7 +220,12 @@ class EvictionCache(KVCache):
         if n_after:
             # Each head keeps its best-scored candidates, in position order, as the stored form: the kept ones as
             # they are, the ring's and the chunk's quantized now (a token is quantized once).
-            best = scores.masked_fill(~candidate, float("-inf")).topk(n_after, dim=-1).indices
+            # Ties (a pooled score over a short prompt) go to the earlier position: a stable sort by score of the
+            # tokens in position order, so the choice never depends on the layout (heads per rank, paging).
+            by_pos = all_pos.argsort(dim=-1, stable=True)
+            ranked = scores.masked_fill(~candidate, float("-inf")).gather(2, by_pos).sort(dim=-1, descending=True,
+                                                                                        stable=True).indices
+            best = by_pos.gather(2, ranked[..., :n_after])
             chosen = all_pos.gather(2, best).sort(-1)
             best = best.gather(2, chosen.indices)
             stored = self.kept.raw(rows, n_before)

@@ -57,9 +57,13 @@ SHAPES = {
 }
 # name -> (kv_cache strategy, its command-line options); sinks and window come from --sink_size/--window_size.
 STRATEGIES = {"full": ("full", []), "compress_kv": ("compress_kv", []),
-              **{f"quantize_kv-{f.label}": ("quantize_kv", ["--bits", f.name]) for f in FORMATS.values()}}
-# --attention_kernel rows: 16-bit only, or a quantized mid store of each format
-KERNEL_KINDS = ("bf16", *(f.label for f in FORMATS.values()))
+              **{f"quantize_kv-{f.label}": ("quantize_kv", ["--bits", f.name]) for f in FORMATS.values()},
+              # decode-time eviction at its default budget (256 tokens: evicting at every longer context), and
+              # with the kept tokens stored in int4
+              "h2o": ("h2o", []), "h2o-int4": ("h2o", ["--then_bits", "4"])}
+# --attention_kernel rows: 16-bit only, or a quantized mid store of each format; "+scores": the same call returning
+# every token's attention probability (what h2o / tova / snapkv read), to measure what storing the scores costs.
+KERNEL_KINDS = ("bf16", *(f.label for f in FORMATS.values()), "bf16+scores", "int4+scores")
 DTYPE = torch.bfloat16
 GiB = 2**30
 
@@ -344,6 +348,9 @@ def compare_with_full(rows: list[dict]):
 def kernel_case(kind, args: ModelArgs, batch, context, cfg, device, generator):
     """Inputs of one decode-attention call over `context` tokens (one layer), as the caches lay them out, and the
     bytes the call must move. bf16: a 16-bit store only (full cache); otherwise quantize_kv's hi + mid stores."""
+    if kind.endswith("+scores"):
+        inputs, n_bytes = kernel_case(kind[:-len("+scores")], args, batch, context, cfg, device, generator)
+        return dict(inputs, return_scores=True), n_bytes  # bytes of the keys and values only: the same reads
     H, D = args.n_kv_head, args.head_dim
     q = torch.randn(batch, args.n_head, 1, D, device=device, dtype=DTYPE, generator=generator)
     if kind == "bf16":

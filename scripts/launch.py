@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rdzv_endpoint", default=None, help="HOST[:PORT] of the c10d rendezvous (several nodes)")
     p.add_argument("--rdzv_id", default=None, help="rendezvous id shared by the nodes (--slurm: the job id)")
     p.add_argument("--rdzv_port", type=int, default=None,
-                   help=f"rendezvous port (default {DEFAULT_PORT}; --slurm: 20000 + job id % 10000)")
+                   help=f"rendezvous port (default {DEFAULT_PORT}; --slurm: 20000 + job id %% 10000)")
     p.add_argument("--slurm", action="store_true", help="take nodes, GPUs and the rendezvous host from the Slurm job")
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                    help="print the command and exit")
