@@ -153,6 +153,12 @@ class Store(nn.Module):
             return read_rows(buf, rows, slots)
         return read_pool(buf, self.physical(rows, slots))
 
+    def write_raw(self, rows, slots: Tensor, raw: dict):
+        """Write a store's stored form {buffer name: (R, H, T, ...)} (its raw()) at slots (R, T), the same in every
+        head."""
+        for name, x in raw.items():
+            self.write_buf(getattr(self, name), rows, slots, x)
+
     def write_heads_buf(self, buffers: dict, rows, slots: Tensor):
         """Write {buffer name: x (R, H, T, ...)} at per-head slots (R, H, T) of sequences `rows` (write_heads)."""
         phys = None if self.pool is None else self.physical(rows, slots)
@@ -272,11 +278,6 @@ class DenseMidStore(DenseStore):
         """k, v (R, H, N, D) in the stored form (as raw returns it)."""
         return dict(k=k.to(self.k.dtype), v=v.to(self.v.dtype))
 
-    def write_raw(self, rows, slots: Tensor, raw: dict):
-        """Write the stored form {buffer name: (R, H, T, ...)} at slots (R, T), the same in every head."""
-        for name, x in raw.items():
-            self.write_buf(getattr(self, name), rows, slots, x)
-
 
 def flush_size(group_size: int, k_granularity: str) -> int:
     """Tokens that leave the window together: a key group when keys are scaled per channel, else one token."""
@@ -389,11 +390,6 @@ class QuantizedStore(Store):
                                                                 self.k_q[rows].shape[0], -1)
         return {name: self.read_buf(getattr(self, name), rows, slots) for name in self.POOLED
                 if getattr(self, name) is not None}
-
-    def write_raw(self, rows, slots: Tensor, raw: dict):
-        """Write the stored form {buffer name: (R, H, T, ...)} at token slots (R, T), the same in every head."""
-        for name, x in raw.items():
-            self.write_buf(getattr(self, name), rows, slots, x)
 
     def dequantize(self, rows, n: int, dtype) -> tuple[Tensor, Tensor]:
         """Keys and values (R, H, n, D) in `dtype` of the first n tokens of sequences `rows` (n a whole number of
