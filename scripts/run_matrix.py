@@ -21,7 +21,7 @@ RULER: evaluate.py's --ruler TASKS (or all), --ruler_lengths and --ruler_samples
 (the mean score) and, with --ruler_by_task, one per task (its mean over the lengths). A changed RULER option makes
 the earlier JSONs stale, as any other option; results made without RULER still resume a run without it.
 
-With evaluate.py's defaults (256-token contexts, token-by-token perplexity) the whole matrix fits in under 30 minutes
+With evaluate.py's defaults (256-token contexts, token-by-token perplexity) its first 11 entries fit in under 30 minutes
 on a 2-core CPU with SmolLM2-135M in float32 (see README, "Evaluation"). MATRIX_DEFAULTS adds --max_position 256,
 which sizes the caches of fixed capacity (full, quantize_kv) as if the model's context were 256 tokens, and a
 512-token stream, so the perplexity-by-position plot shows compress_kv carrying on where they stop; on a GPU, pass
