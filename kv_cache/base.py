@@ -190,7 +190,7 @@ class KVCache(nn.Module):
             if not scores:
                 return result
             out, probs = result
-            return out, probs.view(B, self.n_kv_head, -1, probs.shape[-1]).sum(2)
+            return out, per_kv_head(probs, self.n_kv_head)
         hi_k, hi_v = hi.logical(slice(0, B)) if is_store else hi
         if hi_pos is not None:  # ring slots hold their positions; with hi_last too they are filled in order
             n_old = sink_size + (n_mid[:, None] if mid is not None else 0)

@@ -376,9 +376,8 @@ class QuantizedStore(Store):
     def encode(self, k: Tensor, v: Tensor) -> dict:
         """k, v (R, H, N, D) quantized, per-token keys ({buffer name: (R, H, N, ...)}): the eviction stores' form."""
         assert self.k_granularity == "token", "per-head slots need per-token key scales"
-        names = ("k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero")
         encoded = (*quantize_keys(k, self.fmt, "token", self.group_size), *quantize_values(v, self.fmt, self.group_size))
-        return {name: x for name, x in zip(names, encoded) if x is not None}
+        return {name: x for name, x in zip(self.POOLED, encoded) if x is not None}
 
     def write_heads(self, rows, slots: Tensor, k: Tensor, v: Tensor):
         """Quantize k, v (R, H, T, D) into per-head token slots (R, H, T) of sequences `rows` (per-token keys)."""
