@@ -16,13 +16,11 @@ from torch import Tensor
 
 from atomic import AtomicDir
 from model import ModelArgs, rope_inv_freq
+from weight_quant import WEIGHT_QUANTIZATION_FILE, import_torchao, weight_quantization  # noqa: F401 (re-exported)
 
 REPO_DIR = Path(__file__).resolve().parent
 SETUP_HINT = "run `bash scripts/setup.sh` to prepare the default model, or pass --checkpoint_path"
 TOKENIZER_NAMES = ("tokenizer.json", "tokenizer.model")  # what tokenizer.load_tokenizer reads from a folder
-# Beside a model.pth whose linears hold torchao int8 weights (scripts/prepare_checkpoint.py --quantize): the mode,
-# so that loading imports torchao (its tensor classes must be registered before torch.load) and --plan knows it.
-WEIGHT_QUANTIZATION_FILE = "weight_quantization.json"
 
 
 def default_checkpoint_path() -> Path:
@@ -59,18 +57,6 @@ def load_checkpoint(path, dtype: torch.dtype = None, shard=None) -> tuple[ModelA
 def _cast(t: Tensor, dtype) -> Tensor:
     # A torchao tensor (a quantized checkpoint's linears) keeps its own dtypes: its activations set the output's.
     return t if dtype is None or type(t) is not torch.Tensor else t.to(dtype)
-
-
-def weight_quantization(path) -> dict | None:
-    """{"mode": "int8", ...} for a model.pth checkpoint of torchao-quantized weights, else None (no weight read)."""
-    path = Path(path)
-    marker = (path if path.is_dir() else path.parent) / WEIGHT_QUANTIZATION_FILE
-    if not marker.is_file():
-        return None
-    try:
-        return json.loads(marker.read_text())
-    except ValueError as e:
-        raise ValueError(f"{marker} is not valid JSON ({_one_line(e)}) — prepare the checkpoint again")
 
 
 def load_model_args(path) -> ModelArgs:
@@ -167,7 +153,6 @@ def load_pth(path: Path, dtype=None, shard=None) -> tuple[ModelArgs, dict]:
     except (ValueError, TypeError) as e:
         raise ValueError(f"{args_path} is not valid model args ({_one_line(e)}) — convert the checkpoint again")
     if weight_quantization(path) is not None:  # torchao's tensor classes, registered for weights_only loading
-        from weight_quant import import_torchao
         import_torchao()
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -24,9 +24,11 @@ Norm weights are vectors and stay as they are.
 linear_bytes() is the one place that says how many bytes a quantized linear takes (generate.py --plan reads it);
 tests/test_plan.py holds it to the bytes of real torchao tensors.
 """
+import json
 import logging
 import math
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -39,6 +41,24 @@ DEFAULT_GROUP_SIZE = 128  # torchao's Int4WeightOnlyConfig default
 FALLBACK_GROUP_SIZE = 32
 INT4_GROUP_SIZES = {"cpu": (32, 64, 128), "cuda": (32, 64, 128, 256)}  # what each tinygemm kernel accepts
 TORCHAO_HINT = "pip install torchao==0.18.0 (scripts/setup.sh installs it)"
+# Beside a model.pth whose linears hold torchao int8 weights (scripts/prepare_checkpoint.py --quantize): the mode,
+# so that loading imports torchao (its tensor classes must be registered before torch.load) and --plan knows it.
+# Kept here, below checkpoint.py (which imports this module and re-exports both names): neither module imports the
+# other inside a function.
+WEIGHT_QUANTIZATION_FILE = "weight_quantization.json"
+
+
+def weight_quantization(path) -> dict | None:
+    """{"mode": "int8", ...} for a model.pth checkpoint of torchao-quantized weights, else None (no weight read)."""
+    path = Path(path)
+    marker = (path if path.is_dir() else path.parent) / WEIGHT_QUANTIZATION_FILE
+    if not marker.is_file():
+        return None
+    try:
+        return json.loads(marker.read_text())
+    except ValueError as e:
+        raise ValueError(f"{marker} is not valid JSON ({type(e).__name__}: {' '.join(str(e).split())}) — prepare "
+                         "the checkpoint again")
 
 
 def import_torchao():
@@ -81,7 +101,6 @@ def check_mode(mode, device: torch.device, dtype: torch.dtype):
 def checkpoint_mode(mode, checkpoint_path):
     """The weights a run gets: --quantize's mode, or the mode a checkpoint of scripts/prepare_checkpoint.py
     --quantize holds (read from its marker file, before any weight loads); a one-line ValueError when they differ."""
-    from checkpoint import weight_quantization
     held = (weight_quantization(checkpoint_path) or {}).get("mode")
     if held and mode and held != mode:
         raise ValueError(f"the checkpoint's weights are already {held}: drop --quantize {mode}, or quantize a float "
