@@ -7,20 +7,24 @@ Every count is one the run itself makes, not a second formula:
   * weights: the parameters of a model of one rank's shard shape (tp.shard_args: query heads, KV heads and MLP
     channels / ranks; embedding, norms and output replicated) built on the meta device; a linear that
     weight_quant.quantize_weights quantizes counts weight_quant.linear_bytes for its shard, the rest numel x dtype;
-  * KV cache: generate.cache_bytes for that shard shape (n_kv_head / ranks), the strategy and its options (paged
+  * KV cache: memory.predicted_kv_bytes for that shard shape (n_kv_head / ranks), the strategy and its options (paged
     too), batch and context;
-  * the other buffers of a generation (RoPE tables, prefill logits): generate.generation_bytes, as check_memory.
+  * the other buffers of a generation (RoPE tables, prefill logits): memory.predicted_generation_bytes, as check_memory.
 The largest batch (at the context) and context (at the batch) are the largest for which weights + generation bytes
-fit --memory_gb, found by generate.largest_fitting. tests/test_plan.py holds the counts to real allocations.
+fit --memory_gb, found by memory.largest. tests/test_plan.py holds the counts to real allocations.
 """
 import torch
 
-import generate
 import kv_cache
+import memory
 import tp
 import weight_quant
+from kv_cache.paging import DEFAULT_BLOCK_SIZE
 from checkpoint import default_checkpoint_path, load_model_args
+from cli_options import DEFAULT_PROMPT, check_options, read_prompt, read_prompts_file
+from llm import prompt_tokens
 from model import ModelArgs, Transformer
+from runner import DTYPES, default_dtype
 
 BATCH_LIMIT = 2**20  # the largest batch searched for
 
@@ -51,18 +55,10 @@ def plan_bytes(args: ModelArgs, strategy: str, options: dict, batch_size: int, m
     weights: weight_bytes()' answer when already known (it does not depend on batch or context)."""
     weights = weights or weight_bytes(args, dtype, device_type, world, replicate_kv_heads, mode, group_size)
     local = weights["local_args"]
-    kv = generate.cache_bytes(local, strategy, options, batch_size, max_seq_length, dtype, block_size, num_blocks)
-    generation = generate.generation_bytes(local, strategy, options, batch_size, max_seq_length, prompt_len,
+    kv = memory.predicted_kv_bytes(local, strategy, options, batch_size, max_seq_length, dtype, block_size, num_blocks)
+    generation = memory.predicted_generation_bytes(local, strategy, options, batch_size, max_seq_length, prompt_len,
                                            rope_length, dtype, block_size, num_blocks)
     return {**weights, "kv": kv, "buffers": generation - kv, "total": weights["weights"] + generation}
-
-
-def largest(fits, limit: int) -> int:
-    """The largest n in 1..limit with fits(n) (monotone), 0 if none: doubling to a bound, then bisection."""
-    high = 1
-    while high < limit and fits(high):
-        high = min(2 * high, limit)
-    return generate.largest_fitting(fits, high)
 
 
 def resolve(args, options) -> dict:
@@ -71,8 +67,8 @@ def resolve(args, options) -> dict:
         device = torch.device(args.device)
     except RuntimeError:
         raise ValueError(f"--device {args.device!r} is not a device: use cpu, cuda or cuda:N") from None
-    dtype = generate.DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    generate.check_options(args)
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
+    check_options(args)
     world = args.tp or tp.world_size()
     if args.tp and tp.world_size() > 1 and args.tp != tp.world_size():
         raise ValueError(f"--tp {args.tp} but torchrun started {tp.world_size()} ranks: drop --tp or match them")
@@ -93,16 +89,16 @@ def resolve(args, options) -> dict:
     else:
         total = prompt_len + args.max_new_tokens
     max_seq_length = args.max_seq_length or min(total, trained)
-    block_size = args.block_size if args.paged else None
+    block_size = (args.block_size or DEFAULT_BLOCK_SIZE) if args.paged else None
     num_blocks = args.num_blocks
     if args.kv_memory_gb is not None:
         local = tp.shard_args(model_args, world, args.replicate_kv_heads)
-        fixed, per_block = generate.pool_bytes(local, args.strategy, options, batch, max_seq_length, block_size, dtype)
-        num_blocks = max(2, generate.blocks_in(args.kv_memory_gb * 2**30, fixed, per_block))
+        fixed, per_block = memory.predicted_pool_bytes(local, args.strategy, options, batch, max_seq_length, block_size, dtype)
+        num_blocks = max(2, memory.blocks_in(args.kv_memory_gb * 2**30, fixed, per_block))
     if args.memory_gb is not None:
         budget = int(args.memory_gb * 2**30)
     elif device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_available()):
-        budget = generate.available_memory_bytes(device)
+        budget = memory.available_memory_bytes(device)
     else:
         raise ValueError(f"--plan for {device.type} on a machine without one: give --memory_gb (its memory per GPU, "
                          "e.g. 80)")
@@ -119,8 +115,8 @@ def longest_prompt(args, checkpoint_path) -> int | None:
         tokenizer = load_tokenizer(checkpoint_path)
     except ValueError:
         return None
-    texts = generate.read_prompts_file(args.prompts_file) if args.prompts_file else [generate.read_prompt(args.prompt)]
-    return max(len(generate.prompt_tokens(tokenizer, text, args.chat, args.system)) for text in texts)
+    texts = read_prompts_file(args.prompts_file) if args.prompts_file else [read_prompt(args.prompt or DEFAULT_PROMPT)]
+    return max(len(prompt_tokens(tokenizer, text, args.chat, args.system)) for text in texts)
 
 
 def run(args, options):
@@ -138,7 +134,7 @@ def run(args, options):
 
     planned = counts(r["batch"], r["max_seq_length"])
     budget = r["budget"]
-    fmt = generate.format_bytes
+    fmt = memory.format_bytes
     where = f"--memory_gb {args.memory_gb:g}" if args.memory_gb is not None else f"free on {r['device']}"
     if planned["weights"] > budget:
         raise ValueError(f"the weights alone need {fmt(planned['weights'])} per GPU but {fmt(budget)} is "
@@ -153,10 +149,10 @@ def run(args, options):
 
     trained = a.max_position_embeddings
     context_limit = max(trained, r["max_seq_length"])
-    best_batch = largest(lambda b: fits(b, r["max_seq_length"]), BATCH_LIMIT)
-    best_context = largest(lambda n: fits(r["batch"], n), context_limit)
+    best_batch = memory.largest(lambda b: fits(b, r["max_seq_length"]), BATCH_LIMIT)
+    best_context = memory.largest(lambda n: fits(r["batch"], n), context_limit)
     if not best_batch:
-        alone = largest(lambda n: fits(1, n), context_limit)
+        alone = memory.largest(lambda n: fits(1, n), context_limit)
         raise ValueError(f"not even one sequence of {r['max_seq_length']} tokens fits in {fmt(budget)} per GPU beside "
                          f"{fmt(planned['weights'])} of weights: " +
                          (f"--max_seq_length {alone} fits at batch 1, or " if alone else "") +

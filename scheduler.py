@@ -1,136 +1,140 @@
-"""Continuous batching: the cache's batch rows are slots that sequences take and give back. When a sequence ends
-(its EOS or max_new_tokens) the next waiting prompt is prefilled into its row, and the others decode on; the decode
-step keeps its static shapes (every row, finished and empty ones inactive), so one compiled graph serves the whole
-run.
+"""Continuous batching's decisions, on the host: which request runs in which cache row, and when.
 
-Admission with a paged pool (kv_cache/paging.py): blocks are taken on demand as sequences grow, but a prompt is only
-admitted when the free blocks cover its worst case (prompt + max_new_tokens) on top of what the running sequences
-may still take. So a running sequence never finds the pool empty: no preemption, no recomputation (vLLM admits
-optimistically and preempts instead); a sequence that ends early at its EOS returns its blocks early, and the next
-admission uses them. A prompt whose worst case exceeds the whole pool can never run: generate_continuous refuses
-it before anything is generated.
+The cache's batch rows are slots that requests take and give back. A request waits until a row is free and, with a
+paged pool (kv_cache/paging.py), until the free blocks cover its worst case (prompt + max_new_tokens) on top of
+what the running requests may still take. So a running request never finds the pool empty: no preemption, no
+recomputation (vLLM admits optimistically and preempts instead); a request that ends early at a stop token returns
+its blocks early, and the next admission uses them. A request whose worst case exceeds the whole pool, or whose
+prompt + max_new_tokens exceed what a row holds, can never run: add() refuses it at once.
 
-Prefill of an admitted prompt runs between decode steps, in chunks (--prefill_chunk_size); the running sequences
-wait for it. vLLM's mixed steps (prefill chunks and decode tokens in one forward) would need a decode step of
-variable shape, which would give up the single CUDA graph the decode step replays.
+Admission is first come, first served: the head of the queue waits for room rather than being overtaken, so a long
+request is never starved by short ones. Nothing here touches the model: the engine (engine.py) prefills what
+admit() returns and runs the decode step over every row.
 """
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
-
-from generate import decode_one_token, pool_of, prefill_one, sample
-from model import Transformer
+from kv_cache.paging import BlockPool
 
 
 @dataclass
-class Running:
-    index: int  # the prompt's place in the input
-    position: int  # where its next token goes
-    tokens: list = field(default_factory=list)
+class SamplingParams:
+    """How one request generates: up to max_new_tokens, ending early at any of stop_ids (kept in its tokens);
+    temperature 0 is greedy; top_k 0 and top_p 1 restrict nothing; seed None takes the engine's next one."""
+    max_new_tokens: int = 200
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = None
+    stop_ids: tuple = ()
+
+    def check(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = no top-k), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def worst_case_blocks(model: Transformer, prompt_len: int, max_new_tokens: int) -> int:
-    pool = pool_of(model)
-    return pool.space.blocks_for(prompt_len + max_new_tokens) if pool is not None else 0
+@dataclass
+class Request:
+    id: int
+    prompt: list
+    params: SamplingParams
+    seed: int
+    tokens: list = field(default_factory=list)  # generated so far
+    row: int = None  # its cache row while it runs
+    shared_tokens: int = 0  # prompt tokens taken from the pool's blocks instead of computed
+    finish_reason: str = None  # "stop", "length" or "abort" once it ended
+
+    @property
+    def position(self) -> int:
+        """Where its next token goes."""
+        return len(self.prompt) + len(self.tokens) - 1
 
 
-def check_fits(model: Transformer, prompts: list[list[int]], max_new_tokens: int):
-    """One line, before any work, when a prompt can never run in the pool."""
-    pool = pool_of(model)
-    if pool is None:
-        return
-    need, i = max((worst_case_blocks(model, len(ids), max_new_tokens), i) for i, ids in enumerate(prompts))
-    if need > pool.usable:
-        raise ValueError(f"prompt {i} ({len(prompts[i])} tokens) + --max_new_tokens {max_new_tokens} needs {need} "
-                         f"blocks of {pool.block_tokens} tokens but the pool has {pool.usable}: raise --num_blocks / "
-                         "--kv_memory_gb, or lower --max_new_tokens")
+def tokens_stored(prompt_len: int, max_new_tokens: int) -> int:
+    """Tokens a request writes into its cache row at most: the last new token is sampled, never fed back."""
+    return prompt_len + max_new_tokens - 1
 
 
-def generate_continuous(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature=0.0,
-                        top_k=None, eos_ids=(), prefill_chunk=None, decode_fn=decode_one_token,
-                        on_sequence=None) -> dict:
-    """Generate up to max_new_tokens after each prompt with at most the cache's batch size running at once,
-    admitting the next prompt as soon as a row (and, paged, the blocks) are free. on_sequence(index, sequence) is
-    called as each one ends. Returns sequences (input order: tokens up to and including the EOS, finish_reason),
-    prompt_tokens, shared_tokens (taken from the pool's shared blocks, not computed), prefill_s, decode_s,
-    decode_steps, decode_tokens (tokens made by decode steps) and peak_running."""
-    check_fits(model, prompts, max_new_tokens)
-    caches = model.caches()
-    B = caches[0].batch_size
-    device = model.tok_embeddings.weight.device
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    pool = pool_of(model)
-    eos = set(eos_ids)
-    model.reset_caches()
-    model.finish_sequences(torch.ones(B, dtype=torch.bool, device=device))  # empty rows cost the kernel nothing
-    waiting, free_rows, running = deque(range(len(prompts))), list(range(B)), {}
-    sequences = [None] * len(prompts)
-    tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
-    positions = [0] * B
-    prefill_s = decode_s = 0.0
-    steps = decode_tokens = peak_running = shared = 0
+class Scheduler:
+    def __init__(self, n_rows: int, max_seq_length: int, pool: BlockPool = None, capacity: int = None):
+        """n_rows cache rows of max_seq_length positions; capacity: the tokens a row holds when the strategy holds
+        fewer than every position (None: max_seq_length)."""
+        self.pool, self.max_seq_length = pool, max_seq_length
+        self.capacity = capacity if capacity is not None else max_seq_length
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, Request] = {}  # row -> request
+        self.free_rows = list(range(n_rows))
+        self.peak_running = 0
 
-    def promised() -> int:  # blocks the running sequences may still take
-        return sum(worst_case_blocks(model, len(prompts[r.index]), max_new_tokens) - len(pool.held[row])
-                   for row, r in running.items())
+    def worst_case_blocks(self, request: Request) -> int:
+        if self.pool is None:
+            return 0
+        return self.pool.space.blocks_for(tokens_stored(len(request.prompt), request.params.max_new_tokens))
 
-    def retire(row: int, reason: str):
-        r = running.pop(row)
-        sequences[r.index] = dict(tokens=r.tokens, finish_reason=reason)
-        model.reset_caches(torch.tensor([row], device=device))  # its blocks return to the pool now
-        model.finish_sequences(torch.arange(B, device=device) == row)
-        free_rows.append(row)
-        positions[row] = 0  # an empty row's (ignored) decode write stays inside every store and RoPE table
-        if on_sequence:
-            on_sequence(r.index, sequences[r.index])
+    def check_fits(self, request: Request, name: str = "the prompt"):
+        """A one-line ValueError when the request can never run, whatever else is running."""
+        total = len(request.prompt) + request.params.max_new_tokens
+        if total > self.capacity:
+            raise ValueError(f"{name} ({len(request.prompt)} tokens) + max_new_tokens ({request.params.max_new_tokens})"
+                             f" = {total} tokens but a sequence holds {self.capacity}: shorten the prompt, lower "
+                             "max_new_tokens or raise --max_seq_length")
+        need = self.worst_case_blocks(request)
+        if self.pool is not None and need > self.pool.usable:
+            raise ValueError(f"{name} ({len(request.prompt)} tokens) + max_new_tokens "
+                             f"{request.params.max_new_tokens} needs {need} blocks of {self.pool.block_tokens} tokens"
+                             f" but the pool has {self.pool.usable}: raise --num_blocks / --kv_memory_gb, or lower "
+                             "max_new_tokens")
 
-    def record(row: int, token: int) -> bool:
-        """Append a new token; retire the sequence when it ends. True while it runs on."""
-        r = running[row]
-        r.tokens.append(token)
-        if token in eos:
-            retire(row, "eos")
-        elif len(r.tokens) == max_new_tokens:
-            retire(row, "length")
-        return row in running
+    def add(self, request: Request):
+        """Queue a request that Engine.check let through."""
+        self.waiting.append(request)
 
-    while waiting or running:
-        t0 = time.perf_counter()
-        while waiting and free_rows:
-            ids = prompts[waiting[0]]
-            if pool is not None and (worst_case_blocks(model, len(ids), max_new_tokens) >
-                                     pool.available - promised()):
-                break  # wait for blocks: a running sequence ends within max_new_tokens steps
-            index, row = waiting.popleft(), free_rows.pop(0)
-            model.reset_caches(torch.tensor([row], device=device))  # empty, active again
-            logits, n_shared = prefill_one(model, ids, row, prefill_chunk)
-            first = sample(logits, temperature, top_k)
-            shared += n_shared
-            running[row] = Running(index, len(ids))
-            if record(row, int(first)):
-                tokens[row] = first[0]
-                positions[row] = len(ids)
-        synchronize()
-        t1 = time.perf_counter()
-        prefill_s += t1 - t0
-        if not running:
-            continue
-        peak_running = max(peak_running, len(running))
-        if pool is not None:
-            for row in running:
-                pool.reserve(row, positions[row] + 1)
-        input_pos = torch.tensor(positions, device=device)[:, None]
-        next_token = decode_fn(model, tokens, input_pos, temperature, top_k).clone()
-        new = next_token[:, 0].tolist()
-        steps += 1
-        decode_tokens += len(running)
-        for row in list(running):
-            positions[row] += 1
-            record(row, new[row])
-        tokens = next_token
-        decode_s += time.perf_counter() - t1
-    return dict(sequences=sequences, prompt_tokens=sum(map(len, prompts)), shared_tokens=shared, prefill_s=prefill_s,
-                decode_s=decode_s,
-                decode_steps=steps, decode_tokens=decode_tokens, peak_running=peak_running)
+    def promised_blocks(self) -> int:
+        """Blocks the running requests may still take."""
+        return sum(self.worst_case_blocks(r) - len(self.pool.held[row]) for row, r in self.running.items())
+
+    def admit(self) -> list[Request]:
+        """The waiting requests that start now, each given a row (in arrival order, the head first)."""
+        admitted = []
+        while self.waiting and self.free_rows:
+            request = self.waiting[0]
+            if self.pool is not None and (self.worst_case_blocks(request) >
+                                          self.pool.available - self.promised_blocks()):
+                break  # wait for blocks: a running request ends within max_new_tokens steps
+            self.waiting.popleft()
+            request.row = self.free_rows.pop(0)
+            self.running[request.row] = request
+            admitted.append(request)
+        self.peak_running = max(self.peak_running, len(self.running))
+        return admitted
+
+    def reserve_decode(self):
+        """Before a decode step: the blocks of every running request's next token."""
+        if self.pool is not None:
+            for row, request in self.running.items():
+                self.pool.reserve(row, request.position + 1)
+
+    def finish(self, request: Request, reason: str):
+        """Request ended: its row is free again (the engine resets the row's cache, which returns its blocks)."""
+        request.finish_reason = reason
+        if request.row is not None and self.running.get(request.row) is request:
+            del self.running[request.row]
+            self.free_rows.append(request.row)
+
+    def find(self, request_id: int) -> Request:
+        for request in [*self.waiting, *self.running.values()]:
+            if request.id == request_id:
+                return request
+        return None
+
+    def remove_waiting(self, request: Request):
+        self.waiting.remove(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)

@@ -38,8 +38,8 @@ import kv_cache  # noqa: E402
 import tp  # noqa: E402
 from kernels.formats import FORMATS  # noqa: E402
 from atomic import atomic_write_json, atomic_write_text  # noqa: E402
-from generate import (available_memory_bytes as available_bytes, cache_bytes, compile_decode,  # noqa: E402
-                      decode_one_token, peak_memory_bytes, pool_of, setup_cache)
+from memory import available_memory_bytes as available_bytes, peak_memory_bytes, predicted_kv_bytes
+from runner import compile_decode, decode_one_token, pool_of, setup_cache
 from model import ModelArgs, Transformer  # noqa: E402
 
 SHAPES = {
@@ -242,18 +242,18 @@ class GraphedDecode:
     def __init__(self):
         self.graph = None
 
-    def __call__(self, model, token, input_pos, temperature, top_k):
+    def __call__(self, model, token, input_pos, sampling):
         if self.graph is None:
             self.token, self.input_pos = token.clone(), input_pos.clone()
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up off the capture stream, as torch.cuda.graphs advises
                 for _ in range(2):
-                    decode_one_token(model, self.token, self.input_pos, temperature, top_k)
+                    decode_one_token(model, self.token, self.input_pos, sampling)
             torch.cuda.current_stream().wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.out = decode_one_token(model, self.token, self.input_pos, temperature, top_k)
+                self.out = decode_one_token(model, self.token, self.input_pos, sampling)
         self.token.copy_(token)
         self.input_pos.copy_(input_pos)
         self.graph.replay()
@@ -290,8 +290,8 @@ def bench_row(model, shape, name, context, batch, cfg, device) -> dict:
     options = strategy_options(strategy, extra + cfg["strategy_args"].get(strategy, []))
     total_steps = 1 + cfg["warmup"] + cfg["repeats"] * cfg["steps"]
     max_seq_length = context + total_steps
-    kv = cache_bytes(args, strategy, options, batch, max_seq_length, DTYPE)
-    full_kv = cache_bytes(args, "full", {}, batch, max_seq_length, DTYPE)
+    kv = predicted_kv_bytes(args, strategy, options, batch, max_seq_length, DTYPE)
+    full_kv = predicted_kv_bytes(args, "full", {}, batch, max_seq_length, DTYPE)
     fixed, per_token = transient_bytes(args, batch, max_seq_length)
     available = int(tp.min_over_ranks(available_bytes(device)))  # tensor parallel: every rank skips alike
     budget = max(GiB // 4, min(8 * GiB, (available - kv - fixed) // 2))

@@ -10,10 +10,10 @@ runs to --new_tokens, so every row makes the same tokens' worth of work and the 
 
 Every row gets the same KV budget (--kv_memory_gb; default: what contiguous preallocation needs for
 max(2, ceil(num_prompts / 8)) sequences of the longest prompt + --new_tokens, so the budget binds):
-  contiguous-static      full cache, one max-length slot per row; rows = how many fit the budget (cache_bytes);
+  contiguous-static      full cache, one max-length slot per row; rows = how many fit the budget (predicted_kv_bytes);
                          the prompts run in static batches of that size (generate_batch: a batch ends when all end)
-  contiguous-continuous  the same rows, continuous batching (scheduler.generate_continuous)
-  paged-full             full cache paged in one pool sized to the budget (pool_bytes / blocks_in), continuous
+  contiguous-continuous  the same rows, continuous batching (engine.Engine)
+  paged-full             full cache paged in one pool sized to the budget (predicted_pool_bytes / blocks_in), continuous
   paged-int8, paged-int4 quantize_kv pages (sinks and window stay 16-bit per row), continuous
   paged-full-static      (only with --rows) the paged pool, static batches of as many prompts as the pool holds
 A paged row's number of rows (the cache's batch) is the smallest one that lets the blocks, not the rows, bind: the
@@ -57,9 +57,10 @@ import scheduler  # noqa: E402
 from atomic import atomic_write_json, atomic_write_text, check_writable_file  # noqa: E402
 from bench_decode import SHAPES, fmt, release, strategy_options, synchronize  # noqa: E402
 from model import Transformer  # noqa: E402
-from generate import (DTYPES, available_memory_bytes, blocks_in, cache_bytes, compile_decode,  # noqa: E402
-                      decode_one_token, format_bytes, generate_batch, kv_bytes, largest_fitting, pool_bytes, prefill,
-                      quiet_profiler_logs, setup_cache, warm_up)
+from engine import generate_batch
+from memory import allocated_kv_bytes, available_memory_bytes, blocks_in, format_bytes, largest, predicted_kv_bytes, predicted_pool_bytes
+from profiling import quiet_profiler_logs
+from runner import DTYPES, compile_decode, decode_one_token, prefill, setup_cache, warm_up
 
 MiB = 2**20
 # name -> (label, strategy, quantize_kv bits or None, paged, continuous)
@@ -75,7 +76,7 @@ DEFAULT_ROWS = ["contiguous-static", "contiguous-continuous", "paged-full", "pag
 
 LEGEND = """\
 Columns: **rows** = the cache's batch (sequence slots). **blocks** = usable pool blocks (the null block apart).
-**KV MiB** = bytes the caches allocate (kv_bytes: every layer; paged: the whole pool plus per-row state such as
+**KV MiB** = bytes the caches allocate (allocated_kv_bytes: every layer; paged: the whole pool plus per-row state such as
 quantize_kv's 16-bit sinks + window). **peak blocks** = most pool blocks held at once. **in use MiB** = per-row state
 + peak blocks x bytes per block. **peak seqs** = most sequences decoding at once. **steps** = decode steps.
 **total s** = prefill + decode, the whole workload. **decode tok/s** = tokens made by decode steps / decode seconds.
@@ -102,7 +103,7 @@ def make_prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[i
 
 def replay(lengths: list[int], new_tokens: int, rows: int, usable, blocks_for, continuous: bool) -> tuple[int, int]:
     """(decode steps, peak concurrent sequences) of the workload with `rows` rows and `usable` pool blocks (None:
-    contiguous), no EOS: scheduler.generate_continuous's admission rule (a prompt enters when a row is free and the
+    contiguous), no EOS: the scheduler's admission rule (a prompt enters when a row is free and the
     free blocks cover its worst case beside the running sequences' worst cases), or static batches of consecutive
     prompts that fit together. Host arithmetic only; prefix sharing (none between random prompts) is ignored."""
     worst = [blocks_for(n + new_tokens) if usable is not None else 0 for n in lengths]
@@ -174,9 +175,9 @@ def plan_row(name: str, cfg: dict) -> dict:
                 options={k: v for k, v in options.items() if k in ("bits", "sink_size", "window_size", "group_size")},
                 note="")
     if not paged:
-        rows = largest_fitting(lambda b: cache_bytes(args, strategy, options, b, max_len, dtype) <= budget, n)
+        rows = largest(lambda b: predicted_kv_bytes(args, strategy, options, b, max_len, dtype) <= budget, n)
         if rows == 0:
-            need = cache_bytes(args, strategy, options, 1, max_len, dtype)
+            need = predicted_kv_bytes(args, strategy, options, 1, max_len, dtype)
             plan["note"] = f"skipped: one {max_len}-token contiguous sequence needs {format_bytes(need)}"
             return plan
         steps, peak = replay(cfg["lengths"], new, rows, None, None, continuous)
@@ -186,7 +187,7 @@ def plan_row(name: str, cfg: dict) -> dict:
         cfg["block_size"])
     best = None
     for rows in ([cfg["max_rows"]] if cfg["max_rows"] else range(1, n + 1)):
-        fixed, per_block = pool_bytes(args, strategy, options, rows, max_len, cfg["block_size"], dtype)
+        fixed, per_block = predicted_pool_bytes(args, strategy, options, rows, max_len, cfg["block_size"], dtype)
         num_blocks = blocks_in(budget, fixed, per_block)
         if num_blocks < 2:
             continue
@@ -214,18 +215,18 @@ def run_row(model, plan: dict, cfg: dict, device) -> dict:
     pool = setup_cache(model, plan["strategy"], plan["options_full"], plan["rows"], cfg["max_seq_length"],
                        quiet=True, block_size=cfg["block_size"] if plan["paged"] else None,
                        num_blocks=plan.get("num_blocks"))
-    row["kv_bytes"] = kv_bytes(model)
-    row["fits_budget"] = row["kv_bytes"] <= cfg["budget"]
+    row["allocated_kv_bytes"] = allocated_kv_bytes(model)
+    row["fits_budget"] = row["allocated_kv_bytes"] <= cfg["budget"]
     decode_fn = decode_one_token
     if cfg["compile"]:
         decode_fn = compile_decode()
-        row["compile_s"] = warm_up(model, decode_fn, plan["rows"], 0.0, None) if new > 1 else 0.0
+        row["compile_s"] = warm_up(model, decode_fn) if new > 1 else 0.0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     synchronize(device)
     t0 = time.perf_counter()
     if plan["continuous"]:
-        out = scheduler.generate_continuous(model, prompts, new, 0.0, None, (), cfg["prefill_chunk"], decode_fn)
+        out = generate_batch(model, prompts, new, prefill_chunk=cfg["prefill_chunk"], decode_fn=decode_fn)
         sequences, prefill_s, decode_s = out["sequences"], out["prefill_s"], out["decode_s"]
         steps, decode_tokens, peak = out["decode_steps"], out["decode_tokens"], out["peak_running"]
         shared = out.get("shared_tokens", 0)
@@ -253,7 +254,7 @@ def run_row(model, plan: dict, cfg: dict, device) -> dict:
         pooled = sum(cache.pool_nbytes() for cache in model.caches())
         per_block = pooled // pool.num_blocks
         row.update(usable_blocks=pool.usable, block_tokens=pool.block_tokens, block_bytes=per_block,
-                   peak_blocks=pool.peak_used, peak_in_use_bytes=row["kv_bytes"] - pooled + pool.peak_used * per_block)
+                   peak_blocks=pool.peak_used, peak_in_use_bytes=row["allocated_kv_bytes"] - pooled + pool.peak_used * per_block)
         pool.check()
     if device.type == "cuda":
         row["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
@@ -359,7 +360,7 @@ def table_rows(header, rows) -> list[str]:
         same = f"{r['same_tokens_as_first']}/{header['num_prompts']}" if "same_tokens_as_first" in r else ""
         lines.append(
             f"| {i} | {r['label']} | {r.get('rows', '')} | {r.get('usable_blocks', '')} "
-            f"| {fmt(r.get('kv_bytes') and r['kv_bytes'] / MiB, '.1f')} | {r.get('peak_blocks', '')} "
+            f"| {fmt(r.get('allocated_kv_bytes') and r['allocated_kv_bytes'] / MiB, '.1f')} | {r.get('peak_blocks', '')} "
             f"| {fmt(r.get('peak_in_use_bytes') and r['peak_in_use_bytes'] / MiB, '.1f')} "
             f"| {r.get('peak_running', '')} | {r.get('decode_steps', '')} | {fmt(r.get('total_s'), '.1f')} "
             f"| {fmt(r.get('decode_tps'), '.1f')} | {fmt(r.get('total_tps'), '.1f')} "
@@ -536,12 +537,12 @@ def run(args, argv):
     prompts = make_prompts(n, lo, hi, model_args.vocab_size, args.seed)
     lengths = [len(p) for p in prompts]
     max_len = max(lengths) + new
-    seq_bytes = cache_bytes(model_args, "full", {}, 1, max_len, dtype)
+    seq_bytes = predicted_kv_bytes(model_args, "full", {}, 1, max_len, dtype)
     if args.kv_memory_gb is not None:
         budget, rule = int(args.kv_memory_gb * 2**30), f"--kv_memory_gb {args.kv_memory_gb}"
     else:
         k = max(2, -(-n // 8))
-        budget, rule = cache_bytes(model_args, "full", {}, k, max_len, dtype), \
+        budget, rule = predicted_kv_bytes(model_args, "full", {}, k, max_len, dtype), \
             f"default: {k} max-length contiguous sequences"
     with torch.device("meta"):
         weight_bytes = sum(p.numel() for p in Transformer(model_args).parameters()) * dtype.itemsize

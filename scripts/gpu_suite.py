@@ -56,7 +56,8 @@ import bench_decode  # noqa: E402
 import gpu_check  # noqa: E402
 from atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from bench_decode import GiB, SHAPES, STRATEGIES, fmt  # noqa: E402
-from generate import compile_decode, decode_one_token, peak_memory_bytes, setup_cache  # noqa: E402
+from memory import peak_memory_bytes  # noqa: E402
+from runner import compile_decode, decode_one_token, setup_cache  # noqa: E402
 from kv_cache.paging import DEFAULT_BLOCK_SIZE  # noqa: E402
 
 DTYPE = bench_decode.DTYPE

@@ -43,7 +43,7 @@ from tqdm import tqdm
 REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR))
 from atomic import atomic_write_bytes, atomic_write_text, check_writable_file  # noqa: E402
-from generate import one_line_error  # noqa: E402
+from cli_options import one_line_error  # noqa: E402
 from kernels.formats import FORMATS  # noqa: E402
 from scripts import evaluate  # noqa: E402
 

@@ -8,6 +8,8 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from conftest import reset_dynamo
+import engine
+import runner
 import generate
 from model import ModelArgs, Transformer
 
@@ -48,11 +50,11 @@ def prompts(lengths=PROMPT_LENGTHS, seed=1):
     return [torch.randint(0, ARGS.vocab_size, (n,), generator=gen).tolist() for n in lengths]
 
 
-def run(model, name, batch, new_tokens=NEW_TOKENS, eos_ids=(), decode_fn=generate.decode_one_token):
+def run(model, name, batch, new_tokens=NEW_TOKENS, eos_ids=(), decode_fn=runner.decode_one_token):
     strategy, options = CASES[name]
     max_seq_length = max(map(len, batch)) + new_tokens
-    generate.setup_cache(model, strategy, options, len(batch), max_seq_length)
-    return generate.generate_batch(model, batch, new_tokens, eos_ids=eos_ids, decode_fn=decode_fn)["sequences"]
+    runner.setup_cache(model, strategy, options, len(batch), max_seq_length)
+    return engine.generate_batch(model, batch, new_tokens, eos_ids=eos_ids, decode_fn=decode_fn)["sequences"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -72,7 +74,7 @@ def test_each_sequence_ends_on_its_own_eos(model):
     free = run(model, "quantize_kv-int4", batch)
     eos = free[1]["tokens"][3]  # a token sequence 1 produces early: its EOS
     together = run(model, "quantize_kv-int4", batch, eos_ids={eos})
-    assert together[1]["finish_reason"] == "eos" and together[1]["tokens"][-1] == eos
+    assert together[1]["finish_reason"] == "stop" and together[1]["tokens"][-1] == eos
     assert len(together[1]["tokens"]) <= 4
     assert any(r["finish_reason"] == "length" for r in together)  # not every sequence stopped with it
     for prompt, result in zip(batch, together):
@@ -83,8 +85,8 @@ def test_reset_one_sequence_alone(model):
     """Resetting one sequence and prefilling another prompt in its place leaves the other sequences untouched."""
     strategy, options = CASES["quantize_kv-int4"]
     batch = prompts([23, 41])
-    generate.setup_cache(model, strategy, options, 2, 41 + NEW_TOKENS)
-    generate.generate_batch(model, batch, NEW_TOKENS)
+    runner.setup_cache(model, strategy, options, 2, 41 + NEW_TOKENS)
+    engine.generate_batch(model, batch, NEW_TOKENS)
     state = {k: b.clone() for k, b in model.caches()[0].named_buffers()}
     model.reset_caches(torch.tensor([1]))
     for name, buf in model.caches()[0].named_buffers():
@@ -102,21 +104,21 @@ def test_batched_decode_is_one_graph_as_sequences_finish(model):
     eager = run(model, "quantize_kv-int4", batch, eos_ids={eos})
     reset_dynamo()
     counters.clear()
-    compiled_fn = torch.compile(generate.decode_one_token, backend="aot_eager", fullgraph=True)
+    compiled_fn = torch.compile(runner.decode_one_token, backend="aot_eager", fullgraph=True)
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled = run(model, "quantize_kv-int4", batch, eos_ids={eos}, decode_fn=compiled_fn)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     assert compiled == eager
-    assert eager[0]["finish_reason"] == "eos"
+    assert eager[0]["finish_reason"] == "stop"
 
 
 def test_sampling_differs_per_sequence(model):
     """temperature > 0: copies of one prompt in a batch draw their own tokens."""
     strategy, options = CASES["full"]
     batch = prompts([5]) * 4
-    generate.setup_cache(model, strategy, options, 4, 5 + 24)
+    runner.setup_cache(model, strategy, options, 4, 5 + 24)
     torch.manual_seed(0)
-    rows = generate.generate_batch(model, batch, 24, temperature=1.0)["sequences"]
+    rows = engine.generate_batch(model, batch, 24, temperature=1.0)["sequences"]
     assert len({tuple(r["tokens"]) for r in rows}) > 1
 
 

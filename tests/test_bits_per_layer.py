@@ -1,6 +1,6 @@
 """quantize_kv --bits_per_layer: a format per layer.
 
-The spec's grammar and its one-line errors; every byte count (generate.cache_bytes / pool_bytes, the scripts' sizers)
+The spec's grammar and its one-line errors; every byte count (memory.predicted_kv_bytes / pool_bytes, the scripts' sizers)
 against the sum of the real buffers of the per-layer caches, contiguous and paged; and a 2-layer float64 model with
 per-layer formats against a written-out reference that quantizes each layer with its own format (the reference
 functions of kernels/quantize.py, tested on their own in test_quantize.py), plus paged against contiguous.
@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import engine
+import memory
+import runner
 import generate
 import kv_cache
 from kv_cache.quantize_kv import layer_bits
@@ -76,7 +79,7 @@ BAD_SPECS = [
 @pytest.mark.parametrize("spec,n_layer,match", BAD_SPECS, ids=[f"{s!r}/{n}" for s, n, _ in BAD_SPECS])
 def test_bad_spec_is_one_line_error(spec, n_layer, match):
     """A bad spec raises one ValueError line naming the fix: in the options check (grammar, formats, repeats) or,
-    once the model's layer count is known, in layer_options, i.e. in generate.setup_cache and cache_bytes before
+    once the model's layer count is known, in layer_options, i.e. in runner.setup_cache and cache_bytes before
     any cache is built."""
     args = ModelArgs(vocab_size=32, dim=64, n_layer=n_layer, n_head=1, n_kv_head=1, intermediate_size=32)
     options = dict(bits_per_layer=spec)
@@ -85,10 +88,10 @@ def test_bad_spec_is_one_line_error(spec, n_layer, match):
         QUANTIZE_KV.layer_options(opts, 0, n_layer)
     assert "\n" not in str(info.value) and str(info.value).startswith(f"--bits_per_layer {spec!r}")
     with pytest.raises(ValueError, match="--bits_per_layer"):
-        generate.cache_bytes(args, "quantize_kv", options, 1, 256)
+        memory.predicted_kv_bytes(args, "quantize_kv", options, 1, 256)
     model = Transformer(args)
     with pytest.raises(ValueError, match="--bits_per_layer"):
-        generate.setup_cache(model, "quantize_kv", options, 1, 256)
+        runner.setup_cache(model, "quantize_kv", options, 1, 256)
     assert all(layer.attention.kv_cache is None for layer in model.layers)  # refused before the first cache
 
 
@@ -121,12 +124,12 @@ def test_cli_refuses_a_spec_past_the_model(tmp_path, smollm2_gguf_path):
     assert good.returncode == 0, good.stderr.decode()
     # "KV cache: X MiB allocated (R x the full cache's Y MiB for N tokens)": the ratio R has the most digits.
     line = next(x for x in good.stdout.decode().splitlines() if x.startswith("KV cache:"))
-    model = generate.load_model(Path(checkpoint), torch.device("cpu"), torch.float32)
+    model = runner.load_model(Path(checkpoint), torch.device("cpu"), torch.float32)
     tokens = int(line.split(" for ")[1].split()[0])
-    expected = generate.cache_bytes(model.args, "quantize_kv", dict(sink_size=1, window_size=2, group_size=4,
+    expected = memory.predicted_kv_bytes(model.args, "quantize_kv", dict(sink_size=1, window_size=2, group_size=4,
                                                                      bits_per_layer="8:0;2:1"), 1, tokens,
                                     torch.float32)
-    assert f"({expected / generate.full_kv_bytes(model, 1, tokens):.3f}x" in line, (line, expected)
+    assert f"({expected / memory.full_kv_bytes(model, 1, tokens):.3f}x" in line, (line, expected)
 
 
 # ---------------------------------------------------------------- bytes, counted exactly
@@ -152,15 +155,15 @@ SPECS = [
 @pytest.mark.parametrize("block_size", [None, 16])
 def test_bytes_reported_are_the_per_layer_buffers(options, block_size):
     """cache_bytes, pool_bytes and compare_strategies' Sizer count, for each layer, what its own cache allocates:
-    equal to the buffers of the caches generate.setup_cache builds, and (contiguous) to each layer's cache built
+    equal to the buffers of the caches runner.setup_cache builds, and (contiguous) to each layer's cache built
     alone with that layer's single format."""
     B, L = 3, 300
     model = Transformer(ARGS).eval()
-    pool = generate.setup_cache(model, "quantize_kv", options, B, L, block_size=block_size)
+    pool = runner.setup_cache(model, "quantize_kv", options, B, L, block_size=block_size)
     real = buffer_bytes(model)
     num_blocks = pool.num_blocks if pool else None
-    assert generate.kv_bytes(model) == real
-    assert generate.cache_bytes(ARGS, "quantize_kv", options, B, L, torch.float32, block_size, num_blocks) == real
+    assert memory.allocated_kv_bytes(model) == real
+    assert memory.predicted_kv_bytes(ARGS, "quantize_kv", options, B, L, torch.float32, block_size, num_blocks) == real
     bits = layer_bits(options["bits_per_layer"], ARGS.n_layer)
     assert [cache.opts.bits for cache in model.caches()] == bits
     single = {k: v for k, v in options.items() if k != "bits_per_layer"}
@@ -168,12 +171,12 @@ def test_bytes_reported_are_the_per_layer_buffers(options, block_size):
     sizer = Sizer(layout, ARGS, L, block_size or 16, torch.float32)
     if block_size is None:
         one_layer = ModelArgs(**{**ARGS.to_dict(), "n_layer": 1})
-        alone = [generate.cache_bytes(one_layer, "quantize_kv", dict(single, bits=b), B, L, torch.float32)
+        alone = [memory.predicted_kv_bytes(one_layer, "quantize_kv", dict(single, bits=b), B, L, torch.float32)
                  for b in bits]
         assert [cache.nbytes() for cache in model.caches()] == alone
         assert sizer.allocated(B) == real
     else:
-        fixed, per_block = generate.pool_bytes(ARGS, "quantize_kv", options, B, L, block_size, torch.float32)
+        fixed, per_block = memory.predicted_pool_bytes(ARGS, "quantize_kv", options, B, L, block_size, torch.float32)
         assert fixed + per_block * pool.num_blocks == real
         assert sizer.allocated(B, pool.num_blocks) == real
         # One block table for all layers: blocks of whole flush groups of every format, as many slots as the
@@ -243,7 +246,7 @@ def layer_quantization(bits, schedule, S, W, group_size, length, k_granularity=N
 
 
 def run_cache(model, options, tokens, schedule, max_seq_length):
-    generate.setup_cache(model, "quantize_kv", options, tokens.shape[0], max_seq_length, quiet=True)
+    runner.setup_cache(model, "quantize_kv", options, tokens.shape[0], max_seq_length, quiet=True)
     return stream(model, tokens, schedule)
 
 
@@ -291,9 +294,9 @@ def test_paged_per_layer_equals_contiguous(block_size, key_rope):
     options = dict(sink_size=4, window_size=8, group_size=8, bits_per_layer="8:0;2:1", key_rope=key_rope)
     results = []
     for paged in (None, block_size):
-        pool = generate.setup_cache(model, "quantize_kv", options, 4, MAX_SEQ_LENGTH, quiet=True, block_size=paged)
+        pool = runner.setup_cache(model, "quantize_kv", options, 4, MAX_SEQ_LENGTH, quiet=True, block_size=paged)
         recorder = Recorder()
-        out = generate.generate_batch(model, prompts(), NEW_TOKENS, prefill_chunk=CHUNK, decode_fn=recorder)
+        out = engine.generate_batch(model, prompts(), NEW_TOKENS, prefill_chunk=CHUNK, decode_fn=recorder)
         results.append((out["tokens"], torch.stack(recorder.logits), pool))
     (want, want_logits, _), (got, got_logits, pool) = results
     assert torch.equal(got, want)

@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import compare_strategies as cs  # noqa: E402
 from bench_decode import SHAPES  # noqa: E402
-from generate import format_bytes  # noqa: E402
+from memory import format_bytes  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

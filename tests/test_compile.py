@@ -11,6 +11,8 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from conftest import reset_dynamo
+import runner
+import engine
 import generate
 from model import ModelArgs, Transformer
 
@@ -65,8 +67,8 @@ def options(name):
 
 def run(model, name, decode_fn):
     strategy, opts = options(name)
-    generate.setup_cache(model, strategy, opts, batch_size=2, max_seq_length=MAX_SEQ_LENGTH)
-    tokens = generate.generate(model, prompt(), NEW_TOKENS, decode_fn=decode_fn)["tokens"]
+    runner.setup_cache(model, strategy, opts, batch_size=2, max_seq_length=MAX_SEQ_LENGTH)
+    tokens = engine.generate_batch(model, prompt().tolist(), NEW_TOKENS, decode_fn=decode_fn)["tokens"]
     return tokens, [{k: b.clone() for k, b in cache.named_buffers()} for cache in model.caches()]
 
 
@@ -81,16 +83,16 @@ def test_decode_step_is_static(model, name):
     (a changing int would make torch.compile recompile every step) and every buffer is written in place (a new
     tensor would break CUDA-graph replay), and no tensor lives outside the registered buffers."""
     strategy, opts = options(name)
-    generate.setup_cache(model, strategy, opts, batch_size=2, max_seq_length=MAX_SEQ_LENGTH)
+    runner.setup_cache(model, strategy, opts, batch_size=2, max_seq_length=MAX_SEQ_LENGTH)
     caches = model.caches()
     for cache in caches:
         loose = [k for k, v in python_state(cache).items() if isinstance(v, torch.Tensor)]
         assert not loose, f"{name}: tensors outside the registered buffers: {loose}"
-    token = generate.prefill(model, prompt())[:, -1:].argmax(-1)
+    token = runner.prefill(model, prompt())[:, -1:].argmax(-1)
     state = [python_state(c) for c in caches]
     pointers = [{k: b.data_ptr() for k, b in c.named_buffers()} for c in caches]
     for pos in range(PROMPT_LEN, MAX_SEQ_LENGTH):
-        token = generate.decode_one_token(model, token, torch.tensor([pos]), 0.0, None)
+        token = runner.decode_one_token(model, token, torch.tensor([pos]), 0.0, None)
         assert [python_state(c) for c in caches] == state, f"{name}: cache attributes changed at position {pos}"
         assert [{k: b.data_ptr() for k, b in c.named_buffers()} for c in caches] == pointers, \
             f"{name}: a cache buffer was re-allocated at position {pos}"
@@ -127,18 +129,18 @@ def assert_same(name, compiled, eager, exact):
 
 
 def test_compiled_decode_matches_eager():
-    """The real --compile path (generate.compile_decode: inductor, mode reduce-overhead, fullgraph) on the full
+    """The real --compile path (runner.compile_decode: inductor, mode reduce-overhead, fullgraph) on the full
     cache. Inductor's C++ build takes most of a minute on the CPU, so the other strategies use aot_eager below."""
-    compiled = compiled_run(model_(), "full", generate.compile_decode())
-    assert_same("full", compiled, run(model_(), "full", generate.decode_one_token), exact=False)
+    compiled = compiled_run(model_(), "full", runner.compile_decode())
+    assert_same("full", compiled, run(model_(), "full", runner.decode_one_token), exact=False)
 
 
 @pytest.mark.parametrize("name", [n for n in CASES if n != "full"])
 def test_compiled_decode_other_strategies(model, name):
     """Every other strategy through dynamo and AOT autograd without inductor's code generation (aot_eager): graph
     breaks and recompiles come from there, at a fraction of the compile time."""
-    compiled = torch.compile(generate.decode_one_token, backend="aot_eager", fullgraph=True)
-    assert_same(name, compiled_run(model, name, compiled), run(model, name, generate.decode_one_token), exact=True)
+    compiled = torch.compile(runner.decode_one_token, backend="aot_eager", fullgraph=True)
+    assert_same(name, compiled_run(model, name, compiled), run(model, name, runner.decode_one_token), exact=True)
 
 
 def test_bench_decode_cpu_smoke(tmp_path):

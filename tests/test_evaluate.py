@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import default_checkpoint_path
-from generate import setup_cache
+from runner import setup_cache
 from scripts import corpus, evaluate, run_matrix
 from scripts.prepare_checkpoint import smollm2_gguf_path
 

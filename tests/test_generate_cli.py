@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import cli_options
+import memory
+import runner
 import generate
 from checkpoint import write_checkpoint
 from model import ModelArgs, Transformer
@@ -327,38 +330,38 @@ def test_profile_report_comes_after_the_text(runs):
 def test_each_row_draws_its_own_sample():
     torch.manual_seed(0)
     logits = torch.zeros(3, 1000)  # the same uniform distribution in every row
-    draws = torch.cat([generate.sample(logits, 1.0, None) for _ in range(4)], dim=1)
+    draws = torch.cat([runner.sample(logits, 1.0, None) for _ in range(4)], dim=1)
     assert len({tuple(row) for row in draws.tolist()}) == 3
-    assert generate.sample(logits, 1.0, 0).shape == (3, 1)  # top_k 0: no top-k, every token can be drawn
+    assert runner.sample(logits, 1.0, 0).shape == (3, 1)  # top_k 0: no top-k, every token can be drawn
     peaked = torch.full((2, 10), -10.0)
     peaked[:, 3] = 10.0
-    assert generate.sample(peaked, 0.8, 0).tolist() == [[3], [3]]
+    assert runner.sample(peaked, 0.8, 0).tolist() == [[3], [3]]
 
 
 def test_cache_bytes_is_what_the_caches_allocate():
     model = tiny_model(ModelArgs(**{**TINY.to_dict(), "vocab_size": 256}))
     for strategy, options in [("full", {}), ("compress_kv", {"sink_size": 4, "window_size": 8}),
                               ("quantize_kv", {"sink_size": 4, "window_size": 8, "bits": "4", "group_size": 16})]:
-        generate.setup_cache(model, strategy, options, batch_size=2, max_seq_length=64)
-        assert generate.cache_bytes(model.args, strategy, options, 2, 64, torch.float32) == generate.kv_bytes(model)
+        runner.setup_cache(model, strategy, options, batch_size=2, max_seq_length=64)
+        assert memory.predicted_kv_bytes(model.args, strategy, options, 2, 64, torch.float32) == memory.allocated_kv_bytes(model)
 
 
 def test_check_memory_suggests_the_largest_that_fits():
     model = tiny_model(ModelArgs(**{**TINY.to_dict(), "vocab_size": 256}))
 
     def needed(batch, length):
-        return generate.generation_bytes(model.args, "full", {}, batch, length, 5, 10, torch.float32)
+        return memory.predicted_generation_bytes(model.args, "full", {}, batch, length, 5, 10, torch.float32)
 
     available = needed(4, 1000)
-    generate.check_memory(model, "full", {}, 4, 1000, 5, 10, available=available)  # fits exactly: no error
+    memory.check_memory(model, "full", {}, 4, 1000, 5, 10, available=available)  # fits exactly: no error
     with pytest.raises(ValueError) as error:
-        generate.check_memory(model, "full", {}, 8, 1000, 5, 10, available=available)
+        memory.check_memory(model, "full", {}, 8, 1000, 5, 10, available=available)
     fit_length, fit_batch = map(int, re.search(r"--max_seq_length (\d+) or --batch_size (\d+) fits",
                                                str(error.value)).groups())
     assert needed(8, fit_length) <= available < needed(8, fit_length + 1)
     assert fit_batch == 4
     with pytest.raises(ValueError, match="even one sequence does not fit: lower --max_new_tokens"):
-        generate.check_memory(model, "full", {}, 1, 1000, 5, 1000, available=needed(1, 999))  # 1000 tokens to hold
+        memory.check_memory(model, "full", {}, 1, 1000, 5, 1000, available=needed(1, 999))  # 1000 tokens to hold
 
 
 def test_compile_time_is_kept_out_of_the_decode_speed(monkeypatch, capsys, checkpoints):
@@ -366,12 +369,12 @@ def test_compile_time_is_kept_out_of_the_decode_speed(monkeypatch, capsys, check
     generation, and the sampled tokens are those of the plain run (warm-up on reset caches, random state restored)."""
     calls = []
 
-    def slow_first_call(model, token, input_pos, temperature, top_k):
+    def slow_first_call(model, token, input_pos, sampling):
         calls.append(int(input_pos.reshape(-1)[0]))  # positions (B, 1): every row at the same one here
         if len(calls) == 1:
             import time
             time.sleep(2.0)
-        return generate.decode_one_token(model, token, input_pos, temperature, top_k)
+        return runner.decode_one_token(model, token, input_pos, sampling)
 
     argv = ["--checkpoint_path", str(checkpoints["tiny"]), "--max_new_tokens", "5", "--temperature", "0.8",
             "--batch_size", "2"]
@@ -390,8 +393,8 @@ def test_compile_time_is_kept_out_of_the_decode_speed(monkeypatch, capsys, check
 
 def test_read_prompt_escapes_and_bom(tmp_path):
     (tmp_path / "bom.txt").write_bytes("\ufeffhello".encode("utf-8"))
-    assert generate.read_prompt(f"@{tmp_path / 'bom.txt'}") == "hello"
-    assert generate.read_prompt("@@x") == "@x" and generate.read_prompt("plain") == "plain"
+    assert cli_options.read_prompt(f"@{tmp_path / 'bom.txt'}") == "hello"
+    assert cli_options.read_prompt("@@x") == "@x" and cli_options.read_prompt("plain") == "plain"
 
 
 def test_prompts_file_runs_in_batches_and_writes_jsonl_in_input_order(checkpoints, tmp_path, capsys):
@@ -414,7 +417,7 @@ def test_prompts_file_runs_in_batches_and_writes_jsonl_in_input_order(checkpoint
         capsys.readouterr()
         single = json.loads(alone.read_text())
         assert row["tokens"] == single["tokens"] and row["completion"] == single["completion"], text
-        assert row["finish_reason"] in ("eos", "length")
+        assert row["finish_reason"] in ("stop", "length")
 
 
 def test_continuous_batching_on_the_command_line(checkpoints, tmp_path, capsys):

@@ -20,7 +20,8 @@ import torch
 REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR / "scripts"))
 import evaluate  # noqa: E402
-import generate  # noqa: E402
+import profiling
+import generate
 from checkpoint import default_checkpoint_path, write_checkpoint  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
@@ -154,7 +155,7 @@ def test_evaluate_over_two_ranks(tiny_checkpoint, tmp_path, capsys):
     argv = ["--checkpoint_path", str(tiny_checkpoint), "--device", "cpu", "--max_tokens", "12",
             "--max_position", "96", "--rouge_prompts", "2", "--prompt_tokens", "16", "--new_tokens", "4",
             "--prefill_chunk", "8", "--retrieval_lengths", "80", "--retrieval_depths", "0.5", *STRATEGY]
-    rouge_dir = generate.OUTPUTS / "rouge_full"
+    rouge_dir = profiling.OUTPUTS / "rouge_full"
     before = set(rouge_dir.glob("*.json")) if rouge_dir.is_dir() else set()
     try:
         out = launched(["scripts/evaluate.py", *argv, "--json", str(tmp_path / "tp.json")])
@@ -202,3 +203,43 @@ def test_a_killed_rank_ends_the_job_with_one_line(tiny_checkpoint):
     assert any(line.startswith("error: lost contact with another rank") for line in lines), err
     assert lines[-1].startswith("error: rank 1 was killed by SIGKILL"), err
     assert len([line for line in lines if line.startswith(("error:", "rank "))]) == 2, err
+
+
+# A stand-in for a tensor-parallel script (no model: only the timing of a failure matters). Rank 1 is killed
+# (SIGKILL) at once; rank 0 notices after `delay` seconds, as a rank in the middle of a step notices at its next
+# collective, and ends with its own line; torchrun's SIGTERM would make it say something else.
+FAILING_RANKS = """
+import os, signal, sys, time
+from pathlib import Path
+folder, delay = Path(sys.argv[1]), float(sys.argv[2])
+def stopped(*_):
+    sys.stderr.write("error: stopped by the launcher\\n")
+    sys.stderr.flush()
+    os._exit(1)
+signal.signal(signal.SIGTERM, stopped)
+if os.environ["RANK"] == "1":
+    (folder / "rank1_dies").touch()
+    os.kill(os.getpid(), signal.SIGKILL)
+while not (folder / "rank1_dies").exists():
+    time.sleep(0.005)
+time.sleep(delay)
+sys.stderr.write("error: lost contact with another rank (simulated)\\n")
+sys.stderr.flush()
+os._exit(1)
+"""
+
+
+@pytest.mark.parametrize("delay", [0.0, 1.5])
+def test_a_killed_rank_is_named_last_whatever_the_timing(tmp_path, delay):
+    """The outcome does not depend on timing: the survivor's own line first (it is given time to end by itself,
+    not SIGTERMed at once), then the launcher's line naming the killed rank, even when torchrun sees the survivor's
+    exit (code 1) in the same poll as the killed rank's."""
+    script = tmp_path / "ranks.py"
+    script.write_text(FAILING_RANKS)
+    out = subprocess.run([PY, "scripts/launch.py", "--nproc_per_node", "2", str(script), str(tmp_path), str(delay)],
+                         cwd=REPO_DIR, capture_output=True, text=True, timeout=120)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert len(lines) == 2, out.stderr
+    assert lines[0] == "error: lost contact with another rank (simulated)", out.stderr
+    assert lines[1].startswith("error: rank 1 was killed by SIGKILL"), out.stderr

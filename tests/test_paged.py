@@ -10,7 +10,9 @@ from hypothesis import given, settings, strategies as st
 from torch._dynamo.utils import counters
 
 from conftest import reset_dynamo
-import generate
+import engine
+import memory
+import runner
 import scheduler
 from kv_cache.paging import BlockPool, PageSpace, PoolExhausted
 from model import ModelArgs, Transformer
@@ -41,22 +43,24 @@ def prompts(lengths=PROMPT_LENGTHS, seed=1, vocab_size=ARGS.vocab_size):
 class Recorder:
     """A decode_fn that keeps every step's logits (the greedy choice is made from them as decode_one_token does)."""
 
-    def __init__(self):
-        self.logits = []
+    def __init__(self, pool=None):
+        self.logits, self.pool, self.held = [], pool, None
 
-    def __call__(self, model, token, input_pos, temperature, top_k):
+    def __call__(self, model, token, input_pos, sampling):
         logits = model(token, input_pos)
         self.logits.append(logits.clone())
-        return generate.sample(logits[:, -1], temperature, top_k)
+        if self.pool is not None:  # blocks per sequence at the last step (a sequence returns them when it ends)
+            self.held = [len(blocks) for blocks in self.pool.held]
+        return runner.sample(logits[:, -1], sampling, input_pos)
 
 
 def run(model, name, block_size=None, num_blocks=None, batch=4, chunk=CHUNK, eos=()):
     strategy, opts = CASES[name]
-    pool = generate.setup_cache(model, strategy, opts, batch, MAX_SEQ_LENGTH, quiet=True, block_size=block_size,
+    pool = runner.setup_cache(model, strategy, opts, batch, MAX_SEQ_LENGTH, quiet=True, block_size=block_size,
                                 num_blocks=num_blocks)
-    recorder = Recorder()
-    out = generate.generate_batch(model, prompts(), NEW_TOKENS, eos_ids=eos, prefill_chunk=chunk, decode_fn=recorder)
-    return out, torch.stack(recorder.logits), pool
+    recorder = Recorder(pool)
+    out = engine.generate_batch(model, prompts(), NEW_TOKENS, eos_ids=eos, prefill_chunk=chunk, decode_fn=recorder)
+    return out, torch.stack(recorder.logits), pool, recorder.held
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -65,39 +69,39 @@ def test_paged_equals_contiguous(model, name, block_size):
     """Every strategy and format, ragged prompts, chunked prefill, float64: the same logits at every decode step
     (bit for bit) and the same tokens; the pool accounts for every block, and a sequence holds just the blocks of
     what its store keeps."""
-    want, want_logits, _ = run(model, name)
-    got, got_logits, pool = run(model, name, block_size)
+    want, want_logits, *_ = run(model, name)
+    got, got_logits, pool, held = run(model, name, block_size)
     assert torch.equal(got["tokens"], want["tokens"])
     assert torch.equal(got_logits, want_logits)
     pool.check()
     space = pool.space
     for row, ids in enumerate(prompts()):
         stored = len(ids) + NEW_TOKENS - 1  # the last new token is sampled, never written
-        assert len(pool.held[row]) == space.blocks_for(stored), (row, len(pool.held[row]))
+        assert held[row] == space.blocks_for(stored), (row, held[row])
 
 
 def test_pool_sizes(model):
     """Blocks hold what the strategy keeps: full grows with the sequence, compress_kv stops at sinks + window,
     quantize_kv pages its quantized store only, in blocks of whole key groups."""
-    full = run(model, "full", 4)[2]
-    assert [len(h) for h in full.held] == [-(-(n + NEW_TOKENS - 1) // 4) for n in PROMPT_LENGTHS]
-    compress = run(model, "compress_kv", 4)[2]
-    assert max(len(h) for h in compress.held) == (4 + 8) // 4  # sinks + window, however long the sequence
-    int4 = run(model, "quantize_kv-int4", 4)[2]
-    assert int4.block_tokens == 8  # 4 rounded up to the key group of 8
+    full = run(model, "full", 4)[3]
+    assert full == [-(-(n + NEW_TOKENS - 1) // 4) for n in PROMPT_LENGTHS]
+    compress = run(model, "compress_kv", 4)[3]
+    assert max(compress) == (4 + 8) // 4  # sinks + window, however long the sequence
+    _, _, int4_pool, int4 = run(model, "quantize_kv-int4", 4)
+    assert int4_pool.block_tokens == 8  # 4 rounded up to the key group of 8
     for row, n in enumerate(PROMPT_LENGTHS):
         in_mid = max(0, n + NEW_TOKENS - 1 - 12) // 8 * 8
-        assert len(int4.held[row]) == -(-in_mid // 8)
+        assert int4[row] == -(-in_mid // 8)
 
 
 def test_pool_nbytes(model):
-    """The pool's bytes are num_blocks x block bytes per layer; generate.pool_bytes (meta device) agrees with the
+    """The pool's bytes are num_blocks x block bytes per layer; memory.predicted_pool_bytes (meta device) agrees with the
     real caches."""
     for name in ("full", "compress_kv", "quantize_kv-int4"):
         strategy, opts = CASES[name]
-        pool = generate.setup_cache(model, strategy, opts, 4, MAX_SEQ_LENGTH, quiet=True, block_size=4, num_blocks=9)
-        held = generate.kv_bytes(model)
-        fixed, per_block = generate.pool_bytes(ARGS, strategy, opts, 4, MAX_SEQ_LENGTH, 4, torch.float64)
+        pool = runner.setup_cache(model, strategy, opts, 4, MAX_SEQ_LENGTH, quiet=True, block_size=4, num_blocks=9)
+        held = memory.allocated_kv_bytes(model)
+        fixed, per_block = memory.predicted_pool_bytes(ARGS, strategy, opts, 4, MAX_SEQ_LENGTH, 4, torch.float64)
         assert held == fixed + 9 * per_block
         assert sum(c.pool_nbytes() for c in model.caches()) == 9 * per_block
         assert pool.num_blocks == 9
@@ -105,9 +109,15 @@ def test_pool_nbytes(model):
 
 def test_pool_exhausted_is_a_clear_error(model):
     strategy, opts = CASES["full"]
-    generate.setup_cache(model, strategy, opts, 4, MAX_SEQ_LENGTH, quiet=True, block_size=4, num_blocks=6)
+    pool = runner.setup_cache(model, strategy, opts, 4, MAX_SEQ_LENGTH, quiet=True, block_size=4, num_blocks=6)
     with pytest.raises(PoolExhausted, match="free block"):
-        generate.generate_batch(model, prompts(), NEW_TOKENS)
+        for row in range(4):
+            pool.reserve(row, 12)
+    # The engine admits by worst case, so it never runs the pool dry: the batch waits for blocks instead.
+    out = engine.generate_batch(model, prompts([7, 1, 5, 3]), NEW_TOKENS)
+    assert out["peak_running"] < 4 and all(len(s["tokens"]) == NEW_TOKENS for s in out["sequences"])
+    pool.check()
+    assert pool.used == 0
 
 
 @pytest.mark.parametrize("name", ["full", "compress_kv", "quantize_kv-int4", "quantize_kv-int8"])
@@ -119,17 +129,17 @@ def test_continuous_batching_equals_one_by_one(model, name, paged):
     strategy, opts = CASES[name]
     alone = []
     for ids in texts:
-        generate.setup_cache(model, strategy, opts, 1, MAX_SEQ_LENGTH, quiet=True)
-        alone.append(generate.generate_batch(model, [ids], NEW_TOKENS, eos_ids=EOS, prefill_chunk=CHUNK)
+        runner.setup_cache(model, strategy, opts, 1, MAX_SEQ_LENGTH, quiet=True)
+        alone.append(engine.generate_batch(model, [ids], NEW_TOKENS, eos_ids=EOS, prefill_chunk=CHUNK)
                      ["sequences"][0])
-    pool = generate.setup_cache(model, strategy, opts, 3, MAX_SEQ_LENGTH, quiet=True, block_size=4 if paged else None,
+    pool = runner.setup_cache(model, strategy, opts, 3, MAX_SEQ_LENGTH, quiet=True, block_size=4 if paged else None,
                                 num_blocks=16 if paged else None)
     ended = []
-    out = scheduler.generate_continuous(model, texts, NEW_TOKENS, eos_ids=EOS, prefill_chunk=CHUNK,
-                                        on_sequence=lambda i, seq: ended.append(i))
+    out = engine.generate_batch(model, texts, NEW_TOKENS, eos_ids=EOS, prefill_chunk=CHUNK,
+                                        on_step=lambda step: ended.extend(r.id for r in step.finished))
     assert out["sequences"] == alone
     assert sorted(ended) == list(range(len(texts)))
-    assert any(seq["finish_reason"] == "eos" for seq in alone)
+    assert any(seq["finish_reason"] == "stop" for seq in alone)
     assert out["peak_running"] <= 3
     if paged:
         pool.check()
@@ -138,9 +148,9 @@ def test_continuous_batching_equals_one_by_one(model, name, paged):
 
 def test_continuous_batching_refuses_a_prompt_that_never_fits(model):
     strategy, opts = CASES["full"]
-    generate.setup_cache(model, strategy, opts, 2, MAX_SEQ_LENGTH, quiet=True, block_size=4, num_blocks=6)
+    runner.setup_cache(model, strategy, opts, 2, MAX_SEQ_LENGTH, quiet=True, block_size=4, num_blocks=6)
     with pytest.raises(ValueError, match="prompt 1 .* needs 14 blocks .* pool has 5"):
-        scheduler.generate_continuous(model, prompts([3, 40]), NEW_TOKENS)
+        engine.generate_batch(model, prompts([3, 40]), NEW_TOKENS)
 
 
 def test_prefix_sharing_equals_unshared(model):
@@ -148,22 +158,29 @@ def test_prefix_sharing_equals_unshared(model):
     are stored once (reference-counted) and return to the pool only when their last holder ends."""
     base = prompts([21], seed=3)[0]
     texts = [base, base, base[:17] + [5, 6, 7, 8], base[:9]]
-    generate.setup_cache(model, "full", {}, 4, MAX_SEQ_LENGTH)
-    want = generate.generate_batch(model, texts, NEW_TOKENS, prefill_chunk=CHUNK)
-    pool = generate.setup_cache(model, "full", {}, 4, MAX_SEQ_LENGTH, block_size=4)
-    got = generate.generate_batch(model, texts, NEW_TOKENS, prefill_chunk=CHUNK)
+    runner.setup_cache(model, "full", {}, 4, MAX_SEQ_LENGTH)
+    want = engine.generate_batch(model, texts, NEW_TOKENS, prefill_chunk=CHUNK)
+    pool = runner.setup_cache(model, "full", {}, 4, MAX_SEQ_LENGTH, block_size=4)
+    at_last_step = {}
+
+    def snapshot(model, token, input_pos, sampling):  # the pool while every sequence still runs
+        pool.check()
+        at_last_step.update(held=[list(h) for h in pool.held], refs=list(pool.refs), used=pool.used)
+        return runner.decode_one_token(model, token, input_pos, sampling)
+
+    got = engine.generate_batch(model, texts, NEW_TOKENS, prefill_chunk=CHUNK, decode_fn=snapshot)
     assert torch.equal(got["tokens"], want["tokens"])
-    pool.check()
+    held, refs = at_last_step["held"], at_last_step["refs"]
     # base: 5 full prompt blocks (the 6th holds its last token: always its own); row 1 shares all 5, row 2 the
     # first 4 (block 5 differs), row 3 the first 2 (its own third block holds its last token).
-    shared = [sum(pool.refs[b] > 1 for b in held) for held in pool.held]
+    shared = [sum(refs[b] > 1 for b in blocks) for blocks in held]
     assert shared == [5, 5, 4, 2]
-    assert pool.held[1][:5] == pool.held[0][:5] and pool.held[2][:4] == pool.held[0][:4]
+    assert held[1][:5] == held[0][:5] and held[2][:4] == held[0][:4]
     unshared = sum(-(-(len(ids) + NEW_TOKENS - 1) // 4) for ids in texts)
-    assert pool.used == unshared - (5 + 4 + 2)
-    pool.release([0])
-    pool.check()
-    assert all(pool.refs[b] == 3 for b in pool.held[1][:2])  # rows 1, 2 and 3 still hold them
+    assert at_last_step["used"] == unshared - (5 + 4 + 2)
+    assert all(refs[b] == 4 for b in held[1][:2])  # rows 0 to 3 hold them: one release leaves 3 holders
+    pool.check()  # every sequence ended: each block free or cached, none leaked
+    assert pool.used == 0
 
 
 def test_prefix_cache_serves_the_next_run(model, monkeypatch):
@@ -171,34 +188,37 @@ def test_prefix_cache_serves_the_next_run(model, monkeypatch):
     --num_samples sample) computes only its last block, gets the same tokens, and a cached block is handed out
     again only when no free block is left."""
     ids = prompts([22], seed=7)[0]
-    pool = generate.setup_cache(model, "full", {}, 1, MAX_SEQ_LENGTH, block_size=4, num_blocks=11)
+    pool = runner.setup_cache(model, "full", {}, 1, MAX_SEQ_LENGTH, block_size=4, num_blocks=11)
     fed = []
-    real_prefill = generate.prefill
-    monkeypatch.setattr(generate, "prefill", lambda m, tokens, *a, **k: fed.append(tokens.shape[1]) or
+    real_prefill = runner.prefill
+    monkeypatch.setattr(runner, "prefill", lambda m, tokens, *a, **k: fed.append(tokens.shape[1]) or
                         real_prefill(m, tokens, *a, **k))
-    first = generate.generate_batch(model, [ids], NEW_TOKENS)
-    second = generate.generate_batch(model, [ids], NEW_TOKENS)
+    first = engine.generate_batch(model, [ids], NEW_TOKENS)
+    second = engine.generate_batch(model, [ids], NEW_TOKENS)
     assert fed == [22, 22 - 20]  # 5 full blocks of the 22-token prompt come from the cache
     assert torch.equal(first["tokens"], second["tokens"])
     pool.check()
     pool.release()
     assert len(pool.cached) == 5 and pool.used == 0
-    generate.generate_batch(model, [prompts([40], seed=8)[0]], 1)  # 10 blocks: the 5 free, then 5 cached ones
+    engine.generate_batch(model, [prompts([40], seed=8)[0]], 1)  # 10 blocks: the 5 free, then 5 cached ones
     pool.check()
-    assert not pool.cached and not pool.prefix_index.keys() - set(pool._prefix_keys(prompts([40], seed=8)[0], 10))
+    # the first prompt's 5 cached blocks were handed out (their index entries dropped); the 40-token prompt's 10
+    # blocks are the cached ones now that it ended
+    assert len(pool.cached) == 10
+    assert not pool.prefix_index.keys() - set(pool._prefix_keys(prompts([40], seed=8)[0], 10))
 
 
 def test_chunked_prefill_equals_unchunked_full(model):
     """The full cache: a prompt fed in chunks of any size gives the logits of one pass, float64."""
     ids = torch.tensor(prompts([45], seed=4))
-    generate.setup_cache(model, "full", {}, 1, MAX_SEQ_LENGTH)
-    want = generate.prefill(model, ids)
+    runner.setup_cache(model, "full", {}, 1, MAX_SEQ_LENGTH)
+    want = runner.prefill(model, ids)
     for chunk in (1, 7, 16, 44):
-        generate.setup_cache(model, "full", {}, 1, MAX_SEQ_LENGTH)
-        got = generate.prefill(model, ids, chunk_size=chunk)
+        runner.setup_cache(model, "full", {}, 1, MAX_SEQ_LENGTH)
+        got = runner.prefill(model, ids, chunk_size=chunk)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-        generate.setup_cache(model, "full", {}, 1, MAX_SEQ_LENGTH)
-        assert torch.equal(generate.prefill(model, ids, chunk_size=chunk, last_only=True), got[:, -1:])
+        runner.setup_cache(model, "full", {}, 1, MAX_SEQ_LENGTH)
+        assert torch.equal(runner.prefill(model, ids, chunk_size=chunk, last_only=True), got[:, -1:])
 
 
 @pytest.mark.parametrize("name", ["full", "quantize_kv-int4", "compress_kv"])
@@ -208,13 +228,13 @@ def test_paged_decode_compiles_once(model, name):
     and the eager tokens."""
     texts = prompts([7, 1, 23, 41, 5], seed=5)
     strategy, opts = CASES[name]
-    generate.setup_cache(model, strategy, opts, 2, MAX_SEQ_LENGTH, quiet=True, block_size=4)
-    want = scheduler.generate_continuous(model, texts, NEW_TOKENS, eos_ids=EOS, prefill_chunk=CHUNK)
+    runner.setup_cache(model, strategy, opts, 2, MAX_SEQ_LENGTH, quiet=True, block_size=4)
+    want = engine.generate_batch(model, texts, NEW_TOKENS, eos_ids=EOS, prefill_chunk=CHUNK)
     reset_dynamo()
     counters.clear()
-    compiled = torch.compile(generate.decode_one_token, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(runner.decode_one_token, backend="aot_eager", fullgraph=True)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        got = scheduler.generate_continuous(model, texts, NEW_TOKENS, eos_ids=EOS, prefill_chunk=CHUNK,
+        got = engine.generate_batch(model, texts, NEW_TOKENS, eos_ids=EOS, prefill_chunk=CHUNK,
                                             decode_fn=compiled)
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"]
@@ -287,9 +307,9 @@ def test_paged_triton_decode_matches_contiguous_torch(name):
     strategy, opts = CASES[name]
     results = {}
     for impl, block_size in (("torch", None), ("torch", 4), ("triton", 4)):
-        generate.setup_cache(tiny, strategy, dict(opts, attn_impl=impl), 2, 48, quiet=True, block_size=block_size)
+        runner.setup_cache(tiny, strategy, dict(opts, attn_impl=impl), 2, 48, quiet=True, block_size=block_size)
         recorder = Recorder()
-        out = generate.generate_batch(tiny, texts, 12, prefill_chunk=8, decode_fn=recorder)
+        out = engine.generate_batch(tiny, texts, 12, prefill_chunk=8, decode_fn=recorder)
         buffers = {k: b.clone() for k, b in tiny.caches()[0].named_buffers()}
         results[impl, block_size] = out["tokens"], torch.stack(recorder.logits), buffers
     want_tokens, want_logits, _ = results["torch", None]

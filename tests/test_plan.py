@@ -11,6 +11,10 @@ import pytest
 import torch
 
 import checkpoint
+import checkpoint
+import cli_options
+import memory
+import runner
 import generate
 import kv_cache
 import plan
@@ -24,12 +28,12 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def base():
-    return generate.load_model(generate.default_checkpoint_path(), CPU, torch.float32)
+    return runner.load_model(checkpoint.default_checkpoint_path(), CPU, torch.float32)
 
 
 def small_options(strategy):
-    parser = generate.build_parser()
-    options = generate.strategy_options(parser.parse_args([strategy]), parser)
+    parser = cli_options.build_parser()
+    options = cli_options.strategy_options(parser.parse_args([strategy]), parser)
     small = dict(sink_size=4, window_size=8, budget=16, group_size=16)
     return {k: small.get(k, v) for k, v in options.items()}
 
@@ -51,10 +55,10 @@ def test_kv_bytes_are_the_real_cache(base, strategy, block_size, world):
     options = small_options(strategy)
     model = rank0(base, world)
     batch, length = 3, 100
-    generate.setup_cache(model, strategy, options, batch, length, quiet=True, block_size=block_size)
+    runner.setup_cache(model, strategy, options, batch, length, quiet=True, block_size=block_size)
     planned = plan.plan_bytes(base.args, strategy, options, batch, length, 10, length, torch.float32, "cpu", world,
                               block_size=block_size)
-    assert planned["kv"] == generate.kv_bytes(model) > 0
+    assert planned["kv"] == memory.allocated_kv_bytes(model) > 0
     assert planned["local_args"].n_kv_head == base.args.n_kv_head // world
 
 
@@ -89,23 +93,23 @@ def test_plan_prints_the_counts_and_the_largest_batch_the_run_accepts(base, caps
     budget_gb, length = 0.5, 1000
     out = run_plan(["--memory_gb", str(budget_gb), "--quantize", "int8", "--batch_size", "4", "--max_seq_length",
                     str(length), "quantize_kv", "--bits", "4"], capsys, monkeypatch)
-    parser = generate.build_parser()
-    options = generate.strategy_options(parser.parse_args(["quantize_kv", "--bits", "4"]), parser)
+    parser = cli_options.build_parser()
+    options = cli_options.strategy_options(parser.parse_args(["quantize_kv", "--bits", "4"]), parser)
     prompt_len = int(re.search(r"prefill logits of (\d+) tokens", out).group(1))
     assert prompt_len == 5  # "Once upon a time," after BOS, as run() counts it
     planned = plan.plan_bytes(base.args, "quantize_kv", options, 4, length, prompt_len, length, torch.float32, "cpu",
                               mode="int8")
     for label in ("weights", "kv", "total"):
         shown = {"kv": "KV cache"}.get(label, label)
-        assert re.search(rf"{shown}\s+{re.escape(generate.format_bytes(planned[label]))}", out), (label, out)
+        assert re.search(rf"{shown}\s+{re.escape(memory.format_bytes(planned[label]))}", out), (label, out)
     assert "fits" in out and "does NOT" not in out
     best = int(re.search(r"largest batch at 1000 tokens: (\d+)", out).group(1))
-    # The run's own memory check (generate.check_memory) on the int8 model, left the budget minus its weights:
+    # The run's own memory check (memory.check_memory) on the int8 model, left the budget minus its weights:
     model = weight_quant.quantize_weights(copy.deepcopy(base), "int8")
     available = int(budget_gb * 2**30) - weight_quant.model_bytes(model)
-    generate.check_memory(model, "quantize_kv", options, best, length, prompt_len, length, available)
+    memory.check_memory(model, "quantize_kv", options, best, length, prompt_len, length, available)
     with pytest.raises(ValueError, match="--batch_size"):
-        generate.check_memory(model, "quantize_kv", options, best + 1, length, prompt_len, length, available)
+        memory.check_memory(model, "quantize_kv", options, best + 1, length, prompt_len, length, available)
 
 
 def test_plan_from_a_config_alone(base, tmp_path, capsys, monkeypatch):
@@ -120,7 +124,7 @@ def test_plan_from_a_config_alone(base, tmp_path, capsys, monkeypatch):
                     "--tp", "3", "--quantize", "int4", "--max_seq_length", "4096"], capsys, monkeypatch)
     planned = plan.weight_bytes(a, torch.bfloat16, "cuda", 3, mode="int4")
     assert "3 tensor-parallel rank(s) (3 query / 1 KV heads, 512 MLP channels each), cuda bfloat16" in out
-    assert f"weights   {generate.format_bytes(planned['weights']):>11}" in out
+    assert f"weights   {memory.format_bytes(planned['weights']):>11}" in out
     with pytest.raises(SystemExit, match="no tokenizer beside .* give --max_seq_length"):
         run_plan(["--checkpoint_path", str(tmp_path), "--memory_gb", "1"], capsys, monkeypatch)
 

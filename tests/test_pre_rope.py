@@ -14,6 +14,8 @@ import torch
 from torch._dynamo.utils import counters
 
 from conftest import reset_dynamo
+import engine
+import runner
 import generate
 import kv_cache
 from model import ModelArgs, Transformer, apply_rope, rope_tables
@@ -171,9 +173,9 @@ def test_paged_pre_rope_equals_contiguous(block_size):
     options = dict(sink_size=4, window_size=8, bits="4", group_size=8, key_rope="pre")
     results = []
     for paged in (None, block_size):
-        generate.setup_cache(model, "quantize_kv", options, 4, MAX_SEQ_LENGTH, quiet=True, block_size=paged)
+        runner.setup_cache(model, "quantize_kv", options, 4, MAX_SEQ_LENGTH, quiet=True, block_size=paged)
         recorder = Recorder()
-        out = generate.generate_batch(model, prompts(), NEW_TOKENS, prefill_chunk=CHUNK, decode_fn=recorder)
+        out = engine.generate_batch(model, prompts(), NEW_TOKENS, prefill_chunk=CHUNK, decode_fn=recorder)
         results.append((out["tokens"], torch.stack(recorder.logits)))
     assert torch.equal(results[1][0], results[0][0])
     assert torch.equal(results[1][1], results[0][1])
@@ -200,16 +202,16 @@ def test_compiled_decode_is_one_graph(name):
     prompt = torch.randint(64, (2, 14), generator=torch.Generator().manual_seed(1))
 
     def run(decode_fn):
-        generate.setup_cache(model, "quantize_kv", COMPILE_CASES[name], 2, 24)
+        runner.setup_cache(model, "quantize_kv", COMPILE_CASES[name], 2, 24)
         state = [python_state(c) for c in model.caches()]
-        tokens = generate.generate(model, prompt, 9, decode_fn=decode_fn)["tokens"]
+        tokens = engine.generate_batch(model, prompt.tolist(), 9, decode_fn=decode_fn)["tokens"]
         assert [python_state(c) for c in model.caches()] == state
         return tokens, [{k: b.clone() for k, b in cache.named_buffers()} for cache in model.caches()]
 
-    eager = run(generate.decode_one_token)
+    eager = run(runner.decode_one_token)
     reset_dynamo()
     counters.clear()
-    compiled_step = torch.compile(generate.decode_one_token, backend="aot_eager", fullgraph=True)
+    compiled_step = torch.compile(runner.decode_one_token, backend="aot_eager", fullgraph=True)
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled = run(compiled_step)
     assert counters["stats"]["unique_graphs"] == 1, counters["stats"]["unique_graphs"]

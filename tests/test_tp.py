@@ -25,7 +25,10 @@ import torch
 REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR / "scripts"))
 import bench_decode  # noqa: E402
-import generate  # noqa: E402
+import engine
+import memory
+import runner
+import generate
 import kv_cache  # noqa: E402
 import tp  # noqa: E402
 import weight_quant  # noqa: E402
@@ -69,28 +72,28 @@ def run_case(model, case: tuple, compiled: bool) -> dict:
     allocate."""
     strategy, argv, paged, _ = case
     options = bench_decode.strategy_options(strategy, argv)
-    generate.setup_cache(model, strategy, options, 1, PROMPT_LEN + NEW_TOKENS, quiet=True,
+    runner.setup_cache(model, strategy, options, 1, PROMPT_LEN + NEW_TOKENS, quiet=True,
                          block_size=BLOCK_SIZE if paged else None)
 
     def step(model, token, input_pos):
         logits = model(token, input_pos)
-        return generate.sample(logits[:, -1], 0.0, None), logits[:, -1]
+        return runner.sample(logits[:, -1]), logits[:, -1]
 
     if compiled:
         from conftest import reset_dynamo
         reset_dynamo()
-        step = generate.compile_decode(step)
+        step = runner.compile_decode(step)
     logits = []
 
-    def decode_fn(model, token, input_pos, temperature, top_k):
+    def decode_fn(model, token, input_pos, sampling):
         next_token, step_logits = step(model, token, input_pos)
         logits.append(step_logits.clone())
         return next_token
 
     with torch.no_grad():
-        out = generate.generate_batch(model, [prompt_ids(model.args.vocab_size)], NEW_TOKENS, decode_fn=decode_fn)
+        out = engine.generate_batch(model, [prompt_ids(model.args.vocab_size)], NEW_TOKENS, decode_fn=decode_fn)
     return {"tokens": out["sequences"][0]["tokens"], "logits": torch.cat(logits).float(),
-            "kv_bytes": generate.kv_bytes(model)}
+            "kv_bytes": memory.allocated_kv_bytes(model)}
 
 
 def worker(spec_path: str, out_path: str):
@@ -99,7 +102,7 @@ def worker(spec_path: str, out_path: str):
     tp.init(torch.device("cpu"))
     results = {}
     for entry in json.loads(Path(spec_path).read_text()):
-        model = generate.load_model(entry["checkpoint"], torch.device("cpu"), torch.float32, entry["replicate"])
+        model = runner.load_model(entry["checkpoint"], torch.device("cpu"), torch.float32, entry["replicate"])
         weight_quant.quantize_weights(model, entry.get("quantize"))  # after sharding, as generate.py
         results[entry["key"]] = {name: run_case(model, case, compiled=case[3]) for name, case in entry["cases"].items()}
         results[entry["key"]]["model_args"] = model.args.to_dict()
@@ -169,7 +172,7 @@ def three_ranks(groups) -> dict:
 
 
 def single_process(checkpoint, cases: dict) -> dict:
-    model = generate.load_model(checkpoint, torch.device("cpu"), torch.float32)
+    model = runner.load_model(checkpoint, torch.device("cpu"), torch.float32)
     return {name: run_case(model, case, compiled=False) for name, case in cases.items()}
 
 
@@ -262,7 +265,7 @@ def test_int8_weights_quantized_after_sharding(two_ranks, random_checkpoints):
     """--quantize int8 under tensor parallel quantizes each rank's shard (after sharding): its per-row scales are
     the whole row's for column-split weights and the rank's column block's for wo and w2. Reference: one process
     whose float weights are those shards quantized and dequantized, put back together."""
-    whole = generate.load_model(random_checkpoints["llama3"], torch.device("cpu"), torch.float32)
+    whole = runner.load_model(random_checkpoints["llama3"], torch.device("cpu"), torch.float32)
     shards = [weight_quant.quantize_weights(tp.shard_model(whole, r, 2), "int8") for r in range(2)]
     for name, linear in weight_quant.quantized_linears(whole).items():
         dequantized = [dict(s.named_modules())[name].weight.dequantize() for s in shards]

@@ -16,6 +16,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+import checkpoint
+import cli_options
+import engine
+import runner
 import generate
 import kv_cache
 import weight_quant
@@ -34,12 +38,12 @@ INT4_BOUND = 0.01  # int4, groups of 32, bfloat16 activations: measured +0.35 %
 
 @pytest.fixture(scope="module")
 def base():
-    return generate.load_model(generate.default_checkpoint_path(), torch.device("cpu"), torch.float32)
+    return runner.load_model(checkpoint.default_checkpoint_path(), torch.device("cpu"), torch.float32)
 
 
 @pytest.fixture(scope="module")
 def stream_ids():
-    tokenizer = load_tokenizer(generate.default_checkpoint_path())
+    tokenizer = load_tokenizer(checkpoint.default_checkpoint_path())
     return torch.tensor(evaluate.encode_prefix(tokenizer, corpus.stream_text(), PPL_TOKENS + 1))
 
 
@@ -49,7 +53,7 @@ def quantized(base, mode, dtype=torch.float32, group_size=None):
 
 
 def perplexity(model, ids) -> float:
-    generate.setup_cache(model, "full", {}, 1, ids.numel(), quiet=True)
+    runner.setup_cache(model, "full", {}, 1, ids.numel(), quiet=True)
     with torch.inference_mode():
         return math.exp(evaluate.stream_nll(model, ids, 64).mean().item())
 
@@ -98,8 +102,8 @@ def applied_weights(model):
 def small_options(strategy):
     """The strategy's command-line defaults, with sink/window/budget small enough to evict or quantize within the
     test's 22 tokens."""
-    parser = generate.build_parser()
-    options = generate.strategy_options(parser.parse_args([strategy]), parser)
+    parser = cli_options.build_parser()
+    options = cli_options.strategy_options(parser.parse_args([strategy]), parser)
     small = dict(sink_size=4, window_size=8, budget=16, group_size=16)
     return {k: small.get(k, v) for k, v in options.items()}
 
@@ -107,10 +111,10 @@ def small_options(strategy):
 def step_logits(model, prompt, strategy, options, new_tokens=None, steps=6):
     """Greedy generation's logits at each step (prefill's last, then each decode step) through `strategy`'s cache;
     with new_tokens, those are fed instead of the argmax (teacher forcing). Returns (tokens, logits (steps, V))."""
-    generate.setup_cache(model, strategy, options, 1, len(prompt) + steps, quiet=True)
+    runner.setup_cache(model, strategy, options, 1, len(prompt) + steps, quiet=True)
     logits, tokens = [], []
     with torch.inference_mode():
-        out = generate.prefill(model, torch.tensor([prompt]), last_only=True)[:, -1]
+        out = runner.prefill(model, torch.tensor([prompt]), last_only=True)[:, -1]
         for i in range(steps):
             logits.append(out[0].float())
             token = out.argmax(-1) if new_tokens is None else torch.tensor([new_tokens[i]])
@@ -156,24 +160,24 @@ def test_generation_with_every_cache(models, stream_ids, strategy, mode, dtype):
         _, plain = step_logits(same_dtype, prompt, strategy, options, new_tokens=tokens)
         noise = (plain - expected).abs()
         assert error.max() <= 2 * noise.max() and error.mean() <= 2 * noise.mean(), (error.max(), noise.max())
-    generate.setup_cache(model, strategy, options, 1, len(prompt) + len(tokens), quiet=True)
+    runner.setup_cache(model, strategy, options, 1, len(prompt) + len(tokens), quiet=True)
     with torch.inference_mode():
-        out = generate.generate_batch(model, [prompt], len(tokens))
+        out = engine.generate_batch(model, [prompt], len(tokens))
     assert out["tokens"][0].tolist() == tokens
 
 
 def test_prepared_checkpoint_loads_as_quantized_on_the_fly(base, tmp_path, capsys):
     out_dir = tmp_path / "smollm2-int8"
     prepare_checkpoint.main(["--quantize", "int8", "--out_dir", str(out_dir)])
-    loaded = generate.load_model(out_dir, torch.device("cpu"), torch.float32)  # the normal load path
+    loaded = runner.load_model(out_dir, torch.device("cpu"), torch.float32)  # the normal load path
     assert weight_quant.mode_of(loaded) == "int8"
     on_the_fly = quantized(base, "int8")
     ids = torch.tensor([[1, 504, 3437, 253, 655, 28, 2]])
     logits = []
     for model in (loaded, on_the_fly):
-        generate.setup_cache(model, "full", {}, 1, ids.shape[1], quiet=True)
+        runner.setup_cache(model, "full", {}, 1, ids.shape[1], quiet=True)
         with torch.inference_mode():
-            logits.append(generate.prefill(model, ids))
+            logits.append(runner.prefill(model, ids))
     assert torch.equal(logits[0], logits[1])
     assert weight_quant.model_bytes(loaded) == weight_quant.model_bytes(on_the_fly)
     # Written once: a second run keeps the folder; the source folder is never the target; int4 is refused.
@@ -181,7 +185,7 @@ def test_prepared_checkpoint_loads_as_quantized_on_the_fly(base, tmp_path, capsy
     prepare_checkpoint.main(["--quantize", "int8", "--out_dir", str(out_dir)])
     assert "nothing to do" in capsys.readouterr().out and (out_dir / "model.pth").stat().st_mtime_ns == stamp
     with pytest.raises(SystemExit, match="source checkpoint's folder, which is never replaced"):
-        prepare_checkpoint.main(["--quantize", "int8", "--out_dir", str(generate.default_checkpoint_path().parent),
+        prepare_checkpoint.main(["--quantize", "int8", "--out_dir", str(checkpoint.default_checkpoint_path().parent),
                                  "--force"])
     with pytest.raises(SystemExit, match="int4 is not written.*generate.py --quantize int4"):
         prepare_checkpoint.main(["--quantize", "int4", "--out_dir", str(tmp_path / "int4")])
@@ -227,11 +231,11 @@ def test_compiled_decode_matches_eager():
         nn.init.normal_(p, std=0.05)
     weight_quant.quantize_weights(model, "int8")
     prompt = torch.randint(0, 256, (2, 10))
-    generate.setup_cache(model, "full", {}, 2, 30)
-    eager = generate.generate(model, prompt, 12)["tokens"]
-    decode = generate.compile_decode()
+    runner.setup_cache(model, "full", {}, 2, 30)
+    eager = engine.generate_batch(model, prompt.tolist(), 12)["tokens"]
+    decode = runner.compile_decode()
     with torch.inference_mode():
-        generate.warm_up(model, decode, 2, 0.0, None)
-        compiled = generate.generate(model, prompt, 12, decode_fn=decode)["tokens"]
+        runner.warm_up(model, decode)
+        compiled = engine.generate_batch(model, prompt.tolist(), 12, decode_fn=decode)["tokens"]
     assert torch.equal(eager, compiled)
     reset_dynamo()

@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, ".")
 sys.path.insert(0, "scripts")
-import generate  # noqa: E402
+import runner
 from bench_decode import SHAPES  # noqa: E402
 from model import Transformer  # noqa: E402
 
@@ -28,10 +28,10 @@ per_sequence = "rows" in inspect.signature(Transformer.forward).parameters  # th
 rows = []
 for strategy, options in [("full", {}), ("quantize_kv", {"bits": "8"}), ("quantize_kv", {"bits": "4"})]:
     for batch in (1, 8):
-        generate.setup_cache(model, strategy, options, batch, 512)
+        runner.setup_cache(model, strategy, options, batch, 512)
         prompt = torch.randint(0, 49152, (1, 200)).expand(batch, -1).contiguous()
         with torch.no_grad():
-            token = generate.prefill(model, prompt)[:, -1:].argmax(-1)
+            token = runner.prefill(model, prompt)[:, -1:].argmax(-1)
 
             def pos(p):
                 return torch.full((batch, 1), p) if per_sequence else torch.tensor([p])
@@ -39,7 +39,7 @@ for strategy, options in [("full", {}), ("quantize_kv", {"bits": "8"}), ("quanti
             def steps(first, n):
                 nonlocal_token = token
                 for p in range(first, first + n):
-                    nonlocal_token = generate.decode_one_token(model, nonlocal_token, pos(p), 0.0, None)
+                    nonlocal_token = runner.decode_one_token(model, nonlocal_token, pos(p), 0.0, None)
 
             steps(200, 3)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
