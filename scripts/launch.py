@@ -12,7 +12,8 @@ $SLURM_JOB_NODELIST`), id SLURM_JOB_ID, port 20000 + SLURM_JOB_ID % 10000 (or --
 rendezvous host: torchrun --standalone. The command is `python -m torch.distributed.run ARGS SCRIPT ...`; --dry-run
 prints it and exits, else it runs in this process (torch.distributed.run's own main), so that a rank that fails
 ends the job with its one error line (tp.run), or, for a rank killed by a signal or exiting otherwise, one line
-naming it, instead of torchrun's traceback.
+naming it, instead of torchrun's traceback. After a failure the other ranks get GRACE_S seconds to end by themselves
+(a lost peer is their own line) before torchrun's SIGTERM, and the launcher's line comes last, once every rank ended.
 """
 import argparse
 import logging
@@ -20,6 +21,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parent.parent
@@ -108,25 +110,74 @@ def plan(args, env=os.environ) -> list[str]:
     return command(torchrun_args(args.nnodes, args.nproc_per_node, head or None, port, args.rdzv_id), args.script)
 
 
-def run_torchrun(cmd: list[str]) -> int:
-    """Run `python -m torch.distributed.run ...` (cmd) in this process; a failed rank is one line on stderr."""
+# Seconds the other ranks get to notice a failed rank and end with their own line (a lost peer is seen at the next
+# collective, at once on gloo) before torchrun stops them with SIGTERM.
+GRACE_S = 10.0
+
+
+def _patch_close(grace_s: float, failed_first: set):
+    """Make torchrun's worker shutdown deterministic. torchrun polls its ranks, and when one has failed it SIGTERMs
+    the others at once: a surviving rank then ends with "stopped by the launcher" or "lost contact" depending on
+    which it met first, and it may have exited (code 1) in the same poll as the rank that died, so torchrun's "first
+    failure" is whichever the clock ties in favour of. Here the shutdown after a failure first waits up to grace_s
+    for the ranks to end by themselves, and the pids of the ranks that had failed before it (the cause, not the
+    ranks the launcher stopped) are kept in failed_first. Returns a function that undoes the patch."""
+    from torch.distributed.elastic.multiprocessing import api
+
+    close = api.SubprocessContext._close
+
+    def patched(self, death_sig, timeout=30):
+        failures = getattr(self, "_failures", None) or {}
+        failed_first.update(f.pid for f in failures.values())
+        if failures:
+            end = time.monotonic() + grace_s
+            for handler in self.subprocess_handlers.values():
+                while handler.proc.poll() is None and time.monotonic() < end:
+                    time.sleep(0.02)
+        return close(self, death_sig, timeout)
+
+    api.SubprocessContext._close = patched
+    return lambda: setattr(api.SubprocessContext, "_close", close)
+
+
+def failure_line(failures: dict, failed_first: set) -> str | None:
+    """The launcher's one line for a failed job, or None when every rank that failed by itself exited with 1 (the
+    ranks of this project's scripts exit with 1 after their own one error line). failures: torchrun's {global rank:
+    ProcessFailure}; failed_first: the pids that had failed before the launcher stopped the others. The rank named
+    is one of those that was killed by a signal or exited otherwise (the lowest such rank), never one the launcher
+    stopped, whatever torchrun's timestamps say."""
+    first = {rank: f for rank, f in failures.items() if f.pid in failed_first} or failures
+    abnormal = sorted(rank for rank, f in first.items() if f.exitcode != 1)
+    if not abnormal:
+        return None
+    rank, failure = abnormal[0], first[abnormal[0]]
+    how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
+           else f"exited with code {failure.exitcode}")
+    others = len(failures) - 1
+    return (f"error: rank {rank} {how} (its own error, if it printed one, is above); the job stopped"
+            + (f", {others} other rank(s) with it" if others else ""))
+
+
+def run_torchrun(cmd: list[str], grace_s: float = GRACE_S) -> int:
+    """Run `python -m torch.distributed.run ...` (cmd) in this process; a failed rank is one line on stderr, printed
+    after every rank has ended (torchrun returns only then), so it is the last line."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     # torchrun's agent logs each failure and its OMP_NUM_THREADS banner; the line below says what failed.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     logging.getLogger("torch.distributed.run").setLevel(logging.CRITICAL)
+    failed_first = set()
+    unpatch = _patch_close(grace_s, failed_first)
     try:
         torchrun.main(cmd[3:])
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        if failure.exitcode == 1:  # the ranks of this project's scripts exit with 1 after their one error line
-            return 1
-        how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
-               else f"exited with code {failure.exitcode}")
-        others = len(e.failures) - 1
-        print(f"error: rank {rank} {how} (its own error, if it printed one, is above); the job stopped"
-              + (f", {others} other rank(s) with it" if others else ""), file=sys.stderr)
+        line = failure_line(e.failures, failed_first)
+        if line:
+            sys.stderr.flush()
+            print(line, file=sys.stderr)
         return 1
+    finally:
+        unpatch()
     return 0
 
 
