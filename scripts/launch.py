@@ -52,9 +52,33 @@ def slurm_job(env=os.environ) -> dict:
     return job
 
 
+NPROC_WORDS = ("gpu", "cpu", "auto")  # torchrun's own words for "as many as this node has"
+
+
+def check_nproc(value, option: str = "--nproc_per_node") -> str:
+    """value as torchrun takes it (a number >= 1, or gpu, cpu, auto), else a one-line ValueError: checked before
+    anything runs, so that --dry-run never prints a command torchrun would refuse with a traceback."""
+    text = str(value).strip()
+    if text in NPROC_WORDS:
+        return text
+    try:
+        number = int(text)
+    except ValueError:
+        number = None
+    if number is None or number < 1:
+        raise ValueError(f"{option} {value!r} is not a number of ranks: give a whole number >= 1 (ranks on this node), "
+                         f"or gpu (one per visible GPU)")
+    return str(number)
+
+
 def torchrun_args(nnodes: int, nproc_per_node, head=None, port: int = DEFAULT_PORT, job_id=None) -> list[str]:
     """torchrun's own arguments: --standalone on one node; a c10d rendezvous at head:port on several. No restarts:
     a failed rank ends the job (a generation restarted from scratch would print its text twice)."""
+    if nnodes < 1:
+        raise ValueError(f"--nnodes {nnodes} is not a number of nodes: give a whole number >= 1")
+    if not 0 < port < 65536:
+        raise ValueError(f"rendezvous port {port} is not a TCP port: give one in 1-65535")
+    nproc_per_node = check_nproc(nproc_per_node)
     common = ["--nproc_per_node", str(nproc_per_node), "--max_restarts", "0"]
     if nnodes == 1:
         return ["--standalone", "--nnodes", "1", *common]
@@ -98,14 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
 def plan(args, env=os.environ) -> list[str]:
     """The command this node runs."""
     check_script(args.script)
+    if args.nproc_per_node is not None:
+        check_nproc(args.nproc_per_node)
     if args.slurm:
         job = slurm_job(env)
+        if args.nproc_per_node is None:
+            check_nproc(job["nproc_per_node"], "SLURM_GPUS_ON_NODE")
         port = args.rdzv_port or 20000 + int(job["job_id"]) % 10000
         return command(torchrun_args(job["nnodes"], args.nproc_per_node or job["nproc_per_node"], job["head"], port,
                                      args.rdzv_id or job["job_id"]), args.script)
     if args.nproc_per_node is None:
         raise ValueError("give --nproc_per_node N (ranks on this node; gpu: one per visible GPU), or --slurm")
     head, _, port = (args.rdzv_endpoint or "").partition(":")
+    if port and not port.isdigit():
+        raise ValueError(f"--rdzv_endpoint {args.rdzv_endpoint!r}: the port after ':' is not a number: give HOST[:PORT]")
     port = int(port) if port else args.rdzv_port or DEFAULT_PORT
     return command(torchrun_args(args.nnodes, args.nproc_per_node, head or None, port, args.rdzv_id), args.script)
 
@@ -190,6 +220,12 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(shlex.join(cmd))
         return 0
+    nproc = cmd[cmd.index("--nproc_per_node") + 1]
+    if nproc == "gpu":  # torchrun would end in a traceback ("Cuda is not available")
+        import torch
+        if not torch.cuda.is_available():
+            sys.exit("error: --nproc_per_node gpu, but this node has no visible GPU: give the number of ranks "
+                     "(e.g. --nproc_per_node 2; tensor parallel then runs on the CPU with --device cpu)")
     return run_torchrun(cmd)
 
 

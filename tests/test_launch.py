@@ -100,11 +100,35 @@ def test_slurm_jobs_build_the_torchrun_commands(tmp_path):
     (["generate.py"], "give --nproc_per_node N"),
     (["--nnodes", "2", "--nproc_per_node", "2", "generate.py"], "needs the rendezvous host"),
     (["--slurm", "generate.py"], "--slurm outside a Slurm job"),
+    (["--nproc_per_node", "0", "generate.py"], "--nproc_per_node '0' is not a number of ranks"),
+    (["--nproc_per_node", "abc", "generate.py"], "--nproc_per_node 'abc' is not a number of ranks"),
+    (["--nproc_per_node", "-2", "generate.py"], "--nproc_per_node '-2' is not a number of ranks"),
+    (["--nnodes", "0", "--nproc_per_node", "2", "generate.py"], "--nnodes 0 is not a number of nodes"),
+    (["--nnodes", "2", "--nproc_per_node", "2", "--rdzv_endpoint", "h:x", "generate.py"], "the port after ':'"),
 ])
 def test_bad_launch_is_one_line(argv, message):
-    out = subprocess.run([PY, "scripts/launch.py", "--dry-run", *argv], cwd=REPO_DIR, capture_output=True,
-                         text=True, env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")})
-    assert out.returncode != 0 and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
+    """Refused before anything runs, with and without --dry-run (which never prints a command torchrun refuses)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    for dry in (["--dry-run"], []):
+        out = subprocess.run([PY, "scripts/launch.py", *dry, *argv], cwd=REPO_DIR, capture_output=True,
+                             text=True, env=env, timeout=120)
+        assert out.returncode != 0 and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
+        assert out.stderr.startswith("error: ") and out.stdout == "", out.stdout
+
+
+def test_bad_slurm_gpus_is_one_line(tmp_path):
+    out = subprocess.run([PY, "scripts/launch.py", "--slurm", "--dry-run", "generate.py"], cwd=REPO_DIR,
+                         capture_output=True, text=True, env=slurm_env(tmp_path, 1, SLURM_GPUS_ON_NODE="0"))
+    assert out.returncode != 0 and out.stderr.count("\n") == 1 and out.stdout == "", out.stderr
+    assert "SLURM_GPUS_ON_NODE '0' is not a number of ranks" in out.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a node without a GPU")
+def test_gpu_ranks_without_a_gpu_is_one_line():
+    out = subprocess.run([PY, "scripts/launch.py", "--nproc_per_node", "gpu", "generate.py"], cwd=REPO_DIR,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "--nproc_per_node gpu, but this node has no visible GPU" in out.stderr
 
 
 # ---------------------------------------------------------------- real runs: 2 ranks on the CPU
