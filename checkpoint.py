@@ -9,12 +9,13 @@ this repo's converters: it holds HF-layout q/k rows, unlike the Meta-layout mode
 """
 import json
 import os
+import signal
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from atomic import AtomicDir
+from atomic import AtomicDir, clean_stale  # noqa: F401 (clean_stale: for the scripts)
 from model import ModelArgs, rope_inv_freq
 from weight_quant import WEIGHT_QUANTIZATION_FILE, import_torchao, weight_quantization  # noqa: F401 (re-exported)
 
@@ -164,6 +165,20 @@ def load_pth(path: Path, dtype=None, shard=None) -> tuple[ModelArgs, dict]:
                          "with scripts/convert_hf_checkpoint.py")
     pieces = shard(args) if shard else {}
     return args, {k: take_piece(v, pieces.get(k), dtype) for k, v in state_dict.items()}
+
+
+INTERRUPTED = ("error: interrupted: the checkpoint folder is replaced whole or not at all, and the partial copy "
+               "was removed")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def stop_on_sigterm():
+    """SIGTERM (kill, a job scheduler) ends a conversion as Ctrl-C does: KeyboardInterrupt, so that write_checkpoint
+    removes its half-built folder before the process ends."""
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def check_replaceable(out_dir: Path, force: bool):

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from checkpoint import TOKENIZER_NAMES, check_replaceable, load_hf_dir, write_checkpoint  # noqa: E402
+from checkpoint import (INTERRUPTED, TOKENIZER_NAMES, check_replaceable, clean_stale, load_hf_dir,  # noqa: E402
+                        stop_on_sigterm, write_checkpoint)
 
 TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json"]
@@ -38,6 +39,7 @@ def convert(checkpoint_dir: Path, out_dir: Path, force: bool = False) -> Path:
     if out_dir.resolve() == checkpoint_dir.resolve():
         raise ValueError(f"--out_dir {out_dir} is the --checkpoint_dir: the conversion replaces its whole output "
                          "folder, so choose another --out_dir")
+    clean_stale(out_dir)  # what a killed earlier run left beside it
     check_replaceable(out_dir, force)  # checked first: nothing is read or written before a refusal
     args, state_dict = load_hf_dir(checkpoint_dir)
     sources = tokenizer_sources(checkpoint_dir)
@@ -61,10 +63,13 @@ def main(argv=None):
     parser.add_argument("--out_dir", type=Path, required=True, help="where to write model.pth, e.g. checkpoints/NAME")
     parser.add_argument("--force", action="store_true", help="replace an existing --out_dir folder whole")
     args = parser.parse_args(argv)
+    stop_on_sigterm()
     try:
         convert(args.checkpoint_dir, args.out_dir, args.force)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: write_checkpoint removed its half-built folder
+        raise SystemExit(INTERRUPTED) from None
     except OSError as e:  # disk full, no permission...: write_checkpoint left the old folder as it was
         where = f": {e.filename}" if e.filename else ""
         raise SystemExit(f"error: the conversion failed ({e.strerror or e}{where}), {args.out_dir} is unchanged: free "

@@ -24,8 +24,8 @@ from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR))
-from checkpoint import (TOKENIZER_NAMES, WEIGHT_QUANTIZATION_FILE, check_replaceable, checkpoint_problem,  # noqa: E402
-                        weight_quantization, write_checkpoint)
+from checkpoint import (INTERRUPTED, TOKENIZER_NAMES, WEIGHT_QUANTIZATION_FILE, check_replaceable,  # noqa: E402
+                        checkpoint_problem, clean_stale, stop_on_sigterm, weight_quantization, write_checkpoint)
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_OUT_DIR = REPO_DIR / "checkpoints" / "smollm2-135m"
@@ -53,6 +53,7 @@ def force_command(out_dir: Path, gguf_path: Path = None) -> str:
 
 def prepare(out_dir: Path, force: bool = False, gguf_path: Path = None) -> Path:
     model_path = out_dir / "model.pth"
+    clean_stale(out_dir)  # what a killed earlier run left beside it
     problem = checkpoint_problem(out_dir)
     if problem is None and not force:
         print(f"{model_path} already exists, nothing to do")
@@ -96,6 +97,7 @@ def prepare_quantized(source: Path, out_dir: Path, mode: str, force: bool = Fals
                          "kernel (CPU or CUDA tinygemm), so quantize where it runs with generate.py --quantize int4; "
                          "or write --quantize int8")
     source_folder = source if source.is_dir() else source.parent
+    clean_stale(out_dir)
     if out_dir.resolve() == source_folder.resolve():
         raise ValueError(f"--out_dir {out_dir} is the source checkpoint's folder, which is never replaced: choose "
                          "another --out_dir")
@@ -144,6 +146,7 @@ def main(argv=None):
                              f"a .gguf; default {DEFAULT_OUT_DIR.relative_to(REPO_DIR)}, prepared first when missing)")
     args = parser.parse_args(argv)
     out_dir = args.out_dir or DEFAULT_OUT_DIR
+    stop_on_sigterm()
     try:
         if args.quantize is None:
             if args.source is not None:
@@ -161,6 +164,8 @@ def main(argv=None):
             prepare_quantized(source, out_dir, args.quantize, args.force)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: write_checkpoint removed its half-built folder
+        raise SystemExit(INTERRUPTED) from None
     except OSError as e:  # disk full, no permission...: write_checkpoint left the old folder as it was
         where = f": {e.filename}" if e.filename else ""
         raise SystemExit(f"error: preparing the checkpoint failed ({e.strerror or e}{where}), {out_dir} is "

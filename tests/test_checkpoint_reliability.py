@@ -36,3 +36,99 @@ def test_checkpoint_and_weight_quant_import_no_cycle():
                           "assert checkpoint.WEIGHT_QUANTIZATION_FILE == 'weight_quantization.json'"],
                          cwd=REPO_DIR, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+# ---- interrupted and killed conversions ----------------------------------------------------------------------
+
+import os  # noqa: E402
+import signal  # noqa: E402
+
+import gguf  # noqa: E402
+import pytest  # noqa: E402
+
+from checkpoint import load_checkpoint  # noqa: E402
+from test_checkpoint_scripts import (CONVERT, PREPARE, assert_one_line_error, hf_with_tokenizer_json,  # noqa: E402
+                                     hf_with_tokenizer_model, leftovers, run, snapshot)
+from test_model import make_hf_checkpoint, write_gguf  # noqa: E402
+
+# A script whose torch.save is cut short by a signal to the process itself, once half of model.pth is written:
+# SIGINT (Ctrl-C), SIGTERM (kill), or SIGKILL (nothing can clean up).
+SIGNALLED = """
+import os, runpy, signal, sys, time, torch
+sig, real_save = getattr(signal, sys.argv[1]), torch.save
+def save_half(obj, path, *args, **kwargs):
+    real_save(obj, path, *args, **kwargs)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])
+    os.kill(os.getpid(), sig)
+    time.sleep(5)  # the signal arrives here
+torch.save = save_half
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gguf")
+    path = folder / "tiny.gguf"
+    write_gguf(path, make_hf_checkpoint("tied", folder / "hf"), gguf.GGMLQuantizationType.Q4_1, with_tokenizer=True)
+    return path
+
+
+def conversions(tmp_path, tiny_gguf):
+    """(the first command, the --force command replacing its folder) for each script."""
+    hf_with_tokenizer_json(tmp_path / "hf_a")
+    hf_with_tokenizer_model(tmp_path / "hf_b")
+    out = tmp_path / "work" / "out"
+    return {"convert": ([CONVERT, "--checkpoint_dir", tmp_path / "hf_a", "--out_dir", out],
+                        [CONVERT, "--checkpoint_dir", tmp_path / "hf_b", "--out_dir", out, "--force"]),
+            "prepare": ([PREPARE, "--gguf", tiny_gguf, "--out_dir", out],
+                        [PREPARE, "--gguf", tiny_gguf, "--out_dir", out, "--force"])}, out
+
+
+@pytest.mark.parametrize("script", ["convert", "prepare"])
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupted_conversion_is_one_line_and_leaves_nothing(script, sig, tmp_path, tiny_gguf):
+    commands, out = conversions(tmp_path, tiny_gguf)
+    first, force = commands[script]
+    assert run(*first).returncode == 0
+    before = snapshot(out)
+    interrupted = run("-c", SIGNALLED, sig, *force)
+    assert_one_line_error(interrupted, "interrupted")
+    assert snapshot(out) == before and leftovers(out.parent) == []  # the half-written copy is gone
+
+
+@pytest.mark.parametrize("script", ["convert", "prepare"])
+def test_a_killed_conversion_is_cleaned_by_the_next_run(script, tmp_path, tiny_gguf):
+    commands, out = conversions(tmp_path, tiny_gguf)
+    first, force = commands[script]
+    assert run(*first).returncode == 0
+    before = snapshot(out)
+    killed = run("-c", SIGNALLED, "SIGKILL", *force)
+    assert killed.returncode == -signal.SIGKILL
+    assert snapshot(out) == before and len(leftovers(out.parent)) == 1  # the dead run's half-built folder
+    # An unrelated hidden file and a live process's temporary folder are never touched.
+    (out.parent / ".notes").write_text("mine")
+    live = out.parent / f".out.tmp-{os.getpid()}-abcdefgh"
+    live.mkdir()
+    again = run(*first)  # even a run that refuses (out exists, no --force) cleans up after the killed one
+    assert again.returncode != 0 or "nothing to do" in again.stdout
+    assert snapshot(out) == before and leftovers(out.parent) == [".notes", live.name]
+    live.rmdir()
+    assert run(*force).returncode == 0 and leftovers(out.parent) == [".notes"]
+    load_checkpoint(out / "model.pth")
+
+
+def test_a_run_killed_between_the_swap_renames_gets_its_old_folder_back(tmp_path):
+    """The swap is two renames (old folder aside, new one in): a run killed between them leaves no target; the next
+    run puts the old folder back and removes the new, unfinished-looking one."""
+    from atomic import clean_stale
+
+    target = tmp_path / "ckpt"
+    dead = subprocess.run([PY, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / f".ckpt.old.{dead}").mkdir()
+    (tmp_path / f".ckpt.old.{dead}" / "model.pth").write_text("old")
+    (tmp_path / f".ckpt.tmp-{dead}-x1y2z3w4").mkdir()
+    clean_stale(target)
+    assert (target / "model.pth").read_text() == "old" and leftovers(tmp_path) == []
