@@ -1,1 +1,2 @@
-"""Triton kernels for the caches, each beside its PyTorch reference."""
+"""Triton kernels for the caches. Their PyTorch references: kernels/quantize.py (quantization, also the caches' own
+path) and kernels/reference.py (float64 attention oracles, for the tests and scripts/gpu_check.py)."""

@@ -184,7 +184,8 @@ def paged_inputs(inputs: dict, kind: str, device, gen) -> dict:
 
 def check_decode_attention(tiny: bool, device, gen, dtype=torch.bfloat16):
     """Rows of (kernel, case description, n_mid, error, tolerance, exception) for kernels/decode_attention.py."""
-    from kernels.decode_attention import decode_attention, decode_attention_ref
+    from kernels.decode_attention import decode_attention
+    from kernels.reference import decode_attention_ref
 
     for head_name, HQ, H, D in HEADS[tiny]:
         for length in LENGTHS[tiny]:

@@ -11,7 +11,8 @@ import torch
 import triton
 
 from conftest import reset_dynamo
-from kernels.decode_attention import decode_attention, decode_attention_ref
+from kernels.decode_attention import decode_attention
+from kernels.reference import decode_attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":

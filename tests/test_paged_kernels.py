@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import reset_dynamo
-from kernels.decode_attention import decode_attention, decode_attention_ref, unpage
+from kernels.decode_attention import decode_attention
+from kernels.reference import decode_attention_ref, unpage
 from kernels.quantize import quantize_keys, quantize_values
 from test_kernels import DEVICE, TOL, poison_empty, rel_err, ring_state  # noqa: F401  (poison_empty: autouse)
 
@@ -43,7 +44,7 @@ def block_table(used: list, max_blocks: int, n_pool: int, dtype, gen) -> torch.T
 
 def page(logical: torch.Tensor, table: torch.Tensor, block: int, n_pool: int, gen, tokens_per_row: int = 1):
     """Scatter a logical store (B, H, rows, ...) into a pool (1, H, n_pool * block // tokens_per_row, ...) of
-    garbage, block by block as the table says (written independently of kernels.decode_attention.unpage)."""
+    garbage, block by block as the table says (written independently of kernels.reference.unpage)."""
     r = block // tokens_per_row
     pool = garbage(logical, (1, logical.shape[1], n_pool * r, *logical.shape[3:]), gen)
     for b in range(logical.shape[0]):

@@ -90,7 +90,8 @@ def test_kernel_rotates_the_dequantized_keys(name, dtype, B, HQ, H, D, kind, F, 
     """decode_attention with the RoPE tables against the float64 reference over the mid keys dequantized in
     float64 and rotated by positions sink_size + t (model.apply_rope, float64): per sequence (one short, one long,
     one finished), contiguous and paged, and the scores output too."""
-    from kernels.decode_attention import decode_attention, decode_attention_ref, dequantize_ref
+    from kernels.decode_attention import decode_attention
+    from kernels.reference import decode_attention_ref, dequantize_ref
     from test_kernels import DEVICE, TOL, rel_err
     from test_paged_kernels import paged_case
     q, logical, pages, finished = paged_case(name, dtype, B, HQ, H, D, kind, F, paged, hi_block, mid_block)
