@@ -7,9 +7,11 @@
 Tensors come back in float32 (GGUF) or in their stored float dtype; the caller casts. A model.pth must come from
 this repo's converters: it holds HF-layout q/k rows, unlike the Meta-layout model.pth of gpt-fast's own converter.
 """
+import contextlib
 import json
 import os
 import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -22,6 +24,11 @@ from weight_quant import WEIGHT_QUANTIZATION_FILE, import_torchao, weight_quanti
 REPO_DIR = Path(__file__).resolve().parent
 SETUP_HINT = "run `bash scripts/setup.sh` to prepare the default model, or pass --checkpoint_path"
 TOKENIZER_NAMES = ("tokenizer.json", "tokenizer.model")  # what tokenizer.load_tokenizer reads from a folder
+# Every file of a checkpoint folder that tokenizer.py reads: the tokenizer, its special tokens, the chat template
+# (chat_template.jinja first, then tokenizer_config.json's) and the stop tokens. What a conversion copies
+# (scripts/convert_hf_checkpoint.py, scripts/prepare_checkpoint.py --quantize) and what RULER's cache key hashes.
+TOKENIZER_FILES = (*TOKENIZER_NAMES, "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
 
 
 def default_checkpoint_path() -> Path:
@@ -175,10 +182,19 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
 def stop_on_sigterm():
-    """SIGTERM (kill, a job scheduler) ends a conversion as Ctrl-C does: KeyboardInterrupt, so that write_checkpoint
-    removes its half-built folder before the process ends."""
-    signal.signal(signal.SIGTERM, _interrupt)
+    """Within it, SIGTERM (kill, a job scheduler) ends a conversion as Ctrl-C does: KeyboardInterrupt, so that
+    write_checkpoint removes its half-built folder before the process ends. The previous handler comes back after
+    (a script's main() called in-process leaves the caller's handler as it was); outside the main thread, nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def check_replaceable(out_dir: Path, force: bool):

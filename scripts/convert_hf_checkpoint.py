@@ -2,7 +2,8 @@
 
     python scripts/convert_hf_checkpoint.py --checkpoint_dir ~/Meta-Llama-3-8B --out_dir checkpoints/llama3-8b
 
-Writes model.pth (weights in their stored dtype, q/k/v fused into wqkv), model_args.json, and the tokenizer files,
+Writes model.pth (weights in their stored dtype, q/k/v fused into wqkv), model_args.json, and the tokenizer files
+(checkpoint.TOKENIZER_FILES: every file tokenizer.py reads, chat_template.jinja included),
 so `generate.py --checkpoint_path checkpoints/llama3-8b/model.pth` finds everything beside it. The folder is built
 beside --out_dir and swapped in whole: with --force no file of the previous checkpoint survives (its tokenizer.json
 would otherwise shadow the new model's tokenizer.model), and a killed or failed run leaves the old folder intact.
@@ -13,11 +14,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from checkpoint import (INTERRUPTED, TOKENIZER_NAMES, check_replaceable, clean_stale, load_hf_dir,  # noqa: E402
-                        stop_on_sigterm, write_checkpoint)
-
-TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json"]
+from checkpoint import (INTERRUPTED, TOKENIZER_FILES, TOKENIZER_NAMES, check_replaceable, clean_stale,  # noqa: E402
+                        load_hf_dir, stop_on_sigterm, write_checkpoint)
 
 
 def tokenizer_sources(checkpoint_dir: Path) -> dict[str, Path]:
@@ -63,17 +61,17 @@ def main(argv=None):
     parser.add_argument("--out_dir", type=Path, required=True, help="where to write model.pth, e.g. checkpoints/NAME")
     parser.add_argument("--force", action="store_true", help="replace an existing --out_dir folder whole")
     args = parser.parse_args(argv)
-    stop_on_sigterm()
-    try:
-        convert(args.checkpoint_dir, args.out_dir, args.force)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: write_checkpoint removed its half-built folder
-        raise SystemExit(INTERRUPTED) from None
-    except OSError as e:  # disk full, no permission...: write_checkpoint left the old folder as it was
-        where = f": {e.filename}" if e.filename else ""
-        raise SystemExit(f"error: the conversion failed ({e.strerror or e}{where}), {args.out_dir} is unchanged: free "
-                         "disk space or fix the permissions, then run it again")
+    with stop_on_sigterm():
+        try:
+            convert(args.checkpoint_dir, args.out_dir, args.force)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: write_checkpoint removed its half-built folder
+            raise SystemExit(INTERRUPTED) from None
+        except OSError as e:  # disk full, no permission...: write_checkpoint left the old folder as it was
+            where = f": {e.filename}" if e.filename else ""
+            raise SystemExit(f"error: the conversion failed ({e.strerror or e}{where}), {args.out_dir} is unchanged: "
+                             "free disk space or fix the permissions, then run it again")
 
 
 if __name__ == "__main__":

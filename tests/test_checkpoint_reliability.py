@@ -32,7 +32,8 @@ def test_checkpoint_and_weight_quant_import_no_cycle():
     assert from_checkpoint and all(from_checkpoint)
     # Either imports alone, and checkpoint still offers the marker helpers that scripts import from it.
     out = subprocess.run([PY, "-c", "import weight_quant, sys; assert 'checkpoint' not in sys.modules; "
-                          "import checkpoint; assert checkpoint.weight_quantization is weight_quant.weight_quantization; "
+                          "import checkpoint; "
+                          "assert checkpoint.weight_quantization is weight_quant.weight_quantization; "
                           "assert checkpoint.WEIGHT_QUANTIZATION_FILE == 'weight_quantization.json'"],
                          cwd=REPO_DIR, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -132,3 +133,48 @@ def test_a_run_killed_between_the_swap_renames_gets_its_old_folder_back(tmp_path
     (tmp_path / f".ckpt.tmp-{dead}-x1y2z3w4").mkdir()
     clean_stale(target)
     assert (target / "model.pth").read_text() == "old" and leftovers(tmp_path) == []
+
+
+# ---- the tokenizer files a conversion copies ---------------------------------------------------------------
+
+CHAT_TEMPLATE = ("{% for m in messages %}[[{{ m['role'] }}: {{ m['content'] }}]]{% endfor %}"
+                 "{% if add_generation_prompt %}<ASSISTANT>{% endif %}")
+
+
+def test_tokenizer_files_are_defined_once():
+    """checkpoint.TOKENIZER_FILES is the one list: the scripts that copy or hash tokenizer files import it."""
+    import checkpoint
+    assert "chat_template.jinja" in checkpoint.TOKENIZER_FILES
+    assert set(checkpoint.TOKENIZER_NAMES) <= set(checkpoint.TOKENIZER_FILES)
+    scripts = [REPO_DIR / "scripts" / "convert_hf_checkpoint.py", REPO_DIR / "scripts" / "prepare_checkpoint.py",
+               *(REPO_DIR / "scripts").glob("**/ruler.py")]
+    for path in scripts:
+        tree = ast.parse(path.read_text())
+        assigned = [node for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                    and any(getattr(t, "id", None) == "TOKENIZER_FILES" for t in node.targets)]
+        assert not assigned, f"{path} defines its own TOKENIZER_FILES"
+        if "TOKENIZER_FILES" in path.read_text():
+            assert any(isinstance(node, ast.ImportFrom) and node.module == "checkpoint"
+                       and "TOKENIZER_FILES" in [a.name for a in node.names] for node in ast.walk(tree)), path
+
+
+def test_chat_template_only_in_chat_template_jinja_survives_conversion(tmp_path):
+    """An HF folder whose chat template is only chat_template.jinja (what transformers >= 4.50 saves): the converted
+    checkpoint has it, its tokenizer renders it, and generate.py --chat wraps the prompt in it."""
+    from tokenizer import load_tokenizer
+
+    hf_with_tokenizer_json(tmp_path / "hf")
+    (tmp_path / "hf" / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    out = tmp_path / "out"
+    converted = run(CONVERT, "--checkpoint_dir", tmp_path / "hf", "--out_dir", out)
+    assert converted.returncode == 0, converted.stderr
+    assert (out / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+    tokenizer = load_tokenizer(out / "model.pth")
+    assert tokenizer.chat_template == CHAT_TEMPLATE
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert rendered == "[[user: hi]]<ASSISTANT>"
+
+    chat = run("generate.py", "--checkpoint_path", out / "model.pth", "--chat", "--prompt", "hi",
+               "--max_new_tokens", "2", "--device", "cpu")
+    assert chat.returncode == 0, chat.stderr
+    assert f"prompt tokens: {len(tokenizer.encode(rendered))}," in chat.stdout, chat.stdout
