@@ -135,7 +135,8 @@ def plan(args, env=os.environ) -> list[str]:
         raise ValueError("give --nproc_per_node N (ranks on this node; gpu: one per visible GPU), or --slurm")
     head, _, port = (args.rdzv_endpoint or "").partition(":")
     if port and not port.isdigit():
-        raise ValueError(f"--rdzv_endpoint {args.rdzv_endpoint!r}: the port after ':' is not a number: give HOST[:PORT]")
+        raise ValueError(f"--rdzv_endpoint {args.rdzv_endpoint!r}: the port after ':' is not a number: give "
+                         "HOST[:PORT]")
     port = int(port) if port else args.rdzv_port or DEFAULT_PORT
     return command(torchrun_args(args.nnodes, args.nproc_per_node, head or None, port, args.rdzv_id), args.script)
 
