@@ -195,6 +195,13 @@ def resolve_device_dtype(device_name: str, dtype_name):
     return device, dtype
 
 
+def prompt_texts(args) -> list[str]:
+    """The run's prompts: the lines of --prompts_file, or --prompt (default DEFAULT_PROMPT)."""
+    if args.prompts_file is not None:
+        return read_prompts_file(args.prompts_file)
+    return [read_prompt(DEFAULT_PROMPT if args.prompt is None else args.prompt)]
+
+
 def read_prompts_file(path: Path) -> list[str]:
     """One prompt a line (UTF-8). Two escapes: \\n is a newline, \\\\ a backslash; any other backslash is kept as
     written (\\frac, C:\\Users stay intact). Blank lines are skipped."""

@@ -10,12 +10,13 @@ one decode step over every row: static shapes, so one compiled graph serves the 
 are inactive and cost the fused kernel nothing. A static batch is the same loop with every request added before the
 first step. The engine orchestrates; the scheduler decides, the block pool keeps books, runner.py owns the device.
 """
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from runner import Sampling, decode_one_token, pool_of, prefill_rows, sample, synchronize
+from runner import Sampling, decode_one_token, prefill_rows, sample, synchronize
 from scheduler import Request, SamplingParams, Scheduler
 
 __all__ = ["Engine", "SamplingParams", "Request", "StepOutput", "generate_batch"]
@@ -47,26 +48,29 @@ class Engine:
         """model: its caches set up (runner.setup_cache); their batch size is the number of rows. decode_fn:
         runner.decode_one_token or its compiled form. seed: requests without their own seed draw with seed +
         their id (None: a seed from torch's global generator, so torch.manual_seed decides)."""
-        caches = model.caches()
-        cache = caches[0]
+        cache = model.caches()[0]
         self.model, self.decode_fn, self.prefill_chunk_size = model, decode_fn, prefill_chunk_size
         self.device = model.tok_embeddings.weight.device
         self.batch_size = cache.batch_size
-        self.pool = pool_of(model)
-        holds = type(cache).capacity(cache.opts, cache.max_seq_length)
         positions = model.rope_cos.shape[0]  # a position needs its RoPE angle, whatever the cache holds
-        self.scheduler = Scheduler(self.batch_size, cache.max_seq_length, self.pool,
-                                   positions if holds is None else min(holds, positions))
+        self.groups = [dataclasses.replace(g, capacity=positions if g.capacity is None else min(g.capacity, positions))
+                       for g in cache.row_groups()]
+        self.scheduler = Scheduler(self.groups)
         self.seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
         self.next_id = 0
         self.stats = EngineStats()
         self._sampling, self._sampling_rows = None, None
-        model.reset_caches()
-        model.finish_sequences(torch.ones(self.batch_size, dtype=torch.bool, device=self.device))  # rows empty
+        self.reset()
+
+    def reset(self):
+        """Empty every row (after something else used the caches, e.g. a compile warm-up); nothing may be running."""
+        assert not self.scheduler.running, "reset while requests run"
+        self.model.reset_caches()
+        self.model.finish_sequences(torch.ones(self.batch_size, dtype=torch.bool, device=self.device))
 
     # ------------------------------------------------------------ requests
 
-    def check(self, prompt: list[int], params: SamplingParams, name: str = "the prompt") -> Request:
+    def check(self, prompt: list[int], params: SamplingParams, name: str = "the prompt", kv: str = None) -> Request:
         """The request these would make, or a one-line ValueError when it can never run; nothing is queued."""
         params.check()
         if not prompt:
@@ -75,13 +79,14 @@ class Engine:
         if max(prompt) >= vocab or min(prompt) < 0:
             raise ValueError(f"the prompt holds token id {max(prompt)} but the model has {vocab} embeddings")
         seed = params.seed if params.seed is not None else self.seed + self.next_id
-        request = Request(self.next_id, list(prompt), params, _signed64(seed))
+        request = Request(self.next_id, list(prompt), params, _signed64(seed), kv)
         self.scheduler.check_fits(request, name)
         return request
 
-    def add_request(self, prompt: list[int], params: SamplingParams = None) -> int:
-        """Queue a request (token ids); its id. A one-line ValueError when it can never run."""
-        request = self.check(prompt, params or SamplingParams())
+    def add_request(self, prompt: list[int], params: SamplingParams = None, kv: str = None) -> int:
+        """Queue a request (token ids) for KV configuration `kv` (a row group's name; None: the first); its id. A
+        one-line ValueError when it can never run."""
+        request = self.check(prompt, params or SamplingParams(), kv=kv)
         self.scheduler.add(request)
         self.next_id += 1
         return request.id
@@ -148,10 +153,10 @@ class Engine:
     # ------------------------------------------------------------ internals
 
     def _prefill(self, admitted: list[Request], out: StepOutput):
-        copies = {}  # copies of one prompt are prefilled together
+        copies = {}  # copies of one prompt (in one KV configuration) are prefilled together
         for request in admitted:
-            copies.setdefault(tuple(request.prompt), []).append(request)
-        for prompt, group in copies.items():
+            copies.setdefault((request.group, tuple(request.prompt)), []).append(request)
+        for (_, prompt), group in copies.items():
             rows = [r.row for r in group]
             self.model.reset_caches(torch.tensor(rows, device=self.device))  # empty, active again
             logits, shared = prefill_rows(self.model, list(prompt), rows, self.prefill_chunk_size)

@@ -17,8 +17,8 @@ import tp
 import weight_quant
 from atomic import atomic_write_text
 from checkpoint import default_checkpoint_path
-from cli_options import (DEFAULT_PROMPT, build_parser, check_checkpoint_path, check_options, read_prompt,
-                         read_prompts_file, resolve_device_dtype, strategy_options, warn)
+from cli_options import (build_parser, check_checkpoint_path, check_options, prompt_texts, resolve_device_dtype,
+                         strategy_options, warn)
 from engine import Engine, SamplingParams
 from kv_cache.paging import DEFAULT_BLOCK_SIZE, PoolExhausted
 from llm import prompt_tokens, until_stop
@@ -40,7 +40,7 @@ def run(args, options):
     kv_cache.base.attn_impl_for(options.get("attn_impl"), device)  # e.g. --attn_impl triton on a CPU
     if args.top_k and args.temperature == 0:
         warn("--top_k has no effect with --temperature 0 (greedy decoding): set --temperature to sample")
-    texts = read_prompts_file(args.prompts_file) if args.prompts_file else [read_prompt(args.prompt or DEFAULT_PROMPT)]
+    texts = prompt_texts(args)
     checkpoint_path = args.checkpoint_path or default_checkpoint_path()
     check_checkpoint_path(checkpoint_path)  # first: a missing checkpoint names the set-up fix
     weight_quant.checkpoint_mode(args.quantize, checkpoint_path)  # --quantize against a quantized checkpoint
@@ -88,6 +88,10 @@ def run(args, options):
                        block_size=block_size, num_blocks=num_blocks)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or 0,
                             stop_ids=tuple(tokenizer.eos_ids))
+    decode_fn = compile_decode() if args.compile else decode_one_token
+    engine = Engine(model, decode_fn, args.prefill_chunk_size, seed=args.seed)
+    for i, ids in enumerate(prompts):  # one line before any work when a prompt can never run
+        engine.check(ids, params, f"prompt {i}" if len(prompts) > 1 else "the prompt")
     if pool is not None and not continuous:  # static batches: every sequence of a batch runs to the end
         need = max(sum(pool.space.blocks_for(tokens_stored(len(ids), args.max_new_tokens)) for ids in batch)
                    for batch in batches)
@@ -102,17 +106,12 @@ def run(args, options):
         print(tp.describe(model))
     if weight_quant.mode_of(model):
         print(weight_quant.describe(model))
-    decode_fn = decode_one_token
     compile_s = None
-    if args.compile:
-        decode_fn = compile_decode()
-        if args.max_new_tokens > 1:  # a single new token never calls the decode step
-            sampling = None if args.temperature == 0 else Sampling.of(
-                [(args.temperature, args.top_k or 0, 1.0, 0)] * batch_size, device)
-            compile_s = warm_up(model, decode_fn, sampling, calls=min(3, max_seq_length))
-    engine = Engine(model, decode_fn, args.prefill_chunk_size, seed=args.seed)
-    for i, ids in enumerate(prompts):  # one line before any work when a prompt can never run
-        engine.check(ids, params, f"prompt {i}" if len(prompts) > 1 else "the prompt")
+    if args.compile and args.max_new_tokens > 1:  # a single new token never calls the decode step
+        sampling = None if args.temperature == 0 else Sampling.of(
+            [(args.temperature, args.top_k or 0, 1.0, 0)] * batch_size, device)
+        compile_s = warm_up(model, decode_fn, sampling, calls=min(3, max_seq_length))
+        engine.reset()
     if args.prompts_file is None:
         results = generate_prompt(args, engine, tokenizer, batches[0], texts[0], params, device)
     elif continuous:

@@ -21,7 +21,7 @@ import tp
 import weight_quant
 from kv_cache.paging import DEFAULT_BLOCK_SIZE
 from checkpoint import default_checkpoint_path, load_model_args
-from cli_options import DEFAULT_PROMPT, check_options, read_prompt, read_prompts_file
+from cli_options import check_options, prompt_texts
 from llm import prompt_tokens
 from model import ModelArgs, Transformer
 from runner import DTYPES, default_dtype
@@ -115,7 +115,7 @@ def longest_prompt(args, checkpoint_path) -> int | None:
         tokenizer = load_tokenizer(checkpoint_path)
     except ValueError:
         return None
-    texts = read_prompts_file(args.prompts_file) if args.prompts_file else [read_prompt(args.prompt or DEFAULT_PROMPT)]
+    texts = prompt_texts(args)
     return max(len(prompt_tokens(tokenizer, text, args.chat, args.system)) for text in texts)
 
 

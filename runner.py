@@ -11,6 +11,7 @@ import torch
 import kv_cache
 import tp
 from checkpoint import load_checkpoint
+from kv_cache.mixed import MixedCache
 from kv_cache.paging import BlockPool
 from memory import default_num_blocks
 from model import Transformer
@@ -31,16 +32,16 @@ def load_model(checkpoint_path, device, dtype, replicate_kv_heads: bool = False)
     return Transformer.from_state_dict(args, state_dict, device=device, dtype=dtype)
 
 
-def setup_cache(model: Transformer, strategy: str, options: dict, batch_size: int, max_seq_length: int,
-                rope_length: int = 0, quiet: bool = False, block_size: int = None, num_blocks: int = None):
-    """Give every layer a fresh cache of `strategy`; RoPE tables cover max(max_seq_length, rope_length) positions.
-    quiet: no notices from the options check (for caches sized internally, e.g. by scripts/evaluate.py).
-    block_size: page the cache in a pool of num_blocks blocks shared by the batch and all layers (kv_cache/paging.py;
-    num_blocks None: every sequence's max_seq_length fits). Returns the pool (None when contiguous)."""
+def cache_factory(model: Transformer, strategy: str, options: dict, batch_size: int, max_seq_length: int,
+                  quiet: bool = False, block_size: int = None, num_blocks: int = None):
+    """(make(layer_idx) -> that layer's cache of `strategy` for batch_size rows, the pool or None). The options are
+    checked once for all layers (one line naming the fix), each layer's resolved before any memory is taken.
+    block_size: paged in a pool of num_blocks blocks shared by the rows and all layers (kv_cache/paging.py;
+    num_blocks None: every sequence's max_seq_length fits)."""
     cache_cls = kv_cache.STRATEGIES[strategy]
     args = model.args
-    resolved = cache_cls.check_options(options, max_seq_length, args.head_dim, quiet)  # once for all layers
-    per_layer = [cache_cls.layer_options(resolved, i, args.n_layer) for i in range(args.n_layer)]  # checked first
+    resolved = cache_cls.check_options(options, max_seq_length, args.head_dim, quiet)
+    per_layer = [cache_cls.layer_options(resolved, i, args.n_layer) for i in range(args.n_layer)]
     weight = model.tok_embeddings.weight
     pool = None
     if block_size:
@@ -52,8 +53,27 @@ def setup_cache(model: Transformer, strategy: str, options: dict, batch_size: in
         return cache_cls(batch_size, max_seq_length, args.n_kv_head, args.head_dim, weight.dtype, weight.device,
                          options=per_layer[layer_idx], pool=pool)
 
+    return make_cache, pool
+
+
+def setup_cache(model: Transformer, strategy: str, options: dict, batch_size: int, max_seq_length: int,
+                rope_length: int = 0, quiet: bool = False, block_size: int = None, num_blocks: int = None):
+    """Give every layer a fresh cache of `strategy` (cache_factory); RoPE tables cover max(max_seq_length,
+    rope_length) positions; quiet: no notices from the options check. Returns the pool (None when contiguous)."""
+    make_cache, pool = cache_factory(model, strategy, options, batch_size, max_seq_length, quiet, block_size,
+                                     num_blocks)
     model.setup_caches(make_cache, max(max_seq_length, rope_length))
     return pool
+
+
+def setup_mixed_cache(model: Transformer, configs: list, max_seq_length: int, block_size: int = None) -> list:
+    """Several KV configurations in one batch (kv_cache/mixed.py): configs lists (name, strategy, options, rows,
+    num_blocks) in row order; each gets its rows and, paged, its own pool. Returns the pools."""
+    factories = [cache_factory(model, strategy, options, rows, max_seq_length, True, block_size, num_blocks)
+                 for _, strategy, options, rows, num_blocks in configs]
+    names = [config[0] for config in configs]
+    model.setup_caches(lambda i: MixedCache([make(i) for make, _ in factories], names), max_seq_length)
+    return [pool for _, pool in factories]
 
 
 def pool_of(model: Transformer):
@@ -169,7 +189,7 @@ def prefill_rows(model: Transformer, ids: list[int], rows: list[int], chunk_size
     pool that shares prefixes gets one row at a time: the first stores the prompt, the others share its blocks."""
     device = model.tok_embeddings.weight.device
     pool = pool_of(model)
-    if pool is not None and pool.space.sharable and len(rows) > 1:
+    if pool is not None and pool.sharable(rows[0]) and len(rows) > 1:
         out = [prefill_rows(model, ids, [row], chunk_size) for row in rows]
         return torch.cat([logits for logits, _ in out]), [shared[0] for _, shared in out]
     shared = pool.share_prefix(rows[0], ids) if pool is not None and len(rows) == 1 else 0

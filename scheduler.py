@@ -1,20 +1,22 @@
 """Continuous batching's decisions, on the host: which request runs in which cache row, and when.
 
-The cache's batch rows are slots that requests take and give back. A request waits until a row is free and, with a
-paged pool (kv_cache/paging.py), until the free blocks cover its worst case (prompt + max_new_tokens) on top of
-what the running requests may still take. So a running request never finds the pool empty: no preemption, no
-recomputation (vLLM admits optimistically and preempts instead); a request that ends early at a stop token returns
-its blocks early, and the next admission uses them. A request whose worst case exceeds the whole pool, or whose
-prompt + max_new_tokens exceed what a row holds, can never run: add() refuses it at once.
+The cache's batch rows are slots that requests take and give back, in groups: each KV configuration owns a range
+of rows (one group of every row, except in a mixed batch: kv_cache/mixed.py) and, paged, a block pool
+(kv_cache/paging.py). A request waits until a row of its group is free and, paged, until the free blocks cover its
+worst case (prompt + max_new_tokens) on top of what the group's running requests may still take. So a running
+request never finds the pool empty: no preemption, no recomputation (vLLM admits optimistically and preempts
+instead); a request that ends early at a stop token returns its blocks early, and the next admission uses them. A
+request whose worst case exceeds the whole pool, or whose prompt + max_new_tokens exceed what a row holds, can never
+run: check_fits refuses it at once.
 
-Admission is first come, first served: the head of the queue waits for room rather than being overtaken, so a long
-request is never starved by short ones. Nothing here touches the model: the engine (engine.py) prefills what
+Admission is first come, first served within a group: its head waits for room rather than being overtaken, so a
+long request is never starved by short ones. Nothing here touches the model: the engine (engine.py) prefills what
 admit() returns and runs the decode step over every row.
 """
 from collections import deque
 from dataclasses import dataclass, field
 
-from kv_cache.paging import BlockPool
+from kv_cache.paging import RowGroup
 
 
 @dataclass
@@ -45,6 +47,7 @@ class Request:
     prompt: list
     params: SamplingParams
     seed: int
+    group: str = None  # its KV configuration (None: the batch's first)
     tokens: list = field(default_factory=list)  # generated so far
     row: int = None  # its cache row while it runs
     shared_tokens: int = 0  # prompt tokens taken from the pool's blocks instead of computed
@@ -62,79 +65,89 @@ def tokens_stored(prompt_len: int, max_new_tokens: int) -> int:
 
 
 class Scheduler:
-    def __init__(self, n_rows: int, max_seq_length: int, pool: BlockPool = None, capacity: int = None):
-        """n_rows cache rows of max_seq_length positions; capacity: the tokens a row holds when the strategy holds
-        fewer than every position (None: max_seq_length)."""
-        self.pool, self.max_seq_length = pool, max_seq_length
-        self.capacity = capacity if capacity is not None else max_seq_length
-        self.waiting: deque[Request] = deque()
+    def __init__(self, groups: list[RowGroup]):
+        """groups: the batch's rows by KV configuration (KVCache.row_groups), each with the tokens a row holds."""
+        self.groups = {g.name: g for g in groups}
+        self.default = groups[0].name
+        self.waiting = {g.name: deque() for g in groups}
+        self.free_rows = {g.name: list(range(g.start, g.stop)) for g in groups}
         self.running: dict[int, Request] = {}  # row -> request
-        self.free_rows = list(range(n_rows))
         self.peak_running = 0
 
+    def group(self, request: Request) -> RowGroup:
+        return self.groups[self.default if request.group is None else request.group]
+
     def worst_case_blocks(self, request: Request) -> int:
-        if self.pool is None:
+        pool = self.group(request).pool
+        if pool is None:
             return 0
-        return self.pool.space.blocks_for(tokens_stored(len(request.prompt), request.params.max_new_tokens))
+        return pool.space.blocks_for(tokens_stored(len(request.prompt), request.params.max_new_tokens))
 
     def check_fits(self, request: Request, name: str = "the prompt"):
         """A one-line ValueError when the request can never run, whatever else is running."""
+        if request.group is not None and request.group not in self.groups:
+            raise ValueError(f"unknown KV configuration {request.group!r}: choose one of {', '.join(self.groups)}")
+        group = self.group(request)
         total = len(request.prompt) + request.params.max_new_tokens
-        if total > self.capacity:
+        if group.capacity is not None and total > group.capacity:
             raise ValueError(f"{name} ({len(request.prompt)} tokens) + max_new_tokens ({request.params.max_new_tokens})"
-                             f" = {total} tokens but a sequence holds {self.capacity}: shorten the prompt, lower "
+                             f" = {total} tokens but a sequence holds {group.capacity}: shorten the prompt, lower "
                              "max_new_tokens or raise --max_seq_length")
         need = self.worst_case_blocks(request)
-        if self.pool is not None and need > self.pool.usable:
+        if group.pool is not None and need > group.pool.usable:
             raise ValueError(f"{name} ({len(request.prompt)} tokens) + max_new_tokens "
-                             f"{request.params.max_new_tokens} needs {need} blocks of {self.pool.block_tokens} tokens"
-                             f" but the pool has {self.pool.usable}: raise --num_blocks / --kv_memory_gb, or lower "
+                             f"{request.params.max_new_tokens} needs {need} blocks of {group.pool.block_tokens} tokens"
+                             f" but the pool has {group.pool.usable}: raise --num_blocks / --kv_memory_gb, or lower "
                              "max_new_tokens")
 
     def add(self, request: Request):
-        """Queue a request that Engine.check let through."""
-        self.waiting.append(request)
+        """Queue a request that check_fits let through."""
+        self.waiting[self.group(request).name].append(request)
 
-    def promised_blocks(self) -> int:
-        """Blocks the running requests may still take."""
-        return sum(self.worst_case_blocks(r) - len(self.pool.held[row]) for row, r in self.running.items())
+    def promised_blocks(self, group: RowGroup) -> int:
+        """Blocks the group's running requests may still take."""
+        return sum(self.worst_case_blocks(r) - len(group.pool.held[group.local(row)])
+                   for row, r in self.running.items() if group.start <= row < group.stop)
 
     def admit(self) -> list[Request]:
-        """The waiting requests that start now, each given a row (in arrival order, the head first)."""
+        """The waiting requests that start now, each given a row (per group in arrival order, its head first)."""
         admitted = []
-        while self.waiting and self.free_rows:
-            request = self.waiting[0]
-            if self.pool is not None and (self.worst_case_blocks(request) >
-                                          self.pool.available - self.promised_blocks()):
-                break  # wait for blocks: a running request ends within max_new_tokens steps
-            self.waiting.popleft()
-            request.row = self.free_rows.pop(0)
-            self.running[request.row] = request
-            admitted.append(request)
+        for name, waiting in self.waiting.items():
+            group, free = self.groups[name], self.free_rows[name]
+            while waiting and free:
+                request = waiting[0]
+                if group.pool is not None and (self.worst_case_blocks(request) >
+                                               group.pool.available - self.promised_blocks(group)):
+                    break  # wait for blocks: a running request ends within max_new_tokens steps
+                waiting.popleft()
+                request.row = free.pop(0)
+                self.running[request.row] = request
+                admitted.append(request)
         self.peak_running = max(self.peak_running, len(self.running))
         return admitted
 
     def reserve_decode(self):
         """Before a decode step: the blocks of every running request's next token."""
-        if self.pool is not None:
-            for row, request in self.running.items():
-                self.pool.reserve(row, request.position + 1)
+        for row, request in self.running.items():
+            group = self.group(request)
+            if group.pool is not None:
+                group.pool.reserve(group.local(row), request.position + 1)
 
     def finish(self, request: Request, reason: str):
         """Request ended: its row is free again (the engine resets the row's cache, which returns its blocks)."""
         request.finish_reason = reason
         if request.row is not None and self.running.get(request.row) is request:
             del self.running[request.row]
-            self.free_rows.append(request.row)
+            self.free_rows[self.group(request).name].append(request.row)
 
     def find(self, request_id: int) -> Request:
-        for request in [*self.waiting, *self.running.values()]:
+        for request in [*self.running.values(), *(r for w in self.waiting.values() for r in w)]:
             if request.id == request_id:
                 return request
         return None
 
     def remove_waiting(self, request: Request):
-        self.waiting.remove(request)
+        self.waiting[self.group(request).name].remove(request)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.running) or any(self.waiting.values())

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from kv_cache.paging import PageSpace, round_up
+from kv_cache.paging import PageSpace, RowGroup, round_up
 from kv_cache.stores import DenseStore
 from model import apply_rope
 
@@ -211,6 +211,10 @@ class KVCache(nn.Module):
             return out, torch.cat([probs[..., :n_read], unread, probs[..., n_read:]], dim=2)
         return attend(q, torch.cat([hi_k, k_mid], dim=2), torch.cat([hi_v, v_mid], dim=2),
                       torch.cat([keep, mid_keep], dim=1).view(B, 1, 1, -1))
+
+    def row_groups(self) -> list[RowGroup]:
+        """The batch's rows by KV configuration: here one group of every row (kv_cache/mixed.py holds several)."""
+        return [RowGroup(self.name, 0, self.batch_size, self.pool, self.capacity(self.opts, self.max_seq_length))]
 
     def nbytes(self) -> int:
         """Bytes really allocated for this layer's cache: every buffer its stores hold (scales, zero-points and slot

@@ -61,6 +61,20 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+@dataclass(frozen=True)
+class RowGroup:
+    """Rows start..stop-1 of a batch that share one KV configuration: their pool (None: contiguous; its rows are
+    numbered from 0 at start) and the tokens a row holds (None: it streams without end)."""
+    name: str
+    start: int
+    stop: int
+    pool: "BlockPool" = None
+    capacity: int = None
+
+    def local(self, row: int) -> int:
+        return row - self.start
+
+
 class PoolExhausted(RuntimeError):
     pass
 
@@ -145,6 +159,10 @@ class BlockPool:
         for i in range(n_blocks):
             key = hashlib.sha256(key + repr(tokens[i * bt:(i + 1) * bt]).encode()).digest()
             yield key
+
+    def sharable(self, row: int) -> bool:
+        """Whether sequence `row`'s prompt blocks can be shared (the same for every row of one pool)."""
+        return self.space.sharable
 
     def share_prefix(self, row: int, tokens: list[int]) -> int:
         """Map the first blocks of sequence `row` (holding nothing yet) onto blocks that already hold the same

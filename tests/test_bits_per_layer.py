@@ -17,7 +17,6 @@ import torch
 import engine
 import memory
 import runner
-import generate
 import kv_cache
 from kv_cache.quantize_kv import layer_bits
 from model import ModelArgs, Transformer, apply_rope, rope_tables
@@ -295,13 +294,13 @@ def test_paged_per_layer_equals_contiguous(block_size, key_rope):
     results = []
     for paged in (None, block_size):
         pool = runner.setup_cache(model, "quantize_kv", options, 4, MAX_SEQ_LENGTH, quiet=True, block_size=paged)
-        recorder = Recorder()
+        recorder = Recorder(pool)
         out = engine.generate_batch(model, prompts(), NEW_TOKENS, prefill_chunk=CHUNK, decode_fn=recorder)
-        results.append((out["tokens"], torch.stack(recorder.logits), pool))
-    (want, want_logits, _), (got, got_logits, pool) = results
+        results.append((out["tokens"], torch.stack(recorder.logits), pool, recorder.held))
+    (want, want_logits, *_), (got, got_logits, pool, held) = results
     assert torch.equal(got, want)
     assert torch.equal(got_logits, want_logits)
     pool.check()
     for row, ids in enumerate(prompts()):
         stored = len(ids) + NEW_TOKENS - 1  # the last new token is sampled, never written
-        assert len(pool.held[row]) == -(-max(0, stored - 4 - 8) // pool.block_tokens)  # int8: every token
+        assert held[row] == -(-max(0, stored - 4 - 8) // pool.block_tokens)  # int8: every token

@@ -327,15 +327,41 @@ def test_profile_report_comes_after_the_text(runs):
 # ---- in-process: sampling, memory arithmetic, the compile warm-up -------------------------------------------
 
 
+def sampling(rows, temperature=1.0, top_k=0, top_p=1.0, seeds=None):
+    seeds = range(rows) if seeds is None else seeds
+    return runner.Sampling.of([(temperature, top_k, top_p, seed) for seed in seeds], "cpu")
+
+
 def test_each_row_draws_its_own_sample():
-    torch.manual_seed(0)
     logits = torch.zeros(3, 1000)  # the same uniform distribution in every row
-    draws = torch.cat([runner.sample(logits, 1.0, None) for _ in range(4)], dim=1)
+    draws = torch.cat([runner.sample(logits, sampling(3), torch.full((3, 1), pos)) for pos in range(4)], dim=1)
     assert len({tuple(row) for row in draws.tolist()}) == 3
-    assert runner.sample(logits, 1.0, 0).shape == (3, 1)  # top_k 0: no top-k, every token can be drawn
+    assert runner.sample(logits, sampling(3, top_k=0), torch.zeros(3, 1)).shape == (3, 1)  # top_k 0: every token
     peaked = torch.full((2, 10), -10.0)
     peaked[:, 3] = 10.0
-    assert runner.sample(peaked, 0.8, 0).tolist() == [[3], [3]]
+    assert runner.sample(peaked, sampling(2, 0.8), torch.zeros(2, 1)).tolist() == [[3], [3]]
+
+
+def test_sampling_follows_the_distribution_and_its_limits():
+    """Draws at 4000 positions of one row: frequencies within 3 sigma of softmax(logits / T); top_k and top_p keep
+    exactly the tokens they name; a (seed, position) always draws the same token, whatever shares the batch."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    n = 4000
+    positions = torch.arange(n)[:, None]
+
+    def draws(**kw):
+        return runner.sample(logits.expand(n, -1), sampling(n, seeds=[7] * n, **kw), positions)[:, 0]
+
+    counts = torch.bincount(draws(), minlength=4).double()
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+    assert ((counts - n * p).abs() <= 3 * (n * p * (1 - p)).sqrt()).all(), counts
+    assert set(draws(top_k=2).tolist()) == {0, 1}
+    assert set(draws(top_p=0.7).tolist()) == {0, 1}  # 0.5 < 0.7: the second token is needed, the third is not
+    sharp = torch.softmax(logits / 0.5, -1)[0].double()
+    counts = torch.bincount(draws(temperature=0.5), minlength=4).double()
+    assert ((counts - n * sharp).abs() <= 3 * (n * sharp * (1 - sharp)).sqrt()).all(), counts
+    alone = runner.sample(logits, sampling(1, seeds=[7]), torch.tensor([[123]]))
+    assert draws()[123] == alone[0, 0]
 
 
 def test_cache_bytes_is_what_the_caches_allocate():
