@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from atomic import AtomicDir, clean_stale  # noqa: F401 (clean_stale: for the scripts)
-from model import ModelArgs, rope_inv_freq
+from model import ModelArgs, Transformer, rope_inv_freq
 from weight_quant import WEIGHT_QUANTIZATION_FILE, import_torchao, weight_quantization  # noqa: F401 (re-exported)
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -170,6 +170,7 @@ def load_pth(path: Path, dtype=None, shard=None) -> tuple[ModelArgs, dict]:
     if not isinstance(state_dict, dict) or "tok_embeddings.weight" not in state_dict:
         raise ValueError(f"{path} is not a model.pth written by this repo's converters — convert the checkpoint "
                          "with scripts/convert_hf_checkpoint.py")
+    check_shapes(args, state_dict, path, "model_args.json")
     pieces = shard(args) if shard else {}
     return args, {k: take_piece(v, pieces.get(k), dtype) for k, v in state_dict.items()}
 
@@ -195,6 +196,45 @@ def stop_on_sigterm():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple]:
+    """{name: shape} of every tensor a checkpoint of `args` holds: model.py's own parameters (built on the meta
+    device, nothing allocated)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def check_shapes(args: ModelArgs, state_dict: dict, path, config_name: str):
+    """Raise a one-line ValueError naming the first tensor of state_dict that the config (`config_name`, which gave
+    `args`) does not describe (missing, extra or of another shape) and the likely cause, instead of
+    load_state_dict's page of size mismatches. Shapes only: nothing is read from a memory-mapped tensor."""
+    expected = expected_shapes(args)
+    fix = (f"{config_name} does not belong to these weights (copied from another model, or the weights replaced "
+           "without it) — convert the checkpoint again")
+    layers = {int(name.split(".")[1]) for name in state_dict if name.startswith("layers.") and
+              name.split(".")[1].isdigit()}
+    if layers and len(layers) != args.n_layer:
+        raise ValueError(f"{path} holds {len(layers)} layers but {config_name} says n_layer={args.n_layer}: {fix}")
+    if ("output.weight" in state_dict) == args.tie_word_embeddings:
+        has = "holds an output.weight" if "output.weight" in state_dict else "has no output.weight"
+        raise ValueError(f"{path} {has} but {config_name} says tie_word_embeddings={args.tie_word_embeddings}: {fix}")
+    sizes = (f"dim={args.dim}, n_head={args.n_head}, n_kv_head={args.n_kv_head}, head_dim={args.head_dim}, "
+             f"intermediate_size={args.intermediate_size}, vocab_size={args.vocab_size}")
+    for name, t in state_dict.items():
+        if name not in expected:
+            raise ValueError(f"{path} holds a tensor {name!r} that model.py has no place for: not a Llama checkpoint "
+                             f"of this layout, or {fix}")
+        shape = tuple(getattr(t, "shape", ()))
+        if shape != expected[name]:
+            raise ValueError(f"{path}: tensor {name} has shape {list(shape)} but {config_name} ({sizes}) gives "
+                             f"{list(expected[name])}: {fix}")
+    missing = [name for name in expected if name not in state_dict]
+    if missing:
+        raise ValueError(f"{path} has no tensor {missing[0]!r}"
+                         + (f" (nor {len(missing) - 1} other(s))" if len(missing) > 1 else "")
+                         + " — the file is incomplete or not a Llama checkpoint: convert the checkpoint again")
 
 
 def check_replaceable(out_dir: Path, force: bool):

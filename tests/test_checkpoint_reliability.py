@@ -178,3 +178,51 @@ def test_chat_template_only_in_chat_template_jinja_survives_conversion(tmp_path)
                "--max_new_tokens", "2", "--device", "cpu")
     assert chat.returncode == 0, chat.stderr
     assert f"prompt tokens: {len(tokenizer.encode(rendered))}," in chat.stdout, chat.stdout
+
+
+# ---- a model_args.json that does not match its model.pth ---------------------------------------------------
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+import torch  # noqa: E402
+
+from checkpoint import default_checkpoint_path, write_checkpoint  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
+
+TINY = ModelArgs(vocab_size=49152, dim=64, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=128, head_dim=16,
+                 max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def random_model(args: ModelArgs, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(args)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(1.0 + 0.1 * torch.randn_like(p)) if p.ndim == 1 else p.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def with_smollm2_tokenizer(folder: Path) -> Path:
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(default_checkpoint_path().parent / name, folder / name)
+    return folder / "model.pth"
+
+
+@pytest.mark.parametrize("change, needles", [
+    ({"n_kv_head": 4}, ["layers.0.attention.wqkv.weight", "[128, 64]", "[192, 64]", "n_kv_head=4"]),
+    ({"intermediate_size": 256}, ["layers.0.feed_forward.w1.weight", "intermediate_size=256"]),
+    ({"n_layer": 3}, ["holds 2 layers", "n_layer=3"]),
+    ({"tie_word_embeddings": True}, ["holds an output.weight", "tie_word_embeddings=True"]),
+])
+def test_model_args_that_do_not_match_the_weights_are_one_line(change, needles, tmp_path):
+    folder = tmp_path / "tiny"
+    write_checkpoint(folder, TINY, random_model(TINY).state_dict())
+    model_path = with_smollm2_tokenizer(folder)
+    args = json.loads((folder / "model_args.json").read_text())
+    (folder / "model_args.json").write_text(json.dumps({**args, **change}))
+    before = snapshot(folder)
+    result = run("generate.py", "--checkpoint_path", model_path, "--prompt", "Hi", "--max_new_tokens", "2",
+                 "--device", "cpu")
+    assert_one_line_error(result, str(model_path), "model_args.json does not belong to these weights", *needles)
+    assert snapshot(folder) == before
