@@ -2,10 +2,12 @@
 
   * a llama.cpp `.gguf` file (dequantized here; llama.cpp's Q/K row permutation undone),
   * a Hugging Face directory (config.json + one or sharded *.safetensors),
-  * a `model.pth` with `model_args.json` beside it, as written by write_checkpoint (the scripts/ converters).
+  * a `model.pth` with `model_args.json` beside it, as written by write_checkpoint (the scripts/ converters),
+  * gpt-fast's `model.pth` (no model_args.json; its config from the Hugging Face config.json beside it or from
+    gpt-fast's table by folder name), whose Meta-layout q/k rows are put back in Hugging Face order.
 
-Tensors come back in float32 (GGUF) or in their stored float dtype; the caller casts. A model.pth must come from
-this repo's converters: it holds HF-layout q/k rows, unlike the Meta-layout model.pth of gpt-fast's own converter.
+Tensors come back in float32 (GGUF) or in their stored float dtype; the caller casts. Every model.pth is checked
+against its config (check_shapes) before a tensor is read.
 """
 import contextlib
 import json
@@ -81,6 +83,9 @@ def load_model_args(path) -> ModelArgs:
           path.is_dir() and (path / "config.json").is_file() and
           (any(path.glob("*.safetensors")) or not (path / "model_args.json").is_file()))
     name = "config.json" if hf else "model_args.json"
+    model_file = path if path.is_file() else folder / "model.pth"
+    if not hf and not (folder / name).is_file() and model_file.is_file() and gpt_fast_config(model_file):
+        return _gpt_fast_state_dict(model_file)[1]  # (memory-mapped: only the names are looked at)
     if (folder / name).is_file():
         try:
             config = json.loads((folder / name).read_text())
@@ -152,27 +157,157 @@ def rebuild_hint(directory) -> str:
 
 def load_pth(path: Path, dtype=None, shard=None) -> tuple[ModelArgs, dict]:
     args_path = path.parent / "model_args.json"
+    if path.is_file() and not args_path.exists() and gpt_fast_config(path) is not None:
+        return load_gpt_fast(path, dtype, shard)
     # The tokenizer is not needed for the weights: tokenizer.py reports a missing one itself.
     problem = checkpoint_problem(path.parent, tokenizer=False, model_file=path.name)
     if problem:
-        raise ValueError(f"{problem}, so {path} cannot be read — {rebuild_hint(path.parent)}")
+        hint = (" (or, for a gpt-fast model.pth, put its Hugging Face config.json beside it)"
+                if path.is_file() and not args_path.exists() else "")
+        raise ValueError(f"{problem}, so {path} cannot be read — {rebuild_hint(path.parent)}{hint}")
     try:
         args = ModelArgs.from_dict(json.loads(args_path.read_text()))
     except (ValueError, TypeError) as e:
         raise ValueError(f"{args_path} is not valid model args ({_one_line(e)}) — convert the checkpoint again")
     if weight_quantization(path) is not None:  # torchao's tensor classes, registered for weights_only loading
         import_torchao()
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for a damaged file
-        raise ValueError(f"cannot read {path} ({_one_line(e)}) — the file is damaged or incomplete: "
-                         "delete it and convert/prepare the checkpoint again")
+    state_dict = _torch_load(path)
     if not isinstance(state_dict, dict) or "tok_embeddings.weight" not in state_dict:
         raise ValueError(f"{path} is not a model.pth written by this repo's converters — convert the checkpoint "
                          "with scripts/convert_hf_checkpoint.py")
     check_shapes(args, state_dict, path, "model_args.json")
     pieces = shard(args) if shard else {}
     return args, {k: take_piece(v, pieces.get(k), dtype) for k, v in state_dict.items()}
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for a damaged file
+        raise ValueError(f"cannot read {path} ({_one_line(e)}) — the file is damaged or incomplete: "
+                         "delete it and convert/prepare the checkpoint again")
+
+
+# ---- gpt-fast's model.pth ------------------------------------------------------------------------------------
+#
+# gpt-fast (github.com/pytorch-labs/gpt-fast) converts a Hugging Face folder into a model.pth written inside that
+# folder: model.py's names (tok_embeddings, layers.N.attention.wqkv = [q; k; v], attention.wo, feed_forward.w1/w2/w3,
+# attention_norm, ffn_norm, norm, output), with no config file of its own: its ModelArgs.from_name picks the
+# config by the folder's name from its transformer_configs table. Its q and k rows are in Meta's layout (its
+# convert_hf_checkpoint.py `permute`: per head, the two rotate-half halves interleaved for its complex RoPE), which
+# unpermute_rope_rows undoes, exactly as for llama.cpp. Here the config is the Hugging Face config.json beside the
+# model.pth (where gpt-fast's scripts leave it), else gpt-fast's table entry for the folder's name. A model.pth with
+# a model_args.json beside it is this repo's (HF row layout).
+
+GPT_FAST_CONFIGS = {  # gpt-fast's model.py transformer_configs, verbatim
+    "CodeLlama-7b-Python-hf": dict(block_size=16384, vocab_size=32000, n_layer=32, dim=4096, rope_base=1000000),
+    "7B": dict(n_layer=32, n_head=32, dim=4096),
+    "13B": dict(n_layer=40, n_head=40, dim=5120),
+    "30B": dict(n_layer=60, n_head=52, dim=6656),
+    "34B": dict(n_layer=48, n_head=64, dim=8192, vocab_size=32000, n_local_heads=8, intermediate_size=22016,
+                rope_base=1000000),
+    "70B": dict(n_layer=80, n_head=64, dim=8192, n_local_heads=8, intermediate_size=28672),
+    "Mistral-7B": dict(n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336, vocab_size=32000),
+    "stories15M": dict(n_layer=6, n_head=6, dim=288),
+    "stories110M": dict(n_layer=12, n_head=12, dim=768),
+    "llama-3-8b": dict(block_size=8192, n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336,
+                       vocab_size=128256, rope_base=500000),
+    "llama-3-70b": dict(block_size=8192, n_layer=80, n_head=64, n_local_heads=8, dim=8192, intermediate_size=28672,
+                        vocab_size=128256, rope_base=500000),
+    "llama-3.1-8b": dict(block_size=131072, n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336,
+                         vocab_size=128256, rope_base=500000,
+                         rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                           original_max_position_embeddings=8192)),
+    "llama-3.1-70b": dict(block_size=131072, n_layer=80, n_head=64, n_local_heads=8, dim=8192,
+                          intermediate_size=28672, vocab_size=128256, rope_base=500000,
+                          rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                            original_max_position_embeddings=8192)),
+    "llama-3.1-405b": dict(block_size=131072, n_layer=126, n_head=128, n_local_heads=8, dim=16384,
+                           intermediate_size=53248, vocab_size=128256, rope_base=500000,
+                           rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                             original_max_position_embeddings=8192)),
+}
+
+
+def gpt_fast_table_args(name: str) -> tuple[str, ModelArgs] | None:
+    """(table key, ModelArgs) as gpt-fast's ModelArgs.from_name(name) picks them: the key equal to name, else the
+    longest key contained in it (case-insensitive); None when none is. Its defaults filled in as its dataclass does
+    (vocab 32000, block_size 2048, n_local_heads = n_head, head_dim = dim / n_head, intermediate_size the multiple
+    of 256 above 8/3 dim)."""
+    if name in GPT_FAST_CONFIGS:
+        key = name
+    else:
+        keys = sorted((k for k in GPT_FAST_CONFIGS if k.lower() in name.lower()), key=len, reverse=True)
+        if not keys:
+            return None
+        if len(keys) > 1 and len(keys[0]) == len(keys[1]):
+            raise ValueError(f"the folder name {name!r} matches gpt-fast's configs {keys[0]!r} and {keys[1]!r} alike: "
+                             "put the model's Hugging Face config.json beside its model.pth")
+        key = keys[0]
+    c = GPT_FAST_CONFIGS[key]
+    dim, n_head = c.get("dim", 4096), c.get("n_head", 32)
+    hidden = int(2 * 4 * dim / 3)
+    scaling = c.get("rope_scaling")
+    return key, ModelArgs(
+        vocab_size=c.get("vocab_size", 32000), dim=dim, n_layer=c.get("n_layer", 32), n_head=n_head,
+        n_kv_head=c.get("n_local_heads", n_head),
+        intermediate_size=c.get("intermediate_size") or hidden + (-hidden) % 256, head_dim=dim // n_head,
+        norm_eps=c.get("norm_eps", 1e-5), rope_base=float(c.get("rope_base", 10000)),
+        rope_scaling={"rope_type": "llama3", **scaling} if scaling else None,
+        max_position_embeddings=c.get("block_size", 2048), tie_word_embeddings=False)
+
+
+def gpt_fast_config(path: Path) -> tuple[str, ModelArgs] | None:
+    """(where the config came from, ModelArgs) for a model.pth without model_args.json taken as gpt-fast's: the
+    Hugging Face config.json beside it, else gpt-fast's table entry for the folder's name; None when neither."""
+    config = path.parent / "config.json"
+    if config.is_file():
+        try:
+            return "config.json", hf_model_args(json.loads(config.read_text()))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"cannot read {config} ({_one_line(e)}), the config of the gpt-fast model.pth beside it "
+                             "— download the model's config.json again")
+    found = gpt_fast_table_args(path.resolve().parent.name)
+    if found is None:
+        return None
+    return f"gpt-fast's {found[0]!r} config (from the folder name)", found[1]
+
+
+def _gpt_fast_state_dict(path: Path) -> tuple[str, ModelArgs, dict]:
+    """gpt-fast's model.pth as stored (memory-mapped), its tied flag from the tensors, q/k/v fused into wqkv when
+    kept apart (gpt-fast's Attention.load_hook does the same)."""
+    source, args = gpt_fast_config(path)
+    state_dict = _torch_load(path)
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("model"), dict):  # gpt-fast's stories checkpoints
+        state_dict = state_dict["model"]
+    if not isinstance(state_dict, dict) or "tok_embeddings.weight" not in state_dict:
+        raise ValueError(f"{path} has no model_args.json beside it and is not a gpt-fast model.pth either (no "
+                         "tok_embeddings.weight) — convert the checkpoint with scripts/convert_hf_checkpoint.py")
+    quantized = next((name for name in state_dict if name.endswith((".scales", ".scales_and_zeros"))), None)
+    if quantized:
+        raise ValueError(f"{path} is a gpt-fast quantized checkpoint ({quantized}): load its float model.pth and "
+                         "quantize with --quantize")
+    for i in range(args.n_layer):
+        prefix = f"layers.{i}.attention."
+        if prefix + "wq.weight" in state_dict:
+            state_dict[prefix + "wqkv.weight"] = torch.cat([state_dict.pop(prefix + f"w{p}.weight") for p in "qkv"])
+    args.tie_word_embeddings = "output.weight" not in state_dict
+    return source, args, state_dict
+
+
+def load_gpt_fast(path: Path, dtype=None, shard=None) -> tuple[ModelArgs, dict]:
+    """A gpt-fast model.pth (see above) in model.py's layout: q and k rows back in Hugging Face order."""
+    source, args, state_dict = _gpt_fast_state_dict(path)
+    check_shapes(args, state_dict, path, source)
+    pieces = shard(args) if shard else {}
+    q_rows, kv_rows = args.n_head * args.head_dim, args.n_kv_head * args.head_dim
+    out = {}
+    for name, t in state_dict.items():
+        if name.endswith(".attention.wqkv.weight"):
+            q, k, v = t.split([q_rows, kv_rows, kv_rows])
+            t = torch.cat([unpermute_rope_rows(q, args.n_head), unpermute_rope_rows(k, args.n_kv_head), v])
+        out[name] = take_piece(t, pieces.get(name), dtype)
+    return args, out
 
 
 INTERRUPTED = ("error: interrupted: the checkpoint folder is replaced whole or not at all, and the partial copy "

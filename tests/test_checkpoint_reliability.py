@@ -226,3 +226,141 @@ def test_model_args_that_do_not_match_the_weights_are_one_line(change, needles, 
                  "--device", "cpu")
     assert_one_line_error(result, str(model_path), "model_args.json does not belong to these weights", *needles)
     assert snapshot(folder) == before
+
+
+# ---- gpt-fast's model.pth ----------------------------------------------------------------------------------
+
+import re  # noqa: E402
+
+from checkpoint import gpt_fast_table_args, load_model_args  # noqa: E402
+
+# gpt-fast's scripts/convert_hf_checkpoint.py (pytorch-labs/gpt-fast, commit 32971d3), verbatim where it matters.
+GPT_FAST_WEIGHT_MAP = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.self_attn.rotary_emb.inv_freq": None,
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+def gpt_fast_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """gpt-fast's `permute`: Hugging Face q/k rows to Meta's interleaved layout (head_dim from the rows)."""
+    head_dim, dim = w.shape[0] // n_head, w.shape[1]
+    return w.view(n_head, 2, head_dim // 2, dim).transpose(1, 2).reshape(head_dim * n_head, dim)
+
+
+def gpt_fast_convert(checkpoint_dir: Path, n_head: int, n_kv_head: int):
+    """gpt-fast's conversion of a Hugging Face folder: model.pth written inside it (its config is given here rather
+    than looked up by the folder's name)."""
+    from safetensors.torch import load_file
+    index = json.loads((checkpoint_dir / "model.safetensors.index.json").read_text())
+    merged = {}
+    for file in sorted({checkpoint_dir / name for name in index["weight_map"].values()}):
+        merged.update(load_file(str(file), device="cpu"))
+    final = {}
+    for key, value in merged.items():
+        if "layers" in key:
+            new_key = GPT_FAST_WEIGHT_MAP[re.sub(r"(\d+)", "{}", key)]
+            if new_key is None:
+                continue
+            new_key = new_key.format(re.search(r"\d+", key).group(0))
+        else:
+            new_key = GPT_FAST_WEIGHT_MAP[key]
+        final[new_key] = value
+    for key in tuple(final.keys()):
+        if "wq" in key:
+            q, k, v = final.pop(key), final.pop(key.replace("wq", "wk")), final.pop(key.replace("wq", "wv"))
+            final[key.replace("wq", "wqkv")] = torch.cat([gpt_fast_permute(q, n_head), gpt_fast_permute(k, n_kv_head),
+                                                          v])
+    torch.save(final, checkpoint_dir / "model.pth")
+
+
+def logits(args: ModelArgs, state_dict: dict, ids=(1, 5, 9, 200, 3, 77)) -> torch.Tensor:
+    from kv_cache.full import FullCache
+    model = Transformer.from_state_dict(args, state_dict, dtype=torch.float32)
+    model.setup_caches(lambda i: FullCache(1, 16, args.n_kv_head, args.head_dim, torch.float32, "cpu"), 16)
+    ids = torch.tensor([ids])
+    with torch.no_grad():
+        return model(ids, torch.arange(ids.shape[1]))
+
+
+@pytest.mark.parametrize("name", ["llama2", "llama3", "tied"])
+def test_gpt_fast_model_pth_loads_as_its_hugging_face_folder(name, tmp_path):
+    """gpt-fast's converter writes model.pth into the Hugging Face folder (config.json beside it): loaded from the
+    model.pth, the weights and logits are exactly those of the folder's safetensors."""
+    hf = tmp_path / name
+    reference = make_hf_checkpoint(name, hf)
+    gpt_fast_convert(hf, reference.config.num_attention_heads, reference.config.num_key_value_heads)
+    args, state_dict = load_checkpoint(hf / "model.pth")
+    hf_args, hf_state_dict = load_checkpoint(hf)  # the safetensors, our way
+    assert args == hf_args and load_model_args(hf / "model.pth") == hf_args
+    assert state_dict.keys() == hf_state_dict.keys()
+    for key in state_dict:
+        assert torch.equal(state_dict[key], hf_state_dict[key]), key
+    assert torch.equal(logits(args, state_dict), logits(hf_args, hf_state_dict))
+
+
+def test_gpt_fast_model_pth_by_folder_name(tmp_path):
+    """No config.json: gpt-fast's table entry for the folder's name (its ModelArgs.from_name), here stories15M;
+    the logits equal the same weights written our way."""
+    key, args = gpt_fast_table_args("stories15M")
+    assert key == "stories15M" and (args.dim, args.n_layer, args.n_head, args.intermediate_size) == (288, 6, 6, 768)
+    assert gpt_fast_table_args("llama-2-7b-chat-hf")[0] == "7B"
+    assert gpt_fast_table_args("meta-llama-3.1-8b-instruct")[0] == "llama-3.1-8b"
+    assert gpt_fast_table_args("smollm2-135m") is None
+    ours = random_model(args).to(torch.bfloat16).state_dict()
+    q_rows, kv_rows = args.n_head * args.head_dim, args.n_kv_head * args.head_dim
+    theirs = {}
+    for name, t in ours.items():
+        if name.endswith("wqkv.weight"):
+            q, k, v = t.split([q_rows, kv_rows, kv_rows])
+            t = torch.cat([gpt_fast_permute(q, args.n_head), gpt_fast_permute(k, args.n_kv_head), v])
+        theirs[name] = t.clone()
+    (tmp_path / "stories15M").mkdir()
+    torch.save(theirs, tmp_path / "stories15M" / "model.pth")
+    loaded_args, loaded = load_checkpoint(tmp_path / "stories15M" / "model.pth")
+    assert loaded_args == args and load_model_args(tmp_path / "stories15M") == args
+    for name in ours:
+        assert torch.equal(loaded[name], ours[name]), name
+    assert torch.equal(logits(loaded_args, loaded), logits(args, ours))
+
+
+def test_generate_runs_a_gpt_fast_model_pth(tmp_path):
+    """generate.py --checkpoint_path on a gpt-fast model.pth (config.json and tokenizer beside it) gives the
+    tokens of the same weights converted our way."""
+    state_dict = random_model(TINY).state_dict()
+    write_checkpoint(tmp_path / "ours", TINY, state_dict)
+    with_smollm2_tokenizer(tmp_path / "ours")
+    q_rows, kv_rows = TINY.n_head * TINY.head_dim, TINY.n_kv_head * TINY.head_dim
+    theirs = {}
+    for name, t in state_dict.items():
+        if name.endswith("wqkv.weight"):
+            q, k, v = t.split([q_rows, kv_rows, kv_rows])
+            t = torch.cat([gpt_fast_permute(q, TINY.n_head), gpt_fast_permute(k, TINY.n_kv_head), v])
+        theirs[name] = t
+    (tmp_path / "gpt-fast").mkdir()
+    torch.save(theirs, tmp_path / "gpt-fast" / "model.pth")
+    (tmp_path / "gpt-fast" / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": TINY.vocab_size, "hidden_size": TINY.dim,
+        "num_hidden_layers": TINY.n_layer, "num_attention_heads": TINY.n_head,
+        "num_key_value_heads": TINY.n_kv_head, "intermediate_size": TINY.intermediate_size,
+        "rms_norm_eps": TINY.norm_eps, "rope_theta": TINY.rope_base,
+        "max_position_embeddings": TINY.max_position_embeddings, "tie_word_embeddings": False}))
+    with_smollm2_tokenizer(tmp_path / "gpt-fast")
+    tokens = []
+    for folder in ("ours", "gpt-fast"):
+        out = tmp_path / f"{folder}.jsonl"
+        result = run("generate.py", "--checkpoint_path", tmp_path / folder / "model.pth", "--prompt",
+                     "Once upon a time,", "--max_new_tokens", "8", "--device", "cpu", "--out", out)
+        assert result.returncode == 0, result.stderr
+        tokens.append(json.loads(out.read_text())["tokens"])
+    assert tokens[0] == tokens[1]
