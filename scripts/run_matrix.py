@@ -1,20 +1,23 @@
 """Evaluate every strategy of the matrix and render a markdown table and three plots.
 
-    python scripts/run_matrix.py                      # the default CPU matrix, into outputs/matrix/
-    python scripts/run_matrix.py --list               # the entries, one per line (a Slurm array runs one each)
-    python scripts/run_matrix.py --only 0,3 --out outputs/run1 --max_tokens 2048 --max_position 0   # evaluate.py's
-    python scripts/run_matrix.py --render --out outputs/run1                        # table + plots from the JSONs
+    python -m scripts.run_matrix                      # the default CPU matrix, into outputs/matrix/
+    python -m scripts.run_matrix --list               # the entries, one per line (a Slurm array runs one each)
+    python -m scripts.run_matrix --only 0,3 --out outputs/run1 --max_tokens 2048 --max_position 0   # evaluate.py's
+    python -m scripts.run_matrix --render --out outputs/run1                        # table + plots from the JSONs
 
-The matrix: full; compress_kv 16/32; quantize_kv 16/32 at 8, 4, 2 bits and fp8; and each compressed one again with
-a larger window (--windows; 16/128 by default, 64/256 in the GPU run); then the eviction policies at --budget
-tokens (snapkv, h2o, tova, h2o with int4 storage, snapkv with int2) for each pair that leaves room in the budget. Each entry writes DIR/NN_name.json
+The matrix is scripts/presets.py's list: the entries without sinks and window (full) once; those with them
+(compress_kv; quantize_kv at 8, 4, 2 bits and fp8) at each sink/window pair of --windows (16/32 and 16/128 by
+default, 64/256 in the GPU run); then the eviction entries (snapkv, h2o, tova, h2o with int4 storage, snapkv with
+int2) at --budget tokens for each pair that leaves room in the budget. Each entry writes DIR/NN_name.json
 (evaluate.py's object); the table goes to DIR/table.md and the plots to DIR/kv_memory.png,
 DIR/perplexity_vs_position.png and DIR/retrieval_vs_length.png, every file written atomically.
 
 Run again with the same --out, it resumes: an entry whose JSON is complete and was made with the same settings (the
-JSON keeps them) is skipped, and said so; missing or stale ones are computed again. Every option, evaluate.py's
-included, is checked for every entry before any file is touched or any entry runs. A whole run (no --only) that
-completes moves the results of entries it does not have (another --windows) to DIR/superseded/.
+JSON keeps them) is skipped, and said so; missing or stale ones are computed again, and a stale result is kept in
+DIR/superseded/ (never deleted: a name taken there gets a number). Every option, evaluate.py's included, is checked
+for every entry before any file is touched or any entry runs. A whole run (no --only) that completes moves the
+results of entries it does not have (another --windows) to DIR/superseded/ too. The table marks (‡) a row made with
+other settings than its first row, and says which.
 
 RULER: evaluate.py's --ruler TASKS (or all), --ruler_lengths and --ruler_samples pass through like its other options
 (a length above the matrix's --max_position 256 needs --max_position 0 or larger); the table then has a RULER column
@@ -40,19 +43,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-REPO_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_DIR))
-from atomic import atomic_write_bytes, atomic_write_text, check_writable_file  # noqa: E402
-from cli_options import one_line_error  # noqa: E402
-from kernels.formats import FORMATS  # noqa: E402
-from scripts import evaluate  # noqa: E402
+from atomic import atomic_write_bytes, atomic_write_text, check_writable_file
+from cli_options import one_line_error
+from scripts import evaluate
+from scripts.common import command_line, fmt, list_of, markdown_table
+from scripts.presets import PRESETS
 
 # The CPU default's contexts are 256 tokens: a 64/256 cache would hold all of them, so its larger window is 16/128.
 WINDOWS = "16/32,16/128"
-# Eviction entries: (policy, --then_bits or None), at --budget tokens per sequence and KV head (half of the CPU
-# matrix's 256-token contexts by default: the GPU run passes a larger one).
-EVICTION = [("snapkv", None), ("h2o", None), ("tova", None), ("h2o", "4"), ("snapkv", "2")]
+# The eviction entries' tokens per sequence and KV head: half of the CPU matrix's 256-token contexts by default (the
+# GPU run passes a larger one).
 BUDGET = 128
+MARK = "‡"  # a row made with other settings than the table's first
 # Added to evaluate.py's own defaults for the matrix; options given on the command line come later and win.
 MATRIX_DEFAULTS = ["--stream_tokens", "512", "--max_position", "256"]
 
@@ -73,26 +75,20 @@ def sink_windows(text: str) -> list[tuple[int, int]]:
 
 
 def build_matrix(windows=WINDOWS, budget=BUDGET) -> list[tuple[str, list[str]]]:
-    """(label, strategy argv) of every entry: full, then per sink/window pair compress_kv and quantize_kv x every
-    format of kernels/formats.py; then (after them, so the earlier entries keep their numbers) per pair that leaves
-    room in --budget, the eviction policies of EVICTION."""
-    matrix = [("full", ["full"])]
-    for sink, window in sink_windows(windows):
-        sink_window = ["--sink_size", str(sink), "--window_size", str(window)]
-        matrix.append((f"compress_kv {sink}/{window}", ["compress_kv"] + sink_window))
-        for kv_format in FORMATS.values():
-            bits, name = kv_format.name, kv_format.label
-            matrix.append((f"quantize_kv {sink}/{window} {name}", ["quantize_kv"] + sink_window + ["--bits", bits]))
-    for sink, window in sink_windows(windows):
-        if sink + window >= budget:
-            continue
-        for policy, then_bits in EVICTION:
-            argv = [policy, "--sink_size", str(sink), "--window_size", str(window), "--budget", str(budget)]
-            label = f"{policy} {sink}/{window} budget {budget}"
-            if then_bits:
-                argv += ["--then_bits", then_bits]
-                label += f" then {FORMATS[then_bits].label}"
-            matrix.append((label, argv))
+    """(label, strategy argv) of every entry of scripts/presets.py: those without sinks and window once; then per
+    sink/window pair those with them; then (after them, so the earlier entries keep their numbers) per pair that
+    leaves room in --budget, those with a budget."""
+    pairs = sink_windows(windows)
+    plain = [p for p in PRESETS if not p.takes("sink_size")]
+    windowed = [p for p in PRESETS if p.takes("sink_size") and not p.takes("budget")]
+    evicting = [p for p in PRESETS if p.takes("budget")]
+    matrix = [(p.label(), [p.strategy, *p.strategy_argv()]) for p in plain]
+    for sink, window in pairs:
+        matrix += [(p.label(sink, window), [p.strategy, *p.strategy_argv(sink, window)]) for p in windowed]
+    for sink, window in pairs:
+        if sink + window < budget:
+            matrix += [(p.label(sink, window, budget), [p.strategy, *p.strategy_argv(sink, window, budget)])
+                       for p in evicting]
     return matrix
 
 
@@ -161,16 +157,34 @@ def run(jobs) -> int:
         if state == "complete":
             print(f"skipped {job['path'].name}: complete, made with the same settings")
         elif state is not None:
-            print(f"redoing {job['path'].name}: {'made with other settings' if state == 'stale' else state}")
+            print(f"redoing {job['path'].name}: {'made with other settings' if state == 'stale' else state} "
+                  f"(kept in {SUPERSEDED}/ once the new result is written)")
     if not todo:
         return 0
     for job, plan in evaluate.progress(list(zip(todo, planned)), desc="matrix", unit="strategy", leave=True):
         args = job["args"]
         result = {"label": job["label"], "index": job["index"],
                   **evaluate.evaluate(model, tokenizer, args.strategy, job["options"], args, checkpoint_path, plan)}
+        if job["path"].exists():  # the earlier result stays where it was until this one is complete
+            set_aside(job["path"])
         evaluate.write_json(result, job["path"])
         tqdm.write(evaluate.summary(result))
     return len(todo)
+
+
+SUPERSEDED = "superseded"
+
+
+def set_aside(path: Path) -> Path:
+    """Move a result to superseded/ beside it, never over one already there (a taken name gets .1, .2, ...)."""
+    folder = path.parent / SUPERSEDED
+    folder.mkdir(exist_ok=True)
+    target, n = folder / path.name, 0
+    while target.exists():
+        n += 1
+        target = folder / f"{path.stem}.{n}{path.suffix}"
+    os.replace(path, target)
+    return target
 
 
 def set_aside_others(out_dir: Path, jobs):
@@ -178,21 +192,21 @@ def set_aside_others(out_dir: Path, jobs):
     move them to DIR/superseded/ rather than delete them."""
     names = {job["path"].name for job in jobs}
     others = [p for p in sorted(out_dir.glob("[0-9][0-9]_*.json")) if p.name not in names]
+    for path in others:
+        set_aside(path)
     if others:
-        (out_dir / "superseded").mkdir(exist_ok=True)
-        for path in others:
-            os.replace(path, out_dir / "superseded" / path.name)
-        print(f"moved {len(others)} results of entries not in this matrix to {out_dir / 'superseded'}: "
+        print(f"moved {len(others)} results of entries not in this matrix to {out_dir / SUPERSEDED}: "
               + ", ".join(p.name for p in others))
 
 
 def log_command(out_dir: Path, started, argv):
-    """Append what ran, when, where and for how long to DIR/commands.txt (rewritten whole, atomically)."""
+    """Append what ran (quoted: it runs again as written), when, where and for how long to DIR/commands.txt
+    (rewritten whole, atomically)."""
     log = out_dir / "commands.txt"
     old = log.read_text() if log.exists() else ""
     atomic_write_text(log, old + f"{started:%Y-%m-%d %H:%M} on {platform.node()} ({torch.get_num_threads()} threads), "
-                                 f"{(datetime.datetime.now() - started).total_seconds():.0f} s: python "
-                                 f"scripts/run_matrix.py {' '.join(argv)}\n")
+                                 f"{(datetime.datetime.now() - started).total_seconds():.0f} s: "
+                                 f"{command_line(__spec__.name, argv)}\n")
 
 
 # ---------------------------------------------------------------- rendering
@@ -211,7 +225,7 @@ def load_results(out_dir: Path) -> list[dict]:
         if isinstance(result, dict) and "strategy" in result and "kv_bytes" in result:
             results.append(result)
     if not results:
-        raise ValueError(f"no evaluation JSON in {out_dir}: run scripts/run_matrix.py --out {out_dir} first")
+        raise ValueError(f"no evaluation JSON in {out_dir}: run python -m scripts.run_matrix --out {out_dir} first")
     return sorted(results, key=lambda r: r.get("index", len(results)))
 
 
@@ -219,8 +233,27 @@ def label(r: dict) -> str:
     return r.get("label") or evaluate.describe(r["strategy"], r["options"])
 
 
-def fmt(value, spec, default="–"):
-    return default if value is None else format(value, spec)
+def num(value, spec, unit=1):
+    return fmt(value, spec, unit, empty="–")
+
+
+def other_settings(results: list[dict]) -> dict[int, str]:
+    """{row: what differs} for the rows made with other settings than the first row's (their own strategy and
+    options apart), e.g. "max_tokens 16 (first row: 24)". Rows that predate recorded settings are not compared."""
+    reference = results[0].get("settings")
+    if reference is None:
+        return {}
+    ignore = ("strategy", "options")
+    differ = {}
+    for i, r in enumerate(results[1:], 1):
+        settings = r.get("settings")
+        if settings is None:
+            continue
+        keys = sorted((set(settings) | set(reference)) - set(ignore))
+        changed = [k for k in keys if settings.get(k) != reference.get(k)]
+        if changed:
+            differ[i] = ", ".join(f"{k} {settings.get(k)} (first row: {reference.get(k)})" for k in changed)
+    return differ
 
 
 def ruler_columns(results: list[dict], by_task: bool) -> tuple[list[str], list]:
@@ -235,7 +268,7 @@ def ruler_columns(results: list[dict], by_task: bool) -> tuple[list[str], list]:
         by_task_scores = r.get("ruler") or {}
         means = [sum(by_task_scores[t].values()) / len(by_task_scores[t]) if t in by_task_scores else None
                  for t in tasks]
-        return [fmt(r.get("ruler_mean"), ".1f")] + [fmt(m, ".1f") for m in means]
+        return [num(r.get("ruler_mean"), ".1f")] + [num(m, ".1f") for m in means]
 
     return ["RULER"] + [f"RULER {task}" for task in tasks], cells
 
@@ -254,6 +287,7 @@ def render_table(results: list[dict], ruler_by_task: bool = False) -> str:
     full = next((r for r in results if r["strategy"] == "full"), None)
     first = results[0]
     ruler_headers, ruler_cells = ruler_columns(results, ruler_by_task)
+    differ = other_settings(results)
     # The run's contexts are short; the memory a cache saves shows at the model's whole context (the memory curve's end).
     long_tokens = max(n for n, _ in first["kv_bytes_by_tokens"])
     full_long = full and dict(full["kv_bytes_by_tokens"]).get(long_tokens)
@@ -263,25 +297,26 @@ def render_table(results: list[dict], ruler_by_task: bool = False) -> str:
         f"{len(first.get('continuations', []))} greedy continuations; retrieval over "
         f"{len(first.get('retrieval_samples', []))} prompts (lengths {sorted({s['length'] for s in first.get('retrieval_samples', [])})}); "
         f"prompts fed {first['prefill_chunk']} tokens at a time; KV bytes for {first['kv_tokens']} tokens."
-        + ruler_line(results),
+        + ruler_line(results)
+        + (f" Rows marked {MARK} were made with other settings (below): not comparable as they stand." if differ else ""),
         "",
-        "| Strategy | Perplexity | vs full | ROUGE-L | ROUGE-L vs full | Retrieval | "
-        + "".join(f"{h} | " for h in ruler_headers)
-        + f"Tokens/s | KV MiB | × full | KV MiB at {long_tokens} | × full |",
-        "|---|---|---|---|---|---|" + "---|" * len(ruler_headers) + "---|---|---|---|---|",
     ]
-    for r in results:
+    headers = ["Strategy", "Perplexity", "vs full", "ROUGE-L", "ROUGE-L vs full", "Retrieval", *ruler_headers,
+               "Tokens/s", "KV MiB", "× full", f"KV MiB at {long_tokens}", "× full"]
+    rows = []
+    for i, r in enumerate(results):
         long_bytes = dict(r["kv_bytes_by_tokens"]).get(long_tokens)
         long_ratio = long_bytes / full_long if long_bytes and full_long else None
         change = "–"
         if full and r["perplexity"] is not None and full["perplexity"] is not None:
             delta = r["perplexity"] - full["perplexity"]
             change = f"{delta:+.2f} ({100 * delta / full['perplexity']:+.1f}%)"
-        lines.append(f"| {label(r)} | {fmt(r['perplexity'], '.2f')} | {change} | {fmt(r['rouge_l'], '.4f')} | "
-                     f"{fmt(r['rouge_l_vs_full'], '.4f')} | {fmt(r['retrieval_accuracy'], '.2f')} | "
-                     + "".join(f"{cell} | " for cell in ruler_cells(r)) +
-                     f"{fmt(r['tokens_per_s'], '.2f')} | {r['kv_bytes'] / 2**20:.2f} | {r['kv_ratio']:.3f} | "
-                     f"{fmt(long_bytes and long_bytes / 2**20, '.1f')} | {fmt(long_ratio, '.3f')} |")
+        rows.append([label(r) + (f" {MARK}" if i in differ else ""), num(r["perplexity"], ".2f"), change,
+                     num(r["rouge_l"], ".4f"), num(r["rouge_l_vs_full"], ".4f"), num(r["retrieval_accuracy"], ".2f"),
+                     *ruler_cells(r), num(r["tokens_per_s"], ".2f"), f"{r['kv_bytes'] / 2**20:.2f}",
+                     f"{r['kv_ratio']:.3f}", num(long_bytes, ".1f", 2**20), num(long_ratio, ".3f")])
+    lines += markdown_table(headers, rows)
+    lines += [f"{MARK} {label(results[i])}: {what}" for i, what in differ.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -371,11 +406,11 @@ def render(out_dir: Path, ruler_by_task: bool = False) -> str:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)  # a prefix of an evaluate.py option must pass through
+    parser = argparse.ArgumentParser(prog="python -m scripts.run_matrix", description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # a prefix of an evaluate.py option must pass through
     parser.error = one_line_error
     parser.add_argument("--out", type=Path, default=evaluate.OUTPUTS / "matrix", help="folder for JSON, table, plots")
-    parser.add_argument("--only", type=evaluate.int_list, default=None, help="comma-separated entry indices (--list)")
+    parser.add_argument("--only", type=list_of(int, "entry indices (e.g. 0,3)"), default=None, help="comma-separated entry indices (--list)")
     parser.add_argument("--windows", default=WINDOWS,
                         help=f"sink/window pairs of the compressed entries (default {WINDOWS}; the GPU run: 16/32,64/256)")
     parser.add_argument("--budget", type=int, default=BUDGET,

@@ -2,8 +2,6 @@
 advance, and it decodes the same tokens into the same cache contents as eager PyTorch. Plus the decode benchmark's
 CPU smoke run. A tiny random float32 model on the CPU (inductor builds C++ there; CUDA graphs are skipped)."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +14,8 @@ import engine
 import generate
 from model import ModelArgs, Transformer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import bench_decode  # noqa: E402
+from cli_options import parse_strategy_options, strategy_parser
+from scripts import bench_decode
 
 ARGS = ModelArgs(vocab_size=256, dim=128, n_layer=2, n_head=2, n_kv_head=1, intermediate_size=256, head_dim=64)
 SINK_WINDOW = dict(sink_size=4, window_size=8)
@@ -36,7 +34,7 @@ CASES = {
 # The fused Triton decode attention (--attn_impl triton, a custom op under torch.compile) on its richest input,
 # quantize_kv's packed KIVI store; Triton's CPU interpreter is slow, so the full cache's (hi store only) is left to
 # tests/test_kernels.py.
-_impl = next((a for a in bench_decode.strategy_parser("quantize_kv")._actions if a.dest == "attn_impl"), None)
+_impl = next((a for a in strategy_parser("quantize_kv")._actions if a.dest == "attn_impl"), None)
 if _impl is not None and "triton" in (_impl.choices or ()):
     CASES["quantize_kv-int4-triton"] = ("quantize_kv", dict(SINK_WINDOW, bits="4", group_size=16, attn_impl="triton"))
 PROMPT_LEN, NEW_TOKENS, MAX_SEQ_LENGTH = 20, 14, 48
@@ -62,7 +60,7 @@ def prompt():
 def options(name):
     strategy, opts = CASES[name]
     # attn_impl and any other option keep the strategy's own default
-    return strategy, {**bench_decode.strategy_options(strategy, []), **opts}
+    return strategy, {**parse_strategy_options(strategy, []), **opts}
 
 
 def run(model, name, decode_fn):

@@ -6,9 +6,11 @@ finished. A retrieval length is what it says. Progress in a log (stderr not a te
 The command-line behaviours run as real subprocesses on the embedded model with the smallest settings.
 """
 import argparse
+import datetime
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -19,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from checkpoint import default_checkpoint_path
-from scripts import corpus, evaluate, run_matrix
+from scripts import evaluate, run_matrix
+from scripts.data import corpus
 from scripts.prepare_checkpoint import smollm2_gguf_path
 from tokenizer import load_tokenizer
 
@@ -43,7 +46,7 @@ def tiny():
 
 
 def cli(script, *argv, timeout=300, env=None):
-    return subprocess.run([sys.executable, str(REPO / "scripts" / script), *map(str, argv)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", f"scripts.{script.removesuffix('.py')}", *map(str, argv)], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -126,7 +129,7 @@ def assert_complete(path: Path):
 
 def test_killed_matrix_resumes_and_keeps_finished_entries(tmp_path, capsys):
     out = tmp_path / "matrix"
-    command = [sys.executable, str(REPO / "scripts" / "run_matrix.py"), "--out", str(out), "--only", "0,1", *tiny()]
+    command = [sys.executable, "-m", "scripts.run_matrix", "--out", str(out), "--only", "0,1", *tiny()]
     first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 150
     while not (out / "00_full.json").exists():  # the first entry is done: kill the run during the second
@@ -177,6 +180,65 @@ def test_whole_run_sets_aside_results_of_other_entries(tmp_path):
     run_matrix.set_aside_others(tmp_path, jobs)
     assert (tmp_path / "00_full.json").exists() and not (tmp_path / "14_quantize_kv_64-256_fp8.json").exists()
     assert (tmp_path / "superseded" / "14_quantize_kv_64-256_fp8.json").read_text() == '{"earlier": 1}'
+
+
+def test_a_stale_result_is_kept_in_superseded(tmp_path, monkeypatch):
+    """Issue 22 item 2: an entry redone with other settings replaces its result only once the new one is complete,
+    and the old one is kept in DIR/superseded/ (a name already taken there gets a number): nothing is deleted."""
+    [job] = run_matrix.make_jobs(run_matrix.build_matrix(), [0], tmp_path, tiny())
+    path = job["path"]
+    (tmp_path / "superseded").mkdir()
+    (tmp_path / "superseded" / path.name).write_text('{"older": 1}')
+    path.write_text(json.dumps({"strategy": "full", "seconds": 1, "settings": {"seed": 0}}))  # stale
+    monkeypatch.setattr(evaluate, "load", lambda args: (None, None, "checkpoint"))
+    monkeypatch.setattr(evaluate, "prepare", lambda tokenizer, args: {})
+    monkeypatch.setattr(evaluate, "plan", lambda *args: {})
+    monkeypatch.setattr(evaluate, "evaluate", lambda *args: {"strategy": "full", "seconds": 2, "new": True})
+    monkeypatch.setattr(evaluate, "summary", lambda result: "summary")
+    assert run_matrix.run([job]) == 1
+    assert json.loads(path.read_text())["new"]
+    assert json.loads((tmp_path / "superseded" / path.name).read_text()) == {"older": 1}
+    assert json.loads((tmp_path / "superseded" / f"{path.stem}.1.json").read_text())["settings"] == {"seed": 0}
+
+
+def test_rows_made_with_other_settings_are_marked():
+    """Issue 22 item 2: the table never compares rows made with other settings without saying so."""
+    base = dict(strategy="full", options={}, device="cpu", dtype="float32", checkpoint="c", data="d", tokens=24,
+                chunk_size=1, prefill_chunk=32, kv_tokens=24, kv_bytes=2**20, kv_ratio=1.0,
+                kv_bytes_by_tokens=[[24, 2**20]], perplexity=10.0, rouge_l=None, rouge_l_vs_full=None,
+                retrieval_accuracy=None, tokens_per_s=None)
+    full = dict(base, label="full", settings={"strategy": "full", "options": {}, "max_tokens": 24, "seed": 1})
+    other = dict(base, strategy="compress_kv", label="compress_kv 16/32",
+                 settings={"strategy": "compress_kv", "options": {"sink_size": 16}, "max_tokens": 16, "seed": 1})
+    same = dict(base, strategy="quantize_kv", label="quantize_kv 16/32 int8",
+                settings={"strategy": "quantize_kv", "options": {"bits": "8"}, "max_tokens": 24, "seed": 1})
+    table = run_matrix.render_table([full, other, same])
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 3 and rows[1].startswith("| compress_kv 16/32 ‡ |")
+    assert "‡" not in rows[0] + rows[2]
+    assert "‡ compress_kv 16/32: max_tokens 16 (first row: 24)" in table and "not comparable" in table
+
+
+def test_commands_txt_runs_again_as_written(tmp_path):
+    """Issue 22 item 15: every argument quoted (an empty one, one with a space), so the line runs as written."""
+    argv = ["--out", str(tmp_path / "my run"), "--retrieval_lengths", "", "--max_tokens", "8"]
+    run_matrix.log_command(tmp_path, datetime.datetime.now(), argv)
+    command = (tmp_path / "commands.txt").read_text().splitlines()[-1].split(" s: ", 1)[1]
+    assert shlex.split(command) == ["python", "-m", "scripts.run_matrix", *argv]
+
+
+def test_kv_bytes_are_those_of_the_run_s_first_part():
+    """Issue 22 item 14: a RULER-only run reports the KV bytes of its RULER length, not of the disabled ROUGE-L
+    defaults; each part in turn decides when the ones before it are off."""
+    def tokens(*argv):
+        args, _ = evaluate.parse(["--device", "cpu", *argv])
+        return evaluate.run_tokens(args)
+
+    assert tokens("--max_tokens", "64") == 64
+    assert tokens("--max_tokens", "0") == 160 + 48  # a ROUGE-L prompt and its continuation
+    assert tokens("--max_tokens", "0", "--rouge_prompts", "0", "--retrieval_lengths", "100,300") == 300
+    assert tokens("--max_tokens", "0", "--rouge_prompts", "0", "--retrieval_lengths", "", "--ruler", "vt",
+                  "--ruler_lengths", "1k,512") == 1024
 
 
 # ---------------------------------------------------------------- evaluate.py

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from checkpoint import default_checkpoint_path
 from runner import setup_cache
-from scripts import corpus, evaluate, run_matrix
+from scripts import evaluate, run_matrix
+from scripts.data import corpus
 from scripts.prepare_checkpoint import smollm2_gguf_path
 
 TOKENS = 32

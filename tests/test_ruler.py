@@ -1,4 +1,4 @@
-"""scripts/ruler.py and evaluate.py --ruler: RULER from the nvidia-long-context-eval package's own generators and
+"""scripts/data/ruler.py and evaluate.py --ruler: RULER from the nvidia-long-context-eval package's own generators and
 scoring, with the embedded SmolLM2 tokenizer and model, at the smallest lengths each task family fits.
 
 The generators fit each sample to the length with the evaluated model's tokenizer, one search step below it at
@@ -16,7 +16,8 @@ from long_context_eval.eval.synthetic.constants import (string_match_all, string
                                                         string_match_part, string_match_part_per_sample)
 
 from checkpoint import default_checkpoint_path
-from scripts import evaluate, ruler, run_matrix
+from scripts import evaluate, run_matrix
+from scripts.data import ruler
 from tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -125,6 +126,7 @@ def test_evaluate_writes_ruler_scores(model_and_tokenizer, checkpoint, tmp_path,
     assert set(result["ruler"]) == {"fwe"} and set(result["ruler"]["fwe"]) == {"256"}
     score = result["ruler"]["fwe"]["256"]
     assert 0 <= score <= 100 and result["ruler_mean"] == score and result["ruler_template"] == "chat"
+    assert result["kv_tokens"] == 256  # the KV bytes of this RULER-only run's length (issue 22 item 14)
     [sample] = result["ruler_samples"]
     assert sample["tokens"] + 50 <= 256 and len(sample["outputs"]) == 3
     assert sample["score"] == pytest.approx(score, abs=0.01)  # the mean is rounded to 2 decimals, a sample's not
@@ -146,7 +148,7 @@ def test_evaluate_writes_ruler_scores(model_and_tokenizer, checkpoint, tmp_path,
 
 
 def cli(*argv):
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate.py"), *map(str, argv)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "scripts.evaluate", *map(str, argv)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -188,3 +190,14 @@ def test_matrix_passes_ruler_options_and_does_not_resume_other_ones(tmp_path):
     assert not any(key.startswith("ruler") for key in settings_of(no_ruler))
     all_tasks = run_matrix.make_jobs(matrix, [0], tmp_path, ["--ruler", "all"])[0]["args"].ruler
     assert all_tasks == ruler.task_names() and len(all_tasks) == 13
+
+
+@pytest.mark.parametrize("command", [["-m", "scripts.data.ruler"], ["-m", "scripts.data.corpus"],
+                                     ["scripts/data/ruler.py"]])
+def test_the_data_libraries_are_not_commands(command):
+    """Issue 22 item 17: run as a command with --help, a library says what it is and which command to run instead
+    (it printed nothing and exited 0)."""
+    proc = subprocess.run([sys.executable, *command, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("error: scripts/data/") and "is a library" in line and "python -m scripts.evaluate" in line

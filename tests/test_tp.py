@@ -23,8 +23,6 @@ import pytest
 import torch
 
 REPO_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_DIR / "scripts"))
-import bench_decode  # noqa: E402
 import engine
 import memory
 import runner
@@ -33,6 +31,8 @@ import kv_cache  # noqa: E402
 import tp  # noqa: E402
 import weight_quant  # noqa: E402
 from checkpoint import default_checkpoint_path, load_checkpoint, take_piece  # noqa: E402
+from cli_options import parse_strategy_options, strategy_parser  # noqa: E402
+from shapes import SHAPES  # noqa: E402
 
 SMALL = dict(sink_size=2, window_size=4)  # with the prompts below, every compressing cache evicts or quantizes
 CASES = {  # name -> (strategy, command-line options, paged, compiled)
@@ -45,7 +45,7 @@ CASES = {  # name -> (strategy, command-line options, paged, compiled)
 RANDOM_CASES = dict(CASES)  # the random models run every registered strategy, small enough to act here
 for _name in kv_cache.STRATEGIES:
     if _name not in {case[0] for case in CASES.values()}:
-        _flags = {a.dest for a in bench_decode.strategy_parser(_name)._actions}
+        _flags = {a.dest for a in strategy_parser(_name)._actions}
         RANDOM_CASES[_name] = (_name, [f"--{k}={v}" for k, v in dict(SMALL, budget=10).items() if k in _flags],
                                False, False)
 RANDOM_CASES.update({
@@ -71,7 +71,7 @@ def run_case(model, case: tuple, compiled: bool) -> dict:
     """Greedy tokens of one case, the logits of every decode step, and the KV bytes this process's caches
     allocate."""
     strategy, argv, paged, _ = case
-    options = bench_decode.strategy_options(strategy, argv)
+    options = parse_strategy_options(strategy, argv)
     runner.setup_cache(model, strategy, options, 1, PROMPT_LEN + NEW_TOKENS, quiet=True,
                          block_size=BLOCK_SIZE if paged else None)
 
@@ -278,10 +278,10 @@ def test_int8_weights_quantized_after_sharding(two_ranks, random_checkpoints):
 
 
 def test_head_counts_that_do_not_split_are_one_line_errors():
-    smollm2 = bench_decode.SHAPES["smollm2-135m"]
+    smollm2 = SHAPES["smollm2-135m"]
     with pytest.raises(ValueError, match=r"9 query heads do not split evenly over 2 ranks: use 3 ranks$"):
         tp.shard_args(smollm2, 2)
-    llama3 = bench_decode.SHAPES["llama3-8b"]
+    llama3 = SHAPES["llama3-8b"]
     assert tp.shard_args(llama3, 8).n_kv_head == 1
     with pytest.raises(ValueError, match=r"16 ranks but the model has 8 KV heads: use 2 or 4 or 8 ranks, or "
                                          r"--replicate_kv_heads with 16 or 32 ranks"):

@@ -23,7 +23,8 @@ import runner
 import generate
 import kv_cache
 import weight_quant
-from scripts import corpus, evaluate, prepare_checkpoint
+from scripts import evaluate, prepare_checkpoint
+from scripts.data import corpus
 from tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,7 +11,7 @@ fi
 source scripts/slurm/env.sh
 # $EVAL_ARGS is word-split on purpose (a list of options): --windows there sets the number of entries, and --list
 # checks every option now, not on the GPU node.
-entries=$($PYTHON scripts/run_matrix.py --list $EVAL_ARGS | wc -l)
+entries=$($PYTHON -m scripts.run_matrix --list $EVAL_ARGS | wc -l)
 mkdir -p outputs  # Slurm does not create the folder of --output: without it a job fails without a log
 job=$(sbatch --parsable --array=0-$((entries - 1)) "$@" scripts/slurm/matrix.sbatch)
 job=${job%%;*}  # --parsable prints "id;cluster" on multi-cluster set-ups

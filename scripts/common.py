@@ -1,0 +1,189 @@
+"""What the scripts share: the run header (date, device, versions, commit, command), timing on the device, cleanup
+between rows, the copy bandwidth, one number formatter, one markdown table writer and one list parser."""
+import argparse
+import datetime
+import gc
+import importlib.metadata
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from runner import synchronize
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+# Where results go unless a folder is given: ignored by git (.gitignore: /outputs/*). Results are kept under
+# outputs/results/ by choice, with --out.
+LOCAL_OUT = REPO_DIR / "outputs" / "local"
+MiB, GiB = 2**20, 2**30
+
+
+# ---------------------------------------------------------------- the run header
+
+
+def command_line(module: str, argv, python: str = "python") -> str:
+    """The command that ran, quoted (shlex) so that it runs again as written: python -m MODULE ARGS."""
+    return shlex.join([python, "-m", module, *map(str, argv)])
+
+
+def git_commit(path: Path = None) -> str:
+    """HEAD (-dirty when tracked files changed), and a word when `path` (the script) is not the committed one."""
+    def git(*argv):
+        return subprocess.run(["git", *argv], cwd=REPO_DIR, capture_output=True, text=True, timeout=10).stdout.strip()
+    try:
+        commit = git("describe", "--always", "--dirty", "--abbrev=12") or "unknown"
+        state = git("status", "--porcelain", "--", str(path)) if path else ""
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not state:
+        return commit
+    name = Path(path).resolve().relative_to(REPO_DIR)
+    return f"{commit} ({name} {'untracked' if state.startswith('??') else 'modified'})"
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model and core count."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (cuda)"
+    name = platform.processor() or platform.machine() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name} (cpu, {os.cpu_count()} cores)"
+
+
+def version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def run_header(device: torch.device, module: str, argv, script: Path = None, python: str = "python") -> dict:
+    """What every result file starts with: when, where, with what and how it ran."""
+    return dict(date=datetime.datetime.now().isoformat(timespec="seconds"), device=device_name(device),
+                torch=torch.__version__, triton=version("triton"), transformers=version("transformers"),
+                python=platform.python_version(), commit=git_commit(script), command=command_line(module, argv, python))
+
+
+def header_lines(header: dict) -> list[str]:
+    """The header as markdown bullets."""
+    return [f"- device: {header['device']}",
+            f"- torch {header['torch']}, triton {header['triton']}, transformers {header['transformers']}, "
+            f"python {header['python']}",
+            f"- commit: {header['commit']}",
+            f"- command: `{header['command']}`"]
+
+
+# ---------------------------------------------------------------- timing and cleanup
+
+
+def timed(fn, device: torch.device) -> float:
+    """Seconds fn() takes on the device: CUDA events around it, or the host clock on the CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def release(model, device: torch.device):
+    """Drop the model's caches and every compiled graph (and its CUDA-graph memory pool) before the next row."""
+    if model is not None:
+        for layer in model.layers:
+            layer.attention.kv_cache = None
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a large device-to-device copy, counting bytes read plus bytes written."""
+    n_bytes = GiB if device.type == "cuda" else 64 * MiB
+    src = torch.randint(0, 256, (n_bytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    synchronize(device)
+    seconds = statistics.median(timed(lambda: dst.copy_(src), device) for _ in range(20))
+    return 2 * n_bytes / seconds
+
+
+# ---------------------------------------------------------------- tables
+
+
+def fmt(value, spec: str = "", unit: float = 1, empty: str = "") -> str:
+    """value / unit formatted with spec (e.g. fmt(seconds, ".3f", 1e-3) in ms), or `empty` without a value."""
+    return empty if value is None else format(value / unit if unit != 1 else value, spec)
+
+
+def markdown_table(headers: list, rows: list, legend: str = None) -> list[str]:
+    """A markdown table (a header row, the separator, one line per row of cells) and, after a blank line, its
+    legend; as lines."""
+    lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return lines + (["", legend] if legend else [])
+
+
+# ---------------------------------------------------------------- command-line values
+
+
+def count(text: str) -> int:
+    """A whole number, k meaning x1024: "4k" is 4096."""
+    text = text.strip().lower()
+    return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+
+
+def list_of(item=count, what: str = "whole numbers (e.g. 256,4k,32k)", empty: bool = False):
+    """An argparse type: a comma-separated list of item(entry) values (empty entries skipped); an empty list only
+    when `empty` (e.g. "" to skip a part). A bad entry is one line saying what is accepted."""
+    def parse(text):
+        try:
+            values = [item(x.strip()) for x in text.split(",") if x.strip()]
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what}") from None
+        if not values and not empty:
+            raise argparse.ArgumentTypeError(f"{text!r} is an empty list: give {what}")
+        return values
+    return parse
+
+
+def name_list(choices):
+    """An argparse type: a comma-separated list of names out of `choices`."""
+    def name(text):
+        if text not in choices:
+            raise argparse.ArgumentTypeError(text)
+        return text
+
+    def parse(text):
+        try:
+            return list_of(name, f"names from {','.join(choices)}")(text)
+        except argparse.ArgumentTypeError:
+            unknown = [x for x in text.split(",") if x and x not in choices]
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown) or 'empty list'}: "
+                                             f"choose from {','.join(choices)}") from None
+    return parse
+
+
+def length_range(text: str) -> tuple[int, int]:
+    """An argparse type: LO-HI, two whole numbers with 1 <= LO <= HI."""
+    try:
+        low, high = (count(x) for x in text.split("-"))
+    except ValueError:
+        low = high = None
+    if low is None or not 1 <= low <= high:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a range LOW-HIGH (e.g. 16-256) with 1 <= LO <= HI")
+    return low, high
