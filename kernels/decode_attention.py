@@ -42,8 +42,9 @@ sink_size + t, and each dequantized key tile is rotated in registers by those po
 (model.apply_rope's rotate-half layout: channel d pairs with d + D/2) before its scores; the hi store is attended as
 given (the caller rotates it). A constexpr too: without the tables the kernel is what it was.
 """
+import inspect
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -401,12 +402,36 @@ def check_pool(pool: Tensor, B: int, block: int, tokens_per_row: int, name: str)
         raise ValueError(f"paged {name} holds {pool.shape[2] * tokens_per_row} tokens, not whole blocks of {block}")
 
 
-def decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Tensor = None, hi_pos: Tensor = None,
-                     sink_size: int = 0, n_mid: Tensor = None, k_q: Tensor = None, k_scale: Tensor = None,
-                     k_zero: Tensor = None, v_q: Tensor = None, v_scale: Tensor = None, v_zero: Tensor = None,
-                     splits: tuple = None, block_n: int = None, hi_table: Tensor = None, hi_block: int = 0,
-                     mid_table: Tensor = None, mid_block: int = 0, return_scores: bool = False,
-                     k_rope_cos: Tensor = None, k_rope_sin: Tensor = None):
+class DecodeInputs(NamedTuple):
+    """The inputs of one decode-attention call, declared once, in the order of the torch.library ops' schemas
+    (kvcache::decode_attention and kvcache::decode_attention_scores take them positionally). decode_attention
+    takes them by name, with splits=(split_mid, split_hi) and block_n in its own form; _launch reads them."""
+    q: Tensor
+    hi_k: Tensor
+    hi_v: Tensor
+    hi_last: Optional[Tensor] = None
+    hi_pos: Optional[Tensor] = None
+    sink_size: int = 0
+    n_mid: Optional[Tensor] = None
+    k_q: Optional[Tensor] = None
+    k_scale: Optional[Tensor] = None
+    k_zero: Optional[Tensor] = None
+    v_q: Optional[Tensor] = None
+    v_scale: Optional[Tensor] = None
+    v_zero: Optional[Tensor] = None
+    split_mid: int = -1  # -1: splits chosen for the device (_num_splits)
+    split_hi: int = -1
+    block_n: int = 0  # 0: tiles chosen for head_dim
+    hi_table: Optional[Tensor] = None
+    hi_block: int = 0
+    mid_table: Optional[Tensor] = None
+    mid_block: int = 0
+    k_rope_cos: Optional[Tensor] = None
+    k_rope_sin: Optional[Tensor] = None
+
+
+def decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, *, splits: tuple = None, block_n: int = None,
+                     return_scores: bool = False, **inputs):
     """Attention of q (B, n_head, 1, D) (already rotated) over the hi store and the first n_mid mid tokens.
 
     hi_last, n_mid: device tensors of shape (), (1,) or (B,); hi_last (the last hi slot to read, e.g. input_pos for
@@ -425,34 +450,25 @@ def decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Tensor = No
     k_rope_cos, k_rope_sin: the mid keys were quantized before RoPE (quantize_kv --key_rope pre); these are the
     model's float32 tables (positions, D) of model.rope_tables, and mid token t is rotated by row sink_size + t
     after dequantization (module docstring). Needs a power-of-two head_dim >= 16.
+    inputs: the other fields of DecodeInputs, by name.
     Under torch.compile this is the opaque op torch.ops.kvcache.decode_attention (decode_attention_scores);
     eager calls launch directly, without the op dispatcher's per-call overhead."""
-    args = (q, hi_k, hi_v, hi_last, hi_pos, sink_size, n_mid, k_q, k_scale, k_zero, v_q, v_scale, v_zero,
-            *(splits or (-1, -1)), block_n or 0, hi_table, hi_block, mid_table, mid_block, k_rope_cos, k_rope_sin)
+    split_mid, split_hi = splits or (-1, -1)
+    args = DecodeInputs(q, hi_k, hi_v, split_mid=split_mid, split_hi=split_hi, block_n=block_n or 0, **inputs)
     if torch.compiler.is_compiling():
         op = torch.ops.kvcache.decode_attention_scores if return_scores else torch.ops.kvcache.decode_attention
         return op(*args)
-    return _decode_attention_scores(*args) if return_scores else _decode_attention(*args)
+    return _launch(args, return_scores)
 
 
-def _decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[Tensor], hi_pos: Optional[Tensor],
-                      sink_size: int, n_mid: Optional[Tensor], k_q: Optional[Tensor], k_scale: Optional[Tensor],
-                      k_zero: Optional[Tensor], v_q: Optional[Tensor], v_scale: Optional[Tensor],
-                      v_zero: Optional[Tensor], split_mid: int, split_hi: int, block_n: int,
-                      hi_table: Optional[Tensor] = None, hi_block: int = 0, mid_table: Optional[Tensor] = None,
-                      mid_block: int = 0, k_rope_cos: Optional[Tensor] = None,
-                      k_rope_sin: Optional[Tensor] = None) -> Tensor:
-    return _launch(q, hi_k, hi_v, hi_last, hi_pos, sink_size, n_mid, k_q, k_scale, k_zero, v_q, v_scale, v_zero,
-                   split_mid, split_hi, block_n, hi_table, hi_block, mid_table, mid_block, False, k_rope_cos,
-                   k_rope_sin)
-
-
-def _launch(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[Tensor], hi_pos: Optional[Tensor],
-            sink_size: int, n_mid: Optional[Tensor], k_q: Optional[Tensor], k_scale: Optional[Tensor],
-            k_zero: Optional[Tensor], v_q: Optional[Tensor], v_scale: Optional[Tensor], v_zero: Optional[Tensor],
-            split_mid: int, split_hi: int, block_n: int, hi_table: Optional[Tensor], hi_block: int,
-            mid_table: Optional[Tensor], mid_block: int, return_scores: bool, k_rope_cos: Optional[Tensor] = None,
-            k_rope_sin: Optional[Tensor] = None):
+def _launch(inputs: DecodeInputs, return_scores: bool):
+    """Check the inputs, then run the split kernel over (sequence x KV head, split) and the merge kernel."""
+    q, hi_k, hi_v, sink_size = inputs.q, inputs.hi_k, inputs.hi_v, inputs.sink_size
+    hi_last, hi_pos, n_mid = inputs.hi_last, inputs.hi_pos, inputs.n_mid
+    k_q, k_scale, k_zero = inputs.k_q, inputs.k_scale, inputs.k_zero
+    v_q, v_scale, v_zero = inputs.v_q, inputs.v_scale, inputs.v_zero
+    hi_table, hi_block, mid_table, mid_block = inputs.hi_table, inputs.hi_block, inputs.mid_table, inputs.mid_block
+    k_rope_cos, k_rope_sin, block_n = inputs.k_rope_cos, inputs.k_rope_sin, inputs.block_n
     B, HQ, T, D = q.shape
     H, NH = hi_k.shape[1], hi_k.shape[2]
     if T != 1:
@@ -515,7 +531,7 @@ def _launch(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[Tensor], hi
                              "contiguous, as model.rope_tables makes them")
     if block_n <= 0:
         block_n = 64 if BLOCK_D <= 128 else 32
-    splits_mid, splits_hi = (split_mid, split_hi) if split_mid >= 0 else _num_splits(q.device, B * H, M, NH, block_n)
+    splits_mid, splits_hi = (inputs.split_mid, inputs.split_hi) if inputs.split_mid >= 0 else _num_splits(q.device, B * H, M, NH, block_n)
     if not has_mid:
         splits_mid = 0
     n_splits = splits_mid + splits_hi
@@ -528,11 +544,17 @@ def _launch(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[Tensor], hi
     v_zero = v_scale if v_zero is None else v_zero
     # A pool is shared by the batch: batch stride 0, whether it comes as (1, ...) or expanded to (B, ...).
     batch_stride = lambda t, paged: 0 if paged else t.stride(0)  # noqa: E731
-    args = [
+    ht = hi_table if paged_hi else q  # never read when that store is not paged
+    mt = mid_table if paged_mid else q
+    mid_slots = M if has_mid else 0
+    # Columns not attended (past a length, a finished sequence) are never stored: they start at -inf (probability 0).
+    scores = torch.full((B, HQ, mid_slots + NH), float("-inf"), device=q.device) if return_scores else q
+    args = [  # the runtime arguments of _decode_split_kernel, in its order
         q, hi_k, hi_v, hi_k if hi_pos is None else hi_pos, hi_k if hi_last is None else hi_last, n_mid,
         k_q, k_scale, k_zero, v_q, v_scale, v_zero,
         o_part, lse_part,
-        LOG2E / math.sqrt(D), sink_size, NH,
+        ht, mt, scores,
+        LOG2E / math.sqrt(D), sink_size, NH, mid_slots,
         q.stride(0), q.stride(1),
         batch_stride(hi_k, paged_hi), hi_k.stride(1), hi_k.stride(2),
         batch_stride(hi_v, paged_hi), hi_v.stride(1), hi_v.stride(2),
@@ -541,6 +563,8 @@ def _launch(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[Tensor], hi
         batch_stride(k_scale, paged_mid), k_scale.stride(1), k_scale.stride(2),
         batch_stride(v_q, paged_mid), v_q.stride(1), v_q.stride(2),
         batch_stride(v_scale, paged_mid), v_scale.stride(1), v_scale.stride(2),
+        ht.stride(0) if paged_hi else 0, ht.stride(1) if paged_hi else 0,
+        mt.stride(0) if paged_mid else 0, mt.stride(1) if paged_mid else 0,
     ]
     constexprs = dict(
         H=H, GROUP=group, D=D,
@@ -554,15 +578,6 @@ def _launch(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[Tensor], hi
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=2,
     )
-    ht = hi_table if paged_hi else q  # never read when that store is not paged
-    mt = mid_table if paged_mid else q
-    mid_slots = M if has_mid else 0
-    # Columns not attended (past a length, a finished sequence) are never stored: they start at -inf (probability 0).
-    scores = torch.full((B, HQ, mid_slots + NH), float("-inf"), device=q.device) if return_scores else q
-    args[14:14] = [ht, mt, scores]  # after o_part, lse_part
-    args.insert(20, mid_slots)  # after n_hi
-    args += [ht.stride(0) if paged_hi else 0, ht.stride(1) if paged_hi else 0,
-             mt.stride(0) if paged_mid else 0, mt.stride(1) if paged_mid else 0]
     _decode_split_kernel[(B * H, n_splits)](
         *args, **constexprs, PAGED_HI=paged_hi, HI_BLOCK=hi_block if paged_hi else 1, PAGED_MID=paged_mid,
         MID_BLOCK=mid_block if paged_mid else 1, SCORES=return_scores,
@@ -580,31 +595,31 @@ def _launch(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[Tensor], hi
     return out, torch.exp2(scores - lse[..., None])
 
 
-def _decode_attention_scores(q: Tensor, hi_k: Tensor, hi_v: Tensor, hi_last: Optional[Tensor],
-                             hi_pos: Optional[Tensor], sink_size: int, n_mid: Optional[Tensor], k_q: Optional[Tensor],
-                             k_scale: Optional[Tensor], k_zero: Optional[Tensor], v_q: Optional[Tensor],
-                             v_scale: Optional[Tensor], v_zero: Optional[Tensor], split_mid: int, split_hi: int,
-                             block_n: int, hi_table: Optional[Tensor] = None, hi_block: int = 0,
-                             mid_table: Optional[Tensor] = None, mid_block: int = 0,
-                             k_rope_cos: Optional[Tensor] = None,
-                             k_rope_sin: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    return _launch(q, hi_k, hi_v, hi_last, hi_pos, sink_size, n_mid, k_q, k_scale, k_zero, v_q, v_scale, v_zero,
-                   split_mid, split_hi, block_n, hi_table, hi_block, mid_table, mid_block, True, k_rope_cos,
-                   k_rope_sin)
-
-
-def score_columns(hi_k, k_q, hi_table, hi_block, mid_table, mid_block) -> int:
+def score_columns(inputs: DecodeInputs) -> int:
     """Columns of the score rows: the mid store's logical tokens, then the hi store's logical slots."""
-    n_hi = hi_table.shape[1] * hi_block if hi_table is not None else hi_k.shape[2]
-    n_mid = 0 if k_q is None else (mid_table.shape[1] * mid_block if mid_table is not None else k_q.shape[2])
-    return n_mid + n_hi
+    n_hi = inputs.hi_table.shape[1] * inputs.hi_block if inputs.hi_table is not None else inputs.hi_k.shape[2]
+    if inputs.k_q is None:
+        return n_hi
+    return n_hi + (inputs.mid_table.shape[1] * inputs.mid_block if inputs.mid_table is not None else
+                   inputs.k_q.shape[2])
 
 
-torch.library.custom_op("kvcache::decode_attention", _decode_attention, mutates_args=()).register_fake(
-    lambda q, *args: q.new_empty(q.shape))  # contiguous, as the kernel's output
-torch.library.custom_op("kvcache::decode_attention_scores", _decode_attention_scores, mutates_args=()).register_fake(
-    lambda q, hi_k, hi_v, hi_last, hi_pos, sink_size, n_mid, k_q, k_scale, k_zero, v_q, v_scale, v_zero, split_mid,
-    split_hi, block_n, hi_table=None, hi_block=0, mid_table=None, mid_block=0, k_rope_cos=None, k_rope_sin=None: (
-        q.new_empty(q.shape),
-        q.new_empty((q.shape[0], q.shape[1], score_columns(hi_k, k_q, hi_table, hi_block, mid_table, mid_block)),
-                    dtype=torch.float32)))
+def _register(name: str, return_scores: bool, fake):
+    """The custom op kvcache::<name> over _launch, its schema DecodeInputs' fields (names, types, defaults), and
+    its fake (the output shapes for torch.compile) from fake(inputs)."""
+    def launch(*args, **kwargs):
+        return _launch(DecodeInputs(*args, **kwargs), return_scores)
+
+    launch.__signature__ = inspect.Signature(
+        [inspect.Parameter(field, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=kind,
+                           default=DecodeInputs._field_defaults.get(field, inspect.Parameter.empty))
+         for field, kind in DecodeInputs.__annotations__.items()],
+        return_annotation=tuple[Tensor, Tensor] if return_scores else Tensor)
+    op = torch.library.custom_op(f"kvcache::{name}", launch, mutates_args=())
+    op.register_fake(lambda *args, **kwargs: fake(DecodeInputs(*args, **kwargs)))
+
+
+_register("decode_attention", False, lambda inputs: inputs.q.new_empty(inputs.q.shape))  # contiguous, as the kernel's
+_register("decode_attention_scores", True, lambda inputs: (
+    inputs.q.new_empty(inputs.q.shape),
+    inputs.q.new_empty((*inputs.q.shape[:2], score_columns(inputs)), dtype=torch.float32)))
