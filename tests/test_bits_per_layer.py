@@ -7,7 +7,6 @@ functions of kernels/quantize.py, tested on their own in test_quantize.py), plus
 """
 import math
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +21,7 @@ from kv_cache.quantize_kv import layer_bits
 from model import ModelArgs, Transformer, apply_rope, rope_tables
 from test_kv_cache import SCHEDULE, group_quantizer, quantized_counts, random_tokens, stream, tiny_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from compare_strategies import Layout, Sizer  # noqa: E402
+from scripts.kv_capacity import Layout, Sizer
 
 QUANTIZE_KV = kv_cache.STRATEGIES["quantize_kv"]
 
@@ -153,7 +151,7 @@ SPECS = [
 @pytest.mark.parametrize("options", SPECS, ids=[o["bits_per_layer"] for o in SPECS])
 @pytest.mark.parametrize("block_size", [None, 16])
 def test_bytes_reported_are_the_per_layer_buffers(options, block_size):
-    """cache_bytes, pool_bytes and compare_strategies' Sizer count, for each layer, what its own cache allocates:
+    """cache_bytes, pool_bytes and kv_capacity's Sizer count, for each layer, what its own cache allocates:
     equal to the buffers of the caches runner.setup_cache builds, and (contiguous) to each layer's cache built
     alone with that layer's single format."""
     B, L = 3, 300

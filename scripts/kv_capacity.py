@@ -1,26 +1,25 @@
-"""Which KV-cache layout holds the most sequences in a memory budget: one table for a model shape and a workload.
+"""KV memory capacity: which cache layout holds the most sequences in a memory budget, one table for a model shape
+and a workload (quality is scripts/run_matrix.py's question, speed scripts/bench_decode.py's).
 
-    python scripts/compare_strategies.py --shape llama3-8b --prompt_tokens 128-8192 --num_prompts 1000 \\
+    python -m scripts.kv_capacity --shape llama3-8b --prompt_tokens 128-8192 --num_prompts 1000 \\
         --new_tokens 256 --kv_memory_gb 40
-    python scripts/compare_strategies.py --check     # the predictions against real paged runs (tiny model, CPU)
+    python -m scripts.kv_capacity --check     # the predictions against real paged runs (tiny model, CPU)
 
 One row per layout: the contiguous full cache (a static batch preallocates every sequence at the longest
-prompt + new tokens), the paged full cache, paged quantize_kv pages of every format (int8, int4, int2, fp8; 16-bit
-sinks + window per sequence), compress_kv contiguous and paged. Every number comes from the stores' own byte
-counts: caches built on the meta device (generate.cache_bytes / generate.pool_bytes, all layers, scales,
-zero-points and slot positions included) and the strategy's PageSpace (which blocks a sequence of n tokens holds),
-never from a formula of the formats' sizes. A sequence is its prompt plus --new_tokens tokens: what a static batch
+prompt + new tokens), the paged full cache, paged quantize_kv pages of every format of scripts/presets.py (int8,
+int4, int2, fp8; 16-bit sinks + window per sequence), compress_kv contiguous and paged. Every number comes from the
+stores' own byte counts: caches built on the meta device (memory.predicted_kv_bytes / memory.predicted_pool_bytes,
+all layers, scales, zero-points and slot positions included) and the strategy's PageSpace (which blocks a sequence
+of n tokens holds), never from a formula of the formats' sizes. A sequence is its prompt plus --new_tokens tokens: what a static batch
 sizes its slots for and what continuous batching (scheduler.py) reserves blocks for before admitting it.
 
 Sequences that fit: contiguous, how many slots of the longest sequence the budget holds; paged, how many of the
 workload's sequences, taken in order (the list repeated when the budget holds more), fit together in a pool of the
 budget's size: their blocks, the null block and their per-sequence state (a pool sized as generate.py's
 --kv_memory_gb sizes it). --check runs exactly that admission in real generation and compares.
-Results: OUT/compare_strategies_<shape>.md and .json (atomically; OUT defaults to outputs/results/).
+Results: OUT/kv_capacity_<shape>.md and .json (atomically; OUT defaults to outputs/local/, not tracked by git).
 """
 import argparse
-import json
-import math
 import os
 import random
 import re
@@ -31,22 +30,19 @@ from pathlib import Path
 
 import torch
 
-REPO_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_DIR))
-sys.path.insert(0, str(REPO_DIR / "scripts"))
-import kv_cache  # noqa: E402
-from atomic import atomic_write_json, atomic_write_text, check_writable_file  # noqa: E402
-from bench_decode import SHAPES, name_list  # noqa: E402
-from checkpoint import hf_model_args  # noqa: E402
+import kv_cache
+from atomic import atomic_write_json, atomic_write_text, check_writable_file
+from checkpoint import load_model_args
+from cli_options import positive_number, whole_number
 from engine import generate_batch
-from memory import allocated_kv_bytes, blocks_in, format_bytes, largest, predicted_kv_bytes, predicted_pool_bytes
+from kv_cache.paging import DEFAULT_BLOCK_SIZE, PoolExhausted
+from memory import (allocated_kv_bytes, blocks_in, format_bytes, largest, predicted_kv_bytes, predicted_pool_bytes,
+                    sizing_options)
+from model import ModelArgs
 from runner import DTYPES, decode_one_token, setup_cache
-from kernels.formats import FORMATS  # noqa: E402
-from kv_cache.paging import DEFAULT_BLOCK_SIZE, PoolExhausted  # noqa: E402
-from model import ModelArgs, Transformer  # noqa: E402
-
-GiB = 2**30
-DEFAULT_OUT = REPO_DIR / "outputs" / "results"
+from scripts.common import GiB, LOCAL_OUT, command_line, count, length_range, list_of, markdown_table, name_list
+from scripts.presets import GROUP_SIZE, PRESETS, SINK_SIZE, WINDOW_SIZE
+from shapes import SHAPES, random_model
 
 
 # ---------------------------------------------------------------- layouts and their byte counts
@@ -61,12 +57,14 @@ class Layout:
     paged: bool = False
 
 
-def layouts(sink_size: int = 16, window_size: int = 32, group_size: int = 32) -> list[Layout]:
+def layouts(sink_size: int = SINK_SIZE, window_size: int = WINDOW_SIZE, group_size: int = GROUP_SIZE) -> list[Layout]:
+    """The full cache contiguous and paged, scripts/presets.py's quantize_kv formats paged, compress_kv both ways."""
     sink_window = dict(sink_size=sink_size, window_size=window_size)
     rows = [Layout("contiguous-full", "contiguous full", "full"),
             Layout("paged-full", "paged full", "full", paged=True)]
-    rows += [Layout(f"paged-{f.label}", f"paged quantize_kv {f.label}", "quantize_kv",
-                    dict(sink_window, bits=f.name, group_size=group_size), paged=True) for f in FORMATS.values()]
+    rows += [Layout(f"paged-{p.variant}", f"paged quantize_kv {p.variant}", "quantize_kv",
+                    dict(sink_window, bits=p.options()["bits"], group_size=group_size), paged=True)
+             for p in PRESETS if p.strategy == "quantize_kv"]
     rows += [Layout("contiguous-compress_kv", "contiguous compress_kv", "compress_kv", dict(sink_window)),
              Layout("paged-compress_kv", "paged compress_kv", "compress_kv", dict(sink_window), paged=True)]
     return rows
@@ -77,14 +75,14 @@ LAYOUT_KEYS = [layout.key for layout in layouts()]
 
 class Sizer:
     """One layout's byte counts for a model shape, every sequence at most max_seq_length tokens: from caches built
-    on the meta device (generate.cache_bytes / predicted_pool_bytes) and the strategy's PageSpace."""
+    on the meta device (memory.predicted_kv_bytes / predicted_pool_bytes) and the strategy's PageSpace."""
 
     def __init__(self, layout: Layout, args: ModelArgs, max_seq_length: int, block_size: int, dtype):
         self.layout, self.args, self.max_seq_length, self.block_size, self.dtype = (layout, args, max_seq_length,
                                                                                     block_size, dtype)
         cls = kv_cache.STRATEGIES[layout.strategy]
         # One ValueError line for options that cannot work at this shape (e.g. a group that does not divide head_dim).
-        resolved = cls.Options.resolve({**layout.options, "attn_impl": "torch"}, args.head_dim)
+        resolved = sizing_options(layout.strategy, layout.options, args.head_dim)
         self.space = cls.page_space(resolved, max_seq_length, block_size) if layout.paged else None
         # compress_kv's ring: its bytes do not grow with the sequence (the strategy says it streams without end)
         self.constant = cls.capacity(resolved, max_seq_length) is None
@@ -168,20 +166,15 @@ def allocated_for(sizer: Sizer, workload: Workload, n: int) -> int:
     return sizer.allocated(n, pool_blocks(sizer, workload, n))
 
 
-def largest(fits) -> int:
-    """The largest n >= 0 with fits(n) (fits monotone: true up to some n, then false): an upper bound by doubling,
-    then generate.largest_fitting's bisection below it."""
-    high = 1
-    while fits(high):
-        high *= 2
-        if high > 2**40:
-            raise ValueError("the budget holds more than 2**40 sequences: give a smaller --kv_memory_gb")
-    return largest(fits, high)
+MOST_SEQUENCES = 2**40
 
 
 def sequences_that_fit(sizer: Sizer, workload: Workload, budget: int) -> int:
     """How many of the workload's sequences (in order, repeated) the budget holds at once."""
-    return largest(lambda n: allocated_for(sizer, workload, n) <= budget)
+    n = largest(lambda n: allocated_for(sizer, workload, n) <= budget, MOST_SEQUENCES)
+    if n == MOST_SEQUENCES:
+        raise ValueError(f"the budget holds {MOST_SEQUENCES} sequences or more: give a smaller --kv_memory_gb")
+    return n
 
 
 def wasted_bytes(sizer: Sizer, workload: Workload, n: int) -> int:
@@ -238,7 +231,7 @@ def ratio(x, digits=2) -> str:
 def markdown(header: dict, rows: list[dict]) -> str:
     w = header["workload"]
     budget = header["kv_memory_bytes"]
-    lines = [f"# KV-cache layouts compared: {header['model_name']}", "",
+    lines = [f"# KV memory capacity of the cache layouts: {header['model_name']}", "",
              f"`{header['command']}`", "",
              f"Model: {header['model']['n_layer']} layers, {header['model']['n_kv_head']} KV heads, head_dim "
              f"{header['model']['head_dim']}, {header['dtype']}. Budget: {format_bytes(budget)} of KV memory. "
@@ -247,20 +240,19 @@ def markdown(header: dict, rows: list[dict]) -> str:
              f"{header['options']['group_size']}.",
              f"Workload: {w['num_sequences']} sequences of {w['prompt_tokens']} prompt tokens "
              f"{'(drawn with seed ' + str(w['seed']) + ') ' if w['drawn'] else ''}+ {w['new_tokens']} new: "
-             f"mean {w['mean_tokens']} tokens, longest {w['max_tokens']} (the contiguous slot).", "",
-             f"| layout | block | bytes/token | fixed/seq | bytes/seq (mean {w['mean_tokens']} tok) | "
-             f"seqs in {format_bytes(budget)} | wasted | seqs vs contiguous | bytes/seq vs contiguous |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"mean {w['mean_tokens']} tokens, longest {w['max_tokens']} (the contiguous slot).", ""]
+    headers = ["layout", "block", "bytes/token", "fixed/seq", f"bytes/seq (mean {w['mean_tokens']} tok)",
+               f"seqs in {format_bytes(budget)}", "wasted", "seqs vs contiguous", "bytes/seq vs contiguous"]
+    cells = []
     for r in rows:
         per_token = "constant" if r["constant"] else format_bytes(r["bytes_per_token"])
         fixed = "—" if r["fixed_bytes_per_sequence"] is None else format_bytes(r["fixed_bytes_per_sequence"])
         wasted = format_bytes(r["wasted_bytes"]) + (f" ({100 * r['wasted_fraction']:.1f}%)"
                                                     if r["wasted_fraction"] is not None else "")
-        lines.append(f"| {r['layout']} | {r['block_tokens'] or '—'} | {per_token} | {fixed} "
-                     f"| {format_bytes(r['bytes_per_sequence'])} | {r['sequences_fit']} | {wasted} "
-                     f"| {ratio(r['fit_vs_contiguous'])} | {ratio(r['bytes_per_sequence_vs_contiguous'], 3)} |")
-    lines += ["", LEGEND, ""]
-    return "\n".join(lines)
+        cells.append([r["layout"], r["block_tokens"] or "—", per_token, fixed, format_bytes(r["bytes_per_sequence"]),
+                      r["sequences_fit"], wasted, ratio(r["fit_vs_contiguous"]),
+                      ratio(r["bytes_per_sequence_vs_contiguous"], 3)])
+    return "\n".join(lines + markdown_table(headers, cells, LEGEND) + [""])
 
 
 LEGEND = """\
@@ -293,22 +285,27 @@ def compare(label: str, predicted: dict, measured: dict) -> tuple[bool, str]:
     return not wrong, f"{'FAIL' if wrong else 'ok'}  {label}: " + "; ".join(parts)
 
 
-class FirstWave:
+class Watch:
     """A decode_fn that records how many sequences run in the first decode step (continuous batching's first
-    admissions: every row that is not empty is active)."""
+    admissions: every row that is not empty is active) and the most blocks each row of the pool held (a finished
+    sequence returns its blocks at once)."""
 
-    def __init__(self):
-        self.running = None
+    def __init__(self, pool=None):
+        self.pool, self.running, self.held = pool, None, None
 
-    def __call__(self, model, token, input_pos, sampling):
+    def __call__(self, model, token, input_pos, sampling=None):
         if self.running is None:
             self.running = int(model.caches()[0].active.sum())
+        if self.pool is not None:
+            now = [len(held) for held in self.pool.held]
+            self.held = now if self.held is None else [max(a, b) for a, b in zip(self.held, now)]
         return decode_one_token(model, token, input_pos, sampling)
 
 
-def check_layout(model: Transformer, sizer: Sizer, workload: Workload, budget: int, prompts) -> tuple[bool, str]:
-    """Run the layout for real and compare: blocks each sequence holds, bytes allocated, sequences in the budget."""
-    import scheduler
+def check_layout(model, sizer: Sizer, workload: Workload, budget: int, prompts) -> tuple[bool, str]:
+    """Run the layout for real and compare: blocks each sequence holds, bytes allocated, sequences in the budget.
+    Paged, two pools are built: one of the blocks the check's prompts need together ("their pool"), and one of the
+    budget's bytes ("the budget's pool"), whose admissions give the sequences that fit."""
     layout, max_len = sizer.layout, sizer.max_seq_length
     n = sequences_that_fit(sizer, workload, budget)
     predicted, measured = {}, {}
@@ -339,12 +336,13 @@ def check_layout(model: Transformer, sizer: Sizer, workload: Workload, budget: i
     pool = setup(N, num_blocks)
     predicted["blocks per sequence"] = [sizer.blocks(L - 1) for L in workload.lengths]
     try:
-        generate_batch(model, prompts(N), CHECK_NEW)
-        measured["blocks per sequence"] = [len(held) for held in pool.held]
+        watch = Watch(pool)
+        generate_batch(model, prompts(N), CHECK_NEW, decode_fn=watch)
+        measured["blocks per sequence"] = watch.held
     except PoolExhausted:  # the predicted pool is too small for what the sequences really hold
         measured["blocks per sequence"] = f"pool of {num_blocks} blocks exhausted"
-    predicted["bytes allocated"] = sizer.allocated(N, num_blocks)
-    measured["bytes allocated"] = allocated_kv_bytes(model)
+    their_pool = f"bytes allocated with the {N} prompts' pool of {num_blocks} blocks"
+    predicted[their_pool], measured[their_pool] = sizer.allocated(N, num_blocks), allocated_kv_bytes(model)
 
     # Continuous batching in a pool of the budget (sized as generate.py's --kv_memory_gb): with n rows all n are
     # admitted at once; with n + 1 rows (a smaller pool: one more sequence's state) at most n.
@@ -355,7 +353,7 @@ def check_layout(model: Transformer, sizer: Sizer, workload: Workload, budget: i
             return 0, 0
         setup(rows, blocks)
         allocated = allocated_kv_bytes(model)
-        wave = FirstWave()
+        wave = Watch()
         try:
             generate_batch(model, prompts(rows), CHECK_NEW, decode_fn=wave)
         except ValueError:  # a prompt larger than the whole pool: it can never run
@@ -372,7 +370,8 @@ def check_layout(model: Transformer, sizer: Sizer, workload: Workload, budget: i
                                  n if together == n and one_more <= n else
                                  f"{one_more} of {n + 1} admitted at once" if one_more > n else
                                  f"{together} of {n} admitted at once")
-    predicted["allocated <= budget"], measured["allocated <= budget"] = True, in_budget
+    in_budget_pool = f"allocated with the budget's pool <= budget {budget}"
+    predicted[in_budget_pool], measured[in_budget_pool] = True, in_budget
     return compare(layout.label, predicted, measured)
 
 
@@ -381,8 +380,7 @@ def run_check(options: dict, block_size: int, chosen: list[Layout]) -> bool:
     layout. True when every prediction held."""
     args = SHAPES["tiny"]
     dtype = torch.float32
-    torch.manual_seed(0)
-    model = Transformer(args).to(dtype).eval().requires_grad_(False)
+    model = random_model(args, torch.device("cpu"), dtype)
     workload = Workload([p + CHECK_NEW for p in CHECK_PROMPTS])
     max_len = max(workload.lengths)
     budget = CHECK_SLOTS * Sizer(layouts()[0], args, max_len, block_size, dtype).allocated(1)
@@ -420,17 +418,12 @@ def fail(message: str):
     sys.exit(2)
 
 
-def number(kind, minimum, strict=False):
-    """An argparse type: a finite int / float >= minimum (> minimum when strict), else one line saying so."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {'whole ' if kind is int else ''}number, got {text!r}")
-        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-            raise argparse.ArgumentTypeError(f"must be {'>' if strict else 'at least'} {minimum}, got {text}")
-        return value
-    return parse
+def budget_gib(text) -> float:
+    """cli_options.positive_number, its error said for a budget."""
+    try:
+        return positive_number(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("must be a number > 0", "must be > 0 GiB")) from None
 
 
 def shape_name(text):
@@ -441,49 +434,46 @@ def shape_name(text):
 
 def token_counts(text):
     """'128,512,2048' (a list) or '128-8192' (a range to draw --num_prompts from)."""
-    m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
-    if m:
-        low, high = int(m.group(1)), int(m.group(2))
-        if low < 1 or low > high:
-            raise argparse.ArgumentTypeError(f"range {text!r} must be LOW-HIGH with 1 <= LOW <= HIGH")
-        return ("range", low, high)
-    try:
-        counts = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a list like 128,512,2048 nor a range like 128-8192")
+    if "-" in text:
+        return ("range", *length_range(text))
+    counts = list_of(count, "prompt lengths (e.g. 128,512,2048) or a range LOW-HIGH (e.g. 128-8192)")(text)
     if min(counts) < 1:
         raise argparse.ArgumentTypeError(f"prompt lengths must be at least 1 token, got {text}")
     return ("list", counts)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m scripts.kv_capacity", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = fail
     p.add_argument("--shape", type=shape_name, default=None,
-                   help=f"a model shape of scripts/bench_decode.py: {', '.join(SHAPES)} (default llama3-8b)")
+                   help=f"a model shape of shapes.py: {', '.join(SHAPES)} (default llama3-8b)")
     p.add_argument("--checkpoint_path", type=Path, default=None,
                    help="instead of --shape: the shape of a checkpoint, read from its config only (model_args.json "
-                        "beside a model.pth, or a HF directory's config.json)")
+                        "beside a model.pth, a HF directory's config.json or a GGUF's metadata)")
     p.add_argument("--prompt_tokens", type=token_counts, default=token_counts("128-8192"),
                    help="prompt lengths: a list (128,512,2048) or a range LOW-HIGH to draw --num_prompts from "
                         "(default 128-8192)")
-    p.add_argument("--num_prompts", type=number(int, 1), default=None,
+    p.add_argument("--num_prompts", type=whole_number(1), default=None,
                    help="with a range: how many prompt lengths to draw, uniformly (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="the draw's seed (default 0)")
-    p.add_argument("--new_tokens", type=number(int, 1), default=256, help="new tokens per sequence (default 256)")
-    p.add_argument("--kv_memory_gb", type=number(float, 0, strict=True), default=40.0,
+    p.add_argument("--new_tokens", type=whole_number(1), default=256, help="new tokens per sequence (default 256)")
+    p.add_argument("--kv_memory_gb", type=budget_gib, default=40.0,
                    help="the KV memory budget in GiB (default 40)")
-    p.add_argument("--block_size", type=number(int, 1), default=DEFAULT_BLOCK_SIZE,
+    p.add_argument("--block_size", type=whole_number(1), default=DEFAULT_BLOCK_SIZE,
                    help=f"paged: tokens per block (quantize_kv rounds up to whole key groups; default "
                         f"{DEFAULT_BLOCK_SIZE})")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="the model dtype (default bfloat16)")
-    p.add_argument("--sink_size", type=number(int, 0), default=16, help="compress_kv, quantize_kv (default 16)")
-    p.add_argument("--window_size", type=number(int, 1), default=32, help="compress_kv, quantize_kv (default 32)")
-    p.add_argument("--group_size", type=number(int, 1), default=32, help="quantize_kv's key/value group (default 32)")
+    p.add_argument("--sink_size", type=whole_number(0), default=SINK_SIZE,
+                   help=f"compress_kv, quantize_kv (default {SINK_SIZE}, the library's)")
+    p.add_argument("--window_size", type=whole_number(1), default=WINDOW_SIZE,
+                   help=f"compress_kv, quantize_kv (default {WINDOW_SIZE}, the library's)")
+    p.add_argument("--group_size", type=whole_number(1), default=GROUP_SIZE,
+                   help=f"quantize_kv's key/value group (default {GROUP_SIZE}, the library's)")
     p.add_argument("--layouts", type=name_list(LAYOUT_KEYS), default=LAYOUT_KEYS,
                    help=f"comma-separated, from {','.join(LAYOUT_KEYS)} (default all)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                   help="folder for compare_strategies_<shape>.md and .json (default outputs/results/)")
+    p.add_argument("--out", type=Path, default=LOCAL_OUT,
+                   help="folder for kv_capacity_<shape>.md and .json (default outputs/local/, not tracked by git)")
     p.add_argument("--check", action="store_true",
                    help="instead of the table: run every layout for real at small scale (tiny shape, CPU) and "
                         "compare blocks, bytes and sequences that fit with the predictions; exit 1 when one is off")
@@ -494,32 +484,6 @@ def with_options(layout: Layout, options: dict) -> Layout:
     """The layout with the command's sink / window / group (only the options its strategy takes)."""
     own = {k: v for k, v in options.items() if k in layout.options}
     return Layout(layout.key, layout.label, layout.strategy, {**layout.options, **own}, layout.paged)
-
-
-def checkpoint_args(path: Path) -> ModelArgs:
-    """A checkpoint's shape from its config alone (no weights read)."""
-    if path.is_dir():
-        if (path / "model_args.json").is_file():
-            path = path / "model_args.json"
-        elif (path / "config.json").is_file():
-            path = path / "config.json"
-        else:
-            raise ValueError(f"--checkpoint_path {path} holds no model_args.json or config.json: pass a checkpoint "
-                             "folder, or --shape")
-    elif path.suffix in (".pth", ".pt"):
-        path = path.parent / "model_args.json"
-    elif path.suffix == ".safetensors":
-        path = path.parent / "config.json"
-    elif path.suffix == ".gguf":
-        raise ValueError(f"--checkpoint_path {path}: a .gguf file's shape is not read here: pass --shape, or the "
-                         "model.pth / Hugging Face folder of the model")
-    if not path.is_file():
-        raise ValueError(f"--checkpoint_path: {path} does not exist: pass a checkpoint folder, or --shape")
-    try:
-        config = json.loads(path.read_text())
-        return hf_model_args(config) if path.name == "config.json" else ModelArgs.from_dict(config)
-    except (ValueError, TypeError, KeyError) as e:
-        raise ValueError(f"{path} is not a model config ({type(e).__name__}: {e}): pass --shape instead")
 
 
 def workload_of(args) -> tuple[list[int], bool]:
@@ -539,7 +503,7 @@ def run(args, argv):
     if args.shape and args.checkpoint_path:
         raise ValueError("--shape and --checkpoint_path both give the model shape: give one of them")
     if args.checkpoint_path:
-        model_args = checkpoint_args(args.checkpoint_path)
+        model_args = load_model_args(args.checkpoint_path)
         name = args.checkpoint_path.stem if args.checkpoint_path.is_file() else args.checkpoint_path.name
         name = args.checkpoint_path.resolve().parent.name if name in ("model", "config", "model_args") else name
     else:
@@ -552,7 +516,7 @@ def run(args, argv):
     rows = compare_rows(model_args, workload, budget, args.block_size, dtype, chosen)
 
     spec = args.prompt_tokens
-    command = " ".join(["python", "scripts/compare_strategies.py"] + (sys.argv[1:] if argv is None else argv))
+    command = command_line(__spec__.name, sys.argv[1:] if argv is None else argv)
     header = dict(command=command, model_name=name, model=model_args.to_dict(), dtype=args.dtype,
                   block_size=args.block_size, options=options, kv_memory_gb=args.kv_memory_gb,
                   kv_memory_bytes=budget,
@@ -561,7 +525,7 @@ def run(args, argv):
                                 num_sequences=len(prompts), prompt_lengths=prompts,
                                 mean_tokens=round(statistics.fmean(workload.lengths)),
                                 max_tokens=max(workload.lengths)))
-    stem = re.sub(r"[^A-Za-z0-9._-]", "_", f"compare_strategies_{name}")
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", f"kv_capacity_{name}")
     md_path, json_path = args.out / f"{stem}.md", args.out / f"{stem}.json"
     for path in (md_path, json_path):
         check_writable_file(path)

@@ -1,17 +1,16 @@
-"""scripts/compare_strategies.py: the layout table against byte counts written out here by hand (full and int8
+"""scripts/kv_capacity.py: the layout table against byte counts written out here by hand (full and int8
 from their layouts in kv_cache/stores.py, not from the script's own code path), its two files against each other,
 --check against real paged generation (and a wrong prediction caught), and bad input as one line, exit 2."""
 import json
 import math
-import sys
-from pathlib import Path
+import subprocess
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import compare_strategies as cs  # noqa: E402
-from bench_decode import SHAPES  # noqa: E402
-from memory import format_bytes  # noqa: E402
+from memory import format_bytes
+from scripts import kv_capacity as cs
+from scripts.common import REPO_DIR
+from shapes import SHAPES
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -24,8 +23,8 @@ ARGV = ["--shape", "tiny", "--prompt_tokens", ",".join(map(str, PROMPTS)), "--ne
 def table(tmp_path_factory):
     out = tmp_path_factory.mktemp("table")
     cs.main(ARGV + ["--out", str(out)])  # returns (no SystemExit) when it succeeds
-    md = (out / "compare_strategies_tiny.md").read_text()
-    data = json.loads((out / "compare_strategies_tiny.json").read_text())
+    md = (out / "kv_capacity_tiny.md").read_text()
+    data = json.loads((out / "kv_capacity_tiny.json").read_text())
     return md, data, {r["key"]: r for r in data["rows"]}
 
 
@@ -152,7 +151,7 @@ def test_checkpoint_config_gives_the_same_table(tmp_path, table):
     (ckpt / "model_args.json").write_text(json.dumps(SHAPES["tiny"].to_dict()))  # no weights: config only
     cs.main([a for a in ARGV if a not in ("--shape", "tiny")] + ["--checkpoint_path", str(ckpt), "--out",
                                                                   str(tmp_path)])
-    got = json.loads((tmp_path / "compare_strategies_ckpt.json").read_text())
+    got = json.loads((tmp_path / "kv_capacity_ckpt.json").read_text())
     assert got["rows"] == data["rows"]
 
 
@@ -163,6 +162,26 @@ def test_check_passes(capsys):
     assert e.value.code == 0, out
     verdicts = [line for line in out.splitlines() if line.startswith(("ok", "FAIL"))]
     assert len(verdicts) == len(cs.LAYOUT_KEYS) and all(v.startswith("ok  ") for v in verdicts), out
+
+
+def test_check_lines_name_the_pool_of_each_byte_count(capsys):
+    """Issue 22 item 16: a paged check builds two pools, one for the check's prompts and one of the budget's size;
+    each byte count says which it is (a count over the budget read as if the budget were exceeded)."""
+    with pytest.raises(SystemExit) as e:
+        cs.main(["--check", "--layouts", "paged-full"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0, out
+    [line] = [line for line in out.splitlines() if line.startswith("ok  paged full")]
+    assert f"bytes allocated with the {len(cs.CHECK_PROMPTS)} prompts' pool of " in line
+    assert "allocated with the budget's pool <= budget " in line and "; allocated <= budget" not in line
+
+
+def test_results_go_to_an_untracked_folder_by_default():
+    """Issue 22 item 11: by default nothing is written into the tracked outputs/results/."""
+    out = cs.build_parser().parse_args([]).out
+    assert out == REPO_DIR / "outputs" / "local"
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(out / "kv_capacity_tiny.md")], cwd=REPO_DIR)
+    assert ignored.returncode == 0  # .gitignore holds it
 
 
 def test_a_wrong_prediction_is_caught(capsys, monkeypatch):
