@@ -17,8 +17,9 @@ from model import ModelArgs, Transformer
 
 def default_num_blocks(space: PageSpace, batch_size: int, max_seq_length: int) -> int:
     """A pool where every sequence of the batch reaches max_seq_length (what contiguous storage allocates), plus
-    the null block."""
-    return batch_size * space.blocks_for(max_seq_length) + 1
+    the null block; at least one block besides it (a store that pages nothing for so short a run, e.g. quantize_kv
+    whose sinks + window hold it all, still has a pool to point at)."""
+    return max(2, batch_size * space.blocks_for(max_seq_length) + 1)
 
 
 def allocated_kv_bytes(model: Transformer) -> int:

@@ -6,6 +6,7 @@ others run, are aborted, mix sampling settings and stop tokens in one batch; flo
 import pytest
 import torch
 
+import memory
 import runner
 from engine import Engine, SamplingParams, generate_batch
 from kv_cache.paging import BlockPool, PageSpace, RowGroup
@@ -213,3 +214,16 @@ def test_a_mixed_batch_compiles_to_one_graph(model):
         got, _ = run_mixed(Engine(model, compiled), texts, kinds, params)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     assert got == eager
+
+
+def test_the_default_pool_runs_what_it_was_sized_for(model):
+    """Paged quantize_kv whose sinks + window hold a whole short run pages nothing: the default pool still has a
+    block beside the null block, and the run is the contiguous one's (issue: 'a pool of 1 block(s) holds nothing')."""
+    options = dict(sink_size=4, window_size=8, bits="4", group_size=16)
+    texts = prompts([2, 3], seed=3)
+    runner.setup_cache(model, "quantize_kv", options, 1, 6, quiet=True)
+    want = generate_batch(model, texts, 3)["sequences"]
+    pool = runner.setup_cache(model, "quantize_kv", options, 1, 6, quiet=True, block_size=16)
+    assert pool.num_blocks == memory.default_num_blocks(pool.space, 1, 6)
+    assert memory.default_num_blocks(PageSpace(16, 16, lambda n: 0), 1, 6) == 2  # pages nothing: still a block
+    assert generate_batch(model, texts, 3)["sequences"] == want
