@@ -1,10 +1,10 @@
 """A mixed serving workload at one KV memory budget: contiguous preallocation against paged and quantized pages.
 
-    python scripts/bench_serve.py --shape llama3-8b --kv_memory_gb 16 --num_prompts 256 --compile      # a GPU
-    python scripts/bench_serve.py --shape smollm2-135m --num_prompts 32 --prompt_lengths 16-256        # a CPU
-    python scripts/bench_serve.py --shape tiny --num_prompts 6 --prompt_lengths 8-40 --new_tokens 6    # seconds
+    python -m scripts.bench_serve --shape llama3-8b --kv_memory_gb 16 --num_prompts 256 --compile      # a GPU
+    python -m scripts.bench_serve --shape smollm2-135m --num_prompts 32 --prompt_lengths 16-256        # a CPU
+    python -m scripts.bench_serve --shape tiny --num_prompts 6 --prompt_lengths 8-40 --new_tokens 6    # seconds
 
-No checkpoint: random weights of a named shape (scripts/bench_decode.py's SHAPES), random prompt tokens with
+No checkpoint: random weights of a named shape (shapes.py), random prompt tokens with
 lengths drawn uniformly (fixed --seed) from --prompt_lengths, --new_tokens each, greedy, no EOS: every sequence
 runs to --new_tokens, so every row makes the same tokens' worth of work and the run is deterministic.
 
@@ -14,7 +14,8 @@ max(2, ceil(num_prompts / 8)) sequences of the longest prompt + --new_tokens, so
                          the prompts run in static batches of that size (generate_batch: a batch ends when all end)
   contiguous-continuous  the same rows, continuous batching (engine.Engine)
   paged-full             full cache paged in one pool sized to the budget (predicted_pool_bytes / blocks_in), continuous
-  paged-int8, paged-int4 quantize_kv pages (sinks and window stay 16-bit per row), continuous
+  paged-int8, paged-int4 quantize_kv pages of scripts/presets.py's formats (sinks and window stay 16-bit per
+                         row), continuous
   paged-full-static      (only with --rows) the paged pool, static batches of as many prompts as the pool holds
 A paged row's number of rows (the cache's batch) is the smallest one that lets the blocks, not the rows, bind: the
 scheduler's admission rule (a prompt enters when the free blocks cover its worst case) is replayed on the host for
@@ -27,16 +28,14 @@ after reset_peak_memory_stats; CPU: torch.profiler(profile_memory=True)'s record
 free through PyTorch's CPU allocator, the peak of their running sum; memory outside that allocator, e.g. oneDNN
 scratch, is not seen).
 
-Results: OUT/bench_serve_<device>_<date>.md and .json (atomically rewritten after every row), with the command,
-device, date and git commit.
+Results: OUT/bench_serve_<device>_<date>.md and .json (atomically rewritten after every row; OUT: outputs/local/,
+not tracked by git, unless --out), with the command, device, date and git commit.
 """
 import argparse
 import datetime
 import math
 import os
-import platform
 import random
-import subprocess
 import sys
 import time
 from collections import deque
@@ -47,37 +46,37 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton's CPU interpreter; set before triton is imported
 
-REPO_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_DIR))
-sys.path.insert(0, str(REPO_DIR / "scripts"))
-import bench_decode  # noqa: E402
 import kv_cache  # noqa: E402
-from kv_cache.paging import DEFAULT_BLOCK_SIZE  # noqa: E402
-import scheduler  # noqa: E402
 from atomic import atomic_write_json, atomic_write_text, check_writable_file  # noqa: E402
-from bench_decode import SHAPES, fmt, release, strategy_options, synchronize  # noqa: E402
+from cli_options import positive_number, resolve_device_dtype, whole_number  # noqa: E402
+from engine import generate_batch  # noqa: E402
+from kv_cache.paging import DEFAULT_BLOCK_SIZE  # noqa: E402
+from memory import (allocated_kv_bytes, available_memory_bytes, blocks_in, format_bytes, largest,  # noqa: E402
+                    predicted_kv_bytes, predicted_pool_bytes, sizing_options)
 from model import Transformer  # noqa: E402
-from engine import generate_batch
-from memory import allocated_kv_bytes, available_memory_bytes, blocks_in, format_bytes, largest, predicted_kv_bytes, predicted_pool_bytes
-from profiling import quiet_profiler_logs
-from runner import DTYPES, compile_decode, decode_one_token, prefill, setup_cache, warm_up
+from profiling import quiet_profiler_logs  # noqa: E402
+from runner import (DTYPES, compile_decode, decode_one_token, prefill, setup_cache, synchronize,  # noqa: E402
+                    warm_up)
+from scripts.common import (LOCAL_OUT, MiB, count, fmt, header_lines, length_range, list_of,  # noqa: E402
+                            markdown_table, name_list, release, run_header)
+from scripts.presets import BY_NAME, GROUP_SIZE, SINK_SIZE, WINDOW_SIZE  # noqa: E402
+from shapes import SHAPES, random_model  # noqa: E402
 
-MiB = 2**20
-# name -> (label, strategy, quantize_kv bits or None, paged, continuous)
+# name -> (label, scripts/presets.py entry, paged, continuous)
 ROWS = {
-    "contiguous-static": ("contiguous full, static batches", "full", None, False, False),
-    "contiguous-continuous": ("contiguous full, continuous", "full", None, False, True),
-    "paged-full": ("paged full, continuous", "full", None, True, True),
-    "paged-int8": ("paged int8, continuous", "quantize_kv", "8", True, True),
-    "paged-int4": ("paged int4, continuous", "quantize_kv", "4", True, True),
-    "paged-full-static": ("paged full, static batches", "full", None, True, False),
+    "contiguous-static": ("contiguous full, static batches", "full", False, False),
+    "contiguous-continuous": ("contiguous full, continuous", "full", False, True),
+    "paged-full": ("paged full, continuous", "full", True, True),
+    "paged-int8": ("paged int8, continuous", "quantize_kv-int8", True, True),
+    "paged-int4": ("paged int4, continuous", "quantize_kv-int4", True, True),
+    "paged-full-static": ("paged full, static batches", "full", True, False),
 }
 DEFAULT_ROWS = ["contiguous-static", "contiguous-continuous", "paged-full", "paged-int8", "paged-int4"]
 
 LEGEND = """\
 Columns: **rows** = the cache's batch (sequence slots). **blocks** = usable pool blocks (the null block apart).
-**KV MiB** = bytes the caches allocate (allocated_kv_bytes: every layer; paged: the whole pool plus per-row state such as
-quantize_kv's 16-bit sinks + window). **peak blocks** = most pool blocks held at once. **in use MiB** = per-row state
+**KV MiB** = bytes the caches allocate (measured, memory.allocated_kv_bytes: every layer; paged: the whole pool plus
+per-row state such as quantize_kv's 16-bit sinks + window). **peak blocks** = most pool blocks held at once. **in use MiB** = per-row state
 + peak blocks x bytes per block. **peak seqs** = most sequences decoding at once. **steps** = decode steps.
 **total s** = prefill + decode, the whole workload. **decode tok/s** = tokens made by decode steps / decode seconds.
 **total tok/s** = (prompt tokens + generated tokens) / total s. **x row 1** = the ratio to the first row of this run.
@@ -157,21 +156,22 @@ def static_groups(lengths, new_tokens, rows, usable, blocks_for) -> list[list[in
 # ---------------------------------------------------------------- one row
 
 
-def row_options(cfg, bits) -> dict:
-    if bits is None:
-        return {}
-    extra = ["--bits", bits, "--sink_size", str(cfg["sink_size"]), "--window_size", str(cfg["window_size"]),
-             "--group_size", str(cfg["group_size"])]
-    return strategy_options("quantize_kv", extra)
+def row_options(cfg, preset) -> dict:
+    """The cache options of a row's preset with the run's sinks, window and group (where the strategy has them)."""
+    preset = BY_NAME[preset]
+    extra = ["--group_size", str(cfg["group_size"])] if preset.takes("group_size") else []
+    return preset.options(cfg["sink_size"], cfg["window_size"], extra=extra)
 
 
 def plan_row(name: str, cfg: dict) -> dict:
     """The row's cache: rows, pool blocks and the replayed schedule, from byte counts alone (nothing allocated)."""
-    label, strategy, bits, paged, continuous = ROWS[name]
+    label, preset, paged, continuous = ROWS[name]
+    strategy = BY_NAME[preset].strategy
     args, dtype, budget, n = cfg["args"], cfg["dtype"], cfg["budget"], len(cfg["lengths"])
-    options = row_options(cfg, bits)
+    options = row_options(cfg, preset)
     max_len, new = cfg["max_seq_length"], cfg["new_tokens"]
-    plan = dict(name=name, label=label, strategy=strategy, bits=bits, paged=paged, continuous=continuous,
+    plan = dict(name=name, label=label, strategy=strategy, bits=options.get("bits"), paged=paged,
+                continuous=continuous,
                 options={k: v for k, v in options.items() if k in ("bits", "sink_size", "window_size", "group_size")},
                 note="")
     if not paged:
@@ -182,9 +182,8 @@ def plan_row(name: str, cfg: dict) -> dict:
             return plan
         steps, peak = replay(cfg["lengths"], new, rows, None, None, continuous)
         return dict(plan, rows=rows, options_full=options, predicted_steps=steps, predicted_peak=peak)
-    space = kv_cache.STRATEGIES[strategy].page_space(
-        kv_cache.STRATEGIES[strategy].Options.resolve({**options, "attn_impl": "torch"}, args.head_dim), max_len,
-        cfg["block_size"])
+    space = kv_cache.STRATEGIES[strategy].page_space(sizing_options(strategy, options, args.head_dim), max_len,
+                                                     cfg["block_size"])
     best = None
     for rows in ([cfg["max_rows"]] if cfg["max_rows"] else range(1, n + 1)):
         fixed, per_block = predicted_pool_bytes(args, strategy, options, rows, max_len, cfg["block_size"], dtype)
@@ -215,8 +214,8 @@ def run_row(model, plan: dict, cfg: dict, device) -> dict:
     pool = setup_cache(model, plan["strategy"], plan["options_full"], plan["rows"], cfg["max_seq_length"],
                        quiet=True, block_size=cfg["block_size"] if plan["paged"] else None,
                        num_blocks=plan.get("num_blocks"))
-    row["allocated_kv_bytes"] = allocated_kv_bytes(model)
-    row["fits_budget"] = row["allocated_kv_bytes"] <= cfg["budget"]
+    row["kv_bytes"] = allocated_kv_bytes(model)  # measured: the buffers the caches hold
+    row["fits_budget"] = row["kv_bytes"] <= cfg["budget"]
     decode_fn = decode_one_token
     if cfg["compile"]:
         decode_fn = compile_decode()
@@ -239,7 +238,7 @@ def run_row(model, plan: dict, cfg: dict, device) -> dict:
                                  decode_fn=decode_fn)
             sequences += out["sequences"]
             prefill_s, decode_s = prefill_s + out["prefill_s"], decode_s + out["decode_s"]
-            steps, decode_tokens = steps + out["decode_steps"], decode_tokens + out["decode_steps"] * len(group)
+            steps, decode_tokens = steps + out["decode_steps"], decode_tokens + out["decode_tokens"]
             shared += out.get("shared_tokens", 0)
         peak = max(map(len, groups))
     synchronize(device)
@@ -254,7 +253,7 @@ def run_row(model, plan: dict, cfg: dict, device) -> dict:
         pooled = sum(cache.pool_nbytes() for cache in model.caches())
         per_block = pooled // pool.num_blocks
         row.update(usable_blocks=pool.usable, block_tokens=pool.block_tokens, block_bytes=per_block,
-                   peak_blocks=pool.peak_used, peak_in_use_bytes=row["allocated_kv_bytes"] - pooled + pool.peak_used * per_block)
+                   peak_blocks=pool.peak_used, peak_in_use_bytes=row["kv_bytes"] - pooled + pool.peak_used * per_block)
         pool.check()
     if device.type == "cuda":
         row["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
@@ -351,22 +350,19 @@ def prefill_rows(model, cfg, device, on_row) -> list[dict]:
 
 
 def table_rows(header, rows) -> list[str]:
-    lines = ["| # | row | rows | blocks | KV MiB | peak blocks | in use MiB | peak seqs | steps | total s "
-             "| decode tok/s | total tok/s | total tok/s x row 1 | decode tok/s x row 1 | peak seqs x row 1 "
-             "| same | note |",
-             "|" + "---|" * 17]
+    headers = ["#", "row", "rows", "blocks", "KV MiB", "peak blocks", "in use MiB", "peak seqs", "steps", "total s",
+               "decode tok/s", "total tok/s", "total tok/s x row 1", "decode tok/s x row 1", "peak seqs x row 1",
+               "same", "note"]
+    cells = []
     for i, r in enumerate(rows, 1):
         vs = r.get("vs_first", {})
         same = f"{r['same_tokens_as_first']}/{header['num_prompts']}" if "same_tokens_as_first" in r else ""
-        lines.append(
-            f"| {i} | {r['label']} | {r.get('rows', '')} | {r.get('usable_blocks', '')} "
-            f"| {fmt(r.get('allocated_kv_bytes') and r['allocated_kv_bytes'] / MiB, '.1f')} | {r.get('peak_blocks', '')} "
-            f"| {fmt(r.get('peak_in_use_bytes') and r['peak_in_use_bytes'] / MiB, '.1f')} "
-            f"| {r.get('peak_running', '')} | {r.get('decode_steps', '')} | {fmt(r.get('total_s'), '.1f')} "
-            f"| {fmt(r.get('decode_tps'), '.1f')} | {fmt(r.get('total_tps'), '.1f')} "
-            f"| {fmt(vs.get('total_tps'), '.2f')} | {fmt(vs.get('decode_tps'), '.2f')} "
-            f"| {fmt(vs.get('peak_running'), '.2f')} | {same} | {r['note']} |")
-    return lines
+        cells.append([i, r["label"], r.get("rows", ""), r.get("usable_blocks", ""), fmt(r.get("kv_bytes"), ".1f", MiB),
+                      r.get("peak_blocks", ""), fmt(r.get("peak_in_use_bytes"), ".1f", MiB), r.get("peak_running", ""),
+                      r.get("decode_steps", ""), fmt(r.get("total_s"), ".1f"), fmt(r.get("decode_tps"), ".1f"),
+                      fmt(r.get("total_tps"), ".1f"), fmt(vs.get("total_tps"), ".2f"), fmt(vs.get("decode_tps"), ".2f"),
+                      fmt(vs.get("peak_running"), ".2f"), same, r["note"]])
+    return markdown_table(headers, cells)
 
 
 def write_report(path: Path, header: dict, rows: list[dict], prefill: list[dict]):
@@ -374,10 +370,8 @@ def write_report(path: Path, header: dict, rows: list[dict], prefill: list[dict]
     atomic_write_json(path.with_suffix(".json"), dict(header, rows=public, prefill_rows=prefill), indent=1,
                       default=str)
     h = header
-    lines = [f"# Serving benchmark {h['date']}", "",
-             f"- device: {h['device']}; torch {h['torch']}, python {h['python']}, {h['threads']} CPU threads",
-             f"- commit: {h['commit']}",
-             f"- command: `{h['command']}`",
+    lines = [f"# Serving benchmark {h['date']}", "", *header_lines(h),
+             f"- {h['threads']} CPU threads",
              f"- model: random {h['dtype']} weights of the {h['shape']} shape; decode step: "
              f"{'torch.compile' if h['compile'] else 'eager'}",
              f"- workload: {h['num_prompts']} prompts of {h['prompt_lengths'][0]}-{h['prompt_lengths'][1]} random "
@@ -389,106 +383,69 @@ def write_report(path: Path, header: dict, rows: list[dict], prefill: list[dict]
              f"sink {h['sink_size']}, window {h['window_size']}, group {h['group_size']}", ""]
     lines += table_rows(header, rows) + [""]
     if prefill:
-        lines += [f"Prefill of one {prefill[0]['tokens']}-token prompt:", "",
-                  "| chunk | prefill s | tokens/s | peak MiB | logits MiB |", "|---|---|---|---|---|"]
-        for p in prefill:
-            lines.append(f"| {p['chunk_label']} | {p['seconds']:.2f} | {p['tokens_per_s']:.0f} "
-                         f"| {fmt(p['peak_bytes'] / MiB if 'peak_bytes' in p else None, '.1f')} "
-                         f"| {p['logits_bytes'] / MiB:.1f} |")
-        lines.append("")
+        lines += [f"Prefill of one {prefill[0]['tokens']}-token prompt:", ""]
+        lines += markdown_table(["chunk", "prefill s", "tokens/s", "peak MiB", "logits MiB"],
+                                [[p["chunk_label"], f"{p['seconds']:.2f}", f"{p['tokens_per_s']:.0f}",
+                                  fmt(p.get("peak_bytes"), ".1f", MiB), f"{p['logits_bytes'] / MiB:.1f}"]
+                                 for p in prefill]) + [""]
     lines += [LEGEND, "", PREFILL_LEGEND, ""]
     atomic_write_text(path.with_suffix(".md"), "\n".join(lines))
-
-
-def git_commit() -> str:
-    """The commit (-dirty: tracked files changed), and a word when this script itself is not the committed one."""
-    def git(*argv):
-        return subprocess.run(["git", *argv], cwd=REPO_DIR, capture_output=True, text=True, timeout=10).stdout.strip()
-    try:
-        commit = git("describe", "--always", "--dirty", "--abbrev=12") or "unknown"
-        state = git("status", "--porcelain", "--", "scripts/bench_serve.py")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return commit + (f" (scripts/bench_serve.py {'untracked' if state.startswith('??') else 'modified'})"
-                     if state else "")
 
 
 # ---------------------------------------------------------------- command line
 
 
-def length_range(text):
-    try:
-        lo, hi = (int(x) for x in text.split("-"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not LO-HI (e.g. 16-256)") from None
-    if not 1 <= lo <= hi:
-        raise argparse.ArgumentTypeError(f"{text!r}: need 1 <= LO <= HI")
-    return lo, hi
-
-
-def whole(minimum):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
-
-
-def chunk_list(text):
-    out = []
-    for x in text.split(","):
-        if x == "all":
-            out.append("all")
-            continue
-        try:
-            out.append(int(x))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: chunk sizes are whole numbers or 'all' (e.g. 64,256,all)")
-        if out[-1] < 1:
-            raise argparse.ArgumentTypeError(f"{text!r}: chunk sizes must be at least 1")
-    return out
+def chunk_size(text):
+    """A prefill chunk: a whole number >= 1, or all."""
+    if text == "all":
+        return text
+    value = count(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m scripts.bench_serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda message: sys.exit(f"error: {message} (see --help)")
     p.add_argument("--shape", choices=list(SHAPES), default=None,
                    help="model shape (default llama3-8b on CUDA, smollm2-135m on CPU)")
-    p.add_argument("--num_prompts", type=whole(1), default=None, help="prompts (default 256 on CUDA, 32 on CPU)")
+    p.add_argument("--num_prompts", type=whole_number(1), default=None, help="prompts (default 256 on CUDA, 32 on CPU)")
     p.add_argument("--prompt_lengths", type=length_range, default=None,
                    help="LO-HI: prompt lengths drawn uniformly (default 128-2048 on CUDA, 16-256 on CPU)")
-    p.add_argument("--new_tokens", type=whole(1), default=None, help="tokens generated per prompt (default 256 "
+    p.add_argument("--new_tokens", type=whole_number(1), default=None, help="tokens generated per prompt (default 256 "
                                                                      "on CUDA, 32 on CPU)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kv_memory_gb", type=float, default=None,
+    p.add_argument("--kv_memory_gb", type=positive_number, default=None,
                    help="the KV budget of every row in GiB (default: what contiguous preallocation needs for "
                         "max(2, ceil(num_prompts/8)) max-length sequences)")
-    p.add_argument("--rows", type=bench_decode.name_list(ROWS), default=DEFAULT_ROWS,
+    p.add_argument("--rows", type=name_list(ROWS), default=DEFAULT_ROWS,
                    help=f"comma-separated, from {','.join(ROWS)} (default {','.join(DEFAULT_ROWS)})")
-    p.add_argument("--max_rows", type=whole(1), default=None,
+    p.add_argument("--max_rows", type=whole_number(1), default=None,
                    help="rows (batch) of the paged caches (default: the fewest that let the blocks bind)")
-    p.add_argument("--block_size", type=whole(1), default=DEFAULT_BLOCK_SIZE,
+    p.add_argument("--block_size", type=whole_number(1), default=DEFAULT_BLOCK_SIZE,
                    help=f"paged: tokens per block (default {DEFAULT_BLOCK_SIZE})")
-    p.add_argument("--sink_size", type=whole(0), default=16, help="quantize_kv sinks (default 16)")
-    p.add_argument("--window_size", type=whole(0), default=32, help="quantize_kv 16-bit window (default 32)")
-    p.add_argument("--group_size", type=whole(1), default=32, help="quantize_kv int4 group (default 32)")
-    p.add_argument("--prefill_chunk", type=whole(1), default=512, help="prefill chunk of the serving rows (512)")
-    p.add_argument("--prefill_prompt", type=whole(0), default=None,
+    p.add_argument("--sink_size", type=whole_number(0), default=SINK_SIZE,
+                   help=f"quantize_kv sinks (default {SINK_SIZE}, the library's)")
+    p.add_argument("--window_size", type=whole_number(0), default=WINDOW_SIZE,
+                   help=f"quantize_kv 16-bit window (default {WINDOW_SIZE}, the library's)")
+    p.add_argument("--group_size", type=whole_number(1), default=GROUP_SIZE,
+                   help=f"quantize_kv int4 group (default {GROUP_SIZE}, the library's)")
+    p.add_argument("--prefill_chunk", type=whole_number(1), default=512, help="prefill chunk of the serving rows (512)")
+    p.add_argument("--prefill_prompt", type=whole_number(0), default=None,
                    help="tokens of the prefill-memory prompt (default 8192 on CUDA, 1024 on CPU; 0: no table)")
-    p.add_argument("--prefill_chunks", type=chunk_list, default=[64, 128, 256, 512, "all"],
+    p.add_argument("--prefill_chunks", type=list_of(chunk_size, "chunk sizes: whole numbers or 'all' (e.g. 64,256,all)"),
+                   default=[64, 128, 256, 512, "all"],
                    help="chunk sizes of the prefill-memory table (default 64,128,256,512,all)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compile time apart)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=whole(1), default=None,
+    p.add_argument("--threads", type=whole_number(1), default=None,
                    help="CPU threads (default 1 on CPU: on a shared 2-core machine a second spinning thread made "
                         "decode steps 4x slower; torch's default elsewhere)")
-    p.add_argument("--out", type=Path, default=REPO_DIR / "outputs" / "results",
-                   help="folder for the .md and .json (default outputs/results/)")
+    p.add_argument("--out", type=Path, default=LOCAL_OUT,
+                   help="folder for the .md and .json (default outputs/local/, not tracked by git)")
     return p
 
 
@@ -510,12 +467,8 @@ def main(argv=None):
 
 
 def run(args, argv):
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ValueError(f"--device {args.device!r} is not a device: use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA GPU is visible: run on a GPU machine or pass --device cpu")
+    argv = sys.argv[1:] if argv is None else argv
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {args.device}: use cpu or cuda")
     gpu = device.type == "cuda"
@@ -524,13 +477,11 @@ def run(args, argv):
     lo, hi = args.prompt_lengths or ((128, 2048) if gpu else (16, 256))
     new = args.new_tokens or (256 if gpu else 32)
     prefill_len = args.prefill_prompt if args.prefill_prompt is not None else (8192 if gpu else 1024)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if gpu else torch.float32)
     model_args = SHAPES[shape]
-    if args.kv_memory_gb is not None and not (0 < args.kv_memory_gb < math.inf):
-        raise ValueError(f"--kv_memory_gb must be a number > 0, got {args.kv_memory_gb}")
-    for bits in {ROWS[r][2] for r in args.rows} - {None}:  # bad quantize_kv options fail before anything runs
-        kv_cache.STRATEGIES["quantize_kv"].check_options(
-            row_options(vars(args), bits), hi + new, model_args.head_dim, quiet=True)
+    for name in args.rows:  # bad cache options fail before anything runs
+        preset = BY_NAME[ROWS[name][1]]
+        kv_cache.STRATEGIES[preset.strategy].check_options(
+            row_options(vars(args), preset.name), hi + new, model_args.head_dim, quiet=True)
     now = datetime.datetime.now()
     path = check_writable_file(args.out / f"bench_serve_{device.type}_{now:%Y-%m-%d_%H%M%S}.json").with_suffix("")
 
@@ -562,11 +513,7 @@ def run(args, argv):
                          f"({max_len} tokens; {plans[0]['note'].removeprefix('skipped: ')}): raise --kv_memory_gb "
                          "or shorten --prompt_lengths / --new_tokens")
 
-    device_name = torch.cuda.get_device_name(device) if gpu else (platform.processor() or "cpu")
-    header = dict(date=now.isoformat(timespec="seconds"), device=f"{device_name} ({device.type})",
-                  torch=torch.__version__, python=platform.python_version(), threads=torch.get_num_threads(),
-                  commit=git_commit(),
-                  command=" ".join(["python", "scripts/bench_serve.py"] + (sys.argv[1:] if argv is None else argv)),
+    header = dict(run_header(device, __spec__.name, argv, Path(__file__)), threads=torch.get_num_threads(),
                   shape=shape, dtype=str(dtype).replace("torch.", ""), compile=args.compile, num_prompts=n,
                   prompt_lengths=[lo, hi], seed=args.seed, new_tokens=new, prompt_tokens=sum(lengths),
                   longest_prompt=max(lengths), max_seq_length=max_len, budget_bytes=budget, budget_rule=rule,
@@ -577,7 +524,7 @@ def run(args, argv):
           f"{format_bytes(budget)} ({rule}); writing {path}.md/.json", flush=True)
 
     torch.manual_seed(args.seed)
-    model = bench_decode.random_model(model_args, device, args.seed).to(dtype)
+    model = random_model(model_args, device, dtype, args.seed)
     with torch.no_grad():  # warm-up: the first calls of eager PyTorch are slow; no row pays for them
         setup_cache(model, "full", {}, 2, 24, quiet=True)
         generate_batch(model, [prompts[0][:16], prompts[-1][:8]], 4, prefill_chunk=args.prefill_chunk)

@@ -3,14 +3,12 @@ markdown against its JSON; bad options end in one line."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_DIR / "scripts"))
-import bench_serve  # noqa: E402
+from scripts import bench_serve
+from scripts.common import REPO_DIR
 
 NUM_PROMPTS, NEW_TOKENS = 8, 6
 ARGV = ["--device", "cpu", "--shape", "tiny", "--num_prompts", str(NUM_PROMPTS), "--prompt_lengths", "8-40",
@@ -91,9 +89,17 @@ def test_bad_options_are_one_line(argv, words, tmp_path):
 
 
 def test_bad_cache_option_fails_in_one_stderr_line(tmp_path):
-    proc = subprocess.run([sys.executable, "scripts/bench_serve.py", "--device", "cpu", "--shape", "tiny",
+    proc = subprocess.run([sys.executable, "-m", "scripts.bench_serve", "--device", "cpu", "--shape", "tiny",
                            "--group_size", "7", "--out", str(tmp_path)],
                           cwd=REPO_DIR, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and "--group_size" in proc.stderr
     assert not list(tmp_path.iterdir())  # nothing written before the check
+
+
+def test_results_go_to_an_untracked_folder_by_default():
+    """Issue 22 item 11: by default nothing is written into the tracked outputs/results/."""
+    out = bench_serve.build_parser().parse_args([]).out
+    assert out == REPO_DIR / "outputs" / "local"
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(out / "bench_serve_cpu_x.json")], cwd=REPO_DIR)
+    assert ignored.returncode == 0  # .gitignore holds it
