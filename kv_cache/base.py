@@ -1,5 +1,6 @@
-"""The cache interface every strategy implements, its options, and the pieces every strategy shares: RoPE by
-position and the choice of decode-attention backend (one description of what to attend to, two backends).
+"""The cache interface every strategy implements, its options, and the pieces strategies share: the sinks + window
+options (SinkWindowOptions), the full cache's forward over a DenseStore (forward_full), RoPE by position and the
+choice of decode-attention backend (one description of what to attend to, two backends).
 
 A strategy is a policy: which tokens to keep and where they go (kv_cache/stores.py holds them). Its options are one
 dataclass, resolved and checked once; the command-line options are generated from its fields.
@@ -24,6 +25,7 @@ from model import apply_rope
 
 STRATEGIES: dict[str, type["KVCache"]] = {}
 ATTN_IMPLS = ("triton", "torch")
+GROUP_SIZE = 32  # KIVI's group, the default of every --group_size: channels (per-channel keys: tokens) per scale
 
 
 def register(cls):
@@ -72,6 +74,21 @@ class CacheOptions:
         resolved = cls(**options)
         resolved.check(head_dim)  # may fill in defaults that depend on other options
         return resolved
+
+
+@dataclass
+class SinkWindowOptions(CacheOptions):
+    """The attention sinks and the recent window every compressing strategy keeps in the model dtype."""
+    sink_size: int = option(16, "first tokens always kept in the model dtype, the attention sinks")
+    window_size: int = option(32, "most recent tokens kept in the model dtype")
+
+    def check(self, head_dim):
+        super().check(head_dim)
+        if not isinstance(self.sink_size, int) or self.sink_size < 0:
+            raise ValueError(f"--sink_size must be a whole number >= 0 (got {self.sink_size})")
+        if not isinstance(self.window_size, int) or self.window_size < 1:
+            raise ValueError(f"--window_size must be a whole number >= 1 (got {self.window_size}): the newest token "
+                             "must stay")
 
 
 class KVCache(nn.Module):
@@ -158,6 +175,22 @@ class KVCache(nn.Module):
         first R sequences (views of the stores, written by one scatter: the static decode step's path)."""
         R, T = q.shape[0], q.shape[2]
         return (slice(0, R) if rows is None else rows), input_pos.reshape(-1, T).expand(R, T)
+
+    def forward_full(self, store: DenseStore, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, rope_cos: Tensor,
+                     rope_sin: Tensor, rows: Optional[Tensor] = None) -> Tensor:
+        """The full cache's forward over `store` (slot = position): q and k rotated at their positions, k and v
+        stored, attention over every slot up to each query's position (full's, and compress_kv's while it holds
+        everything)."""
+        decode = self.is_decode(q, rows)
+        rows, pos = self.rows_and_positions(q, input_pos, rows)
+        q, k = rotate_qk(q, k, pos, rope_cos, rope_sin)
+        store.write(rows, pos, k, v)
+        if decode:  # the first R sequences, each up to its own position
+            return self.attend_decode(q, store, hi_last=pos[:, 0])
+        # Prefill: attend over the whole buffer (static shapes, as gpt-fast), masking slots after each query.
+        keys, values = store.logical(rows)
+        mask = torch.arange(keys.shape[2], device=q.device) <= pos[0, :, None]
+        return attend(q, keys, values, mask)
 
     def attend_decode(self, q: Tensor, hi, hi_last: Optional[Tensor] = None, hi_pos: Optional[Tensor] = None,
                       sink_size: int = 0, n_mid: Optional[Tensor] = None, mid=None, scores: bool = False,

@@ -19,33 +19,19 @@ tokens. Any chunk length works, so prompts longer than the cache are fed in chun
 
 Sizing: when sink_size + window_size > max_seq_length, a run that fits max_seq_length never evicts anything, and
 S + W slots would cost up to (S + W) / max_seq_length times the full cache (3.2x for a 15-token run with 16/32). The
-cache is then the full cache: a DenseStore of max_seq_length slots, full's forward, full's bytes and outputs, and
-capacity max_seq_length (a longer stream needs --max_seq_length >= sink_size + window_size to stream on).
+cache is then the full cache: a DenseStore of max_seq_length slots, full's forward (KVCache.forward_full), full's
+bytes and outputs, and capacity max_seq_length (a longer stream needs --max_seq_length >= sink_size + window_size to
+stream on).
 """
 from dataclasses import dataclass
 
 import torch
 
-from kv_cache.base import CacheOptions, KVCache, attend, option, register, rotate, rotate_qk
-from kv_cache.full import FullCache
+from kv_cache.base import KVCache, SinkWindowOptions, attend, option, register, rotate, rotate_qk
 from kv_cache.paging import PageSpace, round_up
 from kv_cache.stores import DenseStore, RingStore
 
 ROPE_POSITIONS = ("cache", "original")
-
-
-@dataclass
-class SinkWindowOptions(CacheOptions):
-    sink_size: int = option(16, "first tokens always kept in the model dtype, the attention sinks")
-    window_size: int = option(32, "most recent tokens kept in the model dtype")
-
-    def check(self, head_dim):
-        super().check(head_dim)
-        if not isinstance(self.sink_size, int) or self.sink_size < 0:
-            raise ValueError(f"--sink_size must be a whole number >= 0 (got {self.sink_size})")
-        if not isinstance(self.window_size, int) or self.window_size < 1:
-            raise ValueError(f"--window_size must be a whole number >= 1 (got {self.window_size}): the newest token "
-                             "must stay")
 
 
 @dataclass
@@ -107,7 +93,7 @@ class CompressKVCache(KVCache):
 
     def forward(self, q, k, v, input_pos, rope_cos, rope_sin, rows=None):
         if self.as_full:  # rank in the cache = absolute position while nothing is evicted: both rope modes agree
-            return FullCache.forward(self, q, k, v, input_pos, rope_cos, rope_sin, rows)
+            return self.forward_full(self.store, q, k, v, input_pos, rope_cos, rope_sin, rows)
         decode = self.is_decode(q, rows)
         rows, pos = self.rows_and_positions(q, input_pos, rows)
         if self.rope_positions == "original":

@@ -42,8 +42,8 @@ import torch
 from torch import Tensor
 
 from kernels.formats import FORMATS, get_format
-from kv_cache.base import KVCache, attend, attention_probs, option, per_kv_head, rotate_qk
-from kv_cache.compress_kv import SinkWindowOptions
+from kv_cache.base import (GROUP_SIZE, KVCache, SinkWindowOptions, attend, attention_probs, option, per_kv_head,
+                           rotate_qk)
 from kv_cache.paging import PageSpace, round_up
 from kv_cache.stores import DenseMidStore, QuantizedStore, RingStore
 
@@ -54,7 +54,7 @@ class EvictOptions(SinkWindowOptions):
     then_bits: Optional[str] = option(None, "store the tokens the policy keeps (beyond sinks and window) in this "
                                             "format: 8, 4, 2 or fp8 (default: the model dtype)",
                                       choices=list(FORMATS))
-    group_size: int = option(32, "--then_bits 4/2: channels per scale (keys and values per token)")
+    group_size: int = option(GROUP_SIZE, "--then_bits 4/2: channels per scale (keys and values per token)")
 
     def check(self, head_dim):
         super().check(head_dim)

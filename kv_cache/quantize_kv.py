@@ -46,8 +46,7 @@ from typing import Optional
 import torch
 
 from kernels.formats import FORMATS, get_format
-from kv_cache.base import KVCache, attend, option, register, rotate, rotate_qk
-from kv_cache.compress_kv import SinkWindowOptions
+from kv_cache.base import GROUP_SIZE, KVCache, SinkWindowOptions, attend, option, register, rotate, rotate_qk
 from kv_cache.paging import PageSpace, round_up
 from kv_cache.stores import QuantizedStore, RingStore, flush_size
 
@@ -134,7 +133,7 @@ def layer_bits(spec: str, n_layer: int) -> list[str]:
 @dataclass
 class QuantizeOptions(SinkWindowOptions):
     bits: str = option("8", "8: int8 per token; 4, 2: KIVI asymmetric, packed; fp8: e4m3", choices=list(FORMATS))
-    group_size: int = option(32, "KIVI group: tokens per key scale, channels per value scale")
+    group_size: int = option(GROUP_SIZE, "KIVI group: tokens per key scale, channels per value scale")
     k_granularity: Optional[str] = option(None, "key scales per token or per channel (default: channel for 4/2 "
                                                 "bits, else token)", choices=K_GRANULARITIES)
     bits_per_layer: Optional[str] = option(None, "a format per layer, overriding --bits: BITS:LAYERS entries "
