@@ -1,4 +1,4 @@
-"""Eviction under a fixed budget, the machinery every eviction policy shares (kv_cache/snapkv.py, kv_cache/h2o.py):
+"""Eviction under a fixed budget, the machinery every eviction policy shares (kv_cache/snapkv.py, h2o.py, tova.py):
 a policy only says how tokens are scored; this file keeps the tokens, evicts the lowest-scored ones and frees what
 it evicts (constant memory, contiguous or paged).
 

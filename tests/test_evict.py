@@ -1,4 +1,4 @@
-"""The eviction policies (kv_cache/snapkv.py, kv_cache/h2o.py on kv_cache/evict.py) against an explicit reference:
+"""The eviction policies (kv_cache/snapkv.py, h2o.py, tova.py on kv_cache/evict.py) against an explicit reference:
 a per-head Python simulation in float64 that holds token positions in lists, scores them as the papers do (H2O:
 attention accumulated over every query; TOVA: the current query's; SnapKV: the observation window's, average-pooled
 over neighbouring positions) and evicts by the documented rule. Which tokens each head keeps must match exactly,

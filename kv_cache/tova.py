@@ -1,0 +1,22 @@
+"""tova: Token Omission Via Attention (Oren et al., 2024), decode-time eviction under a fixed budget
+(kv_cache/evict.py keeps, evicts and frees; this policy only scores). Only the current query's attention counts (the
+last prompt token's at prefill); per KV head rather than TOVA's average over heads, so each head keeps its own.
+Scores come with the fused kernel's output (no second pass over the keys).
+"""
+from kv_cache.base import register
+from kv_cache.evict import EvictionCache
+
+
+@register
+class TOVACache(EvictionCache):
+    name = "tova"
+    help = "TOVA: sinks + window + the tokens the current query attends to most, per KV head, in a fixed budget"
+
+    def score_queries(self, T):
+        return slice(T - 1, T)
+
+    def prefill_scores(self, probs, old, pos):
+        return probs[:, :, -1]
+
+    def update(self, scores, probs):
+        return probs
