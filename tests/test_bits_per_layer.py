@@ -17,7 +17,7 @@ import engine
 import memory
 import runner
 import kv_cache
-from kv_cache.quantize_kv import layer_bits
+from kv_cache.layer_spec import layer_bits
 from model import ModelArgs, Transformer, apply_rope, rope_tables
 from test_kv_cache import SCHEDULE, group_quantizer, quantized_counts, random_tokens, stream, tiny_model
 
