@@ -96,12 +96,14 @@ def activation_bytes(args: ModelArgs, rows: int, max_seq_length: int, chunk: int
 
 
 def fill_plan(args: ModelArgs, strategy: str, options: dict, batch: int, context: int, max_seq_length: int,
-              available: int, rows: int = None, chunk: int = None, block_size: int = None) -> tuple[int, int]:
+              available: int, rows: int = None, chunk: int = None, block_size: int = None,
+              chunk_bytes: int = 8 * GiB) -> tuple[int, int]:
     """(prefill chunk, bytes needed) of a row filling `context` tokens of `rows` sequences (default: the batch)
     with caches for `batch`: memory.predicted_generation_bytes (caches, RoPE tables, the chunk's logits counted for
     the whole batch) + activation_bytes + 1/2 GiB for the decode step. The chunk (unless given): the largest power
-    of two from 2048 down to 16, at most the context, whose bytes fit `available`; the whole context for a strategy
-    that scores whole prompts (runner.prefill feeds it in one chunk)."""
+    of two from 2048 down to 16, at most the context, whose bytes fit `available` and whose own (what grows with
+    the chunk) stay within `chunk_bytes`; the whole context for a strategy that scores whole prompts
+    (runner.prefill feeds it in one chunk)."""
     def need(c):
         return (predicted_generation_bytes(args, strategy, options, batch, max_seq_length, c, max_seq_length, DTYPE,
                                            block_size) + activation_bytes(args, rows or batch, max_seq_length, c)
@@ -110,8 +112,8 @@ def fill_plan(args: ModelArgs, strategy: str, options: dict, batch: int, context
     if kv_cache.STRATEGIES[strategy].whole_prompt:
         chunk = context
     elif chunk is None:
-        chunk = 2048
-        while chunk > 16 and need(min(chunk, context)) > available:
+        fixed, chunk = need(0), 2048
+        while chunk > 16 and need(min(chunk, context)) > min(available, fixed + chunk_bytes):
             chunk //= 2
     chunk = max(1, min(chunk, context))
     return chunk, need(chunk)

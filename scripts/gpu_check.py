@@ -1,7 +1,7 @@
 """GPU correctness check: every Triton kernel in kernels/ against its PyTorch reference, at real shapes.
 
-    python scripts/gpu_check.py                   # on a GPU: head_dim 64/128, GQA 3:1/4:1, 4k/32k
-    python scripts/gpu_check.py --tiny            # no GPU: the same cases, small, in Triton's CPU interpreter
+    python -m scripts.gpu_check                   # on a GPU: head_dim 64/128, GQA 3:1/4:1, 4k/32k
+    python -m scripts.gpu_check --tiny            # no GPU: the same cases, small, in Triton's CPU interpreter
 
   * kernels/decode_attention.py against its float64 reference (decode_attention_ref): ||out - ref|| / ||ref||
     within the tolerance of the dtype. The "paged" cases read the same logical cache through block tables (as
@@ -24,19 +24,16 @@ import os
 import random
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-REPO_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_DIR))
 # The kernels (and triton) are imported inside the checks: main() must choose the interpreter before triton loads.
-from kernels.formats import FORMATS  # noqa: E402
-from kv_cache.stores import flush_size, ring_slots  # noqa: E402
-from kernels.quantize import quantize_keys, quantize_values  # noqa: E402
+from kernels.formats import FORMATS
+from kv_cache.stores import flush_size, ring_slots
+from kernels.quantize import quantize_keys, quantize_values
+from scripts.presets import GROUP_SIZE, SINK_SIZE, WINDOW_SIZE
 
 TOL = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-5}
-SINK_SIZE, WINDOW_SIZE, GROUP_SIZE = 16, 32, 32
 # name, query heads, KV heads, head_dim: SmolLM2-135M (GQA 3:1) and Llama-3-8B (GQA 4:1), or small ones (--tiny).
 HEADS = {False: [("d64-gqa3", 9, 3, 64), ("d128-gqa4", 32, 8, 128)],
          True: [("d64-gqa3", 3, 1, 64), ("d128-gqa4", 4, 1, 128)]}
@@ -311,12 +308,13 @@ def check_device(device: torch.device, tiny: bool):
     if device.type == "cpu":
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("triton was imported before --tiny could choose its interpreter: run "
-                             "`TRITON_INTERPRET=1 python scripts/gpu_check.py --tiny`")
+                             "`TRITON_INTERPRET=1 python -m scripts.gpu_check --tiny`")
         os.environ["TRITON_INTERPRET"] = "1"
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m scripts.gpu_check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true",
                         help="small shapes; on the CPU (no GPU) in Triton's interpreter (sets TRITON_INTERPRET=1)")
     parser.add_argument("--seed", type=int, default=None, help="repeat a run's random inputs (default: fresh)")
@@ -331,7 +329,7 @@ def main(argv=None):
     gen = torch.Generator(device=device).manual_seed(seed)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, Triton interpreter"
     print(f"gpu_check on {name}: torch {torch.__version__}, seed {seed}{', tiny shapes' if args.tiny else ''}")
-    print(f"| kernel | case | n_mid | rel err | tol | result |\n|---|---|---|---|---|---|", flush=True)
+    print("| kernel | case | n_mid | rel err | tol | result |\n|---|---|---|---|---|---|", flush=True)
     failures, t0 = 0, time.time()
     for check in CHECKS:
         for kernel, case, n_mid, err, tol, error in check(args.tiny, device, gen):

@@ -1,9 +1,9 @@
 """The whole GPU measurement in one prepared command: correctness first, then speed rows in order of value.
 
-    python scripts/gpu_suite.py OUT_DIR              # an H200: <= 7 minutes (--budget_s 400 by default)
-    python scripts/gpu_suite.py OUT_DIR --quick      # <= 3 minutes: the headline rows again, for a rerun
-    python scripts/gpu_suite.py OUT_DIR --tiny       # CPU rehearsal: the same code paths, tiny shapes, < 2 minutes
-    python scripts/gpu_suite.py --plot OUT_DIR       # afterwards, on any machine: OUT_DIR/roofline.png from the JSON
+    python -m scripts.gpu_suite OUT_DIR              # an H200: <= 7 minutes (--budget_s 400 by default)
+    python -m scripts.gpu_suite OUT_DIR --quick      # <= 3 minutes: the headline rows again, for a rerun
+    python -m scripts.gpu_suite OUT_DIR --tiny       # CPU rehearsal: the same code paths, tiny shapes, < 2 minutes
+    python -m scripts.gpu_suite --plot OUT_DIR       # afterwards, on any machine: OUT_DIR/roofline.png from the JSON
 
 Every row is printed the moment it is measured and OUT_DIR/gpu_suite.md + .json are rewritten (atomically) after
 it, so a run cut short keeps everything it measured. Before each row the suite checks its time budget; rows it has
@@ -11,12 +11,12 @@ no time for are recorded as skipped. A row that fails records its error and the 
 
 Sections, in the order they run (value first):
   kernels   every Triton kernel against its float64 reference at real shapes (scripts/gpu_check.py)
-  model     32 decode steps of the whole model per strategy, fused Triton path vs the PyTorch path on the same
+  model     32 decode steps of the whole model per strategy of MODEL_CHECK, fused Triton path vs the PyTorch path on the same
             random weights and the same (teacher-forced) tokens, two sequences of different lengths: logits within
             bf16 tolerance
   headline  full cache, batch 1, context 256, decode step captured as a CUDA graph: tokens/s against the roofline
   short     quantize_kv / compress_kv at batch 1, context 256: never more than 5 % slower than full
-  long      32k context x batch 8: every strategy, speed-up over full against the ideal one from byte counts;
+  long      32k context x batch 8: the main strategies, speed-up over full against the ideal one from byte counts;
             full and int4 / int2 paged too (blocks of 16 through the block table), against their contiguous rows
   kernel    the fused attention kernel alone at 32k: bytes moved / time against the copy bandwidth
   budget    the largest batch at 32k that fits --budget_gb (weights included) and its aggregate tokens/s
@@ -24,7 +24,7 @@ Sections, in the order they run (value first):
   serve     scripts/bench_serve.py: a mixed workload at one KV budget, contiguous vs paged full / int8 / int4 pages,
             static vs continuous batching, and peak prefill memory against chunk size (files in OUT_DIR/serve/)
   compiled  full cache, batch 1, context 256 through torch.compile (compile time reported apart)
-  curve     more contexts at batch 1 and 8, for the roofline plot
+  curve     more contexts at batch 1 and 8, every entry of scripts/presets.py, for the roofline plot
 
 Speed rows use random bfloat16 weights of the Llama-3-8B shape (speed does not depend on their values) and fill
 the context by prefilling one sequence and copying its cache to the others (bench_decode.fill_context).
@@ -32,11 +32,8 @@ The roofline of a row is (weight bytes + KV bytes) / the copy bandwidth measured
 """
 import argparse
 import dataclasses
-import datetime
-import gc
 import json
 import os
-import platform
 import sys
 import time
 import traceback
@@ -49,16 +46,14 @@ TINY = "--tiny" in sys.argv[1:]
 if TINY or not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported; only --tiny runs without a GPU
 
-REPO_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_DIR))
-sys.path.insert(0, str(REPO_DIR / "scripts"))
-import bench_decode  # noqa: E402
-import gpu_check  # noqa: E402
 from atomic import atomic_write_json, atomic_write_text  # noqa: E402
-from bench_decode import GiB, SHAPES, STRATEGIES, fmt  # noqa: E402
-from memory import peak_memory_bytes  # noqa: E402
-from runner import compile_decode, decode_one_token, setup_cache  # noqa: E402
 from kv_cache.paging import DEFAULT_BLOCK_SIZE  # noqa: E402
+from memory import available_memory_bytes, peak_memory_bytes, predicted_kv_bytes  # noqa: E402
+from runner import compile_decode, decode_one_token, prefill, setup_cache, synchronize  # noqa: E402
+from scripts import bench_decode, gpu_check  # noqa: E402
+from scripts.common import GiB, copy_bandwidth, fmt, header_lines, markdown_table, release, run_header, timed  # noqa: E402
+from scripts.presets import BY_NAME, PRESETS, SINK_SIZE, WINDOW_SIZE  # noqa: E402
+from shapes import SHAPES, randomize, random_model  # noqa: E402
 
 DTYPE = bench_decode.DTYPE
 # Targets from the issue: (section, what, threshold, which way is good).
@@ -70,8 +65,8 @@ TARGETS = {
     "budget": ("at the memory budget, int4's aggregate tokens/s >= 2.5x full's", 2.5),
     "peer": ("ours >= 10x HF transformers eager at the same shape, context and batch", 10.0),
 }
-# Sinks and window of every row (the brief's yardsticks use 16/32), for the strategies that have them.
-SINK_WINDOW = {s: ["--sink_size", "16", "--window_size", "32"] for s in ("compress_kv", "quantize_kv")}
+# The entries of scripts/presets.py whose fused (Triton) decode path is checked against the PyTorch one, whole model.
+MODEL_CHECK = ("full", "compress_kv", "quantize_kv-int8", "quantize_kv-fp8", "quantize_kv-int4", "quantize_kv-int2")
 MODEL_TOL = 2e-2  # ||logits_triton - logits_torch|| / ||logits_torch|| per step, bf16 (see README "GPU speed")
 
 
@@ -135,12 +130,11 @@ def row_text(r: dict) -> str:
     if r["section"] in ("kernels", "model"):
         return f"{r['name']}: err {fmt(r.get('err'), '.2e')} (tol {fmt(r.get('tol'), '.0e')}) {r['result']} {r['note']}"
     if r["section"] == "kernel":
-        return (f"{r['name']}: {fmt(r.get('bytes_per_s') and r['bytes_per_s'] / 1e9, '.0f')} GB/s "
-                f"({fmt(r.get('copy_pct'), '.1f')} % of copy) {r['note']}")
+        return (f"{r['name']}: {fmt(r.get('bytes_per_s'), '.0f', 1e9)} GB/s ({fmt(r.get('copy_pct'), '.1f')} % of "
+                f"copy) {r['note']}")
     return (f"{r['name']}: {fmt(r.get('tokens_per_s'), '.1f')} tokens/s, {fmt(r.get('roofline_pct'), '.1f')} % of "
             f"roofline, vs full {fmt(r.get('vs_full'), '.3f')} (ideal {fmt(r.get('ideal_vs_full'), '.3f')}), "
-            f"KV {fmt(r.get('kv_bytes') and r['kv_bytes'] / GiB, '.2f')} GiB, peak "
-            f"{fmt(r.get('peak_bytes') and r['peak_bytes'] / GiB, '.1f')} GiB {r['note']}")
+            f"KV {fmt(r.get('kv_bytes'), '.2f', GiB)} GiB, peak {fmt(r.get('peak_bytes'), '.1f', GiB)} GiB {r['note']}")
 
 
 def targets(rows: list[dict]) -> list[dict]:
@@ -178,58 +172,38 @@ def targets(rows: list[dict]) -> list[dict]:
 
 
 def markdown(header: dict, rows: list[dict]) -> str:
-    lines = [f"# GPU suite {header['date']}", "",
-             f"- device: {header['device']}", f"- torch {header['torch']}, triton {header['triton']}, "
-             f"transformers {header['transformers']}, python {header['python']}",
-             f"- copy bandwidth: {fmt(header.get('bandwidth') and header['bandwidth'] / 1e9, '.0f')} GB/s "
+    lines = [f"# GPU suite {header['date']}", "", *header_lines(header),
+             f"- copy bandwidth: {fmt(header.get('bandwidth'), '.0f', 1e9)} GB/s "
              "(device-to-device copy, bytes read + written)",
-             f"- command: `{header['command']}`", f"- mode: {header['mode']}; elapsed {header['elapsed_s']} s", ""]
+             f"- mode: {header['mode']}; elapsed {header['elapsed_s']} s", ""]
     for section in ("kernels", "model"):
         part = [r for r in rows if r["section"] == section]
         if part:
-            lines += [f"## {section}", "", "| case | rel err | tol | result | note |", "|---|---|---|---|---|"]
-            lines += [f"| {r['name']} | {fmt(r.get('err'), '.2e')} | {fmt(r.get('tol'), '.0e')} | {r['result']} "
-                      f"| {r['note']} |" for r in part]
-            lines.append("")
-    speed_sections = [s for s in ("headline", "short", "long", "budget", "peer", "compiled", "curve")
-                      if any(r["section"] == s for r in rows)]
-    if speed_sections:
-        lines += ["## decode speed", "", "| section | row | context | batch | tokens/s | vs full | ideal | % ideal "
-                  "| step ms | roofline ms | % roofline | KV GiB | peak GiB | first call s | note |",
-                  "|" + "---|" * 15]
-        for section in speed_sections:
-            for r in (r for r in rows if r["section"] == section):
-                lines.append(
-                    f"| {section} | {r['name']} | {r.get('context', '')} | {r.get('batch', '')} "
-                    f"| {fmt(r.get('tokens_per_s'), '.1f')} | {fmt(r.get('vs_full'), '.3f')} "
-                    f"| {fmt(r.get('ideal_vs_full'), '.3f')} | {fmt(r.get('pct_of_ideal'), '.1f')} "
-                    f"| {fmt(r.get('step_s') and r['step_s'] * 1e3, '.3f')} "
-                    f"| {fmt(r.get('roofline_s') and r['roofline_s'] * 1e3, '.3f')} "
-                    f"| {fmt(r.get('roofline_pct'), '.1f')} | {fmt(r.get('kv_bytes') and r['kv_bytes'] / GiB, '.2f')} "
-                    f"| {fmt(r.get('peak_bytes') and r['peak_bytes'] / GiB, '.1f')} "
-                    f"| {fmt(r.get('first_call_s'), '.2f')} | {r['note']} |")
-        lines.append("")
-    kernel_rows = [r for r in rows if r["section"] == "kernel"]
-    if kernel_rows:
-        lines += ["## fused attention kernel alone", "", "| kind | context | batch | us | MB moved | GB/s | % copy | note |",
-                  "|" + "---|" * 8]
-        lines += [f"| {r['name']} | {r.get('context', '')} | {r.get('batch', '')} "
-                  f"| {fmt(r.get('seconds') and r['seconds'] * 1e6, '.1f')} | {fmt(r.get('bytes') and r['bytes'] / 1e6, '.1f')} "
-                  f"| {fmt(r.get('bytes_per_s') and r['bytes_per_s'] / 1e9, '.0f')} | {fmt(r.get('copy_pct'), '.1f')} "
-                  f"| {r['note']} |" for r in kernel_rows]
-        lines.append("")
+            lines += [f"## {section}", ""]
+            lines += markdown_table(["case", "rel err", "tol", "result", "note"],
+                                    [[r["name"], fmt(r.get("err"), ".2e"), fmt(r.get("tol"), ".0e"), r["result"],
+                                      r["note"]] for r in part]) + [""]
+    speed = [r for section in ("headline", "short", "long", "budget", "peer", "compiled", "curve")
+             for r in rows if r["section"] == section]
+    if speed:
+        lines += ["## decode speed", ""]
+        lines += bench_decode.table(["section", "name", "context", "batch"], bench_decode.SPEED_COLUMNS, speed) + [""]
+    kernel = [r for r in rows if r["section"] == "kernel"]
+    if kernel:
+        lines += ["## fused attention kernel alone", ""]
+        lines += bench_decode.table(["name", "context", "batch"], bench_decode.KERNEL_COLUMNS, kernel) + [""]
     serve = [r for r in rows if r["section"] == "serve"]
     if serve:
-        lines += ["## serving at one KV budget (scripts/bench_serve.py; its own tables in serve/)", "",
-                  "| row | rows | peak sequences | peak blocks | KV GiB | tokens/s | vs first | prefill s | peak GiB "
-                  "| note |", "|" + "---|" * 10]
-        lines += [f"| {r['name']} | {r.get('rows', '')} | {r.get('peak_running', '')} | {fmt(r.get('peak_blocks'), 'd')} "
-                  f"| {fmt(r.get('kv_bytes') and r['kv_bytes'] / GiB, '.3f')} | {fmt(r.get('total_tps'), '.1f')} "
-                  f"| {fmt(r.get('vs_first'), '.2f')} | {fmt(r.get('seconds'), '.3f')} "
-                  f"| {fmt(r.get('peak_bytes') and r['peak_bytes'] / GiB, '.3f')} | {r['note']} |" for r in serve]
-        lines.append("")
-    lines += ["## targets", "", "| target | case | value | result |", "|---|---|---|---|"]
-    lines += [f"| {t['target']} | {t['case']} | {fmt(t['value'], '.3g')} | {t['result']} |" for t in targets(rows)]
+        lines += ["## serving at one KV budget (scripts/bench_serve.py; its own tables in serve/)", ""]
+        lines += markdown_table(
+            ["row", "rows", "peak sequences", "peak blocks", "KV GiB", "tokens/s", "vs first", "prefill s",
+             "peak GiB", "note"],
+            [[r["name"], r.get("rows", ""), r.get("peak_running", ""), fmt(r.get("peak_blocks"), "d"),
+              fmt(r.get("kv_bytes"), ".3f", GiB), fmt(r.get("total_tps"), ".1f"), fmt(r.get("vs_first"), ".2f"),
+              fmt(r.get("seconds"), ".3f"), fmt(r.get("peak_bytes"), ".3f", GiB), r["note"]] for r in serve]) + [""]
+    lines += ["## targets", ""]
+    lines += markdown_table(["target", "case", "value", "result"],
+                            [[t["target"], t["case"], fmt(t["value"], ".3g"), t["result"]] for t in targets(rows)])
     lines += ["", bench_decode.LEGEND, "",
               "**vs peer** (peer rows): our tokens/s over HF transformers eager's at the same shape, context and batch. "
               f"Model rows: the largest per-step ||logits_triton - logits_torch|| / ||logits_torch|| over 32 "
@@ -252,18 +226,18 @@ def kernel_rows(report: Report, tiny: bool, device, seed: int):
 
 
 @torch.no_grad()
-def model_check_row(name: str, args, strategy: str, extra: list, context: int, steps: int, device) -> dict:
-    """The fused path (--attn_impl triton) against the PyTorch path (--attn_impl torch) of one strategy, on the same
+def model_check_row(name: str, args, preset: str, context: int, steps: int, device) -> dict:
+    """The fused path (--attn_impl triton) against the PyTorch path (--attn_impl torch) of one preset, on the same
     random weights, prompt and decode tokens (the torch path's greedy tokens are fed to both)."""
-    model = bench_decode.random_model(args, device, seed=1)
+    model = random_model(args, device, DTYPE, seed=1)
     prompt = torch.randint(args.vocab_size, (2, context), device=device, generator=torch.Generator(device).manual_seed(2))
     lengths = [context, context - 37]  # two sequences of different lengths: per-sequence ring state and n_mid
+    strategy = BY_NAME[preset].strategy
     logits, tokens = {}, None
     for impl in ("torch", "triton"):
-        options = bench_decode.strategy_options(strategy, extra + SINK_WINDOW.get(strategy, []) + ["--attn_impl", impl])
-        setup_cache(model, strategy, options, 2, context + steps)
-        token = torch.cat([model(prompt[b:b + 1, :n], torch.arange(n, device=device), torch.tensor([b], device=device))
-                           [:, -1:].argmax(-1) for b, n in enumerate(lengths)])
+        setup_cache(model, strategy, BY_NAME[preset].options(extra=["--attn_impl", impl]), 2, context + steps)
+        token = torch.cat([prefill(model, prompt[b:b + 1, :n], rows=torch.tensor([b], device=device), last_only=True)
+                           .argmax(-1) for b, n in enumerate(lengths)])
         positions = torch.tensor(lengths, device=device)[:, None]
         out, chosen = [], [token]
         for step in range(steps):
@@ -273,40 +247,41 @@ def model_check_row(name: str, args, strategy: str, extra: list, context: int, s
         logits[impl] = torch.stack(out)
         if tokens is None:
             tokens = chosen
-    bench_decode.release(model, device)
+    release(model, device)
     ref, fused = logits["torch"], logits["triton"]
     err = max(((fused[s] - ref[s]).norm() / ref[s].norm()).item() for s in range(steps))
     agree = (fused.argmax(-1) == ref.argmax(-1)).float().mean().item()
     ok = err <= MODEL_TOL
-    return dict(section="model", name=f"{name} {strategy} {' '.join(extra)}".strip(), err=err, tol=MODEL_TOL,
-                top1_agree=agree, result="ok" if ok else "FAIL error too large",
-                note=f"greedy tokens agree on {100 * agree:.0f} % of steps")
+    return dict(section="model", name=f"{name} {preset}", err=err, tol=MODEL_TOL, top1_agree=agree,
+                result="ok" if ok else "FAIL error too large", note=f"greedy tokens agree on {100 * agree:.0f} % of steps")
 
 
 # ---------------------------------------------------------------- speed
 
 
+def decode_positions(context: int, mode: Mode) -> int:
+    return bench_decode.decode_positions(context, mode.steps, mode.repeats, mode.warmup)
+
+
 def speed_row(model, section, name, context, batch, mode: Mode, cfg, device, compiled=False) -> dict:
-    """One decode-speed row: the caches of `name` filled to `context` for `batch` sequences, then timed. A name
-    `strategy@impl` forces that strategy's --attn_impl (e.g. full@torch: PyTorch SDPA instead of the Triton kernel);
-    `strategy+paged` pages the cache in blocks of DEFAULT_BLOCK_SIZE tokens (the kernel reads through the block table)."""
+    """One decode-speed row: the caches of preset `name` filled to `context` for `batch` sequences, then timed. A
+    name `preset@impl` forces that strategy's --attn_impl (e.g. full@torch: PyTorch SDPA instead of the Triton
+    kernel); `preset+paged` pages the cache in blocks of DEFAULT_BLOCK_SIZE tokens (the kernel reads through the
+    block table)."""
     base, paged = name.removesuffix("+paged"), name.endswith("+paged")
+    preset, _, attn_impl = base.partition("@")
     block_size = DEFAULT_BLOCK_SIZE if paged else None
-    strategy, extra = STRATEGIES[base.split("@")[0]]
-    if "@" in base:
-        extra = extra + ["--attn_impl", base.split("@")[1]]
+    strategy = BY_NAME[preset].strategy
     args = model.args
     row = dict(section=section, name=name, shape=mode.shape, context=context, batch=batch, note="")
-    options = bench_decode.strategy_options(strategy, extra + cfg["strategy_args"].get(strategy, []))
-    max_seq_length = context + 1 + mode.warmup + mode.repeats * mode.steps + 2
-    kv = bench_decode.cache_bytes(args, strategy, options, batch, max_seq_length, DTYPE, block_size)
-    full_kv = bench_decode.cache_bytes(args, "full", {}, batch, max_seq_length, DTYPE)
+    options = bench_decode.row_options(preset, cfg, attn_impl or None)
+    max_seq_length = decode_positions(context, mode)
+    kv = predicted_kv_bytes(args, strategy, options, batch, max_seq_length, DTYPE, block_size)
+    full_kv = predicted_kv_bytes(args, "full", {}, batch, max_seq_length, DTYPE)
     weights = cfg["weight_bytes"]
-    _, per_token = bench_decode.transient_bytes(args, 1, max_seq_length)  # the fill prefills one sequence
-    chunk = bench_decode.prefill_chunk(context, per_token, 4 * GiB if device.type == "cuda" else 64 * 2**20)
-    decode_temp = batch * args.vocab_size * 4 * 4 + 64 * 2**20 * (device.type == "cuda")  # logits, softmax, splits
-    need = kv + chunk * per_token + decode_temp
-    available = bench_decode.available_bytes(device)
+    available = available_memory_bytes(device)
+    chunk, need = bench_decode.fill_plan(args, strategy, options, batch, context, max_seq_length, available, rows=1,
+                                         block_size=block_size, chunk_bytes=cfg["chunk_bytes"])  # a broadcast fill
     row.update(kv_bytes=kv, full_kv_bytes=full_kv, weight_bytes=weights, prefill_chunk=chunk,
                max_seq_length=max_seq_length, ideal_vs_full=(weights + full_kv) / (weights + kv))
     if need > available:
@@ -321,7 +296,7 @@ def speed_row(model, section, name, context, batch, mode: Mode, cfg, device, com
         token = bench_decode.fill_context(model, batch, context, chunk, device, broadcast=True)
         for b in range(batch if pool is not None else 0):  # the timed steps run on the device alone
             pool.reserve(b, max_seq_length)
-        bench_decode.synchronize(device)
+        synchronize(device)
         row["fill_s"] = time.perf_counter() - t0
         if compiled:
             decode_fn, row["decode_path"] = compile_decode(), "torch.compile"
@@ -346,7 +321,7 @@ def speed_row(model, section, name, context, batch, mode: Mode, cfg, device, com
         row["note"] = "OOM"
         return row
     finally:
-        bench_decode.release(model, device)
+        release(model, device)
     roofline_s = (weights + kv) / cfg["bandwidth"]
     row.update(step_s=step_s, tokens_per_s=batch / step_s, roofline_s=roofline_s, roofline_pct=100 * roofline_s / step_s)
     return row
@@ -365,10 +340,8 @@ def with_full(row: dict, rows: list[dict]) -> dict:
 def budget_batch(args, name, context, mode: Mode, cfg) -> int:
     """Largest batch whose caches fit the memory budget beside the weights, from the caches' own byte counts (a
     cache built on the meta device), with a reserve for the fill and the decode step's temporaries."""
-    strategy, extra = STRATEGIES[name]
-    options = bench_decode.strategy_options(strategy, extra + cfg["strategy_args"].get(strategy, []))
-    max_seq_length = context + 1 + mode.warmup + mode.repeats * mode.steps + 2
-    per_sequence = bench_decode.cache_bytes(args, strategy, options, 1, max_seq_length, DTYPE)
+    options = bench_decode.row_options(name, cfg)
+    per_sequence = predicted_kv_bytes(args, BY_NAME[name].strategy, options, 1, decode_positions(context, mode), DTYPE)
     reserve = (6 * GiB if mode.shape != "tiny" else 8 * 2**20)
     room = mode.budget_gb * 1e9 - cfg["weight_bytes"] - reserve
     return max(1, int(room // per_sequence))
@@ -376,7 +349,8 @@ def budget_batch(args, name, context, mode: Mode, cfg) -> int:
 
 def hf_peer_row(args, context, batch, mode: Mode, device) -> dict:
     """HF transformers' LlamaForCausalLM, eager (no compile), its DynamicCache and default SDPA attention, on its own
-    random bf16 weights of the same config; the context filled for one sequence, then repeated to the batch."""
+    random bf16 weights of the same config (shapes.randomize); the context filled for one sequence, then repeated
+    to the batch."""
     import transformers
     row = dict(section="peer", name="hf-eager", shape=mode.shape, context=context, batch=batch,
                note=f"transformers {transformers.__version__}, DynamicCache")
@@ -387,13 +361,7 @@ def hf_peer_row(args, context, batch, mode: Mode, device) -> dict:
         tie_word_embeddings=args.tie_word_embeddings)
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(config).to(DTYPE)
-    model = model.to_empty(device=device).eval().requires_grad_(False)
-    gen = torch.Generator(device=device).manual_seed(0)
-    for p in model.parameters():
-        if p.ndim == 1:
-            p.fill_(1.0)  # norm weights
-        else:
-            p.normal_(0.0, 0.02, generator=gen)
+    model = randomize(model.to_empty(device=device).eval().requires_grad_(False))
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # 5.2x renames past_key_values; 5.17 (the GPU's) has only it
@@ -409,15 +377,13 @@ def hf_peer_row(args, context, batch, mode: Mode, device) -> dict:
                     token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
 
             steps(mode.warmup)
-            seconds = bench_decode.timed(lambda: steps(mode.steps), device) / mode.steps
+            seconds = timed(lambda: steps(mode.steps), device) / mode.steps
         row.update(step_s=seconds, tokens_per_s=batch / seconds, peak_bytes=peak_memory_bytes(device))
     except torch.cuda.OutOfMemoryError:
         row["note"] += "; OOM"
     finally:
         del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release(None, device)
     return row
 
 
@@ -432,7 +398,7 @@ SERVE_ARGS = {  # a mixed workload at one KV budget (scripts/bench_serve.py): it
 def serve_rows(report: Report, out: Path, tiny: bool) -> dict:
     """scripts/bench_serve.py's rows (contiguous static / continuous, paged full / int8 / int4 pages at one KV
     budget; peak prefill memory against chunk size) into OUT/serve/, and a summary row per layout in the suite."""
-    import bench_serve
+    from scripts import bench_serve
     argv = SERVE_ARGS[tiny] + ["--out", str(out / "serve")]
     bench_serve.run(bench_serve.build_parser().parse_args(argv), argv)
     result = json.loads(max((out / "serve").glob("bench_serve_*.json")).read_text())
@@ -471,27 +437,15 @@ def run(out: Path, quick: bool, tiny: bool, budget_gb: float, budget_s, seed: in
         mode.budget_s = budget_s
     if tiny:
         torch.set_num_threads(1)  # tiny shapes: one thread is fastest and the rehearsal's timing is steadier
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
-    try:
-        import transformers
-        transformers_version = transformers.__version__
-    except ImportError:
-        transformers_version = "not installed"
     t0 = time.time()
     deadline = t0 + mode.budget_s
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'} (CPU)"
-    header = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), device=name, torch=torch.__version__,
-                  triton=triton_version, transformers=transformers_version, python=platform.python_version(),
+    header = dict(run_header(device, __spec__.name, argv, Path(__file__)),
                   mode="tiny" if tiny else "quick" if quick else "full", seed=seed, t0=t0, budget_s=mode.budget_s,
-                  command=" ".join(["python", "scripts/gpu_suite.py"] + argv), shape=mode.shape)
+                  shape=mode.shape)
     out.mkdir(parents=True, exist_ok=True)
     report = Report(out, header)
-    header["bandwidth"] = bench_decode.copy_bandwidth(device)
-    print(f"gpu_suite on {name}: torch {torch.__version__}, triton {triton_version}, copy bandwidth "
+    header["bandwidth"] = copy_bandwidth(device)
+    print(f"gpu_suite on {header['device']}: torch {header['torch']}, triton {header['triton']}, copy bandwidth "
           f"{header['bandwidth'] / 1e9:.0f} GB/s; writing {out}/gpu_suite.md/.json", flush=True)
     report.write()
 
@@ -499,19 +453,18 @@ def run(out: Path, quick: bool, tiny: bool, budget_gb: float, budget_s, seed: in
         guarded(report, "kernels", "gpu_check", deadline, lambda: kernel_rows(report, tiny, device, seed)
                 or dict(section="kernels", name="all kernel cases", note="", result="done"))
     for check_name, check_args in mode.model_check[:1] if quick else mode.model_check:
-        for strategy, extra in (("full", []), ("compress_kv", []), ("quantize_kv", ["--bits", "8"]),
-                                ("quantize_kv", ["--bits", "fp8"]), ("quantize_kv", ["--bits", "4"]),
-                                ("quantize_kv", ["--bits", "2"])):
-            if quick and strategy != "quantize_kv":
+        for preset in MODEL_CHECK:
+            if quick and BY_NAME[preset].strategy != "quantize_kv":
                 continue
-            guarded(report, "model", f"{check_name} {strategy} {' '.join(extra)}", deadline,
-                    lambda: model_check_row(check_name, check_args, strategy, extra, mode.model_context,
-                                            mode.steps, device))
+            guarded(report, "model", f"{check_name} {preset}", deadline,
+                    lambda: model_check_row(check_name, check_args, preset, mode.model_context, mode.steps, device))
 
     args = SHAPES[mode.shape]
-    model = bench_decode.random_model(args, device)
+    model = random_model(args, device, DTYPE)
+    # Sinks and window of every row: the library's (16/32, the brief's yardsticks). A fill's own temporaries stay
+    # within 4 GiB on the GPU (64 MiB on the CPU), as the broadcast fill needs no more.
     cfg = dict(bandwidth=header["bandwidth"], weight_bytes=bench_decode.weight_bytes_read(model),
-               strategy_args=SINK_WINDOW)
+               sink_size=SINK_SIZE, window_size=WINDOW_SIZE, chunk_bytes=4 * GiB if device.type == "cuda" else 2**26)
     header["weight_bytes"] = cfg["weight_bytes"]
     speed_rows = []
 
@@ -537,11 +490,10 @@ def run(out: Path, quick: bool, tiny: bool, budget_gb: float, budget_s, seed: in
         speed("short", name, mode.short, 1)
         speed("long", name, mode.long, mode.long_batch)
     from kernels.decode_attention import decode_attention
-    kernel_cfg = dict(bandwidth=header["bandwidth"], strategy_args=cfg["strategy_args"])
     for batch in ([mode.long_batch] if quick else [1, mode.long_batch]):
         for kind in (("bf16", "int4", "int2") if quick else bench_decode.KERNEL_KINDS):
             guarded(report, "kernel", kind, deadline, lambda: dict(
-                bench_decode.bench_kernel_row(decode_attention, mode.shape, kind, mode.long, batch, kernel_cfg, device),
+                bench_decode.bench_kernel_row(decode_attention, mode.shape, kind, mode.long, batch, cfg, device),
                 section="kernel", name=kind))
     if not quick:
         for name in ("full", "quantize_kv-int4", "quantize_kv-int2"):
@@ -558,8 +510,8 @@ def run(out: Path, quick: bool, tiny: bool, budget_gb: float, budget_s, seed: in
         guarded(report, "serve", "bench_serve", deadline, lambda: serve_rows(report, out, tiny))
         speed("compiled", "full", mode.short, 1, compiled=True)
         for context, batch in mode.curve:
-            for name in STRATEGIES:
-                speed("curve", name, context, batch)
+            for preset in PRESETS:
+                speed("curve", preset.name, context, batch)
     header["finished"] = True
     report.write()
     print((out / "gpu_suite.md").read_text())
@@ -579,12 +531,14 @@ def plot(out: Path):
     report = json.loads((out / "gpu_suite.json").read_text())
     # every measured decode-speed row of our default decode path (not the budget rows: other batch sizes)
     rows = [r for r in report["rows"] if r["section"] in ("headline", "short", "long", "curve", "peer")
-            and "tokens_per_s" in r and r["name"] in STRATEGIES]
+            and "tokens_per_s" in r and r["name"] in BY_NAME]
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
-    colours = dict(zip(STRATEGIES, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    names = list(BY_NAME)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = {name: cycle[i % len(cycle)] for i, name in enumerate(names)}
     for ax, batch in zip(axes[0], batches):
-        for name in STRATEGIES:
+        for name in names:
             points = sorted({r["context"]: r for r in rows if r["batch"] == batch and r["name"] == name}.values(),
                             key=lambda r: r["context"])
             if not points:
@@ -608,7 +562,8 @@ def plot(out: Path):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m scripts.gpu_suite", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda message: sys.exit(f"error: {message} (see --help)")
     p.add_argument("out", type=Path, help="folder for gpu_suite.md and gpu_suite.json")
     speed_mode = p.add_mutually_exclusive_group()

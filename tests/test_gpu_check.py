@@ -3,12 +3,10 @@ for many minutes, and its checks cover every Triton kernel file, quantize-on-app
 
 (Meant for tests/test_gpu_check.py; tests/conftest.py sets TRITON_INTERPRET=1 without a GPU, as done here too.)
 """
-import importlib.util
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -17,19 +15,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-REPO_DIR = Path("/work/main") if not (Path(__file__).parent.parent / "kernels").is_dir() else \
-    Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_DIR))
+from scripts import gpu_check  # noqa: E402
+from scripts.common import REPO_DIR  # noqa: E402
 
-
-def import_gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO_DIR / "scripts" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = import_gpu_check()
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
 
 
@@ -37,7 +25,7 @@ def run_gpu_check(*argv, **env):
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     environment.update(env)
     t0 = time.perf_counter()
-    result = subprocess.run([sys.executable, "scripts/gpu_check.py", *argv], cwd=REPO_DIR, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "scripts.gpu_check", *argv], cwd=REPO_DIR, capture_output=True,
                             text=True, env=environment, timeout=120)
     return result, time.perf_counter() - t0
 

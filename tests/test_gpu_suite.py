@@ -4,12 +4,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-REPO_DIR = Path(__file__).resolve().parent.parent
+from scripts.common import REPO_DIR
 SECTIONS = ["kernels", "model", "headline", "short", "long", "kernel", "budget", "peer", "serve", "compiled",
             "curve"]
 
@@ -17,7 +15,7 @@ SECTIONS = ["kernels", "model", "headline", "short", "long", "kernel", "budget",
 @pytest.fixture(scope="module")
 def suite_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("suite")
-    proc = subprocess.run([sys.executable, "scripts/gpu_suite.py", str(out), "--tiny"], cwd=REPO_DIR,
+    proc = subprocess.run([sys.executable, "-m", "scripts.gpu_suite", str(out), "--tiny"], cwd=REPO_DIR,
                           capture_output=True, text=True, timeout=600, env=dict(os.environ, TRITON_INTERPRET="1"))
     return out, proc
 
@@ -70,7 +68,7 @@ def test_tiny_suite_rows_are_consistent(suite_run):
 
 def test_plot_from_the_json(suite_run):
     out, _ = suite_run
-    proc = subprocess.run([sys.executable, "scripts/gpu_suite.py", str(out), "--plot"], cwd=REPO_DIR,
+    proc = subprocess.run([sys.executable, "-m", "scripts.gpu_suite", str(out), "--plot"], cwd=REPO_DIR,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert (out / "roofline.png").stat().st_size > 10_000
@@ -78,7 +76,7 @@ def test_plot_from_the_json(suite_run):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
 def test_without_a_gpu_it_says_to_rehearse(tmp_path):
-    proc = subprocess.run([sys.executable, "scripts/gpu_suite.py", str(tmp_path / "x")], cwd=REPO_DIR,
+    proc = subprocess.run([sys.executable, "-m", "scripts.gpu_suite", str(tmp_path / "x")], cwd=REPO_DIR,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0 and "--tiny" in proc.stderr
     assert not (tmp_path / "x").exists()
@@ -87,7 +85,7 @@ def test_without_a_gpu_it_says_to_rehearse(tmp_path):
 def test_a_spent_time_budget_skips_rows_and_still_finishes(tmp_path):
     """On the GPU the budget runs out part way: every later row is recorded as skipped, the targets and the tables
     are still written, and the run ends normally (it crashed once on a skipped row without a shape)."""
-    proc = subprocess.run([sys.executable, "scripts/gpu_suite.py", str(tmp_path), "--tiny", "--budget_s", "0.01"],
+    proc = subprocess.run([sys.executable, "-m", "scripts.gpu_suite", str(tmp_path), "--tiny", "--budget_s", "0.01"],
                           cwd=REPO_DIR, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, TRITON_INTERPRET="1"))
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
