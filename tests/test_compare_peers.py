@@ -3,14 +3,13 @@ greedy tokens for the same ids), the KV bytes are counted from the caches' tenso
 import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_DIR))
-from scripts import compare_peers as cp  # noqa: E402
+from scripts import compare_peers as cp
+from scripts.common import REPO_DIR
+from scripts.presets import PRESETS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NEW = 8
@@ -72,9 +71,20 @@ def test_missing_library_is_a_row_not_a_crash():
                                                        "dtype": "float32", "context": 8, "versions": {}}, [row])
 
 
+def test_ours_are_every_preset():
+    """A strategy listed in scripts/presets.py is compared with the peers, at the run's sinks and window; quantized
+    eviction keeps twice the tokens (bytes comparable with the 16-bit eviction)."""
+    args = cp.build_parser().parse_args(["--context", "500"])
+    ours = [m for m in cp.methods(args, {"tokens": "tokens", "bytes": "bytes"}) if m.library == "ours"]
+    assert [m.params["strategy"] for m in ours] == [p.strategy for p in PRESETS]
+    by_name = {m.name: m.params["options"] for m in ours}
+    assert by_name["h2o 16/32 budget 100"]["budget"] == 100 and by_name["h2o 16/32 budget 200 then int4"]["budget"] == 200
+    assert by_name["quantize_kv 16/32 int4"]["bits"] == "4"
+
+
 def test_bad_setting_is_one_line(tmp_path):
-    out = subprocess.run([sys.executable, str(REPO_DIR / "scripts" / "compare_peers.py"), "--context", "40",
-                          "--out", str(tmp_path)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "scripts.compare_peers", "--context", "40", "--out", str(tmp_path)],
+                         cwd=REPO_DIR, capture_output=True, text=True)
     assert out.returncode != 0
     assert out.stderr.strip().startswith("error: --context 40") and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
