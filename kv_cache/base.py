@@ -40,14 +40,20 @@ def option(default, help: str, choices=None):
 
 @dataclass
 class CacheOptions:
-    """Options every strategy has. Subclasses add fields and extend check()."""
+    """Options every strategy has. Subclasses add fields and extend check() (and derive(), for what follows from
+    the options)."""
     attn_impl: Optional[str] = option(None, "decode step: triton = fused attention over the stored format (default "
                                             "on CUDA), torch = PyTorch (default elsewhere); prefill always uses "
                                             "PyTorch", choices=ATTN_IMPLS)
 
     def check(self, head_dim: int):
-        """Raise ValueError with one line naming the fix when the options cannot work."""
+        """Raise ValueError with one line naming the fix when the options cannot work. It only checks: what follows
+        from the options is derive()'s."""
         attn_impl_for(self.attn_impl)
+
+    def derive(self, head_dim: int):
+        """Fill in what follows from checked options (defaults that depend on other options, the format object):
+        resolve() calls it once, after check(). Subclasses extend it."""
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser):
@@ -63,7 +69,8 @@ class CacheOptions:
 
     @classmethod
     def resolve(cls, options, head_dim: int) -> "CacheOptions":
-        """The options (a dict of flag values, or already an instance) with defaults filled in and checked."""
+        """The options (a dict of flag values, or already an instance) checked, with what follows from them filled
+        in (derive)."""
         if isinstance(options, cls):
             return options
         names = {f.name for f in dataclasses.fields(cls) if f.init}
@@ -72,7 +79,8 @@ class CacheOptions:
             raise ValueError(f"unknown option(s) {', '.join('--' + u for u in unknown)}: this strategy takes "
                              f"{', '.join('--' + n for n in sorted(names))}")
         resolved = cls(**options)
-        resolved.check(head_dim)  # may fill in defaults that depend on other options
+        resolved.check(head_dim)
+        resolved.derive(head_dim)
         return resolved
 
 

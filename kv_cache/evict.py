@@ -62,11 +62,15 @@ class EvictOptions(SinkWindowOptions):
             raise ValueError(f"--budget {self.budget} leaves no room beyond --sink_size {self.sink_size} + "
                              f"--window_size {self.window_size}: use --budget {self.sink_size + self.window_size + 1} "
                              "or more, or compress_kv for sinks + window alone")
-        self.format = None if self.then_bits is None else get_format(self.then_bits)
-        if self.format is not None and self.format.asymmetric and head_dim is not None:
-            if head_dim % self.group_size or head_dim % self.format.per_byte:
+        fmt = None if self.then_bits is None else get_format(self.then_bits)
+        if fmt is not None and fmt.asymmetric and head_dim is not None:
+            if head_dim % self.group_size or head_dim % fmt.per_byte:
                 raise ValueError(f"--group_size {self.group_size} must divide head_dim {head_dim} for --then_bits "
                                  f"{self.then_bits}: use e.g. --group_size {math.gcd(self.group_size, head_dim)}")
+
+    def derive(self, head_dim):
+        super().derive(head_dim)
+        self.format = None if self.then_bits is None else get_format(self.then_bits)
 
     @property
     def kept(self) -> int:

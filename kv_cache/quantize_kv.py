@@ -71,29 +71,41 @@ class QuantizeOptions(SinkWindowOptions):
         if self.key_rope not in KEY_ROPES:
             raise ValueError(f"--key_rope {self.key_rope!r} is not supported: use post or pre")
         if self.bits_per_layer is not None:
-            # Every format the spec names, resolved and checked as its --bits would be (k_granularity's default
-            # is each format's own): the options layer_options hands to the layers of that format.
-            self.format_options = {}
+            # Every format the spec names, checked as its --bits would be (k_granularity's default is each format's).
             for bits, _ in parse_bits_per_layer(self.bits_per_layer):
-                layer = dataclasses.replace(self, bits=bits, bits_per_layer=None)
-                layer.check(head_dim)
-                self.format_options[bits] = layer
-            return  # no single format: each layer's cache is built from format_options
-        self.format = get_format(self.bits)
+                self.layer_format(bits).check(head_dim)
+            return
+        fmt = get_format(self.bits)
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(f"--group_size must be a whole number >= 1 (got {self.group_size})")
-        self.k_granularity = self.k_granularity or self.format.default_k_granularity
-        if self.k_granularity not in K_GRANULARITIES:
-            raise ValueError(f"--k_granularity {self.k_granularity!r} is not supported: use token or channel")
-        if self.format.asymmetric:
-            if head_dim % self.format.per_byte:
-                raise ValueError(f"head_dim {head_dim} cannot be packed {self.format.per_byte} codes per byte: use "
-                                 "--bits 8")
+        k_granularity = self.k_granularity or fmt.default_k_granularity
+        if k_granularity not in K_GRANULARITIES:
+            raise ValueError(f"--k_granularity {k_granularity!r} is not supported: use token or channel")
+        if fmt.asymmetric:
+            if head_dim % fmt.per_byte:
+                raise ValueError(f"head_dim {head_dim} cannot be packed {fmt.per_byte} codes per byte: use --bits 8")
             if head_dim % self.group_size:
                 divisor = max(d for d in range(1, min(self.group_size, head_dim) + 1) if head_dim % d == 0)
                 raise ValueError(f"--group_size {self.group_size} must divide head_dim {head_dim} (values are "
                                  f"grouped by channels): use e.g. --group_size {divisor}")
+
+    def derive(self, head_dim):
+        super().derive(head_dim)
+        if self.bits_per_layer is not None:
+            # No single format: each layer's cache is built from the options of its format (layer_options).
+            self.format_options = {}
+            for bits, _ in parse_bits_per_layer(self.bits_per_layer):
+                layer = self.layer_format(bits)
+                layer.derive(head_dim)
+                self.format_options[bits] = layer
+            return
+        self.format = get_format(self.bits)
+        self.k_granularity = self.k_granularity or self.format.default_k_granularity
         self.flush_size = flush_size(self.group_size, self.k_granularity)
+
+    def layer_format(self, bits: str) -> "QuantizeOptions":
+        """These options with one format for every layer, --bits bits (not yet derived)."""
+        return dataclasses.replace(self, bits=bits, bits_per_layer=None)
 
     def formats(self) -> list["QuantizeOptions"]:
         """The single-format options of every format the layers use: this one, or one per --bits_per_layer format."""
