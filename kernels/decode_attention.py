@@ -10,32 +10,20 @@ no host sync). Grid (B * n_kv_head, mid splits + hi splits), about two programs 
 operands: 16-bit keys and values are exact in it); 16-byte loads of contiguous rows, pipelined (num_stages 2).
 Every sequence of the batch has its own lengths and ring state, read with a batch stride (0 when the batch shares
 one): a finished sequence (hi_last -1, n_mid 0) runs empty loops, loads no tile and gets output 0.
-Layouts follow kv_cache/stores.py:
 
-  hi_k, hi_v   (B, H, NH, D) model dtype; slot i of sequence b is attended when i <= hi_last[b] (when given) and,
-               with hi_pos given, p = hi_pos[b, i] (hi_pos[i] when shared) has p >= 0 and (p < sink_size or
-               p >= sink_size + n_mid[b]).
-  hi_pos       (NH,) int64 shared by the batch, or (B, NH) one row per sequence; -1 marks an empty slot.
-  mid payload  (B, H, M, D // per_byte): int8, float8_e4m3fn, or uint8 packing 2 (4-bit) / 4 (2-bit) values a
-               byte, element i in byte i // per_byte at bits (i % per_byte) * bits.
-  mid scales   (B, H, M // F, D // G) float16 (zeros likewise, asymmetric only): token t, channel d use
-               scale[t // F, d // G]. Per-token int8/fp8: (B, H, M, 1); KIVI keys per channel: (B, H, M / F, D);
-               per-token values in channel groups: (B, H, M, D / G). x_hat = q * scale (+ zero).
+The stores come as the caches lay them out, contiguous or paged: kv_cache/stores.py states every layout once (the
+pools' physical-slot formula too), and the caches pass them with kernel_inputs(). What is attended:
 
-Paged stores (as vLLM's PagedAttention; hi_table / mid_table given): the store is a POOL of fixed-size blocks shared
-by the batch, batch dim 1 (or B with batch stride 0, an .expand of it), and a block table (B, max_blocks) int32 or
-int64 maps each sequence's logical blocks to pool blocks:
+  hi   slot i of sequence b when i <= hi_last[b] (when given) and, with hi_pos given, p = hi_pos[b, i] (hi_pos[i]
+       when shared by the batch) has p >= 0 and (p < sink_size or p >= sink_size + n_mid[b]); -1 marks an empty slot.
+  mid  its first n_mid[b] tokens. The format is read off the buffers' shapes (mid_format): per_byte codes a byte,
+       scale rows of F tokens, scale columns of G channels; x = q * scale[t // F, d // G] (+ zero).
 
-  hi_k, hi_v   (1, H, P, D), P = pool blocks * hi_block. Logical slot n of sequence b (n < NH = max_blocks *
-               hi_block) is pool slot hi_table[b, n // hi_block] * hi_block + n % hi_block. hi_last, hi_pos and
-               the masks above keep their logical meaning (hi_pos has NH slots).
-  mid          payload (1, H, Pm, D // per_byte), scales/zeros (1, H, Pm // F, D // G). Logical token t of sequence
-               b is pool token mid_table[b, t // mid_block] * mid_block + t % mid_block, its metadata row that pool
-               token // F; mid_block is a multiple of F, so an F-token metadata row never straddles two blocks.
-               The logical capacity is M = max_blocks * mid_block; n_mid keeps its meaning.
-
-Table entries past a sequence's length hold 0: block 0 is a "null" block the caller reserves, which masked lanes
-may address but never load. Paging is a constexpr of the kernel: the unpaged path compiles as before.
+Paged stores (as vLLM's PagedAttention; hi_table / mid_table given) are pools shared by the batch, batch dim 1 (or B
+with batch stride 0, an .expand of it), read through a block table (B, max_blocks) int32 or int64: every index and
+mask above keeps its logical meaning and only the addresses go through the table. Entries past a sequence's length
+hold 0, the null block (kv_cache/paging.py), which masked lanes may address but never load. Paging is a constexpr of
+the kernel: the unpaged path compiles as before.
 
 Keys quantized before RoPE (quantize_kv --key_rope pre, k_rope_cos / k_rope_sin given): mid token t is position
 sink_size + t, and each dequantized key tile is rotated in registers by those positions' rows of the RoPE tables

@@ -1,16 +1,14 @@
-"""Reference (PyTorch) quantization of keys and values for quantize_kv, in the mid-store layout of kv_cache/stores.py.
+"""Reference (PyTorch) quantization of keys and values for quantize_kv, in the quantized store's layout (payload
+packing and scale shapes: kv_cache/stores.py, QuantizedStore).
 
 Everything is computed in float32; scales and zero-points are stored as float16 (as KIVI does). The float16 metadata
 is rounded *outward* (scales up, zero-points down) before the payload is computed from it, so every value stays
 inside the representable range and no clamp ever fires: the rounding error bound (scale/2 for the integer formats)
 holds with the stored metadata, not just with the float32 one.
 
-Shapes: x (B, H, N, D) with H = KV heads, N = tokens, D = head_dim.
-  * axis "token":   one scale per token and group of channels (group = D for 8-bit/fp8, i.e. per token and head;
-                    group_size channels for 4/2-bit). scale (B, H, N, D/group).
-  * axis "channel": one scale per channel and group of group_size tokens (KIVI keys; N a multiple of group_size).
-                    scale (B, H, N/group_size, D).
-4/2-bit payloads are packed along the channel dim, 2 or 4 per byte; int8/fp8 payloads are stored as they are.
+x is (B, H, N, D): KV heads, tokens, head_dim. Axis "token": one scale per token and group of channels (the whole
+head for 8-bit/fp8, group_size channels for 4/2-bit); axis "channel": one scale per channel and group of group_size
+tokens (KIVI keys; N a multiple of group_size).
 """
 import torch
 from torch import Tensor

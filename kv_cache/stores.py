@@ -19,7 +19,7 @@ QuantizedStore (quantize_kv's "mid" store: the tokens that left the window, in a
   (F = group_size tokens when keys are per channel, else 1). Capacity M tokens plus one scratch flush group past
   the end, which the static decode step writes when no group completes (so its work and shapes never change).
   k_q, v_q           (B, H, M + F, D // per_byte): int8, float8_e4m3fn, or uint8 with 2 (4-bit) / 4 (2-bit) codes
-                     a byte.
+                     a byte (their order: kernels/formats.py).
   k_scale (k_zero)   per-channel keys: (B, H, (M + F) / F, D), row t // F for token t;
                      per-token keys: (B, H, M + F, C), C = 1 (int8, fp8) or D / group_size (4/2-bit).
   v_scale (v_zero)   (B, H, M + F, C) per token.
@@ -74,7 +74,7 @@ def read_rows(buf: Tensor, rows, slots: Tensor) -> Tensor:
 
 def physical_slots(table: Tensor, rows, slots: Tensor, block_tokens: int) -> Tensor:
     """Logical slots (R, T) (or (R, H, T), per head) of sequences `rows` (slice or index tensor) -> physical slots
-    of the pool: the one formula of kv_cache/paging.py."""
+    of the pool (the module docstring's Paged formula)."""
     blocks = table[rows].long().gather(1, torch.div(slots, block_tokens, rounding_mode="floor").flatten(1))
     return blocks.view(slots.shape) * block_tokens + slots % block_tokens
 
