@@ -1,4 +1,5 @@
-"""Fused decode attention (one query token per sequence) over a 16-bit "hi" store and a quantized "mid" store.
+"""Fused decode attention (one query token per sequence) over a 16-bit "hi" store and a quantized "mid" store: a
+cache's recent and older stores (kv_cache/stores.py; KVCache.attend_decode passes them under these names).
 
 Flash-decoding: the keys are cut into splits (grid axis 1) that each run an online softmax over their share and
 write a partial output and log-sum-exp; a small second kernel merges the splits. The query heads that share a KV

@@ -150,10 +150,10 @@ def quantize_values(v: Tensor, bits, group_size: int):
     return quantize_block(v, bits, "token", group_size)
 
 
-def dequantize_mid(k_q, k_scale, k_zero, v_q, v_scale, v_zero, n: int, bits, k_granularity: str, group_size: int,
-                   D: int, dtype) -> tuple[Tensor, Tensor]:
-    """16-bit (dtype) keys and values (B, H, n, D) of the first n tokens of the mid store (n a multiple of the
-    flush group when keys are per channel)."""
+def dequantize_older(k_q, k_scale, k_zero, v_q, v_scale, v_zero, n: int, bits, k_granularity: str, group_size: int,
+                     D: int, dtype) -> tuple[Tensor, Tensor]:
+    """16-bit (dtype) keys and values (B, H, n, D) of the first n tokens of a cache's quantized older store (n a
+    multiple of the flush group when keys are per channel)."""
     kg = n // group_size if k_granularity == "channel" else n
     k = dequantize_block(k_q[:, :, :n], k_scale[:, :, :kg], None if k_zero is None else k_zero[:, :, :kg], bits,
                          k_granularity, group_size, D, dtype)

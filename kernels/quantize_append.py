@@ -1,14 +1,15 @@
-"""Quantize-and-pack on append, in Triton: the decode step's flush writes straight into the quantize_kv mid store.
+"""Quantize-and-pack on append, in Triton: the decode step's flush writes straight into quantize_kv's older store
+(the decode kernel's "mid" store).
 
 The PyTorch reference is kernels/quantize.py (quantize_keys / quantize_values): this kernel performs the same float32
 operations in the same order (metadata rounded outward to float16, round half to even), so the tests require equal
 bytes. It lives in its own file because triton is imported only when --attn_impl triton asks for it (the PyTorch
-functions serve every platform, triton is Linux-only). Source rows are read through an index (the hi ring at decode:
-no gathered copy), and the token offset in the store comes in a device tensor: no host sync, static shapes
-(CUDA-graph-able). Both may be shared by the batch or given per sequence (each sequence flushes its own ring slots
-into its own mid position), read with a batch stride (0 when shared). Keys and values go in one launch. The format
-of each store is read off its buffers' shapes (kernels.decode_attention.mid_format): scale rows cover F tokens and
-scale columns G channels.
+functions serve every platform, triton is Linux-only). Source rows are read through an index (the ring, the recent
+store, at decode: no gathered copy), and the token offset in the store comes in a device tensor: no host sync,
+static shapes (CUDA-graph-able). Both may be shared by the batch or given per sequence (each sequence flushes its
+own ring slots into its own tokens of the older store), read with a batch stride (0 when shared). Keys and values go
+in one launch. The format of each store is read off its buffers' shapes (kernels.decode_attention.mid_format): scale
+rows cover F tokens and scale columns G channels.
 """
 from typing import Optional
 

@@ -194,64 +194,70 @@ class KVCache(nn.Module):
         q, k = rotate_qk(q, k, pos, rope_cos, rope_sin)
         store.write(rows, pos, k, v)
         if decode:  # the first R sequences, each up to its own position
-            return self.attend_decode(q, store, hi_last=pos[:, 0])
+            return self.attend_decode(q, store, recent_last=pos[:, 0])
         # Prefill: attend over the whole buffer (static shapes, as gpt-fast), masking slots after each query.
         keys, values = store.logical(rows)
         mask = torch.arange(keys.shape[2], device=q.device) <= pos[0, :, None]
         return attend(q, keys, values, mask)
 
-    def attend_decode(self, q: Tensor, hi, hi_last: Optional[Tensor] = None, hi_pos: Optional[Tensor] = None,
-                      sink_size: int = 0, n_mid: Optional[Tensor] = None, mid=None, scores: bool = False,
-                      mid_read: Optional[int] = None):
-        """Decode attention of q (B, n_head, 1, D), already rotated, over the first B sequences of the stores:
-        16-bit slots i <= hi_last[b] (every slot when None) of `hi` (a DenseStore / RingStore, contiguous or paged,
-        or a (keys, values) pair (B, H, NH, D)) that, with hi_pos (B, NH) given, hold a token (hi_pos >= 0) not yet
-        in the quantized store (a sink, or position >= sink_size + n_mid[b]), plus the first n_mid[b] tokens of the
-        QuantizedStore `mid`. One description, two backends: the fused Triton kernel (kernels/decode_attention.py)
-        reads the stores as they are, through the block table when paged; the torch path gathers, dequantizes,
-        masks and runs SDPA.
+    def attend_decode(self, q: Tensor, recent, recent_last: Optional[Tensor] = None,
+                      recent_pos: Optional[Tensor] = None, sink_size: int = 0, n_older: Optional[Tensor] = None,
+                      older=None, scores: bool = False, older_read: Optional[int] = None):
+        """Decode attention of q (B, n_head, 1, D), already rotated, over the first B sequences of a cache's two
+        stores (kv_cache/stores.py):
+          recent  the tokens kept as they are, in the model dtype: sinks and window (a RingStore), or every token (a
+                  DenseStore); contiguous or paged, or a (keys, values) pair (B, H, NH, D). Slots i <= recent_last[b]
+                  (every slot when None) that, with recent_pos (B, NH) given, hold a token (recent_pos >= 0) not yet
+                  in the older store (a sink, or position >= sink_size + n_older[b]).
+          older   the tokens past sinks and window that the cache still holds (quantized, or chosen by an eviction
+                  policy): its first n_older[b]; None when the cache has none.
+        One description, two backends: the fused Triton kernel (kernels/decode_attention.py, whose "hi" and "mid"
+        stores these are) reads the stores as they are, through the block table when paged; the torch path gathers,
+        dequantizes, masks and runs SDPA.
         scores: also return each token's attention probability summed over the query heads of its KV head,
-        (B, n_kv_head, M + NH): mid token t in column t, hi slot i in column M + i (M: the mid store's logical
-        capacity, 0 without one), 0 where not attended (what eviction policies score tokens by); the kernel stores
-        them as its softmax computes them, the torch path runs the softmax itself. mid_read: the torch path reads
-        only the first mid_read mid slots (n_mid never passes it), so contiguous and paged stores, whose logical
-        capacities differ, run the same arithmetic (default: the store's capacity)."""
+        (B, n_kv_head, M + NH): older token t in column t, recent slot i in column M + i (M: the older store's
+        logical capacity, 0 without one), 0 where not attended (what eviction policies score tokens by); the kernel
+        stores them as its softmax computes them, the torch path runs the softmax itself. older_read: the torch path
+        reads only the first older_read older slots (n_older never passes it), so contiguous and paged stores,
+        whose logical capacities differ, run the same arithmetic (default: the store's capacity)."""
         B = q.shape[0]
-        is_store = isinstance(hi, DenseStore)
+        is_store = isinstance(recent, DenseStore)
         if self.attn_impl == "triton":
             active = self.active[:B]
-            hi_args = hi.kernel_inputs(B) if is_store else dict(hi_k=hi[0], hi_v=hi[1])
-            n_slots = hi.n_slots if is_store else hi[0].shape[2]
-            last = hi_last if hi_last is not None else torch.full((B,), n_slots - 1, device=q.device)
-            mid_args = {}
-            if mid is not None:
-                mid_args = dict(n_mid=torch.where(active, n_mid, 0), **mid.kernel_inputs(B))
-            result = self.decode_attention(q, **hi_args, hi_last=torch.where(active, last, -1), hi_pos=hi_pos,
-                                           sink_size=sink_size, **mid_args, return_scores=scores)
+            recent_args = recent.kernel_inputs(B) if is_store else dict(hi_k=recent[0], hi_v=recent[1])
+            n_slots = recent.n_slots if is_store else recent[0].shape[2]
+            last = recent_last if recent_last is not None else torch.full((B,), n_slots - 1, device=q.device)
+            older_args = {}
+            if older is not None:
+                older_args = dict(n_mid=torch.where(active, n_older, 0), **older.kernel_inputs(B))
+            result = self.decode_attention(q, **recent_args, hi_last=torch.where(active, last, -1),
+                                           hi_pos=recent_pos, sink_size=sink_size, **older_args,
+                                           return_scores=scores)
             if not scores:
                 return result
             out, probs = result
             return out, per_kv_head(probs, self.n_kv_head)
-        hi_k, hi_v = hi.logical(slice(0, B)) if is_store else hi
-        if hi_pos is not None:  # ring slots hold their positions; with hi_last too they are filled in order
-            n_old = sink_size + (n_mid[:, None] if mid is not None else 0)
-            keep = (hi_pos >= 0) & ((hi_pos < sink_size) | (hi_pos >= n_old))
+        recent_k, recent_v = recent.logical(slice(0, B)) if is_store else recent
+        if recent_pos is not None:  # ring slots hold their positions; with recent_last too they are filled in order
+            first_recent = sink_size + (n_older[:, None] if older is not None else 0)
+            keep = (recent_pos >= 0) & ((recent_pos < sink_size) | (recent_pos >= first_recent))
         else:
-            keep = torch.arange(hi_k.shape[2], device=q.device) <= hi_last[:, None]
-        if mid is None:
+            keep = torch.arange(recent_k.shape[2], device=q.device) <= recent_last[:, None]
+        if older is None:
             if scores:
-                return attend_with_scores(q, hi_k, hi_v, keep)
-            return attend(q, hi_k, hi_v, keep.view(B, 1, 1, -1))
-        k_mid, v_mid = mid.dequantize(slice(0, B), mid_read or mid.capacity, self.dtype)
-        mid_keep = torch.arange(k_mid.shape[2], device=q.device) < n_mid[:, None]
-        if scores:  # mid first, as the kernel lays the columns out; the slots not read score 0
-            out, probs = attend_with_scores(q, torch.cat([k_mid, hi_k], dim=2), torch.cat([v_mid, hi_v], dim=2),
-                                            torch.cat([mid_keep, keep], dim=1))
-            n_read = k_mid.shape[2]
-            unread = probs.new_zeros(*probs.shape[:2], mid.n_slots - n_read)
+                return attend_with_scores(q, recent_k, recent_v, keep)
+            return attend(q, recent_k, recent_v, keep.view(B, 1, 1, -1))
+        older_k, older_v = older.dequantize(slice(0, B), older_read or older.capacity, self.dtype)
+        older_keep = torch.arange(older_k.shape[2], device=q.device) < n_older[:, None]
+        if scores:  # older first, as the kernel lays the columns out; the slots not read score 0
+            out, probs = attend_with_scores(q, torch.cat([older_k, recent_k], dim=2),
+                                            torch.cat([older_v, recent_v], dim=2),
+                                            torch.cat([older_keep, keep], dim=1))
+            n_read = older_k.shape[2]
+            unread = probs.new_zeros(*probs.shape[:2], older.n_slots - n_read)
             return out, torch.cat([probs[..., :n_read], unread, probs[..., n_read:]], dim=2)
-        return attend(q, torch.cat([hi_k, k_mid], dim=2), torch.cat([hi_v, v_mid], dim=2),
-                      torch.cat([keep, mid_keep], dim=1).view(B, 1, 1, -1))
+        return attend(q, torch.cat([recent_k, older_k], dim=2), torch.cat([recent_v, older_v], dim=2),
+                      torch.cat([keep, older_keep], dim=1).view(B, 1, 1, -1))
 
     def row_groups(self) -> list[RowGroup]:
         """The batch's rows by KV configuration: here one group of every row (kv_cache/mixed.py holds several)."""

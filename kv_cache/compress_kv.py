@@ -106,13 +106,13 @@ class CompressKVCache(KVCache):
         R = q.shape[0]
         self.ring.write_positions(rows, pos, k, v)
         ring_pos = self.ring.pos[:R]
-        hi = self.ring  # keys stored rotated: the kernel reads the ring as it is (through the table when paged)
+        recent = self.ring  # keys stored rotated: the kernel reads the ring as it is (through the table when paged)
         if self.rope_positions == "cache":  # keys rotated now by their rank: a (small, S + W) rotated copy
             keys, values = self.ring.logical(slice(0, R))
             n_evicted = (pos + 1 - self.sink_size - self.window_size).clamp(min=0)  # (R, 1)
-            hi = (rotate(keys, self._ranks(ring_pos, n_evicted), rope_cos, rope_sin), values)
+            recent = (rotate(keys, self._ranks(ring_pos, n_evicted), rope_cos, rope_sin), values)
             q = rotate(q, pos - n_evicted, rope_cos, rope_sin)
-        return self.attend_decode(q, hi, hi_pos=ring_pos)
+        return self.attend_decode(q, recent, recent_pos=ring_pos)
 
     def _prefill(self, q, k, v, pos, rows, rope_cos, rope_sin):
         T, S, W = q.shape[2], self.sink_size, self.window_size

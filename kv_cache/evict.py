@@ -3,35 +3,37 @@ a policy only says how tokens are scored; this file keeps the tokens, evicts the
 it evicts (constant memory, contiguous or paged).
 
 A sequence keeps at most --budget tokens per KV head:
-  * the first sink_size tokens and the most recent window_size ones in the model dtype (a RingStore shared by the
-    heads, as compress_kv's), never evicted;
-  * kept = budget - sink_size - window_size older tokens that each KV head chooses by its policy's scores, in a
-    per-head "kept" store: the model dtype (DenseMidStore) or, with --then_bits, quantized per token
-    (QuantizedStore: int8 / fp8 per token, KIVI int4 / int2 values and keys per token in channel groups; KIVI's
-    per-channel keys need groups of consecutive tokens, which eviction breaks). Slot formula: the first n_kept
-    slots of every head are valid (n_kept the same for all heads: each step moves one token per head), each head's
-    slot s holding whatever token that head chose; its position and score sit beside it (kept_pos, kept_score).
+  * the first sink_size tokens and the most recent window_size ones in the model dtype, the recent store (a
+    RingStore shared by the heads, as compress_kv's), never evicted;
+  * older_size = budget - sink_size - window_size older tokens that each KV head chooses by its policy's scores, in
+    the per-head older store (layout: kv_cache/stores.py): the model dtype (DenseOlderStore) or, with --then_bits,
+    quantized per token (QuantizedStore: int8 / fp8 per token, KIVI int4 / int2 values and keys per token in channel
+    groups; KIVI's per-channel keys need groups of consecutive tokens, which eviction breaks). The first n_older
+    slots of every head are valid (the same count for all heads: each step moves one token per head); each token's
+    position and score sit beside it (older_pos, older_score).
 
-Keys are rotated at their absolute positions before they are stored (as full, quantize_kv), so a kept token needs
-no re-rotation wherever it sits; the fused kernel reads the ring as its hi store (slots 0 .. min(p, S + W - 1)) and
-the kept store as its mid store (n_mid = n_kept), and returns every token's attention probability with the output
-(kernels/decode_attention.py return_scores), from which the policy updates the scores: no second pass over keys.
+Keys are rotated at their absolute positions before they are stored (as full, quantize_kv), so an older token needs
+no re-rotation wherever it sits; attention reads the ring as the recent store (slots 0 .. min(p, S + W - 1)) and
+the first n_older tokens of the older store, and the fused kernel returns every token's attention probability with
+the output (kernels/decode_attention.py return_scores), from which the policy updates the scores: no second pass
+over keys.
 
 Decode (static shapes, no host sync; one token per sequence at its own position p): the token leaving the window
-(position p - W, in the ring slot p overwrites) moves into the kept store while it has room; when it is full, it
-replaces the head's lowest-scored kept token if it scores higher (policy.replaces), else it is dropped (written to
+(position p - W, in the ring slot p overwrites) moves into the older store while it has room; when it is full, it
+replaces the head's lowest-scored older token if it scores higher (policy.replaces), else it is dropped (written to
 the scratch slot). Then p is stored in the ring, attention runs, and the policy folds this step's probabilities
 into the scores of every stored token (policy.update).
 
 Prefill (a chunk of T tokens at the same positions in each row it feeds): the chunk attends to what the cache holds
 plus itself causally in full precision (SDPA); the policy scores every held and new token from the attention of
 the queries it names (policy.score_queries); sinks and the last window_size tokens go to the ring, and each head
-keeps the best-scored min(kept, candidates) of the rest, compacted into its first slots (tokens already kept are
-copied in their stored form, not quantized twice). A policy that needs the whole prompt in view (SnapKV's
-observation window is the prompt's end) asks for it with whole_prompt: generate.py then prefills in one chunk.
+keeps the best-scored min(older_size, candidates) of the rest, compacted into its first slots (tokens already in
+the older store are copied in their stored form, not quantized twice). A policy that needs the whole prompt in view
+(SnapKV's observation window is the prompt's end) asks for it with whole_prompt: generate.py then prefills in one
+chunk.
 
 Sizing: a budget at least the tokens a sequence ever holds never evicts: outputs equal full's (up to summation
-order). Paged, the kept store is cut into blocks taken as it fills (PageSpace below) and the ring stays per
+order). Paged, the older store is cut into blocks taken as it fills (PageSpace below) and the ring stays per
 sequence; what a sequence evicts is overwritten in its own blocks, which return to the pool when it ends.
 """
 import math
@@ -45,7 +47,7 @@ from kernels.formats import FORMATS, get_format
 from kv_cache.base import (GROUP_SIZE, KVCache, SinkWindowOptions, attend, attention_probs, option, per_kv_head,
                            rotate_qk)
 from kv_cache.paging import PageSpace, round_up
-from kv_cache.stores import DenseMidStore, QuantizedStore, RingStore
+from kv_cache.stores import DenseOlderStore, QuantizedStore, RingStore
 
 
 @dataclass
@@ -73,20 +75,21 @@ class EvictOptions(SinkWindowOptions):
         self.format = None if self.then_bits is None else get_format(self.then_bits)
 
     @property
-    def kept(self) -> int:
+    def older_size(self) -> int:
         """Slots per head for the policy's choice (beyond sinks and window)."""
         return self.budget - self.sink_size - self.window_size
 
-    def n_kept(self, length: int) -> int:
-        """Kept tokens once a sequence has seen `length` tokens: every token past sinks + window, up to the room."""
-        return min(self.kept, max(0, length - self.sink_size - self.window_size))
+    def n_older(self, length: int) -> int:
+        """Tokens in the older store once a sequence has seen `length` tokens: every token past sinks + window, up to
+        the room."""
+        return min(self.older_size, max(0, length - self.sink_size - self.window_size))
 
 
 class EvictionCache(KVCache):
     """Base of the eviction policies: subclasses set name, help, Options and the scoring methods below."""
 
     Options = EvictOptions
-    replaces = True  # when the kept store is full, a token leaving the window may replace the lowest-scored one
+    replaces = True  # when the older store is full, a token leaving the window may replace the lowest-scored one
 
     # ------------------------------------------------------------ the policy (override these)
 
@@ -112,7 +115,8 @@ class EvictionCache(KVCache):
 
     @classmethod
     def bytes_per_token(cls, options, n_kv_head, head_dim, dtype):
-        """Bytes of one kept token in one layer and sequence: its stored form plus its score and position."""
+        """Bytes of one token of the older store in one layer and sequence: its stored form plus its score and
+        position."""
         opts = cls.Options.resolve(options, head_dim)
         stored = (2 * head_dim * dtype.itemsize if opts.format is None else
                   QuantizedStore.bytes_per_token(opts.format, opts.group_size, "token", head_dim))
@@ -120,44 +124,44 @@ class EvictionCache(KVCache):
 
     @classmethod
     def page_space(cls, options, max_seq_length, block_size):
-        """Paged: the kept store, in blocks taken as it fills, and one more logical block for the scratch slot
+        """Paged: the older store, in blocks taken as it fills, and one more logical block for the scratch slot
         (never reserved: the null block). The ring stays per sequence."""
         opts = cls.Options.resolve(options, None)
-        n_slots = round_up(opts.kept, block_size) + block_size
-        return PageSpace(block_size, n_slots, opts.n_kept)
+        n_slots = round_up(opts.older_size, block_size) + block_size
+        return PageSpace(block_size, n_slots, opts.n_older)
 
     def __init__(self, batch_size, max_seq_length, n_kv_head, head_dim, dtype, device, options=None, pool=None,
                  **option_values):
         super().__init__(batch_size, max_seq_length, n_kv_head, head_dim, dtype, device, options, pool,
                          **option_values)
         opts = self.opts
-        self.sink_size, self.window_size, self.kept_size = opts.sink_size, opts.window_size, opts.kept
+        self.sink_size, self.window_size, self.older_size = opts.sink_size, opts.window_size, opts.older_size
         self.ring = RingStore(batch_size, n_kv_head, self.sink_size, self.window_size, head_dim, dtype, device)
         if opts.format is None:
-            self.kept = DenseMidStore(batch_size, n_kv_head, opts.kept, head_dim, dtype, device, pool)
+            self.older = DenseOlderStore(batch_size, n_kv_head, opts.older_size, head_dim, dtype, device, pool)
         else:
-            self.kept = QuantizedStore(batch_size, n_kv_head, opts.kept, head_dim, opts.format, opts.group_size,
-                                       "token", device, pool)
-        self.scratch = self.kept.capacity  # the slot a dropped token is written to
-        n_ring, n_kept_slots = self.ring.n_slots, self.kept.n_slots
+            self.older = QuantizedStore(batch_size, n_kv_head, opts.older_size, head_dim, opts.format,
+                                        opts.group_size, "token", device, pool)
+        self.scratch = self.older.capacity  # the slot a dropped token is written to
+        n_ring, n_older_slots = self.ring.n_slots, self.older.n_slots
         self.register_buffer("ring_score", torch.zeros(batch_size, n_kv_head, n_ring, device=device))
-        self.register_buffer("kept_score", torch.zeros(batch_size, n_kv_head, n_kept_slots, device=device))
-        self.register_buffer("kept_pos", torch.full((batch_size, n_kv_head, n_kept_slots), -1, dtype=torch.int32,
+        self.register_buffer("older_score", torch.zeros(batch_size, n_kv_head, n_older_slots, device=device))
+        self.register_buffer("older_pos", torch.full((batch_size, n_kv_head, n_older_slots), -1, dtype=torch.int32,
                                                     device=device))
-        self.register_buffer("n_kept", torch.zeros(batch_size, dtype=torch.long, device=device))
+        self.register_buffer("n_older", torch.zeros(batch_size, dtype=torch.long, device=device))
 
     def reset(self, rows=None):
         super().reset(rows)
         rows = slice(None) if rows is None else rows
         self.ring_score[rows] = 0
-        self.kept_score[rows] = 0
-        self.kept_pos[rows] = -1
-        self.n_kept[rows] = 0
+        self.older_score[rows] = 0
+        self.older_pos[rows] = -1
+        self.n_older[rows] = 0
 
-    def kept_tokens(self, row: int) -> list[list[int]]:
+    def older_tokens(self, row: int) -> list[list[int]]:
         """Per KV head, the positions sequence `row` keeps beyond sinks and window, sorted (for tests and reports)."""
-        n = int(self.n_kept[row])
-        return [sorted(head[:n]) for head in self.kept_pos[row].tolist()]
+        n = int(self.n_older[row])
+        return [sorted(head[:n]) for head in self.older_pos[row].tolist()]
 
     # ------------------------------------------------------------ attention
 
@@ -177,38 +181,38 @@ class EvictionCache(KVCache):
         leaves = (leaving_pos[:, 0] >= S) & (leaving_pos[:, 0] < pos[:, 0])  # a finished row repeats p: no move
         head_slot = slot[:, None, :].expand(R, H, 1)
         leaving_score = self.ring_score[:R].gather(2, head_slot)[..., 0]  # (R, H)
-        n_kept = self.n_kept[:R]
-        has_room = n_kept < self.kept_size
-        lowest, lowest_slot = self.kept_score[:R, :, :self.kept_size].min(-1)  # (R, H)
+        n_older = self.n_older[:R]
+        has_room = n_older < self.older_size
+        lowest, lowest_slot = self.older_score[:R, :, :self.older_size].min(-1)  # (R, H)
         replace = (leaving_score > lowest) if self.replaces else torch.zeros_like(lowest, dtype=torch.bool)
-        target = torch.where(has_room[:, None], n_kept[:, None], torch.where(replace, lowest_slot, self.scratch))
+        target = torch.where(has_room[:, None], n_older[:, None], torch.where(replace, lowest_slot, self.scratch))
         target = torch.where(leaves[:, None], target, self.scratch)[..., None]  # (R, H, 1)
-        self.kept.write_heads(rows, target, *ring.read(rows, slot))
-        self.kept_pos[:R].scatter_(2, target, leaving_pos[:, None, :].expand(R, H, 1).int())
-        self.kept_score[:R].scatter_(2, target, leaving_score[..., None])
-        self.n_kept[:R] += leaves & has_room
+        self.older.write_heads(rows, target, *ring.read(rows, slot))
+        self.older_pos[:R].scatter_(2, target, leaving_pos[:, None, :].expand(R, H, 1).int())
+        self.older_score[:R].scatter_(2, target, leaving_score[..., None])
+        self.n_older[:R] += leaves & has_room
         ring.write_positions(rows, pos, k, v)
         self.ring_score[:R].scatter_(2, head_slot, 0.0)
-        hi_last = pos[:, 0].clamp(max=ring.n_slots - 1)  # the ring fills slots 0, 1, ... in order, then wraps
-        out, probs = self.attend_decode(q, ring, hi_last=hi_last, n_mid=self.n_kept[:R], mid=self.kept, scores=True,
-                                        mid_read=self.kept_size)
-        n_mid = self.kept.n_slots
-        self.kept_score[:R] = self.update(self.kept_score[:R], probs[..., :n_mid])
-        self.ring_score[:R] = self.update(self.ring_score[:R], probs[..., n_mid:])
+        recent_last = pos[:, 0].clamp(max=ring.n_slots - 1)  # the ring fills slots 0, 1, ... in order, then wraps
+        out, probs = self.attend_decode(q, ring, recent_last=recent_last, n_older=self.n_older[:R], older=self.older,
+                                        scores=True, older_read=self.older_size)
+        n_older_slots = self.older.n_slots
+        self.older_score[:R] = self.update(self.older_score[:R], probs[..., :n_older_slots])
+        self.ring_score[:R] = self.update(self.ring_score[:R], probs[..., n_older_slots:])
         return out
 
     def _prefill(self, q, k, v, pos, rows):
         R, H, T = q.shape[0], self.n_kv_head, q.shape[2]
         S, W, first = self.sink_size, self.window_size, int(pos[0, 0])
         end = first + T
-        n_before, n_after = self.opts.n_kept(first), self.opts.n_kept(end)
+        n_before, n_after = self.opts.n_older(first), self.opts.n_older(end)
         ring_k, ring_v = self.ring.logical(rows)
         ring_pos = self.ring.pos[rows]
-        kept_k, kept_v = self.kept.dequantize(rows, n_before, self.dtype)
-        keys, values = torch.cat([kept_k, ring_k, k], dim=2), torch.cat([kept_v, ring_v, v], dim=2)
-        # Every token the chunk sees: kept (per head), ring, chunk; positions (R, H, N), -1 for empty ring slots.
+        older_k, older_v = self.older.dequantize(rows, n_before, self.dtype)
+        keys, values = torch.cat([older_k, ring_k, k], dim=2), torch.cat([older_v, ring_v, v], dim=2)
+        # Every token the chunk sees: older (per head), ring, chunk; positions (R, H, N), -1 for empty ring slots.
         chunk_pos = pos[:, None, :].expand(R, H, T)
-        all_pos = torch.cat([self.kept_pos[rows, :, :n_before].long(), ring_pos[:, None, :].expand(R, H, -1),
+        all_pos = torch.cat([self.older_pos[rows, :, :n_before].long(), ring_pos[:, None, :].expand(R, H, -1),
                              chunk_pos], dim=2)
         held = torch.ones(R, 1, T, n_before + ring_pos.shape[1], dtype=torch.bool, device=q.device)
         held[..., n_before:] = (ring_pos >= 0)[:, None, None, :]
@@ -216,13 +220,13 @@ class EvictionCache(KVCache):
         out = attend(q, keys, values, mask)
         queries = self.score_queries(T)
         probs = per_kv_head(attention_probs(q[:, :, queries], keys, mask[:, :, queries]), H)  # (R, H, Q, N)
-        old = torch.cat([self.kept_score[rows, :, :n_before], self.ring_score[rows],
+        old = torch.cat([self.older_score[rows, :, :n_before], self.ring_score[rows],
                          torch.zeros(R, H, T, device=q.device)], dim=2)
         scores = self.prefill_scores(probs, old, all_pos)
         in_ring = (all_pos >= 0) & ((all_pos < S) | (all_pos >= end - W))
         candidate = (all_pos >= S) & (all_pos < end - W)
         if n_after:
-            # Each head keeps its best-scored candidates, in position order, as the stored form: the kept ones as
+            # Each head keeps its best-scored candidates, in position order, as the stored form: the older store's as
             # they are, the ring's and the chunk's quantized now (a token is quantized once).
             # Ties (a pooled score over a short prompt) go to the earlier position: a stable sort by score of the
             # tokens in position order, so the choice never depends on the layout (heads per rank, paging).
@@ -232,15 +236,15 @@ class EvictionCache(KVCache):
             best = by_pos.gather(2, ranked[..., :n_after])
             chosen = all_pos.gather(2, best).sort(-1)
             best = best.gather(2, chosen.indices)
-            stored = self.kept.raw(rows, n_before)
-            fresh = self.kept.encode(torch.cat([ring_k, k], dim=2), torch.cat([ring_v, v], dim=2))
+            stored = self.older.raw(rows, n_before)
+            fresh = self.older.encode(torch.cat([ring_k, k], dim=2), torch.cat([ring_v, v], dim=2))
             slots = torch.arange(n_after, device=q.device).expand(R, -1)
-            self.kept.write_raw(rows, slots, {
+            self.older.write_raw(rows, slots, {
                 name: torch.cat([stored[name], x], dim=2).gather(
                     2, best.view(*best.shape, 1).expand(*best.shape, x.shape[-1])) for name, x in fresh.items()})
-            self.kept_pos[rows, :, :n_after] = chosen.values.int()
-            self.kept_score[rows, :, :n_after] = scores.gather(2, best)
-        self.n_kept[rows] = n_after
+            self.older_pos[rows, :, :n_after] = chosen.values.int()
+            self.older_score[rows, :, :n_after] = scores.gather(2, best)
+        self.n_older[rows] = n_after
         # The ring keeps sinks and the last W tokens: the chunk's are stored, and every ring token gets its score.
         idx = ((pos[0] < S) | (pos[0] >= end - W)).nonzero().squeeze(1)
         self.ring.write_positions(rows, pos[:, idx], k[:, :, idx], v[:, :, idx])

@@ -1,10 +1,10 @@
 """Paged KV storage (vLLM's PagedAttention): one pool of fixed-size blocks shared by every sequence of the batch.
 
 Each strategy pages one store, the one that grows with the sequence (full: its DenseStore; compress_kv: its ring;
-quantize_kv: its quantized "mid" store, payload, scales and zero-points paged together — the 16-bit sinks and window
-stay per sequence). A sequence's slots of that store are logical; the block table maps logical block i of sequence
-b to a physical block of the pool (the physical slot of a logical one: kv_cache/stores.py, Paged; the fused kernel
-reads through the same table).
+quantize_kv and the eviction policies: their older store, payload, scales and zero-points paged together — the
+16-bit sinks and window stay per sequence). A sequence's slots of that store are logical; the block table maps
+logical block i of sequence b to a physical block of the pool (the physical slot of a logical one:
+kv_cache/stores.py, Paged; the fused kernel reads through the same table).
 
 One block table for all layers: every layer stores the same tokens of a sequence in the same logical slots, so one
 allocation decision per block serves all layers (each layer has its own pool buffers, indexed by the same block

@@ -1,5 +1,5 @@
 """quantize_kv: selective quantization. The first sink_size and the most recent window_size tokens stay in the model
-dtype (a RingStore); older tokens are quantized into a QuantizedStore (the "mid" store) as they leave the window and
+dtype (a RingStore); older tokens are quantized into a QuantizedStore (the older store) as they leave the window and
 are dequantized on the fly inside attention. Layouts: kv_cache/stores.py; formats: kernels/formats.py.
 
   --bits 8    (default) symmetric int8, one scale per token and head.
@@ -22,10 +22,10 @@ Choices made here:
   * --group_size (default 32) must divide head_dim when values are grouped by channels (4/2 bits): a ValueError
     names a divisor instead of silently using another group size (keys and values share the option).
   * With sink_size + window_size >= max_seq_length nothing ever leaves the window: the cache is then exactly the full
-    cache (same outputs, max_seq_length 16-bit slots, no quantized store) and check_options prints a one-line notice.
+    cache (same outputs, max_seq_length 16-bit slots, no older store) and check_options prints a one-line notice.
   * Keys are quantized after RoPE at their absolute positions (as KIVI) by default, so attention needs no
     re-rotation. With --key_rope pre the 16-bit ring holds unrotated keys too (see _decode for why), and both the
-    ring and the dequantized mid keys are rotated where they are attended; mid token t is position sink_size + t.
+    ring and the dequantized older keys are rotated where they are attended; older token t is position sink_size + t.
   * Per-layer formats share one block table when paged: the page space is that of every format at once (blocks a
     multiple of each flush group, as many slots as the layer that quantizes soonest needs; page_space).
   * Scales and zero-points are float16, rounded outward so the quantization error bound holds (kernels/quantize.py).
@@ -111,12 +111,12 @@ class QuantizeOptions(SinkWindowOptions):
         """The single-format options of every format the layers use: this one, or one per --bits_per_layer format."""
         return list(self.format_options.values()) if self.bits_per_layer is not None else [self]
 
-    def mid_capacity(self, max_seq_length: int) -> int:
-        """Tokens the quantized store can hold: what does not fit in sinks + window, in whole flush groups."""
+    def older_capacity(self, max_seq_length: int) -> int:
+        """Tokens the older store can hold: what does not fit in sinks + window, in whole flush groups."""
         return round_up(max(0, max_seq_length - self.sink_size - self.window_size), self.flush_size)
 
-    def n_mid(self, length: int) -> int:
-        """Tokens in the quantized store once a sequence holds `length` tokens: whole flush groups that have left
+    def n_older(self, length: int) -> int:
+        """Tokens in the older store once a sequence holds `length` tokens: whole flush groups that have left
         sinks + window."""
         return max(0, length - self.sink_size - self.window_size) // self.flush_size * self.flush_size
 
@@ -163,12 +163,12 @@ class QuantizeKVCache(KVCache):
         spec is used by some layer (layer_bits refuses a '*' that names none), so this space is no larger than
         the layers need."""
         layers = cls.Options.resolve(options, None).formats()
-        capacity = max(opts.mid_capacity(max_seq_length) for opts in layers)
+        capacity = max(opts.older_capacity(max_seq_length) for opts in layers)
         if not capacity:  # slot = position as in full, but the ring's slot positions are per sequence: not shared
             return dataclasses.replace(super().page_space(options, max_seq_length, block_size), sharable=False)
         block = math.lcm(block_size, *(opts.flush_size for opts in layers))
         capacity = round_up(capacity, block)
-        return PageSpace(block, capacity + block, lambda n: min(max(opts.n_mid(n) for opts in layers), capacity))
+        return PageSpace(block, capacity + block, lambda n: min(max(opts.n_older(n) for opts in layers), capacity))
 
     def __init__(self, batch_size, max_seq_length, n_kv_head, head_dim, dtype, device, options=None, pool=None,
                  **option_values):
@@ -185,111 +185,115 @@ class QuantizeKVCache(KVCache):
             # The decode flush quantizes in Triton too where its power-of-two tiles fit the layout.
             if triton_quantize_supported(head_dim, opts.group_size):
                 self.quantize_into = quantize_into
-        self.mid_size = opts.mid_capacity(max_seq_length)  # 0: everything fits in sinks + window, as full
-        if self.mid_size:
+        self.older_size = opts.older_capacity(max_seq_length)  # 0: everything fits in sinks + window, as full
+        if self.older_size:
             self.ring = RingStore(batch_size, n_kv_head, self.sink_size, self.window_size + self.flush_size, head_dim,
                                   dtype, device)
-            self.mid = QuantizedStore(batch_size, n_kv_head, self.mid_size, head_dim, opts.format, opts.group_size,
-                                      opts.k_granularity, device, pool)
-            self.mid_size = self.mid.capacity  # paged: rounded up to whole blocks; the scratch group follows it
+            self.older = QuantizedStore(batch_size, n_kv_head, self.older_size, head_dim, opts.format,
+                                        opts.group_size, opts.k_granularity, device, pool)
+            self.older_size = self.older.capacity  # paged: rounded up to whole blocks; the scratch group follows it
         else:  # slot = position, as the full cache
             self.ring = RingStore(batch_size, n_kv_head, 0, max_seq_length, head_dim, dtype, device, pool)
-            self.mid = None
-        # Nothing is ever quantized without a mid store: then --key_rope pre changes nothing and post's path runs.
-        self.pre_rope = opts.key_rope == "pre" and self.mid is not None
+            self.older = None
+        # Nothing is ever quantized without an older store: then --key_rope pre changes nothing and post's path runs.
+        self.pre_rope = opts.key_rope == "pre" and self.older is not None
         if self.pre_rope and self.attn_impl == "triton" and (head_dim < 16 or head_dim & (head_dim - 1)):
             raise ValueError(f"--key_rope pre with --attn_impl triton needs a power-of-two head_dim >= 16 (the "
                              f"fused kernel rotates whole tiles; this model's is {head_dim}): use --attn_impl torch")
 
-    def _hi_keep(self, ring_pos, n_mid):
-        """16-bit slots holding a token that is not (yet) in the mid store."""
+    # The store's earlier names, which scripts/bench_decode.py still reads: drop them once it reads older.
+    mid = property(lambda self: self.older)
+    mid_size = property(lambda self: self.older_size)
+
+    def _recent_keep(self, ring_pos, n_older):
+        """Ring slots holding a token that is not (yet) in the older store."""
         S = self.sink_size
-        return (ring_pos >= 0) & ((ring_pos < S) | (ring_pos >= S + n_mid))
+        return (ring_pos >= 0) & ((ring_pos < S) | (ring_pos >= S + n_older))
 
     def forward(self, q, k, v, input_pos, rope_cos, rope_sin, rows=None):
         decode = self.is_decode(q, rows)
         rows, pos = self.rows_and_positions(q, input_pos, rows)
         q, k_rot = rotate_qk(q, k, pos, rope_cos, rope_sin)
         rope = (rope_cos, rope_sin)
-        stored_k = k if self.pre_rope else k_rot  # what the ring and the mid store hold
+        stored_k = k if self.pre_rope else k_rot  # what the ring and the older store hold
         if decode:
             return self._decode(q, stored_k, v, pos, rows, rope)
         return self._prefill(q, k_rot, stored_k, v, pos, rows, rope)
 
     def _attended(self, keys, ring_pos, rope):
-        """Ring keys (R, H, slots, D) and the mid store as attention reads them: as stored (post), or rotated by
-        each slot's position and a mid view that rotates its dequantized keys (pre)."""
+        """Ring keys (R, H, slots, D) and the older store as attention reads them: as stored (post), or rotated by
+        each slot's position and a view of the older store that rotates its dequantized keys (pre)."""
         if not self.pre_rope:
-            return keys, self.mid
-        return rotate(keys, ring_pos.clamp(min=0), *rope), PreRopeMid(self.mid, *rope, self.sink_size)
+            return keys, self.older
+        return rotate(keys, ring_pos.clamp(min=0), *rope), PreRopeOlder(self.older, *rope, self.sink_size)
 
     def _decode(self, q, k, v, pos, rows, rope):
         R, S, W, F = q.shape[0], self.sink_size, self.window_size, self.flush_size
         ring = self.ring
         ring.write_positions(rows, pos, k, v)
-        if self.mid is None:
-            return self.attend_decode(q, ring, hi_last=pos[:, 0], hi_pos=ring.pos[:R])
+        if self.older is None:
+            return self.attend_decode(q, ring, recent_last=pos[:, 0], recent_pos=ring.pos[:R])
         n_past = pos[:, 0] + 1 - S - W  # tokens of each sequence that have left sinks + window
-        n_mid = n_past.clamp(min=0) // F * F
+        n_older = n_past.clamp(min=0) // F * F
         # The group that completes now is the ring's oldest F tokens; when none completes, the (meaningless)
         # group is quantized into the scratch group so the step's work and shapes never change.
         arange = torch.arange(F, device=q.device)
         group_pos = pos + 1 - W - F + arange  # (R, F)
         completes = (n_past >= F) & (n_past % F == 0)
-        start = torch.where(completes, group_pos[:, 0] - S, self.mid_size)  # (R,)
+        start = torch.where(completes, group_pos[:, 0] - S, self.older_size)  # (R,)
         group_slots = ring.slots(group_pos).clamp(min=0)
         # --key_rope pre: the ring holds unrotated keys, so the flush below quantizes them as they are, from the
         # same ring slots, in Triton or PyTorch alike. (Un-rotating rotated ring keys before quantizing would
         # instead round twice in the model dtype, and cost an inverse rotation of every flushed group.) What
         # attention reads is then rotated: the ring's S + W + F slots each step (a small copy) and the
-        # dequantized mid keys, inside the fused kernel's tiles or after the PyTorch path dequantizes them.
+        # dequantized older keys, inside the fused kernel's tiles or after the PyTorch path dequantizes them.
         if self.quantize_into is not None:
-            # Straight from the (contiguous) ring into the mid store at `start`: no gathered copy, no host sync.
-            self.quantize_into(ring.k[:R], ring.v[:R], group_slots, *self.mid.append_target(R, start))
+            # Straight from the (contiguous) ring into the older store at `start`: no gathered copy, no host sync.
+            self.quantize_into(ring.k[:R], ring.v[:R], group_slots, *self.older.append_target(R, start))
         else:
-            self.mid.store(rows, start[:, None] + arange, *ring.read(rows, group_slots))
-        hi, mid = ring, self.mid
+            self.older.store(rows, start[:, None] + arange, *ring.read(rows, group_slots))
+        recent, older = ring, self.older
         if self.pre_rope:
             ring_k, ring_v = ring.logical(slice(0, R))
-            ring_k, mid = self._attended(ring_k, ring.pos[:R], rope)
-            hi = (ring_k, ring_v)
-        return self.attend_decode(q, hi, hi_pos=ring.pos[:R], sink_size=S, n_mid=n_mid, mid=mid)
+            ring_k, older = self._attended(ring_k, ring.pos[:R], rope)
+            recent = (ring_k, ring_v)
+        return self.attend_decode(q, recent, recent_pos=ring.pos[:R], sink_size=S, n_older=n_older, older=older)
 
     def _prefill(self, q, k_rot, k, v, pos, rows, rope):
         """k_rot: the chunk's keys rotated (attended); k: as stored (rotated, or unrotated with --key_rope pre)."""
         R, T, S = q.shape[0], q.shape[2], self.sink_size
         first = int(pos[0, 0])
         chunk_pos = pos[0]
-        n_mid_before, n_mid_after = self.opts.n_mid(first), self.opts.n_mid(first + T)
+        n_older_before, n_older_after = self.opts.n_older(first), self.opts.n_older(first + T)
         ring_k, ring_v = self.ring.logical(rows)
         ring_pos = self.ring.pos[rows]
-        attended_k, mid = self._attended(ring_k, ring_pos, rope)
+        attended_k, older = self._attended(ring_k, ring_pos, rope)
         # The chunk attends to what the cache held before it (quantized tokens dequantized) and to itself causally.
         keys, values = [attended_k], [ring_v]
-        masks = [self._hi_keep(ring_pos, n_mid_before)[:, None, None, :].expand(-1, 1, T, -1)]
-        if n_mid_before:
-            k_mid, v_mid = mid.dequantize(rows, n_mid_before, self.dtype)
-            keys.append(k_mid)
-            values.append(v_mid)
-            masks.append(torch.ones(R, 1, T, n_mid_before, dtype=torch.bool, device=q.device))
+        masks = [self._recent_keep(ring_pos, n_older_before)[:, None, None, :].expand(-1, 1, T, -1)]
+        if n_older_before:
+            older_k, older_v = older.dequantize(rows, n_older_before, self.dtype)
+            keys.append(older_k)
+            values.append(older_v)
+            masks.append(torch.ones(R, 1, T, n_older_before, dtype=torch.bool, device=q.device))
         keys.append(k_rot)
         values.append(v)
         masks.append(torch.ones(T, T, dtype=torch.bool, device=q.device).tril().expand(R, 1, T, T))
         out = attend(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), torch.cat(masks, dim=-1))
-        if n_mid_after > n_mid_before:  # tokens that left the window: from the ring first, then from the chunk
-            moved = torch.arange(S + n_mid_before, S + n_mid_after, device=q.device)
+        if n_older_after > n_older_before:  # tokens that left the window: from the ring first, then from the chunk
+            moved = torch.arange(S + n_older_before, S + n_older_after, device=q.device)
             ring_slots = self.ring.slots(moved[moved < first])
             chunk_idx = moved[moved >= first] - first
-            self.mid.store(rows, (moved - S).expand(R, -1),
-                           torch.cat([ring_k[:, :, ring_slots], k[:, :, chunk_idx]], dim=2),
-                           torch.cat([ring_v[:, :, ring_slots], v[:, :, chunk_idx]], dim=2))
-        idx = ((chunk_pos < S) | (chunk_pos >= S + n_mid_after)).nonzero().squeeze(1)
+            self.older.store(rows, (moved - S).expand(R, -1),
+                             torch.cat([ring_k[:, :, ring_slots], k[:, :, chunk_idx]], dim=2),
+                             torch.cat([ring_v[:, :, ring_slots], v[:, :, chunk_idx]], dim=2))
+        idx = ((chunk_pos < S) | (chunk_pos >= S + n_older_after)).nonzero().squeeze(1)
         self.ring.write_positions(rows, pos[:, idx], k[:, :, idx], v[:, :, idx])
         return out
 
 
-class PreRopeMid:
-    """The mid store as attention reads it under --key_rope pre: keys were quantized before RoPE, and mid token t
+class PreRopeOlder:
+    """The older store as attention reads it under --key_rope pre: keys were quantized before RoPE, and its token t
     (position sink_size + t) is rotated after dequantization. KVCache.attend_decode takes it in place of the
     store: its PyTorch path dequantizes through dequantize() below; its fused kernel gets the RoPE tables from
     kernel_inputs() and rotates each dequantized key tile in registers (kernels/decode_attention.py)."""
@@ -300,7 +304,7 @@ class PreRopeMid:
 
     def dequantize(self, rows, n: int, dtype):
         k, v = self.store.dequantize(rows, n, dtype)
-        # Tokens past the tables' end are never attended (they lie past n_mid): any row serves them.
+        # Tokens past the tables' end are never attended (they lie past n_older): any row serves them.
         pos = (self.sink_size + torch.arange(n, device=k.device)).clamp(max=self.rope_cos.shape[0] - 1)
         return rotate(k, pos, self.rope_cos, self.rope_sin), v
 

@@ -4,8 +4,8 @@ After the prompt, each KV head keeps the prompt tokens that the last window_size
 window, which is also the window kept in the model dtype) attend to most, their attention summed over those queries
 and the head's query heads and smoothed by average pooling over kernel_size neighbouring positions (so a kept token
 brings its context), plus the sinks and the window. Decoding then appends: tokens leaving the window fill the free
-kept slots, and once the budget is full they are dropped (the prompt's selection is never revised, as SnapKV).
-The whole prompt is prefilled in one chunk so that the observation window is the prompt's end.
+slots of the older store, and once the budget is full they are dropped (the prompt's selection is never revised, as
+SnapKV). The whole prompt is prefilled in one chunk so that the observation window is the prompt's end.
 """
 from dataclasses import dataclass
 

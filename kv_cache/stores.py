@@ -4,18 +4,23 @@ A store is allocated once (static shapes, written in place, so a decode step com
 a CUDA graph) and keeps everything per sequence in its first dimension: sequences of one batch have their own
 lengths and ring positions, and one sequence can be reset alone. B = batch, H = KV heads, D = head_dim.
 
+A cache attends over at most two stores (KVCache.attend_decode), named by what they hold: its recent store, the
+tokens it keeps as they are in the model dtype (full's DenseStore: every token; a RingStore: sinks and window), and
+its older store, the tokens past sinks and window it still holds (quantize_kv's QuantizedStore; under eviction a
+DenseOlderStore or a QuantizedStore). The fused kernel calls them its "hi" and "mid" stores.
+
 DenseStore (full)
   k, v     (B, H, N, D) model dtype. Slot n of sequence b holds its position n.
 
-RingStore (compress_kv, quantize_kv's 16-bit part)
+RingStore (the recent store of compress_kv, quantize_kv and the eviction policies)
   k, v     (B, H, S + R, D) model dtype. Slots 0 .. S-1 hold positions 0 .. S-1 (the attention sinks); position
            p >= S goes to slot S + (p - S) % R, a ring of R slots that the newest token overwrites.
   pos      (B, S + R) int64: the position each slot of each sequence holds, -1 while empty.
   compress_kv: R = window_size. quantize_kv: R = window_size + flush group (below), because tokens leave the window
   a whole group at a time.
 
-QuantizedStore (quantize_kv's "mid" store: the tokens that left the window, in a format of kernels/formats.py)
-  Token t of sequence b is position S + t; the first n_mid(b) tokens are valid, n_mid a whole number of flush groups
+QuantizedStore (quantize_kv's older store: the tokens that left the window, in a format of kernels/formats.py)
+  Token t of sequence b is position S + t; the first n_older(b) tokens are valid, a whole number of flush groups
   (F = group_size tokens when keys are per channel, else 1). Capacity M tokens plus one scratch flush group past
   the end, which the static decode step writes when no group completes (so its work and shapes never change).
   k_q, v_q           (B, H, M + F, D // per_byte): int8, float8_e4m3fn, or uint8 with 2 (4-bit) / 4 (2-bit) codes
@@ -25,10 +30,11 @@ QuantizedStore (quantize_kv's "mid" store: the tokens that left the window, in a
   v_scale (v_zero)   (B, H, M + F, C) per token.
   float16; zero-points only for the asymmetric formats. x = q * scale (+ zero).
 
-DenseMidStore, QuantizedStore with per-token keys (the eviction policies' "kept" store, kv_cache/evict.py)
+DenseOlderStore, QuantizedStore with per-token keys (the eviction policies' older store, kv_cache/evict.py)
   Slot n of each KV head holds a token of that head's own choosing (slots are filled in order and overwritten in
-  place, head by head: write_heads); the first n_kept slots are valid in every head. DenseMidStore is a DenseStore
-  in the model dtype that the fused kernel reads as its mid store with unit scales (16-bit "payload").
+  place, head by head: write_heads); the first n_older slots are valid in every head. DenseOlderStore is a
+  DenseStore in the model dtype that the fused kernel reads as a quantized store with unit scales (16-bit
+  "payload").
 
 Paged (kv_cache/paging.py): a store given a BlockPool keeps the same logical slots per sequence, but its buffers are
 one pool for the whole batch, first dimension 1: (1, H, P, ...) with P = num_blocks * block_tokens physical slots
@@ -42,7 +48,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from kernels.formats import Format
-from kernels.quantize import dequantize_mid, quantize_keys, quantize_values
+from kernels.quantize import dequantize_older, quantize_keys, quantize_values
 
 
 def write_rows(buf: Tensor, rows, slots: Tensor, x: Tensor):
@@ -204,7 +210,8 @@ class DenseStore(Store):
         return self.read(rows, slots)
 
     def kernel_inputs(self, R: int) -> dict:
-        """The first R sequences as the fused decode kernel reads them (kernels/decode_attention.py)."""
+        """The first R sequences as the fused decode kernel reads them (kernels/decode_attention.py): its recent
+        ("hi") store's arguments."""
         if self.pool is None:
             return dict(hi_k=self.k[:R], hi_v=self.v[:R])
         return dict(hi_k=self.k, hi_v=self.v, hi_table=self.table[:R], hi_block=self.pool.block_tokens)
@@ -240,10 +247,11 @@ class RingStore(DenseStore):
         self.pos[rows] = -1
 
 
-class DenseMidStore(DenseStore):
-    """A DenseStore of `capacity` slots plus a scratch slot (paged: a scratch block, never reserved, so on the null
-    block) whose slots each KV head fills with its own tokens (write_heads); read by the fused kernel as a mid store
-    in the model dtype with unit scales, so the kernel's quantized path serves it unchanged."""
+class DenseOlderStore(DenseStore):
+    """An older store in the model dtype: a DenseStore of `capacity` slots plus a scratch slot (paged: a scratch
+    block, never reserved, so on the null block) whose slots each KV head fills with its own tokens (write_heads);
+    read by the fused kernel as a quantized store with unit scales, so the kernel's quantized path serves it
+    unchanged."""
 
     def __init__(self, batch_size, n_kv_head, capacity, head_dim, dtype, device, pool=None):
         super().__init__(batch_size, n_kv_head, capacity + 1, head_dim, dtype, device, pool)
@@ -255,12 +263,13 @@ class DenseMidStore(DenseStore):
         self.write_heads_buf(dict(k=k, v=v), rows, slots)
 
     def kernel_inputs(self, R: int) -> dict:
-        hi = super().kernel_inputs(R)
-        k, v = hi["hi_k"], hi["hi_v"]
+        """The kernel's older ("mid") store arguments."""
+        dense = super().kernel_inputs(R)
+        k, v = dense["hi_k"], dense["hi_v"]
         inputs = dict(k_q=k, k_scale=self.unit_scale.expand(*k.shape[:3], 1), k_zero=None, v_q=v,
                       v_scale=self.unit_scale.expand(*v.shape[:3], 1), v_zero=None)
         if self.pool is not None:
-            inputs.update(mid_table=hi["hi_table"], mid_block=hi["hi_block"])
+            inputs.update(mid_table=dense["hi_table"], mid_block=dense["hi_block"])
         return inputs
 
     def dequantize(self, rows, n: int, dtype) -> tuple[Tensor, Tensor]:
@@ -342,7 +351,8 @@ class QuantizedStore(Store):
         return slots[:, ::self.flush_size] // self.flush_size if self.k_granularity == "channel" else slots
 
     def kernel_inputs(self, R: int) -> dict:
-        """The first R sequences as the fused decode kernel reads them (kernels/decode_attention.py)."""
+        """The first R sequences as the fused decode kernel reads them (kernels/decode_attention.py): its older
+        ("mid") store's arguments."""
         names = ("k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero")
         if self.pool is None:
             return dict(zip(names, self.buffers_of(R)))
@@ -358,7 +368,7 @@ class QuantizedStore(Store):
         return (phys, *(None if t is None else t.expand(R, *t.shape[1:]) for t in self.all_buffers()))
 
     def store(self, rows, tokens: Tensor, k: Tensor, v: Tensor):
-        """Quantize k, v (R, H, N, D) into mid tokens tokens (R, N) of sequences `rows` (a slice or an index tensor);
+        """Quantize k, v (R, H, N, D) into tokens `tokens` (R, N) of sequences `rows` (a slice or an index tensor);
         each row's tokens are whole flush groups in order."""
         k_q, k_scale, k_zero = quantize_keys(k, self.fmt, self.k_granularity, self.group_size)
         v_q, v_scale, v_zero = quantize_values(v, self.fmt, self.group_size)
@@ -400,7 +410,7 @@ class QuantizedStore(Store):
             k_rows = self._key_rows(phys)
             buffers = tuple(None if t is None else read_pool(t, k_rows if i in (1, 2) else phys)
                             for i, t in enumerate(self.all_buffers()))
-        return dequantize_mid(*buffers, n, self.fmt, self.k_granularity, self.group_size, self.head_dim, dtype)
+        return dequantize_older(*buffers, n, self.fmt, self.k_granularity, self.group_size, self.head_dim, dtype)
 
     def reset(self, rows: Tensor):
         if not self.release(rows):

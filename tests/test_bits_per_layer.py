@@ -180,7 +180,7 @@ def test_bytes_reported_are_the_per_layer_buffers(options, block_size):
         # format that quantizes soonest needs.
         formats = [QUANTIZE_KV.check_options(dict(single, bits=b), L, ARGS.head_dim) for b in set(bits)]
         assert pool.block_tokens == math.lcm(block_size, *(o.flush_size for o in formats))
-        assert pool.space.slots_used(L) == max(o.n_mid(L) for o in formats)
+        assert pool.space.slots_used(L) == max(o.n_older(L) for o in formats)
 
 
 # ---------------------------------------------------------------- outputs against a per-layer reference

@@ -116,45 +116,45 @@ def test_policy_keeps_what_the_reference_keeps(policy):
                 torch.tensor([0]))
     ref_out = ref.prefill(q[0, :, :PROMPT], k[0, :, :PROMPT], v[0, :, :PROMPT])
     assert torch.allclose(out[0].double(), ref_out, atol=1e-5)
-    assert cache.kept_tokens(0) == ref.kept, "after the prompt"
+    assert cache.older_tokens(0) == ref.kept, "after the prompt"
     for p in range(PROMPT, T):
         out = cache(q[:, :, p:p + 1], k[:, :, p:p + 1], v[:, :, p:p + 1], torch.tensor([[p]]), cos, sin)
         ref_out = ref.decode(q[0, :, p], k[0, :, p], v[0, :, p])
         assert torch.allclose(out[0, :, 0].double(), ref_out, atol=1e-5), f"output at position {p}"
-        assert cache.kept_tokens(0) == [sorted(kept) for kept in ref.kept], f"kept after position {p}"
+        assert cache.older_tokens(0) == [sorted(kept) for kept in ref.kept], f"kept after position {p}"
         for h in range(H):  # the scores beside the kept tokens are the reference's
-            n = int(cache.n_kept[0])
-            got = dict(zip(cache.kept_pos[0, h, :n].tolist(), cache.kept_score[0, h, :n].tolist()))
+            n = int(cache.n_older[0])
+            got = dict(zip(cache.older_pos[0, h, :n].tolist(), cache.older_score[0, h, :n].tolist()))
             assert all(abs(got[t] - ref.score[h][t]) < 1e-4 for t in ref.kept[h]), (p, h)
     if policy == "tova":  # decoding replaced some prompt tokens (h2o's prompt tokens have accumulated more)
         assert any(t >= PROMPT - W for kept in ref.kept for t in kept)
 
 
 def test_hand_set_scores_decide_the_replacement():
-    """h2o with the kept store full: the token leaving the window replaces the head's lowest-scored kept token only
+    """h2o with the older store full: the token leaving the window replaces the head's lowest-scored older token only
     when it scores higher (head 0: 2.0 > 1.0 replaces slot 1; head 1: 0.5 < 1.0 is dropped)."""
     gen = torch.Generator().manual_seed(3)
     cache = make_cache("h2o")
     cos, sin = identity_rope(32)
     x = lambda heads, n: torch.randn(1, heads, n, D, generator=gen)  # noqa: E731
     cache(x(HQ, PROMPT), x(H, PROMPT), x(H, PROMPT), torch.arange(PROMPT), cos, sin, torch.tensor([0]))
-    before = cache.kept_pos[0, :, :4].tolist()
-    cache.kept_score[0] = 0.0
-    cache.kept_score[0, 0, :4] = torch.tensor([5.0, 1.0, 7.0, 3.0])
-    cache.kept_score[0, 1, :4] = torch.tensor([1.0, 4.0, 2.0, 6.0])
+    before = cache.older_pos[0, :, :4].tolist()
+    cache.older_score[0] = 0.0
+    cache.older_score[0, 0, :4] = torch.tensor([5.0, 1.0, 7.0, 3.0])
+    cache.older_score[0, 1, :4] = torch.tensor([1.0, 4.0, 2.0, 6.0])
     leaving = PROMPT - W  # the token position PROMPT pushes out of the window
     slot = int(cache.ring.slots(torch.tensor(leaving)))
     assert int(cache.ring.pos[0, slot]) == leaving
     cache.ring_score[0, :, slot] = torch.tensor([2.0, 0.5])
     cache(x(HQ, 1), x(H, 1), x(H, 1), torch.tensor([[PROMPT]]), cos, sin)
-    assert cache.kept_pos[0, 0, :4].tolist() == [before[0][0], leaving, before[0][2], before[0][3]]
-    assert cache.kept_pos[0, 1, :4].tolist() == before[1]
+    assert cache.older_pos[0, 0, :4].tolist() == [before[0][0], leaving, before[0][2], before[0][3]]
+    assert cache.older_pos[0, 1, :4].tolist() == before[1]
 
 
 @pytest.mark.parametrize("then_bits", [None, "8", "4", "fp8"])
 def test_bytes_are_the_layout(then_bits):
-    """nbytes counts every buffer (ring, kept store, scores, positions, counts) and bytes_per_token is what one more
-    kept slot costs, to the byte."""
+    """nbytes counts every buffer (ring, older store, scores, positions, counts) and bytes_per_token is what one more
+    slot of the older store costs, to the byte."""
     options = dict(then_bits=then_bits, group_size=4)
     B, ring, kept_slots = 3, S + W, BUDGET - S - W + 1  # + the scratch slot
     cache = make_cache("h2o", batch=B, **options)
@@ -163,7 +163,7 @@ def test_bytes_are_the_layout(then_bits):
     else:
         kept = B * H * kept_slots * QuantizedStore.bytes_per_token(cache.opts.format, 4, "token", D)
     expected = (2 * B * H * ring * D * 4 + B * ring * 8  # ring keys, values and positions
-                + kept + B * H * (ring + kept_slots) * 4 + B * H * kept_slots * 4 + B * 8)  # scores, kept_pos, n_kept
+                + kept + B * H * (ring + kept_slots) * 4 + B * H * kept_slots * 4 + B * 8)  # scores, positions, count
     assert cache.nbytes() == expected
     cls = kv_cache.STRATEGIES["h2o"]
     bigger = cls(B, 64, H, D, torch.float32, "cpu", sink_size=S, window_size=W, budget=BUDGET + 1, **options)

@@ -1,9 +1,9 @@
 """The reference quantization functions (kernels/quantize.py): bit packing, codes against float64 recomputation, and
-the rounding-error bound of each format, in the mid-store layouts of kv_cache/stores.py."""
+the rounding-error bound of each format, in the quantized-store layouts of kv_cache/stores.py."""
 import pytest
 import torch
 
-from kernels.quantize import (dequantize_asym, dequantize_block, dequantize_mid, dequantize_scaled,
+from kernels.quantize import (dequantize_asym, dequantize_block, dequantize_older, dequantize_scaled,
                               pack_bits, quantize_asym, quantize_block, quantize_fp8, quantize_int8, quantize_keys,
                               quantize_values, unpack_bits)
 
@@ -125,8 +125,8 @@ def test_channel_keys_have_one_scale_per_channel():
 
 @pytest.mark.parametrize("bits,k_granularity", [(8, "token"), ("fp8", "token"), (4, "channel"), (2, "channel"),
                                                 (4, "token")])
-def test_dequantize_mid_first_n_tokens(bits, k_granularity):
-    """dequantize_mid reads the first n tokens of a store written group by group, as quantize_kv writes it."""
+def test_dequantize_older_first_n_tokens(bits, k_granularity):
+    """dequantize_older reads the first n tokens of a store written group by group, as quantize_kv writes it."""
     B, H, D, G, n_groups = 2, 2, 32, 16, 3
     k, v = sample(B, H, G * n_groups, D, seed=4), sample(B, H, G * n_groups, D, seed=5)
     parts = {name: [] for name in ("k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero")}
@@ -136,7 +136,7 @@ def test_dequantize_mid_first_n_tokens(bits, k_granularity):
             parts[name].append(t)
     store = {name: None if ts[0] is None else torch.cat(ts, 2) for name, ts in parts.items()}
     n = 2 * G
-    k_out, v_out = dequantize_mid(**store, n=n, bits=bits, k_granularity=k_granularity, group_size=G, D=D,
+    k_out, v_out = dequantize_older(**store, n=n, bits=bits, k_granularity=k_granularity, group_size=G, D=D,
                                   dtype=torch.float32)
     assert k_out.shape == v_out.shape == (B, H, n, D)
     k_ref = dequantize_block(*quantize_keys(k[:, :, :n], bits, k_granularity, G), bits, k_granularity, G, D,
