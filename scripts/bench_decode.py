@@ -41,7 +41,8 @@ from cli_options import strategy_parser  # noqa: E402
 from runner import compile_decode, decode_one_token, pool_of, prefill, setup_cache, synchronize  # noqa: E402
 from scripts.common import (GiB, LOCAL_OUT, copy_bandwidth, count, fmt, header_lines, list_of,  # noqa: E402
                             markdown_table, name_list, release, run_header, timed)
-from scripts.presets import PRESETS, SINK_SIZE, WINDOW_SIZE  # noqa: E402
+from scripts import presets  # noqa: E402
+from scripts.presets import PRESETS  # noqa: E402
 from shapes import SHAPES, random_model  # noqa: E402
 
 STRATEGIES = {preset.name: preset for preset in PRESETS}  # the rows, by name
@@ -212,6 +213,45 @@ def time_decode(model, decode_fn, token, context, steps, repeats, warmup, device
     return step_s, first_s
 
 
+def measure(model, strategy: str, options: dict, batch: int, context: int, max_seq_length: int, chunk: int,
+            steps: int, repeats: int, warmup: int, device, decode_fn=decode_one_token, broadcast: bool = False,
+            block_size: int = None, path: str = None) -> dict:
+    """Fill `strategy`'s caches to `context` tokens for `batch` sequences, then time decode steps with decode_fn:
+    attn_impl, fill_s, step_s, first_call_s, peak_bytes, or note "OOM" (the caches are released either way).
+    Paged, every sequence holds the blocks of all its max_seq_length positions before the timed steps, which then
+    run on the device alone. path: decode_fn's name (e.g. "cuda graph"): when it fails to compile or capture, the
+    steps are timed eagerly instead, and the note says so (decode_path: the one timed)."""
+    out = {"decode_path": path} if path else {}
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        pool = setup_cache(model, strategy, options, batch, max_seq_length, block_size=block_size)
+        out["attn_impl"] = model.caches()[0].attn_impl
+        t0 = time.perf_counter()
+        token = fill_context(model, batch, context, chunk, device, broadcast)
+        for row in range(batch if pool is not None else 0):
+            pool.reserve(row, max_seq_length)
+        synchronize(device)
+        out["fill_s"] = time.perf_counter() - t0
+        try:
+            out["step_s"], out["first_call_s"] = time_decode(model, decode_fn, token, context, steps, repeats,
+                                                             warmup, device)
+        except (RuntimeError, torch._dynamo.exc.TorchDynamoException) as e:
+            if path in (None, "eager"):
+                raise
+            # One lease: a capture or compile failure must still leave an eager number (and say why).
+            out.update(note=f"{path} failed ({type(e).__name__}: {str(e)[:120]}); eager instead", decode_path="eager")
+            torch._dynamo.reset()
+            out["step_s"], out["first_call_s"] = time_decode(model, decode_one_token, token, context, steps, repeats,
+                                                             warmup, device)
+        out["peak_bytes"] = peak_memory_bytes(device)
+    except torch.cuda.OutOfMemoryError:
+        out["note"] = "OOM"
+    finally:
+        release(model, device)
+    return out
+
+
 # ---------------------------------------------------------------- one row
 
 
@@ -241,23 +281,11 @@ def bench_row(model, shape, name, context, batch, cfg, device) -> dict:
     if need > available:
         row["note"] = f"skipped: OOM estimate ({need / GiB:.1f} GiB needed, {available / GiB:.1f} GiB free)"
         return row
-    try:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        setup_cache(model, strategy, options, batch, max_seq_length)
-        t0 = time.perf_counter()
-        token = fill_context(model, batch, context, chunk, device)
-        synchronize(device)
-        row["fill_s"] = time.perf_counter() - t0
-        decode_fn = compile_decode() if cfg["compile"] else decode_one_token
-        step_s, row["first_call_s"] = time_decode(model, decode_fn, token, context, cfg["steps"], cfg["repeats"],
-                                                  cfg["warmup"], device)
-        row["peak_bytes"] = peak_memory_bytes(device)
-    except torch.cuda.OutOfMemoryError:
-        row["note"] = "OOM"
+    row.update(measure(model, strategy, options, batch, context, max_seq_length, chunk, cfg["steps"], cfg["repeats"],
+                       cfg["warmup"], device, compile_decode() if cfg["compile"] else decode_one_token))
+    if "step_s" not in row:
         return row
-    finally:
-        release(model, device)
+    step_s = row["step_s"]
     roofline_s = (weights + kv) / cfg["bandwidth"]
     world = getattr(model, "tp_world", 1)
     if world > 1:  # each GPU sends (and receives) its ring share of the step's 2 x n_layer all-reduces
@@ -265,8 +293,7 @@ def bench_row(model, shape, name, context, batch, cfg, device) -> dict:
         row["allreduce_bytes"] = tp.ring_bytes(message, world) * 2 * args.n_layer
         row["allreduce_step_s"] = 2 * args.n_layer * all_reduce_seconds(message, device)  # measured, back to back
         roofline_s += row["allreduce_bytes"] / cfg["allreduce_bandwidth"]
-    row.update(step_s=step_s, tokens_per_s=batch / step_s, roofline_s=roofline_s,
-               roofline_pct=100 * roofline_s / step_s)
+    row.update(tokens_per_s=batch / step_s, roofline_s=roofline_s, roofline_pct=100 * roofline_s / step_s)
     return row
 
 
@@ -427,10 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=list_of(count), default=None, help="batch sizes (default 1,8,32; tiny: 1,2)")
     p.add_argument("--strategies", type=name_list(STRATEGIES), default=list(STRATEGIES),
                    help=f"comma-separated, from {','.join(STRATEGIES)} (scripts/presets.py; default all)")
-    p.add_argument("--sink_size", type=int, default=SINK_SIZE,
-                   help=f"of every strategy with sinks (default {SINK_SIZE}, the library's)")
-    p.add_argument("--window_size", type=int, default=WINDOW_SIZE,
-                   help=f"of every strategy with a window (default {WINDOW_SIZE}, the library's)")
+    presets.add_arguments(p, "every strategy with sinks and a window")
     p.add_argument("--steps", type=int, default=None, help="decode steps per timed repeat (default 32; CPU 4)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats, median reported (default 5; CPU 2)")
     p.add_argument("--warmup", type=int, default=3, help="untimed decode steps after the first call (default 3)")

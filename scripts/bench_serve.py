@@ -59,7 +59,8 @@ from runner import (DTYPES, compile_decode, decode_one_token, prefill, setup_cac
                     warm_up)
 from scripts.common import (LOCAL_OUT, MiB, count, fmt, header_lines, length_range, list_of,  # noqa: E402
                             markdown_table, name_list, release, run_header)
-from scripts.presets import BY_NAME, GROUP_SIZE, SINK_SIZE, WINDOW_SIZE  # noqa: E402
+from scripts import presets  # noqa: E402
+from scripts.presets import BY_NAME  # noqa: E402
 from shapes import SHAPES, random_model  # noqa: E402
 
 # name -> (label, scripts/presets.py entry, paged, continuous)
@@ -426,12 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows (batch) of the paged caches (default: the fewest that let the blocks bind)")
     p.add_argument("--block_size", type=whole_number(1), default=DEFAULT_BLOCK_SIZE,
                    help=f"paged: tokens per block (default {DEFAULT_BLOCK_SIZE})")
-    p.add_argument("--sink_size", type=whole_number(0), default=SINK_SIZE,
-                   help=f"quantize_kv sinks (default {SINK_SIZE}, the library's)")
-    p.add_argument("--window_size", type=whole_number(0), default=WINDOW_SIZE,
-                   help=f"quantize_kv 16-bit window (default {WINDOW_SIZE}, the library's)")
-    p.add_argument("--group_size", type=whole_number(1), default=GROUP_SIZE,
-                   help=f"quantize_kv int4 group (default {GROUP_SIZE}, the library's)")
+    presets.add_arguments(p, "quantize_kv", group=True)
     p.add_argument("--prefill_chunk", type=whole_number(1), default=512, help="prefill chunk of the serving rows (512)")
     p.add_argument("--prefill_prompt", type=whole_number(0), default=None,
                    help="tokens of the prefill-memory prompt (default 8192 on CUDA, 1024 on CPU; 0: no table)")

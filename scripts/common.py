@@ -178,6 +178,13 @@ def name_list(choices):
     return parse
 
 
+def check_once(option: str, values: list, what: str = "value", show=str):
+    """A one-line ValueError when a list names a value twice (it would be measured, and weigh, twice)."""
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        raise ValueError(f"{option} lists {', '.join(map(show, twice))} more than once: give each {what} once")
+
+
 def length_range(text: str) -> tuple[int, int]:
     """An argparse type: LO-HI, two whole numbers with 1 <= LO <= HI."""
     try:

@@ -59,7 +59,8 @@ from scripts import evaluate  # noqa: E402
 from scripts.common import (LOCAL_OUT, MiB, REPO_DIR, command_line, device_name, fmt, git_commit,  # noqa: E402
                             list_of, markdown_table, version)
 from scripts.data import corpus, ruler  # noqa: E402
-from scripts.presets import GROUP_SIZE, PRESETS, SINK_SIZE, WINDOW_SIZE  # noqa: E402
+from scripts import presets  # noqa: E402
+from scripts.presets import PRESETS  # noqa: E402
 
 FULL_CHECKPOINT = REPO_DIR / "checkpoints" / "smollm2-135m"
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -445,11 +446,8 @@ def build_parser():
     p.add_argument("--ruler_samples", type=int, default=2, help="samples per RULER task (0: no RULER)")
     p.add_argument("--ruler_new_tokens", type=int, default=32, help="cap on a RULER answer's greedy tokens")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--sink_size", type=int, default=SINK_SIZE, help=f"ours (default {SINK_SIZE}, the library's)")
-    p.add_argument("--window_size", type=int, default=WINDOW_SIZE,
-                   help=f"ours; residual_length of the QuantizedCaches (default {WINDOW_SIZE}, the library's)")
-    p.add_argument("--group_size", type=int, default=GROUP_SIZE,
-                   help=f"KIVI group (ours) = q_group_size (quanto) (default {GROUP_SIZE}, the library's)")
+    presets.add_arguments(p, "ours (the window is the QuantizedCaches' residual_length, the group their "
+                             "q_group_size)", group=True)
     p.add_argument("--evict_budget", type=int, default=0,
                    help="tokens our eviction rows keep per KV head (0: a fifth of --context)")
     p.add_argument("--threads", type=int, default=2)

@@ -57,7 +57,7 @@ from engine import generate_batch
 from memory import full_kv_bytes, predicted_kv_bytes
 from profiling import OUTPUTS, check_profile_name, maybe_profile
 from runner import load_model, prefill, setup_cache
-from scripts.common import fmt, list_of
+from scripts.common import check_once, fmt, list_of
 from scripts.data import corpus, ruler
 from tokenizer import load_tokenizer
 
@@ -145,12 +145,8 @@ def check_settings(args):
         raise ValueError(f"unknown retrieval task {', '.join(sorted(unknown))}: use {','.join(corpus.RETRIEVAL_TASKS)}")
     if any(not 0 <= d <= 1 for d in args.retrieval_depths):
         raise ValueError("--retrieval_depths must lie between 0 (start) and 1 (end)")
-    # A value listed twice would score the same prompts twice and weigh them double in the accuracy.
     for name in ("retrieval_tasks", "retrieval_lengths", "retrieval_depths"):
-        values = getattr(args, name)
-        twice = sorted({v for v in values if values.count(v) > 1})
-        if twice:
-            raise ValueError(f"--{name} lists {', '.join(map(str, twice))} more than once: give each value once")
+        check_once(f"--{name}", getattr(args, name))
     if args.ruler:
         check_ruler_settings(args)
     if args.profile and not args.rouge_prompts:
@@ -168,9 +164,7 @@ def check_ruler_settings(args):
         raise ValueError("--ruler needs --ruler_lengths: give comma-separated lengths in tokens, e.g. 1024,4096")
     if any(n < 1 for n in args.ruler_lengths):
         raise ValueError(f"--ruler_lengths must be at least 1 token each (got {args.ruler_lengths})")
-    twice = sorted({n for n in args.ruler_lengths if args.ruler_lengths.count(n) > 1})
-    if twice:
-        raise ValueError(f"--ruler_lengths lists {', '.join(map(str, twice))} more than once: give each value once")
+    check_once("--ruler_lengths", args.ruler_lengths)
     ruler.check_installed(args.ruler)
 
 

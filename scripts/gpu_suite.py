@@ -49,7 +49,7 @@ if TINY or not torch.cuda.is_available():
 from atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from kv_cache.paging import DEFAULT_BLOCK_SIZE  # noqa: E402
 from memory import available_memory_bytes, peak_memory_bytes, predicted_kv_bytes  # noqa: E402
-from runner import compile_decode, decode_one_token, prefill, setup_cache, synchronize  # noqa: E402
+from runner import compile_decode, decode_one_token, prefill, setup_cache  # noqa: E402
 from scripts import bench_decode, gpu_check  # noqa: E402
 from scripts.common import GiB, copy_bandwidth, fmt, header_lines, markdown_table, release, run_header, timed  # noqa: E402
 from scripts.presets import BY_NAME, PRESETS, SINK_SIZE, WINDOW_SIZE  # noqa: E402
@@ -287,43 +287,19 @@ def speed_row(model, section, name, context, batch, mode: Mode, cfg, device, com
     if need > available:
         row["note"] = f"skipped: needs {need / GiB:.1f} GiB, {available / GiB:.1f} GiB free"
         return row
-    try:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        pool = setup_cache(model, strategy, options, batch, max_seq_length, block_size=block_size)
-        row["attn_impl"] = model.caches()[0].attn_impl
-        t0 = time.perf_counter()
-        token = bench_decode.fill_context(model, batch, context, chunk, device, broadcast=True)
-        for b in range(batch if pool is not None else 0):  # the timed steps run on the device alone
-            pool.reserve(b, max_seq_length)
-        synchronize(device)
-        row["fill_s"] = time.perf_counter() - t0
-        if compiled:
-            decode_fn, row["decode_path"] = compile_decode(), "torch.compile"
-        elif mode.graph and device.type == "cuda":
-            decode_fn, row["decode_path"] = bench_decode.GraphedDecode(), "cuda graph"
-        else:
-            decode_fn, row["decode_path"] = decode_one_token, "eager"
-        try:
-            step_s, row["first_call_s"] = bench_decode.time_decode(model, decode_fn, token, context, mode.steps,
-                                                                   mode.repeats, mode.warmup, device)
-        except (RuntimeError, torch._dynamo.exc.TorchDynamoException) as e:
-            if row["decode_path"] == "eager":
-                raise
-            # One lease: a capture or compile failure must still leave an eager number (and say why).
-            row["note"] = f"{row['decode_path']} failed ({type(e).__name__}: {str(e)[:120]}); eager instead"
-            row["decode_path"] = "eager"
-            torch._dynamo.reset()
-            step_s, row["first_call_s"] = bench_decode.time_decode(model, decode_one_token, token, context,
-                                                                   mode.steps, mode.repeats, mode.warmup, device)
-        row["peak_bytes"] = peak_memory_bytes(device)
-    except torch.cuda.OutOfMemoryError:
-        row["note"] = "OOM"
-        return row
-    finally:
-        release(model, device)
-    roofline_s = (weights + kv) / cfg["bandwidth"]
-    row.update(step_s=step_s, tokens_per_s=batch / step_s, roofline_s=roofline_s, roofline_pct=100 * roofline_s / step_s)
+    if compiled:
+        decode_fn, path = compile_decode(), "torch.compile"
+    elif mode.graph and device.type == "cuda":
+        decode_fn, path = bench_decode.GraphedDecode(), "cuda graph"
+    else:
+        decode_fn, path = decode_one_token, "eager"
+    row.update(bench_decode.measure(model, strategy, options, batch, context, max_seq_length, chunk, mode.steps,
+                                    mode.repeats, mode.warmup, device, decode_fn, broadcast=True,
+                                    block_size=block_size, path=path))
+    if "step_s" in row:
+        roofline_s = (weights + kv) / cfg["bandwidth"]
+        row.update(tokens_per_s=batch / row["step_s"], roofline_s=roofline_s,
+                   roofline_pct=100 * roofline_s / row["step_s"])
     return row
 
 

@@ -41,6 +41,7 @@ from memory import (allocated_kv_bytes, blocks_in, format_bytes, largest, predic
 from model import ModelArgs
 from runner import DTYPES, decode_one_token, setup_cache
 from scripts.common import GiB, LOCAL_OUT, command_line, count, length_range, list_of, markdown_table, name_list
+from scripts import presets
 from scripts.presets import GROUP_SIZE, PRESETS, SINK_SIZE, WINDOW_SIZE
 from shapes import SHAPES, random_model
 
@@ -464,12 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"paged: tokens per block (quantize_kv rounds up to whole key groups; default "
                         f"{DEFAULT_BLOCK_SIZE})")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="the model dtype (default bfloat16)")
-    p.add_argument("--sink_size", type=whole_number(0), default=SINK_SIZE,
-                   help=f"compress_kv, quantize_kv (default {SINK_SIZE}, the library's)")
-    p.add_argument("--window_size", type=whole_number(1), default=WINDOW_SIZE,
-                   help=f"compress_kv, quantize_kv (default {WINDOW_SIZE}, the library's)")
-    p.add_argument("--group_size", type=whole_number(1), default=GROUP_SIZE,
-                   help=f"quantize_kv's key/value group (default {GROUP_SIZE}, the library's)")
+    presets.add_arguments(p, "compress_kv, quantize_kv", group=True)
     p.add_argument("--layouts", type=name_list(LAYOUT_KEYS), default=LAYOUT_KEYS,
                    help=f"comma-separated, from {','.join(LAYOUT_KEYS)} (default all)")
     p.add_argument("--out", type=Path, default=LOCAL_OUT,

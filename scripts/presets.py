@@ -7,7 +7,7 @@ An entry is a strategy and its own options beyond sinks, window and budget: thos
 """
 import dataclasses
 
-from cli_options import parse_strategy_options, strategy_parser
+from cli_options import parse_strategy_options, strategy_parser, whole_number
 from kernels.formats import FORMATS
 
 
@@ -69,3 +69,15 @@ def default(strategy: str, option: str):
 SINK_SIZE, WINDOW_SIZE = default("compress_kv", "sink_size"), default("compress_kv", "window_size")
 GROUP_SIZE = default("quantize_kv", "group_size")
 
+
+
+def add_arguments(parser, which: str, group: bool = False):
+    """--sink_size, --window_size (and with group --group_size) for `which` (e.g. "compress_kv, quantize_kv"), with
+    the library's defaults."""
+    parser.add_argument("--sink_size", type=whole_number(0), default=SINK_SIZE,
+                        help=f"{which}: first tokens kept in the model dtype (default {SINK_SIZE}, the library's)")
+    parser.add_argument("--window_size", type=whole_number(1), default=WINDOW_SIZE,
+                        help=f"{which}: recent tokens kept in the model dtype (default {WINDOW_SIZE}, the library's)")
+    if group:
+        parser.add_argument("--group_size", type=whole_number(1), default=GROUP_SIZE,
+                            help=f"{which}: KIVI group of the int4/int2 formats (default {GROUP_SIZE}, the library's)")

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from atomic import atomic_write_bytes, atomic_write_text, check_writable_file
 from cli_options import one_line_error
 from scripts import evaluate
-from scripts.common import command_line, fmt, list_of, markdown_table
+from scripts.common import check_once, command_line, fmt, list_of, markdown_table
 from scripts.presets import PRESETS
 
 # The CPU default's contexts are 256 tokens: a 64/256 cache would hold all of them, so its larger window is 16/128.
@@ -67,10 +67,7 @@ def sink_windows(text: str) -> list[tuple[int, int]]:
         pairs = None
     if not pairs or any(len(pair) != 2 for pair in pairs):
         raise ValueError(f"--windows {text!r} is not a list of sink/window pairs such as 16/32,64/256")
-    twice = sorted({pair for pair in pairs if pairs.count(pair) > 1})
-    if twice:
-        listed = ", ".join(f"{sink}/{window}" for sink, window in twice)
-        raise ValueError(f"--windows lists {listed} more than once: give each pair once")
+    check_once("--windows", pairs, "pair", show=lambda pair: "/".join(map(str, pair)))
     return pairs
 
 
@@ -104,9 +101,7 @@ def select(only, matrix) -> list[int]:
     if not only or bad:
         raise ValueError(f"--only {bad or 'with no index'} is out of range: the matrix has entries "
                          f"0..{len(matrix) - 1} (--list)")
-    twice = sorted({i for i in only if only.count(i) > 1})
-    if twice:
-        raise ValueError(f"--only lists {', '.join(map(str, twice))} more than once: give each index once")
+    check_once("--only", only, "index")
     return only
 
 

