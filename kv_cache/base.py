@@ -164,7 +164,7 @@ class KVCache(nn.Module):
         if self.attn_impl == "triton":  # imported only when asked for: the torch path never needs triton
             from kernels.decode_attention import decode_attention
             self.decode_attention = decode_attention
-        # Sequences still decoding; a finished one (generate.py's per-sequence EOS) costs the fused kernel nothing.
+        # Sequences still decoding; a finished one (the engine's per-sequence EOS) costs the fused kernel nothing.
         self.register_buffer("active", torch.ones(batch_size, dtype=torch.bool, device=device))
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, rope_cos: Tensor, rope_sin: Tensor,

@@ -29,8 +29,8 @@ plus itself causally in full precision (SDPA); the policy scores every held and 
 the queries it names (policy.score_queries); sinks and the last window_size tokens go to the ring, and each head
 keeps the best-scored min(older_size, candidates) of the rest, compacted into its first slots (tokens already in
 the older store are copied in their stored form, not quantized twice). A policy that needs the whole prompt in view
-(SnapKV's observation window is the prompt's end) asks for it with whole_prompt: generate.py then prefills in one
-chunk.
+(SnapKV's observation window is the prompt's end) asks for it with whole_prompt: the engine then prefills it in one
+chunk (runner.py).
 
 Sizing: a budget at least the tokens a sequence ever holds never evicts: outputs equal full's (up to summation
 order). Paged, the older store is cut into blocks taken as it fills (PageSpace below) and the ring stays per

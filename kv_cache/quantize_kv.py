@@ -149,7 +149,7 @@ class QuantizeKVCache(KVCache):
         opts = cls.Options.resolve(options, head_dim)
         if opts.bits_per_layer is not None:
             raise ValueError("--bits_per_layer: bytes per token differ by layer: ask each layer's options "
-                             "(layer_options), or count the caches (generate.cache_bytes)")
+                             "(layer_options), or count the caches (memory.predicted_kv_bytes)")
         return n_kv_head * QuantizedStore.bytes_per_token(opts.format, opts.group_size, opts.k_granularity, head_dim)
 
     @classmethod
@@ -177,7 +177,7 @@ class QuantizeKVCache(KVCache):
         opts = self.opts
         if opts.bits_per_layer is not None:
             raise ValueError("--bits_per_layer gives each layer its own format: build layer i's cache with "
-                             "options=QuantizeKVCache.layer_options(options, i, n_layer) (generate.setup_cache does)")
+                             "options=QuantizeKVCache.layer_options(options, i, n_layer) (runner.cache_factory does)")
         self.sink_size, self.window_size, self.flush_size = opts.sink_size, opts.window_size, opts.flush_size
         self.quantize_into = None
         if self.attn_impl == "triton":
