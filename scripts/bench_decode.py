@@ -18,7 +18,6 @@ rank holds its shard of random weights (tp.py), the weight and KV bytes are one 
 bytes each GPU sends for the step's all-reduces (2 per layer, ring) over the measured all-reduce bus bandwidth.
 """
 import argparse
-import gc
 import os
 import statistics
 import sys
@@ -371,9 +370,7 @@ def bench_kernel_row(decode_attention, shape, kind, context, batch, cfg, device)
         row["note"] = "OOM"
         return row
     finally:
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release(None, device)
     bandwidth = n_bytes / seconds
     row.update(bytes=n_bytes, seconds=seconds, bytes_per_s=bandwidth, copy_pct=100 * bandwidth / cfg["bandwidth"])
     return row
@@ -575,7 +572,7 @@ def run(args, argv):
                                   f"{fmt(row.get('ideal_vs_full'), '.3f')}) {row['note']}", flush=True)
                             write_report(path, header, rows, kernel_rows)
                 del model
-                gc.collect()
+                release(None, device)
     write_report(path, header, rows, kernel_rows)
     if tp.is_main():
         print(path.with_suffix(".md").read_text())

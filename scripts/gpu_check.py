@@ -31,6 +31,7 @@ import torch
 from kernels.formats import FORMATS
 from kv_cache.stores import flush_size, ring_slots
 from kernels.quantize import quantize_keys, quantize_values
+from scripts.common import device_name
 from scripts.presets import GROUP_SIZE, SINK_SIZE, WINDOW_SIZE
 
 TOL = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-5}
@@ -327,7 +328,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     gen = torch.Generator(device=device).manual_seed(seed)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, Triton interpreter"
+    name = device_name(device) + (", Triton interpreter" if device.type == "cpu" else "")
     print(f"gpu_check on {name}: torch {torch.__version__}, seed {seed}{', tiny shapes' if args.tiny else ''}")
     print("| kernel | case | n_mid | rel err | tol | result |\n|---|---|---|---|---|---|", flush=True)
     failures, t0 = 0, time.time()
