@@ -45,7 +45,7 @@ from scripts.presets import PRESETS  # noqa: E402
 from shapes import SHAPES, random_model  # noqa: E402
 
 STRATEGIES = {preset.name: preset for preset in PRESETS}  # the rows, by name
-# --attention_kernel rows: 16-bit only, or a quantized mid store of each format; "+scores": the same call returning
+# --attention_kernel rows: 16-bit only, or a quantized older store of each format; "+scores": the same call returning
 # every token's attention probability (what h2o / tova / snapkv read), to measure what storing the scores costs.
 KERNEL_KINDS = ("bf16", *(f.label for f in FORMATS.values()), "bf16+scores", "int4+scores")
 DTYPE = torch.bfloat16
@@ -311,7 +311,8 @@ def compare_with_full(rows: list[dict]):
 
 def kernel_case(kind, args: ModelArgs, batch, context, cfg, device, generator):
     """Inputs of one decode-attention call over `context` tokens (one layer), as the caches lay them out, and the
-    bytes the call must move. bf16: a 16-bit store only (full cache); otherwise quantize_kv's hi + mid stores."""
+    bytes the call must move. bf16: a 16-bit store only (full cache); otherwise quantize_kv's recent (ring) and
+    older (quantized) stores, passed as the kernel's hi and mid arguments."""
     if kind.endswith("+scores"):
         inputs, n_bytes = kernel_case(kind[:-len("+scores")], args, batch, context, cfg, device, generator)
         return dict(inputs, return_scores=True), n_bytes  # bytes of the keys and values only: the same reads
@@ -326,7 +327,7 @@ def kernel_case(kind, args: ModelArgs, batch, context, cfg, device, generator):
     cache = kv_cache.STRATEGIES["quantize_kv"](batch, context, H, D, DTYPE, device, **options)
     S, W, F = cache.sink_size, cache.window_size, cache.flush_size
     n_mid = max(0, context - S - W) // F * F
-    ring, mid = cache.ring, cache.mid
+    ring, older = cache.ring, cache.older
     for name, buf in cache.named_buffers():
         if buf.dtype == torch.float16:  # scales and zero-points: small, so dequantized values stay moderate
             buf.copy_(torch.rand(buf.shape, device=device, generator=generator) * 0.02)
@@ -338,15 +339,15 @@ def kernel_case(kind, args: ModelArgs, batch, context, cfg, device, generator):
         elif buf.is_floating_point():
             buf.copy_(torch.randn(buf.shape, device=device, generator=generator))
     # hi_pos after positions 0..context-1 were stored: the sinks, and in each ring slot its latest position
-    # (the oldest of them may already be in the mid store: the kernel masks those).
+    # (the oldest of them may already be in the older store: the kernel masks those).
     pos = torch.arange(context, device=device)
     pos = pos[(pos < S) | (pos >= context - ring.ring_size)]
     ring.pos.fill_(-1)[:, ring.slots(pos)] = pos
     inputs = dict(q=q, hi_k=ring.k, hi_v=ring.v, hi_pos=ring.pos, sink_size=S,
                   n_mid=torch.tensor([n_mid], device=device))
     n_bytes = 2 * q.nbytes + ring.k.nbytes + ring.v.nbytes + ring.pos.nbytes
-    capacity = cache.mid_size + F  # the mid buffers hold one scratch flush group past the end
-    for name, buf in zip(("k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero"), mid.buffers_of(batch)):
+    capacity = cache.older_size + F  # the older store holds one scratch flush group past the end
+    for name, buf in zip(("k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero"), older.buffers_of(batch)):
         if buf is not None:
             inputs[name] = buf
             n_bytes += buf.nbytes * n_mid // capacity  # only the first n_mid tokens are read
