@@ -102,8 +102,8 @@ def add_common_arguments(parser, suppress=False):
                         help="page the KV cache in one pool of blocks shared by every sequence (taken on demand, "
                              "returned at the end; full shares prompt prefixes)")
     parser.add_argument("--block_size", type=whole_number(1), default=default(None),
-                        help=f"with --paged: tokens per block (default {DEFAULT_BLOCK_SIZE}; quantize_kv rounds up to "
-                             "whole key groups)")
+                        help=f"with --paged: tokens per block (default {DEFAULT_BLOCK_SIZE}, which quantize_kv rounds up "
+                             "to whole flush groups; a value given must be a multiple of them)")
     parser.add_argument("--num_blocks", type=whole_number(2), default=default(None),
                         help="with --paged: blocks in the pool, the null block included (default: every sequence "
                              "can reach --max_seq_length)")

@@ -22,8 +22,8 @@ from cli_options import (build_parser, check_checkpoint_path, check_options, pro
 from engine import Engine, SamplingParams
 from kv_cache.paging import DEFAULT_BLOCK_SIZE, PoolExhausted
 from llm import prompt_tokens, until_stop
-from memory import (allocated_kv_bytes, blocks_in, check_memory, format_bytes, full_kv_bytes, peak_memory_bytes,
-                    predicted_pool_bytes)
+from memory import (allocated_kv_bytes, blocks_in, check_block_size, check_memory, format_bytes, full_kv_bytes,
+                    peak_memory_bytes, predicted_pool_bytes)
 from profiling import maybe_profile
 from scheduler import tokens_stored
 from runner import Sampling, compile_decode, decode_one_token, load_model, pool_of, setup_cache, warm_up
@@ -70,6 +70,8 @@ def run(args, options):
         raise ValueError(f"prompt ({T} tokens) + --max_new_tokens ({args.max_new_tokens}) = {total} tokens but the "
                          f"{args.strategy} cache holds {capacity}: raise --max_seq_length, shorten the prompt or use compress_kv")
     block_size = (args.block_size or DEFAULT_BLOCK_SIZE) if args.paged else None
+    if args.block_size is not None:  # given, not the default: refused rather than silently rounded up
+        check_block_size(model.args, args.strategy, options, max_seq_length, args.block_size)
     num_blocks = args.num_blocks
     if args.kv_memory_gb is not None:
         fixed, per_block = predicted_pool_bytes(model.args, args.strategy, options, batch_size, max_seq_length,

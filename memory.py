@@ -4,6 +4,7 @@ Names say where a count comes from: `allocated_*` is measured from the live cach
 from caches built on the meta device with the run's own options (the stores' own byte counts, never a second
 formula); `full_kv_bytes` is the plain cache's arithmetic, the baseline of every ratio.
 """
+import math
 import os
 import resource
 
@@ -62,6 +63,18 @@ def predicted_kv_bytes(args: ModelArgs, strategy: str, options: dict, batch_size
             built.append((layer, n_bytes))
         total += n_bytes
     return total
+
+
+def check_block_size(args: ModelArgs, strategy: str, options: dict, max_seq_length: int, block_size: int):
+    """A strategy whose blocks hold whole groups (quantize_kv's flush groups) would round block_size up: refused in
+    one line naming the sizes that are whole."""
+    space = kv_cache.STRATEGIES[strategy].page_space
+    resolved = sizing_options(strategy, options, args.head_dim)
+    if space(resolved, max_seq_length, block_size).block_tokens != block_size:
+        group = space(resolved, max_seq_length, 1).block_tokens
+        raise ValueError(f"--block_size {block_size}: {strategy}'s blocks hold whole groups of {group} tokens (they are "
+                         f"quantized together), so blocks would hold {math.lcm(block_size, group)}: use --block_size "
+                         f"{-(-block_size // group) * group} or another multiple of {group}")
 
 
 def predicted_pool_bytes(args: ModelArgs, strategy: str, options: dict, batch_size: int, max_seq_length: int,

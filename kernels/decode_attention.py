@@ -1,34 +1,34 @@
-"""Fused decode attention (one query token per sequence) over a 16-bit "hi" store and a quantized "mid" store: a
+"""Fused decode attention (one query token per sequence) over a 16-bit "recent" store and a quantized "older" store: a
 cache's recent and older stores (kv_cache/stores.py; KVCache.attend_decode passes them under these names).
 
 Flash-decoding: the keys are cut into splits (grid axis 1) that each run an online softmax over their share and
 write a partial output and log-sum-exp; a small second kernel merges the splits. The query heads that share a KV
-head (GQA) sit together in one program, so every KV tile is read once for the whole group. The mid store is
-dequantized tile by tile in registers (the dequantized mid never exists in memory). Lengths come in as device
+head (GQA) sit together in one program, so every KV tile is read once for the whole group. The older store is
+dequantized tile by tile in registers (the dequantized older never exists in memory). Lengths come in as device
 tensors and each split sizes its share from them at run time, so the grid depends on shapes only (CUDA-graph-able,
-no host sync). Grid (B * n_kv_head, mid splits + hi splits), about two programs per SM; tiles of BLOCK_N = 64 tokens
+no host sync). Grid (B * n_kv_head, older splits + recent splits), about two programs per SM; tiles of BLOCK_N = 64 tokens
 (32 past head_dim 128) by the padded head_dim, the query group padded to 16 rows for tl.dot (tf32 on float32
 operands: 16-bit keys and values are exact in it); 16-byte loads of contiguous rows, pipelined (num_stages 2).
 Every sequence of the batch has its own lengths and ring state, read with a batch stride (0 when the batch shares
-one): a finished sequence (hi_last -1, n_mid 0) runs empty loops, loads no tile and gets output 0.
+one): a finished sequence (recent_last -1, n_older 0) runs empty loops, loads no tile and gets output 0.
 
 The stores come as the caches lay them out, contiguous or paged: kv_cache/stores.py states every layout once (the
 pools' physical-slot formula too), and the caches pass them with kernel_inputs(). What is attended:
 
-  hi   slot i of sequence b when i <= hi_last[b] (when given) and, with hi_pos given, p = hi_pos[b, i] (hi_pos[i]
-       when shared by the batch) has p >= 0 and (p < sink_size or p >= sink_size + n_mid[b]); -1 marks an empty slot.
-  mid  its first n_mid[b] tokens. The format is read off the buffers' shapes (mid_format): per_byte codes a byte,
+  hi   slot i of sequence b when i <= recent_last[b] (when given) and, with recent_pos given, p = recent_pos[b, i] (recent_pos[i]
+       when shared by the batch) has p >= 0 and (p < sink_size or p >= sink_size + n_older[b]); -1 marks an empty slot.
+  older  its first n_older[b] tokens. The format is read off the buffers' shapes (older_format): per_byte codes a byte,
        scale rows of F tokens, scale columns of G channels; x = q * scale[t // F, d // G] (+ zero).
 
-Paged stores (as vLLM's PagedAttention; hi_table / mid_table given) are pools shared by the batch, batch dim 1 (or B
+Paged stores (as vLLM's PagedAttention; recent_table / older_table given) are pools shared by the batch, batch dim 1 (or B
 with batch stride 0, an .expand of it), read through a block table (B, max_blocks) int32 or int64: every index and
 mask above keeps its logical meaning and only the addresses go through the table. Entries past a sequence's length
 hold 0, the null block (kv_cache/paging.py), which masked lanes may address but never load. Paging is a constexpr of
 the kernel: the unpaged path compiles as before.
 
-Keys quantized before RoPE (quantize_kv --key_rope pre, k_rope_cos / k_rope_sin given): mid token t is position
+Keys quantized before RoPE (quantize_kv --key_rope pre, k_rope_cos / k_rope_sin given): older token t is position
 sink_size + t, and each dequantized key tile is rotated in registers by those positions' rows of the RoPE tables
-(model.apply_rope's rotate-half layout: channel d pairs with d + D/2) before its scores; the hi store is attended as
+(model.apply_rope's rotate-half layout: channel d pairs with d + D/2) before its scores; the recent store is attended as
 given (the caller rotates it). A constexpr too: without the tables the kernel is what it was.
 """
 import inspect
@@ -75,7 +75,7 @@ def _dequant_tile(payload_ptr, scale_ptr, zero_ptr, stride_pn, stride_sn, n0, en
                   D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PER_BYTE: tl.constexpr,
                   F: tl.constexpr, G: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_TILES: tl.constexpr,
                   PAGED: tl.constexpr, PAGE: tl.constexpr):
-    """Tokens n0 .. n0 + BLOCK_N - 1 (those below end) of one (batch, head) of the mid store, dequantized to float32
+    """Tokens n0 .. n0 + BLOCK_N - 1 (those below end) of one (batch, head) of the older store, dequantized to float32
     (BLOCK_N, BLOCK_D). rows: the store row of each token (n0 + arange unpaged, its pool token when PAGED); the
     masks stay on the logical tokens."""
     BITS: tl.constexpr = 8 // PER_BYTE
@@ -153,11 +153,11 @@ def _rope_tile(x, cos_ptr, sin_ptr, stride_r, pos, mask, BLOCK_N: tl.constexpr, 
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, hi_k_ptr, hi_v_ptr, hi_pos_ptr, hi_last_ptr, n_mid_ptr,
+    q_ptr, recent_k_ptr, recent_v_ptr, recent_pos_ptr, recent_last_ptr, n_older_ptr,
     kq_ptr, ks_ptr, kz_ptr, vq_ptr, vs_ptr, vz_ptr,
     o_part_ptr, lse_part_ptr,
-    hi_table_ptr, mid_table_ptr, scores_ptr,
-    qk_scale, sink_size, n_hi, n_mid_slots,
+    recent_table_ptr, older_table_ptr, scores_ptr,
+    qk_scale, sink_size, n_recent, n_older_slots,
     stride_qb, stride_qh,
     stride_hkb, stride_hkh, stride_hkn,
     stride_hvb, stride_hvh, stride_hvn,
@@ -179,8 +179,8 @@ def _decode_split_kernel(
     """One split of one (sequence, KV head). PAGED_HI / PAGED_MID: that store is a pool read through its block
     table (its batch strides are 0); every index and mask here is logical and only the addresses go through the
     table. Unpaged, the table arguments are never read and the code is what it was before paging (constexpr).
-    SCORES: every tile's log2 scores are also stored, mid token t at column t and hi slot i at n_mid_slots + i of
-    the score rows (B * HQ, n_mid_slots + n_hi). KEY_ROPE: mid keys were quantized before RoPE; each dequantized
+    SCORES: every tile's log2 scores are also stored, older token t at column t and recent slot i at n_older_slots + i of
+    the score rows (B * HQ, n_older_slots + n_recent). KEY_ROPE: older keys were quantized before RoPE; each dequantized
     tile is rotated by positions sink_size + t (rows of the tables at rope_cos_ptr / rope_sin_ptr)."""
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -199,15 +199,15 @@ def _decode_split_kernel(
     l_i = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
     ones_n = tl.full((BLOCK_N,), 1.0, tl.float32)
-    n_mid = 0
+    n_older = 0
     if HAS_MID:
-        n_mid = tl.load(n_mid_ptr + b * stride_nmid).to(tl.int32)
+        n_older = tl.load(n_older_ptr + b * stride_nmid).to(tl.int32)
 
     if split < SPLITS_MID:
-        # Mid store: tokens [0, n_mid), shared evenly (whole tiles) among the SPLITS_MID splits.
-        chunk = tl.cdiv(tl.cdiv(n_mid, SPLITS_MID), BLOCK_N) * BLOCK_N
+        # Mid store: tokens [0, n_older), shared evenly (whole tiles) among the SPLITS_MID splits.
+        chunk = tl.cdiv(tl.cdiv(n_older, SPLITS_MID), BLOCK_N) * BLOCK_N
         start = split * chunk
-        end = tl.minimum(start + chunk, n_mid)
+        end = tl.minimum(start + chunk, n_older)
         if PAGED_MID:
             hm = h.to(tl.int64)  # a pool's head stride spans the whole batch's tokens: past 2**31 in a large one
         else:
@@ -218,7 +218,7 @@ def _decode_split_kernel(
         vq_base = vq_ptr + b * stride_vqb + hm * stride_vqh
         vs_base = vs_ptr + b * stride_vsb + hm * stride_vsh
         vz_base = vz_ptr + b * stride_vsb + hm * stride_vsh
-        mt_base = mid_table_ptr + b * stride_mtb
+        mt_base = older_table_ptr + b * stride_mtb
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             keep = offs_n < end
@@ -250,42 +250,42 @@ def _decode_split_kernel(
             m_i, l_i, acc, s = _softmax_step(q, k, v, k_col_scale, v_row_scale, keep, m_i, l_i, acc, qk_scale,
                                              DOT_PRECISION)
             if SCORES:
-                _store_scores(scores_ptr, s, (b * H + h) * GROUP, offs_g, offs_n, end, n_mid_slots + n_hi, GROUP)
+                _store_scores(scores_ptr, s, (b * H + h) * GROUP, offs_g, offs_n, end, n_older_slots + n_recent, GROUP)
     else:
-        # Hi store: slots [0, hi_len), shared evenly among the SPLITS_HI splits. hi_last -1 (a finished sequence)
-        # gives hi_len 0: chunk 0, so every split's loop is empty.
-        hi_len = n_hi
+        # Hi store: slots [0, recent_len), shared evenly among the SPLITS_HI splits. recent_last -1 (a finished sequence)
+        # gives recent_len 0: chunk 0, so every split's loop is empty.
+        recent_len = n_recent
         if HAS_HI_LAST:
-            hi_len = tl.maximum(tl.minimum(tl.load(hi_last_ptr + b * stride_last).to(tl.int32) + 1, n_hi), 0)
-        hi_split = split - SPLITS_MID
-        chunk = tl.cdiv(tl.cdiv(hi_len, SPLITS_HI), BLOCK_N) * BLOCK_N
-        start = hi_split * chunk
-        end = tl.minimum(start + chunk, hi_len)
+            recent_len = tl.maximum(tl.minimum(tl.load(recent_last_ptr + b * stride_last).to(tl.int32) + 1, n_recent), 0)
+        recent_split = split - SPLITS_MID
+        chunk = tl.cdiv(tl.cdiv(recent_len, SPLITS_HI), BLOCK_N) * BLOCK_N
+        start = recent_split * chunk
+        end = tl.minimum(start + chunk, recent_len)
         if PAGED_HI:
             hh = h.to(tl.int64)  # a pool's head stride spans the whole batch's slots: past 2**31 in a large one
         else:
             hh = h
-        hk_base = hi_k_ptr + b * stride_hkb + hh * stride_hkh
-        hv_base = hi_v_ptr + b * stride_hvb + hh * stride_hvh
-        ht_base = hi_table_ptr + b * stride_htb
+        hk_base = recent_k_ptr + b * stride_hkb + hh * stride_hkh
+        hv_base = recent_v_ptr + b * stride_hvb + hh * stride_hvh
+        ht_base = recent_table_ptr + b * stride_htb
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             keep = offs_n < end
-            if PAGED_HI:  # masked by the range only, so it need not wait for hi_pos
+            if PAGED_HI:  # masked by the range only, so it need not wait for recent_pos
                 rows = _physical_rows(ht_base, offs_n, keep, stride_htn, HI_BLOCK)
             else:
                 rows = offs_n
             if HAS_HI_POS:
-                pos = tl.load(hi_pos_ptr + b * stride_posb + offs_n, mask=keep, other=-1)
-                keep = keep & (pos >= 0) & ((pos < sink_size) | (pos >= sink_size + n_mid))
+                pos = tl.load(recent_pos_ptr + b * stride_posb + offs_n, mask=keep, other=-1)
+                keep = keep & (pos >= 0) & ((pos < sink_size) | (pos >= sink_size + n_older))
             mask_nd = keep[:, None] & (offs_d[None, :] < D)
             k = tl.load(hk_base + rows[:, None] * stride_hkn + offs_d[None, :], mask=mask_nd, other=0)
             v = tl.load(hv_base + rows[:, None] * stride_hvn + offs_d[None, :], mask=mask_nd, other=0)
             m_i, l_i, acc, s = _softmax_step(q, k.to(tl.float32), v.to(tl.float32), ones_n, ones_n, keep, m_i,
                                              l_i, acc, qk_scale, DOT_PRECISION)
             if SCORES:
-                _store_scores(scores_ptr, s, (b * H + h) * GROUP, offs_g, n_mid_slots + offs_n, n_mid_slots + end,
-                              n_mid_slots + n_hi, GROUP)
+                _store_scores(scores_ptr, s, (b * H + h) * GROUP, offs_g, n_older_slots + offs_n, n_older_slots + end,
+                              n_older_slots + n_recent, GROUP)
 
     # Partial result of this split: normalized output and log2-sum-exp (-inf when it saw no token).
     seen = l_i > 0
@@ -339,15 +339,15 @@ def per_batch_rows(t: Tensor, B: int, name: str) -> tuple[Tensor, int]:
     return t, (0 if t.dim() == 1 or t.shape[0] == 1 else t.stride(0))
 
 
-def mid_format(payload: Tensor, scale: Tensor, D: int) -> tuple[int, int, int]:
-    """(values per byte, tokens per scale row F, channels per scale column G) from the mid store's shapes."""
+def older_format(payload: Tensor, scale: Tensor, D: int) -> tuple[int, int, int]:
+    """(values per byte, tokens per scale row F, channels per scale column G) from the older store's shapes."""
     per_byte = D // payload.shape[-1]
     if per_byte not in (1, 2, 4) or payload.shape[-1] * per_byte != D:
-        raise ValueError(f"mid payload last dim {payload.shape[-1]} does not pack head_dim {D} at 8, 4 or 2 bits")
+        raise ValueError(f"older payload last dim {payload.shape[-1]} does not pack head_dim {D} at 8, 4 or 2 bits")
     F = payload.shape[2] // scale.shape[2]
     G = D // scale.shape[3]
     if F * scale.shape[2] != payload.shape[2] or G * scale.shape[3] != D:
-        raise ValueError(f"mid scale shape {tuple(scale.shape)} does not tile payload {tuple(payload.shape)}")
+        raise ValueError(f"older scale shape {tuple(scale.shape)} does not tile payload {tuple(payload.shape)}")
     return per_byte, F, G
 
 
@@ -357,17 +357,17 @@ def _group_tiles(F: int, G: int, D: int, block_d: int) -> bool:
     return pow2(F) and pow2(G) and D == block_d and G <= D
 
 
-def _num_splits(device: torch.device, programs: int, capacity_mid: int, capacity_hi: int, block_n: int):
-    """Splits of the mid and the hi store: enough programs to fill the GPU a couple of times over."""
+def _num_splits(device: torch.device, programs: int, capacity_older: int, capacity_hi: int, block_n: int):
+    """Splits of the older and the recent store: enough programs to fill the GPU a couple of times over."""
     if device.type == "cuda":
         target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 2  # the CPU interpreter: two splits exercise the merge without the cost of many programs
     total = max(2, triton.cdiv(target, programs))
-    tiles_mid, tiles_hi = triton.cdiv(capacity_mid, block_n), triton.cdiv(capacity_hi, block_n)
-    splits_hi = min(tiles_hi, max(1, round(total * capacity_hi / max(1, capacity_mid + capacity_hi))))
-    splits_mid = min(tiles_mid, max(1 if tiles_mid else 0, total - splits_hi))
-    return splits_mid, max(1, splits_hi)
+    tiles_older, tiles_hi = triton.cdiv(capacity_older, block_n), triton.cdiv(capacity_hi, block_n)
+    splits_hi = min(tiles_hi, max(1, round(total * capacity_hi / max(1, capacity_older + capacity_hi))))
+    splits_older = min(tiles_older, max(1 if tiles_older else 0, total - splits_hi))
+    return splits_older, max(1, splits_hi)
 
 
 def page_table(table: Tensor, block: int, B: int, name: str) -> int:
@@ -394,56 +394,56 @@ def check_pool(pool: Tensor, B: int, block: int, tokens_per_row: int, name: str)
 class DecodeInputs(NamedTuple):
     """The inputs of one decode-attention call, declared once, in the order of the torch.library ops' schemas
     (kvcache::decode_attention and kvcache::decode_attention_scores take them positionally). decode_attention
-    takes them by name, with splits=(split_mid, split_hi) and block_n in its own form; _launch reads them."""
+    takes them by name, with splits=(split_older, split_hi) and block_n in its own form; _launch reads them."""
     q: Tensor
-    hi_k: Tensor
-    hi_v: Tensor
-    hi_last: Optional[Tensor] = None
-    hi_pos: Optional[Tensor] = None
+    recent_k: Tensor
+    recent_v: Tensor
+    recent_last: Optional[Tensor] = None
+    recent_pos: Optional[Tensor] = None
     sink_size: int = 0
-    n_mid: Optional[Tensor] = None
+    n_older: Optional[Tensor] = None
     k_q: Optional[Tensor] = None
     k_scale: Optional[Tensor] = None
     k_zero: Optional[Tensor] = None
     v_q: Optional[Tensor] = None
     v_scale: Optional[Tensor] = None
     v_zero: Optional[Tensor] = None
-    split_mid: int = -1  # -1: splits chosen for the device (_num_splits)
+    split_older: int = -1  # -1: splits chosen for the device (_num_splits)
     split_hi: int = -1
     block_n: int = 0  # 0: tiles chosen for head_dim
-    hi_table: Optional[Tensor] = None
-    hi_block: int = 0
-    mid_table: Optional[Tensor] = None
-    mid_block: int = 0
+    recent_table: Optional[Tensor] = None
+    recent_block: int = 0
+    older_table: Optional[Tensor] = None
+    older_block: int = 0
     k_rope_cos: Optional[Tensor] = None
     k_rope_sin: Optional[Tensor] = None
 
 
-def decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, *, splits: tuple = None, block_n: int = None,
+def decode_attention(q: Tensor, recent_k: Tensor, recent_v: Tensor, *, splits: tuple = None, block_n: int = None,
                      return_scores: bool = False, **inputs):
-    """Attention of q (B, n_head, 1, D) (already rotated) over the hi store and the first n_mid mid tokens.
+    """Attention of q (B, n_head, 1, D) (already rotated) over the recent store and the first n_older older tokens.
 
-    hi_last, n_mid: device tensors of shape (), (1,) or (B,); hi_last (the last hi slot to read, e.g. input_pos for
-    the full cache) may be None: every slot. hi_pos int64 (NH,) shared by the batch, (B, NH) per sequence, or None:
-    then every slot up to hi_last counts. A sequence with hi_last -1 and n_mid 0 (finished) reads nothing and
-    gets output 0. The mid arguments are left None when there is no mid store.
-    hi_table, hi_block: the hi store paged (module docstring): hi_k, hi_v are pools (1, H, P, D) and hi_table
-    (B, max_blocks) int32 / int64 maps logical block j of sequence b to pool block hi_table[b, j] of hi_block
-    slots; NH = max_blocks * hi_block logical slots. mid_table, mid_block: the mid store paged likewise (payload,
-    scales and zeros pools with batch dim 1; mid_block a multiple of the key group F); M = max_blocks * mid_block.
+    recent_last, n_older: device tensors of shape (), (1,) or (B,); recent_last (the last recent slot to read, e.g. input_pos for
+    the full cache) may be None: every slot. recent_pos int64 (NH,) shared by the batch, (B, NH) per sequence, or None:
+    then every slot up to recent_last counts. A sequence with recent_last -1 and n_older 0 (finished) reads nothing and
+    gets output 0. The older arguments are left None when there is no older store.
+    recent_table, recent_block: the recent store paged (module docstring): recent_k, recent_v are pools (1, H, P, D) and recent_table
+    (B, max_blocks) int32 / int64 maps logical block j of sequence b to pool block recent_table[b, j] of recent_block
+    slots; NH = max_blocks * recent_block logical slots. older_table, older_block: the older store paged likewise (payload,
+    scales and zeros pools with batch dim 1; older_block a multiple of the key group F); M = max_blocks * older_block.
     Unused table entries hold 0, the null block.
-    splits=(mid, hi) overrides the number of splits; returns (B, n_head, 1, D) in q's dtype.
-    return_scores: also return every token's attention probability (B, n_head, M + NH) float32, mid token t in
-    column t and hi slot i in column M + i (0 where not attended): the scores the softmax computed anyway, stored
+    splits=(older, recent) overrides the number of splits; returns (B, n_head, 1, D) in q's dtype.
+    return_scores: also return every token's attention probability (B, n_head, M + NH) float32, older token t in
+    column t and recent slot i in column M + i (0 where not attended): the scores the softmax computed anyway, stored
     as it goes and normalized with the merged log-sum-exp (no second pass over the keys), for eviction policies.
-    k_rope_cos, k_rope_sin: the mid keys were quantized before RoPE (quantize_kv --key_rope pre); these are the
-    model's float32 tables (positions, D) of model.rope_tables, and mid token t is rotated by row sink_size + t
+    k_rope_cos, k_rope_sin: the older keys were quantized before RoPE (quantize_kv --key_rope pre); these are the
+    model's float32 tables (positions, D) of model.rope_tables, and older token t is rotated by row sink_size + t
     after dequantization (module docstring). Needs a power-of-two head_dim >= 16.
     inputs: the other fields of DecodeInputs, by name.
     Under torch.compile this is the opaque op torch.ops.kvcache.decode_attention (decode_attention_scores);
     eager calls launch directly, without the op dispatcher's per-call overhead."""
-    split_mid, split_hi = splits or (-1, -1)
-    args = DecodeInputs(q, hi_k, hi_v, split_mid=split_mid, split_hi=split_hi, block_n=block_n or 0, **inputs)
+    split_older, split_hi = splits or (-1, -1)
+    args = DecodeInputs(q, recent_k, recent_v, split_older=split_older, split_hi=split_hi, block_n=block_n or 0, **inputs)
     if torch.compiler.is_compiling():
         op = torch.ops.kvcache.decode_attention_scores if return_scores else torch.ops.kvcache.decode_attention
         return op(*args)
@@ -452,63 +452,63 @@ def decode_attention(q: Tensor, hi_k: Tensor, hi_v: Tensor, *, splits: tuple = N
 
 def _launch(inputs: DecodeInputs, return_scores: bool):
     """Check the inputs, then run the split kernel over (sequence x KV head, split) and the merge kernel."""
-    q, hi_k, hi_v, sink_size = inputs.q, inputs.hi_k, inputs.hi_v, inputs.sink_size
-    hi_last, hi_pos, n_mid = inputs.hi_last, inputs.hi_pos, inputs.n_mid
+    q, recent_k, recent_v, sink_size = inputs.q, inputs.recent_k, inputs.recent_v, inputs.sink_size
+    recent_last, recent_pos, n_older = inputs.recent_last, inputs.recent_pos, inputs.n_older
     k_q, k_scale, k_zero = inputs.k_q, inputs.k_scale, inputs.k_zero
     v_q, v_scale, v_zero = inputs.v_q, inputs.v_scale, inputs.v_zero
-    hi_table, hi_block, mid_table, mid_block = inputs.hi_table, inputs.hi_block, inputs.mid_table, inputs.mid_block
+    recent_table, recent_block, older_table, older_block = inputs.recent_table, inputs.recent_block, inputs.older_table, inputs.older_block
     k_rope_cos, k_rope_sin, block_n = inputs.k_rope_cos, inputs.k_rope_sin, inputs.block_n
     B, HQ, T, D = q.shape
-    H, NH = hi_k.shape[1], hi_k.shape[2]
+    H, NH = recent_k.shape[1], recent_k.shape[2]
     if T != 1:
         raise ValueError(f"decode_attention takes one query token per sequence, got {T}")
     if HQ % H:
         raise ValueError(f"{HQ} query heads do not share {H} KV heads evenly")
-    if hi_k.stride(-1) != 1 or hi_v.stride(-1) != 1 or q.stride(-1) != 1:
-        raise ValueError("decode_attention needs head_dim contiguous in q, hi_k and hi_v")
+    if recent_k.stride(-1) != 1 or recent_v.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError("decode_attention needs head_dim contiguous in q, recent_k and recent_v")
     group = HQ // H
-    has_mid = k_q is not None
-    paged_hi, paged_mid = hi_table is not None, mid_table is not None
-    if hi_block and not paged_hi or mid_block and not paged_mid:
-        raise ValueError("hi_block / mid_block given without its block table (hi_table / mid_table)")
-    if paged_mid and not has_mid:
-        raise ValueError("mid_table given without a mid store (k_q, ...)")
+    has_older = k_q is not None
+    paged_hi, paged_older = recent_table is not None, older_table is not None
+    if recent_block and not paged_hi or older_block and not paged_older:
+        raise ValueError("recent_block / older_block given without its block table (recent_table / older_table)")
+    if paged_older and not has_older:
+        raise ValueError("older_table given without an older store (k_q, ...)")
     if paged_hi:
-        NH = page_table(hi_table, hi_block, B, "hi")
-        for name, pool in (("hi_k", hi_k), ("hi_v", hi_v)):
-            check_pool(pool, B, hi_block, 1, name)
-    if has_mid:
-        k_pb, k_f, k_g = mid_format(k_q, k_scale, D)
-        v_pb, v_f, v_g = mid_format(v_q, v_scale, D)
+        NH = page_table(recent_table, recent_block, B, "recent")
+        for name, pool in (("recent_k", recent_k), ("recent_v", recent_v)):
+            check_pool(pool, B, recent_block, 1, name)
+    if has_older:
+        k_pb, k_f, k_g = older_format(k_q, k_scale, D)
+        v_pb, v_f, v_g = older_format(v_q, v_scale, D)
         M = k_q.shape[2]
-        n_mid, stride_nmid = per_batch(n_mid, B)
-        if paged_mid:
-            M = page_table(mid_table, mid_block, B, "mid")
-            if mid_block % k_f or mid_block % v_f:
-                raise ValueError(f"mid_block {mid_block} is not a multiple of the key group {k_f}: a metadata row "
+        n_older, stride_nmid = per_batch(n_older, B)
+        if paged_older:
+            M = page_table(older_table, older_block, B, "older")
+            if older_block % k_f or older_block % v_f:
+                raise ValueError(f"older_block {older_block} is not a multiple of the key group {k_f}: a metadata row "
                                  "would straddle two blocks")
             for name, pool, f in (("k_q", k_q, 1), ("k_scale", k_scale, k_f), ("k_zero", k_zero, k_f),
                                   ("v_q", v_q, 1), ("v_scale", v_scale, v_f), ("v_zero", v_zero, v_f)):
                 if pool is not None:
-                    check_pool(pool, B, mid_block, f, name)
+                    check_pool(pool, B, older_block, f, name)
     else:
         k_pb = k_f = k_g = v_pb = v_f = v_g = 1
         M, stride_nmid = 0, 0
-        k_q = k_scale = v_q = v_scale = n_mid = hi_k  # never read
+        k_q = k_scale = v_q = v_scale = n_older = recent_k  # never read
     stride_last = stride_posb = 0
-    if hi_last is not None:
-        hi_last, stride_last = per_batch(hi_last, B)
-    if hi_pos is not None:
-        if hi_pos.shape[-1] != NH:
-            raise ValueError(f"hi_pos has {hi_pos.shape[-1]} slots, the hi store {NH}"
-                             + (" (hi_table blocks x hi_block)" if paged_hi else ""))
-        hi_pos, stride_posb = per_batch_rows(hi_pos, B, "hi_pos")
+    if recent_last is not None:
+        recent_last, stride_last = per_batch(recent_last, B)
+    if recent_pos is not None:
+        if recent_pos.shape[-1] != NH:
+            raise ValueError(f"recent_pos has {recent_pos.shape[-1]} slots, the recent store {NH}"
+                             + (" (recent_table blocks x recent_block)" if paged_hi else ""))
+        recent_pos, stride_posb = per_batch_rows(recent_pos, B, "recent_pos")
 
     BLOCK_D = max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16
     BLOCK_G = max(16, triton.next_power_of_2(group))  # tl.dot needs at least 16 rows
     key_rope = k_rope_cos is not None
-    if key_rope != (k_rope_sin is not None) or key_rope and not has_mid:
-        raise ValueError("k_rope_cos and k_rope_sin rotate the mid store's keys: pass both, with a mid store")
+    if key_rope != (k_rope_sin is not None) or key_rope and not has_older:
+        raise ValueError("k_rope_cos and k_rope_sin rotate the older store's keys: pass both, with an older store")
     if key_rope:
         if BLOCK_D != D:  # the rotation pairs the tile's halves: no padded channels
             raise ValueError(f"keys quantized before RoPE need a power-of-two head_dim >= 16 in the fused kernel "
@@ -520,10 +520,10 @@ def _launch(inputs: DecodeInputs, return_scores: bool):
                              "contiguous, as model.rope_tables makes them")
     if block_n <= 0:
         block_n = 64 if BLOCK_D <= 128 else 32
-    splits_mid, splits_hi = (inputs.split_mid, inputs.split_hi) if inputs.split_mid >= 0 else _num_splits(q.device, B * H, M, NH, block_n)
-    if not has_mid:
-        splits_mid = 0
-    n_splits = splits_mid + splits_hi
+    splits_older, splits_hi = (inputs.split_older, inputs.split_hi) if inputs.split_older >= 0 else _num_splits(q.device, B * H, M, NH, block_n)
+    if not has_older:
+        splits_older = 0
+    n_splits = splits_older + splits_hi
 
     o_part = torch.empty(B, HQ, n_splits, D, device=q.device, dtype=torch.float32)
     lse_part = torch.empty(B, HQ, n_splits, device=q.device, dtype=torch.float32)
@@ -533,32 +533,32 @@ def _launch(inputs: DecodeInputs, return_scores: bool):
     v_zero = v_scale if v_zero is None else v_zero
     # A pool is shared by the batch: batch stride 0, whether it comes as (1, ...) or expanded to (B, ...).
     batch_stride = lambda t, paged: 0 if paged else t.stride(0)  # noqa: E731
-    ht = hi_table if paged_hi else q  # never read when that store is not paged
-    mt = mid_table if paged_mid else q
-    mid_slots = M if has_mid else 0
+    ht = recent_table if paged_hi else q  # never read when that store is not paged
+    mt = older_table if paged_older else q
+    older_slots = M if has_older else 0
     # Columns not attended (past a length, a finished sequence) are never stored: they start at -inf (probability 0).
-    scores = torch.full((B, HQ, mid_slots + NH), float("-inf"), device=q.device) if return_scores else q
+    scores = torch.full((B, HQ, older_slots + NH), float("-inf"), device=q.device) if return_scores else q
     args = [  # the runtime arguments of _decode_split_kernel, in its order
-        q, hi_k, hi_v, hi_k if hi_pos is None else hi_pos, hi_k if hi_last is None else hi_last, n_mid,
+        q, recent_k, recent_v, recent_k if recent_pos is None else recent_pos, recent_k if recent_last is None else recent_last, n_older,
         k_q, k_scale, k_zero, v_q, v_scale, v_zero,
         o_part, lse_part,
         ht, mt, scores,
-        LOG2E / math.sqrt(D), sink_size, NH, mid_slots,
+        LOG2E / math.sqrt(D), sink_size, NH, older_slots,
         q.stride(0), q.stride(1),
-        batch_stride(hi_k, paged_hi), hi_k.stride(1), hi_k.stride(2),
-        batch_stride(hi_v, paged_hi), hi_v.stride(1), hi_v.stride(2),
+        batch_stride(recent_k, paged_hi), recent_k.stride(1), recent_k.stride(2),
+        batch_stride(recent_v, paged_hi), recent_v.stride(1), recent_v.stride(2),
         stride_last, stride_nmid, stride_posb,
-        batch_stride(k_q, paged_mid), k_q.stride(1), k_q.stride(2),
-        batch_stride(k_scale, paged_mid), k_scale.stride(1), k_scale.stride(2),
-        batch_stride(v_q, paged_mid), v_q.stride(1), v_q.stride(2),
-        batch_stride(v_scale, paged_mid), v_scale.stride(1), v_scale.stride(2),
+        batch_stride(k_q, paged_older), k_q.stride(1), k_q.stride(2),
+        batch_stride(k_scale, paged_older), k_scale.stride(1), k_scale.stride(2),
+        batch_stride(v_q, paged_older), v_q.stride(1), v_q.stride(2),
+        batch_stride(v_scale, paged_older), v_scale.stride(1), v_scale.stride(2),
         ht.stride(0) if paged_hi else 0, ht.stride(1) if paged_hi else 0,
-        mt.stride(0) if paged_mid else 0, mt.stride(1) if paged_mid else 0,
+        mt.stride(0) if paged_older else 0, mt.stride(1) if paged_older else 0,
     ]
     constexprs = dict(
         H=H, GROUP=group, D=D,
-        HAS_HI_POS=hi_pos is not None, HAS_HI_LAST=hi_last is not None, HAS_MID=has_mid,
-        SPLITS_MID=splits_mid, SPLITS_HI=splits_hi,
+        HAS_HI_POS=recent_pos is not None, HAS_HI_LAST=recent_last is not None, HAS_MID=has_older,
+        SPLITS_MID=splits_older, SPLITS_HI=splits_hi,
         K_PER_BYTE=k_pb, K_F=k_f, K_G=k_g, K_ZERO=k_asym,
         K_TILES=_group_tiles(k_f, k_g, D, BLOCK_D),
         V_PER_BYTE=v_pb, V_F=v_f, V_G=v_g, V_ZERO=v_asym,
@@ -568,8 +568,8 @@ def _launch(inputs: DecodeInputs, return_scores: bool):
         num_warps=4, num_stages=2,
     )
     _decode_split_kernel[(B * H, n_splits)](
-        *args, **constexprs, PAGED_HI=paged_hi, HI_BLOCK=hi_block if paged_hi else 1, PAGED_MID=paged_mid,
-        MID_BLOCK=mid_block if paged_mid else 1, SCORES=return_scores,
+        *args, **constexprs, PAGED_HI=paged_hi, HI_BLOCK=recent_block if paged_hi else 1, PAGED_MID=paged_older,
+        MID_BLOCK=older_block if paged_older else 1, SCORES=return_scores,
         rope_cos_ptr=k_rope_cos if key_rope else q, rope_sin_ptr=k_rope_sin if key_rope else q,  # else never read
         stride_rope=k_rope_cos.stride(0) if key_rope else 0, KEY_ROPE=key_rope)
     _decode_merge_kernel[(B * HQ,)](
@@ -585,11 +585,11 @@ def _launch(inputs: DecodeInputs, return_scores: bool):
 
 
 def score_columns(inputs: DecodeInputs) -> int:
-    """Columns of the score rows: the mid store's logical tokens, then the hi store's logical slots."""
-    n_hi = inputs.hi_table.shape[1] * inputs.hi_block if inputs.hi_table is not None else inputs.hi_k.shape[2]
+    """Columns of the score rows: the older store's logical tokens, then the recent store's logical slots."""
+    n_recent = inputs.recent_table.shape[1] * inputs.recent_block if inputs.recent_table is not None else inputs.recent_k.shape[2]
     if inputs.k_q is None:
-        return n_hi
-    return n_hi + (inputs.mid_table.shape[1] * inputs.mid_block if inputs.mid_table is not None else
+        return n_recent
+    return n_recent + (inputs.older_table.shape[1] * inputs.older_block if inputs.older_table is not None else
                    inputs.k_q.shape[2])
 
 

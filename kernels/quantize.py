@@ -97,7 +97,7 @@ def dequantize_asym(q: Tensor, scale: Tensor, zero: Tensor, dtype) -> Tensor:
 # ---------------------------------------------------------------- key/value blocks in the cache layout
 
 def quantize_block(x: Tensor, bits, axis: str, group_size: int) -> tuple[Tensor, Tensor, Tensor | None]:
-    """x (B, H, N, D) -> (payload, scale, zero or None) in the mid-store layout of `axis` ("token" or "channel");
+    """x (B, H, N, D) -> (payload, scale, zero or None) in the older-store layout of `axis` ("token" or "channel");
     bits: a kernels/formats.py format or its --bits name."""
     fmt = get_format(bits)
     B, H, N, D = x.shape

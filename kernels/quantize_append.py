@@ -1,5 +1,5 @@
 """Quantize-and-pack on append, in Triton: the decode step's flush writes straight into quantize_kv's older store
-(the decode kernel's "mid" store).
+(the decode kernel's "older" store).
 
 The PyTorch reference is kernels/quantize.py (quantize_keys / quantize_values): this kernel performs the same float32
 operations in the same order (metadata rounded outward to float16, round half to even), so the tests require equal
@@ -8,7 +8,7 @@ functions serve every platform, triton is Linux-only). Source rows are read thro
 store, at decode: no gathered copy), and the token offset in the store comes in a device tensor: no host sync,
 static shapes (CUDA-graph-able). Both may be shared by the batch or given per sequence (each sequence flushes its
 own ring slots into its own tokens of the older store), read with a batch stride (0 when shared). Keys and values go
-in one launch. The format of each store is read off its buffers' shapes (kernels.decode_attention.mid_format): scale
+in one launch. The format of each store is read off its buffers' shapes (kernels.decode_attention.older_format): scale
 rows cover F tokens and scale columns G channels.
 """
 from typing import Optional
@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.decode_attention import mid_format, per_batch, per_batch_rows
+from kernels.decode_attention import older_format, per_batch, per_batch_rows
 
 
 @triton.jit
@@ -67,7 +67,7 @@ def _quantize_store(src_ptr, rows_ptr, n_rows, start, payload_ptr, scale_ptr, ze
                     stride_xb, stride_xh, stride_xn, stride_pb, stride_ph, stride_pn, stride_sb, stride_sh, stride_sn,
                     D: tl.constexpr, PER_BYTE: tl.constexpr, F: tl.constexpr, G: tl.constexpr,
                     ASYM: tl.constexpr, FP8: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Quantize BLOCK_T source rows (tile program_id(1)) of one (batch, head) into mid tokens start + i. Divisions
+    """Quantize BLOCK_T source rows (tile program_id(1)) of one (batch, head) into older tokens start + i. Divisions
     are div_rn (IEEE, as torch): Triton's `/` is approximate on NVIDIA GPUs."""
     BITS: tl.constexpr = 8 // PER_BYTE
     offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -158,11 +158,11 @@ def triton_quantize_supported(head_dim: int, group_size: int) -> bool:
 
 def quantize_into(k: Tensor, v: Tensor, rows: Tensor, start: Tensor, k_q: Tensor, k_scale: Tensor,
                   k_zero: Optional[Tensor], v_q: Tensor, v_scale: Tensor, v_zero: Optional[Tensor]):
-    """Quantize k[b, :, rows[b]] and v[b, :, rows[b]] (k, v: (B, H, ., D)) into mid tokens start[b] .. start[b] + N - 1
+    """Quantize k[b, :, rows[b]] and v[b, :, rows[b]] (k, v: (B, H, ., D)) into older tokens start[b] .. start[b] + N - 1
     of sequence b of the store (k_q, k_scale, k_zero, v_q, v_scale, v_zero), exactly as quantize_keys /
     quantize_values + index_copy_. rows: int64 device tensor (N,) shared by the batch or (B, N) per sequence, N a
     multiple of the key group when keys are per channel; start: device tensor (1,) shared or (B,) per sequence,
-    each a multiple of that group. Every sequence writes N tokens. The mid buffers may be views of the first B
+    each a multiple of that group. Every sequence writes N tokens. The older buffers may be views of the first B
     sequences. Under torch.compile this is the op torch.ops.kvcache.quantize_into (mutating the store); eager calls
     launch directly."""
     args = (k, v, rows, start, k_q, k_scale, k_zero, v_q, v_scale, v_zero)
@@ -175,8 +175,8 @@ def quantize_into(k: Tensor, v: Tensor, rows: Tensor, start: Tensor, k_q: Tensor
 def _quantize_into(k: Tensor, v: Tensor, rows: Tensor, start: Tensor, k_q: Tensor, k_scale: Tensor,
                    k_zero: Optional[Tensor], v_q: Tensor, v_scale: Tensor, v_zero: Optional[Tensor]) -> None:
     B, H, _, D = k.shape
-    k_pb, k_f, k_g = mid_format(k_q, k_scale, D)
-    v_pb, v_f, v_g = mid_format(v_q, v_scale, D)
+    k_pb, k_f, k_g = older_format(k_q, k_scale, D)
+    v_pb, v_f, v_g = older_format(v_q, v_scale, D)
     rows, stride_rowsb = per_batch_rows(rows, B, "rows")
     start, stride_start = per_batch(start, B)
     N = rows.shape[-1]

@@ -1,5 +1,5 @@
 """Float64 PyTorch oracles of the fused kernels' arithmetic, for the tests and scripts/gpu_check.py (never on the
-generation path): the mid store dequantized in float64 (unpack_ref, dequantize_ref), a paged pool gathered back into
+generation path): the older store dequantized in float64 (unpack_ref, dequantize_ref), a paged pool gathered back into
 its logical layout (unpage), and decode_attention_ref: kernels/decode_attention.decode_attention's attention (its
 store arguments, contiguous or paged) as plain softmax attention in float64.
 """
@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-from kernels.decode_attention import mid_format
+from kernels.decode_attention import older_format
 
 
 def unpack_ref(payload: Tensor, per_byte: int) -> Tensor:
@@ -22,8 +22,8 @@ def unpack_ref(payload: Tensor, per_byte: int) -> Tensor:
 
 
 def dequantize_ref(payload: Tensor, scale: Tensor, zero: Tensor, D: int) -> Tensor:
-    """The mid store (B, H, M, ...) dequantized to float64 (B, H, M, D): x = q * scale[t // F, d // G] (+ zero)."""
-    per_byte, F, G = mid_format(payload, scale, D)
+    """The older store (B, H, M, ...) dequantized to float64 (B, H, M, D): x = q * scale[t // F, d // G] (+ zero)."""
+    per_byte, F, G = older_format(payload, scale, D)
     x = unpack_ref(payload, per_byte)
     expand = lambda s: s.to(torch.float64).repeat_interleave(F, dim=2).repeat_interleave(G, dim=3)
     x = x * expand(scale)
@@ -40,43 +40,43 @@ def unpage(pool: Tensor, table: Tensor, block: int, tokens_per_row: int = 1) -> 
     return pool[0][:, rows.flatten(1)].transpose(0, 1)  # (H, B, n_blocks * r, ...) -> (B, H, ...)
 
 
-def decode_attention_ref(q, hi_k, hi_v, hi_last=None, hi_pos=None, sink_size=0, n_mid=None, k_q=None, k_scale=None,
-                         k_zero=None, v_q=None, v_scale=None, v_zero=None, hi_table=None, hi_block=0,
-                         mid_table=None, mid_block=0, return_scores=False):
+def decode_attention_ref(q, recent_k, recent_v, recent_last=None, recent_pos=None, sink_size=0, n_older=None, k_q=None, k_scale=None,
+                         k_zero=None, v_q=None, v_scale=None, v_zero=None, recent_table=None, recent_block=0,
+                         older_table=None, older_block=0, return_scores=False):
     """decode_attention in float64 PyTorch, one sequence at a time; returns (B, n_head, 1, D) in float64. A sequence
-    that attends to nothing (finished: hi_last -1, n_mid 0) gets output 0, as in the kernel. Paged stores (hi_table,
-    mid_table) are unpaged into the logical layout first (unpage), then read as the unpaged ones are.
+    that attends to nothing (finished: recent_last -1, n_older 0) gets output 0, as in the kernel. Paged stores (recent_table,
+    older_table) are unpaged into the logical layout first (unpage), then read as the unpaged ones are.
     return_scores: also the attention probabilities (B, n_head, M + NH) in float64, as decode_attention lays them
-    out (mid token t in column t, hi slot i in column M + i, 0 where not attended)."""
-    if hi_table is not None:
-        hi_k, hi_v = unpage(hi_k, hi_table, hi_block), unpage(hi_v, hi_table, hi_block)
-    if mid_table is not None:
+    out (older token t in column t, recent slot i in column M + i, 0 where not attended)."""
+    if recent_table is not None:
+        recent_k, recent_v = unpage(recent_k, recent_table, recent_block), unpage(recent_v, recent_table, recent_block)
+    if older_table is not None:
         D = q.shape[-1]
-        k_f, v_f = mid_format(k_q, k_scale, D)[1], mid_format(v_q, v_scale, D)[1]
-        pages = lambda t, f: None if t is None else unpage(t, mid_table, mid_block, f)  # noqa: E731
+        k_f, v_f = older_format(k_q, k_scale, D)[1], older_format(v_q, v_scale, D)[1]
+        pages = lambda t, f: None if t is None else unpage(t, older_table, older_block, f)  # noqa: E731
         k_q, k_scale, k_zero = pages(k_q, 1), pages(k_scale, k_f), pages(k_zero, k_f)
         v_q, v_scale, v_zero = pages(v_q, 1), pages(v_scale, v_f), pages(v_zero, v_f)
     B, HQ, _, D = q.shape
-    H = hi_k.shape[1]
-    NH = hi_k.shape[2]
-    hi_last = torch.full((B,), NH - 1, device=q.device) if hi_last is None else hi_last.reshape(-1).expand(B)
-    if hi_pos is not None:
-        hi_pos = hi_pos.reshape(-1, NH).expand(B, NH)  # a row shared by the batch, or one per sequence
+    H = recent_k.shape[1]
+    NH = recent_k.shape[2]
+    recent_last = torch.full((B,), NH - 1, device=q.device) if recent_last is None else recent_last.reshape(-1).expand(B)
+    if recent_pos is not None:
+        recent_pos = recent_pos.reshape(-1, NH).expand(B, NH)  # a row shared by the batch, or one per sequence
     if k_q is not None:
-        n_mid = n_mid.reshape(-1).expand(B)
-        mid_k = dequantize_ref(k_q, k_scale, k_zero, D)
-        mid_v = dequantize_ref(v_q, v_scale, v_zero, D)
+        n_older = n_older.reshape(-1).expand(B)
+        older_k = dequantize_ref(k_q, k_scale, k_zero, D)
+        older_v = dequantize_ref(v_q, v_scale, v_zero, D)
     M = k_q.shape[2] if k_q is not None else 0
     outs, probs = [], torch.zeros(B, HQ, M + NH, dtype=torch.float64, device=q.device)
     for b in range(B):
-        keep = torch.arange(NH, device=q.device) <= hi_last[b]
-        nm = int(n_mid[b]) if k_q is not None else 0
-        if hi_pos is not None:
-            keep &= (hi_pos[b] >= 0) & ((hi_pos[b] < sink_size) | (hi_pos[b] >= sink_size + nm))
-        k, v = hi_k[b][:, keep].double(), hi_v[b][:, keep].double()
+        keep = torch.arange(NH, device=q.device) <= recent_last[b]
+        nm = int(n_older[b]) if k_q is not None else 0
+        if recent_pos is not None:
+            keep &= (recent_pos[b] >= 0) & ((recent_pos[b] < sink_size) | (recent_pos[b] >= sink_size + nm))
+        k, v = recent_k[b][:, keep].double(), recent_v[b][:, keep].double()
         if k_q is not None:
-            k = torch.cat([mid_k[b, :, :nm], k], dim=1)
-            v = torch.cat([mid_v[b, :, :nm], v], dim=1)
+            k = torch.cat([older_k[b, :, :nm], k], dim=1)
+            v = torch.cat([older_v[b, :, :nm], v], dim=1)
         if k.shape[1] == 0:  # no token to attend to: output 0 by definition (a softmax over nothing is undefined)
             outs.append(torch.zeros(HQ, 1, D, dtype=torch.float64, device=q.device))
             continue

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kv_cache.paging import PageSpace, RowGroup, round_up
-from kv_cache.stores import DenseStore
+from kv_cache.stores import DenseStore, QuantizedStore
 from model import apply_rope
 
 STRATEGIES: dict[str, type["KVCache"]] = {}
-ATTN_IMPLS = ("triton", "torch")
+ATTN_IMPLS = ("triton", "cpu", "torch")
 GROUP_SIZE = 32  # KIVI's group, the default of every --group_size: channels (per-channel keys: tokens) per scale
 
 
@@ -43,8 +43,9 @@ class CacheOptions:
     """Options every strategy has. Subclasses add fields and extend check() (and derive(), for what follows from
     the options)."""
     attn_impl: Optional[str] = option(None, "decode step: triton = fused attention over the stored format (default "
-                                            "on CUDA), torch = PyTorch (default elsewhere); prefill always uses "
-                                            "PyTorch", choices=ATTN_IMPLS)
+                                            "on CUDA), cpu = a C kernel reading the quantized store's codes "
+                                            "(kernels/cpu_attention.py), torch = PyTorch (default elsewhere); "
+                                            "prefill always uses PyTorch", choices=ATTN_IMPLS)
 
     def check(self, head_dim: int):
         """Raise ValueError with one line naming the fix when the options cannot work. It only checks: what follows
@@ -164,6 +165,9 @@ class KVCache(nn.Module):
         if self.attn_impl == "triton":  # imported only when asked for: the torch path never needs triton
             from kernels.decode_attention import decode_attention
             self.decode_attention = decode_attention
+        if self.attn_impl == "cpu":
+            from kernels.cpu_attention import older_attention
+            self.older_attention = older_attention
         # Sequences still decoding; a finished one (the engine's per-sequence EOS) costs the fused kernel nothing.
         self.register_buffer("active", torch.ones(batch_size, dtype=torch.bool, device=device))
 
@@ -211,7 +215,7 @@ class KVCache(nn.Module):
                   in the older store (a sink, or position >= sink_size + n_older[b]).
           older   the tokens past sinks and window that the cache still holds (quantized, or chosen by an eviction
                   policy): its first n_older[b]; None when the cache has none.
-        One description, two backends: the fused Triton kernel (kernels/decode_attention.py, whose "hi" and "mid"
+        One description, two backends: the fused Triton kernel (kernels/decode_attention.py, whose "recent" and "older"
         stores these are) reads the stores as they are, through the block table when paged; the torch path gathers,
         dequantizes, masks and runs SDPA.
         scores: also return each token's attention probability summed over the query heads of its KV head,
@@ -224,14 +228,14 @@ class KVCache(nn.Module):
         is_store = isinstance(recent, DenseStore)
         if self.attn_impl == "triton":
             active = self.active[:B]
-            recent_args = recent.kernel_inputs(B) if is_store else dict(hi_k=recent[0], hi_v=recent[1])
+            recent_args = recent.kernel_inputs(B) if is_store else dict(recent_k=recent[0], recent_v=recent[1])
             n_slots = recent.n_slots if is_store else recent[0].shape[2]
             last = recent_last if recent_last is not None else torch.full((B,), n_slots - 1, device=q.device)
             older_args = {}
             if older is not None:
-                older_args = dict(n_mid=torch.where(active, n_older, 0), **older.kernel_inputs(B))
-            result = self.decode_attention(q, **recent_args, hi_last=torch.where(active, last, -1),
-                                           hi_pos=recent_pos, sink_size=sink_size, **older_args,
+                older_args = dict(n_older=torch.where(active, n_older, 0), **older.kernel_inputs(B))
+            result = self.decode_attention(q, **recent_args, recent_last=torch.where(active, last, -1),
+                                           recent_pos=recent_pos, sink_size=sink_size, **older_args,
                                            return_scores=scores)
             if not scores:
                 return result
@@ -247,6 +251,10 @@ class KVCache(nn.Module):
             if scores:
                 return attend_with_scores(q, recent_k, recent_v, keep)
             return attend(q, recent_k, recent_v, keep.view(B, 1, 1, -1))
+        # The C kernel computes in float32: a float64 model (the tests' references) keeps the PyTorch path.
+        if self.attn_impl == "cpu" and not scores and isinstance(older, QuantizedStore) and older.pool is None \
+                and q.dtype != torch.float64:
+            return self.attend_codes(q, recent_k, recent_v, keep, older, n_older)
         older_k, older_v = older.dequantize(slice(0, B), older_read or older.capacity, self.dtype)
         older_keep = torch.arange(older_k.shape[2], device=q.device) < n_older[:, None]
         if scores:  # older first, as the kernel lays the columns out; the slots not read score 0
@@ -258,6 +266,17 @@ class KVCache(nn.Module):
             return out, torch.cat([probs[..., :n_read], unread, probs[..., n_read:]], dim=2)
         return attend(q, torch.cat([recent_k, older_k], dim=2), torch.cat([recent_v, older_v], dim=2),
                       torch.cat([keep, older_keep], dim=1).view(B, 1, 1, -1))
+
+    def attend_codes(self, q: Tensor, recent_k: Tensor, recent_v: Tensor, keep: Tensor, older: QuantizedStore,
+                     n_older: Tensor) -> Tensor:
+        """attend_decode's torch path with --attn_impl cpu: one call of the C kernel (kernels/cpu_attention.py) reads
+        the older store's codes where they are (never dequantized into a tensor: the bytes read per step shrink with
+        the format, and only the n_older tokens held are read) and the recent tokens beside them."""
+        B, HQ, _, D = q.shape
+        acc, _, total = self.older_attention(q[:, :, 0].float() * D ** -0.5, *older.buffers_of(B), n_older,
+                                             older.fmt, older.k_granularity, older.group_size, recent_k, recent_v,
+                                             keep)
+        return (acc / total[..., None]).to(q.dtype)[:, :, None]
 
     def row_groups(self) -> list[RowGroup]:
         """The batch's rows by KV configuration: here one group of every row (kv_cache/mixed.py holds several)."""
@@ -328,6 +347,14 @@ def attn_impl_for(impl, device=None):
             and torch.device(device).type != "meta":
         raise ValueError("--attn_impl triton needs a CUDA device (or TRITON_INTERPRET=1, Triton's slow CPU "
                          "interpreter): use --attn_impl torch")
+    if impl == "cpu" and torch.device(device).type not in ("cpu", "meta"):
+        raise ValueError(f"--attn_impl cpu is the CPU's kernel, this cache is on {device}: use --attn_impl triton or "
+                         "torch")
+    if impl == "cpu" and torch.device(device).type == "cpu":
+        from kernels.cpu_attention import load_error
+        error = load_error()
+        if error:
+            raise ValueError(f"--attn_impl cpu cannot build its kernel ({error}): or use --attn_impl torch")
     return impl
 
 

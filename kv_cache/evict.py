@@ -32,8 +32,9 @@ the older store are copied in their stored form, not quantized twice). A policy 
 (SnapKV's observation window is the prompt's end) asks for it with whole_prompt: the engine then prefills it in one
 chunk (runner.py).
 
-Sizing: a budget at least the tokens a sequence ever holds never evicts: outputs equal full's (up to summation
-order). Paged, the older store is cut into blocks taken as it fills (PageSpace below) and the ring stays per
+Sizing: a budget at least the tokens a sequence ever holds (max_seq_length) never evicts, and would allocate up to
+budget / max_seq_length times the full cache (26x for a 10-token run at the default 256): the cache is then the full
+cache (as compress_kv's Sizing), a DenseStore of max_seq_length slots with full's forward, bytes and outputs. Paged, the older store is cut into blocks taken as it fills (PageSpace below) and the ring stays per
 sequence; what a sequence evicts is overwritten in its own blocks, which return to the pool when it ends.
 """
 import math
@@ -47,7 +48,7 @@ from kernels.formats import FORMATS, get_format
 from kv_cache.base import (GROUP_SIZE, KVCache, SinkWindowOptions, attend, attention_probs, option, per_kv_head,
                            rotate_qk)
 from kv_cache.paging import PageSpace, round_up
-from kv_cache.stores import DenseOlderStore, QuantizedStore, RingStore
+from kv_cache.stores import DenseOlderStore, DenseStore, QuantizedStore, RingStore
 
 
 @dataclass
@@ -110,7 +111,14 @@ class EvictionCache(KVCache):
     # ------------------------------------------------------------ storage
 
     @classmethod
+    def holds_everything(cls, options, max_seq_length) -> bool:
+        """The budget holds every token a run can have: nothing is ever evicted (Sizing above)."""
+        return cls.Options.resolve(options, None).budget >= max_seq_length
+
+    @classmethod
     def capacity(cls, options, max_seq_length):
+        if cls.holds_everything(options, max_seq_length):
+            return max_seq_length  # sized as the full cache: it cannot hold more
         return None  # constant memory: streams without end
 
     @classmethod
@@ -126,6 +134,8 @@ class EvictionCache(KVCache):
     def page_space(cls, options, max_seq_length, block_size):
         """Paged: the older store, in blocks taken as it fills, and one more logical block for the scratch slot
         (never reserved: the null block). The ring stays per sequence."""
+        if cls.holds_everything(options, max_seq_length):
+            return super().page_space(options, max_seq_length, block_size)
         opts = cls.Options.resolve(options, None)
         n_slots = round_up(opts.older_size, block_size) + block_size
         return PageSpace(block_size, n_slots, opts.n_older)
@@ -136,6 +146,10 @@ class EvictionCache(KVCache):
                          **option_values)
         opts = self.opts
         self.sink_size, self.window_size, self.older_size = opts.sink_size, opts.window_size, opts.older_size
+        self.as_full = self.holds_everything(opts, max_seq_length)
+        if self.as_full:  # nothing to evict: exactly the full cache's storage, no scores
+            self.store = DenseStore(batch_size, n_kv_head, max_seq_length, head_dim, dtype, device, pool)
+            return
         self.ring = RingStore(batch_size, n_kv_head, self.sink_size, self.window_size, head_dim, dtype, device)
         if opts.format is None:
             self.older = DenseOlderStore(batch_size, n_kv_head, opts.older_size, head_dim, dtype, device, pool)
@@ -152,6 +166,8 @@ class EvictionCache(KVCache):
 
     def reset(self, rows=None):
         super().reset(rows)
+        if self.as_full:
+            return
         rows = slice(None) if rows is None else rows
         self.ring_score[rows] = 0
         self.older_score[rows] = 0
@@ -166,6 +182,8 @@ class EvictionCache(KVCache):
     # ------------------------------------------------------------ attention
 
     def forward(self, q, k, v, input_pos, rope_cos, rope_sin, rows=None):
+        if self.as_full:
+            return self.forward_full(self.store, q, k, v, input_pos, rope_cos, rope_sin, rows)
         decode = self.is_decode(q, rows)
         rows, pos = self.rows_and_positions(q, input_pos, rows)
         q, k = rotate_qk(q, k, pos, rope_cos, rope_sin)

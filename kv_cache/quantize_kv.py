@@ -201,10 +201,6 @@ class QuantizeKVCache(KVCache):
             raise ValueError(f"--key_rope pre with --attn_impl triton needs a power-of-two head_dim >= 16 (the "
                              f"fused kernel rotates whole tiles; this model's is {head_dim}): use --attn_impl torch")
 
-    # The store's earlier names, which scripts/bench_decode.py still reads: drop them once it reads older.
-    mid = property(lambda self: self.older)
-    mid_size = property(lambda self: self.older_size)
-
     def _recent_keep(self, ring_pos, n_older):
         """Ring slots holding a token that is not (yet) in the older store."""
         S = self.sink_size
@@ -250,7 +246,9 @@ class QuantizeKVCache(KVCache):
         if self.quantize_into is not None:
             # Straight from the (contiguous) ring into the older store at `start`: no gathered copy, no host sync.
             self.quantize_into(ring.k[:R], ring.v[:R], group_slots, *self.older.append_target(R, start))
-        else:
+        elif q.device.type != "cpu" or torch.compiler.is_compiling() or bool(completes.any()):
+            # Eager on the CPU, asking whether a group completes costs nothing (no device to wait for), and with
+            # per-channel keys none does on 31 steps of 32: those steps skip quantizing the scratch group.
             self.older.store(rows, start[:, None] + arange, *ring.read(rows, group_slots))
         recent, older = ring, self.older
         if self.pre_rope:

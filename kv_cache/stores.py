@@ -7,7 +7,7 @@ lengths and ring positions, and one sequence can be reset alone. B = batch, H = 
 A cache attends over at most two stores (KVCache.attend_decode), named by what they hold: its recent store, the
 tokens it keeps as they are in the model dtype (full's DenseStore: every token; a RingStore: sinks and window), and
 its older store, the tokens past sinks and window it still holds (quantize_kv's QuantizedStore; under eviction a
-DenseOlderStore or a QuantizedStore). The fused kernel calls them its "hi" and "mid" stores.
+DenseOlderStore or a QuantizedStore). The fused kernel calls them its "recent" and "older" stores.
 
 DenseStore (full)
   k, v     (B, H, N, D) model dtype. Slot n of sequence b holds its position n.
@@ -211,10 +211,10 @@ class DenseStore(Store):
 
     def kernel_inputs(self, R: int) -> dict:
         """The first R sequences as the fused decode kernel reads them (kernels/decode_attention.py): its recent
-        ("hi") store's arguments."""
+        ("recent") store's arguments."""
         if self.pool is None:
-            return dict(hi_k=self.k[:R], hi_v=self.v[:R])
-        return dict(hi_k=self.k, hi_v=self.v, hi_table=self.table[:R], hi_block=self.pool.block_tokens)
+            return dict(recent_k=self.k[:R], recent_v=self.v[:R])
+        return dict(recent_k=self.k, recent_v=self.v, recent_table=self.table[:R], recent_block=self.pool.block_tokens)
 
     def reset(self, rows: Tensor):
         if not self.release(rows):
@@ -263,13 +263,13 @@ class DenseOlderStore(DenseStore):
         self.write_heads_buf(dict(k=k, v=v), rows, slots)
 
     def kernel_inputs(self, R: int) -> dict:
-        """The kernel's older ("mid") store arguments."""
+        """The kernel's older ("older") store arguments."""
         dense = super().kernel_inputs(R)
-        k, v = dense["hi_k"], dense["hi_v"]
+        k, v = dense["recent_k"], dense["recent_v"]
         inputs = dict(k_q=k, k_scale=self.unit_scale.expand(*k.shape[:3], 1), k_zero=None, v_q=v,
                       v_scale=self.unit_scale.expand(*v.shape[:3], 1), v_zero=None)
         if self.pool is not None:
-            inputs.update(mid_table=dense["hi_table"], mid_block=dense["hi_block"])
+            inputs.update(older_table=dense["recent_table"], older_block=dense["recent_block"])
         return inputs
 
     def dequantize(self, rows, n: int, dtype) -> tuple[Tensor, Tensor]:
@@ -352,11 +352,11 @@ class QuantizedStore(Store):
 
     def kernel_inputs(self, R: int) -> dict:
         """The first R sequences as the fused decode kernel reads them (kernels/decode_attention.py): its older
-        ("mid") store's arguments."""
+        ("older") store's arguments."""
         names = ("k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero")
         if self.pool is None:
             return dict(zip(names, self.buffers_of(R)))
-        return dict(zip(names, self.all_buffers()), mid_table=self.table[:R], mid_block=self.pool.block_tokens)
+        return dict(zip(names, self.all_buffers()), older_table=self.table[:R], older_block=self.pool.block_tokens)
 
     def append_target(self, R: int, start: Tensor) -> tuple:
         """(start, k_q, k_scale, k_zero, v_q, v_scale, v_zero) for kernels.quantize_append.quantize_into to write

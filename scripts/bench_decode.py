@@ -18,6 +18,7 @@ rank holds its shard of random weights (tp.py), the weight and KV bytes are one 
 bytes each GPU sends for the step's all-reduces (2 per layer, ring) over the measured all-reduce bus bandwidth.
 """
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -37,9 +38,10 @@ from memory import (available_memory_bytes, peak_memory_bytes, predicted_generat
                     predicted_kv_bytes)
 from model import ModelArgs, Transformer  # noqa: E402
 from cli_options import strategy_parser  # noqa: E402
-from runner import compile_decode, decode_one_token, pool_of, prefill, setup_cache, synchronize  # noqa: E402
+from runner import (DTYPES, compile_decode, decode_one_token, default_dtype, pool_of, prefill,  # noqa: E402
+                    setup_cache, synchronize)
 from scripts.common import (GiB, LOCAL_OUT, copy_bandwidth, count, fmt, header_lines, list_of,  # noqa: E402
-                            markdown_table, name_list, release, run_header, timed)
+                            markdown_table, name_list, plot_roofline, release, run_header, timed)
 from scripts import presets  # noqa: E402
 from scripts.presets import PRESETS  # noqa: E402
 from shapes import SHAPES, random_model  # noqa: E402
@@ -48,7 +50,7 @@ STRATEGIES = {preset.name: preset for preset in PRESETS}  # the rows, by name
 # --attention_kernel rows: 16-bit only, or a quantized older store of each format; "+scores": the same call returning
 # every token's attention probability (what h2o / tova / snapkv read), to measure what storing the scores costs.
 KERNEL_KINDS = ("bf16", *(f.label for f in FORMATS.values()), "bf16+scores", "int4+scores")
-DTYPE = torch.bfloat16
+DTYPE = torch.bfloat16  # the GPU kernel rows' and the GPU suite's model dtype (the decode rows take --dtype)
 
 LEGEND = """\
 Columns: **tokens/s** = batch x steps / decode seconds. **vs full** = this row's tokens/s over the full cache's at
@@ -82,13 +84,13 @@ def decode_positions(context: int, steps: int, repeats: int, warmup: int) -> int
     return context + 1 + warmup + repeats * steps
 
 
-def activation_bytes(args: ModelArgs, rows: int, max_seq_length: int, chunk: int) -> int:
+def activation_bytes(args: ModelArgs, rows: int, max_seq_length: int, chunk: int, dtype=DTYPE) -> int:
     """What a prefill chunk of `rows` sequences holds that memory.predicted_generation_bytes leaves out, a
     deliberate over-estimate: the keys and values expanded to the query heads (GQA) and quantize_kv's store
     dequantized, in the model dtype; per token the MLP's activations and (math attention) float32 scores over the
     whole cache. generate.py's check leaves these to the memory it keeps free; a bench cannot, since it fills
     contexts of 32k tokens near the memory limit, where they outweigh the logits."""
-    item = DTYPE.itemsize
+    item = dtype.itemsize
     kv_elems = rows * max_seq_length * args.head_dim
     expanded = 2 * args.n_head * kv_elems * item + 4 * args.n_kv_head * kv_elems * item
     per_token = rows * (3 * args.intermediate_size * item + 2 * args.n_head * max_seq_length * 4)
@@ -97,7 +99,7 @@ def activation_bytes(args: ModelArgs, rows: int, max_seq_length: int, chunk: int
 
 def fill_plan(args: ModelArgs, strategy: str, options: dict, batch: int, context: int, max_seq_length: int,
               available: int, rows: int = None, chunk: int = None, block_size: int = None,
-              chunk_bytes: int = 8 * GiB) -> tuple[int, int]:
+              chunk_bytes: int = 8 * GiB, dtype=DTYPE) -> tuple[int, int]:
     """(prefill chunk, bytes needed) of a row filling `context` tokens of `rows` sequences (default: the batch)
     with caches for `batch`: memory.predicted_generation_bytes (caches, RoPE tables, the chunk's logits counted for
     the whole batch) + activation_bytes + 1/2 GiB for the decode step. The chunk (unless given): the largest power
@@ -105,8 +107,8 @@ def fill_plan(args: ModelArgs, strategy: str, options: dict, batch: int, context
     the chunk) stay within `chunk_bytes`; the whole context for a strategy that scores whole prompts
     (runner.prefill feeds it in one chunk)."""
     def need(c):
-        return (predicted_generation_bytes(args, strategy, options, batch, max_seq_length, c, max_seq_length, DTYPE,
-                                           block_size) + activation_bytes(args, rows or batch, max_seq_length, c)
+        return (predicted_generation_bytes(args, strategy, options, batch, max_seq_length, c, max_seq_length, dtype,
+                                           block_size) + activation_bytes(args, rows or batch, max_seq_length, c, dtype)
                 + GiB // 2)
 
     if kv_cache.STRATEGIES[strategy].whole_prompt:
@@ -269,11 +271,11 @@ def bench_row(model, shape, name, context, batch, cfg, device) -> dict:
     row = dict(shape=shape, context=context, batch=batch, strategy=name, note="")
     options = row_options(name, cfg)
     max_seq_length = decode_positions(context, cfg["steps"], cfg["repeats"], cfg["warmup"])
-    kv = predicted_kv_bytes(args, strategy, options, batch, max_seq_length, DTYPE)
-    full_kv = predicted_kv_bytes(args, "full", {}, batch, max_seq_length, DTYPE)
+    kv = predicted_kv_bytes(args, strategy, options, batch, max_seq_length, cfg["dtype"])
+    full_kv = predicted_kv_bytes(args, "full", {}, batch, max_seq_length, cfg["dtype"])
     available = int(tp.min_over_ranks(available_memory_bytes(device)))  # tensor parallel: every rank skips alike
     chunk, need = fill_plan(args, strategy, options, batch, context, max_seq_length, available,
-                            chunk=cfg["prefill_chunk"])
+                            chunk=cfg["prefill_chunk"], dtype=cfg["dtype"])
     weights = cfg["weight_bytes"][shape]
     row.update(kv_bytes=kv, full_kv_bytes=full_kv, max_seq_length=max_seq_length, prefill_chunk=chunk,
                weight_bytes=weights, options=options, ideal_vs_full=(weights + full_kv) / (weights + kv))
@@ -288,7 +290,7 @@ def bench_row(model, shape, name, context, batch, cfg, device) -> dict:
     roofline_s = (weights + kv) / cfg["bandwidth"]
     world = getattr(model, "tp_world", 1)
     if world > 1:  # each GPU sends (and receives) its ring share of the step's 2 x n_layer all-reduces
-        message = tp.all_reduce_bytes(args, batch, 1, DTYPE) // (2 * args.n_layer)
+        message = tp.all_reduce_bytes(args, batch, 1, cfg["dtype"]) // (2 * args.n_layer)
         row["allreduce_bytes"] = tp.ring_bytes(message, world) * 2 * args.n_layer
         row["allreduce_step_s"] = 2 * args.n_layer * all_reduce_seconds(message, device)  # measured, back to back
         roofline_s += row["allreduce_bytes"] / cfg["allreduce_bandwidth"]
@@ -312,21 +314,21 @@ def compare_with_full(rows: list[dict]):
 def kernel_case(kind, args: ModelArgs, batch, context, cfg, device, generator):
     """Inputs of one decode-attention call over `context` tokens (one layer), as the caches lay them out, and the
     bytes the call must move. bf16: a 16-bit store only (full cache); otherwise quantize_kv's recent (ring) and
-    older (quantized) stores, passed as the kernel's hi and mid arguments."""
+    older (quantized) stores, passed as the kernel's hi and older arguments."""
     if kind.endswith("+scores"):
         inputs, n_bytes = kernel_case(kind[:-len("+scores")], args, batch, context, cfg, device, generator)
         return dict(inputs, return_scores=True), n_bytes  # bytes of the keys and values only: the same reads
     H, D = args.n_kv_head, args.head_dim
     q = torch.randn(batch, args.n_head, 1, D, device=device, dtype=DTYPE, generator=generator)
     if kind == "bf16":
-        hi_k = torch.randn(batch, H, context, D, device=device, dtype=DTYPE, generator=generator)
-        hi_v = torch.randn_like(hi_k)
-        inputs = dict(q=q, hi_k=hi_k, hi_v=hi_v, hi_last=torch.tensor([context - 1], device=device))
-        return inputs, 2 * q.nbytes + hi_k.nbytes + hi_v.nbytes
+        recent_k = torch.randn(batch, H, context, D, device=device, dtype=DTYPE, generator=generator)
+        recent_v = torch.randn_like(recent_k)
+        inputs = dict(q=q, recent_k=recent_k, recent_v=recent_v, recent_last=torch.tensor([context - 1], device=device))
+        return inputs, 2 * q.nbytes + recent_k.nbytes + recent_v.nbytes
     options = row_options(f"quantize_kv-{kind}", cfg)
     cache = kv_cache.STRATEGIES["quantize_kv"](batch, context, H, D, DTYPE, device, **options)
     S, W, F = cache.sink_size, cache.window_size, cache.flush_size
-    n_mid = max(0, context - S - W) // F * F
+    n_older = max(0, context - S - W) // F * F
     ring, older = cache.ring, cache.older
     for name, buf in cache.named_buffers():
         if buf.dtype == torch.float16:  # scales and zero-points: small, so dequantized values stay moderate
@@ -338,19 +340,19 @@ def kernel_case(kind, args: ModelArgs, batch, context, cfg, device, generator):
             buf.copy_(torch.randn(buf.shape, device=device, generator=generator).mul(100).clamp(-448, 448))
         elif buf.is_floating_point():
             buf.copy_(torch.randn(buf.shape, device=device, generator=generator))
-    # hi_pos after positions 0..context-1 were stored: the sinks, and in each ring slot its latest position
+    # recent_pos after positions 0..context-1 were stored: the sinks, and in each ring slot its latest position
     # (the oldest of them may already be in the older store: the kernel masks those).
     pos = torch.arange(context, device=device)
     pos = pos[(pos < S) | (pos >= context - ring.ring_size)]
     ring.pos.fill_(-1)[:, ring.slots(pos)] = pos
-    inputs = dict(q=q, hi_k=ring.k, hi_v=ring.v, hi_pos=ring.pos, sink_size=S,
-                  n_mid=torch.tensor([n_mid], device=device))
+    inputs = dict(q=q, recent_k=ring.k, recent_v=ring.v, recent_pos=ring.pos, sink_size=S,
+                  n_older=torch.tensor([n_older], device=device))
     n_bytes = 2 * q.nbytes + ring.k.nbytes + ring.v.nbytes + ring.pos.nbytes
     capacity = cache.older_size + F  # the older store holds one scratch flush group past the end
     for name, buf in zip(("k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero"), older.buffers_of(batch)):
         if buf is not None:
             inputs[name] = buf
-            n_bytes += buf.nbytes * n_mid // capacity  # only the first n_mid tokens are read
+            n_bytes += buf.nbytes * n_older // capacity  # only the first n_older tokens are read
     return inputs, n_bytes
 
 
@@ -459,23 +461,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill_chunk", type=int, default=None, help="prefill chunk (default: sized to free memory)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step with CUDA graphs")
     p.add_argument("--attn_impl", default=None,
-                   help="decode attention (torch or triton) of every strategy with an --attn_impl option "
+                   help="decode attention (triton, cpu or torch) of every strategy with an --attn_impl option "
                         "(default: each cache's own)")
     p.add_argument("--attention_kernel", action="store_true",
                    help="time the fused decode-attention kernel alone (contexts default 32k) instead of decode steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="the decode rows' model dtype (default: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks (tp.py): started through scripts/launch.py unless under torchrun")
     p.add_argument("--replicate_kv_heads", action="store_true",
                    help="with --tp above the KV heads: copy each KV head to tp / KV heads ranks")
     p.add_argument("--out", type=Path, default=LOCAL_OUT,
                    help="folder for the .md and .json (default outputs/local/, not tracked by git)")
+    p.add_argument("--plot", type=Path, nargs="+", metavar="JSON",
+                   help="instead of measuring: OUT/roofline.png from these runs' .json (tokens/s against context per "
+                        "strategy, decode path and compile, rooflines dashed)")
     return p
+
+
+def plot(paths: list[Path], out: Path):
+    """OUT/roofline.png from bench_decode .json files: one line per strategy, decode path and --compile."""
+    rows, devices = [], set()
+    for path in paths:
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: --plot {path}: not a bench_decode .json ({e}): give the .json a run wrote")
+        devices.add(f"{report['device']}, {report.get('dtype', 'bfloat16')}")
+        rows += [dict(r, compiled=report["compile"]) for r in report["rows"]]
+    label = lambda r: (f"{r['strategy']} ({r.get('attn_impl', '?')}{', compiled' if r['compiled'] else ''})")  # noqa: E731
+    plot_roofline(rows, label, out / "roofline.png", "; ".join(sorted(devices)) + ", random weights")
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
+    if args.plot:
+        plot(args.plot, args.out)
+        return
     if args.tp > 1 and tp.world_size() == 1:  # one process per rank: the same command under torchrun
         from scripts import launch
         code = launch.main(["--nproc_per_node", str(args.tp), "-m", __spec__.name, *argv])
@@ -511,7 +535,8 @@ def run(args, argv):
     steps, repeats = args.steps or (4 if on_cpu else 32), args.repeats or (2 if on_cpu else 5)
     if min(contexts) < 1 or min(batches) < 1 or steps < 1 or repeats < 1 or args.warmup < 0:
         sys.exit("error: --contexts, --batches, --steps and --repeats must be at least 1 (see --help)")
-    cfg = dict(steps=steps, repeats=repeats, warmup=args.warmup, compile=args.compile, prefill_chunk=args.prefill_chunk,
+    cfg = dict(dtype=DTYPES[args.dtype] if args.dtype else default_dtype(device),
+               steps=steps, repeats=repeats, warmup=args.warmup, compile=args.compile, prefill_chunk=args.prefill_chunk,
                sink_size=args.sink_size, window_size=args.window_size, attn_impl=args.attn_impl, weight_bytes={})
     if args.attn_impl:  # every strategy with an --attn_impl option must offer it
         for name in kv_cache.STRATEGIES:
@@ -528,7 +553,8 @@ def run(args, argv):
     cfg["bandwidth"] = bandwidth = copy_bandwidth(device)
     if world > 1:
         cfg["allreduce_bandwidth"] = all_reduce_bandwidth(device, world)
-    header.update(bandwidth=bandwidth, compile=args.compile, attn_impl=args.attn_impl, steps=steps, repeats=repeats,
+    header.update(dtype=str(cfg["dtype"]).removeprefix("torch."), bandwidth=bandwidth, compile=args.compile,
+                  attn_impl=args.attn_impl, steps=steps, repeats=repeats,
                   warmup=args.warmup, sink_size=args.sink_size, window_size=args.window_size,
                   weight_bytes=cfg["weight_bytes"], tp=world, replicate_kv_heads=args.replicate_kv_heads,
                   allreduce_bandwidth=cfg.get("allreduce_bandwidth"))
@@ -556,7 +582,7 @@ def run(args, argv):
         with torch.no_grad():
             for shape in args.shapes:
                 shard = tp.shard_args(SHAPES[shape], world, args.replicate_kv_heads)  # the shape itself at --tp 1
-                model = random_model(shard, device, DTYPE, seed=tp.rank())
+                model = random_model(shard, device, cfg["dtype"], seed=tp.rank())
                 if world > 1:
                     tp.parallelize(model, SHAPES[shape], args.replicate_kv_heads)
                 cfg["weight_bytes"][shape] = weight_bytes_read(model)

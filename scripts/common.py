@@ -194,3 +194,42 @@ def length_range(text: str) -> tuple[int, int]:
     if low is None or not 1 <= low <= high:
         raise argparse.ArgumentTypeError(f"{text!r} is not a range LOW-HIGH (e.g. 16-256) with 1 <= LO <= HI")
     return low, high
+
+
+def plot_roofline(rows: list[dict], label_of, path: Path, title: str):
+    """`path` (a PNG): decode tokens/s against context, one panel per batch size, one colour per label_of(row);
+    measured points as solid lines, each label's roofline (batch / roofline_s: the bytes a step must read over the
+    measured bandwidth) dashed in the same colour. rows: decode rows with context, batch, tokens_per_s, roofline_s."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in rows if r.get("tokens_per_s") and r.get("roofline_s")]
+    batches = sorted({r["batch"] for r in rows})
+    labels = list(dict.fromkeys(label_of(r) for r in rows))
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, batch in zip(axes[0], batches):
+        for i, label in enumerate(labels):
+            points = sorted({r["context"]: r for r in rows if r["batch"] == batch and label_of(r) == label}.values(),
+                            key=lambda r: r["context"])
+            if not points:
+                continue
+            x, colour = [r["context"] for r in points], cycle[i % len(cycle)]
+            ax.plot(x, [r["tokens_per_s"] for r in points], "o-", color=colour, label=label)
+            ax.plot(x, [batch / r["roofline_s"] for r in points], "--", color=colour, alpha=0.6)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("decode tokens/s (all sequences)")
+        ax.set_title(f"batch {batch}: measured (solid) vs roofline (dashed)")
+        ax.grid(True, which="both", alpha=0.3)
+    labelled = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
+    axes[0][-1].legend(labelled.values(), labelled.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)  # atomic: a reader never sees half a PNG
+    print(f"wrote {path}")

@@ -5,7 +5,7 @@
 
   * kernels/decode_attention.py against its float64 reference (decode_attention_ref): ||out - ref|| / ||ref||
     within the tolerance of the dtype. The "paged" cases read the same logical cache through block tables (as
-    vLLM's PagedAttention): the full cache's hi store, or the mid store of each format (its hi ring unpaged),
+    vLLM's PagedAttention): the full cache's recent store, or the older store of each format (its recent ring unpaged),
     scattered over shuffled pool blocks of 16 tokens (32 for KIVI's 32-token key groups), the blocks no sequence
     owns (the null block 0 every unused table entry points to, and spare ones) poisoned.
   * kernels/quantize_append.py (quantize_into, the decode flush of quantize_kv) against kernels/quantize.py's
@@ -15,7 +15,7 @@
 Each case draws fresh random inputs (the seed is printed; --seed repeats a run), poisons every buffer the kernel
 allocates or writes with NaN or 0xAB bytes (so an unwritten element fails), and also NaN-fills the cache slots the
 kernel must not read (the unused tail of a store, the ring slots already moved to the quantized store, scales past
-n_mid). Lengths are not multiples of any block size. Prints a table and exits 1 if any case fails. Without a GPU it
+n_older). Lengths are not multiples of any block size. Prints a table and exits 1 if any case fails. Without a GPU it
 needs --tiny, which alone sets TRITON_INTERPRET=1: the real shapes would take the interpreter many minutes.
 """
 import argparse
@@ -41,10 +41,10 @@ HEADS = {False: [("d64-gqa3", 9, 3, 64), ("d128-gqa4", 32, 8, 128)],
 LENGTHS = {False: [4096 + 37, 32768 + 41], True: [101, 187]}
 # Batch sizes of the decode-attention cases; sequence b of a batch holds length - 101 b tokens (its own state).
 BATCHES = {False: [1, 8], True: [1, 3]}
-# mid-store kind: (bits, key granularity); None = the full cache's 16-bit store only.
+# older-store kind: (bits, key granularity); None = the full cache's 16-bit store only.
 KINDS = {"bf16": None, **{f.label: (f.name, f.default_k_granularity) for f in FORMATS.values()},
          "int4-token-keys": ("4", "token")}
-# Tokens per block of a paged store; a mid block holds whole key groups (F = GROUP_SIZE for KIVI keys).
+# Tokens per block of a paged store; an older block holds whole key groups (F = GROUP_SIZE for KIVI keys).
 PAGE_BLOCK = 16
 
 
@@ -70,15 +70,15 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def quantized_mid(B, H, D, n_mid, bits, k_granularity, device, gen):
-    """A mid store holding n_mid random tokens, quantized by kernels/quantize.py in the cache layout, with one
+def quantized_older(B, H, D, n_older, bits, k_granularity, device, gen):
+    """An older store holding n_older random tokens, quantized by kernels/quantize.py in the cache layout, with one
     scratch flush group of garbage past the end (payload random, scales NaN: reading them poisons the output)."""
     F = flush_size(GROUP_SIZE, k_granularity)
-    k = torch.randn(B, H, n_mid, D, device=device, generator=gen)
-    v = torch.randn(B, H, n_mid, D, device=device, generator=gen)
-    mid = dict(zip(("k_q", "k_scale", "k_zero"), quantize_keys(k, bits, k_granularity, GROUP_SIZE)))
-    mid.update(zip(("v_q", "v_scale", "v_zero"), quantize_values(v, bits, GROUP_SIZE)))
-    for name, t in list(mid.items()):
+    k = torch.randn(B, H, n_older, D, device=device, generator=gen)
+    v = torch.randn(B, H, n_older, D, device=device, generator=gen)
+    older = dict(zip(("k_q", "k_scale", "k_zero"), quantize_keys(k, bits, k_granularity, GROUP_SIZE)))
+    older.update(zip(("v_q", "v_scale", "v_zero"), quantize_values(v, bits, GROUP_SIZE)))
+    for name, t in list(older.items()):
         if t is None:
             continue
         rows = F if name == "k_q" or name.startswith("v") or k_granularity == "token" else 1
@@ -86,8 +86,8 @@ def quantized_mid(B, H, D, n_mid, bits, k_granularity, device, gen):
             tail = torch.full((B, H, rows, t.shape[3]), float("nan"), device=device, dtype=t.dtype)
         else:
             tail = torch.randint(0, 127, (B, H, rows, t.shape[3]), device=device, generator=gen).to(t.dtype)
-        mid[name] = torch.cat([t, tail], dim=2)
-    return mid, F
+        older[name] = torch.cat([t, tail], dim=2)
+    return older, F
 
 
 def decode_attention_case(kind, B, HQ, H, D, length, dtype, device, gen):
@@ -95,36 +95,36 @@ def decode_attention_case(kind, B, HQ, H, D, length, dtype, device, gen):
     q = torch.randn(B, HQ, 1, D, device=device, generator=gen).to(dtype)
     if KINDS[kind] is None:
         # Full cache: per-sequence last slots, the buffer longer than both; the tail is NaN and must not be read.
-        hi_k = torch.randn(B, H, length + 77, D, device=device, generator=gen).to(dtype)
-        hi_v = torch.randn(B, H, length + 77, D, device=device, generator=gen).to(dtype)
-        hi_last = torch.tensor([length - 1 - 101 * b for b in range(B)], device=device)
+        recent_k = torch.randn(B, H, length + 77, D, device=device, generator=gen).to(dtype)
+        recent_v = torch.randn(B, H, length + 77, D, device=device, generator=gen).to(dtype)
+        recent_last = torch.tensor([length - 1 - 101 * b for b in range(B)], device=device)
         for b in range(B):
-            hi_k[b, :, hi_last[b] + 1:] = hi_v[b, :, hi_last[b] + 1:] = float("nan")
-        return dict(q=q, hi_k=hi_k, hi_v=hi_v, hi_last=hi_last), 0
+            recent_k[b, :, recent_last[b] + 1:] = recent_v[b, :, recent_last[b] + 1:] = float("nan")
+        return dict(q=q, recent_k=recent_k, recent_v=recent_v, recent_last=recent_last), 0
     bits, k_granularity = KINDS[kind]
     S, W = SINK_SIZE, WINDOW_SIZE
     F = flush_size(GROUP_SIZE, k_granularity)
-    # Every sequence has its own length (as in a batch of different prompts): its own ring state and n_mid.
+    # Every sequence has its own length (as in a batch of different prompts): its own ring state and n_older.
     lengths = [max(1, length - 101 * b) for b in range(B)]
-    n_mids = [max(0, n - S - W) // F * F for n in lengths]
-    mid, F = quantized_mid(B, H, D, max(n_mids), bits, k_granularity, device, gen)
-    for b, n_mid in enumerate(n_mids):  # a sequence's tokens past its own n_mid must not be read: NaN scales
-        mid["v_scale"][b, :, n_mid:] = float("nan")
-        mid["k_scale"][b, :, n_mid // F if k_granularity == "channel" else n_mid:] = float("nan")
-    # hi store (sinks + ring of W + F slots): each ring slot holds its latest position; the older ones among them
-    # are already in the mid store, are masked by hi_pos, and hold NaN here.
+    older_counts = [max(0, n - S - W) // F * F for n in lengths]
+    older, F = quantized_older(B, H, D, max(older_counts), bits, k_granularity, device, gen)
+    for b, n_older in enumerate(older_counts):  # a sequence's tokens past its own n_older must not be read: NaN scales
+        older["v_scale"][b, :, n_older:] = float("nan")
+        older["k_scale"][b, :, n_older // F if k_granularity == "channel" else n_older:] = float("nan")
+    # recent store (sinks + ring of W + F slots): each ring slot holds its latest position; the older ones among them
+    # are already in the older store, are masked by recent_pos, and hold NaN here.
     ring = W + F
-    hi_pos = torch.full((B, S + ring), -1, dtype=torch.long, device=device)
-    hi_k = torch.randn(B, H, S + ring, D, device=device, generator=gen).to(dtype)
-    hi_v = torch.randn(B, H, S + ring, D, device=device, generator=gen).to(dtype)
-    for b, (n, n_mid) in enumerate(zip(lengths, n_mids)):
+    recent_pos = torch.full((B, S + ring), -1, dtype=torch.long, device=device)
+    recent_k = torch.randn(B, H, S + ring, D, device=device, generator=gen).to(dtype)
+    recent_v = torch.randn(B, H, S + ring, D, device=device, generator=gen).to(dtype)
+    for b, (n, n_older) in enumerate(zip(lengths, older_counts)):
         pos = torch.arange(n, device=device)
         pos = pos[(pos < S) | (pos >= n - ring)]
-        hi_pos[b, ring_slots(pos, S, ring)] = pos
-        stale = (hi_pos[b] < 0) | ((hi_pos[b] >= S) & (hi_pos[b] < S + n_mid))
-        hi_k[b, :, stale] = hi_v[b, :, stale] = float("nan")
-    return dict(q=q, hi_k=hi_k, hi_v=hi_v, hi_pos=hi_pos, sink_size=S, n_mid=torch.tensor(n_mids, device=device),
-                **mid), max(n_mids)
+        recent_pos[b, ring_slots(pos, S, ring)] = pos
+        stale = (recent_pos[b] < 0) | ((recent_pos[b] >= S) & (recent_pos[b] < S + n_older))
+        recent_k[b, :, stale] = recent_v[b, :, stale] = float("nan")
+    return dict(q=q, recent_k=recent_k, recent_v=recent_v, recent_pos=recent_pos, sink_size=S, n_older=torch.tensor(older_counts, device=device),
+                **older), max(older_counts)
 
 
 def block_table(used: list, max_blocks: int, n_pool: int, device, gen) -> torch.Tensor:
@@ -157,31 +157,31 @@ def page(logical: torch.Tensor, table: torch.Tensor, used: list, block: int, n_p
 
 
 def paged_inputs(inputs: dict, kind: str, device, gen) -> dict:
-    """decode_attention_case's inputs with the full cache's hi store (kind bf16) or the mid store paged: pools of
-    PAGE_BLOCK-token blocks (the hi pool as an .expand over the batch, as a cache shares one), shuffled."""
+    """decode_attention_case's inputs with the full cache's recent store (kind bf16) or the older store paged: pools of
+    PAGE_BLOCK-token blocks (the recent pool as an .expand over the batch, as a cache shares one), shuffled."""
     paged = dict(inputs)
     B = inputs["q"].shape[0]
     if KINDS[kind] is None:
-        used = [max(0, -(-(last + 1) // PAGE_BLOCK)) for last in inputs["hi_last"].tolist()]  # -1: finished
+        used = [max(0, -(-(last + 1) // PAGE_BLOCK)) for last in inputs["recent_last"].tolist()]  # -1: finished
         n_pool = 1 + sum(used) + 2  # the null block and two spare ones
-        table = block_table(used, -(-inputs["hi_k"].shape[2] // PAGE_BLOCK), n_pool, device, gen)
-        for name in ("hi_k", "hi_v"):
+        table = block_table(used, -(-inputs["recent_k"].shape[2] // PAGE_BLOCK), n_pool, device, gen)
+        for name in ("recent_k", "recent_v"):
             paged[name] = page(inputs[name], table, used, PAGE_BLOCK, n_pool, device, gen).expand(B, -1, -1, -1)
-        return dict(paged, hi_table=table, hi_block=PAGE_BLOCK)
+        return dict(paged, recent_table=table, recent_block=PAGE_BLOCK)
     F = flush_size(GROUP_SIZE, KINDS[kind][1])
     block = max(PAGE_BLOCK, F)
-    used = [-(-n // block) for n in inputs["n_mid"].tolist()]
+    used = [-(-n // block) for n in inputs["n_older"].tolist()]
     n_pool = 1 + sum(used) + 2
     table = block_table(used, -(-inputs["k_q"].shape[2] // block), n_pool, device, gen)
     for name in ("k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero"):
         if inputs.get(name) is not None:
             per_row = F if name in ("k_scale", "k_zero") else 1  # tokens per metadata row
             paged[name] = page(inputs[name], table, used, block, n_pool, device, gen, per_row)
-    return dict(paged, mid_table=table, mid_block=block)
+    return dict(paged, older_table=table, older_block=block)
 
 
 def check_decode_attention(tiny: bool, device, gen, dtype=torch.bfloat16):
-    """Rows of (kernel, case description, n_mid, error, tolerance, exception) for kernels/decode_attention.py."""
+    """Rows of (kernel, case description, n_older, error, tolerance, exception) for kernels/decode_attention.py."""
     from kernels.decode_attention import decode_attention
     from kernels.reference import decode_attention_ref
 
@@ -193,13 +193,13 @@ def check_decode_attention(tiny: bool, device, gen, dtype=torch.bfloat16):
             for kind, B, paged in cases:
                 case = f"{kind}{' paged' if paged else ''} {head_name} B{B} L{length}"
                 try:
-                    inputs, n_mid = decode_attention_case(kind, B, HQ, H, D, length, dtype, device, gen)
+                    inputs, n_older = decode_attention_case(kind, B, HQ, H, D, length, dtype, device, gen)
                     kernel_inputs = paged_inputs(inputs, kind, device, gen) if paged else inputs
                     with poisoned_empty():
                         out = decode_attention(**kernel_inputs)
                     reference = decode_attention_ref(**dict(inputs, q=inputs["q"].double()))
                     err = rel_err(out, reference) if out.shape == inputs["q"].shape else float("nan")
-                    yield "decode_attention", case, n_mid, err, TOL[dtype], ""
+                    yield "decode_attention", case, n_older, err, TOL[dtype], ""
                 except Exception as e:  # a crash is a failure of this case; the others still run
                     yield "decode_attention", case, 0, float("nan"), TOL[dtype], f"{type(e).__name__}: {e}"[:200]
 
@@ -246,7 +246,7 @@ def differing_bytes(store: dict, before: dict, expected: dict, start: int, n: in
 def quantize_into_case(kind, B, H, D, length, dtype, device, gen):
     """One flush of quantize_kv's decode step (the last group of the store) and one bulk write of many tiles ending
     at the store's end (its scratch group included), as the cache lays them out after `length` tokens: the source is
-    a ring of 16-bit tokens read through a row index; the store holds the mid tokens (whole flush groups) plus one
+    a ring of 16-bit tokens read through a row index; the store holds the older tokens (whole flush groups) plus one
     scratch group. Yields (what, start, n_rows, inputs)."""
     bits, k_granularity = KINDS[kind]
     F = flush_size(GROUP_SIZE, k_granularity)
@@ -330,14 +330,14 @@ def main(argv=None):
     gen = torch.Generator(device=device).manual_seed(seed)
     name = device_name(device) + (", Triton interpreter" if device.type == "cpu" else "")
     print(f"gpu_check on {name}: torch {torch.__version__}, seed {seed}{', tiny shapes' if args.tiny else ''}")
-    print("| kernel | case | n_mid | rel err | tol | result |\n|---|---|---|---|---|---|", flush=True)
+    print("| kernel | case | n_older | rel err | tol | result |\n|---|---|---|---|---|---|", flush=True)
     failures, t0 = 0, time.time()
     for check in CHECKS:
-        for kernel, case, n_mid, err, tol, error in check(args.tiny, device, gen):
+        for kernel, case, n_older, err, tol, error in check(args.tiny, device, gen):
             ok = err <= tol  # NaN compares False
             failures += not ok
             result = "ok" if ok else f"FAIL {error or ('NaN left in output' if err != err else 'error too large')}"
-            print(f"| {kernel} | {case} | {n_mid} | {err:.2e} | {tol:.0e} | {result} |", flush=True)
+            print(f"| {kernel} | {case} | {n_older} | {err:.2e} | {tol:.0e} | {result} |", flush=True)
     print(f"{'FAILED' if failures else 'passed'}: {failures} failing case(s), {time.time() - t0:.0f} s, seed {seed}")
     sys.exit(1 if failures else 0)
 

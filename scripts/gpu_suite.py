@@ -51,7 +51,8 @@ from kv_cache.paging import DEFAULT_BLOCK_SIZE  # noqa: E402
 from memory import available_memory_bytes, peak_memory_bytes, predicted_kv_bytes  # noqa: E402
 from runner import compile_decode, decode_one_token, prefill, setup_cache  # noqa: E402
 from scripts import bench_decode, gpu_check  # noqa: E402
-from scripts.common import GiB, copy_bandwidth, fmt, header_lines, markdown_table, release, run_header, timed  # noqa: E402
+from scripts.common import (GiB, copy_bandwidth, fmt, header_lines, markdown_table, plot_roofline,  # noqa: E402
+                            release, run_header, timed)
 from scripts.presets import BY_NAME, PRESETS, SINK_SIZE, WINDOW_SIZE  # noqa: E402
 from shapes import SHAPES, randomize, random_model  # noqa: E402
 
@@ -501,39 +502,14 @@ def run(out: Path, quick: bool, tiny: bool, budget_gb: float, budget_s, seed: in
 def plot(out: Path):
     """OUT/roofline.png: tokens/s against context per strategy at batch 1 and the long batch, measured points as
     lines, each strategy's roofline (bandwidth / bytes per step x batch) dashed in the same colour."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     report = json.loads((out / "gpu_suite.json").read_text())
     # every measured decode-speed row of our default decode path (not the budget rows: other batch sizes)
     rows = [r for r in report["rows"] if r["section"] in ("headline", "short", "long", "curve", "peer")
             and "tokens_per_s" in r and r["name"] in BY_NAME]
-    batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
-    names = list(BY_NAME)
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    colours = {name: cycle[i % len(cycle)] for i, name in enumerate(names)}
-    for ax, batch in zip(axes[0], batches):
-        for name in names:
-            points = sorted({r["context"]: r for r in rows if r["batch"] == batch and r["name"] == name}.values(),
-                            key=lambda r: r["context"])
-            if not points:
-                continue
-            x = [r["context"] for r in points]
-            ax.plot(x, [r["tokens_per_s"] for r in points], "o-", color=colours[name], label=name)
-            ax.plot(x, [batch / r["roofline_s"] for r in points], "--", color=colours[name], alpha=0.6)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("decode tokens/s (all sequences)")
-        ax.set_title(f"batch {batch}: measured (solid) vs roofline (dashed)")
-        ax.grid(True, which="both", alpha=0.3)
-    labelled = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
-    axes[0][-1].legend(labelled.values(), labelled.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.suptitle(f"{report['device']}, {report['shape']} random bf16 weights, {report['date'][:10]}")
-    fig.tight_layout()
-    fig.savefig(out / "roofline.png", dpi=120, bbox_inches="tight")
-    print(f"wrote {out / 'roofline.png'}")
+    order = {name: i for i, name in enumerate(BY_NAME)}  # the presets' order, whatever order the rows ran in
+    rows.sort(key=lambda r: order[r["name"]])
+    plot_roofline(rows, lambda r: r["name"], out / "roofline.png",
+                         f"{report['device']}, {report['shape']} random bf16 weights, {report['date'][:10]}")
 
 
 def main(argv=None):
@@ -548,7 +524,7 @@ def main(argv=None):
     speed_mode.add_argument("--plot", action="store_true", help="only draw OUT/roofline.png from OUT/gpu_suite.json")
     p.add_argument("--budget_gb", type=float, default=120.0, help="memory budget of the budget rows (default 120)")
     p.add_argument("--budget_s", type=float, default=None,
-                   help="stop starting rows after this many seconds (default 400; --quick 170; --tiny 110)")
+                   help="stop starting rows after this many seconds (default 400; --quick 170; --tiny 240)")
     p.add_argument("--seed", type=int, default=0, help="random inputs of the kernel checks (default 0)")
     args = p.parse_args(argv)
     if args.plot:

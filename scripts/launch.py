@@ -89,10 +89,31 @@ def torchrun_args(nnodes: int, nproc_per_node, head=None, port: int = DEFAULT_PO
 
 
 def command(torchrun: list[str], script_argv: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", *torchrun, *script_argv]
+    return [sys.executable, "-m", "torch.distributed.run", *torchrun, *as_module(script_argv)]
 
 
-def check_script(script_argv: list[str]):
+def as_module(script_argv: list[str]) -> list[str]:
+    """generate.py runs as a file; a script of the scripts package runs as its module (`-m scripts.evaluate`), as
+    it does outside the launcher: the package's scripts import each other as `scripts.x`, which a file would not find."""
+    script = Path(script_argv[0])
+    if script.parent.name == "scripts" and script.suffix == ".py":
+        return ["-m", f"scripts.{script.stem}", *script_argv[1:]]
+    return script_argv
+
+
+def module_as_path(argv: list[str]) -> list[str]:
+    """python -m's spelling of the script (`-m scripts.evaluate ARGS`) as its path (`scripts/evaluate.py ARGS`),
+    before argparse sees it (it would take -m for an option of the launcher). The launcher's own options never take
+    -m as a value, so the first -m starts the script."""
+    for i, arg in enumerate(argv):
+        if arg in ("-m", "--module"):
+            if i + 1 == len(argv) or not argv[i + 1].startswith("scripts."):
+                raise ValueError("-m takes a module of the scripts package, e.g. -m scripts.evaluate")
+            return [*argv[:i], f"{argv[i + 1].replace('.', '/')}.py", *argv[i + 2:]]
+    return argv
+
+
+def check_script(script_argv: list[str]) -> list[str]:
     if not script_argv:
         raise ValueError(f"name the script to run: one of {', '.join(SCRIPTS)}, then its arguments")
     script = Path(script_argv[0])
@@ -213,8 +234,8 @@ def run_torchrun(cmd: list[str], grace_s: float = GRACE_S) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(module_as_path(sys.argv[1:] if argv is None else argv))
         cmd = plan(args)
     except ValueError as e:
         sys.exit(f"error: {e}")

@@ -44,12 +44,12 @@ def main() -> int:
     payloads = {"int8": ("i8", 1), "fp8": ("fp8e4nv", 1), "int4": ("u8", 2), "int2": ("u8", 4)}
     for kind, (payload, per_byte) in payloads.items():
         asym = per_byte > 1  # KIVI: keys per channel (32 tokens), values per token in groups of 32 channels
-        types = dict(q_ptr="*bf16", hi_k_ptr="*bf16", hi_v_ptr="*bf16", hi_pos_ptr="*i64", hi_last_ptr="*i64",
-                     n_mid_ptr="*i64", kq_ptr=f"*{payload}", vq_ptr=f"*{payload}", ks_ptr="*fp16", kz_ptr="*fp16",
+        types = dict(q_ptr="*bf16", recent_k_ptr="*bf16", recent_v_ptr="*bf16", recent_pos_ptr="*i64", recent_last_ptr="*i64",
+                     n_older_ptr="*i64", kq_ptr=f"*{payload}", vq_ptr=f"*{payload}", ks_ptr="*fp16", kz_ptr="*fp16",
                      vs_ptr="*fp16", vz_ptr="*fp16", o_part_ptr="*fp32", lse_part_ptr="*fp32", qk_scale="fp32",
-                     hi_table_ptr="*i32", mid_table_ptr="*i32", scores_ptr="*fp32", rope_cos_ptr="*fp32",
+                     recent_table_ptr="*i32", older_table_ptr="*i32", scores_ptr="*fp32", rope_cos_ptr="*fp32",
                      rope_sin_ptr="*fp32")
-        # Contiguous; the mid store read through a block table of 32-token pages; keys quantized before RoPE,
+        # Contiguous; the older store read through a block table of 32-token pages; keys quantized before RoPE,
         # each dequantized tile rotated in registers.
         for paged, rope in ((False, False), (True, False), (False, True)):
             constexprs = dict(H=3, GROUP=3, D=64, HAS_HI_POS=True, HAS_HI_LAST=False, HAS_MID=True, SPLITS_MID=40,
@@ -61,7 +61,7 @@ def main() -> int:
             ptx = compile_ptx(split, types, constexprs, num_warps=4, num_stages=2)
             # Tensor-core dots, and the tiles fetched 16 bytes at a time (asynchronously, pipelined).
             what = " paged" if paged else " pre-RoPE keys" if rope else ""
-            ok &= check(f"decode split, {kind} mid{what}, bf16 model", ptx, r"mma\.sync",
+            ok &= check(f"decode split, {kind} older{what}, bf16 model", ptx, r"mma\.sync",
                         r"cp\.async\.c[ag]\.shared\.global.*0x10,")
     ptx = compile_ptx(decode_attention._decode_merge_kernel,
                       dict(o_part_ptr="*fp32", lse_part_ptr="*fp32", out_ptr="*bf16"),

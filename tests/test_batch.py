@@ -10,7 +10,6 @@ from torch._dynamo.utils import counters
 from conftest import reset_dynamo
 import engine
 import runner
-import generate
 from model import ModelArgs, Transformer
 
 ARGS = ModelArgs(vocab_size=96, dim=64, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=128,

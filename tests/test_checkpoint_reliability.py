@@ -57,6 +57,7 @@ from test_model import make_hf_checkpoint, write_gguf  # noqa: E402
 SIGNALLED = """
 import os, runpy, signal, sys, time, torch
 sig, real_save = getattr(signal, sys.argv[1]), torch.save
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal: a test run in the background ignores it
 def save_half(obj, path, *args, **kwargs):
     real_save(obj, path, *args, **kwargs)
     data = open(path, "rb").read()
@@ -187,7 +188,9 @@ import shutil  # noqa: E402
 
 import torch  # noqa: E402
 
+import generate  # noqa: E402
 from checkpoint import default_checkpoint_path, write_checkpoint  # noqa: E402
+from conftest import in_process  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
 TINY = ModelArgs(vocab_size=49152, dim=64, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=128, head_dim=16,
@@ -222,8 +225,8 @@ def test_model_args_that_do_not_match_the_weights_are_one_line(change, needles, 
     args = json.loads((folder / "model_args.json").read_text())
     (folder / "model_args.json").write_text(json.dumps({**args, **change}))
     before = snapshot(folder)
-    result = run("generate.py", "--checkpoint_path", model_path, "--prompt", "Hi", "--max_new_tokens", "2",
-                 "--device", "cpu")
+    result = in_process(generate.main, ["--checkpoint_path", model_path, "--prompt", "Hi", "--max_new_tokens", "2",
+                                        "--device", "cpu"])
     assert_one_line_error(result, str(model_path), "model_args.json does not belong to these weights", *needles)
     assert snapshot(folder) == before
 

@@ -30,11 +30,9 @@ needs_quanto = pytest.mark.skipif(not has("optimum.quanto"), reason="optimum-qua
 
 
 @pytest.fixture(scope="module")
-def models():
-    import runner
+def models(smollm2_model, smollm2_transformers):
     torch.manual_seed(0)
-    ours = runner.load_model(cp.gguf_path(), torch.device("cpu"), torch.float32)
-    return ours, cp.load_hf_model(torch.float32, torch.device("cpu")), cp.load_tokenizer_ids()
+    return smollm2_model, smollm2_transformers, cp.load_tokenizer_ids()
 
 
 @pytest.fixture(scope="module")

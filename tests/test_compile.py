@@ -11,7 +11,6 @@ from torch._dynamo.utils import counters
 from conftest import reset_dynamo
 import runner
 import engine
-import generate
 from model import ModelArgs, Transformer
 
 from cli_options import parse_strategy_options, strategy_parser
@@ -90,7 +89,7 @@ def test_decode_step_is_static(model, name):
     state = [python_state(c) for c in caches]
     pointers = [{k: b.data_ptr() for k, b in c.named_buffers()} for c in caches]
     for pos in range(PROMPT_LEN, MAX_SEQ_LENGTH):
-        token = runner.decode_one_token(model, token, torch.tensor([pos]), 0.0, None)
+        token = runner.decode_one_token(model, token, torch.tensor([pos]))
         assert [python_state(c) for c in caches] == state, f"{name}: cache attributes changed at position {pos}"
         assert [{k: b.data_ptr() for k, b in c.named_buffers()} for c in caches] == pointers, \
             f"{name}: a cache buffer was re-allocated at position {pos}"
@@ -150,9 +149,9 @@ def test_bench_decode_cpu_smoke(tmp_path):
     args = bench_decode.SHAPES["tiny"]
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["step_s"] > 0 and r["roofline_pct"] > 0 and r["note"] == "", r
-        # the full cache's bytes: K and V, every layer, batch x max_seq_length tokens, bfloat16
+        # the full cache's bytes: K and V, every layer, batch x max_seq_length tokens, float32 (the CPU's default)
         assert r["full_kv_bytes"] == 2 * args.n_layer * r["batch"] * args.n_kv_head * args.head_dim \
-            * r["max_seq_length"] * 2
+            * r["max_seq_length"] * 4
         assert r["roofline_s"] == pytest.approx((r["weight_bytes"] + r["kv_bytes"]) / report["bandwidth"])
         assert r["vs_full"] == pytest.approx(
             next(f for f in rows if f["strategy"] == "full" and f["batch"] == r["batch"])["step_s"] / r["step_s"])
@@ -160,6 +159,9 @@ def test_bench_decode_cpu_smoke(tmp_path):
     assert compress["kv_bytes"] < compress["full_kv_bytes"]  # 16 + 32 slots instead of 64 + steps
     table = next(tmp_path.glob("bench_decode_*.md")).read_text()
     assert "| tiny | 64 | 2 | quantize_kv-int4 |" in table and "copy bandwidth" in table
+    assert report["dtype"] == "float32"
+    bench_decode.main(["--plot", str(next(tmp_path.glob("bench_decode_*.json"))), "--out", str(tmp_path / "plot")])
+    assert (tmp_path / "plot" / "roofline.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_bench_attention_kernel_cpu_smoke(tmp_path):

@@ -3,7 +3,8 @@
 A bad option is one line on stderr naming the fix, a non-zero exit, no traceback, and nothing written or lost: every
 check runs before the first file is touched. A matrix killed part-way resumes where it stopped and keeps what was
 finished. A retrieval length is what it says. Progress in a log (stderr not a terminal) is a few whole lines.
-The command-line behaviours run as real subprocesses on the embedded model with the smallest settings.
+The command-line behaviours run as real subprocesses on the embedded model with the smallest settings; bad options
+that end before any work run in this process (in_process), which shows what a subprocess would.
 """
 import argparse
 import datetime
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from checkpoint import default_checkpoint_path
+from conftest import in_process
 from scripts import evaluate, run_matrix
 from scripts.data import corpus
 from scripts.prepare_checkpoint import smollm2_gguf_path
@@ -93,7 +95,7 @@ def planted_results(folder: Path) -> dict:
 def test_bad_matrix_option_fails_before_touching_the_results(tmp_path, argv, words):
     out = tmp_path / "matrix"
     before = planted_results(out)
-    proc = cli("run_matrix.py", "--out", out, *argv, timeout=120)
+    proc = in_process(run_matrix.main, ["--out", out, *argv])
     assert_one_line_error(proc, *words)
     assert snapshot(out) == before  # nothing deleted, replaced or added
 
@@ -265,7 +267,7 @@ def test_unwritable_json_path_fails_before_the_evaluation(tmp_path, where, words
     (["--data", "/nonexistent.txt"], ["--data"]),
 ])
 def test_bad_evaluation_settings_are_one_line(argv, words):
-    assert_one_line_error(cli("evaluate.py", *tiny(), *argv), *words)
+    assert_one_line_error(in_process(evaluate.main, [*tiny(), *argv]), *words)
 
 
 @pytest.fixture(scope="module")

@@ -178,3 +178,23 @@ def test_bad_options_are_one_line_errors():
         cls.check_options(dict(kernel_size=4), 128, 64)
     with pytest.raises(ValueError, match="--group_size 48 must divide head_dim 64"):
         kv_cache.STRATEGIES["h2o"].check_options(dict(then_bits="4", group_size=48), 128, 64)
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "h2o", "tova"])
+def test_a_budget_beyond_the_run_allocates_the_full_cache(policy):
+    """A budget that holds every token a run can have (here 256 >= max_seq_length 16) evicts nothing: the cache is
+    the full cache, the same bytes (not the budget's 16x) and the same outputs over a prompt and decode steps."""
+    max_seq_length, prompt = 16, 6
+    full = kv_cache.STRATEGIES["full"](1, max_seq_length, H, D, torch.float32, "cpu")
+    cache = kv_cache.STRATEGIES[policy](1, max_seq_length, H, D, torch.float32, "cpu", sink_size=S, window_size=W,
+                                        budget=256)
+    assert cache.nbytes() == full.nbytes()
+    assert kv_cache.STRATEGIES[policy].capacity(cache.opts, max_seq_length) == max_seq_length
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, n, max_seq_length, D, generator=gen) for n in (HQ, H, H))
+    cos, sin = identity_rope(max_seq_length)
+    for lo, hi in [(0, prompt), *((p, p + 1) for p in range(prompt, max_seq_length))]:
+        pos = torch.arange(lo, hi) if lo == 0 else torch.tensor([[lo]])
+        args = (q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], pos, cos, sin)
+        rows = (torch.tensor([0]),) if lo == 0 else ()
+        assert torch.equal(cache(*args, *rows), full(*args, *rows)), f"position {lo}"

@@ -5,8 +5,6 @@ and -, an empty prompt, top-k 0, --profile output kept apart from the text, --co
 The runs use a tiny random checkpoint (2 layers, dim 64, SmolLM2's tokenizer) written here, never the real model,
 and run two at a time: each is a fresh Python importing torch."""
 import concurrent.futures
-import contextlib
-import io
 import json
 import os
 import re
@@ -23,6 +21,7 @@ import memory
 import runner
 import generate
 from checkpoint import write_checkpoint
+from conftest import in_process
 from model import ModelArgs, Transformer
 from tokenizer import load_tokenizer, save_gguf_tokenizer
 
@@ -124,6 +123,8 @@ def cases(c: dict) -> dict:
         "kv_memory_gb_tiny": (fast + ["--paged", "--kv_memory_gb", "1e-7"], None),
         "pool_too_small": (fast + ["--paged", "--block_size", "2", "--num_blocks", "3"], None),
         "max_batch_size_without_file": (fast + ["--max_batch_size", "2"], None),
+        "block_size_not_whole_groups": (fast + ["--paged", "--block_size", "7", "quantize_kv", "--bits", "4",
+                                                "--sink_size", "1", "--window_size", "1"], None),
         "pool_too_small_for_the_batch": (fast + ["--paged", "--block_size", "2", "--num_blocks", "8",
                                                  "--batch_size", "3"], None),
         "max_batch_size_and_batch_size": (fast + ["--prompts_file", str(root / "prompt.txt"), "--max_batch_size",
@@ -159,21 +160,9 @@ def run_generate(argv, stdin, cwd):
 
 
 def run_in_process(argv, cwd):
-    """generate.main(argv) with what a process would show: its output, and sys.exit's message on stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    old_cwd = os.getcwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            generate.main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-        if isinstance(e.code, str):
-            err.write(e.code + "\n")
-    finally:
-        os.chdir(old_cwd)
-    return subprocess.CompletedProcess(argv, code, out.getvalue().encode(), err.getvalue().encode())
+    """generate.main(argv) with what a process would show (conftest.in_process), as bytes like run_generate's."""
+    result = in_process(generate.main, argv, cwd)
+    return subprocess.CompletedProcess(argv, result.returncode, result.stdout.encode(), result.stderr.encode())
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +221,7 @@ ERRORS = {  # case -> what the one line must say
     "kv_memory_gb_tiny": "holds 0 block(s)",
     "pool_too_small": "blocks of 2 tokens but the pool has 2: raise --num_blocks",
     "max_batch_size_without_file": "--max_batch_size admits the prompts of --prompts_file",
+    "block_size_not_whole_groups": "--block_size 7: quantize_kv's blocks hold whole groups of 32 tokens",
     "pool_too_small_for_the_batch": "a batch of --batch_size 3 needs up to",
     "max_batch_size_and_batch_size": "--max_batch_size (continuous batching) replaces --batch_size",
 }

@@ -10,7 +10,7 @@ import pytest
 import torch
 import triton
 
-from conftest import reset_dynamo
+from conftest import held_state, reset_dynamo
 from kernels.decode_attention import decode_attention
 from kernels.reference import decode_attention_ref
 
@@ -38,17 +38,17 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", poisoned)
 
 
-def ring_state(pos, sink, ring, n_mid_group, window):
-    """hi_pos and n_mid after positions 0..pos were stored (kv_cache/stores.py)."""
-    hi_pos = torch.full((sink + ring,), -1, dtype=torch.int64)
+def ring_state(pos, sink, ring, n_older_group, window):
+    """recent_pos and n_older after positions 0..pos were stored (kv_cache/stores.py)."""
+    recent_pos = torch.full((sink + ring,), -1, dtype=torch.int64)
     for p in range(pos + 1):
-        hi_pos[p if p < sink else sink + (p - sink) % ring] = p
-    n_mid = max(0, (pos + 1 - sink - window) // n_mid_group) * n_mid_group
-    return hi_pos, n_mid
+        recent_pos[p if p < sink else sink + (p - sink) % ring] = p
+    n_older = max(0, (pos + 1 - sink - window) // n_older_group) * n_older_group
+    return recent_pos, n_older
 
 
-def random_mid(kind, B, H, M, D, F, G, gen):
-    """A random mid store (payload, scale, zero) whose scale rows cover F tokens and columns G channels."""
+def random_older(kind, B, H, M, D, F, G, gen):
+    """A random older store (payload, scale, zero) whose scale rows cover F tokens and columns G channels."""
     scale_shape = (B, H, M // F, D // G)
     if kind in ("int8", "fp8"):
         if kind == "int8":
@@ -63,7 +63,7 @@ def random_mid(kind, B, H, M, D, F, G, gen):
 
 
 CASES = [
-    # name, dtype, B, n_head, n_kv_head, D, mid kind, key scale (tokens, channels), value scale channels
+    # name, dtype, B, n_head, n_kv_head, D, older kind, key scale (tokens, channels), value scale channels
     ("full-fp32", torch.float32, 2, 4, 2, 32, None, None, None),
     ("full-bf16-gqa3-d40", torch.bfloat16, 1, 6, 2, 40, None, None, None),
     ("int8-fp32", torch.float32, 2, 4, 2, 32, "int8", (1, 32), 32),
@@ -84,33 +84,33 @@ def test_decode_attention(name, dtype, B, HQ, H, D, kind, k_group, v_group):
     if kind is None:
         # Full cache: the last slot per sequence, neither filling a tile nor the buffer.
         NH = 75
-        hi_k = torch.randn(B, H, NH, D, generator=gen).to(dtype).to(DEVICE)
-        hi_v = torch.randn(B, H, NH, D, generator=gen).to(dtype).to(DEVICE)
-        args = dict(hi_last=torch.tensor([36, 69][:B], device=DEVICE))
+        recent_k = torch.randn(B, H, NH, D, generator=gen).to(dtype).to(DEVICE)
+        recent_v = torch.randn(B, H, NH, D, generator=gen).to(dtype).to(DEVICE)
+        args = dict(recent_last=torch.tensor([36, 69][:B], device=DEVICE))
     else:
         sink, window, flush = 4, 8, k_group[0]
         ring = window + flush
-        pos = 4 + window + 3 * 16 + 5  # mid holds a few tiles and a partial one
-        hi_pos, n_mid = ring_state(pos, sink, ring, flush, window)
-        M = 80  # capacity beyond n_mid (the unused tail holds garbage the kernel must not read)
-        hi_k = torch.randn(B, H, sink + ring, D, generator=gen).to(dtype).to(DEVICE)
-        hi_v = torch.randn(B, H, sink + ring, D, generator=gen).to(dtype).to(DEVICE)
-        k_q, k_scale, k_zero = random_mid(kind, B, H, M, D, *k_group, gen)
-        v_q, v_scale, v_zero = random_mid(kind, B, H, M, D, 1, v_group, gen)
+        pos = 4 + window + 3 * 16 + 5  # older holds a few tiles and a partial one
+        recent_pos, n_older = ring_state(pos, sink, ring, flush, window)
+        M = 80  # capacity beyond n_older (the unused tail holds garbage the kernel must not read)
+        recent_k = torch.randn(B, H, sink + ring, D, generator=gen).to(dtype).to(DEVICE)
+        recent_v = torch.randn(B, H, sink + ring, D, generator=gen).to(dtype).to(DEVICE)
+        k_q, k_scale, k_zero = random_older(kind, B, H, M, D, *k_group, gen)
+        v_q, v_scale, v_zero = random_older(kind, B, H, M, D, 1, v_group, gen)
         to_device = lambda t: None if t is None else t.to(DEVICE)
-        args = dict(hi_pos=hi_pos.to(DEVICE), sink_size=sink, n_mid=torch.tensor([n_mid], device=DEVICE),
+        args = dict(recent_pos=recent_pos.to(DEVICE), sink_size=sink, n_older=torch.tensor([n_older], device=DEVICE),
                     k_q=to_device(k_q), k_scale=to_device(k_scale), k_zero=to_device(k_zero),
                     v_q=to_device(v_q), v_scale=to_device(v_scale), v_zero=to_device(v_zero))
-    ref = decode_attention_ref(q, hi_k, hi_v, **args)
+    ref = decode_attention_ref(q, recent_k, recent_v, **args)
     for splits in [(3, 2), (1, 1)] if kind else [(0, 3)]:
-        out = decode_attention(q, hi_k, hi_v, splits=splits, block_n=16, **args)
+        out = decode_attention(q, recent_k, recent_v, splits=splits, block_n=16, **args)
         assert out.shape == q.shape and out.dtype == dtype
         assert rel_err(out, ref) < TOL[dtype], (name, splits)
 
 
 PER_SEQUENCE_CASES = [
-    # name, dtype, n_head, n_kv_head, D, mid kind, key scale (tokens, channels), value scale channels
-    ("ring-fp32", torch.float32, 4, 2, 32, None, None, None),  # compress_kv: a ring, no mid store
+    # name, dtype, n_head, n_kv_head, D, older kind, key scale (tokens, channels), value scale channels
+    ("ring-fp32", torch.float32, 4, 2, 32, None, None, None),  # compress_kv: a ring, no older store
     ("int8-fp32", torch.float32, 4, 2, 32, "int8", (1, 32), 32),
     ("int4-kivi-bf16", torch.bfloat16, 6, 2, 32, "int4", (8, 1), 8),
 ]
@@ -119,34 +119,34 @@ PER_SEQUENCE_CASES = [
 @pytest.mark.parametrize("name,dtype,HQ,H,D,kind,k_group,v_group", PER_SEQUENCE_CASES,
                          ids=[c[0] for c in PER_SEQUENCE_CASES])
 def test_decode_attention_per_sequence(name, dtype, HQ, H, D, kind, k_group, v_group, monkeypatch):
-    """A batch of different prompts: each sequence has its own hi_pos row, hi_last and n_mid. Sequence 0 has not
-    filled its ring, sequence 1 has wrapped its ring several times (mid holds a few tiles and a partial one; read
-    with sequence 0's row, its ring slots would count as mid tokens), sequence 2 is finished (hi_pos all -1,
-    hi_last -1, n_mid 0): it loads no tile and its output is exactly 0."""
+    """A batch of different prompts: each sequence has its own recent_pos row, recent_last and n_older. Sequence 0 has not
+    filled its ring, sequence 1 has wrapped its ring several times (older holds a few tiles and a partial one; read
+    with sequence 0's row, its ring slots would count as older tokens), sequence 2 is finished (recent_pos all -1,
+    recent_last -1, n_older 0): it loads no tile and its output is exactly 0."""
     gen = torch.Generator().manual_seed(zlib.crc32(f"per-sequence-{name}".encode()))
     sink, window, flush = 4, 8, k_group[0] if kind else 1
     ring = window + flush
     NH, M = sink + ring, 80
     states = [ring_state(pos, sink, ring, flush, window) for pos in (sink + ring - 3, 4 + window + 3 * 16 + 5)]
-    hi_pos = torch.stack([pos for pos, _ in states] + [torch.full((NH,), -1, dtype=torch.int64)])
-    n_mid = torch.tensor([n for _, n in states] + [0]) if kind else torch.zeros(3, dtype=torch.int64)
-    hi_last = torch.tensor([sink + ring - 3, NH - 1, -1])  # the last slot written: slots fill in order, then wrap
-    assert len(set(map(tuple, hi_pos.tolist()))) == 3 and (not kind or n_mid[1] > n_mid[0])
+    recent_pos = torch.stack([pos for pos, _ in states] + [torch.full((NH,), -1, dtype=torch.int64)])
+    n_older = torch.tensor([n for _, n in states] + [0]) if kind else torch.zeros(3, dtype=torch.int64)
+    recent_last = torch.tensor([sink + ring - 3, NH - 1, -1])  # the last slot written: slots fill in order, then wrap
+    assert len(set(map(tuple, recent_pos.tolist()))) == 3 and (not kind or n_older[1] > n_older[0])
     B = 3
     q = torch.randn(B, HQ, 1, D, generator=gen).to(dtype).to(DEVICE)
-    hi_k = torch.randn(B, H, NH, D, generator=gen).to(dtype).to(DEVICE)
-    hi_v = torch.randn(B, H, NH, D, generator=gen).to(dtype).to(DEVICE)
-    args = dict(hi_last=hi_last.to(DEVICE), hi_pos=hi_pos.to(DEVICE), sink_size=sink)
-    batched = dict(hi_k=hi_k, hi_v=hi_v, hi_pos=args["hi_pos"])  # every input with rows per sequence
+    recent_k = torch.randn(B, H, NH, D, generator=gen).to(dtype).to(DEVICE)
+    recent_v = torch.randn(B, H, NH, D, generator=gen).to(dtype).to(DEVICE)
+    args = dict(recent_last=recent_last.to(DEVICE), recent_pos=recent_pos.to(DEVICE), sink_size=sink)
+    batched = dict(recent_k=recent_k, recent_v=recent_v, recent_pos=args["recent_pos"])  # every input with rows per sequence
     if kind:
-        k_q, k_scale, k_zero = random_mid(kind, B, H, M, D, *k_group, gen)
-        v_q, v_scale, v_zero = random_mid(kind, B, H, M, D, 1, v_group, gen)
+        k_q, k_scale, k_zero = random_older(kind, B, H, M, D, *k_group, gen)
+        v_q, v_scale, v_zero = random_older(kind, B, H, M, D, 1, v_group, gen)
         to_device = lambda t: None if t is None else t.to(DEVICE)
-        mid = dict(k_q=to_device(k_q), k_scale=to_device(k_scale), k_zero=to_device(k_zero),
+        older = dict(k_q=to_device(k_q), k_scale=to_device(k_scale), k_zero=to_device(k_zero),
                    v_q=to_device(v_q), v_scale=to_device(v_scale), v_zero=to_device(v_zero))
-        args.update(n_mid=n_mid.to(DEVICE), **mid)
-        batched.update((n, t) for n, t in mid.items() if t is not None)
-    ref = decode_attention_ref(q, hi_k, hi_v, **args)
+        args.update(n_older=n_older.to(DEVICE), **older)
+        batched.update((n, t) for n, t in older.items() if t is not None)
+    ref = decode_attention_ref(q, recent_k, recent_v, **args)
     assert torch.equal(ref[2], torch.zeros_like(ref[2]))
 
     loads = []  # (program, addresses of every lane, mask)
@@ -163,7 +163,7 @@ def test_decode_attention_per_sequence(name, dtype, HQ, H, D, kind, k_group, v_g
         monkeypatch.setattr(builder, "create_masked_load", recording_load)
     for splits in [(3, 2), (1, 1)] if kind else [(0, 3)]:
         loads.clear()
-        out = decode_attention(q, hi_k, hi_v, splits=splits, block_n=16, **args)
+        out = decode_attention(q, recent_k, recent_v, splits=splits, block_n=16, **args)
         assert out.shape == q.shape and out.dtype == dtype
         assert rel_err(out, ref) < TOL[dtype], (name, splits)
         assert rel_err(out[:2], ref[:2]) < TOL[dtype], (name, splits)  # not hidden by the batch's norm
@@ -184,27 +184,27 @@ def test_decode_attention_op():
     gen = torch.Generator().manual_seed(1)
     B, HQ, H, D, M = 1, 2, 1, 16, 16
     q = torch.randn(B, 1, HQ, D, generator=gen).to(DEVICE).transpose(1, 2)  # as the model hands it over
-    hi_k, hi_v = (torch.randn(B, H, 8, D, generator=gen).to(DEVICE) for _ in range(2))
+    recent_k, recent_v = (torch.randn(B, H, 8, D, generator=gen).to(DEVICE) for _ in range(2))
     k_q, v_q = (torch.randint(-127, 128, (B, H, M, D), generator=gen, dtype=torch.int8).to(DEVICE) for _ in range(2))
     k_scale, v_scale = (torch.rand(B, H, M, 1, generator=gen).half().to(DEVICE) for _ in range(2))
-    args = (q, hi_k, hi_v, torch.tensor([6], device=DEVICE), None, 0, torch.tensor([5], device=DEVICE),
+    args = (q, recent_k, recent_v, torch.tensor([6], device=DEVICE), None, 0, torch.tensor([5], device=DEVICE),
             k_q, k_scale, None, v_q, v_scale, None, 1, 1, 16)
     torch.library.opcheck(torch.ops.kvcache.decode_attention.default, args,
                           test_utils=("test_schema", "test_faketensor"))
-    # Per sequence: a hi_pos row, hi_last and n_mid each, the second sequence finished.
+    # Per sequence: a recent_pos row, recent_last and n_older each, the second sequence finished.
     B = 2
     q = torch.randn(B, 1, HQ, D, generator=gen).to(DEVICE).transpose(1, 2)
-    hi_k, hi_v = (torch.randn(B, H, 8, D, generator=gen).to(DEVICE) for _ in range(2))
+    recent_k, recent_v = (torch.randn(B, H, 8, D, generator=gen).to(DEVICE) for _ in range(2))
     k_q, v_q = (torch.randint(-127, 128, (B, H, M, D), generator=gen, dtype=torch.int8).to(DEVICE) for _ in range(2))
     k_scale, v_scale = (torch.rand(B, H, M, 1, generator=gen).half().to(DEVICE) for _ in range(2))
-    hi_pos = torch.tensor([[0, 1, 2, 3, 12, 13, 10, 11], [-1] * 8], device=DEVICE)
-    args = (q, hi_k, hi_v, torch.tensor([7, -1], device=DEVICE), hi_pos, 4, torch.tensor([6, 0], device=DEVICE),
+    recent_pos = torch.tensor([[0, 1, 2, 3, 12, 13, 10, 11], [-1] * 8], device=DEVICE)
+    args = (q, recent_k, recent_v, torch.tensor([7, -1], device=DEVICE), recent_pos, 4, torch.tensor([6, 0], device=DEVICE),
             k_q, k_scale, None, v_q, v_scale, None, 1, 1, 16)
     torch.library.opcheck(torch.ops.kvcache.decode_attention.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
 
-# ---------------------------------------------------------------- quantize-on-append into the mid store
+# ---------------------------------------------------------------- quantize-on-append into the older store
 
 QUANT_CASES = [  # bits, key axis, group_size
     (8, "token", 32), ("fp8", "token", 32), (8, "channel", 8), (4, "channel", 8), (2, "channel", 8),
@@ -213,7 +213,7 @@ QUANT_CASES = [  # bits, key axis, group_size
 
 
 def poisoned_mid_store(bits, axis, group, B, H, M, D) -> dict:
-    """A mid store of M tokens in the layout the cache allocates (kv_cache/stores.py), poisoned: 0xAB bytes in the
+    """An older store of M tokens in the layout the cache allocates (kv_cache/stores.py), poisoned: 0xAB bytes in the
     payloads, NaN in the metadata."""
     from kernels.formats import get_format
     from kv_cache.stores import QuantizedStore
@@ -262,7 +262,7 @@ def test_quantize_into(bits, axis, group):
 
 @pytest.mark.parametrize("bits,axis,group", QUANT_CASES, ids=[f"{b}-{a}-{g}" for b, a, g in QUANT_CASES])
 def test_quantize_into_per_sequence(bits, axis, group):
-    """Each sequence flushes its own ring slots (rows (B, N)) into its own mid position (start (B,)): sequence b's
+    """Each sequence flushes its own ring slots (rows (B, N)) into its own older position (start (B,)): sequence b's
     store holds exactly what the reference path writes for it alone, and nothing else changes."""
     from kernels.quantize import quantize_keys, quantize_values
     from kernels.quantize_append import quantize_into
@@ -278,7 +278,7 @@ def test_quantize_into_per_sequence(bits, axis, group):
     src_v = torch.randn(B, H, 20, D, generator=gen)
     N = 2 * F if F > 1 else 3
     rows = torch.stack([torch.randperm(20, generator=gen)[:N] for _ in range(B)])
-    starts = [0, 3 * F, F] if F > 1 else [5, 0, 11]  # every sequence at its own mid position
+    starts = [0, 3 * F, F] if F > 1 else [5, 0, 11]  # every sequence at its own older position
     quantize_into(src_k.to(DEVICE), src_v.to(DEVICE), rows.to(DEVICE), torch.tensor(starts, device=DEVICE),
                   store["k_q"], store["k_scale"], store.get("k_zero"), store["v_q"], store["v_scale"],
                   store.get("v_zero"))
@@ -363,9 +363,9 @@ def test_cache_decode_triton_matches_torch(strategy, options):
             pos += n
         logits[impl] = torch.cat(out, dim=1)
         if impl == "triton" and strategy == "quantize_kv":
-            stores = {name: buf.clone() for name, buf in model.layers[0].attention.kv_cache.named_buffers()}
+            stores = held_state(model.layers[0].attention.kv_cache)
         elif strategy == "quantize_kv":
-            torch_stores = {name: buf.clone() for name, buf in model.layers[0].attention.kv_cache.named_buffers()}
+            torch_stores = held_state(model.layers[0].attention.kv_cache)
     assert rel_err(logits["triton"], logits["torch"]) < 1e-5
     if strategy == "quantize_kv":  # the quantize-on-append kernel wrote what the PyTorch reference writes
         for name, buf in torch_stores.items():
@@ -374,7 +374,7 @@ def test_cache_decode_triton_matches_torch(strategy, options):
 
 def test_triton_decode_step_is_one_graph():
     """With --attn_impl triton the decode step still compiles to one graph (the kernels are opaque registered ops,
-    the quantize op's writes to the mid store functionalized) and computes what the eager step computes."""
+    the quantize op's writes to the older store functionalized) and computes what the eager step computes."""
     import torch._dynamo
 
     import kv_cache

@@ -69,7 +69,15 @@ def test_dry_run_several_nodes():
                     "scripts/evaluate.py", "full", "--json", "o.json"]) == [
         PY, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "gpu", "--max_restarts", "0",
         "--rdzv_backend", "c10d", "--rdzv_endpoint", "node1:29400", "--rdzv_id", "7",
-        "scripts/evaluate.py", "full", "--json", "o.json"]
+        "-m", "scripts.evaluate", "full", "--json", "o.json"]
+
+
+@pytest.mark.parametrize("script", [["scripts/bench_decode.py"], ["-m", "scripts.bench_decode"]])
+def test_package_scripts_run_as_modules(script):
+    """A script of the scripts package runs as its module under torchrun (as a file it would not find its
+    siblings), named either way."""
+    assert dry_run(["--nproc_per_node", "2", *script, "--tiny"])[-5:] == [
+        "--max_restarts", "0", "-m", "scripts.bench_decode", "--tiny"]
 
 
 def test_slurm_jobs_build_the_torchrun_commands(tmp_path):
@@ -91,12 +99,14 @@ def test_slurm_jobs_build_the_torchrun_commands(tmp_path):
     assert shlex.split(several.stdout) == [
         venv_python, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "gpu",
         "--max_restarts", "0", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"gpu07:{20000 + 123456 % 10000}",
-        "--rdzv_id", "123456", "scripts/evaluate.py", "quantize_kv", "--bits", "4"]
+        "--rdzv_id", "123456", "-m", "scripts.evaluate", "quantize_kv", "--bits", "4"]
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--nproc_per_node", "2"], "name the script to run"),
     (["--nproc_per_node", "2", "nothere.py"], "nothere.py does not exist"),
+    (["--nproc_per_node", "2", "-m", "json.tool"], "-m takes a module of the scripts package"),
+    (["--nproc_per_node", "2", "-m", "scripts.nothere"], "scripts/nothere.py does not exist"),
     (["generate.py"], "give --nproc_per_node N"),
     (["--nnodes", "2", "--nproc_per_node", "2", "generate.py"], "needs the rendezvous host"),
     (["--slurm", "generate.py"], "--slurm outside a Slurm job"),

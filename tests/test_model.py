@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tokenizers
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from checkpoint import load_checkpoint, write_checkpoint
 from kv_cache.full import FullCache
@@ -58,16 +58,14 @@ def forward(model: Transformer, ids: torch.Tensor, start: int = 0) -> torch.Tens
 # ---- the embedded SmolLM2-135M GGUF ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_gguf_path):
-    args, state_dict = load_checkpoint(smollm2_gguf_path)
-    return Transformer.from_state_dict(args, state_dict, dtype=torch.float32)
+def smollm2(smollm2_model):
+    return smollm2_model
 
 
 @pytest.fixture(scope="module")
-def smollm2_reference(smollm2_gguf_path):
+def smollm2_reference(smollm2_gguf_path, smollm2_transformers):
     kwargs = dict(pretrained_model_name_or_path=smollm2_gguf_path.parent, gguf_file=smollm2_gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(**kwargs, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(**kwargs)
+    return smollm2_transformers, AutoTokenizer.from_pretrained(**kwargs)
 
 
 def test_smollm2_gguf_args(smollm2):

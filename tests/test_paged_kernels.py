@@ -5,7 +5,7 @@ float64 reference, whose own paged path (unpage, then the unpaged reference) equ
 
 Pool blocks that no sequence owns (block 0, the null block every unused table entry points to, and a few spare
 ones) hold NaN (NaN bytes in fp8 payloads, NaN scales beside random int payloads), and so do the logical slots the
-kernel must not read (masked hi slots, metadata past n_mid): a single such element read poisons the output.
+kernel must not read (masked recent slots, metadata past n_older): a single such element read poisons the output.
 Without a GPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py), so the shapes stay small.
 """
 import math
@@ -54,102 +54,102 @@ def page(logical: torch.Tensor, table: torch.Tensor, block: int, n_pool: int, ge
     return pool
 
 
-def paged_case(name, dtype, B, HQ, H, D, kind, F, paged, hi_block, mid_block):
-    """q, the logical (contiguous) inputs and the paged ones of one case. kind: "full" (the full cache: hi_last
-    per sequence, no hi_pos), "ring" (a ring without a mid store), or a mid format ("8", "fp8", "4", "2": keys
+def paged_case(name, dtype, B, HQ, H, D, kind, F, paged, recent_block, older_block):
+    """q, the logical (contiguous) inputs and the paged ones of one case. kind: "full" (the full cache: recent_last
+    per sequence, no recent_pos), "ring" (a ring without an older store), or an older format ("8", "fp8", "4", "2": keys
     per token for 8-bit, per channel over F tokens for KIVI, values per token in channel groups of F). With B 3:
-    sequence 0 is short, sequence 1 long, sequence 2 finished (hi_last -1, n_mid 0, hi_pos all -1)."""
+    sequence 0 is short, sequence 1 long, sequence 2 finished (recent_last -1, n_older 0, recent_pos all -1)."""
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     q = torch.randn(B, HQ, 1, D, generator=gen).to(dtype)
-    hb, mb = hi_block or 16, mid_block or 32  # the unpaged store's capacity still comes in whole blocks
+    hb, mb = recent_block or 16, older_block or 32  # the unpaged store's capacity still comes in whole blocks
     finished = B == 3
     live = B - finished
-    logical, n_mid = {}, [0] * B
+    logical, n_older = {}, [0] * B
     if kind == "full":
         NH = 5 * hb
-        hi_last = torch.tensor([37, 69, -1][:B] if B == 3 else [69])
+        recent_last = torch.tensor([37, 69, -1][:B] if B == 3 else [69])
     else:
         # A ring of window + flush slots after sink_size sinks (kv_cache/stores.py); flush F tokens at a time.
         sink, flush = 4, F if kind in ("4", "2") else 1
         window = 24 if flush == 1 else 8
         ring = window + flush
-        NH = math.ceil((sink + ring) / hb) * hb  # slots past sink + ring stay empty (hi_pos -1)
+        NH = math.ceil((sink + ring) / hb) * hb  # slots past sink + ring stay empty (recent_pos -1)
         if kind == "ring":  # short: the ring not yet filled; long: wrapped a few times
             positions = [sink + ring - 6, sink + ring + 50][-live:]
         else:
             positions = [sink + window + 45, sink + window + 121][-live:]
-        hi_pos = torch.full((B, NH), -1, dtype=torch.int64)
+        recent_pos = torch.full((B, NH), -1, dtype=torch.int64)
         for b, pos in enumerate(positions):
             row, n = ring_state(pos, sink, ring, flush, window)
-            hi_pos[b, :sink + ring] = row
-            n_mid[b] = n if kind != "ring" else 0
-        hi_last = torch.tensor([min(pos, sink + ring - 1) for pos in positions] + [-1] * finished)
-        logical.update(hi_pos=hi_pos, sink_size=sink)
-    hi_k = torch.randn(B, H, NH, D, generator=gen).to(dtype)
-    hi_v = torch.randn(B, H, NH, D, generator=gen).to(dtype)
+            recent_pos[b, :sink + ring] = row
+            n_older[b] = n if kind != "ring" else 0
+        recent_last = torch.tensor([min(pos, sink + ring - 1) for pos in positions] + [-1] * finished)
+        logical.update(recent_pos=recent_pos, sink_size=sink)
+    recent_k = torch.randn(B, H, NH, D, generator=gen).to(dtype)
+    recent_v = torch.randn(B, H, NH, D, generator=gen).to(dtype)
     for b in range(B):  # the slots the kernel must not read hold NaN
-        masked = torch.arange(NH) > hi_last[b]
+        masked = torch.arange(NH) > recent_last[b]
         if kind != "full":
-            p = logical["hi_pos"][b]
-            masked |= (p < 0) | ((p >= logical["sink_size"]) & (p < logical["sink_size"] + n_mid[b]))
-        hi_k[b, :, masked] = hi_v[b, :, masked] = float("nan")
-    logical.update(hi_last=hi_last)
+            p = logical["recent_pos"][b]
+            masked |= (p < 0) | ((p >= logical["sink_size"]) & (p < logical["sink_size"] + n_older[b]))
+        recent_k[b, :, masked] = recent_v[b, :, masked] = float("nan")
+    logical.update(recent_last=recent_last)
     pages = dict(logical)
-    n_hi_blocks = [math.ceil((int(last) + 1) / hb) for last in hi_last]
-    if "hi" in paged:
+    n_hi_blocks = [math.ceil((int(last) + 1) / hb) for last in recent_last]
+    if "recent" in paged:
         n_pool = sum(n_hi_blocks) + 3  # the null block and two spare ones
-        hi_table = block_table(n_hi_blocks, NH // hb, n_pool, torch.int32, gen)
-        pool_k, pool_v = (page(t, hi_table, hb, n_pool, gen).expand(B, -1, -1, -1) for t in (hi_k, hi_v))
-        pages.update(hi_k=pool_k, hi_v=pool_v, hi_table=hi_table, hi_block=hb)
+        recent_table = block_table(n_hi_blocks, NH // hb, n_pool, torch.int32, gen)
+        pool_k, pool_v = (page(t, recent_table, hb, n_pool, gen).expand(B, -1, -1, -1) for t in (recent_k, recent_v))
+        pages.update(recent_k=pool_k, recent_v=pool_v, recent_table=recent_table, recent_block=hb)
     else:
-        pages.update(hi_k=hi_k, hi_v=hi_v)
+        pages.update(recent_k=recent_k, recent_v=recent_v)
     if kind not in ("full", "ring"):
         axis = "token" if kind in ("8", "fp8") else "channel"
         kf = F if axis == "channel" else 1  # tokens per key metadata row
-        max_blocks = math.ceil(max(n_mid) / mb) + 1  # room past every sequence's n_mid
+        max_blocks = math.ceil(max(n_older) / mb) + 1  # room past every sequence's n_older
         M = max_blocks * mb
         k = torch.randn(B, H, M, D, generator=gen) * 2
         k[..., 3] *= 10  # an outlier channel
         v = torch.randn(B, H, M, D, generator=gen)
-        mid = dict(zip(("k_q", "k_scale", "k_zero"), quantize_keys(k, kind, axis, F)))
-        mid.update(zip(("v_q", "v_scale", "v_zero"), quantize_values(v, kind, F)))
-        for b, n in enumerate(n_mid):  # metadata past n_mid must not be read
-            mid["k_scale"][b, :, n // kf:] = float("nan")
-            mid["v_scale"][b, :, n:] = float("nan")
-        logical.update(n_mid=torch.tensor(n_mid), **mid)
-        pages.update(n_mid=logical["n_mid"])
-        if "mid" in paged:
-            used = [math.ceil(n / mb) for n in n_mid]
+        older = dict(zip(("k_q", "k_scale", "k_zero"), quantize_keys(k, kind, axis, F)))
+        older.update(zip(("v_q", "v_scale", "v_zero"), quantize_values(v, kind, F)))
+        for b, n in enumerate(n_older):  # metadata past n_older must not be read
+            older["k_scale"][b, :, n // kf:] = float("nan")
+            older["v_scale"][b, :, n:] = float("nan")
+        logical.update(n_older=torch.tensor(n_older), **older)
+        pages.update(n_older=logical["n_older"])
+        if "older" in paged:
+            used = [math.ceil(n / mb) for n in n_older]
             n_pool = sum(used) + 3
-            mid_table = block_table(used, max_blocks, n_pool, torch.int64, gen)
-            for t_name, t in mid.items():
+            older_table = block_table(used, max_blocks, n_pool, torch.int64, gen)
+            for t_name, t in older.items():
                 per_row = kf if t_name in ("k_scale", "k_zero") else 1
-                pages[t_name] = None if t is None else page(t, mid_table, mb, n_pool, gen, per_row)
-            pages.update(mid_table=mid_table, mid_block=mb)
+                pages[t_name] = None if t is None else page(t, older_table, mb, n_pool, gen, per_row)
+            pages.update(older_table=older_table, older_block=mb)
         else:
-            pages.update(mid)
+            pages.update(older)
     to_device = lambda d: {n: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for n, t in d.items()}  # noqa
-    return q.to(DEVICE), dict(hi_k=hi_k, hi_v=hi_v, **to_device(logical)), to_device(pages), finished
+    return q.to(DEVICE), dict(recent_k=recent_k, recent_v=recent_v, **to_device(logical)), to_device(pages), finished
 
 
 CASES = [
-    # name, dtype, B, n_head, n_kv_head, D, kind, group F, paged stores, hi_block, mid_block
-    ("full-hi-b3-gqa4", torch.bfloat16, 3, 8, 2, 64, "full", 1, "hi", 16, 0),
-    ("ring-hi-b3-gqa3-fp32", torch.float32, 3, 6, 2, 64, "ring", 1, "hi", 16, 0),
-    ("int8-hi-b1-gqa4-d32-fp32", torch.float32, 1, 4, 1, 32, "8", 1, "hi", 32, 0),
-    ("int8-mid-b3-gqa4", torch.bfloat16, 3, 8, 2, 64, "8", 1, "mid", 0, 16),
-    ("fp8-both-b1-gqa3", torch.bfloat16, 1, 6, 2, 64, "fp8", 1, "hi+mid", 16, 32),
-    ("int4-kivi32-both-b3-gqa4-fp32", torch.float32, 3, 8, 2, 64, "4", 32, "hi+mid", 32, 32),
-    ("int2-kivi16-mid-b3-gqa3", torch.bfloat16, 3, 6, 2, 64, "2", 16, "mid", 0, 16),
-    ("int4-kivi16-both-b1-gqa4-d128", torch.bfloat16, 1, 4, 1, 128, "4", 16, "hi+mid", 16, 32),
+    # name, dtype, B, n_head, n_kv_head, D, kind, group F, paged stores, recent_block, older_block
+    ("full-hi-b3-gqa4", torch.bfloat16, 3, 8, 2, 64, "full", 1, "recent", 16, 0),
+    ("ring-hi-b3-gqa3-fp32", torch.float32, 3, 6, 2, 64, "ring", 1, "recent", 16, 0),
+    ("int8-hi-b1-gqa4-d32-fp32", torch.float32, 1, 4, 1, 32, "8", 1, "recent", 32, 0),
+    ("int8-older-b3-gqa4", torch.bfloat16, 3, 8, 2, 64, "8", 1, "older", 0, 16),
+    ("fp8-both-b1-gqa3", torch.bfloat16, 1, 6, 2, 64, "fp8", 1, "recent+older", 16, 32),
+    ("int4-kivi32-both-b3-gqa4-fp32", torch.float32, 3, 8, 2, 64, "4", 32, "recent+older", 32, 32),
+    ("int2-kivi16-older-b3-gqa3", torch.bfloat16, 3, 6, 2, 64, "2", 16, "older", 0, 16),
+    ("int4-kivi16-both-b1-gqa4-d128", torch.bfloat16, 1, 4, 1, 128, "4", 16, "recent+older", 16, 32),
     # head_dim 48 pads the tile to 64: scales gathered element by element (not _group_tile)
-    ("int4-kivi16-gather-both-b3-gqa4-d48-fp32", torch.float32, 3, 4, 1, 48, "4", 16, "hi+mid", 16, 16),
+    ("int4-kivi16-gather-both-b3-gqa4-d48-fp32", torch.float32, 3, 4, 1, 48, "4", 16, "recent+older", 16, 16),
 ]
 
 
-@pytest.mark.parametrize("name,dtype,B,HQ,H,D,kind,F,paged,hi_block,mid_block", CASES, ids=[c[0] for c in CASES])
-def test_paged_decode_attention(name, dtype, B, HQ, H, D, kind, F, paged, hi_block, mid_block):
-    q, logical, pages, finished = paged_case(name, dtype, B, HQ, H, D, kind, F, paged, hi_block, mid_block)
+@pytest.mark.parametrize("name,dtype,B,HQ,H,D,kind,F,paged,recent_block,older_block", CASES, ids=[c[0] for c in CASES])
+def test_paged_decode_attention(name, dtype, B, HQ, H, D, kind, F, paged, recent_block, older_block):
+    q, logical, pages, finished = paged_case(name, dtype, B, HQ, H, D, kind, F, paged, recent_block, older_block)
     ref = decode_attention_ref(q, **logical)
     assert torch.equal(decode_attention_ref(q, **pages), ref)  # the reference's paged path: unpage, then as before
     if finished:
@@ -186,16 +186,16 @@ def test_unpage_is_the_slot_formula():
 
 def test_paged_validation():
     """Malformed tables, blocks and pools are one-line ValueErrors, before any launch."""
-    q, logical, pages, _ = paged_case("validation", torch.float32, 3, 4, 1, 32, "4", 16, "hi+mid", 16, 16)
+    q, logical, pages, _ = paged_case("validation", torch.float32, 3, 4, 1, 32, "4", 16, "recent+older", 16, 16)
     bad = {
-        "hi_table has shape": dict(hi_table=pages["hi_table"][:2]),
-        "hi_table has dtype": dict(hi_table=pages["hi_table"].float()),
-        "hi_block is 0": dict(hi_block=0),
-        "mid_block 8 is not a multiple": dict(mid_block=8, mid_table=pages["mid_table"].repeat_interleave(2, 1)),
-        "paged hi_k has batch dim 2": dict(hi_k=pages["hi_k"][:1].expand(2, -1, -1, -1)),
-        "not whole blocks": dict(hi_k=pages["hi_k"][:, :, :-1], hi_v=pages["hi_v"][:, :, :-1]),
-        "hi_pos has": dict(hi_pos=logical["hi_pos"][:, :-1]),
-        "without its block table": dict(hi_table=None),
+        "recent_table has shape": dict(recent_table=pages["recent_table"][:2]),
+        "recent_table has dtype": dict(recent_table=pages["recent_table"].float()),
+        "recent_block is 0": dict(recent_block=0),
+        "older_block 8 is not a multiple": dict(older_block=8, older_table=pages["older_table"].repeat_interleave(2, 1)),
+        "paged recent_k has batch dim 2": dict(recent_k=pages["recent_k"][:1].expand(2, -1, -1, -1)),
+        "not whole blocks": dict(recent_k=pages["recent_k"][:, :, :-1], recent_v=pages["recent_v"][:, :, :-1]),
+        "recent_pos has": dict(recent_pos=logical["recent_pos"][:, :-1]),
+        "without its block table": dict(recent_table=None),
     }
     for message, change in bad.items():
         with pytest.raises(ValueError, match=message) as e:
@@ -208,18 +208,18 @@ def test_paged_op_under_torch_compile():
     graph with fullgraph=True, and gives the eager result, expanded (stride-0) pools included."""
     import torch._dynamo
 
-    q, _, pages, _ = paged_case("compile", torch.float32, 3, 4, 1, 32, "4", 16, "hi+mid", 16, 16)
-    names = ("hi_k", "hi_v", "hi_last", "hi_pos", "n_mid", "k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero",
-             "hi_table", "mid_table")
+    q, _, pages, _ = paged_case("compile", torch.float32, 3, 4, 1, 32, "4", 16, "recent+older", 16, 16)
+    names = ("recent_k", "recent_v", "recent_last", "recent_pos", "n_older", "k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero",
+             "recent_table", "older_table")
     tensors = [pages[n] for n in names]
 
     def step(q, *tensors):
         kw = dict(zip(names, tensors))
-        return decode_attention(q, **kw, sink_size=pages["sink_size"], hi_block=16, mid_block=16) * 2
+        return decode_attention(q, **kw, sink_size=pages["sink_size"], recent_block=16, older_block=16) * 2
 
     eager = step(q, *tensors)
     args = (q, *(pages[n] for n in names[:4]), pages["sink_size"], *(pages[n] for n in names[4:11]), -1, -1, 0,
-            pages["hi_table"], 16, pages["mid_table"], 16)
+            pages["recent_table"], 16, pages["older_table"], 16)
     torch.library.opcheck(torch.ops.kvcache.decode_attention.default, args,
                           test_utils=("test_schema", "test_faketensor"))
     reset_dynamo()
@@ -227,11 +227,11 @@ def test_paged_op_under_torch_compile():
     assert torch.equal(compiled(q, *tensors), eager)
 
 
-@pytest.mark.parametrize("name,dtype,B,HQ,H,D,kind,F,paged,hi_block,mid_block", CASES[::2], ids=[c[0] for c in CASES[::2]])
-def test_decode_attention_scores(name, dtype, B, HQ, H, D, kind, F, paged, hi_block, mid_block):
+@pytest.mark.parametrize("name,dtype,B,HQ,H,D,kind,F,paged,recent_block,older_block", CASES[::2], ids=[c[0] for c in CASES[::2]])
+def test_decode_attention_scores(name, dtype, B, HQ, H, D, kind, F, paged, recent_block, older_block):
     """return_scores: the probabilities the kernel's softmax computed, stored as it goes (eviction policies read
     them), equal the float64 reference's, contiguous and paged alike; the output is the plain call's, exactly."""
-    q, logical, pages, finished = paged_case(name, dtype, B, HQ, H, D, kind, F, paged, hi_block, mid_block)
+    q, logical, pages, finished = paged_case(name, dtype, B, HQ, H, D, kind, F, paged, recent_block, older_block)
     ref_out, ref_probs = decode_attention_ref(q, **logical, return_scores=True)
     assert torch.equal(ref_out, decode_attention_ref(q, **logical))
     live = B - finished
@@ -252,11 +252,11 @@ def test_decode_attention_scores_compile(monkeypatch):
     gives the shapes), in one graph, equal to eager."""
     monkeypatch.undo()  # inductor's own torch.empty buffers must not be poisoned (it fills some under autograd)
     reset_dynamo()
-    q, logical, pages, _ = paged_case("scores-compile", torch.float32, 3, 4, 2, 32, "4", 16, "hi+mid", 16, 16)
+    q, logical, pages, _ = paged_case("scores-compile", torch.float32, 3, 4, 2, 32, "4", 16, "recent+older", 16, 16)
     torch.library.opcheck(torch.ops.kvcache.decode_attention_scores.default,
-                          (q, pages["hi_k"], pages["hi_v"], pages["hi_last"], pages["hi_pos"], pages["sink_size"],
-                           pages["n_mid"], pages["k_q"], pages["k_scale"], pages["k_zero"], pages["v_q"],
-                           pages["v_scale"], pages["v_zero"], 1, 1, 16, pages["hi_table"], 16, pages["mid_table"],
+                          (q, pages["recent_k"], pages["recent_v"], pages["recent_last"], pages["recent_pos"], pages["sink_size"],
+                           pages["n_older"], pages["k_q"], pages["k_scale"], pages["k_zero"], pages["v_q"],
+                           pages["v_scale"], pages["v_zero"], 1, 1, 16, pages["recent_table"], 16, pages["older_table"],
                            16), test_utils=("test_schema", "test_faketensor"))
     step = torch.compile(lambda q: decode_attention(q, **pages, return_scores=True), fullgraph=True)
     out, probs = step(q)

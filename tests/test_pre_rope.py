@@ -13,10 +13,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from conftest import reset_dynamo
+from conftest import held_state, reset_dynamo
 import engine
 import runner
-import generate
 import kv_cache
 from model import ModelArgs, Transformer, apply_rope, rope_tables
 from test_bits_per_layer import layer_quantization, reference_logits, run_cache
@@ -71,30 +70,30 @@ def test_bad_key_rope_is_one_line_error():
 
 
 KERNEL_CASES = [
-    # name, dtype, B, n_head, n_kv_head, D, kind, group F, paged stores, hi_block, mid_block (test_paged_kernels)
+    # name, dtype, B, n_head, n_kv_head, D, kind, group F, paged stores, recent_block, older_block (test_paged_kernels)
     ("int8-b3-gqa4-fp32", torch.float32, 3, 8, 2, 64, "8", 1, "", 0, 0),
-    ("int8-mid-b3-gqa4", torch.bfloat16, 3, 8, 2, 64, "8", 1, "mid", 0, 16),
-    ("fp8-both-b1-gqa3", torch.bfloat16, 1, 6, 2, 64, "fp8", 1, "hi+mid", 16, 32),
+    ("int8-older-b3-gqa4", torch.bfloat16, 3, 8, 2, 64, "8", 1, "older", 0, 16),
+    ("fp8-both-b1-gqa3", torch.bfloat16, 1, 6, 2, 64, "fp8", 1, "recent+older", 16, 32),
     ("int4-kivi32-b3-gqa4-fp32", torch.float32, 3, 8, 2, 64, "4", 32, "", 0, 0),
-    ("int4-kivi32-both-b3-gqa4-fp32", torch.float32, 3, 8, 2, 64, "4", 32, "hi+mid", 32, 32),
-    ("int2-kivi16-mid-b3-gqa3", torch.bfloat16, 3, 6, 2, 64, "2", 16, "mid", 0, 16),
-    ("int4-kivi16-both-b1-gqa4-d128", torch.bfloat16, 1, 4, 1, 128, "4", 16, "hi+mid", 16, 32),
+    ("int4-kivi32-both-b3-gqa4-fp32", torch.float32, 3, 8, 2, 64, "4", 32, "recent+older", 32, 32),
+    ("int2-kivi16-older-b3-gqa3", torch.bfloat16, 3, 6, 2, 64, "2", 16, "older", 0, 16),
+    ("int4-kivi16-both-b1-gqa4-d128", torch.bfloat16, 1, 4, 1, 128, "4", 16, "recent+older", 16, 32),
 ]
 
 
 @needs_triton
-@pytest.mark.parametrize("name,dtype,B,HQ,H,D,kind,F,paged,hi_block,mid_block", KERNEL_CASES,
+@pytest.mark.parametrize("name,dtype,B,HQ,H,D,kind,F,paged,recent_block,older_block", KERNEL_CASES,
                          ids=[c[0] for c in KERNEL_CASES])
-def test_kernel_rotates_the_dequantized_keys(name, dtype, B, HQ, H, D, kind, F, paged, hi_block, mid_block,
+def test_kernel_rotates_the_dequantized_keys(name, dtype, B, HQ, H, D, kind, F, paged, recent_block, older_block,
                                              monkeypatch):
-    """decode_attention with the RoPE tables against the float64 reference over the mid keys dequantized in
+    """decode_attention with the RoPE tables against the float64 reference over the older keys dequantized in
     float64 and rotated by positions sink_size + t (model.apply_rope, float64): per sequence (one short, one long,
     one finished), contiguous and paged, and the scores output too."""
     from kernels.decode_attention import decode_attention
     from kernels.reference import decode_attention_ref, dequantize_ref
     from test_kernels import DEVICE, TOL, rel_err
     from test_paged_kernels import paged_case
-    q, logical, pages, finished = paged_case(name, dtype, B, HQ, H, D, kind, F, paged, hi_block, mid_block)
+    q, logical, pages, finished = paged_case(name, dtype, B, HQ, H, D, kind, F, paged, recent_block, older_block)
     S, M = logical["sink_size"], logical["k_q"].shape[2]
     cos, sin = rope_tables(ModelArgs(vocab_size=8, dim=D, n_layer=1, n_head=1, n_kv_head=1, intermediate_size=8),
                            S + M + 5, DEVICE)
@@ -118,13 +117,13 @@ def test_kernel_refuses_what_it_cannot_rotate():
     from kernels.decode_attention import decode_attention
     q, hi = torch.randn(1, 2, 1, 48), torch.randn(1, 1, 8, 48)
     cos, sin = torch.ones(64, 48), torch.zeros(64, 48)
-    with pytest.raises(ValueError, match="with a mid store"):
+    with pytest.raises(ValueError, match="with an older store"):
         decode_attention(q, hi, hi, k_rope_cos=cos, k_rope_sin=sin)
-    mid = dict(n_mid=torch.tensor([4]), k_q=torch.zeros(1, 1, 8, 48, dtype=torch.int8),
+    older = dict(n_older=torch.tensor([4]), k_q=torch.zeros(1, 1, 8, 48, dtype=torch.int8),
                k_scale=torch.ones(1, 1, 8, 1, dtype=torch.float16), v_q=torch.zeros(1, 1, 8, 48, dtype=torch.int8),
                v_scale=torch.ones(1, 1, 8, 1, dtype=torch.float16))
     with pytest.raises(ValueError, match="power-of-two head_dim"):
-        decode_attention(q, hi, hi, **mid, k_rope_cos=cos, k_rope_sin=sin)
+        decode_attention(q, hi, hi, **older, k_rope_cos=cos, k_rope_sin=sin)
 
 
 # ---------------------------------------------------------------- the cache's Triton path against its PyTorch path
@@ -136,7 +135,7 @@ TRITON_CASES = [dict(bits="8"), dict(bits="4", group_size=8), dict(bits="2", gro
 @needs_triton
 @pytest.mark.parametrize("options", TRITON_CASES, ids=[str(o) for o in TRITON_CASES])
 def test_cache_triton_matches_torch(options):
-    """A tiny model through quantize_kv --key_rope pre with --attn_impl triton (fused attention rotating the mid
+    """A tiny model through quantize_kv --key_rope pre with --attn_impl triton (fused attention rotating the older
     tiles, the decode flush quantizing the unrotated ring keys in Triton) and torch: the logits agree at every step
     across flushes and a second prefill chunk, and the quantized stores are the same bytes."""
     from test_kernels import DEVICE, rel_err
@@ -154,7 +153,7 @@ def test_cache_triton_matches_torch(options):
             out.append(model(tokens[:, pos:pos + n], torch.arange(pos, pos + n, device=DEVICE)))
             pos += n
         logits[impl] = torch.cat(out, dim=1)
-        stores[impl] = {name: b.clone() for name, b in model.layers[0].attention.kv_cache.named_buffers()}
+        stores[impl] = held_state(model.layers[0].attention.kv_cache)
     assert rel_err(logits["triton"], logits["torch"]) < 1e-5
     for name, buf in stores["torch"].items():
         assert torch.equal(stores["triton"][name].view(torch.uint8), buf.view(torch.uint8)), name

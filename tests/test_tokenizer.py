@@ -359,8 +359,9 @@ def test_llama3_style_gguf_matches_transformers(llama3_bpe, tmp_path):
     for tokenizer in [ours, converted]:
         assert tokenizer.bos_id == theirs.bos_token_id == n_base and tokenizer.add_bos is True
         assert tokenizer.eos_ids == {n_base + 1, n_base + 9} and tokenizer.vocab_size == n_base + 256
-    assert theirs.encode("hi")[0] == n_base
-    assert AutoTokenizer.from_pretrained(tmp_path / "converted").encode("hi") == theirs.encode("hi")  # BOS too
+    # The GGUF says add_bos_token: transformers reading the converted folder adds BOS as llama.cpp does (its own GGUF
+    # loader honours the flag in some releases only, 5.18 not: it is no reference for BOS).
+    assert AutoTokenizer.from_pretrained(tmp_path / "converted").encode("hi") == [n_base, *ours.encode("hi")]
     # Without the flag (HF Llama-3 dirs), add_bos comes from the post-processor.
     config_path = tmp_path / "converted" / "tokenizer_config.json"
     config = json.loads(config_path.read_text())

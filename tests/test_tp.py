@@ -26,7 +26,6 @@ REPO_DIR = Path(__file__).resolve().parent.parent
 import engine
 import memory
 import runner
-import generate
 import kv_cache  # noqa: E402
 import tp  # noqa: E402
 import weight_quant  # noqa: E402

@@ -1,0 +1,263 @@
+"""Decode attention over quantize_kv's quantized older store on the CPU, without dequantizing it: a small C kernel
+(kernels/cpu_attention.c) reads the stored codes directly, so a quantized cache reads fewer bytes than the full
+cache's float32 one. The CPU counterpart of kernels/decode_attention.py's older loop.
+
+The C file is compiled on first use (cc -O3 -march=native -fopenmp) into a cache folder, $KVCACHE_CACHE or
+~/.cache/kvcache/cpu_attention/, under a name keyed by the source, the compiler's version and this CPU's flags: home
+folders shared across node types (a Slurm cluster) never run -march=native code built for another CPU. The build goes
+to a temporary name and is renamed into place, so processes building at once are safe. available() says whether it
+can be built here (a C compiler with OpenMP); callers keep the PyTorch path when it cannot.
+
+Under torch.compile the kernel is the opaque op torch.ops.kvcache.older_attention (it traces with fullgraph=True).
+"""
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from kernels.formats import get_format
+
+SOURCE = Path(__file__).with_suffix(".c")
+# -fassociative-math (with the two flags it needs) lets gcc sum a dot product in vector lanes and reduce them once,
+# instead of adding lane by lane in order: 1.6x faster overall. Not -ffast-math: its -ffinite-math-only would break the
+# -inf of empty rows.
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
+         "-shared", "-fPIC"]
+MAX_HEAD_DIM = 256
+
+builds = 0  # compiles run by this process (the tests check that a second load reuses the cached library)
+_lib = None  # the loaded library, once per process
+_error = None  # why it could not be built or loaded, once per process (available() does not retry)
+
+
+class _Buf(ctypes.Structure):  # buf_t in cpu_attention.c
+    _fields_ = [("data", ctypes.c_void_p), ("sb", ctypes.c_int64), ("sh", ctypes.c_int64), ("st", ctypes.c_int64)]
+
+
+class _Args(ctypes.Structure):  # args_t in cpu_attention.c
+    _fields_ = ([(name, ctypes.c_int32) for name in ("B", "H", "G", "D", "bits", "fp8", "k_rows", "k_cols", "v_cols",
+                                                    "n_threads")]
+                + [("capacity", ctypes.c_int64), ("n_older", ctypes.c_void_p), ("q", ctypes.c_void_p), ("q_sb", ctypes.c_int64),
+                   ("q_sh", ctypes.c_int64)]
+                + [(name, _Buf) for name in ("k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero")]
+                + [(name, ctypes.c_void_p) for name in ("acc", "m", "l")]
+                + [("n_recent", ctypes.c_int64), ("recent_k", _Buf), ("recent_v", _Buf), ("recent_keep", ctypes.c_void_p),
+                   ("keep_sb", ctypes.c_int64)])
+
+
+def cache_folder() -> Path:
+    return Path(os.environ.get("KVCACHE_CACHE") or Path.home() / ".cache" / "kvcache" / "cpu_attention")
+
+
+def _compiler() -> str:
+    return os.environ.get("CC", "cc")
+
+
+def _cpu_flags() -> str:
+    """This CPU's feature flags (what -march=native compiles for); the processor name where /proc has none."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.machine() + platform.processor()
+
+
+def library_path() -> Path:
+    """Where the library for this source, compiler and CPU lives (built or not). Raises if there is no compiler."""
+    try:
+        version = subprocess.run([_compiler(), "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise RuntimeError(f"no working C compiler '{_compiler()}' ({e}): install gcc or set CC") from None
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), version, _cpu_flags(), " ".join(FLAGS)]).encode())
+    return cache_folder() / f"cpu_attention-{key.hexdigest()[:16]}.so"
+
+
+def build() -> Path:
+    """The compiled library, built first if this source / compiler / CPU has none yet."""
+    global builds
+    path = library_path()
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".so")
+    os.close(fd)
+    try:
+        result = subprocess.run([_compiler(), *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        if result.returncode:
+            first = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip())
+            raise RuntimeError(f"building {SOURCE.name} failed ({first.strip()[:200]}): install gcc with OpenMP "
+                               "(apt install gcc) or set CC to one")
+        os.replace(tmp, path)  # atomic: another process sees the old name or the whole new file
+        builds += 1
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def _load():
+    global _lib, _error
+    if _lib is None:
+        if _error is not None:
+            raise RuntimeError(_error)
+        try:
+            lib = ctypes.CDLL(str(build()))
+        except (RuntimeError, OSError) as e:
+            _error = str(e)
+            raise RuntimeError(_error) from None
+        lib.older_attention.argtypes = [ctypes.POINTER(_Args)]
+        lib.older_attention.restype = ctypes.c_int
+        _lib = lib
+    return _lib
+
+
+def load_error() -> Optional[str]:
+    """Why the kernel cannot be built or loaded here (no C compiler with OpenMP), or None when it can. Never raises."""
+    try:
+        _load()
+        return None
+    except Exception as e:
+        return str(e)
+
+
+def available() -> bool:
+    return load_error() is None
+
+
+def _buf(t: Optional[Tensor]) -> _Buf:
+    if t is None:
+        return _Buf(None, 0, 0, 0)
+    return _Buf(t.data_ptr(), t.stride(0), t.stride(1), t.stride(2))
+
+
+def _last_contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The C kernel takes any strides of the first three dims but needs the last one contiguous."""
+    return t if t is None or t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _run(q: Tensor, k_q: Tensor, k_scale: Tensor, k_zero: Optional[Tensor], v_q: Tensor, v_scale: Tensor,
+         v_zero: Optional[Tensor], n_older: Tensor, fmt: str, k_granularity: str, group_size: int,
+         recent_k: Optional[Tensor] = None, recent_v: Optional[Tensor] = None,
+         recent_keep: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The kernel call, on checked arguments (older_attention's): the custom op's body, and what eager calls run
+    directly (the op dispatcher costs about 40 us a call)."""
+    fmt = get_format(fmt)
+    B, HQ, D = q.shape
+    H = k_q.shape[1]
+    q = _last_contiguous(q.float())
+    k_q, k_scale, k_zero, v_q, v_scale, v_zero = map(_last_contiguous, (k_q, k_scale, k_zero, v_q, v_scale, v_zero))
+    n_older = n_older.to(torch.int64).contiguous()
+    if recent_k is not None:
+        recent_k, recent_v = _last_contiguous(recent_k.float()), _last_contiguous(recent_v.float())
+        recent_keep = recent_keep.contiguous()
+    acc = q.new_empty(B, HQ, D)
+    m, l = q.new_empty(B, HQ), q.new_empty(B, HQ)
+    per_channel = k_granularity == "channel"
+    cols = fmt.channel_group(D, group_size)
+    # Tokens every buffer holds: the kernel refuses an n_older past it (there, not here: reading n_older here
+    # would be a host sync, and under torch.compile a graph break).
+    capacity = min(k_q.shape[2], v_q.shape[2], v_scale.shape[2], k_scale.shape[2] * (group_size if per_channel else 1))
+    args = _Args(B=B, H=H, G=HQ // H, D=D, bits=fmt.bits, fp8=fmt.payload_dtype == torch.float8_e4m3fn,
+                 k_rows=group_size if per_channel else 1, k_cols=1 if per_channel else cols, v_cols=cols,
+                 n_threads=torch.get_num_threads(), capacity=capacity, n_older=n_older.data_ptr(), q=q.data_ptr(),
+                 q_sb=q.stride(0), q_sh=q.stride(1), k_q=_buf(k_q), k_scale=_buf(k_scale), k_zero=_buf(k_zero), v_q=_buf(v_q),
+                 v_scale=_buf(v_scale), v_zero=_buf(v_zero), acc=acc.data_ptr(), m=m.data_ptr(), l=l.data_ptr(),
+                 n_recent=0 if recent_k is None else recent_k.shape[2], recent_k=_buf(recent_k),
+                 recent_v=_buf(recent_v), recent_keep=None if recent_keep is None else recent_keep.data_ptr(),
+                 keep_sb=0 if recent_keep is None else recent_keep.stride(0))
+    code = _load().older_attention(ctypes.byref(args))
+    if code == 4:
+        raise ValueError(f"n_older {n_older.tolist()} is negative or past the store's {capacity} tokens")
+    if code:
+        raise ValueError(f"cpu_attention.c refused its arguments (code {code}): older_attention's checks missed a case")
+    return acc, m, l
+
+
+@torch.library.custom_op("kvcache::older_attention", mutates_args=())
+def _older_attention_op(q: Tensor, k_q: Tensor, k_scale: Tensor, k_zero: Optional[Tensor], v_q: Tensor,
+                        v_scale: Tensor, v_zero: Optional[Tensor], n_older: Tensor, fmt: str, k_granularity: str,
+                        group_size: int, recent_k: Optional[Tensor], recent_v: Optional[Tensor],
+                        recent_keep: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    return _run(q, k_q, k_scale, k_zero, v_q, v_scale, v_zero, n_older, fmt, k_granularity, group_size, recent_k,
+                recent_v, recent_keep)
+
+
+@_older_attention_op.register_fake
+def _(q, k_q, k_scale, k_zero, v_q, v_scale, v_zero, n_older, fmt, k_granularity, group_size, recent_k, recent_v,
+      recent_keep):
+    B, HQ, D = q.shape
+    return q.new_empty(B, HQ, D, dtype=torch.float32), q.new_empty(B, HQ, dtype=torch.float32), \
+        q.new_empty(B, HQ, dtype=torch.float32)
+
+
+def older_attention(q: Tensor, k_q: Tensor, k_scale: Tensor, k_zero: Optional[Tensor], v_q: Tensor, v_scale: Tensor,
+                    v_zero: Optional[Tensor], n_older: Tensor, fmt, k_granularity: str, group_size: int,
+                    recent_k: Optional[Tensor] = None, recent_v: Optional[Tensor] = None,
+                    recent_keep: Optional[Tensor] = None):
+    """Softmax partials of decode attention over the first n_older[b] tokens of a quantized older store and, when
+    recent_k, recent_v (B, H, NH, D) and recent_keep (B, NH) bool are given, the recent slots recent_keep marks:
+    a quantize_kv decode step's whole attention is then acc / l.
+
+    q (B, HQ, D) float32, already rotated and multiplied by the softmax scale; query head i reads KV head i // (HQ/H).
+    k_q ... v_zero: the store's buffers as QuantizedStore holds them (B, H, M_alloc, ...), contiguous or batch rows of
+    one (the last dim must be contiguous, else it is copied); zero-points None for the symmetric formats. n_older (B,)
+    int64: valid tokens per sequence (0 allowed; a whole number of key groups when keys are per channel). fmt: a
+    kernels.formats Format or its --bits name; k_granularity "token" or "channel"; group_size as the store's.
+
+    Returns float32 (acc (B, HQ, D), m (B, HQ), l (B, HQ)) with s_t = q . k_t: m = max_t s_t, l = sum_t exp(s_t - m),
+    acc = sum_t exp(s_t - m) v_t; an empty row has m = -inf, l = 0, acc = 0. Merging with the attention over the
+    16-bit window, given as its own (acc_w, m_w, l_w):
+        m* = max(m, m_w);  a = exp(m - m*), a_w = exp(m_w - m*)  (0 for a part whose m is -inf)
+        out = (a acc + a_w acc_w) / (a l + a_w l_w)
+    """
+    fmt = get_format(fmt)
+    if q.dim() != 3 or k_q.dim() != 4:
+        raise ValueError(f"older_attention takes q (B, HQ, D) and a store (B, H, M, ...), got {tuple(q.shape)} and "
+                         f"{tuple(k_q.shape)}")
+    B, HQ, D = q.shape
+    H = k_q.shape[1]
+    if q.device.type != "cpu":
+        raise ValueError(f"older_attention is the CPU kernel, got q on {q.device}: use kernels.decode_attention on GPUs")
+    if HQ % H or D > MAX_HEAD_DIM or D % fmt.per_byte:
+        raise ValueError(f"older_attention needs HQ a multiple of H and head_dim <= {MAX_HEAD_DIM} (a multiple of "
+                         f"{fmt.per_byte} for {fmt.label}): got HQ {HQ}, H {H}, D {D}")
+    cols = fmt.channel_group(D, group_size)
+    if D % cols or cols % fmt.per_byte:
+        raise ValueError(f"group_size {group_size} must divide head_dim {D} and be a multiple of {fmt.per_byte} "
+                         f"for {fmt.label}")
+    if k_granularity not in ("token", "channel"):
+        raise ValueError(f"k_granularity {k_granularity!r}: use 'token' or 'channel'")
+    k_meta = (D,) if k_granularity == "channel" else (D // cols,)
+    for name, t, meta in (("k_scale", k_scale, k_meta), ("v_scale", v_scale, (D // cols,)),
+                          ("k_zero", k_zero, k_meta), ("v_zero", v_zero, (D // cols,))):
+        absent = name.endswith("zero") and not fmt.asymmetric
+        if (t is None) != absent:
+            raise ValueError(f"{name} must {'be None' if absent else 'be given'} for {fmt.label}")
+        if t is not None and (tuple(t.shape[:2]) != (B, H) or tuple(t.shape[3:]) != meta or t.dtype != torch.float16):
+            raise ValueError(f"{name} is {tuple(t.shape)} {t.dtype}, expected float16 ({B}, {H}, rows, {meta[0]}) "
+                             f"for {fmt.label} keys per {k_granularity} (kv_cache/stores.py's layout)")
+    for name, t in (("k_q", k_q), ("v_q", v_q)):
+        if t.shape[:2] != (B, H) or t.shape[3] != D // fmt.per_byte or t.dtype != fmt.payload_dtype:
+            raise ValueError(f"{name} is {tuple(t.shape)} {t.dtype}, expected ({B}, {H}, M, {D // fmt.per_byte}) "
+                             f"{fmt.payload_dtype}")
+    if n_older.shape != (B,):
+        raise ValueError(f"n_older must be (B,) = ({B},), got {tuple(n_older.shape)}")
+    if (recent_k is None) != (recent_v is None) or (recent_k is None) != (recent_keep is None):
+        raise ValueError("recent_k, recent_v and recent_keep go together: give all three or none")
+    if recent_k is not None and (recent_k.shape[:2] != (B, H) or recent_k.shape[3] != D
+                                 or recent_v.shape != recent_k.shape or recent_keep.dtype != torch.bool
+                                 or tuple(recent_keep.shape) != (B, recent_k.shape[2])):
+        raise ValueError(f"recent_k, recent_v must be ({B}, {H}, NH, {D}) and recent_keep ({B}, NH) bool, got "
+                         f"{tuple(recent_k.shape)}, {tuple(recent_v.shape)}, {tuple(recent_keep.shape)} "
+                         f"{recent_keep.dtype}")
+    args = (q, k_q, k_scale, k_zero, v_q, v_scale, v_zero, n_older, fmt.name, k_granularity, group_size, recent_k,
+            recent_v, recent_keep)
+    return torch.ops.kvcache.older_attention(*args) if torch.compiler.is_compiling() else _run(*args)

@@ -1,0 +1,171 @@
+"""kernels/cpu_attention: the C kernel's softmax partials over quantize_kv's stored codes against float64 PyTorch
+(kernels/reference.dequantize_ref of the same buffers), for every format, both key layouts, the specialised and the
+generic head sizes, rows of different lengths (empty ones too), under torch.compile, and its one-line refusals; and
+quantize_kv's --attn_impl cpu path, which decodes the PyTorch path's tokens."""
+import pytest
+import torch
+
+import engine
+import runner
+from kernels import cpu_attention
+from kernels.formats import FORMATS, get_format
+from kernels.reference import dequantize_ref
+from kv_cache.base import attn_impl_for
+from kv_cache.stores import QuantizedStore
+from model import ModelArgs, Transformer
+
+pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="no C compiler with OpenMP")
+
+GROUP = 32
+
+
+def filled_store(fmt, k_granularity, n_older, H=3, D=64, seed=0):
+    """A QuantizedStore of len(n_older) sequences with random keys and values quantized into its first
+    max(n_older) tokens (whole flush groups)."""
+    torch.manual_seed(seed)
+    B = len(n_older)
+    capacity = max(256, -(-max(n_older) // GROUP) * GROUP)
+    store = QuantizedStore(B, H, capacity, D, get_format(fmt), GROUP, k_granularity, "cpu")
+    n = -(-max(n_older) // GROUP) * GROUP
+    if n:
+        k = torch.randn(B, H, n, D) * 2 + torch.randn(1, H, 1, D)  # channel offsets: what per-channel keys are for
+        v = torch.randn(B, H, n, D)
+        store.store(slice(0, B), torch.arange(n).expand(B, n), k, v)
+    return store
+
+
+def partials_ref(q, store, n_older):
+    """(acc, m, l) of older_attention in float64, from the store's buffers dequantized by the reference."""
+    k_q, k_scale, k_zero, v_q, v_scale, v_zero = store.all_buffers()
+    D = q.shape[-1]
+    keys, values = dequantize_ref(k_q, k_scale, k_zero, D), dequantize_ref(v_q, v_scale, v_zero, D)
+    B, HQ, _ = q.shape
+    G = HQ // keys.shape[1]
+    acc = torch.zeros(B, HQ, D, dtype=torch.float64)
+    m = torch.full((B, HQ), float("-inf"), dtype=torch.float64)
+    l = torch.zeros(B, HQ, dtype=torch.float64)
+    for b, n in enumerate(n_older):
+        if n == 0:
+            continue
+        k = keys[b, :, :n].repeat_interleave(G, dim=0)  # (HQ, n, D)
+        v = values[b, :, :n].repeat_interleave(G, dim=0)
+        s = (q[b].double()[:, None, :] @ k.transpose(-1, -2))[:, 0]  # (HQ, n)
+        m[b] = s.amax(-1)
+        p = (s - m[b, :, None]).exp()
+        l[b], acc[b] = p.sum(-1), (p[:, None, :] @ v)[:, 0]
+    return acc, m, l
+
+
+def check(fmt, k_granularity, n_older, D=64, H=3, G=3, seed=0):
+    store = filled_store(fmt, k_granularity, n_older, H=H, D=D, seed=seed)
+    q = torch.randn(len(n_older), H * G, D) / D ** 0.5
+    n = torch.tensor(n_older)
+    acc, m, l = cpu_attention.older_attention(q, *store.all_buffers(), n, fmt, k_granularity, GROUP)
+    acc_ref, m_ref, l_ref = partials_ref(q, store, n_older)
+    torch.testing.assert_close(m.double(), m_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(l.double(), l_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(acc.double(), acc_ref, rtol=1e-4, atol=1e-4)
+    return acc, m, l
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("D", [64, 128, 96])  # 64 and 128 are compiled as constants; 96 runs the generic copy
+def test_partials_match_float64(fmt, D):
+    k_granularity = get_format(fmt).default_k_granularity
+    # Rows of different lengths, one empty; per-token keys also a length that is not a whole group.
+    lengths = [0, 544, 96] if k_granularity == "channel" else [0, 545, 77]
+    acc, m, l = check(fmt, k_granularity, lengths, D=D)
+    assert m[0].eq(float("-inf")).all() and l[0].eq(0).all() and acc[0].eq(0).all()  # the empty row's definition
+
+
+@pytest.mark.parametrize("fmt", ["4", "2"])
+def test_asymmetric_formats_with_per_token_keys(fmt):
+    check(fmt, "token", [300, 33])
+
+
+def test_long_rows_split_over_threads_merge_exactly_once():
+    """Rows longer than one work item (the kernel cuts them into chunks per thread and merges the partials): the
+    same sums as the reference, whatever the thread count."""
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 4):
+            torch.set_num_threads(n_threads)
+            check("8", "token", [4096], H=1, G=2, seed=n_threads)
+            check("4", "channel", [2048, 1024], H=2, G=1, seed=n_threads)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_compiled_call_matches_eager():
+    store = filled_store("4", "channel", [320])
+    q = torch.randn(1, 9, 64)
+    n = torch.tensor([320])
+    call = lambda q, n: cpu_attention.older_attention(q, *store.all_buffers(), n, "4", "channel", GROUP)  # noqa: E731
+    compiled = torch.compile(call, fullgraph=True)
+    for got, want in zip(compiled(q, n), call(q, n)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_the_library_is_built_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVCACHE_CACHE", str(tmp_path))
+    # -O0: a library of its own (the flags are in its name's key), built in a second rather than the -O3 one's ten
+    monkeypatch.setattr(cpu_attention, "FLAGS", [f for f in cpu_attention.FLAGS if not f.startswith("-O")] + ["-O0"])
+    before = cpu_attention.builds
+    path = cpu_attention.build()
+    assert path.parent == tmp_path and path.exists() and cpu_attention.builds == before + 1
+    assert cpu_attention.build() == path and cpu_attention.builds == before + 1
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left beside it
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(n_older=torch.tensor([999])), "past the store's 288 tokens"),
+    (dict(n_older=torch.tensor([32, 32])), "n_older must be (B,) = (1,)"),
+    (dict(q=torch.randn(1, 8, 64)), "HQ a multiple of H"),
+    (dict(k_granularity="row"), "use 'token' or 'channel'"),
+    (dict(k_zero=None), "k_zero must be given for int4"),
+    (dict(q=torch.randn(1, 9, 64, device="meta")), "older_attention is the CPU kernel"),
+])
+def test_bad_arguments_get_one_line(change, message):
+    store = filled_store("4", "channel", [64])
+    args = dict(zip(("k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero"), store.all_buffers()))
+    args = dict(q=torch.randn(1, 9, 64), **args, n_older=torch.tensor([64]), fmt="4", k_granularity="channel",
+                group_size=GROUP) | change
+    with pytest.raises(ValueError, match=None) as error:
+        cpu_attention.older_attention(**args)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------- the cache's --attn_impl cpu path
+
+ARGS = ModelArgs(vocab_size=96, dim=64, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=128,
+                 max_position_embeddings=256)
+FORMATS_AT_HEAD_16 = {"int8": dict(bits="8"), "fp8": dict(bits="fp8"), "int4": dict(bits="4", group_size=8),
+                      "int2": dict(bits="2", group_size=8),
+                      "int4-token-keys": dict(bits="4", group_size=8, k_granularity="token")}
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", FORMATS_AT_HEAD_16)
+def test_quantize_kv_decodes_the_torch_paths_tokens(name):
+    """quantize_kv with --attn_impl cpu on a ragged batch (a row with no older token yet, rows with several groups)
+    decodes the PyTorch path's greedy tokens, eager and compiled into one graph."""
+    torch.manual_seed(0)
+    model = Transformer(ARGS).eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(1)
+    batch = [torch.randint(0, ARGS.vocab_size, (n,), generator=gen).tolist() for n in (3, 23, 41)]
+    new_tokens = 12
+    out = {}
+    for impl, decode_fn in (("torch", runner.decode_one_token), ("cpu", runner.decode_one_token),
+                            ("cpu-compiled", torch.compile(runner.decode_one_token, backend="aot_eager",
+                                                           fullgraph=True))):
+        options = dict(sink_size=4, window_size=8, attn_impl=impl.split("-")[0], **FORMATS_AT_HEAD_16[name])
+        runner.setup_cache(model, "quantize_kv", options, len(batch), 41 + new_tokens)
+        assert model.caches()[0].attn_impl == impl.split("-")[0]
+        rows = engine.generate_batch(model, batch, new_tokens, decode_fn=decode_fn)["sequences"]
+        out[impl] = [row["tokens"] for row in rows]
+    assert out["cpu"] == out["torch"] and out["cpu-compiled"] == out["torch"]
+
+
+def test_attn_impl_cpu_is_refused_off_the_cpu_in_one_line():
+    with pytest.raises(ValueError, match="--attn_impl cpu is the CPU's kernel.*use --attn_impl triton or torch"):
+        attn_impl_for("cpu", "cuda")
