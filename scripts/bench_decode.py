@@ -422,6 +422,7 @@ def write_report(path: Path, header: dict, rows: list[dict], kernel_rows: list[d
                       indent=1, default=str)
     lines = [f"# Decode benchmark {header['date']}", "", *header_lines(header),
              f"- copy bandwidth: {header['bandwidth'] / 1e9:.0f} GB/s (device-to-device copy, read + write)",
+             f"- model dtype: {header.get('dtype', 'bfloat16')} (random weights of the shape's sizes)",
              f"- compile: {header['compile']}; steps {header['steps']} x repeats {header['repeats']} "
              f"(median), warm-up {header['warmup']}; sinks {header['sink_size']}, window {header['window_size']}",
              *[f"- {s}: weights read per step {b / 1e9:.3f} GB" + (" per GPU" if tp_rows else "")
