@@ -219,10 +219,10 @@ def markdown(header: dict, rows: list[dict]) -> str:
 def kernel_rows(report: Report, tiny: bool, device, seed: int):
     gen = torch.Generator(device=device).manual_seed(seed)
     for check in gpu_check.CHECKS:
-        for kernel, case, n_mid, err, tol, error in check(tiny, device, gen):
+        for kernel, case, n_older, err, tol, error in check(tiny, device, gen):
             ok = err <= tol  # NaN compares False
             result = "ok" if ok else f"FAIL {error or ('NaN left in output' if err != err else 'error too large')}"
-            report.add(dict(section="kernels", name=f"{kernel} {case}", n_mid=n_mid, err=err, tol=tol,
+            report.add(dict(section="kernels", name=f"{kernel} {case}", n_older=n_older, err=err, tol=tol,
                             result=result, note=""))
 
 
@@ -232,7 +232,7 @@ def model_check_row(name: str, args, preset: str, context: int, steps: int, devi
     random weights, prompt and decode tokens (the torch path's greedy tokens are fed to both)."""
     model = random_model(args, device, DTYPE, seed=1)
     prompt = torch.randint(args.vocab_size, (2, context), device=device, generator=torch.Generator(device).manual_seed(2))
-    lengths = [context, context - 37]  # two sequences of different lengths: per-sequence ring state and n_mid
+    lengths = [context, context - 37]  # two sequences of different lengths: per-sequence ring state and n_older
     strategy = BY_NAME[preset].strategy
     logits, tokens = {}, None
     for impl in ("torch", "triton"):

@@ -90,8 +90,8 @@ def test_pool_sizes(model):
     _, _, int4_pool, int4 = run(model, "quantize_kv-int4", 4)
     assert int4_pool.block_tokens == 8  # 4 rounded up to the key group of 8
     for row, n in enumerate(PROMPT_LENGTHS):
-        in_mid = max(0, n + NEW_TOKENS - 1 - 12) // 8 * 8
-        assert int4[row] == -(-in_mid // 8)
+        in_older = max(0, n + NEW_TOKENS - 1 - 12) // 8 * 8
+        assert int4[row] == -(-in_older // 8)
 
 
 def test_pool_nbytes(model):
