@@ -284,10 +284,10 @@ class KVCache(nn.Module):
 
     def nbytes(self) -> int:
         """Bytes really allocated for this layer's cache: every buffer its stores hold (scales, zero-points and slot
-        positions too); paged, the whole pool of this layer. The batch's active flags and the shared block table are
-        not KV storage."""
+        positions too); paged, the whole pool of this layer. The batch's active flags, the shared block table and
+        --rotate's matrix (one per layer, not per token) are not KV storage."""
         return sum(b.numel() * b.element_size() for name, b in self.named_buffers()
-                   if name.rsplit(".", 1)[-1] not in ("active", "table"))
+                   if name.rsplit(".", 1)[-1] not in ("active", "table", "rotation"))
 
     def pool_nbytes(self) -> int:
         """Bytes of this layer's buffers that live in the shared block pool (0 when contiguous)."""

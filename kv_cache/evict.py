@@ -48,11 +48,12 @@ from kernels.formats import FORMATS, get_format
 from kv_cache.base import (GROUP_SIZE, KVCache, SinkWindowOptions, attend, attention_probs, option, per_kv_head,
                            rotate_qk)
 from kv_cache.paging import PageSpace, round_up
+from kv_cache.rotation import RotateOptions, rotated, rotation_matrix
 from kv_cache.stores import DenseOlderStore, DenseStore, QuantizedStore, RingStore
 
 
 @dataclass
-class EvictOptions(SinkWindowOptions):
+class EvictOptions(SinkWindowOptions, RotateOptions):
     budget: int = option(256, "tokens kept per sequence and KV head in all: sinks + window + the policy's choice")
     then_bits: Optional[str] = option(None, "store the tokens the policy keeps (beyond sinks and window) in this "
                                             "format: 8, 4, 2 or fp8 (default: the model dtype)",
@@ -65,6 +66,9 @@ class EvictOptions(SinkWindowOptions):
             raise ValueError(f"--budget {self.budget} leaves no room beyond --sink_size {self.sink_size} + "
                              f"--window_size {self.window_size}: use --budget {self.sink_size + self.window_size + 1} "
                              "or more, or compress_kv for sinks + window alone")
+        if self.rotate != "none" and self.then_bits is None:
+            raise ValueError(f"--rotate {self.rotate} rotates the tokens that are quantized: add --then_bits (e.g. 4 "
+                             "or 2), or drop --rotate")
         fmt = None if self.then_bits is None else get_format(self.then_bits)
         if fmt is not None and fmt.asymmetric and head_dim is not None:
             if head_dim % self.group_size or head_dim % fmt.per_byte:
@@ -157,6 +161,9 @@ class EvictionCache(KVCache):
             self.older = QuantizedStore(batch_size, n_kv_head, opts.older_size, head_dim, opts.format,
                                         opts.group_size, "token", device, pool)
         self.scratch = self.older.capacity  # the slot a dropped token is written to
+        self.rotate = opts.rotate != "none"  # q, k, v in, output out (kv_cache/rotation.py): scores are unchanged
+        if self.rotate:  # not KV storage: nbytes() leaves it out
+            self.register_buffer("rotation", rotation_matrix(opts.rotate, head_dim, dtype, device), persistent=False)
         n_ring, n_older_slots = self.ring.n_slots, self.older.n_slots
         self.register_buffer("ring_score", torch.zeros(batch_size, n_kv_head, n_ring, device=device))
         self.register_buffer("older_score", torch.zeros(batch_size, n_kv_head, n_older_slots, device=device))
@@ -187,9 +194,10 @@ class EvictionCache(KVCache):
         decode = self.is_decode(q, rows)
         rows, pos = self.rows_and_positions(q, input_pos, rows)
         q, k = rotate_qk(q, k, pos, rope_cos, rope_sin)
-        if decode:
-            return self._decode(q, k, v, pos)
-        return self._prefill(q, k, v, pos, rows)
+        if self.rotate:
+            q, k, v = (rotated(x, self.rotation) for x in (q, k, v))
+        out = self._decode(q, k, v, pos) if decode else self._prefill(q, k, v, pos, rows)
+        return rotated(out, self.rotation.T) if self.rotate else out
 
     def _decode(self, q, k, v, pos):
         R, H, S, W = q.shape[0], self.n_kv_head, self.sink_size, self.window_size

@@ -17,6 +17,9 @@ are dequantized on the fly inside attention. Layouts: kv_cache/stores.py; format
   --key_rope post|pre: keys quantized after RoPE at their absolute positions (post, default, as KIVI: attention
               needs no re-rotation), or before it (pre, as KVQuant: per-channel key statistics are not smeared by
               the position-dependent rotation) and rotated after dequantization, inside attention.
+  --rotate hadamard|signed_hadamard: every head's q, k, v rotated by an orthogonal Hadamard matrix after RoPE and
+              the output rotated back (kv_cache/rotation.py): outlier channels are spread over the head before
+              quantization; the stores and kernels see rotated tokens only. Not with --key_rope pre.
 
 Choices made here:
   * --group_size (default 32) must divide head_dim when values are grouped by channels (4/2 bits): a ValueError
@@ -48,12 +51,13 @@ from kernels.formats import FORMATS, get_format
 from kv_cache.base import GROUP_SIZE, KVCache, SinkWindowOptions, attend, option, register, rotate, rotate_qk
 from kv_cache.layer_spec import BITS_PER_LAYER_EXAMPLE, layer_bits, parse_bits_per_layer
 from kv_cache.paging import PageSpace, round_up
+from kv_cache.rotation import RotateOptions, rotated, rotation_matrix
 from kv_cache.stores import QuantizedStore, RingStore, flush_size
 
 K_GRANULARITIES = ("token", "channel")
 KEY_ROPES = ("post", "pre")
 @dataclass
-class QuantizeOptions(SinkWindowOptions):
+class QuantizeOptions(SinkWindowOptions, RotateOptions):
     bits: str = option("8", "8: int8 per token; 4, 2: KIVI asymmetric, packed; fp8: e4m3", choices=list(FORMATS))
     group_size: int = option(GROUP_SIZE, "KIVI group: tokens per key scale, channels per value scale")
     k_granularity: Optional[str] = option(None, "key scales per token or per channel (default: channel for 4/2 "
@@ -70,6 +74,9 @@ class QuantizeOptions(SinkWindowOptions):
         super().check(head_dim)
         if self.key_rope not in KEY_ROPES:
             raise ValueError(f"--key_rope {self.key_rope!r} is not supported: use post or pre")
+        if self.key_rope == "pre" and self.rotate != "none":
+            raise ValueError(f"--rotate {self.rotate} rotates keys after RoPE (a rotation of the channels does not "
+                             "commute with RoPE's): drop --key_rope pre, or use --rotate none")
         if self.bits_per_layer is not None:
             # Every format the spec names, checked as its --bits would be (k_granularity's default is each format's).
             for bits, _ in parse_bits_per_layer(self.bits_per_layer):
@@ -195,6 +202,11 @@ class QuantizeKVCache(KVCache):
         else:  # slot = position, as the full cache
             self.ring = RingStore(batch_size, n_kv_head, 0, max_seq_length, head_dim, dtype, device, pool)
             self.older = None
+        # --rotate: q, k, v rotated as they arrive, the output back as it leaves (kv_cache/rotation.py); nothing is
+        # quantized without an older store, and then the rotation would change nothing but rounding.
+        self.rotate = opts.rotate != "none" and self.older is not None
+        if self.rotate:  # not KV storage: nbytes() leaves it out
+            self.register_buffer("rotation", rotation_matrix(opts.rotate, head_dim, dtype, device), persistent=False)
         # Nothing is ever quantized without an older store: then --key_rope pre changes nothing and post's path runs.
         self.pre_rope = opts.key_rope == "pre" and self.older is not None
         if self.pre_rope and self.attn_impl == "triton" and (head_dim < 16 or head_dim & (head_dim - 1)):
@@ -211,10 +223,14 @@ class QuantizeKVCache(KVCache):
         rows, pos = self.rows_and_positions(q, input_pos, rows)
         q, k_rot = rotate_qk(q, k, pos, rope_cos, rope_sin)
         rope = (rope_cos, rope_sin)
+        if self.rotate:
+            q, k_rot, v = (rotated(x, self.rotation) for x in (q, k_rot, v))
         stored_k = k if self.pre_rope else k_rot  # what the ring and the older store hold
         if decode:
-            return self._decode(q, stored_k, v, pos, rows, rope)
-        return self._prefill(q, k_rot, stored_k, v, pos, rows, rope)
+            out = self._decode(q, stored_k, v, pos, rows, rope)
+        else:
+            out = self._prefill(q, k_rot, stored_k, v, pos, rows, rope)
+        return rotated(out, self.rotation.T) if self.rotate else out
 
     def _attended(self, keys, ring_pos, rope):
         """Ring keys (R, H, slots, D) and the older store as attention reads them: as stored (post), or rotated by

@@ -6,6 +6,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (`-n 2`, the README's test command) each worker process runs one thread, and so do the
+# processes its tests start: two workers of two threads each on two cores spin against each other (the one_thread
+# fixture below measured 7x on one such test), while one thread each keeps both cores busy.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 # ---- checkpoints (tests/test_model.py) ----
 import contextlib  # noqa: E402

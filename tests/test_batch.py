@@ -22,13 +22,14 @@ CASES = {
     "quantize_kv-int8": ("quantize_kv", dict(SINK_WINDOW, bits="8")),
     "quantize_kv-fp8": ("quantize_kv", dict(SINK_WINDOW, bits="fp8")),
     "quantize_kv-int4": ("quantize_kv", dict(SINK_WINDOW, bits="4", group_size=8)),
-    "quantize_kv-int2": ("quantize_kv", dict(SINK_WINDOW, bits="2", group_size=8)),
+    # --rotate (kv_cache/rotation.py) on the lowest bits: paged, batched and compiled like the others
+    "quantize_kv-int2": ("quantize_kv", dict(SINK_WINDOW, bits="2", group_size=8, rotate="signed_hadamard")),
     "quantize_kv-int4-token-keys": ("quantize_kv", dict(SINK_WINDOW, bits="4", group_size=8, k_granularity="token")),
     # budget 20: 8 slots beyond sinks + window, so the longer prompts and their decoding evict
     "h2o": ("h2o", dict(SINK_WINDOW, budget=20)),
     "tova": ("tova", dict(SINK_WINDOW, budget=20)),
     "snapkv": ("snapkv", dict(SINK_WINDOW, budget=20)),
-    "h2o-then-int4": ("h2o", dict(SINK_WINDOW, budget=20, then_bits="4", group_size=8)),
+    "h2o-then-int4": ("h2o", dict(SINK_WINDOW, budget=20, then_bits="4", group_size=8, rotate="hadamard")),
 }
 # Ragged: one token, shorter than sinks + window, longer than the window, and longer than several flush groups.
 PROMPT_LENGTHS = [7, 1, 23, 41]  # the one-token prompt not in row 0: its prefill must reach its own row

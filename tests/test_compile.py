@@ -26,7 +26,8 @@ CASES = {
     "quantize_kv-int8": ("quantize_kv", dict(SINK_WINDOW, bits="8")),
     "quantize_kv-fp8": ("quantize_kv", dict(SINK_WINDOW, bits="fp8")),
     "quantize_kv-int4": ("quantize_kv", dict(SINK_WINDOW, bits="4", group_size=16)),
-    "quantize_kv-int2-token": ("quantize_kv", dict(SINK_WINDOW, bits="2", group_size=16, k_granularity="token")),
+    "quantize_kv-int2-token": ("quantize_kv", dict(SINK_WINDOW, bits="2", group_size=16, k_granularity="token",
+                                                   rotate="hadamard")),
     "h2o": ("h2o", dict(SINK_WINDOW, budget=24)),  # evicts from position 24 on, with scores from every step
     "snapkv-then-int8": ("snapkv", dict(SINK_WINDOW, budget=24, then_bits="8")),
 }

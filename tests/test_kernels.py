@@ -170,13 +170,14 @@ def test_decode_attention_per_sequence(name, dtype, HQ, H, D, kind, k_group, v_g
         assert torch.equal(out[2], torch.zeros_like(out[2])), (name, splits)
         if DEVICE == "cpu":
             assert loads
+            # No program, its own included (empty loops), reads its rows: compared on the lanes that load, since a
+            # masked-off lane's address is arbitrary (it once fell into v_scale's row 2 by where the allocator put it).
             for tensor, t in batched.items():  # sequence 2's rows of every input
                 lo = t.data_ptr() + 2 * t.stride(0) * t.element_size()
                 hi = t.data_ptr() + 3 * t.stride(0) * t.element_size()
                 for program, addresses, mask in loads:
                     hit = (addresses >= lo) & (addresses < hi)
-                    # Its own programs issue no tile load at all (empty loops), and no program reads its rows.
-                    assert not hit.any() if program // H == 2 else not (hit & mask).any(), (name, splits, tensor)
+                    assert not (hit & mask).any(), (name, splits, tensor, program)
 
 
 def test_decode_attention_op():
@@ -333,7 +334,8 @@ E2E_CASES = [
     ("quantize_kv", dict(sink_size=4, window_size=8, bits="4", group_size=8, k_granularity="token")),
     # Eviction: the kernel's scores drive who stays (budget 18: 6 kept slots, full from position 18 on).
     ("h2o", dict(sink_size=4, window_size=8, budget=18)),
-    ("tova", dict(sink_size=4, window_size=8, budget=18, then_bits="4", group_size=8)),
+    ("tova", dict(sink_size=4, window_size=8, budget=18, then_bits="4", group_size=8, rotate="hadamard")),
+    ("quantize_kv", dict(sink_size=4, window_size=8, bits="2", group_size=8, rotate="signed_hadamard")),
 ]
 
 

@@ -413,7 +413,7 @@ def test_cli_options_and_capacity():
                                                     attn_impl=None)),
                                ("quantize_kv", dict(sink_size=16, window_size=32, bits="8", group_size=32,
                                                     k_granularity=None, bits_per_layer=None, key_rope="post",
-                                                    attn_impl=None))]:
+                                                    rotate="none", attn_impl=None))]:
         cls = kv_cache.STRATEGIES[strategy]
         parser = argparse.ArgumentParser()
         cls.add_arguments(parser)

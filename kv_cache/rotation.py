@@ -1,0 +1,65 @@
+"""--rotate: an orthogonal transform of every head's keys and values before they are stored (QuaRot, Ashkboos et
+al., 2024; llama.cpp rotates K and V before quantizing them). A few channels of a key carry most of its magnitude
+(outlier channels), and a low-bit format spends its range on them; a Hadamard rotation spreads every channel over
+all the others, so the codes of one token share one scale far better.
+
+Attention is exact under any orthogonal R (in exact arithmetic): q.k = (qR).(kR), and the output over rotated
+values, sum p (vR) = (sum p v) R, is un-rotated once per head by R^T. So a cache that rotates q, k and v as they
+arrive (after RoPE) and the output as it leaves stores, quantizes and attends over rotated tokens only: the stores,
+the Triton kernel, the C kernel, paging and the eviction policies' scores (attention probabilities, unchanged) need
+nothing new. The 16-bit sinks and window are rotated too (one rounding in the model dtype, as storing them
+unrotated), so every key a query meets is in one basis.
+
+  hadamard         R = H / sqrt(D), Sylvester's Hadamard matrix (entries +-1), D a power of two.
+  signed_hadamard  R = diag(s) H / sqrt(D) with a fixed pseudo-random sign per channel (seed 0; QuaRot's
+                   randomized Hadamard): a channel pattern that happens to line up with H's rows is broken up too.
+The transform runs as a D x D matmul in float32 (float64 for float64 models): at D = 64 or 128 that is faster in
+PyTorch than the O(D log D) butterfly, which pays only in a dedicated kernel.
+"""
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kv_cache.base import CacheOptions, option
+
+ROTATIONS = ("none", "hadamard", "signed_hadamard")
+
+
+@dataclass
+class RotateOptions(CacheOptions):
+    """The --rotate option of the strategies that quantize (quantize_kv, the eviction stores' --then_bits)."""
+    rotate: str = option("none", "rotate each head's keys and values before storing them (hadamard, or "
+                                 "signed_hadamard with a fixed random sign per channel): low-bit codes lose less",
+                         choices=list(ROTATIONS))
+
+    def check(self, head_dim):
+        super().check(head_dim)
+        if self.rotate not in ROTATIONS:
+            raise ValueError(f"--rotate {self.rotate!r} is not supported: use {', '.join(ROTATIONS)}")
+        if self.rotate != "none" and head_dim is not None and (head_dim < 2 or head_dim & (head_dim - 1)):
+            raise ValueError(f"--rotate {self.rotate} needs a power-of-two head_dim (Sylvester's Hadamard matrix; "
+                             f"this model's is {head_dim}): use --rotate none")
+
+
+def hadamard(n: int, dtype=torch.float64) -> Tensor:
+    """Sylvester's n x n Hadamard matrix (n a power of two), entries +-1: H_2n = [[H, H], [H, -H]]."""
+    h = torch.ones(1, 1, dtype=dtype)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def rotation_matrix(rotate: str, head_dim: int, dtype, device) -> Tensor:
+    """The orthogonal R (head_dim x head_dim) of --rotate (not "none"), in float32 or float64 (the model's, if
+    wider): x is stored as x @ R."""
+    r = hadamard(head_dim) / head_dim ** 0.5
+    if rotate == "signed_hadamard":
+        signs = torch.randint(0, 2, (head_dim,), generator=torch.Generator().manual_seed(0)) * 2 - 1
+        r = signs[:, None].double() * r
+    return r.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+def rotated(x: Tensor, r: Tensor) -> Tensor:
+    """x (..., D) @ r, computed in r's precision, returned in x's dtype (R^T for the inverse: r.T)."""
+    return (x.to(r.dtype) @ r).to(x.dtype)
