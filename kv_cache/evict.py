@@ -53,6 +53,18 @@ from kv_cache.stores import DenseOlderStore, DenseStore, QuantizedStore, RingSto
 
 
 @dataclass
+class Chunk:
+    """A prefill chunk as it came into the cache, for policies that score from the queries themselves: its queries
+    before RoPE (R, n_head, T, D), the position after its last, the model's RoPE tables, and --rotate's matrix (None
+    without one)."""
+    q: Tensor
+    end: int
+    rope_cos: Tensor
+    rope_sin: Tensor
+    rotation: Optional[Tensor]
+
+
+@dataclass
 class EvictOptions(SinkWindowOptions, RotateOptions):
     budget: int = option(256, "tokens kept per sequence and KV head in all: sinks + window + the policy's choice")
     then_bits: Optional[str] = option(None, "store the tokens the policy keeps (beyond sinks and window) in this "
@@ -111,6 +123,14 @@ class EvictionCache(KVCache):
     def update(self, scores: Tensor, probs: Tensor) -> Tensor:
         """Scores after a decode step whose attention probabilities (per KV head) are probs (same shape)."""
         raise NotImplementedError
+
+    def prompt_attention(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, chunk) -> Tensor:
+        """What prefill_scores scores from, (R, H, Q, N): by default the attention probabilities of the queries
+        score_queries names, summed over each KV head's query heads. q (R, n_head, T, D) as attended (rotated),
+        keys and values (R, H, N, D) every token the chunk sees, mask (R, 1, T, N); chunk: the chunk's Chunk (its
+        queries before RoPE and the RoPE tables), for a policy that scores from the queries themselves."""
+        queries = self.score_queries(q.shape[2])
+        return per_kv_head(attention_probs(q[:, :, queries], keys, mask[:, :, queries]), self.n_kv_head)
 
     # ------------------------------------------------------------ storage
 
@@ -193,10 +213,12 @@ class EvictionCache(KVCache):
             return self.forward_full(self.store, q, k, v, input_pos, rope_cos, rope_sin, rows)
         decode = self.is_decode(q, rows)
         rows, pos = self.rows_and_positions(q, input_pos, rows)
+        chunk = None if decode else Chunk(q, int(pos[0, -1]) + 1, rope_cos, rope_sin,
+                                          self.rotation if self.rotate else None)
         q, k = rotate_qk(q, k, pos, rope_cos, rope_sin)
         if self.rotate:
             q, k, v = (rotated(x, self.rotation) for x in (q, k, v))
-        out = self._decode(q, k, v, pos) if decode else self._prefill(q, k, v, pos, rows)
+        out = self._decode(q, k, v, pos) if decode else self._prefill(q, k, v, pos, rows, chunk)
         return rotated(out, self.rotation.T) if self.rotate else out
 
     def _decode(self, q, k, v, pos):
@@ -227,7 +249,7 @@ class EvictionCache(KVCache):
         self.ring_score[:R] = self.update(self.ring_score[:R], probs[..., n_older_slots:])
         return out
 
-    def _prefill(self, q, k, v, pos, rows):
+    def _prefill(self, q, k, v, pos, rows, chunk):
         R, H, T = q.shape[0], self.n_kv_head, q.shape[2]
         S, W, first = self.sink_size, self.window_size, int(pos[0, 0])
         end = first + T
@@ -244,8 +266,7 @@ class EvictionCache(KVCache):
         held[..., n_before:] = (ring_pos >= 0)[:, None, None, :]
         mask = torch.cat([held, torch.ones(T, T, dtype=torch.bool, device=q.device).tril().expand(R, 1, T, T)], -1)
         out = attend(q, keys, values, mask)
-        queries = self.score_queries(T)
-        probs = per_kv_head(attention_probs(q[:, :, queries], keys, mask[:, :, queries]), H)  # (R, H, Q, N)
+        probs = self.prompt_attention(q, keys, values, mask, chunk)  # (R, H, Q, N)
         old = torch.cat([self.older_score[rows, :, :n_before], self.ring_score[rows],
                          torch.zeros(R, H, T, device=q.device)], dim=2)
         scores = self.prefill_scores(probs, old, all_pos)

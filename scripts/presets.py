@@ -54,7 +54,7 @@ PRESETS = [
     Preset("compress_kv"),
     *(Preset("quantize_kv", ("--bits", f.name), f.label) for f in FORMATS.values()),
     # eviction under a fixed budget (kv_cache/evict.py), the kept tokens in the model dtype or quantized
-    Preset("snapkv"), Preset("h2o"), Preset("tova"),
+    Preset("snapkv"), Preset("h2o"), Preset("tova"), Preset("expected_attention"),
     Preset("h2o", ("--then_bits", "4"), "then int4"),
     Preset("snapkv", ("--then_bits", "2"), "then int2"),
 ]

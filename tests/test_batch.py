@@ -29,6 +29,7 @@ CASES = {
     "h2o": ("h2o", dict(SINK_WINDOW, budget=20)),
     "tova": ("tova", dict(SINK_WINDOW, budget=20)),
     "snapkv": ("snapkv", dict(SINK_WINDOW, budget=20)),
+    "expected_attention": ("expected_attention", dict(SINK_WINDOW, budget=20)),
     "h2o-then-int4": ("h2o", dict(SINK_WINDOW, budget=20, then_bits="4", group_size=8, rotate="hadamard")),
 }
 # Ragged: one token, shorter than sinks + window, longer than the window, and longer than several flush groups.
