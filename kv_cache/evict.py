@@ -55,13 +55,11 @@ from kv_cache.stores import DenseOlderStore, DenseStore, QuantizedStore, RingSto
 @dataclass
 class Chunk:
     """A prefill chunk as it came into the cache, for policies that score from the queries themselves: its queries
-    before RoPE (R, n_head, T, D), the position after its last, the model's RoPE tables, and --rotate's matrix (None
-    without one)."""
+    before RoPE (R, n_head, T, D), the position after its last and the model's RoPE tables."""
     q: Tensor
     end: int
     rope_cos: Tensor
     rope_sin: Tensor
-    rotation: Optional[Tensor]
 
 
 @dataclass
@@ -213,8 +211,7 @@ class EvictionCache(KVCache):
             return self.forward_full(self.store, q, k, v, input_pos, rope_cos, rope_sin, rows)
         decode = self.is_decode(q, rows)
         rows, pos = self.rows_and_positions(q, input_pos, rows)
-        chunk = None if decode else Chunk(q, int(pos[0, -1]) + 1, rope_cos, rope_sin,
-                                          self.rotation if self.rotate else None)
+        chunk = None if decode else Chunk(q, int(pos[0, -1]) + 1, rope_cos, rope_sin)
         q, k = rotate_qk(q, k, pos, rope_cos, rope_sin)
         if self.rotate:
             q, k, v = (rotated(x, self.rotation) for x in (q, k, v))

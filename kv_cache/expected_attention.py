@@ -55,8 +55,8 @@ class ExpectedAttentionCache(EvictionCache):
         cos, sin = angles.cos().mean(0), angles.sin().mean(0)
         mean = apply_rope(mean, cos, sin)
         cov = apply_rope(apply_rope(cov, cos, sin).transpose(-1, -2), cos, sin).transpose(-1, -2)
-        if chunk.rotation is not None:  # keys are stored rotated: so are the expected queries
-            r = chunk.rotation.double()
+        if self.rotate:  # keys are stored rotated: so are the expected queries
+            r = self.rotation.double()
             mean, cov = mean @ r, r.T @ cov @ r
         k = keys.double().repeat_interleave(HQ // keys.shape[1], dim=1)  # (R, HQ, N, D)
         logits = (k @ mean[..., None])[..., 0] / math.sqrt(D) + ((k @ cov) * k).sum(-1) / (2 * D)

@@ -8,8 +8,8 @@
 The matrix is scripts/presets.py's list: the entries without sinks and window (full) once; those with them
 (compress_kv; quantize_kv at 8, 4, 2 bits and fp8) at each sink/window pair of --windows (16/32 and 16/128 by
 default, 64/256 in the GPU run); then the eviction entries (snapkv, h2o, tova, expected_attention, h2o with int4
-storage, snapkv with int2) at --budget tokens for each pair that leaves room in the budget. Each entry writes DIR/NN_name.json
-(evaluate.py's object); the table goes to DIR/table.md and the plots to DIR/kv_memory.png,
+storage, snapkv with int2) at --budget tokens for each pair that leaves room in the budget. Each entry writes
+DIR/NN_name.json (evaluate.py's object); the table goes to DIR/table.md and the plots to DIR/kv_memory.png,
 DIR/perplexity_vs_position.png and DIR/retrieval_vs_length.png, every file written atomically.
 
 Run again with the same --out, it resumes: an entry whose JSON is complete and was made with the same settings (the
