@@ -17,7 +17,7 @@ pools' physical-slot formula too), and the caches pass them with kernel_inputs()
 
   hi   slot i of sequence b when i <= recent_last[b] (when given) and, with recent_pos given, p = recent_pos[b, i] (recent_pos[i]
        when shared by the batch) has p >= 0 and (p < sink_size or p >= sink_size + n_older[b]); -1 marks an empty slot.
-  older  its first n_older[b] tokens. The format is read off the buffers' shapes (older_format): per_byte codes a byte,
+  older  its first n_older[b] tokens (n_older per head, (B, H): head h's first n_older[b, h]). The format is read off the buffers' shapes (older_format): per_byte codes a byte,
        scale rows of F tokens, scale columns of G channels; x = q * scale[t // F, d // G] (+ zero).
 
 Paged stores (as vLLM's PagedAttention; recent_table / older_table given) are pools shared by the batch, batch dim 1 (or B
@@ -25,6 +25,12 @@ with batch stride 0, an .expand of it), read through a block table (B, max_block
 mask above keeps its logical meaning and only the addresses go through the table. Entries past a sequence's length
 hold 0, the null block (kv_cache/paging.py), which masked lanes may address but never load. Paging is a constexpr of
 the kernel: the unpaged path compiles as before.
+
+Head-shared older store (older_start given, (B, H)): the eviction policies' head-adaptive layout (kv_cache/evict.py).
+The store's H lanes (its head dim) of older_lane logical slots each are one run of H * older_lane tokens that the
+heads share, token f in slot f % older_lane of lane f // older_lane; head h of sequence b attends to its tokens
+older_start[b, h] .. older_start[b, h] + n_older[b, h] - 1, whatever lanes they sit in. Per-token metadata only (F = 1).
+A constexpr too.
 
 Keys quantized before RoPE (quantize_kv --key_rope pre, k_rope_cos / k_rope_sin given): older token t is position
 sink_size + t, and each dequantized key tile is rotated in registers by those positions' rows of the RoPE tables
@@ -53,17 +59,19 @@ def _physical_rows(table_ptr, offs_n, mask, stride_tn, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _group_tile(ptr, stride_sn, n0, end, table_ptr, stride_tn, F: tl.constexpr, G: tl.constexpr,
+def _group_tile(ptr, stride_sn, n0, end, rows, table_ptr, stride_tn, F: tl.constexpr, G: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr):
     """Metadata of tokens n0 .. n0 + BLOCK_N - 1 (F tokens x G channels per entry), loaded once per entry as a small
     contiguous tile and repeated over its tokens and channels: (BLOCK_N, BLOCK_D). F and G powers of two. Paged
     (PAGED, PAGE tokens a block): an entry's row is that of the pool token holding its first token; F divides PAGE,
-    so the entry's F tokens sit together in one block."""
+    so the entry's F tokens sit together in one block. F = 1: the tokens' own rows (their payload's)."""
     R: tl.constexpr = BLOCK_N // F if BLOCK_N >= F else 1
     C: tl.constexpr = BLOCK_D // G
     first = n0 + tl.arange(0, R) * F  # first (logical) token of each entry row
     mask = first < end
-    if PAGED:
+    if F == 1:
+        first = rows
+    elif PAGED:
         first = _physical_rows(table_ptr, first, mask, stride_tn, PAGE)
     s = tl.load(ptr + (first // F)[:, None] * stride_sn + tl.arange(0, C)[None, :], mask=mask[:, None],
                 other=0).to(tl.float32)
@@ -99,10 +107,11 @@ def _dequant_tile(payload_ptr, scale_ptr, zero_ptr, stride_pn, stride_sn, n0, en
                               tl.interleave((raw >> 2) & field_mask, raw >> 6))
         x = x.to(tl.float32)
     if GROUP_TILES:
-        x = x * _group_tile(scale_ptr, stride_sn, n0, end, table_ptr, stride_tn, F, G, BLOCK_N, BLOCK_D, PAGED, PAGE)
+        x = x * _group_tile(scale_ptr, stride_sn, n0, end, rows, table_ptr, stride_tn, F, G, BLOCK_N, BLOCK_D, PAGED,
+                            PAGE)
         if HAS_ZERO:
-            x = x + _group_tile(zero_ptr, stride_sn, n0, end, table_ptr, stride_tn, F, G, BLOCK_N, BLOCK_D, PAGED,
-                                PAGE)
+            x = x + _group_tile(zero_ptr, stride_sn, n0, end, rows, table_ptr, stride_tn, F, G, BLOCK_N, BLOCK_D,
+                                PAGED, PAGE)
     else:
         # Any F, G: gather scale[t // F, d // G] element by element (served from L1); paged, t is the pool token
         # (F divides the block, so pool token // F is its pool metadata row).
@@ -130,12 +139,12 @@ def _softmax_step(q, k, v, k_col_scale, v_row_scale, keep, m_i, l_i, acc, qk_sca
 
 
 @triton.jit
-def _store_scores(scores_ptr, s, row0, offs_g, offs_n, end, n_scores, GROUP: tl.constexpr):
+def _store_scores(scores_ptr, s, row0, offs_g, columns, keep, n_scores, GROUP: tl.constexpr):
     """The tile's log2 scores s (BLOCK_G, BLOCK_N) (-inf where masked) into rows row0 + g of the (B * HQ, n_scores)
-    score buffer at columns offs_n: what the softmax already computed, so a policy gets every token's attention
-    without a second pass over the keys."""
-    ptrs = scores_ptr + (row0 + offs_g).to(tl.int64)[:, None] * n_scores + offs_n[None, :]
-    tl.store(ptrs, s, mask=(offs_g < GROUP)[:, None] & (offs_n < end)[None, :])
+    score buffer at columns `columns` where keep: what the softmax already computed, so a policy gets every token's
+    attention without a second pass over the keys."""
+    ptrs = scores_ptr + (row0 + offs_g).to(tl.int64)[:, None] * n_scores + columns[None, :]
+    tl.store(ptrs, s, mask=(offs_g < GROUP)[:, None] & keep[None, :])
 
 
 @triton.jit
@@ -175,13 +184,17 @@ def _decode_split_kernel(
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     PAGED_HI: tl.constexpr, HI_BLOCK: tl.constexpr, PAGED_MID: tl.constexpr, MID_BLOCK: tl.constexpr,
     SCORES: tl.constexpr, rope_cos_ptr, rope_sin_ptr, stride_rope, KEY_ROPE: tl.constexpr,
+    older_start_ptr, stride_nmh, stride_osb, stride_osh, older_lane, lane_rows, HAS_START: tl.constexpr,
 ):
     """One split of one (sequence, KV head). PAGED_HI / PAGED_MID: that store is a pool read through its block
     table (its batch strides are 0); every index and mask here is logical and only the addresses go through the
     table. Unpaged, the table arguments are never read and the code is what it was before paging (constexpr).
     SCORES: every tile's log2 scores are also stored, older token t at column t and recent slot i at n_older_slots + i of
-    the score rows (B * HQ, n_older_slots + n_recent). KEY_ROPE: older keys were quantized before RoPE; each dequantized
-    tile is rotated by positions sink_size + t (rows of the tables at rope_cos_ptr / rope_sin_ptr)."""
+    the score rows (B * HQ, n_older_slots + n_recent) (head-shared: slot t of lane l at column l * (n_older_slots / H)
+    + t). KEY_ROPE: older keys were quantized before RoPE; each dequantized
+    tile is rotated by positions sink_size + t (rows of the tables at rope_cos_ptr / rope_sin_ptr). HAS_START: a
+    head-shared older store, head h's tokens from token older_start[b, h] of the lanes' run on (lane_rows: rows
+    of a payload or metadata buffer per lane, the same for all)."""
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)  # batch offsets can pass 2**31 elements in a large cache
@@ -200,15 +213,20 @@ def _decode_split_kernel(
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
     ones_n = tl.full((BLOCK_N,), 1.0, tl.float32)
     n_older = 0
+    first_older = 0  # the head's first logical token of the older store
     if HAS_MID:
-        n_older = tl.load(n_older_ptr + b * stride_nmid).to(tl.int32)
+        n_older = tl.load(n_older_ptr + b * stride_nmid + h * stride_nmh).to(tl.int32)
+        if HAS_START:
+            first_older = tl.load(older_start_ptr + b * stride_osb + h * stride_osh).to(tl.int32)
 
     if split < SPLITS_MID:
-        # Mid store: tokens [0, n_older), shared evenly (whole tiles) among the SPLITS_MID splits.
+        # Mid store: tokens [first_older, first_older + n_older), shared evenly (whole tiles) among the splits.
         chunk = tl.cdiv(tl.cdiv(n_older, SPLITS_MID), BLOCK_N) * BLOCK_N
-        start = split * chunk
-        end = tl.minimum(start + chunk, n_older)
-        if PAGED_MID:
+        start = first_older + split * chunk
+        end = tl.minimum(start + chunk, first_older + n_older)
+        if HAS_START:
+            hm = tl.zeros((), tl.int64)  # the lane of each token is in its row (below)
+        elif PAGED_MID:
             hm = h.to(tl.int64)  # a pool's head stride spans the whole batch's tokens: past 2**31 in a large one
         else:
             hm = h
@@ -222,10 +240,16 @@ def _decode_split_kernel(
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             keep = offs_n < end
+            slots = offs_n
+            if HAS_START:  # token f of the lanes' run: slot f % older_lane of lane f // older_lane
+                lane = offs_n // older_lane
+                slots = offs_n - lane * older_lane
             if PAGED_MID:  # one table lookup per tile, shared by keys, values and their metadata
-                rows = _physical_rows(mt_base, offs_n, keep, stride_mtn, MID_BLOCK)
+                rows = _physical_rows(mt_base, slots, keep, stride_mtn, MID_BLOCK)
             else:
-                rows = offs_n
+                rows = slots
+            if HAS_START:
+                rows = lane.to(tl.int64) * lane_rows + rows
             # One scale per token (int8 / fp8): apply it to the scores and probabilities, not the tiles.
             if K_PER_BYTE == 1 and K_F == 1 and K_G >= D and not K_ZERO:
                 k = tl.load(kq_base + rows[:, None] * stride_kqn + offs_d[None, :],
@@ -250,7 +274,12 @@ def _decode_split_kernel(
             m_i, l_i, acc, s = _softmax_step(q, k, v, k_col_scale, v_row_scale, keep, m_i, l_i, acc, qk_scale,
                                              DOT_PRECISION)
             if SCORES:
-                _store_scores(scores_ptr, s, (b * H + h) * GROUP, offs_g, offs_n, end, n_older_slots + n_recent, GROUP)
+                if HAS_START:
+                    columns = lane * (n_older_slots // H) + slots
+                else:
+                    columns = offs_n
+                _store_scores(scores_ptr, s, (b * H + h) * GROUP, offs_g, columns, keep, n_older_slots + n_recent,
+                              GROUP)
     else:
         # Hi store: slots [0, recent_len), shared evenly among the SPLITS_HI splits. recent_last -1 (a finished sequence)
         # gives recent_len 0: chunk 0, so every split's loop is empty.
@@ -284,7 +313,7 @@ def _decode_split_kernel(
             m_i, l_i, acc, s = _softmax_step(q, k.to(tl.float32), v.to(tl.float32), ones_n, ones_n, keep, m_i,
                                              l_i, acc, qk_scale, DOT_PRECISION)
             if SCORES:
-                _store_scores(scores_ptr, s, (b * H + h) * GROUP, offs_g, n_older_slots + offs_n, n_older_slots + end,
+                _store_scores(scores_ptr, s, (b * H + h) * GROUP, offs_g, n_older_slots + offs_n, offs_n < end,
                               n_older_slots + n_recent, GROUP)
 
     # Partial result of this split: normalized output and log2-sum-exp (-inf when it saw no token).
@@ -327,6 +356,13 @@ def per_batch(t: Tensor, B: int) -> tuple[Tensor, int]:
     if t.numel() not in (1, B):
         raise ValueError(f"length tensor has {t.numel()} entries; pass one, or one per sequence ({B})")
     return t, (0 if t.numel() == 1 else t.stride(0))
+
+
+def per_head(t: Tensor, B: int, H: int, name: str) -> tuple[Tensor, int, int]:
+    """A per-(sequence, KV head) tensor (B, H) (or (1, H), shared by the batch) and its strides over b and h."""
+    if t.dim() != 2 or t.shape[0] not in (1, B) or t.shape[1] != H:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; pass ({B}, {H}), one entry per sequence and KV head")
+    return t, (0 if t.shape[0] == 1 else t.stride(0)), t.stride(1)
 
 
 def per_batch_rows(t: Tensor, B: int, name: str) -> tuple[Tensor, int]:
@@ -417,6 +453,8 @@ class DecodeInputs(NamedTuple):
     older_block: int = 0
     k_rope_cos: Optional[Tensor] = None
     k_rope_sin: Optional[Tensor] = None
+    older_start: Optional[Tensor] = None
+    older_lane: int = 0
 
 
 def decode_attention(q: Tensor, recent_k: Tensor, recent_v: Tensor, *, splits: tuple = None, block_n: int = None,
@@ -439,6 +477,9 @@ def decode_attention(q: Tensor, recent_k: Tensor, recent_v: Tensor, *, splits: t
     k_rope_cos, k_rope_sin: the older keys were quantized before RoPE (quantize_kv --key_rope pre); these are the
     model's float32 tables (positions, D) of model.rope_tables, and older token t is rotated by row sink_size + t
     after dequantization (module docstring). Needs a power-of-two head_dim >= 16.
+    older_start (B, H) int, older_lane: a head-shared older store (module docstring): its lanes of older_lane slots
+    are one run of tokens, head h's from token older_start[b, h] on; n_older then (B, H). Scores: slot t of lane l
+    in column l * M + t.
     inputs: the other fields of DecodeInputs, by name.
     Under torch.compile this is the opaque op torch.ops.kvcache.decode_attention (decode_attention_scores);
     eager calls launch directly, without the op dispatcher's per-call overhead."""
@@ -458,6 +499,7 @@ def _launch(inputs: DecodeInputs, return_scores: bool):
     v_q, v_scale, v_zero = inputs.v_q, inputs.v_scale, inputs.v_zero
     recent_table, recent_block, older_table, older_block = inputs.recent_table, inputs.recent_block, inputs.older_table, inputs.older_block
     k_rope_cos, k_rope_sin, block_n = inputs.k_rope_cos, inputs.k_rope_sin, inputs.block_n
+    older_start, older_lane = inputs.older_start, inputs.older_lane
     B, HQ, T, D = q.shape
     H, NH = recent_k.shape[1], recent_k.shape[2]
     if T != 1:
@@ -481,7 +523,22 @@ def _launch(inputs: DecodeInputs, return_scores: bool):
         k_pb, k_f, k_g = older_format(k_q, k_scale, D)
         v_pb, v_f, v_g = older_format(v_q, v_scale, D)
         M = k_q.shape[2]
-        n_older, stride_nmid = per_batch(n_older, B)
+        stride_nmh = stride_osb = stride_osh = 0
+        if older_start is not None or n_older.dim() == 2:
+            n_older, stride_nmid, stride_nmh = per_head(n_older, B, H, "n_older")
+        else:
+            n_older, stride_nmid = per_batch(n_older, B)
+        lane_rows = 0
+        if older_start is not None:
+            if k_rope_cos is not None or k_f != 1 or v_f != 1:
+                raise ValueError("older_start (a head-shared older store) takes per-token metadata and keys rotated "
+                                 "before they were stored")
+            older_start, stride_osb, stride_osh = per_head(older_start, B, H, "older_start")
+            lane_rows = k_q.stride(1) // k_q.stride(2)
+            if any(t is not None and (t.stride(1) != lane_rows * t.stride(2)) for t in
+                   (k_q, k_scale, k_zero, v_q, v_scale, v_zero)) or not 0 < older_lane <= M:
+                raise ValueError(f"a head-shared older store needs buffers of {lane_rows} rows a lane and "
+                                 f"0 < older_lane <= {M} (got {older_lane})")
         if paged_older:
             M = page_table(older_table, older_block, B, "older")
             if older_block % k_f or older_block % v_f:
@@ -494,6 +551,7 @@ def _launch(inputs: DecodeInputs, return_scores: bool):
     else:
         k_pb = k_f = k_g = v_pb = v_f = v_g = 1
         M, stride_nmid = 0, 0
+        stride_nmh = stride_osb = stride_osh = lane_rows = 0
         k_q = k_scale = v_q = v_scale = n_older = recent_k  # never read
     stride_last = stride_posb = 0
     if recent_last is not None:
@@ -535,7 +593,7 @@ def _launch(inputs: DecodeInputs, return_scores: bool):
     batch_stride = lambda t, paged: 0 if paged else t.stride(0)  # noqa: E731
     ht = recent_table if paged_hi else q  # never read when that store is not paged
     mt = older_table if paged_older else q
-    older_slots = M if has_older else 0
+    older_slots = (H * M if older_start is not None else M) if has_older else 0
     # Columns not attended (past a length, a finished sequence) are never stored: they start at -inf (probability 0).
     scores = torch.full((B, HQ, older_slots + NH), float("-inf"), device=q.device) if return_scores else q
     args = [  # the runtime arguments of _decode_split_kernel, in its order
@@ -571,7 +629,9 @@ def _launch(inputs: DecodeInputs, return_scores: bool):
         *args, **constexprs, PAGED_HI=paged_hi, HI_BLOCK=recent_block if paged_hi else 1, PAGED_MID=paged_older,
         MID_BLOCK=older_block if paged_older else 1, SCORES=return_scores,
         rope_cos_ptr=k_rope_cos if key_rope else q, rope_sin_ptr=k_rope_sin if key_rope else q,  # else never read
-        stride_rope=k_rope_cos.stride(0) if key_rope else 0, KEY_ROPE=key_rope)
+        stride_rope=k_rope_cos.stride(0) if key_rope else 0, KEY_ROPE=key_rope,
+        older_start_ptr=q if older_start is None else older_start, stride_nmh=stride_nmh, stride_osb=stride_osb,
+        stride_osh=stride_osh, older_lane=max(older_lane, 1), lane_rows=lane_rows, HAS_START=older_start is not None)
     _decode_merge_kernel[(B * HQ,)](
         o_part, lse_part, out, out.stride(0), out.stride(1),
         HQ=HQ, D=D, SPLITS=n_splits, BLOCK_S=triton.next_power_of_2(n_splits),
@@ -589,8 +649,9 @@ def score_columns(inputs: DecodeInputs) -> int:
     n_recent = inputs.recent_table.shape[1] * inputs.recent_block if inputs.recent_table is not None else inputs.recent_k.shape[2]
     if inputs.k_q is None:
         return n_recent
-    return n_recent + (inputs.older_table.shape[1] * inputs.older_block if inputs.older_table is not None else
-                   inputs.k_q.shape[2])
+    lanes = inputs.k_q.shape[1] if inputs.older_start is not None else 1  # head-shared: every lane's slots per head
+    return n_recent + lanes * (inputs.older_table.shape[1] * inputs.older_block if inputs.older_table is not None else
+                               inputs.k_q.shape[2])
 
 
 def _register(name: str, return_scores: bool, fake):

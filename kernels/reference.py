@@ -42,12 +42,15 @@ def unpage(pool: Tensor, table: Tensor, block: int, tokens_per_row: int = 1) -> 
 
 def decode_attention_ref(q, recent_k, recent_v, recent_last=None, recent_pos=None, sink_size=0, n_older=None, k_q=None, k_scale=None,
                          k_zero=None, v_q=None, v_scale=None, v_zero=None, recent_table=None, recent_block=0,
-                         older_table=None, older_block=0, return_scores=False):
+                         older_table=None, older_block=0, return_scores=False, older_start=None,
+                         older_lane=0):
     """decode_attention in float64 PyTorch, one sequence at a time; returns (B, n_head, 1, D) in float64. A sequence
     that attends to nothing (finished: recent_last -1, n_older 0) gets output 0, as in the kernel. Paged stores (recent_table,
     older_table) are unpaged into the logical layout first (unpage), then read as the unpaged ones are.
     return_scores: also the attention probabilities (B, n_head, M + NH) in float64, as decode_attention lays them
-    out (older token t in column t, recent slot i in column M + i, 0 where not attended)."""
+    out (older token t in column t, recent slot i in column M + i, 0 where not attended).
+    older_start (B, H), older_lane: a head-shared older store: the lanes' first older_lane slots are one run of
+    tokens, head h's n_older[b, h] from token older_start[b, h] on; slot t of lane l scores in column l * M + t."""
     if recent_table is not None:
         recent_k, recent_v = unpage(recent_k, recent_table, recent_block), unpage(recent_v, recent_table, recent_block)
     if older_table is not None:
@@ -62,27 +65,39 @@ def decode_attention_ref(q, recent_k, recent_v, recent_last=None, recent_pos=Non
     recent_last = torch.full((B,), NH - 1, device=q.device) if recent_last is None else recent_last.reshape(-1).expand(B)
     if recent_pos is not None:
         recent_pos = recent_pos.reshape(-1, NH).expand(B, NH)  # a row shared by the batch, or one per sequence
-    if k_q is not None:
-        n_older = n_older.reshape(-1).expand(B)
-        older_k = dequantize_ref(k_q, k_scale, k_zero, D)
-        older_v = dequantize_ref(v_q, v_scale, v_zero, D)
     M = k_q.shape[2] if k_q is not None else 0
-    outs, probs = [], torch.zeros(B, HQ, M + NH, dtype=torch.float64, device=q.device)
+    if k_q is not None:
+        n_older = n_older.reshape(-1, n_older.shape[-1] if n_older.dim() == 2 else 1).expand(B, H)  # per head or not
+        older_k, older_v = dequantize_ref(k_q, k_scale, k_zero, D), dequantize_ref(v_q, v_scale, v_zero, D)
+        columns = torch.arange(M).expand(H, M)  # each head's older tokens: its lane, column t for token t
+        if older_start is not None:  # the lanes' run, seen by every head, and its tokens' columns
+            older_k, older_v = (x[:, :, :older_lane].reshape(B, 1, H * older_lane, D).expand(B, H, -1, D)
+                                for x in (older_k, older_v))
+            run = torch.arange(H * older_lane)
+            columns = (run // older_lane * M + run % older_lane).expand(H, -1)
+        start = torch.zeros(B, H, dtype=torch.long) if older_start is None else older_start.reshape(B, H).cpu()
+    group = HQ // H
+    n_columns = M * (H if older_start is not None else 1)
+    outs, probs = [], torch.zeros(B, HQ, n_columns + NH, dtype=torch.float64, device=q.device)
     for b in range(B):
-        keep = torch.arange(NH, device=q.device) <= recent_last[b]
-        nm = int(n_older[b]) if k_q is not None else 0
-        if recent_pos is not None:
-            keep &= (recent_pos[b] >= 0) & ((recent_pos[b] < sink_size) | (recent_pos[b] >= sink_size + nm))
-        k, v = recent_k[b][:, keep].double(), recent_v[b][:, keep].double()
-        if k_q is not None:
-            k = torch.cat([older_k[b, :, :nm], k], dim=1)
-            v = torch.cat([older_v[b, :, :nm], v], dim=1)
-        if k.shape[1] == 0:  # no token to attend to: output 0 by definition (a softmax over nothing is undefined)
-            outs.append(torch.zeros(HQ, 1, D, dtype=torch.float64, device=q.device))
-            continue
-        k, v = k.repeat_interleave(HQ // H, dim=0), v.repeat_interleave(HQ // H, dim=0)
-        p = (q[b].double() @ k.transpose(-1, -2) / math.sqrt(D)).softmax(-1)  # (HQ, 1, tokens)
-        outs.append(p @ v)
-        probs[b, :, :nm] = p[:, 0, :nm]
-        probs[b, :, M + keep.nonzero().squeeze(1)] = p[:, 0, nm:]
+        out = torch.zeros(HQ, 1, D, dtype=torch.float64, device=q.device)
+        for h in range(H):  # a head at a time: each has its own older tokens
+            heads = slice(h * group, (h + 1) * group)
+            keep = torch.arange(NH, device=q.device) <= recent_last[b]
+            nm = int(n_older[b, h]) if k_q is not None else 0
+            if recent_pos is not None:
+                keep &= (recent_pos[b] >= 0) & ((recent_pos[b] < sink_size) | (recent_pos[b] >= sink_size + nm))
+            k, v = recent_k[b, h][keep].double(), recent_v[b, h][keep].double()
+            older = slice(0, 0)
+            if k_q is not None:
+                older = slice(int(start[b, h]), int(start[b, h]) + nm)
+                k, v = torch.cat([older_k[b, h, older], k]), torch.cat([older_v[b, h, older], v])
+            if k.shape[0] == 0:  # no token to attend to: output 0 by definition (a softmax over nothing is undefined)
+                continue
+            p = (q[b, heads].double() @ k.T / math.sqrt(D)).softmax(-1)  # (group, 1, tokens)
+            out[heads] = p @ v
+            if k_q is not None:
+                probs[b, heads, columns[h, older].to(q.device)] = p[:, 0, :nm]
+            probs[b, heads, n_columns + keep.nonzero().squeeze(1)] = p[:, 0, nm:]
+        outs.append(out)
     return (torch.stack(outs), probs) if return_scores else torch.stack(outs)

@@ -206,7 +206,8 @@ class KVCache(nn.Module):
 
     def attend_decode(self, q: Tensor, recent, recent_last: Optional[Tensor] = None,
                       recent_pos: Optional[Tensor] = None, sink_size: int = 0, n_older: Optional[Tensor] = None,
-                      older=None, scores: bool = False, older_read: Optional[int] = None):
+                      older=None, scores: bool = False, older_read: Optional[int] = None,
+                      older_start: Optional[Tensor] = None):
         """Decode attention of q (B, n_head, 1, D), already rotated, over the first B sequences of a cache's two
         stores (kv_cache/stores.py):
           recent  the tokens kept as they are, in the model dtype: sinks and window (a RingStore), or every token (a
@@ -214,7 +215,11 @@ class KVCache(nn.Module):
                   (every slot when None) that, with recent_pos (B, NH) given, hold a token (recent_pos >= 0) not yet
                   in the older store (a sink, or position >= sink_size + n_older[b]).
           older   the tokens past sinks and window that the cache still holds (quantized, or chosen by an eviction
-                  policy): its first n_older[b]; None when the cache has none.
+                  policy): its first n_older[b] (n_older (B, H): head h's first n_older[b, h]); None when the cache
+                  has none. older_start (B, H): the older store is head-shared (the eviction policies' head-adaptive
+                  layout, kv_cache/evict.py): its lanes' first older_read slots are one run of tokens, token f in
+                  slot f % older_read of lane f // older_read, and head h holds n_older[b, h] of them from
+                  older_start[b, h] on; its scores sit in the columns of the lanes' slots.
         One description, two backends: the fused Triton kernel (kernels/decode_attention.py, whose "recent" and "older"
         stores these are) reads the stores as they are, through the block table when paged; the torch path gathers,
         dequantizes, masks and runs SDPA.
@@ -233,14 +238,22 @@ class KVCache(nn.Module):
             last = recent_last if recent_last is not None else torch.full((B,), n_slots - 1, device=q.device)
             older_args = {}
             if older is not None:
-                older_args = dict(n_older=torch.where(active, n_older, 0), **older.kernel_inputs(B))
+                older_args = dict(n_older=torch.where(active.view(B, *[1] * (n_older.dim() - 1)), n_older, 0),
+                                  **older.kernel_inputs(B))
+                if older_start is not None:
+                    older_args.update(older_start=older_start, older_lane=older_read)
             result = self.decode_attention(q, **recent_args, recent_last=torch.where(active, last, -1),
                                            recent_pos=recent_pos, sink_size=sink_size, **older_args,
                                            return_scores=scores)
             if not scores:
                 return result
             out, probs = result
-            return out, per_kv_head(probs, self.n_kv_head)
+            probs = per_kv_head(probs, self.n_kv_head)
+            if older_start is not None:  # head h's row has its own tokens' columns in every lane: fold the rows
+                H, lane_slots = self.n_kv_head, older.n_slots
+                older_probs = probs[..., :H * lane_slots].unflatten(2, (H, lane_slots)).sum(1)
+                probs = torch.cat([older_probs, probs[..., H * lane_slots:]], dim=2)
+            return out, probs
         recent_k, recent_v = recent.logical(slice(0, B)) if is_store else recent
         if recent_pos is not None:  # ring slots hold their positions; with recent_last too they are filled in order
             first_recent = sink_size + (n_older[:, None] if older is not None else 0)
@@ -255,17 +268,34 @@ class KVCache(nn.Module):
         if self.attn_impl == "cpu" and not scores and isinstance(older, QuantizedStore) and older.pool is None \
                 and q.dtype != torch.float64:
             return self.attend_codes(q, recent_k, recent_v, keep, older, n_older)
-        older_k, older_v = older.dequantize(slice(0, B), older_read or older.capacity, self.dtype)
-        older_keep = torch.arange(older_k.shape[2], device=q.device) < n_older[:, None]
-        if scores:  # older first, as the kernel lays the columns out; the slots not read score 0
+        H = recent_k.shape[1]
+        lane = older_read or older.capacity
+        older_k, older_v = older.dequantize(slice(0, B), lane, self.dtype)
+        read, cells = lane, torch.arange(lane, device=q.device).expand(B, H, lane)  # each head's (lane, slot) read
+        if older_start is not None:  # head-shared: each head's run out of the lanes' one (any head may hold it all)
+            read = H * lane
+            run = (older_start[:, :, None] + torch.arange(read, device=q.device)).clamp(max=read - 1)
+            cells = run // lane * older.n_slots + run % lane
+            index = run[..., None].expand(B, H, read, older_k.shape[3])
+            older_k, older_v = (x.reshape(B, 1, read, -1).expand(B, H, read, -1).gather(2, index)
+                                for x in (older_k, older_v))
+        older_keep = torch.arange(read, device=q.device) < n_older.view(B, -1, 1)  # (B, 1 or H, read)
+        recent_keep = keep[:, None]
+        if older_keep.shape[1] > 1:  # a count per head: a mask per query head
+            older_keep, recent_keep = (x.expand(B, H, -1).repeat_interleave(q.shape[1] // H, dim=1)
+                                       for x in (older_keep, recent_keep))
+        if scores:  # older first, as the kernel lays the columns out: a token's column is its slot; unread score 0
             out, probs = attend_with_scores(q, torch.cat([older_k, recent_k], dim=2),
                                             torch.cat([older_v, recent_v], dim=2),
-                                            torch.cat([older_keep, keep], dim=1))
-            n_read = older_k.shape[2]
-            unread = probs.new_zeros(*probs.shape[:2], older.n_slots - n_read)
-            return out, torch.cat([probs[..., :n_read], unread, probs[..., n_read:]], dim=2)
+                                            torch.cat([older_keep, recent_keep], dim=2))
+            older_probs = probs.new_zeros(B, H * older.n_slots)
+            if older_start is None:
+                older_probs = older_probs.view(B, H, -1).scatter_add_(2, cells, probs[..., :read])
+            else:  # each head's probabilities to the lane and slot of its tokens
+                older_probs = older_probs.scatter_add_(1, cells.flatten(1), probs[..., :read].flatten(1))
+            return out, torch.cat([older_probs.view(B, H, -1), probs[..., read:]], dim=2)
         return attend(q, torch.cat([recent_k, older_k], dim=2), torch.cat([recent_v, older_v], dim=2),
-                      torch.cat([keep, older_keep], dim=1).view(B, 1, 1, -1))
+                      torch.cat([recent_keep, older_keep], dim=2)[:, :, None])
 
     def attend_codes(self, q: Tensor, recent_k: Tensor, recent_v: Tensor, keep: Tensor, older: QuantizedStore,
                      n_older: Tensor) -> Tensor:
@@ -373,9 +403,9 @@ def per_kv_head(probs: Tensor, n_kv_head: int) -> Tensor:
 
 
 def attend_with_scores(q: Tensor, k: Tensor, v: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
-    """Decode attention of q (B, n_head, 1, D) over k, v (B, n_kv_head, S, D) with keep (B, S), and the
-    probabilities per KV head (B, n_kv_head, S) (attend_decode's scores)."""
-    probs = attention_probs(q, k, keep[:, None, None, :])
+    """Decode attention of q (B, n_head, 1, D) over k, v (B, n_kv_head, S, D) with keep (B, S) (or (B, 1 or
+    n_head, S): per query head), and the probabilities per KV head (B, n_kv_head, S) (attend_decode's scores)."""
+    probs = attention_probs(q, k, (keep[:, None] if keep.dim() == 2 else keep)[:, :, None, :])
     out = (probs @ v.float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)).to(q.dtype)
     return out, per_kv_head(probs[:, :, 0], k.shape[1])
 

@@ -8,34 +8,46 @@ A sequence keeps at most --budget tokens per KV head:
   * older_size = budget - sink_size - window_size older tokens that each KV head chooses by its policy's scores, in
     the per-head older store (layout: kv_cache/stores.py): the model dtype (DenseOlderStore) or, with --then_bits,
     quantized per token (QuantizedStore: int8 / fp8 per token, KIVI int4 / int2 values and keys per token in channel
-    groups; KIVI's per-channel keys need groups of consecutive tokens, which eviction breaks). The first n_older
-    slots of every head are valid (the same count for all heads: each step moves one token per head); each token's
+    groups; KIVI's per-channel keys need groups of consecutive tokens, which eviction breaks). Each token's
     position and score sit beside it (older_pos, older_score).
+
+Where each head's tokens sit: head h holds n_older[b, h] tokens of the lanes' run (stores.py: the H lanes' first
+older_size slots seen as one run of H x older_size tokens), from older_start[b, h] on, with room for
+older_room[b, h]. With --head_budget uniform (and under adaptive until a prompt overflows a head's share) head h's
+run is its own lane: start h x older_size, room older_size, every head holding as many. With --head_budget adaptive
+(AdaKV, Feng et al., 2024) a prefill whose candidates overflow a head's share chooses the layer's best
+H x older_size tokens across its heads by score, each head keeping at least its best floor_size (AdaKV's safeguard),
+and packs each head's choice into consecutive runs: a head may hold several lanes' worth and another a few tokens,
+in the same bytes (the sum is allocated, not heads x the most one head may keep). Decoding then replaces within
+each head's run. The fused kernel reads each head's run by its start and count (older_start); the PyTorch path
+gathers it.
 
 Keys are rotated at their absolute positions before they are stored (as full, quantize_kv), so an older token needs
 no re-rotation wherever it sits; attention reads the ring as the recent store (slots 0 .. min(p, S + W - 1)) and
-the first n_older tokens of the older store, and the fused kernel returns every token's attention probability with
+each head's run of the older store, and the fused kernel returns every token's attention probability with
 the output (kernels/decode_attention.py return_scores), from which the policy updates the scores: no second pass
 over keys.
 
 Decode (static shapes, no host sync; one token per sequence at its own position p): the token leaving the window
-(position p - W, in the ring slot p overwrites) moves into the older store while it has room; when it is full, it
-replaces the head's lowest-scored older token if it scores higher (policy.replaces), else it is dropped (written to
-the scratch slot). Then p is stored in the ring, attention runs, and the policy folds this step's probabilities
+(position p - W, in the ring slot p overwrites) moves into its head's run while it has room; when the run is full,
+it replaces the head's lowest-scored token there if it scores higher (policy.replaces), else it is dropped (written
+to the head's scratch slot). Then p is stored in the ring, attention runs, and the policy folds this step's probabilities
 into the scores of every stored token (policy.update).
 
 Prefill (a chunk of T tokens at the same positions in each row it feeds): the chunk attends to what the cache holds
 plus itself causally in full precision (SDPA); the policy scores every held and new token from the attention of
 the queries it names (policy.score_queries); sinks and the last window_size tokens go to the ring, and each head
-keeps the best-scored min(older_size, candidates) of the rest, compacted into its first slots (tokens already in
-the older store are copied in their stored form, not quantized twice). A policy that needs the whole prompt in view
+keeps the best-scored min(older_size, candidates) of the rest (adaptive: the heads' best, above), compacted into
+its run in position order (tokens already in the older store are copied in their stored form, not quantized
+twice). A policy that needs the whole prompt in view
 (SnapKV's observation window is the prompt's end) asks for it with whole_prompt: the engine then prefills it in one
 chunk (runner.py).
 
 Sizing: a budget at least the tokens a sequence ever holds (max_seq_length) never evicts, and would allocate up to
 budget / max_seq_length times the full cache (26x for a 10-token run at the default 256): the cache is then the full
-cache (as compress_kv's Sizing), a DenseStore of max_seq_length slots with full's forward, bytes and outputs. Paged, the older store is cut into blocks taken as it fills (PageSpace below) and the ring stays per
-sequence; what a sequence evicts is overwritten in its own blocks, which return to the pool when it ends.
+cache (as compress_kv's Sizing), a DenseStore of max_seq_length slots with full's forward, bytes and outputs. Paged,
+the older store is cut into blocks taken as it fills (PageSpace below: every lane fills its first slots alike, and
+adaptive runs are packed only into a store whose lanes are full) and the ring stays per sequence; what a sequence evicts is overwritten in its own blocks, which return to the pool when it ends.
 """
 import math
 from dataclasses import dataclass
@@ -69,6 +81,12 @@ class EvictOptions(SinkWindowOptions, RotateOptions):
                                             "format: 8, 4, 2 or fp8 (default: the model dtype)",
                                       choices=list(FORMATS))
     group_size: int = option(GROUP_SIZE, "--then_bits 4/2: channels per scale (keys and values per token)")
+    head_budget: str = option("uniform", "uniform: every KV head keeps the same number of tokens; adaptive: a layer's "
+                                         "heads share their tokens, each keeping what its scores win against the "
+                                         "others' (AdaKV), stored for real (with tensor parallel: the heads of a rank)",
+                              choices=["uniform", "adaptive"])
+    head_floor: float = option(0.2, "--head_budget adaptive: the share of an equal split every head keeps at least "
+                                    "(AdaKV's safeguard)")
 
     def check(self, head_dim):
         super().check(head_dim)
@@ -76,6 +94,8 @@ class EvictOptions(SinkWindowOptions, RotateOptions):
             raise ValueError(f"--budget {self.budget} leaves no room beyond --sink_size {self.sink_size} + "
                              f"--window_size {self.window_size}: use --budget {self.sink_size + self.window_size + 1} "
                              "or more, or compress_kv for sinks + window alone")
+        if not isinstance(self.head_floor, (int, float)) or not 0 <= self.head_floor <= 1:
+            raise ValueError(f"--head_floor must be a share between 0 and 1 (got {self.head_floor}): e.g. 0.2")
         if self.rotate != "none" and self.then_bits is None:
             raise ValueError(f"--rotate {self.rotate} rotates the tokens that are quantized: add --then_bits (e.g. 4 "
                              "or 2), or drop --rotate")
@@ -93,6 +113,11 @@ class EvictOptions(SinkWindowOptions, RotateOptions):
     def older_size(self) -> int:
         """Slots per head for the policy's choice (beyond sinks and window)."""
         return self.budget - self.sink_size - self.window_size
+
+    @property
+    def floor_size(self) -> int:
+        """--head_budget adaptive: tokens every head keeps at least (when it has them)."""
+        return int(self.head_floor * self.older_size)
 
     def n_older(self, length: int) -> int:
         """Tokens in the older store once a sequence has seen `length` tokens: every token past sinks + window, up to
@@ -178,7 +203,8 @@ class EvictionCache(KVCache):
         else:
             self.older = QuantizedStore(batch_size, n_kv_head, opts.older_size, head_dim, opts.format,
                                         opts.group_size, "token", device, pool)
-        self.scratch = self.older.capacity  # the slot a dropped token is written to
+        self.scratch = self.older.capacity  # the slot a dropped token is written to, in its head's lane
+        self.adaptive = opts.head_budget == "adaptive"
         self.rotate = opts.rotate != "none"  # q, k, v in, output out (kv_cache/rotation.py): scores are unchanged
         if self.rotate:  # not KV storage: nbytes() leaves it out
             self.register_buffer("rotation", rotation_matrix(opts.rotate, head_dim, dtype, device), persistent=False)
@@ -187,7 +213,18 @@ class EvictionCache(KVCache):
         self.register_buffer("older_score", torch.zeros(batch_size, n_kv_head, n_older_slots, device=device))
         self.register_buffer("older_pos", torch.full((batch_size, n_kv_head, n_older_slots), -1, dtype=torch.int32,
                                                     device=device))
-        self.register_buffer("n_older", torch.zeros(batch_size, dtype=torch.long, device=device))
+        # Head h holds n_older[b, h] tokens of the lanes' run (stores.py) from older_start[b, h] on, room for
+        # older_room[b, h]: its own lane (start h * M, room M) until --head_budget adaptive shares them out.
+        self.register_buffer("n_older", torch.zeros(batch_size, n_kv_head, dtype=torch.long, device=device))
+        self.register_buffer("older_start", torch.zeros(batch_size, n_kv_head, dtype=torch.long, device=device))
+        self.register_buffer("older_room", torch.zeros(batch_size, n_kv_head, dtype=torch.long, device=device))
+        self.reset_runs(slice(None))
+
+    def reset_runs(self, rows):
+        """Every head of sequences `rows` back to its own lane, empty."""
+        self.n_older[rows] = 0
+        self.older_start[rows] = torch.arange(self.n_kv_head, device=self.n_older.device) * self.older_size
+        self.older_room[rows] = self.older_size
 
     def reset(self, rows=None):
         super().reset(rows)
@@ -197,12 +234,17 @@ class EvictionCache(KVCache):
         self.ring_score[rows] = 0
         self.older_score[rows] = 0
         self.older_pos[rows] = -1
-        self.n_older[rows] = 0
+        self.reset_runs(rows)
+
+    def cells(self, run: Tensor) -> Tensor:
+        """Token `run` of the lanes' run -> its cell lane * n_slots + slot in a per-lane buffer seen flat."""
+        return run // self.older_size * self.older.n_slots + run % self.older_size
 
     def older_tokens(self, row: int) -> list[list[int]]:
         """Per KV head, the positions sequence `row` keeps beyond sinks and window, sorted (for tests and reports)."""
-        n = int(self.n_older[row])
-        return [sorted(head[:n]) for head in self.older_pos[row].tolist()]
+        pos = self.older_pos[row].flatten().tolist()
+        return [sorted(pos[cell] for cell in self.cells(torch.arange(start, start + n)).tolist())
+                for start, n in zip(self.older_start[row].tolist(), self.n_older[row].tolist())]
 
     # ------------------------------------------------------------ attention
 
@@ -219,81 +261,140 @@ class EvictionCache(KVCache):
         return rotated(out, self.rotation.T) if self.rotate else out
 
     def _decode(self, q, k, v, pos):
-        R, H, S, W = q.shape[0], self.n_kv_head, self.sink_size, self.window_size
+        R, H, S, M = q.shape[0], self.n_kv_head, self.sink_size, self.older_size
         rows, ring = slice(0, R), self.ring
         slot = ring.slots(pos)  # (R, 1): the ring slot p takes, whose token (if older) leaves the window
         leaving_pos = ring.pos[:R].gather(1, slot)  # (R, 1), -1 while the ring fills
         leaves = (leaving_pos[:, 0] >= S) & (leaving_pos[:, 0] < pos[:, 0])  # a finished row repeats p: no move
         head_slot = slot[:, None, :].expand(R, H, 1)
         leaving_score = self.ring_score[:R].gather(2, head_slot)[..., 0]  # (R, H)
-        n_older = self.n_older[:R]
-        has_room = n_older < self.older_size
-        lowest, lowest_slot = self.older_score[:R, :, :self.older_size].min(-1)  # (R, H)
+        n_older, start, room = self.n_older[:R], self.older_start[:R], self.older_room[:R]
+        has_room = n_older < room
+        # Each head's lowest-scored token in its run (its own lane's first M slots until adaptive shares them).
+        run = torch.arange(H * M, device=q.device)
+        in_run = (run >= start[..., None]) & (run < (start + room)[..., None])  # (R, H, H * M)
+        run_score = self.older_score[:R, :, :M].reshape(R, 1, H * M)
+        lowest, lowest_at = run_score.masked_fill(~in_run, float("inf")).min(-1)  # (R, H)
         replace = (leaving_score > lowest) if self.replaces else torch.zeros_like(lowest, dtype=torch.bool)
-        target = torch.where(has_room[:, None], n_older[:, None], torch.where(replace, lowest_slot, self.scratch))
-        target = torch.where(leaves[:, None], target, self.scratch)[..., None]  # (R, H, 1)
-        self.older.write_heads(rows, target, *ring.read(rows, slot))
-        self.older_pos[:R].scatter_(2, target, leaving_pos[:, None, :].expand(R, H, 1).int())
-        self.older_score[:R].scatter_(2, target, leaving_score[..., None])
-        self.n_older[:R] += leaves & has_room
+        n_slots = self.older.n_slots
+        scratch = torch.arange(H, device=q.device) * n_slots + self.scratch  # each head's scratch cell
+        target = torch.where(has_room, self.cells(start + n_older),
+                             torch.where(replace, self.cells(lowest_at), scratch))
+        target = torch.where(leaves[:, None], target, scratch)  # (R, H) cells
+        self.older.write_heads(rows, (target % n_slots)[..., None], *ring.read(rows, slot),
+                               lanes=(target // n_slots)[..., None] if self.adaptive else None)
+        self.older_pos[:R].view(R, -1).scatter_(1, target, leaving_pos.expand(R, H).int())
+        self.older_score[:R].view(R, -1).scatter_(1, target, leaving_score)
+        self.n_older[:R] += leaves[:, None] & has_room
         ring.write_positions(rows, pos, k, v)
         self.ring_score[:R].scatter_(2, head_slot, 0.0)
         recent_last = pos[:, 0].clamp(max=ring.n_slots - 1)  # the ring fills slots 0, 1, ... in order, then wraps
-        out, probs = self.attend_decode(q, ring, recent_last=recent_last, n_older=self.n_older[:R], older=self.older,
-                                        scores=True, older_read=self.older_size)
-        n_older_slots = self.older.n_slots
-        self.older_score[:R] = self.update(self.older_score[:R], probs[..., :n_older_slots])
-        self.ring_score[:R] = self.update(self.ring_score[:R], probs[..., n_older_slots:])
+        # uniform: every head holds as many (its lane's first n_older), one count a sequence as quantize_kv's
+        out, probs = self.attend_decode(q, ring, recent_last=recent_last, older=self.older, scores=True, older_read=M,
+                                        n_older=self.n_older[:R] if self.adaptive else self.n_older[:R, 0],
+                                        older_start=self.older_start[:R] if self.adaptive else None)
+        self.older_score[:R] = self.update(self.older_score[:R], probs[..., :n_slots])
+        self.ring_score[:R] = self.update(self.ring_score[:R], probs[..., n_slots:])
         return out
 
     def _prefill(self, q, k, v, pos, rows, chunk):
         R, H, T = q.shape[0], self.n_kv_head, q.shape[2]
-        S, W, first = self.sink_size, self.window_size, int(pos[0, 0])
+        S, W, M, first = self.sink_size, self.window_size, self.older_size, int(pos[0, 0])
         end = first + T
-        n_before, n_after = self.opts.n_older(first), self.opts.n_older(end)
+        dev = q.device
+        # What each head holds in the older store, in its run's order: (R, H, L), L the most any head holds.
+        n_held, start = self.n_older[rows], self.older_start[rows]
+        L = int(n_held.max()) if n_held.numel() else 0
+        held_older = torch.arange(L, device=dev) < n_held[..., None]
+        run = (start[..., None] + torch.arange(L, device=dev)).clamp(max=H * M - 1)
+        cells = self.cells(run).flatten(1)  # (R, H * L)
+        of_runs = lambda x: x.reshape(R, 1, H * M, *x.shape[3:]).expand(R, H, -1, *x.shape[3:]).gather(  # noqa: E731
+            2, run.view(R, H, L, *[1] * (x.dim() - 3)).expand(R, H, L, *x.shape[3:]))
+        if L:
+            older_k, older_v = (of_runs(x) for x in self.older.dequantize(rows, M, self.dtype))
+        else:
+            older_k = older_v = k.new_zeros(R, H, 0, k.shape[3])
         ring_k, ring_v = self.ring.logical(rows)
         ring_pos = self.ring.pos[rows]
-        older_k, older_v = self.older.dequantize(rows, n_before, self.dtype)
         keys, values = torch.cat([older_k, ring_k, k], dim=2), torch.cat([older_v, ring_v, v], dim=2)
-        # Every token the chunk sees: older (per head), ring, chunk; positions (R, H, N), -1 for empty ring slots.
+        # Every token the chunk sees: older (per head), ring, chunk; positions (R, H, N), -1 for empty slots.
         chunk_pos = pos[:, None, :].expand(R, H, T)
-        all_pos = torch.cat([self.older_pos[rows, :, :n_before].long(), ring_pos[:, None, :].expand(R, H, -1),
-                             chunk_pos], dim=2)
-        held = torch.ones(R, 1, T, n_before + ring_pos.shape[1], dtype=torch.bool, device=q.device)
-        held[..., n_before:] = (ring_pos >= 0)[:, None, None, :]
-        mask = torch.cat([held, torch.ones(T, T, dtype=torch.bool, device=q.device).tril().expand(R, 1, T, T)], -1)
+        older_pos = self.older_pos[rows].view(R, -1).gather(1, cells).view(R, H, L).long().masked_fill(~held_older, -1)
+        all_pos = torch.cat([older_pos, ring_pos[:, None, :].expand(R, H, -1), chunk_pos], dim=2)
+        if bool((n_held == n_held[:, :1]).all()):  # every head holds as many: one mask for all heads
+            held = torch.ones(R, 1, T, L + ring_pos.shape[1], dtype=torch.bool, device=dev)
+            held[..., L:] = (ring_pos >= 0)[:, None, None, :]
+            held[..., :L] = held_older[:, :1, None, :]
+        else:  # a mask per query head (a chunk after --head_budget adaptive shared the older tokens out)
+            held = torch.cat([held_older[:, :, None, :].expand(R, H, T, L),
+                              (ring_pos >= 0)[:, None, None, :].expand(R, H, T, -1)], dim=3)
+            held = held.repeat_interleave(q.shape[1] // H, dim=1)
+        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril().expand(R, held.shape[1], T, T)
+        mask = torch.cat([held, causal], -1)
         out = attend(q, keys, values, mask)
         probs = self.prompt_attention(q, keys, values, mask, chunk)  # (R, H, Q, N)
-        old = torch.cat([self.older_score[rows, :, :n_before], self.ring_score[rows],
-                         torch.zeros(R, H, T, device=q.device)], dim=2)
+        old_scores = self.older_score[rows].view(R, -1).gather(1, cells).view(R, H, L).masked_fill(~held_older, 0.0)
+        old = torch.cat([old_scores, self.ring_score[rows], torch.zeros(R, H, T, device=dev)], dim=2)
         scores = self.prefill_scores(probs, old, all_pos)
         in_ring = (all_pos >= 0) & ((all_pos < S) | (all_pos >= end - W))
+        # Tokens in position order (a stable sort), so ties in score go to the earlier position and the choice never
+        # depends on the layout (heads per rank, paging, where tokens sit in the cache).
+        by_pos = all_pos.argsort(dim=-1, stable=True)
         candidate = (all_pos >= S) & (all_pos < end - W)
-        if n_after:
-            # Each head keeps its best-scored candidates, in position order, as the stored form: the older store's as
-            # they are, the ring's and the chunk's quantized now (a token is quantized once).
-            # Ties (a pooled score over a short prompt) go to the earlier position: a stable sort by score of the
-            # tokens in position order, so the choice never depends on the layout (heads per rank, paging).
-            by_pos = all_pos.argsort(dim=-1, stable=True)
-            ranked = scores.masked_fill(~candidate, float("-inf")).gather(2, by_pos).sort(dim=-1, descending=True,
-                                                                                        stable=True).indices
-            best = by_pos.gather(2, ranked[..., :n_after])
-            chosen = all_pos.gather(2, best).sort(-1)
-            best = best.gather(2, chosen.indices)
-            stored = self.older.raw(rows, n_before)
-            fresh = self.older.encode(torch.cat([ring_k, k], dim=2), torch.cat([ring_v, v], dim=2))
-            slots = torch.arange(n_after, device=q.device).expand(R, -1)
-            self.older.write_raw(rows, slots, {
-                name: torch.cat([stored[name], x], dim=2).gather(
-                    2, best.view(*best.shape, 1).expand(*best.shape, x.shape[-1])) for name, x in fresh.items()})
-            self.older_pos[rows, :, :n_after] = chosen.values.int()
-            self.older_score[rows, :, :n_after] = scores.gather(2, best)
-        self.n_older[rows] = n_after
+        chosen, packed = self.choose(scores.gather(2, by_pos), candidate.gather(2, by_pos))
+        # The chosen tokens go to their heads' runs in position order, in their stored form: the older store's as
+        # they are, the ring's and the chunk's quantized now (a token is quantized once). The rest go to each
+        # head's scratch slot.
+        n_new = chosen.sum(-1)  # (R, H)
+        own_lane = torch.arange(H, device=dev) * M
+        new_start = torch.where(packed[:, None], n_new.cumsum(-1) - n_new, own_lane)
+        n_slots = self.older.n_slots
+        scratch = (torch.arange(H, device=dev) * n_slots + self.scratch)[:, None]
+        target = torch.where(chosen, self.cells(new_start[..., None] + chosen.cumsum(-1) - 1), scratch)  # (R, H, N)
+        stored = {name: of_runs(x) for name, x in self.older.raw(rows, M).items()} if L else None
+        fresh = self.older.encode(torch.cat([ring_k, k], dim=2), torch.cat([ring_v, v], dim=2))
+        self.older.write_heads_buf({
+            name: (x if stored is None else torch.cat([stored[name], x], dim=2)).gather(
+                2, by_pos.view(*by_pos.shape, 1).expand(*by_pos.shape, x.shape[-1])) for name, x in fresh.items()},
+            rows, target % n_slots, lanes=target // n_slots)
+        for buf, x in ((self.older_pos, all_pos.int()), (self.older_score, scores)):
+            part = buf[rows]
+            part.view(R, -1).scatter_(1, target.flatten(1), x.gather(2, by_pos).flatten(1))
+            buf[rows] = part
+        self.n_older[rows] = n_new
+        self.older_start[rows] = new_start
+        self.older_room[rows] = torch.where(packed[:, None], n_new, M)
         # The ring keeps sinks and the last W tokens: the chunk's are stored, and every ring token gets its score.
         idx = ((pos[0] < S) | (pos[0] >= end - W)).nonzero().squeeze(1)
         self.ring.write_positions(rows, pos[:, idx], k[:, :, idx], v[:, :, idx])
         ring_scores = scores.masked_fill(~in_ring, 0.0)
         ring_slot = self.ring.slots(all_pos.clamp(min=0)).masked_fill(~in_ring, self.ring.n_slots)
-        new_ring_score = torch.zeros(R, H, self.ring.n_slots + 1, device=q.device)
+        new_ring_score = torch.zeros(R, H, self.ring.n_slots + 1, device=dev)
         self.ring_score[rows] = new_ring_score.scatter_add_(2, ring_slot, ring_scores)[..., :-1]
         return out
+
+    def choose(self, scores: Tensor, candidate: Tensor) -> tuple[Tensor, Tensor]:
+        """Which of the tokens (R, H, N), in position order, with scores and candidate (R, H, N) the older store
+        keeps, and which rows (R,) have their heads' runs packed out of their lanes. uniform: each head its best M.
+        adaptive (AdaKV): when some head has more candidates than M, the heads' best H * M in all, each head keeping
+        at least its best floor_size; else every candidate. Ties go to the earlier position, then the lower head."""
+        R, H, N = scores.shape
+        M = self.older_size
+        ranked = scores.masked_fill(~candidate, float("-inf"))
+        rank = ranks(ranked)
+        chosen = candidate & (rank < M)
+        packed = torch.zeros(R, dtype=torch.bool, device=scores.device)
+        if self.adaptive:
+            packed = (candidate.sum(-1) > M).any(-1)
+            floor = candidate & (rank < self.opts.floor_size)
+            rest = candidate & ~floor
+            left = H * M - floor.sum((1, 2))  # (R,)
+            overall = ranks(ranked.masked_fill(~rest, float("-inf")).flatten(1)).view(R, H, N)
+            chosen = torch.where(packed[:, None, None], floor | (rest & (overall < left[:, None, None])), chosen)
+        return chosen, packed
+
+
+def ranks(x: Tensor) -> Tensor:
+    """Each entry's place (0: the highest) in its last dim sorted in descending order, ties to the earlier entry."""
+    order = x.sort(dim=-1, descending=True, stable=True).indices
+    return torch.empty_like(order).scatter_(-1, order, torch.arange(x.shape[-1], device=x.device).expand_as(order))

@@ -32,7 +32,10 @@ QuantizedStore (quantize_kv's older store: the tokens that left the window, in a
 
 DenseOlderStore, QuantizedStore with per-token keys (the eviction policies' older store, kv_cache/evict.py)
   Slot n of each KV head holds a token of that head's own choosing (slots are filled in order and overwritten in
-  place, head by head: write_heads); the first n_older slots are valid in every head. DenseOlderStore is a
+  place, head by head: write_heads); the first n_older slots are valid in every head. Head-adaptive budgets
+  (--head_budget adaptive): the H lanes' first M slots (the head dim of these buffers, M = the policy's share of a
+  head) are one run of H * M tokens, token f in slot f % M of lane f // M, that the heads share: head h holds
+  n_older[b, h] consecutive tokens of it from older_start[b, h] on, in whatever lanes they fall. DenseOlderStore is a
   DenseStore in the model dtype that the fused kernel reads as a quantized store with unit scales (16-bit
   "payload").
 
@@ -85,16 +88,22 @@ def physical_slots(table: Tensor, rows, slots: Tensor, block_tokens: int) -> Ten
     return blocks.view(slots.shape) * block_tokens + slots % block_tokens
 
 
-def write_heads(buf: Tensor, rows, slots: Tensor, x: Tensor, phys: Tensor = None):
+def write_heads(buf: Tensor, rows, slots: Tensor, x: Tensor, phys: Tensor = None, lanes: Tensor = None):
     """buf[rows][i, h, slots[i, h, t]] = x[i, h, t] for x (R, H, T, ...): each KV head writes its own slots.
-    phys: the physical slots (R, H, T) of a pool buf (1, H, P, ...) instead (slots is then unused)."""
+    phys: the physical slots (R, H, T) of a pool buf (1, H, P, ...) instead (slots is then unused). lanes (R, H, T):
+    head h's x[i, h, t] goes to lane (head dim) lanes[i, h, t] instead of h (a head-shared store's run)."""
     if buf.dtype == torch.float8_e4m3fn:  # no float8 scatter / index_put on some devices: copy the bytes
         buf, x = buf.view(torch.uint8), x.view(torch.uint8)
-    heads = torch.arange(x.shape[1], device=x.device).view(1, -1, 1)
+    heads = torch.arange(x.shape[1], device=x.device).view(1, -1, 1) if lanes is None else lanes
     if phys is not None:
         buf[0][heads, phys] = x
-    elif isinstance(rows, slice):
+    elif isinstance(rows, slice) and lanes is None:
         buf[rows].scatter_(2, slots.view(*slots.shape, *[1] * (x.dim() - 3)).expand(x.shape), x)
+    elif isinstance(rows, slice):  # one scatter over the rows' lanes x slots, seen flat
+        part = buf[rows].flatten(1, 2)
+        cells = (lanes * buf.shape[2] + slots).flatten(1)
+        part.scatter_(1, cells.view(*cells.shape, *[1] * (x.dim() - 3)).expand(*cells.shape, *x.shape[3:]),
+                      x.flatten(1, 2))
     else:
         buf[rows.view(-1, 1, 1), heads, slots] = x
 
@@ -165,11 +174,12 @@ class Store(nn.Module):
         for name, x in raw.items():
             self.write_buf(getattr(self, name), rows, slots, x)
 
-    def write_heads_buf(self, buffers: dict, rows, slots: Tensor):
-        """Write {buffer name: x (R, H, T, ...)} at per-head slots (R, H, T) of sequences `rows` (write_heads)."""
+    def write_heads_buf(self, buffers: dict, rows, slots: Tensor, lanes: Tensor = None):
+        """Write {buffer name: x (R, H, T, ...)} at per-head slots (R, H, T) of sequences `rows`, in lanes (R, H, T)
+        when given (write_heads)."""
         phys = None if self.pool is None else self.physical(rows, slots)
         for name, x in buffers.items():
-            write_heads(getattr(self, name), rows, slots, x, phys)
+            write_heads(getattr(self, name), rows, slots, x, phys, lanes)
 
     def release(self, rows: Tensor) -> bool:
         """Paged: return the blocks of sequences `rows` to the pool (the data needs no clearing: reads are masked
@@ -259,8 +269,8 @@ class DenseOlderStore(DenseStore):
         # One float16 1.0 seen as every token's scale (stride 0): no memory, and not a buffer (nbytes leaves it out).
         self.unit_scale = torch.ones((1, 1, 1, 1), dtype=torch.float16, device=device)
 
-    def write_heads(self, rows, slots: Tensor, k: Tensor, v: Tensor):
-        self.write_heads_buf(dict(k=k, v=v), rows, slots)
+    def write_heads(self, rows, slots: Tensor, k: Tensor, v: Tensor, lanes: Tensor = None):
+        self.write_heads_buf(dict(k=k, v=v), rows, slots, lanes)
 
     def kernel_inputs(self, R: int) -> dict:
         """The kernel's older ("older") store arguments."""
@@ -389,9 +399,10 @@ class QuantizedStore(Store):
         encoded = (*quantize_keys(k, self.fmt, "token", self.group_size), *quantize_values(v, self.fmt, self.group_size))
         return {name: x for name, x in zip(self.POOLED, encoded) if x is not None}
 
-    def write_heads(self, rows, slots: Tensor, k: Tensor, v: Tensor):
-        """Quantize k, v (R, H, T, D) into per-head token slots (R, H, T) of sequences `rows` (per-token keys)."""
-        self.write_heads_buf(self.encode(k, v), rows, slots)
+    def write_heads(self, rows, slots: Tensor, k: Tensor, v: Tensor, lanes: Tensor = None):
+        """Quantize k, v (R, H, T, D) into per-head token slots (R, H, T) of sequences `rows` (per-token keys), in
+        lanes (R, H, T) when given."""
+        self.write_heads_buf(self.encode(k, v), rows, slots, lanes)
 
     def raw(self, rows, n: int) -> dict:
         """The stored form of the first n tokens of sequences `rows` (per-token keys): {buffer name: (R, H, n, ...)}."""

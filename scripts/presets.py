@@ -57,6 +57,7 @@ PRESETS = [
     Preset("snapkv"), Preset("h2o"), Preset("tova"), Preset("expected_attention"),
     Preset("h2o", ("--then_bits", "4"), "then int4"),
     Preset("snapkv", ("--then_bits", "2"), "then int2"),
+    Preset("snapkv", ("--head_budget", "adaptive"), "adaptive"),  # AdaKV: the heads share the budget
 ]
 BY_NAME = {preset.name: preset for preset in PRESETS}
 

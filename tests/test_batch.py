@@ -31,6 +31,10 @@ CASES = {
     "snapkv": ("snapkv", dict(SINK_WINDOW, budget=20)),
     "expected_attention": ("expected_attention", dict(SINK_WINDOW, budget=20)),
     "h2o-then-int4": ("h2o", dict(SINK_WINDOW, budget=20, then_bits="4", group_size=8, rotate="hadamard")),
+    # --head_budget adaptive: the heads share 2 x 8 slots (runs across lanes), whole prompt and chunked
+    "snapkv-adaptive": ("snapkv", dict(SINK_WINDOW, budget=20, head_budget="adaptive")),
+    "h2o-adaptive-then-int2": ("h2o", dict(SINK_WINDOW, budget=20, head_budget="adaptive", then_bits="2",
+                                           group_size=8)),
 }
 # Ragged: one token, shorter than sinks + window, longer than the window, and longer than several flush groups.
 PROMPT_LENGTHS = [7, 1, 23, 41]  # the one-token prompt not in row 0: its prefill must reach its own row

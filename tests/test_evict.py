@@ -21,13 +21,15 @@ PROMPT, STEPS = 12, 10
 
 
 class Reference:
-    """One sequence, per KV head: sinks and window by position, `kept` in slot order, scores by position."""
+    """One sequence, per KV head: sinks and window by position, `kept` in slot order, scores by position, and the
+    tokens each head has room for (adaptive: what it won at the prompt when the prompt overflowed the budget)."""
 
-    def __init__(self, policy: str, kernel_size: int):
-        self.policy, self.kernel_size = policy, kernel_size
+    def __init__(self, policy: str, kernel_size: int, adaptive: bool = False, floor: int = 0):
+        self.policy, self.kernel_size, self.adaptive, self.floor = policy, kernel_size, adaptive, floor
         self.k, self.v = {}, {}
         self.kept = [[] for _ in range(H)]
         self.score = [{} for _ in range(H)]
+        self.room = [BUDGET - S - W] * H
 
     def probs(self, h, q, positions):
         """Attention (group heads, len(positions)) of q (group heads, D) over the head's tokens, float64."""
@@ -62,6 +64,14 @@ class Reference:
             self.score[h] = {t: float(mass[t]) for t in range(T)}
             best = sorted(candidates, key=lambda t: -self.score[h][t])[:BUDGET - S - W]
             self.kept[h] = sorted(best)
+        M = BUDGET - S - W
+        if self.adaptive and len(candidates) > M:  # AdaKV: each head its best `floor`, then the best of the rest
+            kept = [sorted(candidates, key=lambda t: -self.score[h][t])[:self.floor] for h in range(H)]
+            rest = sorted(((-self.score[h][t], h, t) for h in range(H) for t in candidates if t not in kept[h]))
+            for _, h, t in rest[:H * M - sum(map(len, kept))]:
+                kept[h].append(t)
+            self.kept = [sorted(x) for x in kept]
+            self.room = [len(x) for x in kept]
         self.length = T
         return outs
 
@@ -72,7 +82,7 @@ class Reference:
         for h in range(H):
             if leaving >= S:
                 kept, score = self.kept[h], self.score[h]
-                if len(kept) < BUDGET - S - W:
+                if len(kept) < self.room[h]:
                     kept.append(leaving)
                 elif self.policy != "snapkv":
                     lowest = min(range(len(kept)), key=lambda i: (score[kept[i]], i))
@@ -96,35 +106,45 @@ def identity_rope(length):
     return torch.ones(length, D), torch.zeros(length, D)
 
 
+def held_scores(cache, row, h) -> dict:
+    """{position: score} of what head h of sequence `row` holds in the older store (its run, in whatever lanes)."""
+    start, n = int(cache.older_start[row, h]), int(cache.n_older[row, h])
+    cells = cache.cells(torch.arange(start, start + n))
+    return dict(zip(cache.older_pos[row].flatten()[cells].tolist(), cache.older_score[row].flatten()[cells].tolist()))
+
+
 def make_cache(policy, batch=1, **options):
     cls = kv_cache.STRATEGIES[policy]
     return cls(batch, 64, H, D, torch.float32, "cpu", sink_size=S, window_size=W, budget=BUDGET, **options)
 
 
+@pytest.mark.parametrize("head_budget", ["uniform", "adaptive"])
 @pytest.mark.parametrize("policy", ["h2o", "tova", "snapkv"])
-def test_policy_keeps_what_the_reference_keeps(policy):
+def test_policy_keeps_what_the_reference_keeps(policy, head_budget):
     gen = torch.Generator().manual_seed(7)
     T = PROMPT + STEPS
     q = torch.randn(1, HQ, T, D, generator=gen) * 2  # peaked attention: scores well apart, no near-ties
     k = torch.randn(1, H, T, D, generator=gen) * 2
     v = torch.randn(1, H, T, D, generator=gen)
     # snapkv pools over 3 positions here: its default (15) spans this 12-token prompt, so every score would tie
-    cache = make_cache(policy, **(dict(kernel_size=3) if policy == "snapkv" else {}))
-    ref = Reference(policy, getattr(cache.opts, "kernel_size", 1))
+    cache = make_cache(policy, head_budget=head_budget, head_floor=0.25,
+                       **(dict(kernel_size=3) if policy == "snapkv" else {}))
+    ref = Reference(policy, getattr(cache.opts, "kernel_size", 1), head_budget == "adaptive", cache.opts.floor_size)
     cos, sin = identity_rope(T)  # keys and queries unrotated: the reference needs no RoPE
     out = cache(q[:, :, :PROMPT], k[:, :, :PROMPT], v[:, :, :PROMPT], torch.arange(PROMPT), cos, sin,
                 torch.tensor([0]))
     ref_out = ref.prefill(q[0, :, :PROMPT], k[0, :, :PROMPT], v[0, :, :PROMPT])
     assert torch.allclose(out[0].double(), ref_out, atol=1e-5)
     assert cache.older_tokens(0) == ref.kept, "after the prompt"
+    if head_budget == "adaptive":  # the heads' shares differ, and their sum is the budget's
+        assert len(set(ref.room)) > 1 and sum(ref.room) == H * (BUDGET - S - W), ref.room
     for p in range(PROMPT, T):
         out = cache(q[:, :, p:p + 1], k[:, :, p:p + 1], v[:, :, p:p + 1], torch.tensor([[p]]), cos, sin)
         ref_out = ref.decode(q[0, :, p], k[0, :, p], v[0, :, p])
         assert torch.allclose(out[0, :, 0].double(), ref_out, atol=1e-5), f"output at position {p}"
         assert cache.older_tokens(0) == [sorted(kept) for kept in ref.kept], f"kept after position {p}"
         for h in range(H):  # the scores beside the kept tokens are the reference's
-            n = int(cache.n_older[0])
-            got = dict(zip(cache.older_pos[0, h, :n].tolist(), cache.older_score[0, h, :n].tolist()))
+            got = held_scores(cache, 0, h)
             assert all(abs(got[t] - ref.score[h][t]) < 1e-4 for t in ref.kept[h]), (p, h)
     if policy == "tova":  # decoding replaced some prompt tokens (h2o's prompt tokens have accumulated more)
         assert any(t >= PROMPT - W for kept in ref.kept for t in kept)
@@ -151,11 +171,14 @@ def test_hand_set_scores_decide_the_replacement():
     assert cache.older_pos[0, 1, :4].tolist() == before[1]
 
 
+@pytest.mark.parametrize("head_budget", ["uniform", "adaptive"])
 @pytest.mark.parametrize("then_bits", [None, "8", "4", "fp8"])
-def test_bytes_are_the_layout(then_bits):
-    """nbytes counts every buffer (ring, older store, scores, positions, counts) and bytes_per_token is what one more
-    slot of the older store costs, to the byte."""
-    options = dict(then_bits=then_bits, group_size=4)
+def test_bytes_are_the_layout(then_bits, head_budget):
+    """nbytes counts every buffer (ring, older store, scores, positions, each head's count, start and room) and
+    bytes_per_token is what one more slot of the older store costs, to the byte. Head-adaptive budgets cost the
+    same bytes: the heads share one run of H x (budget - sinks - window) slots (the sum, not heads x the most one
+    head may keep)."""
+    options = dict(then_bits=then_bits, group_size=4, head_budget=head_budget)
     B, ring, kept_slots = 3, S + W, BUDGET - S - W + 1  # + the scratch slot
     cache = make_cache("h2o", batch=B, **options)
     if then_bits is None:
@@ -163,7 +186,8 @@ def test_bytes_are_the_layout(then_bits):
     else:
         kept = B * H * kept_slots * QuantizedStore.bytes_per_token(cache.opts.format, 4, "token", D)
     expected = (2 * B * H * ring * D * 4 + B * ring * 8  # ring keys, values and positions
-                + kept + B * H * (ring + kept_slots) * 4 + B * H * kept_slots * 4 + B * 8)  # scores, positions, count
+                + kept + B * H * (ring + kept_slots) * 4 + B * H * kept_slots * 4  # scores, positions
+                + 3 * B * H * 8)  # each head's count, start and room
     assert cache.nbytes() == expected
     cls = kv_cache.STRATEGIES["h2o"]
     bigger = cls(B, 64, H, D, torch.float32, "cpu", sink_size=S, window_size=W, budget=BUDGET + 1, **options)

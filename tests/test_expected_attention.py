@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kv_cache
+from test_evict import held_scores
 
 S, W, BUDGET, N_FUTURE = 2, 3, 9, 8
 HQ, H, D, T, LENGTH = 4, 2, 16, 20, 40
@@ -79,9 +80,8 @@ def test_keeps_what_the_reference_keeps_and_never_revises():
     cache(q[None, :, :T], k[None, :, :T], v[None, :, :T], torch.arange(T), cos, sin, torch.tensor([0]))
     kept, scores = reference_kept(q[:, :T], k[:, :T], v[:, :T])
     assert cache.older_tokens(0) == kept
-    n = int(cache.n_older[0])
     for h in range(H):
-        for t, got in zip(cache.older_pos[0, h, :n].tolist(), cache.older_score[0, h, :n].tolist()):
+        for t, got in held_scores(cache, 0, h).items():
             assert abs(got - scores[h, t].item()) < 1e-6 * scores[h].max().item()
     for p in range(T, T + 3):  # the budget is full: tokens leaving the window are dropped, the choice stays
         cache(q[None, :, p:p + 1], k[None, :, p:p + 1], v[None, :, p:p + 1], torch.tensor([[p]]), cos, sin)

@@ -336,6 +336,9 @@ E2E_CASES = [
     ("h2o", dict(sink_size=4, window_size=8, budget=18)),
     ("tova", dict(sink_size=4, window_size=8, budget=18, then_bits="4", group_size=8, rotate="hadamard")),
     ("quantize_kv", dict(sink_size=4, window_size=8, bits="2", group_size=8, rotate="signed_hadamard")),
+    # head-adaptive budgets (two KV heads sharing their slots): each head's run read across lanes
+    ("snapkv", dict(sink_size=4, window_size=8, budget=18, head_budget="adaptive", then_bits="4", group_size=8)),
+    ("h2o", dict(sink_size=4, window_size=8, budget=18, head_budget="adaptive")),
 ]
 
 
@@ -347,7 +350,9 @@ def test_cache_decode_triton_matches_torch(strategy, options):
     from model import ModelArgs, Transformer
 
     torch.manual_seed(0)
-    args = ModelArgs(vocab_size=64, dim=64, n_layer=1, n_head=2, n_kv_head=1, intermediate_size=64, head_dim=32)
+    n_kv_head = 2 if options.get("head_budget") == "adaptive" else 1
+    args = ModelArgs(vocab_size=64, dim=64, n_layer=1, n_head=2, n_kv_head=n_kv_head, intermediate_size=64,
+                     head_dim=32)
     model = Transformer(args).to(DEVICE).eval().requires_grad_(False)
     tokens = torch.randint(0, 64, (2, 30), device=DEVICE)
     # Decode steps at positions 10-19 and 24-29: KIVI groups (8 tokens past sinks 4 + window 8) flush at 19 and 27.

@@ -262,3 +262,69 @@ def test_decode_attention_scores_compile(monkeypatch):
     out, probs = step(q)
     ref_out, ref_probs = decode_attention(q, **pages, return_scores=True)
     assert torch.equal(out, ref_out) and torch.equal(probs, ref_probs)
+
+
+HEAD_SHARED_CASES = [  # name, dtype, n_head, n_kv_head, D, format ("dense": the model dtype, unit scales), group
+    ("dense-fp32", torch.float32, 6, 3, 32, "dense", 32),
+    ("int8-bf16", torch.bfloat16, 6, 3, 64, "8", 64),
+    ("int2-token-fp32", torch.float32, 9, 3, 64, "2", 16),
+]
+
+
+@pytest.mark.parametrize("name,dtype,HQ,H,D,kind,group", HEAD_SHARED_CASES, ids=[c[0] for c in HEAD_SHARED_CASES])
+def test_head_shared_older_store(name, dtype, HQ, H, D, kind, group):
+    """The eviction stores' head-adaptive layout (older_start): the H lanes' first `lane` slots are one run of
+    tokens and each head reads its own stretch of it, across lanes. Sequence 0's heads hold 5, 36 and 19 tokens
+    (head 1 spills over two lanes), sequence 1's a lane each, sequence 2 is finished. Output and scores (slot t of
+    lane l in column l * M + t) match the float64 reference, contiguous and paged (shuffled blocks) alike; the
+    slots no head holds are NaN."""
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    B, lane, block, NH = 3, 24, 8, 12
+    M = lane + block  # a lane's logical slots: the run's share, then a scratch block (as the caches lay it out)
+    start = torch.tensor([[0, 5, 41], [0, 24, 48], [0, 24, 48]])
+    n_older = torch.tensor([[5, 36, 19], [7, 3, 20], [0, 0, 0]])
+    q = torch.randn(B, HQ, 1, D, generator=gen).to(dtype)
+    recent_k, recent_v = (torch.randn(B, H, NH, D, generator=gen).to(dtype) for _ in range(2))
+    recent_last = torch.tensor([NH - 1, 6, -1])
+    k, v = torch.randn(B, H, M, D, generator=gen) * 2, torch.randn(B, H, M, D, generator=gen)
+    if kind == "dense":
+        older = dict(k_q=k.to(dtype), v_q=v.to(dtype), k_zero=None, v_zero=None)
+        older.update(k_scale=torch.ones(1, 1, 1, 1, dtype=torch.float16).expand(B, H, M, 1),
+                     v_scale=torch.ones(1, 1, 1, 1, dtype=torch.float16).expand(B, H, M, 1))
+    else:
+        older = dict(zip(("k_q", "k_scale", "k_zero"), quantize_keys(k, kind, "token", group)))
+        older.update(zip(("v_q", "v_scale", "v_zero"), quantize_values(v, kind, group)))
+    held = torch.zeros(B, H * lane, dtype=torch.bool)  # which tokens of each sequence's run some head holds
+    for b in range(B):
+        for h in range(H):
+            held[b, start[b, h]:start[b, h] + n_older[b, h]] = True
+    unheld = torch.cat([~held.view(B, H, lane), torch.ones(B, H, M - lane, dtype=torch.bool)], dim=2)
+    for t_name in ("k_q", "v_q") if kind == "dense" else ("k_scale", "v_scale"):
+        older[t_name] = older[t_name].clone()
+        older[t_name][unheld] = float("nan")
+    logical = dict(recent_k=recent_k, recent_v=recent_v, recent_last=recent_last, n_older=n_older, older_start=start,
+                   older_lane=lane, **older)
+    pages = dict(logical)
+    used = [3, 3, 0]  # the run's blocks of each lane (the scratch block is never reserved: the null block)
+    n_pool = sum(used) + 3
+    table = block_table(used, M // block, n_pool, torch.int32, gen)
+    for t_name, t in older.items():
+        if t is not None and t.stride(2):
+            pages[t_name] = page(t, table, block, n_pool, gen)
+    if kind == "dense":
+        pages.update(k_scale=older["k_scale"][:1, :, :1].expand(1, H, n_pool * block, 1),
+                     v_scale=older["v_scale"][:1, :, :1].expand(1, H, n_pool * block, 1))
+    pages.update(older_table=table, older_block=block)
+    logical, pages = ({n: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for n, t in d.items()}
+                      for d in (logical, pages))
+    q = q.to(DEVICE)
+    ref_out, ref_probs = decode_attention_ref(q, **logical, return_scores=True)
+    assert torch.equal(ref_out[2], torch.zeros_like(ref_out[2]))
+    for config in (dict(), dict(block_n=16, splits=(3, 2))):
+        out, probs = decode_attention(q, **logical, **config, return_scores=True)
+        out_paged, probs_paged = decode_attention(q, **pages, **config, return_scores=True)
+        assert torch.equal(out_paged, out) and torch.equal(probs_paged, probs), (name, config)
+        assert rel_err(out[:2], ref_out[:2]) < TOL[dtype], (name, config)
+        assert probs.shape == ref_probs.shape
+        assert (probs - ref_probs).abs().max() < 10 * TOL[dtype] * ref_probs.abs().max(), (name, config)
+        assert torch.equal(decode_attention(q, **logical, **config), out)
