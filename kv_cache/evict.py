@@ -96,7 +96,7 @@ class EvictOptions(SinkWindowOptions, RotateOptions):
                              "or more, or compress_kv for sinks + window alone")
         if not isinstance(self.head_floor, (int, float)) or not 0 <= self.head_floor <= 1:
             raise ValueError(f"--head_floor must be a share between 0 and 1 (got {self.head_floor}): e.g. 0.2")
-        if self.rotate != "none" and self.then_bits is None:
+        if self.rotates() and self.then_bits is None:
             raise ValueError(f"--rotate {self.rotate} rotates the tokens that are quantized: add --then_bits (e.g. 4 "
                              "or 2), or drop --rotate")
         fmt = None if self.then_bits is None else get_format(self.then_bits)
@@ -205,9 +205,11 @@ class EvictionCache(KVCache):
                                         opts.group_size, "token", device, pool)
         self.scratch = self.older.capacity  # the slot a dropped token is written to, in its head's lane
         self.adaptive = opts.head_budget == "adaptive"
-        self.rotate = opts.rotate != "none"  # q, k, v in, output out (kv_cache/rotation.py): scores are unchanged
+        # q, k, v in, output out (kv_cache/rotation.py): scores are unchanged
+        rotation = opts.applied_rotation(opts.format, head_dim)
+        self.rotate = rotation != "none"
         if self.rotate:  # not KV storage: nbytes() leaves it out
-            self.register_buffer("rotation", rotation_matrix(opts.rotate, head_dim, dtype, device), persistent=False)
+            self.register_buffer("rotation", rotation_matrix(rotation, head_dim, dtype, device), persistent=False)
         n_ring, n_older_slots = self.ring.n_slots, self.older.n_slots
         self.register_buffer("ring_score", torch.zeros(batch_size, n_kv_head, n_ring, device=device))
         self.register_buffer("older_score", torch.zeros(batch_size, n_kv_head, n_older_slots, device=device))
@@ -258,7 +260,7 @@ class EvictionCache(KVCache):
         if self.rotate:
             q, k, v = (rotated(x, self.rotation) for x in (q, k, v))
         out = self._decode(q, k, v, pos) if decode else self._prefill(q, k, v, pos, rows, chunk)
-        return rotated(out, self.rotation.T) if self.rotate else out
+        return rotated(out, self.rotation, inverse=True) if self.rotate else out
 
     def _decode(self, q, k, v, pos):
         R, H, S, M = q.shape[0], self.n_kv_head, self.sink_size, self.older_size

@@ -74,7 +74,7 @@ class QuantizeOptions(SinkWindowOptions, RotateOptions):
         super().check(head_dim)
         if self.key_rope not in KEY_ROPES:
             raise ValueError(f"--key_rope {self.key_rope!r} is not supported: use post or pre")
-        if self.key_rope == "pre" and self.rotate != "none":
+        if self.key_rope == "pre" and self.rotates():
             raise ValueError(f"--rotate {self.rotate} rotates keys after RoPE (a rotation of the channels does not "
                              "commute with RoPE's): drop --key_rope pre, or use --rotate none")
         if self.bits_per_layer is not None:
@@ -203,10 +203,12 @@ class QuantizeKVCache(KVCache):
             self.ring = RingStore(batch_size, n_kv_head, 0, max_seq_length, head_dim, dtype, device, pool)
             self.older = None
         # --rotate: q, k, v rotated as they arrive, the output back as it leaves (kv_cache/rotation.py); nothing is
-        # quantized without an older store, and then the rotation would change nothing but rounding.
-        self.rotate = opts.rotate != "none" and self.older is not None
+        # quantized without an older store, and then the rotation would change nothing but rounding. Keys quantized
+        # before RoPE are never rotated (auto: none).
+        rotation = "none" if opts.key_rope == "pre" else opts.applied_rotation(opts.format, head_dim)
+        self.rotate = rotation != "none" and self.older is not None
         if self.rotate:  # not KV storage: nbytes() leaves it out
-            self.register_buffer("rotation", rotation_matrix(opts.rotate, head_dim, dtype, device), persistent=False)
+            self.register_buffer("rotation", rotation_matrix(rotation, head_dim, dtype, device), persistent=False)
         # Nothing is ever quantized without an older store: then --key_rope pre changes nothing and post's path runs.
         self.pre_rope = opts.key_rope == "pre" and self.older is not None
         if self.pre_rope and self.attn_impl == "triton" and (head_dim < 16 or head_dim & (head_dim - 1)):
@@ -230,7 +232,7 @@ class QuantizeKVCache(KVCache):
             out = self._decode(q, stored_k, v, pos, rows, rope)
         else:
             out = self._prefill(q, k_rot, stored_k, v, pos, rows, rope)
-        return rotated(out, self.rotation.T) if self.rotate else out
+        return rotated(out, self.rotation, inverse=True) if self.rotate else out
 
     def _attended(self, keys, ring_pos, rope):
         """Ring keys (R, H, slots, D) and the older store as attention reads them: as stored (post), or rotated by

@@ -55,9 +55,10 @@ def prompts(lengths=PROMPT_LENGTHS, seed=1):
     return [torch.randint(0, ARGS.vocab_size, (n,), generator=gen).tolist() for n in lengths]
 
 
-def run(model, name, batch, new_tokens=NEW_TOKENS, eos_ids=(), decode_fn=runner.decode_one_token):
+def run(model, name, batch, new_tokens=NEW_TOKENS, eos_ids=(), decode_fn=runner.decode_one_token,
+        max_seq_length=None):
     strategy, options = CASES[name]
-    max_seq_length = max(map(len, batch)) + new_tokens
+    max_seq_length = max_seq_length or max(map(len, batch)) + new_tokens
     runner.setup_cache(model, strategy, options, len(batch), max_seq_length)
     return engine.generate_batch(model, batch, new_tokens, eos_ids=eos_ids, decode_fn=decode_fn)["sequences"]
 
@@ -67,7 +68,9 @@ def test_batch_of_different_prompts_equals_one_by_one(model, name):
     batch = prompts()
     together = run(model, name, batch)
     for prompt, result in zip(batch, together):
-        alone = run(model, name, [prompt])[0]
+        # The batch's cache size: a run sized for a short prompt alone may hold every token (a budget or sinks +
+        # window past its length is the full cache), a different cache, not a different batch.
+        alone = run(model, name, [prompt], max_seq_length=max(map(len, batch)) + NEW_TOKENS)[0]
         assert result["tokens"] == alone["tokens"], f"{name}: prompt of {len(prompt)} tokens differs in a batch"
         assert result["finish_reason"] == "length" and len(result["tokens"]) == NEW_TOKENS
 
@@ -95,7 +98,7 @@ def test_reset_one_sequence_alone(model):
     state = {k: b.clone() for k, b in model.caches()[0].named_buffers()}
     model.reset_caches(torch.tensor([1]))
     for name, buf in model.caches()[0].named_buffers():
-        if buf.ndim >= 2:  # per-sequence state: row 0 kept, row 1 emptied (positions -1, payload 0)
+        if buf.ndim >= 2 and name != "rotation":  # per-sequence state: row 0 kept, row 1 emptied (positions -1, payload 0)
             assert torch.equal(buf[0], state[name][0]), name
             assert (buf[1] == (-1 if name.endswith("pos") else 0)).all(), name
 

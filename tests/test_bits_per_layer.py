@@ -134,9 +134,9 @@ def test_cli_refuses_a_spec_past_the_model(tmp_path, smollm2_gguf_path):
 
 def buffer_bytes(model) -> int:
     """The real storage of every layer's cache, buffer by buffer (not through KVCache.nbytes): everything but the
-    batch's active flags and the shared block table, which are no KV storage."""
+    batch's active flags, the shared block table and --rotate's matrix, which are no KV storage."""
     return sum(b.numel() * b.element_size() for cache in model.caches() for name, b in cache.named_buffers()
-               if name.rsplit(".", 1)[-1] not in ("active", "table"))
+               if name.rsplit(".", 1)[-1] not in ("active", "table", "rotation"))
 
 
 ARGS = ModelArgs(vocab_size=64, dim=64, n_layer=4, n_head=4, n_kv_head=2, intermediate_size=64, head_dim=32,
@@ -251,9 +251,10 @@ def run_cache(model, options, tokens, schedule, max_seq_length):
                                            ("fp8:0;4:1", "pre")])
 def test_per_layer_model_equals_per_layer_reference(spec, key_rope):
     """A 2-layer float64 model, prefill chunks and decode steps across flushes: layer i quantizes exactly as a
-    cache of layer i's single format would (which tokens, when, how), each with its own flush group."""
+    cache of layer i's single format would (which tokens, when, how), each with its own flush group. Unrotated:
+    the reference quantizes the keys as they are (the rotation's own reference: tests/test_rotation.py)."""
     S, W, G = 4, 8, 8
-    options = dict(sink_size=S, window_size=W, group_size=G, bits_per_layer=spec, key_rope=key_rope)
+    options = dict(sink_size=S, window_size=W, group_size=G, bits_per_layer=spec, key_rope=key_rope, rotate="none")
     model, tokens = tiny_model(), random_tokens(2, 88)
     out = run_cache(model, options, tokens, SCHEDULE, 96)
     bits = layer_bits(spec, 2)

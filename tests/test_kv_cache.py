@@ -190,8 +190,9 @@ def test_compress_kv_equals_masked_reference(rope_positions, sink_size, window_s
 ])
 def test_quantize_kv_equals_masked_reference(options):
     """Which tokens are quantized when, and how: the cache against the reference with exactly those tokens
-    quantized-dequantized by the reference functions (tested on their own in test_quantize.py)."""
-    options = {**dict(sink_size=4, window_size=8, group_size=8), **options}
+    quantized-dequantized by the reference functions (tested on their own in test_quantize.py). Unrotated (the
+    4- and 2-bit formats' default rotation against its reference: tests/test_rotation.py)."""
+    options = {**dict(sink_size=4, window_size=8, group_size=8, rotate="none"), **options}
     model, tokens = tiny_model(), random_tokens(2, 88)
     out = run(model, "quantize_kv", options, tokens, SCHEDULE, 96)
     bits = {"8": 8, "4": 4, "2": 2, "fp8": "fp8"}[options["bits"]]
@@ -413,7 +414,7 @@ def test_cli_options_and_capacity():
                                                     attn_impl=None)),
                                ("quantize_kv", dict(sink_size=16, window_size=32, bits="8", group_size=32,
                                                     k_granularity=None, bits_per_layer=None, key_rope="post",
-                                                    rotate="none", attn_impl=None))]:
+                                                    rotate="auto", attn_impl=None))]:
         cls = kv_cache.STRATEGIES[strategy]
         parser = argparse.ArgumentParser()
         cls.add_arguments(parser)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kv_cache
-from kv_cache.rotation import hadamard, rotation_matrix
+from kv_cache.rotation import hadamard, rotated, rotation_matrix
 from test_kv_cache import (SCHEDULE, english_prose, group_quantizer, quantized_counts, random_tokens, reference_logits,
                            run, tiny_model)
 from tokenizer import load_tokenizer
@@ -61,7 +61,7 @@ def test_rotated_eviction_is_the_cache_over_rotated_tokens(policy):
     options = dict(sink_size=2, window_size=3, budget=9, then_bits="4", group_size=8)
     cls = kv_cache.STRATEGIES[policy]
     rotated_cache = cls(1, 64, H, D, torch.float64, "cpu", rotate="hadamard", **options)
-    plain_cache = cls(1, 64, H, D, torch.float64, "cpu", **options)
+    plain_cache = cls(1, 64, H, D, torch.float64, "cpu", rotate="none", **options)
     r = rotation_matrix("hadamard", D, torch.float64, "cpu")
     for start, stop in [(0, prompt)] + [(p, p + 1) for p in range(prompt, T)]:
         pos = torch.arange(start, stop) if stop - start > 1 else torch.tensor([[start]])
@@ -93,11 +93,58 @@ def test_rotation_makes_int2_lose_less_on_smollm2(smollm2_model, smollm2_gguf_pa
 @pytest.mark.parametrize("strategy,options,message", [
     ("quantize_kv", dict(bits="4", rotate="hadamard", key_rope="pre"), "drop --key_rope pre"),
     ("h2o", dict(budget=64, rotate="hadamard"), "add --then_bits"),
-    ("quantize_kv", dict(bits="4", rotate="diagonal"), "use none, hadamard, signed_hadamard"),
+    ("quantize_kv", dict(bits="4", rotate="diagonal"), "use auto, none, hadamard, signed_hadamard"),
 ])
 def test_rotate_refuses_what_cannot_work(strategy, options, message):
     with pytest.raises(ValueError, match=message):
         kv_cache.STRATEGIES[strategy].check_options(options, 128, 64)
+
+
+@pytest.mark.parametrize("strategy,options,head_dim,applied", [
+    ("quantize_kv", dict(bits="2"), 64, "hadamard"),
+    ("quantize_kv", dict(bits="4"), 64, "hadamard"),
+    ("quantize_kv", dict(bits="8"), 64, "none"),
+    ("quantize_kv", dict(bits="fp8"), 64, "none"),
+    ("quantize_kv", dict(bits="4", group_size=16), 48, "none"),  # no Sylvester matrix of 48: no rotation, no error
+    ("quantize_kv", dict(bits="4", key_rope="pre"), 64, "none"),  # keys quantized before RoPE are never rotated
+    ("quantize_kv", dict(bits="2", rotate="signed_hadamard"), 64, "signed_hadamard"),  # a rotation named: as named
+    ("h2o", dict(budget=20, then_bits="2", group_size=16), 64, "hadamard"),
+    ("h2o", dict(budget=20, then_bits="8"), 64, "none"),
+    ("h2o", dict(budget=20), 64, "none"),
+])
+def test_auto_rotates_the_low_bit_formats(strategy, options, head_dim, applied):
+    """--rotate's default, auto: hadamard for the 4- and 2-bit formats where head_dim is a power of two (measured:
+    docs/results.md), none for int8, fp8, the model dtype, pre-RoPE keys and other head_dims; the cache built with
+    it computes exactly what the cache with the rotation named computes."""
+    cls = kv_cache.STRATEGIES[strategy]
+    options = dict(sink_size=2, window_size=3, **options)
+    auto = cls(1, 32, 2, head_dim, torch.float64, "cpu", **options)
+    named = cls(1, 32, 2, head_dim, torch.float64, "cpu", **dict(options, rotate=applied))
+    assert auto.rotate == (applied != "none") and auto.opts.rotate == options.get("rotate", "auto")
+    if auto.rotate:
+        assert torch.equal(auto.rotation, rotation_matrix(applied, head_dim, torch.float64, "cpu"))
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, n, 24, head_dim, generator=gen, dtype=torch.float64) for n in (4, 2, 2))
+    cos, sin = torch.ones(32, head_dim, dtype=torch.float64), torch.zeros(32, head_dim, dtype=torch.float64)
+    for cache in (auto, named):
+        cache.out = cache(q, k, v, torch.arange(24), cos, sin, torch.tensor([0]))
+    assert torch.equal(auto.out, named.out)
+
+
+@pytest.mark.parametrize("rotate", ["hadamard", "signed_hadamard"])
+def test_fast_transform_is_the_matrix_and_batch_invariant(rotate):
+    """rotated(), a fast Walsh-Hadamard transform, is x @ R and x @ R^T (float64), and a row's result in float32 is
+    bit for bit the same alone as in a batch (a matmul's rounding changes with the batch)."""
+    gen = torch.Generator().manual_seed(4)
+    for D in (2, 16, 64):
+        r = rotation_matrix(rotate, D, torch.float64, "cpu")
+        x = torch.randn(3, 2, 5, D, generator=gen, dtype=torch.float64)
+        torch.testing.assert_close(rotated(x, r), x @ r, rtol=0, atol=1e-13)
+        torch.testing.assert_close(rotated(x, r, inverse=True), x @ r.T, rtol=0, atol=1e-13)
+        r32, x32 = rotation_matrix(rotate, D, torch.float32, "cpu"), x.float()
+        for inverse in (False, True):
+            batch = rotated(x32, r32, inverse)
+            assert all(torch.equal(batch[i:i + 1], rotated(x32[i:i + 1], r32, inverse)) for i in range(3))
 
 
 def test_rotate_needs_a_power_of_two_head_dim():

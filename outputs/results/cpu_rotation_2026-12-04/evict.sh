@@ -12,4 +12,4 @@ row() {  # NAME OPTIONS...
   .venv/bin/python -m scripts.evaluate snapkv "$@" "${common[@]}" --json "$out/$name.json" 2>&1 | tail -1 | tee -a "$out/log.txt"
 }
 row ruler1k_snapkv_b538_int2_hadamard --rotate hadamard
-row ruler1k_snapkv_b538_int2
+row ruler1k_snapkv_b538_int2 --rotate none

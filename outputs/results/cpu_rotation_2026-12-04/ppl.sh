@@ -9,10 +9,10 @@ row() {  # NAME STRATEGY OPTIONS...
   [ -f "$out/$name.json" ] && { echo "skip $name"; return; }
   .venv/bin/python -m scripts.evaluate "$@" "${common[@]}" --json "$out/$name.json" 2>&1 | tail -1 | tee -a "$out/log.txt"
 }
-row ppl_int2 quantize_kv --bits 2 --attn_impl cpu
+row ppl_int2 quantize_kv --bits 2 --rotate none --attn_impl cpu
 row ppl_int2_hadamard quantize_kv --bits 2 --rotate hadamard --attn_impl cpu
 row ppl_int2_signed quantize_kv --bits 2 --rotate signed_hadamard --attn_impl cpu
 row ppl_int4_hadamard quantize_kv --bits 4 --rotate hadamard --attn_impl cpu
 row ppl_int2_token_hadamard quantize_kv --bits 2 --k_granularity token --rotate hadamard --attn_impl cpu
 row ppl_full full
-row ppl_int4 quantize_kv --bits 4 --attn_impl cpu
+row ppl_int4 quantize_kv --bits 4 --rotate none --attn_impl cpu

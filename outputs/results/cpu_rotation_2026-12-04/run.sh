@@ -13,7 +13,7 @@ row() {  # NAME STRATEGY OPTIONS...
   .venv/bin/python -m scripts.evaluate "$@" "${common[@]}" --json "$out/$name.json" 2>&1 | tail -1 | tee -a "$out/log.txt"
 }
 row int2_hadamard quantize_kv --bits 2 --rotate hadamard --attn_impl cpu
-row int2 quantize_kv --bits 2 --attn_impl cpu
+row int2 quantize_kv --bits 2 --rotate none --attn_impl cpu
 row int4_hadamard quantize_kv --bits 4 --rotate hadamard --attn_impl cpu
-row int4 quantize_kv --bits 4 --attn_impl cpu
+row int4 quantize_kv --bits 4 --rotate none --attn_impl cpu
 row full full
