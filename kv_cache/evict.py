@@ -379,7 +379,8 @@ class EvictionCache(KVCache):
         """Which of the tokens (R, H, N), in position order, with scores and candidate (R, H, N) the older store
         keeps, and which rows (R,) have their heads' runs packed out of their lanes. uniform: each head its best M.
         adaptive (AdaKV): when some head has more candidates than M, the heads' best H * M in all, each head keeping
-        at least its best floor_size; else every candidate. Ties go to the earlier position, then the lower head."""
+        at least its best floor_size; else every candidate. Ties within a head go to the earlier position, across
+        heads to the lower head."""
         R, H, N = scores.shape
         M = self.older_size
         ranked = scores.masked_fill(~candidate, float("-inf"))
