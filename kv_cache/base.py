@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kv_cache.paging import PageSpace, RowGroup, round_up
-from kv_cache.stores import DenseStore, QuantizedStore
+from kv_cache.stores import DenseStore, QuantizedStore, run_cells
 from model import apply_rope
 
 STRATEGIES: dict[str, type["KVCache"]] = {}
@@ -275,7 +275,7 @@ class KVCache(nn.Module):
         if older_start is not None:  # head-shared: each head's run out of the lanes' one (any head may hold it all)
             read = H * lane
             run = (older_start[:, :, None] + torch.arange(read, device=q.device)).clamp(max=read - 1)
-            cells = run // lane * older.n_slots + run % lane
+            cells = run_cells(run, lane, older.n_slots)
             index = run[..., None].expand(B, H, read, older_k.shape[3])
             older_k, older_v = (x.reshape(B, 1, read, -1).expand(B, H, read, -1).gather(2, index)
                                 for x in (older_k, older_v))

@@ -60,8 +60,8 @@ from kernels.formats import FORMATS, get_format
 from kv_cache.base import (GROUP_SIZE, KVCache, SinkWindowOptions, attend, attention_probs, option, per_kv_head,
                            rotate_qk)
 from kv_cache.paging import PageSpace, round_up
-from kv_cache.rotation import RotateOptions, rotated, rotation_matrix
-from kv_cache.stores import DenseOlderStore, DenseStore, QuantizedStore, RingStore
+from kv_cache.rotation import RotateOptions, register_rotation, rotated
+from kv_cache.stores import DenseOlderStore, DenseStore, QuantizedStore, RingStore, run_cells
 
 
 @dataclass
@@ -203,13 +203,9 @@ class EvictionCache(KVCache):
         else:
             self.older = QuantizedStore(batch_size, n_kv_head, opts.older_size, head_dim, opts.format,
                                         opts.group_size, "token", device, pool)
-        self.scratch = self.older.capacity  # the slot a dropped token is written to, in its head's lane
         self.adaptive = opts.head_budget == "adaptive"
         # q, k, v in, output out (kv_cache/rotation.py): scores are unchanged
-        rotation = opts.applied_rotation(opts.format, head_dim)
-        self.rotate = rotation != "none"
-        if self.rotate:  # not KV storage: nbytes() leaves it out
-            self.register_buffer("rotation", rotation_matrix(rotation, head_dim, dtype, device), persistent=False)
+        self.rotate = register_rotation(self, opts.applied_rotation(opts.format, head_dim), head_dim, dtype, device)
         n_ring, n_older_slots = self.ring.n_slots, self.older.n_slots
         self.register_buffer("ring_score", torch.zeros(batch_size, n_kv_head, n_ring, device=device))
         self.register_buffer("older_score", torch.zeros(batch_size, n_kv_head, n_older_slots, device=device))
@@ -240,7 +236,12 @@ class EvictionCache(KVCache):
 
     def cells(self, run: Tensor) -> Tensor:
         """Token `run` of the lanes' run -> its cell lane * n_slots + slot in a per-lane buffer seen flat."""
-        return run // self.older_size * self.older.n_slots + run % self.older_size
+        return run_cells(run, self.older_size, self.older.n_slots)
+
+    def scratch_cells(self) -> Tensor:
+        """(H,): each head's scratch slot (past the store's capacity, where a dropped token is written) in its own
+        lane, as a cell."""
+        return torch.arange(self.n_kv_head, device=self.n_older.device) * self.older.n_slots + self.older.capacity
 
     def older_tokens(self, row: int) -> list[list[int]]:
         """Per KV head, the positions sequence `row` keeps beyond sinks and window, sorted (for tests and reports)."""
@@ -278,8 +279,7 @@ class EvictionCache(KVCache):
         run_score = self.older_score[:R, :, :M].reshape(R, 1, H * M)
         lowest, lowest_at = run_score.masked_fill(~in_run, float("inf")).min(-1)  # (R, H)
         replace = (leaving_score > lowest) if self.replaces else torch.zeros_like(lowest, dtype=torch.bool)
-        n_slots = self.older.n_slots
-        scratch = torch.arange(H, device=q.device) * n_slots + self.scratch  # each head's scratch cell
+        n_slots, scratch = self.older.n_slots, self.scratch_cells()
         target = torch.where(has_room, self.cells(start + n_older),
                              torch.where(replace, self.cells(lowest_at), scratch))
         target = torch.where(leaves[:, None], target, scratch)  # (R, H) cells
@@ -351,8 +351,8 @@ class EvictionCache(KVCache):
         own_lane = torch.arange(H, device=dev) * M
         new_start = torch.where(packed[:, None], n_new.cumsum(-1) - n_new, own_lane)
         n_slots = self.older.n_slots
-        scratch = (torch.arange(H, device=dev) * n_slots + self.scratch)[:, None]
-        target = torch.where(chosen, self.cells(new_start[..., None] + chosen.cumsum(-1) - 1), scratch)  # (R, H, N)
+        target = torch.where(chosen, self.cells(new_start[..., None] + chosen.cumsum(-1) - 1),
+                             self.scratch_cells()[:, None])  # (R, H, N)
         stored = {name: of_runs(x) for name, x in self.older.raw(rows, M).items()} if L else None
         fresh = self.older.encode(torch.cat([ring_k, k], dim=2), torch.cat([ring_v, v], dim=2))
         self.older.write_heads_buf({

@@ -51,7 +51,7 @@ from kernels.formats import FORMATS, get_format
 from kv_cache.base import GROUP_SIZE, KVCache, SinkWindowOptions, attend, option, register, rotate, rotate_qk
 from kv_cache.layer_spec import BITS_PER_LAYER_EXAMPLE, layer_bits, parse_bits_per_layer
 from kv_cache.paging import PageSpace, round_up
-from kv_cache.rotation import RotateOptions, rotated, rotation_matrix
+from kv_cache.rotation import RotateOptions, register_rotation, rotated
 from kv_cache.stores import QuantizedStore, RingStore, flush_size
 
 K_GRANULARITIES = ("token", "channel")
@@ -205,10 +205,9 @@ class QuantizeKVCache(KVCache):
         # --rotate: q, k, v rotated as they arrive, the output back as it leaves (kv_cache/rotation.py); nothing is
         # quantized without an older store, and then the rotation would change nothing but rounding. Keys quantized
         # before RoPE are never rotated (auto: none).
-        rotation = "none" if opts.key_rope == "pre" else opts.applied_rotation(opts.format, head_dim)
-        self.rotate = rotation != "none" and self.older is not None
-        if self.rotate:  # not KV storage: nbytes() leaves it out
-            self.register_buffer("rotation", rotation_matrix(rotation, head_dim, dtype, device), persistent=False)
+        rotation = "none" if opts.key_rope == "pre" or self.older is None else opts.applied_rotation(opts.format,
+                                                                                                     head_dim)
+        self.rotate = register_rotation(self, rotation, head_dim, dtype, device)
         # Nothing is ever quantized without an older store: then --key_rope pre changes nothing and post's path runs.
         self.pre_rope = opts.key_rope == "pre" and self.older is not None
         if self.pre_rope and self.attn_impl == "triton" and (head_dim < 16 or head_dim & (head_dim - 1)):

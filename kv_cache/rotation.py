@@ -80,6 +80,15 @@ def rotation_matrix(rotate: str, head_dim: int, dtype, device) -> Tensor:
     return r.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
 
 
+def register_rotation(cache, rotation: str, head_dim: int, dtype, device) -> bool:
+    """Give a cache the matrix of `rotation` (as applied: applied_rotation) as its buffer `rotation` (not KV
+    storage: KVCache.nbytes leaves it out; not saved); whether the cache rotates."""
+    if rotation == "none":
+        return False
+    cache.register_buffer("rotation", rotation_matrix(rotation, head_dim, dtype, device), persistent=False)
+    return True
+
+
 def rotated(x: Tensor, r: Tensor, inverse: bool = False) -> Tensor:
     """x (..., D) @ r (inverse: @ r.T) for r = rotation_matrix(...) = diag(signs) H / sqrt(D), computed in r's
     precision and returned in x's dtype, as a fast Walsh-Hadamard transform: log2(D) stages of elementwise sums and

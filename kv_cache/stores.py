@@ -88,6 +88,12 @@ def physical_slots(table: Tensor, rows, slots: Tensor, block_tokens: int) -> Ten
     return blocks.view(slots.shape) * block_tokens + slots % block_tokens
 
 
+def run_cells(run: Tensor, lane_tokens: int, n_slots: int) -> Tensor:
+    """Token `run` of a head-shared store's run (the lanes' first lane_tokens slots, the layout above) -> its cell,
+    lane * n_slots + slot, in a per-lane buffer of n_slots slots seen flat."""
+    return run // lane_tokens * n_slots + run % lane_tokens
+
+
 def write_heads(buf: Tensor, rows, slots: Tensor, x: Tensor, phys: Tensor = None, lanes: Tensor = None):
     """buf[rows][i, h, slots[i, h, t]] = x[i, h, t] for x (R, H, T, ...): each KV head writes its own slots.
     phys: the physical slots (R, H, T) of a pool buf (1, H, P, ...) instead (slots is then unused). lanes (R, H, T):

@@ -6,10 +6,6 @@ out=outputs/results/cpu_rotation_2026-12-04
 common=(--sink_size 16 --window_size 32 --budget 538 --then_bits 2 --max_tokens 0 --rouge_prompts 0
         --retrieval_lengths "" --max_position 0 --ruler niah_single_1,niah_single_2,niah_multikey_1
         --ruler_lengths 1024 --ruler_samples 10)
-row() {  # NAME OPTIONS...
-  local name=$1; shift
-  [ -f "$out/$name.json" ] && { echo "skip $name"; return; }
-  .venv/bin/python -m scripts.evaluate snapkv "$@" "${common[@]}" --json "$out/$name.json" 2>&1 | tail -1 | tee -a "$out/log.txt"
-}
-row ruler1k_snapkv_b538_int2_hadamard --rotate hadamard
-row ruler1k_snapkv_b538_int2 --rotate none
+source "$out/row.sh"
+row ruler1k_snapkv_b538_int2_hadamard snapkv --rotate hadamard
+row ruler1k_snapkv_b538_int2 snapkv --rotate none

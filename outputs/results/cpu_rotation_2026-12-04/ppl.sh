@@ -4,11 +4,7 @@
 set -euo pipefail
 out=outputs/results/cpu_rotation_2026-12-04
 common=(--max_tokens 1024 --rouge_prompts 0 --retrieval_lengths "")
-row() {  # NAME STRATEGY OPTIONS...
-  local name=$1; shift
-  [ -f "$out/$name.json" ] && { echo "skip $name"; return; }
-  .venv/bin/python -m scripts.evaluate "$@" "${common[@]}" --json "$out/$name.json" 2>&1 | tail -1 | tee -a "$out/log.txt"
-}
+source "$out/row.sh"
 row ppl_int2 quantize_kv --bits 2 --rotate none --attn_impl cpu
 row ppl_int2_hadamard quantize_kv --bits 2 --rotate hadamard --attn_impl cpu
 row ppl_int2_signed quantize_kv --bits 2 --rotate signed_hadamard --attn_impl cpu

@@ -7,11 +7,7 @@ out=outputs/results/cpu_rotation_2026-12-04
 common=(--max_tokens 0 --rouge_prompts 0 --retrieval_lengths "" --max_position 0
         --ruler niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2 --ruler_lengths 2048
         --ruler_samples 10)
-row() {  # NAME STRATEGY OPTIONS...
-  local name=$1; shift
-  [ -f "$out/$name.json" ] && { echo "skip $name"; return; }
-  .venv/bin/python -m scripts.evaluate "$@" "${common[@]}" --json "$out/$name.json" 2>&1 | tail -1 | tee -a "$out/log.txt"
-}
+source "$out/row.sh"
 row int2_hadamard quantize_kv --bits 2 --rotate hadamard --attn_impl cpu
 row int2 quantize_kv --bits 2 --rotate none --attn_impl cpu
 row int4_hadamard quantize_kv --bits 4 --rotate hadamard --attn_impl cpu
