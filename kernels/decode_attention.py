@@ -36,6 +36,14 @@ Keys quantized before RoPE (quantize_kv --key_rope pre, k_rope_cos / k_rope_sin 
 sink_size + t, and each dequantized key tile is rotated in registers by those positions' rows of the RoPE tables
 (model.apply_rope's rotate-half layout: channel d pairs with d + D/2) before its scores; the recent store is attended as
 given (the caller rotates it). A constexpr too: without the tables the kernel is what it was.
+
+Planes (mixed precision by score; k_lo, v_lo and older_fine given): an eviction cache keeps its older tokens as a
+4-bit code split into two 2-bit planes (kernels/quantize.py, quantize_planes) and holds the low plane of its
+top-scored tokens only, so the bits go where the attention is. The 2-bit payload is every token's high plane, its
+scale and zero-point (per token, F = 1) the 4-bit code's; older_fine[b, h, t] (logical token t) is the token's entry e
+of k_lo / v_lo[b, h, e] (never paged: few tokens hold one), or -1 for a coarse token. The code is 4 * hi + lo, or
+4 * hi + 1.5 (COARSE_LOW, the centre of the four codes it stands for) for a coarse token; x = code * scale + zero.
+A constexpr too.
 """
 import inspect
 import math
@@ -46,7 +54,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels.quantize import COARSE_LOW
+
 LOG2E = 1.4426950408889634
+_COARSE_LOW = tl.constexpr(COARSE_LOW)  # a global the kernels read must be a constexpr
 
 
 @triton.jit
@@ -79,14 +90,28 @@ def _group_tile(ptr, stride_sn, n0, end, rows, table_ptr, stride_tn, F: tl.const
 
 
 @triton.jit
+def _unpack(raw, PER_BYTE: tl.constexpr):
+    """Packed bytes (rows, C) spread into their fields in channel order (rows, C * PER_BYTE), 2 or 4 a byte:
+    element i sits in byte i // PER_BYTE at bits (i % PER_BYTE) * 8 // PER_BYTE (kernels/formats.py)."""
+    field_mask: tl.constexpr = (1 << (8 // PER_BYTE)) - 1
+    if PER_BYTE == 2:
+        x = tl.interleave(raw & field_mask, raw >> 4)
+    else:
+        x = tl.interleave(tl.interleave(raw & field_mask, (raw >> 4) & field_mask),
+                          tl.interleave((raw >> 2) & field_mask, raw >> 6))
+    return x
+
+
+@triton.jit
 def _dequant_tile(payload_ptr, scale_ptr, zero_ptr, stride_pn, stride_sn, n0, end, rows, table_ptr, stride_tn,
+                  lo_ptr, stride_le, lo_rows,
                   D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PER_BYTE: tl.constexpr,
                   F: tl.constexpr, G: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_TILES: tl.constexpr,
-                  PAGED: tl.constexpr, PAGE: tl.constexpr):
+                  PAGED: tl.constexpr, PAGE: tl.constexpr, HAS_LO: tl.constexpr):
     """Tokens n0 .. n0 + BLOCK_N - 1 (those below end) of one (batch, head) of the older store, dequantized to float32
     (BLOCK_N, BLOCK_D). rows: the store row of each token (n0 + arange unpaged, its pool token when PAGED); the
-    masks stay on the logical tokens."""
-    BITS: tl.constexpr = 8 // PER_BYTE
+    masks stay on the logical tokens. HAS_LO: the payload is the tokens' high planes and lo_rows (BLOCK_N,) each
+    token's row of the low planes at lo_ptr (rows stride_le apart), -1 for a coarse token (module docstring)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < end
     offs_d = tl.arange(0, BLOCK_D)
@@ -97,15 +122,15 @@ def _dequant_tile(payload_ptr, scale_ptr, zero_ptr, stride_pn, stride_sn, n0, en
     else:
         # Load whole packed bytes (contiguous, vectorizable) and spread their fields back into channel order.
         offs_p = tl.arange(0, BLOCK_D // PER_BYTE)
-        raw = tl.load(payload_ptr + rows[:, None] * stride_pn + offs_p[None, :],
-                      mask=mask_n[:, None] & (offs_p[None, :] < D // PER_BYTE), other=0)
-        field_mask: tl.constexpr = (1 << BITS) - 1
-        if PER_BYTE == 2:
-            x = tl.interleave(raw & field_mask, raw >> 4)
-        else:
-            x = tl.interleave(tl.interleave(raw & field_mask, (raw >> 4) & field_mask),
-                              tl.interleave((raw >> 2) & field_mask, raw >> 6))
-        x = x.to(tl.float32)
+        mask_p = offs_p[None, :] < D // PER_BYTE
+        raw = tl.load(payload_ptr + rows[:, None] * stride_pn + offs_p[None, :], mask=mask_n[:, None] & mask_p,
+                      other=0)
+        x = _unpack(raw, PER_BYTE).to(tl.float32)
+        if HAS_LO:  # the code before its scale: 4 * hi + lo, the low plane only loaded for the fine tokens
+            fine = lo_rows >= 0
+            lo = tl.load(lo_ptr + lo_rows[:, None] * stride_le + offs_p[None, :],
+                         mask=(mask_n & fine)[:, None] & mask_p, other=0)
+            x = x * 4 + tl.where(fine[:, None], _unpack(lo, PER_BYTE).to(tl.float32), _COARSE_LOW)
     if GROUP_TILES:
         x = x * _group_tile(scale_ptr, stride_sn, n0, end, rows, table_ptr, stride_tn, F, G, BLOCK_N, BLOCK_D, PAGED,
                             PAGE)
@@ -185,6 +210,8 @@ def _decode_split_kernel(
     PAGED_HI: tl.constexpr, HI_BLOCK: tl.constexpr, PAGED_MID: tl.constexpr, MID_BLOCK: tl.constexpr,
     SCORES: tl.constexpr, rope_cos_ptr, rope_sin_ptr, stride_rope, KEY_ROPE: tl.constexpr,
     older_start_ptr, stride_nmh, stride_osb, stride_osh, older_lane, lane_rows, HAS_START: tl.constexpr,
+    klo_ptr, vlo_ptr, fine_ptr, stride_klb, stride_klh, stride_kle, stride_vlb, stride_vlh, stride_vle,
+    stride_fb, stride_fh, HAS_LO: tl.constexpr,
 ):
     """One split of one (sequence, KV head). PAGED_HI / PAGED_MID: that store is a pool read through its block
     table (its batch strides are 0); every index and mask here is logical and only the addresses go through the
@@ -194,7 +221,8 @@ def _decode_split_kernel(
     + t). KEY_ROPE: older keys were quantized before RoPE; each dequantized
     tile is rotated by positions sink_size + t (rows of the tables at rope_cos_ptr / rope_sin_ptr). HAS_START: a
     head-shared older store, head h's tokens from token older_start[b, h] of the lanes' run on (lane_rows: rows
-    of a payload or metadata buffer per lane, the same for all)."""
+    of a payload or metadata buffer per lane, the same for all). HAS_LO: the older store in planes, older token t's
+    low planes at row older_fine[b, h, t] of k_lo / v_lo (fine_ptr, klo_ptr, vlo_ptr), -1: none (coarse)."""
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)  # batch offsets can pass 2**31 elements in a large cache
@@ -237,6 +265,9 @@ def _decode_split_kernel(
         vs_base = vs_ptr + b * stride_vsb + hm * stride_vsh
         vz_base = vz_ptr + b * stride_vsb + hm * stride_vsh
         mt_base = older_table_ptr + b * stride_mtb
+        klo_base = klo_ptr + b * stride_klb + h * stride_klh
+        vlo_base = vlo_ptr + b * stride_vlb + h * stride_vlh
+        fine_base = fine_ptr + b * stride_fb + h * stride_fh
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             keep = offs_n < end
@@ -250,6 +281,8 @@ def _decode_split_kernel(
                 rows = slots
             if HAS_START:
                 rows = lane.to(tl.int64) * lane_rows + rows
+            # The tokens' rows of the low planes (logical, never paged), shared by keys and values; else unread.
+            lo_rows = tl.load(fine_base + offs_n, mask=keep, other=-1) if HAS_LO else offs_n
             # One scale per token (int8 / fp8): apply it to the scores and probabilities, not the tiles.
             if K_PER_BYTE == 1 and K_F == 1 and K_G >= D and not K_ZERO:
                 k = tl.load(kq_base + rows[:, None] * stride_kqn + offs_d[None, :],
@@ -257,8 +290,8 @@ def _decode_split_kernel(
                 k_col_scale = tl.load(ks_base + rows * stride_ksn, mask=keep, other=0).to(tl.float32)
             else:
                 k = _dequant_tile(kq_base, ks_base, kz_base, stride_kqn, stride_ksn, n0, end, rows, mt_base,
-                                  stride_mtn, D, BLOCK_N, BLOCK_D, K_PER_BYTE, K_F, K_G, K_ZERO, K_TILES,
-                                  PAGED_MID, MID_BLOCK)
+                                  stride_mtn, klo_base, stride_kle, lo_rows, D, BLOCK_N, BLOCK_D, K_PER_BYTE, K_F,
+                                  K_G, K_ZERO, K_TILES, PAGED_MID, MID_BLOCK, HAS_LO)
                 k_col_scale = ones_n
             if KEY_ROPE:  # a per-token scale (k_col_scale) commutes with the rotation: the raw tile is rotated
                 k = _rope_tile(k, rope_cos_ptr, rope_sin_ptr, stride_rope, sink_size + offs_n, keep, BLOCK_N, BLOCK_D)
@@ -268,8 +301,8 @@ def _decode_split_kernel(
                 v_row_scale = tl.load(vs_base + rows * stride_vsn, mask=keep, other=0).to(tl.float32)
             else:
                 v = _dequant_tile(vq_base, vs_base, vz_base, stride_vqn, stride_vsn, n0, end, rows, mt_base,
-                                  stride_mtn, D, BLOCK_N, BLOCK_D, V_PER_BYTE, V_F, V_G, V_ZERO, V_TILES,
-                                  PAGED_MID, MID_BLOCK)
+                                  stride_mtn, vlo_base, stride_vle, lo_rows, D, BLOCK_N, BLOCK_D, V_PER_BYTE, V_F,
+                                  V_G, V_ZERO, V_TILES, PAGED_MID, MID_BLOCK, HAS_LO)
                 v_row_scale = ones_n
             m_i, l_i, acc, s = _softmax_step(q, k, v, k_col_scale, v_row_scale, keep, m_i, l_i, acc, qk_scale,
                                              DOT_PRECISION)
@@ -387,6 +420,33 @@ def older_format(payload: Tensor, scale: Tensor, D: int) -> tuple[int, int, int]
     return per_byte, F, G
 
 
+def check_planes(k_lo: Tensor, v_lo: Tensor, older_fine: Tensor, k_format: tuple, v_format: tuple, B: int, H: int,
+                 M: int, D: int):
+    """The older store in planes (module docstring): a 2-bit payload with per-token scales and zero-points (the formats
+    (per_byte, F, zero) of keys and values), low planes (B, H, E, D // 4) uint8 and older_fine (B, H, S >= M) int16,
+    each contiguous in its last dim (the kernel reads rows with unit steps)."""
+    if any(per_byte != 4 or F != 1 or zero is None for per_byte, F, zero in (k_format, v_format)):
+        raise ValueError("k_lo / v_lo (low planes) need 2-bit keys and values with per-token scales and zero-points")
+    for name, t in (("k_lo", k_lo), ("v_lo", v_lo)):
+        if t.dtype != torch.uint8 or t.dim() != 4 or t.shape[:2] != (B, H) or t.shape[3] != D // 4 or t.stride(3) != 1:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} and dtype {t.dtype}; pass uint8 "
+                             f"({B}, {H}, E, {D // 4}), its last dim contiguous")
+    if older_fine.dtype != torch.int16 or older_fine.dim() != 3 or older_fine.shape[:2] != (B, H) \
+            or older_fine.shape[2] < M or older_fine.stride(2) != 1:
+        raise ValueError(f"older_fine has shape {tuple(older_fine.shape)} and dtype {older_fine.dtype}; pass int16 "
+                         f"({B}, {H}, S) with S >= {M} (the older store's logical tokens), its last dim contiguous")
+
+
+def _plane_args(k_lo: Optional[Tensor], v_lo: Optional[Tensor], older_fine: Optional[Tensor], dummy: Tensor) -> dict:
+    """_decode_split_kernel's arguments of the low planes (HAS_LO), a never-read dummy pointer without them."""
+    if older_fine is None:
+        return dict(klo_ptr=dummy, vlo_ptr=dummy, fine_ptr=dummy, stride_klb=0, stride_klh=0, stride_kle=0,
+                    stride_vlb=0, stride_vlh=0, stride_vle=0, stride_fb=0, stride_fh=0, HAS_LO=False)
+    return dict(klo_ptr=k_lo, vlo_ptr=v_lo, fine_ptr=older_fine, stride_klb=k_lo.stride(0), stride_klh=k_lo.stride(1),
+                stride_kle=k_lo.stride(2), stride_vlb=v_lo.stride(0), stride_vlh=v_lo.stride(1),
+                stride_vle=v_lo.stride(2), stride_fb=older_fine.stride(0), stride_fh=older_fine.stride(1), HAS_LO=True)
+
+
 def _group_tiles(F: int, G: int, D: int, block_d: int) -> bool:
     """Whether metadata can be read as whole tiles (_group_tile): powers of two and no padded channels."""
     pow2 = lambda n: n & (n - 1) == 0
@@ -455,6 +515,9 @@ class DecodeInputs(NamedTuple):
     k_rope_sin: Optional[Tensor] = None
     older_start: Optional[Tensor] = None
     older_lane: int = 0
+    k_lo: Optional[Tensor] = None
+    v_lo: Optional[Tensor] = None
+    older_fine: Optional[Tensor] = None
 
 
 def decode_attention(q: Tensor, recent_k: Tensor, recent_v: Tensor, *, splits: tuple = None, block_n: int = None,
@@ -480,6 +543,10 @@ def decode_attention(q: Tensor, recent_k: Tensor, recent_v: Tensor, *, splits: t
     older_start (B, H) int, older_lane: a head-shared older store (module docstring): its lanes of older_lane slots
     are one run of tokens, head h's from token older_start[b, h] on; n_older then (B, H). Scores: slot t of lane l
     in column l * M + t.
+    k_lo, v_lo (B, H, E, D // 4) uint8 and older_fine (B, H, S >= M) int16, all three or none: the older store in
+    planes (module docstring): k_q, v_q 2-bit with per-token scales and zero-points hold every token's high plane,
+    and older token t (logical) is fine, with low planes k_lo[b, h, e] and v_lo[b, h, e], where e = older_fine[b, h,
+    t] >= 0, coarse where it is -1. Not paged, even with older_table; not with older_start.
     inputs: the other fields of DecodeInputs, by name.
     Under torch.compile this is the opaque op torch.ops.kvcache.decode_attention (decode_attention_scores);
     eager calls launch directly, without the op dispatcher's per-call overhead."""
@@ -500,6 +567,7 @@ def _launch(inputs: DecodeInputs, return_scores: bool):
     recent_table, recent_block, older_table, older_block = inputs.recent_table, inputs.recent_block, inputs.older_table, inputs.older_block
     k_rope_cos, k_rope_sin, block_n = inputs.k_rope_cos, inputs.k_rope_sin, inputs.block_n
     older_start, older_lane = inputs.older_start, inputs.older_lane
+    k_lo, v_lo, older_fine = inputs.k_lo, inputs.v_lo, inputs.older_fine
     B, HQ, T, D = q.shape
     H, NH = recent_k.shape[1], recent_k.shape[2]
     if T != 1:
@@ -515,6 +583,11 @@ def _launch(inputs: DecodeInputs, return_scores: bool):
         raise ValueError("recent_block / older_block given without its block table (recent_table / older_table)")
     if paged_older and not has_older:
         raise ValueError("older_table given without an older store (k_q, ...)")
+    has_lo = older_fine is not None
+    if (k_lo is not None, v_lo is not None, has_lo) != (has_lo,) * 3 or has_lo and not has_older:
+        raise ValueError("k_lo, v_lo and older_fine (the older store's low planes) come all three, with an older store")
+    if has_lo and older_start is not None:
+        raise ValueError("k_lo / v_lo (low planes) are not supported with older_start (a head-shared older store)")
     if paged_hi:
         NH = page_table(recent_table, recent_block, B, "recent")
         for name, pool in (("recent_k", recent_k), ("recent_v", recent_v)):
@@ -548,6 +621,8 @@ def _launch(inputs: DecodeInputs, return_scores: bool):
                                   ("v_q", v_q, 1), ("v_scale", v_scale, v_f), ("v_zero", v_zero, v_f)):
                 if pool is not None:
                     check_pool(pool, B, older_block, f, name)
+        if has_lo:
+            check_planes(k_lo, v_lo, older_fine, (k_pb, k_f, k_zero), (v_pb, v_f, v_zero), B, H, M, D)
     else:
         k_pb = k_f = k_g = v_pb = v_f = v_g = 1
         M, stride_nmid = 0, 0
@@ -631,7 +706,8 @@ def _launch(inputs: DecodeInputs, return_scores: bool):
         rope_cos_ptr=k_rope_cos if key_rope else q, rope_sin_ptr=k_rope_sin if key_rope else q,  # else never read
         stride_rope=k_rope_cos.stride(0) if key_rope else 0, KEY_ROPE=key_rope,
         older_start_ptr=q if older_start is None else older_start, stride_nmh=stride_nmh, stride_osb=stride_osb,
-        stride_osh=stride_osh, older_lane=max(older_lane, 1), lane_rows=lane_rows, HAS_START=older_start is not None)
+        stride_osh=stride_osh, older_lane=max(older_lane, 1), lane_rows=lane_rows, HAS_START=older_start is not None,
+        **_plane_args(k_lo, v_lo, older_fine, q))
     _decode_merge_kernel[(B * HQ,)](
         o_part, lse_part, out, out.stride(0), out.stride(1),
         HQ=HQ, D=D, SPLITS=n_splits, BLOCK_S=triton.next_power_of_2(n_splits),

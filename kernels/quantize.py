@@ -160,3 +160,34 @@ def dequantize_older(k_q, k_scale, k_zero, v_q, v_scale, v_zero, n: int, bits, k
     v = dequantize_block(v_q[:, :, :n], v_scale[:, :, :n], None if v_zero is None else v_zero[:, :, :n], bits,
                          "token", group_size, D, dtype)
     return k, v
+
+
+# ---------------------------------------------------------------- two planes (mixed precision by score)
+
+COARSE_LOW = 1.5  # a coarse token's missing low plane: the centre of the four codes it stands for
+
+
+def quantize_planes(x: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x (B, H, N, D) -> (hi, lo, scale, zero): the 4-bit asymmetric code per token (groups of group_size channels)
+    split into its high and low 2-bit planes, each packed as the 2-bit format. A token kept with both planes
+    dequantizes as the 4-bit code (4 * hi + lo); with the high plane alone, as 4 * hi + COARSE_LOW: a 2-bit code of
+    the same scale and zero-point whose levels sit at its bins' centres."""
+    D = x.shape[-1]
+    q, scale, zero = quantize_block(x, "4", "token", group_size)
+    codes = unpack_bits(q, 4, D)
+    return pack_bits(codes >> 2, 2), pack_bits(codes & 3, 2), scale, zero
+
+
+def plane_codes(hi: Tensor, lo: Tensor, fine: Tensor, D: int) -> Tensor:
+    """The float32 codes (..., D) of packed planes hi, lo (..., D // 4); fine (...) bool: the tokens whose low plane
+    is held (elsewhere lo is not read)."""
+    low = torch.where(fine[..., None], unpack_bits(lo, 2, D).float(), COARSE_LOW)
+    return unpack_bits(hi, 2, D).float() * 4 + low
+
+
+def dequantize_planes(hi: Tensor, lo: Tensor, fine: Tensor, scale: Tensor, zero: Tensor, group_size: int,
+                      dtype) -> Tensor:
+    """Tokens (B, H, N, D) in `dtype` from their planes (quantize_planes), fine (B, H, N) as in plane_codes."""
+    D = hi.shape[-1] * 4
+    codes = plane_codes(hi, lo, fine, D).unflatten(-1, (D // group_size, group_size))
+    return (codes * scale.float()[..., None] + zero.float()[..., None]).flatten(-2).to(dtype)

@@ -61,7 +61,7 @@ from kv_cache.base import (GROUP_SIZE, KVCache, SinkWindowOptions, attend, atten
                            rotate_qk)
 from kv_cache.paging import PageSpace, round_up
 from kv_cache.rotation import RotateOptions, register_rotation, rotated
-from kv_cache.stores import DenseOlderStore, DenseStore, QuantizedStore, RingStore, run_cells
+from kv_cache.stores import DenseOlderStore, DenseStore, PlaneStore, QuantizedStore, RingStore, run_cells
 
 
 @dataclass
@@ -87,6 +87,8 @@ class EvictOptions(SinkWindowOptions, RotateOptions):
                               choices=["uniform", "adaptive"])
     head_floor: float = option(0.2, "--head_budget adaptive: the share of an equal split every head keeps at least "
                                     "(AdaKV's safeguard)")
+    fine_share: float = option(0.0, "--then_bits 2: the share of the kept tokens (beyond sinks and window) that keep "
+                                    "4 bits, the best-scored; the rest keep 2 (mixed precision by score; 0: off)")
 
     def check(self, head_dim):
         super().check(head_dim)
@@ -99,6 +101,11 @@ class EvictOptions(SinkWindowOptions, RotateOptions):
         if self.rotates() and self.then_bits is None:
             raise ValueError(f"--rotate {self.rotate} rotates the tokens that are quantized: add --then_bits (e.g. 4 "
                              "or 2), or drop --rotate")
+        if not isinstance(self.fine_share, (int, float)) or not 0 <= self.fine_share <= 1:
+            raise ValueError(f"--fine_share must be a share between 0 and 1 (got {self.fine_share}): e.g. 0.25")
+        if self.fine_share and (str(self.then_bits) != "2" or self.head_budget != "uniform"):
+            raise ValueError("--fine_share keeps the best-scored tokens at 4 bits and the rest at 2: it needs "
+                             "--then_bits 2 and --head_budget uniform")
         fmt = None if self.then_bits is None else get_format(self.then_bits)
         if fmt is not None and fmt.asymmetric and head_dim is not None:
             if head_dim % self.group_size or head_dim % fmt.per_byte:
@@ -118,6 +125,11 @@ class EvictOptions(SinkWindowOptions, RotateOptions):
     def floor_size(self) -> int:
         """--head_budget adaptive: tokens every head keeps at least (when it has them)."""
         return int(self.head_floor * self.older_size)
+
+    @property
+    def fine_size(self) -> int:
+        """--fine_share: tokens a head keeps at 4 bits (0: every kept token in --then_bits' format)."""
+        return round(self.fine_share * self.older_size)
 
     def n_older(self, length: int) -> int:
         """Tokens in the older store once a sequence has seen `length` tokens: every token past sinks + window, up to
@@ -174,6 +186,7 @@ class EvictionCache(KVCache):
         position."""
         opts = cls.Options.resolve(options, head_dim)
         stored = (2 * head_dim * dtype.itemsize if opts.format is None else
+                  PlaneStore.bytes_per_token(opts.group_size, head_dim, opts.fine_share) if opts.fine_size else
                   QuantizedStore.bytes_per_token(opts.format, opts.group_size, "token", head_dim))
         return n_kv_head * (stored + 4 + 4)
 
@@ -198,8 +211,12 @@ class EvictionCache(KVCache):
             self.store = DenseStore(batch_size, n_kv_head, max_seq_length, head_dim, dtype, device, pool)
             return
         self.ring = RingStore(batch_size, n_kv_head, self.sink_size, self.window_size, head_dim, dtype, device)
+        self.fine_size = opts.fine_size
         if opts.format is None:
             self.older = DenseOlderStore(batch_size, n_kv_head, opts.older_size, head_dim, dtype, device, pool)
+        elif self.fine_size:
+            self.older = PlaneStore(batch_size, n_kv_head, opts.older_size, head_dim, self.fine_size,
+                                    opts.group_size, device, pool)
         else:
             self.older = QuantizedStore(batch_size, n_kv_head, opts.older_size, head_dim, opts.format,
                                         opts.group_size, "token", device, pool)
@@ -283,8 +300,12 @@ class EvictionCache(KVCache):
         target = torch.where(has_room, self.cells(start + n_older),
                              torch.where(replace, self.cells(lowest_at), scratch))
         target = torch.where(leaves[:, None], target, scratch)  # (R, H) cells
+        extra = {}
+        if self.fine_size:  # the low-plane entry it takes, if any (before anything moves)
+            extra["fine"] = self.fine_entries(target % n_slots, leaves[:, None] & (has_room | replace),
+                                              leaving_score)[..., None]
         self.older.write_heads(rows, (target % n_slots)[..., None], *ring.read(rows, slot),
-                               lanes=(target // n_slots)[..., None] if self.adaptive else None)
+                               lanes=(target // n_slots)[..., None] if self.adaptive else None, **extra)
         self.older_pos[:R].view(R, -1).scatter_(1, target, leaving_pos.expand(R, H).int())
         self.older_score[:R].view(R, -1).scatter_(1, target, leaving_score)
         self.n_older[:R] += leaves[:, None] & has_room
@@ -298,6 +319,25 @@ class EvictionCache(KVCache):
         self.older_score[:R] = self.update(self.older_score[:R], probs[..., :n_slots])
         self.ring_score[:R] = self.update(self.ring_score[:R], probs[..., n_slots:])
         return out
+
+    def fine_entries(self, slots: Tensor, kept: Tensor, score: Tensor) -> Tensor:
+        """--fine_share, a decode step: the low-plane entry (R, H) (-1: none) of the token leaving the window, kept
+        (R, H) in slot `slots` (R, H) of its head with `score` (R, H). It takes the entry of the token it replaces,
+        else a free entry, else the entry of the head's lowest-scored fine token if it scores higher, which is
+        demoted to 2 bits here (its entry forgotten); else it is kept at 2 bits."""
+        R, M = slots.shape[0], self.older_size
+        fine = self.older.fine[:R]
+        held = torch.arange(M, device=slots.device) < self.n_older[:R, :, None]  # stale entries past n_older
+        is_fine = held & (fine[..., :M] >= 0)
+        replaced = torch.where(slots < self.n_older[:R], fine.gather(2, slots[..., None])[..., 0], -1).long()
+        lowest, lowest_at = self.older_score[:R, :, :M].masked_fill(~is_fine, float("inf")).min(-1)
+        n_fine = is_fine.sum(-1)
+        demote = kept & (replaced < 0) & (n_fine >= self.fine_size) & (score > lowest)
+        entry = torch.where(replaced >= 0, replaced, torch.where(n_fine < self.fine_size, n_fine, torch.where(
+            demote, fine.gather(2, lowest_at[..., None])[..., 0].long(), -1)))
+        scratch = self.older.n_slots - 1
+        fine.scatter_(2, torch.where(demote, lowest_at, scratch)[..., None], -1)
+        return torch.where(kept, entry, -1)
 
     def _prefill(self, q, k, v, pos, rows, chunk):
         R, H, T = q.shape[0], self.n_kv_head, q.shape[2]
@@ -355,10 +395,14 @@ class EvictionCache(KVCache):
                              self.scratch_cells()[:, None])  # (R, H, N)
         stored = {name: of_runs(x) for name, x in self.older.raw(rows, M).items()} if L else None
         fresh = self.older.encode(torch.cat([ring_k, k], dim=2), torch.cat([ring_v, v], dim=2))
-        self.older.write_heads_buf({
-            name: (x if stored is None else torch.cat([stored[name], x], dim=2)).gather(
-                2, by_pos.view(*by_pos.shape, 1).expand(*by_pos.shape, x.shape[-1])) for name, x in fresh.items()},
-            rows, target % n_slots, lanes=target // n_slots)
+        fields = {name: (x if stored is None else torch.cat([stored[name], x], dim=2)).gather(
+            2, by_pos.view(*by_pos.shape, *[1] * (x.dim() - 3)).expand(*by_pos.shape, *x.shape[3:]))
+            for name, x in fresh.items()}
+        if self.fine_size:  # the best-scored fine_size of the chosen that have their low plane, entries in order
+            ranked = scores.gather(2, by_pos).masked_fill(~(chosen & (fields["fine"] >= 0)), float("-inf"))
+            fine = chosen & (fields["fine"] >= 0) & (ranks(ranked) < self.fine_size)
+            fields["fine"] = torch.where(fine, fine.cumsum(-1) - 1, -1)
+        self.older.write_heads_buf(fields, rows, target % n_slots, lanes=None if self.fine_size else target // n_slots)
         for buf, x in ((self.older_pos, all_pos.int()), (self.older_score, scores)):
             part = buf[rows]
             part.view(R, -1).scatter_(1, target.flatten(1), x.gather(2, by_pos).flatten(1))

@@ -30,6 +30,15 @@ QuantizedStore (quantize_kv's older store: the tokens that left the window, in a
   v_scale (v_zero)   (B, H, M + F, C) per token.
   float16; zero-points only for the asymmetric formats. x = q * scale (+ zero).
 
+PlaneStore (the eviction policies' older store with --fine_share: mixed precision by score)
+  A QuantizedStore of the 2-bit format with per-token keys whose codes are the high halves of 4-bit codes
+  (kernels/quantize.py quantize_planes): k_q, v_q hold each token's high 2-bit plane, the scales and zero-points
+  are the 4-bit code's. The low planes of the E = fine_size tokens a head keeps at 4 bits sit apart, per sequence
+  (not paged):
+  k_lo, v_lo  (B, H, E + 1, D // 4) uint8, entry E the scratch entry.
+  fine        (B, H, n_slots) int16: the low-plane entry of the token in each logical slot, -1 for a coarse one.
+  A fine token dequantizes as (4 * hi + lo) * scale + zero, a coarse one as (4 * hi + 1.5) * scale + zero.
+
 DenseOlderStore, QuantizedStore with per-token keys (the eviction policies' older store, kv_cache/evict.py)
   Slot n of each KV head holds a token of that head's own choosing (slots are filled in order and overwritten in
   place, head by head: write_heads); the first n_older slots are valid in every head. Head-adaptive budgets
@@ -50,8 +59,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from kernels.formats import Format
-from kernels.quantize import dequantize_older, quantize_keys, quantize_values
+from kernels.formats import Format, get_format
+from kernels.quantize import dequantize_older, dequantize_planes, quantize_keys, quantize_planes, quantize_values
 
 
 def write_rows(buf: Tensor, rows, slots: Tensor, x: Tensor):
@@ -434,3 +443,76 @@ class QuantizedStore(Store):
             for buf in self.all_buffers():
                 if buf is not None:
                     buf[rows] = 0
+
+
+class PlaneStore(QuantizedStore):
+    """The eviction policies' older store with mixed precision by score (the layout above): every kept token at 2
+    bits, fine_size tokens a head at 4, chosen by the policy (kv_cache/evict.py). Demoting a token to 2 bits is
+    forgetting its low-plane entry: nothing is quantized again."""
+
+    PLANES = ("k_lo", "v_lo")
+
+    def __init__(self, batch_size, n_kv_head, capacity, head_dim, fine_size, group_size, device, pool=None):
+        super().__init__(batch_size, n_kv_head, capacity, head_dim, get_format("2"), group_size, "token", device,
+                         pool)
+        self.fine_size = fine_size
+        for name in self.PLANES:
+            self.register_buffer(name, torch.zeros(batch_size, n_kv_head, fine_size + 1, head_dim // 4,
+                                                   dtype=torch.uint8, device=device))
+        self.register_buffer("fine", torch.full((batch_size, n_kv_head, self.n_slots), -1, dtype=torch.int16,
+                                                device=device))
+
+    @classmethod
+    def bytes_per_token(cls, group_size: int, head_dim: int, fine_share: float) -> float:
+        """Bytes of one kept token in one KV head: the 2-bit store's, its low-plane entry, and fine_share of a low
+        plane of keys and values."""
+        return (QuantizedStore.bytes_per_token(get_format("2"), group_size, "token", head_dim) + 2
+                + fine_share * 2 * head_dim // 4)
+
+    def encode(self, k: Tensor, v: Tensor) -> dict:
+        """k, v (R, H, N, D) in the stored form, both planes, fine 0 (a token that has its low plane; raw()'s
+        fine is its entry, -1 when it has none)."""
+        (k_q, k_lo, k_scale, k_zero), (v_q, v_lo, v_scale, v_zero) = (quantize_planes(x, self.group_size)
+                                                                      for x in (k, v))
+        return dict(k_q=k_q, k_scale=k_scale, k_zero=k_zero, v_q=v_q, v_scale=v_scale, v_zero=v_zero, k_lo=k_lo,
+                    v_lo=v_lo, fine=torch.zeros(k.shape[:3], dtype=torch.int16, device=k.device))
+
+    def write_heads(self, rows, slots: Tensor, k: Tensor, v: Tensor, lanes: Tensor = None, fine: Tensor = None):
+        """QuantizedStore.write_heads, each token's low plane to entry fine (R, H, T) (-1: none, a coarse token)."""
+        self.write_heads_buf({**self.encode(k, v), "fine": fine}, rows, slots, lanes)
+
+    def write_heads_buf(self, buffers: dict, rows, slots: Tensor, lanes: Tensor = None):
+        """Store.write_heads_buf; buffers["fine"] (R, H, T) is each token's low-plane entry (-1: coarse), where
+        its low planes buffers["k_lo"], buffers["v_lo"] go (the scratch entry for a coarse token)."""
+        assert lanes is None, "mixed precision keeps each head in its own lane"
+        buffers = dict(buffers)
+        fine, planes = buffers.pop("fine"), {name: buffers.pop(name) for name in self.PLANES}
+        super().write_heads_buf(buffers, rows, slots)
+        write_heads(self.fine, rows, slots, fine.to(torch.int16))
+        entries = torch.where(fine >= 0, fine, self.fine_size).long()
+        for name, x in planes.items():
+            write_heads(getattr(self, name), rows, entries, x)
+
+    def raw(self, rows, n: int) -> dict:
+        """QuantizedStore.raw, with each token's low-plane entry (fine, -1: coarse) and its low planes (the scratch
+        entry's bytes for a coarse token)."""
+        stored = super().raw(rows, n)
+        fine = self.fine[rows][:, :, :n]
+        entries = torch.where(fine >= 0, fine, self.fine_size).long()
+        for name in self.PLANES:
+            lo = getattr(self, name)[rows]
+            stored[name] = lo.gather(2, entries[..., None].expand(*entries.shape, lo.shape[-1]))
+        return {**stored, "fine": fine}
+
+    def dequantize(self, rows, n: int, dtype) -> tuple[Tensor, Tensor]:
+        stored = self.raw(rows, n)
+        fine = stored["fine"] >= 0
+        return tuple(dequantize_planes(stored[f"{x}_q"], stored[f"{x}_lo"], fine, stored[f"{x}_scale"],
+                                       stored[f"{x}_zero"], self.group_size, dtype) for x in "kv")
+
+    def kernel_inputs(self, R: int) -> dict:
+        return dict(super().kernel_inputs(R), k_lo=self.k_lo[:R], v_lo=self.v_lo[:R], older_fine=self.fine[:R])
+
+    def reset(self, rows: Tensor):
+        super().reset(rows)
+        self.fine[rows] = -1

@@ -58,6 +58,8 @@ PRESETS = [
     Preset("h2o", ("--then_bits", "4"), "then int4"),
     Preset("snapkv", ("--then_bits", "2"), "then int2"),
     Preset("snapkv", ("--head_budget", "adaptive"), "adaptive"),  # AdaKV: the heads share the budget
+    # mixed precision by score: every kept token at 2 bits, the best-scored half at 4
+    Preset("snapkv", ("--then_bits", "2", "--fine_share", "0.5"), "then int2 mixed"),
 ]
 BY_NAME = {preset.name: preset for preset in PRESETS}
 

@@ -48,23 +48,25 @@ def main() -> int:
                      n_older_ptr="*i64", kq_ptr=f"*{payload}", vq_ptr=f"*{payload}", ks_ptr="*fp16", kz_ptr="*fp16",
                      vs_ptr="*fp16", vz_ptr="*fp16", o_part_ptr="*fp32", lse_part_ptr="*fp32", qk_scale="fp32",
                      recent_table_ptr="*i32", older_table_ptr="*i32", scores_ptr="*fp32", rope_cos_ptr="*fp32",
-                     rope_sin_ptr="*fp32", older_start_ptr="*i64")
+                     rope_sin_ptr="*fp32", older_start_ptr="*i64", klo_ptr="*u8", vlo_ptr="*u8", fine_ptr="*i16")
         # Contiguous; the older store read through a block table of 32-token pages; keys quantized before RoPE,
         # each dequantized tile rotated in registers; head-shared (the eviction stores' head-adaptive runs: keys per
-        # token, paged, with scores).
-        for paged, rope, start in ((False, False, False), (True, False, False), (False, True, False),
-                                   (True, False, True)):
-            per_channel = asym and not start
+        # token, paged, with scores); 2-bit in planes (mixed precision by score: per-token keys, paged, with scores).
+        configs = [(False, False, False, False), (True, False, False, False), (False, True, False, False),
+                   (True, False, True, False)] + [(True, False, False, True)] * (per_byte == 4)
+        for paged, rope, start, planes in configs:
+            per_channel = asym and not (start or planes)
             constexprs = dict(H=3, GROUP=3, D=64, HAS_HI_POS=True, HAS_HI_LAST=False, HAS_MID=True, SPLITS_MID=40,
                               SPLITS_HI=2, K_PER_BYTE=per_byte, K_F=32 if per_channel else 1,
                               K_G=(1 if per_channel else 32) if asym else 64,
                               K_ZERO=asym, K_TILES=True, V_PER_BYTE=per_byte, V_F=1, V_G=32 if asym else 64,
                               V_ZERO=asym, V_TILES=True, BLOCK_G=16, BLOCK_N=64, BLOCK_D=64, DOT_PRECISION="tf32",
                               PAGED_HI=False, HI_BLOCK=1, PAGED_MID=paged, MID_BLOCK=32 if paged else 1,
-                              SCORES=start, KEY_ROPE=rope, HAS_START=start)
+                              SCORES=start or planes, KEY_ROPE=rope, HAS_START=start, HAS_LO=planes)
             ptx = compile_ptx(split, types, constexprs, num_warps=4, num_stages=2)
             # Tensor-core dots, and the tiles fetched 16 bytes at a time (asynchronously, pipelined).
-            what = " head-shared paged" if start else " paged" if paged else " pre-RoPE keys" if rope else ""
+            what = (" in planes paged" if planes else " head-shared paged" if start else " paged" if paged
+                    else " pre-RoPE keys" if rope else "")
             ok &= check(f"decode split, {kind} older{what}, bf16 model", ptx, r"mma\.sync",
                         r"cp\.async\.c[ag]\.shared\.global.*0x10,")
     ptx = compile_ptx(decode_attention._decode_merge_kernel,

@@ -85,7 +85,7 @@ def planted_results(folder: Path) -> dict:
     (["--max_tokens", "-1"], ["--max_tokens", ">= 0"]),              # an evaluate.py option out of range
     (["--retrieval_depths", "0.5,2"], ["--retrieval_depths"]),
     (["--retrieval_lengths", "128,128"], ["128", "once"]),
-    (["--only", "99"], ["--only", "0..17"]),
+    (["--only", "99"], ["--only", "0..18"]),
     (["--only", "1,1"], ["--only", "once"]),
     (["--windows", "16-32"], ["--windows"]),
     (["--json", "x.json"], ["--json", "--out"]),                       # contradicts --out
@@ -370,11 +370,11 @@ def test_submit_sizes_the_array_with_eval_args(fake_slurm):
     proc = submit(env, EVAL_ARGS=eval_args)
     assert proc.returncode == 0, proc.stderr
     listed = cli("run_matrix.py", "--list", *eval_args.split()).stdout.strip().splitlines()
-    assert len(listed) == 23  # 1 + 3 pairs x (compress_kv + 4 formats) + 7 eviction entries (16/32 fits --budget 128)
+    assert len(listed) == 24  # 1 + 3 pairs x (compress_kv + 4 formats) + 8 eviction entries (16/32 fits --budget 128)
     matrix_call, merge_call = calls.read_text().splitlines()
     assert f"--array=0-{len(listed) - 1} --partition=gpu scripts/slurm/matrix.sbatch" in matrix_call
     assert "--dependency=afterany:4242" in merge_call and "MATRIX_JOB_ID=4242" in merge_call
-    assert "array job 4242 (23 tasks)" in proc.stdout
+    assert "array job 4242 (24 tasks)" in proc.stdout
 
 
 @pytest.mark.parametrize("variables, path, words", [

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import kv_cache
+from kernels.quantize import quantize_planes, unpack_bits
 from kv_cache.stores import QuantizedStore
 
 S, W, BUDGET = 2, 3, 9  # kept = 4 slots per head
@@ -24,16 +25,31 @@ class Reference:
     """One sequence, per KV head: sinks and window by position, `kept` in slot order, scores by position, and the
     tokens each head has room for (adaptive: what it won at the prompt when the prompt overflowed the budget)."""
 
-    def __init__(self, policy: str, kernel_size: int, adaptive: bool = False, floor: int = 0):
+    def __init__(self, policy: str, kernel_size: int, adaptive: bool = False, floor: int = 0, fine_size: int = 0,
+                 group_size: int = 0):
         self.policy, self.kernel_size, self.adaptive, self.floor = policy, kernel_size, adaptive, floor
         self.k, self.v = {}, {}
         self.kept = [[] for _ in range(H)]
         self.score = [{} for _ in range(H)]
         self.room = [BUDGET - S - W] * H
+        # Mixed precision (fine_size > 0): kept tokens are 2-bit planes of a 4-bit code, fine ones with both.
+        self.fine_size, self.group_size = fine_size, group_size
+        self.fine = [set() for _ in range(H)]
+        self.demoted = 0
+
+    def stored(self, x, h, t):
+        """Head h's key or value of position t as the cache attends to it: kept tokens dequantized in float64 from
+        their planes (mixed precision), everything else as given."""
+        if not self.fine_size or t not in self.kept[h]:
+            return x[t][h].double()
+        hi, lo, scale, zero = quantize_planes(x[t][h].view(1, 1, 1, D), self.group_size)
+        low = unpack_bits(lo, 2, D).double() if t in self.fine[h] else torch.full((D,), 1.5, dtype=torch.float64)
+        codes = (unpack_bits(hi, 2, D).double() * 4 + low).view(-1, self.group_size)
+        return (codes * scale.double().view(-1, 1) + zero.double().view(-1, 1)).flatten()
 
     def probs(self, h, q, positions):
         """Attention (group heads, len(positions)) of q (group heads, D) over the head's tokens, float64."""
-        keys = torch.stack([self.k[p][h] for p in positions]).double()
+        keys = torch.stack([self.stored(self.k, h, p) for p in positions])
         return (q.double() @ keys.T / math.sqrt(D)).softmax(-1)
 
     def attend(self, q, positions_of_head):
@@ -42,9 +58,24 @@ class Reference:
         probs = []
         for h in range(H):
             p = self.probs(h, q[h * group:(h + 1) * group], positions_of_head[h])
-            out[h * group:(h + 1) * group] = p @ torch.stack([self.v[t][h] for t in positions_of_head[h]]).double()
+            out[h * group:(h + 1) * group] = p @ torch.stack([self.stored(self.v, h, t) for t in positions_of_head[h]])
             probs.append(p.sum(0))
         return out, probs
+
+    def keep_fine(self, h, t, replaced):
+        """Mixed precision: head h keeps position t, in place of `replaced` (None: a free slot). It is fine if the
+        replaced token was, or a fine place is free, or it outscores the lowest fine token (demoted)."""
+        fine, score = self.fine[h], self.score[h]
+        if replaced in fine:
+            fine.discard(replaced)
+        elif len(fine) >= self.fine_size:
+            slots = [i for i, p in enumerate(self.kept[h]) if p in fine]
+            lowest = min(slots, key=lambda i: (score[self.kept[h][i]], i))
+            if score[t] <= score[self.kept[h][lowest]]:
+                return
+            fine.discard(self.kept[h][lowest])
+            self.demoted += 1
+        fine.add(t)
 
     def prefill(self, q, k, v):
         """A first chunk of T tokens: q (HQ, T, D), k, v (H, T, D). Returns outputs (HQ, T, D)."""
@@ -64,6 +95,7 @@ class Reference:
             self.score[h] = {t: float(mass[t]) for t in range(T)}
             best = sorted(candidates, key=lambda t: -self.score[h][t])[:BUDGET - S - W]
             self.kept[h] = sorted(best)
+            self.fine[h] = set(best[:self.fine_size])
         M = BUDGET - S - W
         if self.adaptive and len(candidates) > M:  # AdaKV: each head its best `floor`, then the best of the rest
             kept = [sorted(candidates, key=lambda t: -self.score[h][t])[:self.floor] for h in range(H)]
@@ -84,10 +116,14 @@ class Reference:
                 kept, score = self.kept[h], self.score[h]
                 if len(kept) < self.room[h]:
                     kept.append(leaving)
+                    replaced = None
                 elif self.policy != "snapkv":
                     lowest = min(range(len(kept)), key=lambda i: (score[kept[i]], i))
+                    replaced = kept[lowest]
                     if score[leaving] > score[kept[lowest]]:
                         kept[lowest] = leaving
+                if self.fine_size and leaving in kept:
+                    self.keep_fine(h, leaving, replaced)
             self.score[h][p] = 0.0
         held = [sorted(set(range(min(S, p + 1))) | set(range(max(S, p - W + 1), p + 1)) | set(self.kept[h]))
                 for h in range(H)]
@@ -150,6 +186,43 @@ def test_policy_keeps_what_the_reference_keeps(policy, head_budget):
         assert any(t >= PROMPT - W for kept in ref.kept for t in kept)
 
 
+@pytest.mark.parametrize("policy", ["h2o", "tova", "snapkv"])
+def test_mixed_precision_keeps_what_the_reference_keeps(policy):
+    """--then_bits 2 --fine_share 0.5: the 4 kept tokens of a head at 2 bits, its best-scored 2 with their low planes
+    too (4 bits). Which tokens each head keeps, which of them at 4 bits, and every output match a float64 reference
+    that dequantizes each kept token by its precision; decoding demotes fine tokens that a newcomer outscores."""
+    gen = torch.Generator().manual_seed(11)
+    T = PROMPT + STEPS
+    q = torch.randn(1, HQ, T, D, generator=gen) * 2
+    k = torch.randn(1, H, T, D, generator=gen) * 2
+    v = torch.randn(1, H, T, D, generator=gen)
+    cache = make_cache(policy, then_bits="2", fine_share=0.5, group_size=4, rotate="none",
+                       **(dict(kernel_size=3) if policy == "snapkv" else {}))
+    assert cache.fine_size == 2
+    ref = Reference(policy, getattr(cache.opts, "kernel_size", 1), fine_size=2, group_size=4)
+    cos, sin = identity_rope(T)
+
+    def fine_tokens():
+        older = cache.older
+        return [{int(cache.older_pos[0, h, i]) for i in range(int(cache.n_older[0, h])) if older.fine[0, h, i] >= 0}
+                for h in range(H)]
+
+    out = cache(q[:, :, :PROMPT], k[:, :, :PROMPT], v[:, :, :PROMPT], torch.arange(PROMPT), cos, sin,
+                torch.tensor([0]))
+    assert torch.allclose(out[0].double(), ref.prefill(q[0, :, :PROMPT], k[0, :, :PROMPT], v[0, :, :PROMPT]),
+                          atol=1e-5)
+    assert cache.older_tokens(0) == ref.kept and fine_tokens() == ref.fine, "after the prompt"
+    for p in range(PROMPT, T):
+        out = cache(q[:, :, p:p + 1], k[:, :, p:p + 1], v[:, :, p:p + 1], torch.tensor([[p]]), cos, sin)
+        ref_out = ref.decode(q[0, :, p], k[0, :, p], v[0, :, p])
+        assert torch.allclose(out[0, :, 0].double(), ref_out, atol=1e-4), f"output at position {p}"
+        assert cache.older_tokens(0) == [sorted(kept) for kept in ref.kept], f"kept after position {p}"
+        assert fine_tokens() == ref.fine, f"4-bit tokens after position {p}"
+    if policy == "tova":  # its scores are the current query's: newcomers outscore and demote fine tokens
+        assert ref.demoted > 0
+    assert all(len(fine) == 2 for fine in ref.fine)
+
+
 def test_hand_set_scores_decide_the_replacement():
     """h2o with the older store full: the token leaving the window replaces the head's lowest-scored older token only
     when it scores higher (head 0: 2.0 > 1.0 replaces slot 1; head 1: 0.5 < 1.0 is dropped)."""
@@ -194,12 +267,30 @@ def test_bytes_are_the_layout(then_bits, head_budget):
     assert bigger.nbytes() - cache.nbytes() == B * cls.bytes_per_token(cache.opts, H, D, torch.float32)
 
 
+def test_mixed_precision_bytes_are_the_layout():
+    """--fine_share 0.5: every kept slot a 2-bit token (payload, the 4-bit code's scales and zero-points) and its
+    int16 low-plane entry, plus low planes of keys and values for 2 tokens a head (and a scratch entry). (At this
+    tiny head_dim the metadata outweighs the planes; at 64 channels, groups of 32, a token costs 48 bytes at int2,
+    66 here, 80 at int4.)"""
+    B, ring, kept_slots, fine = 3, S + W, BUDGET - S - W + 1, 2
+    cache = make_cache("h2o", batch=B, then_bits="2", group_size=4, fine_share=0.5)
+    kept = B * H * kept_slots * (QuantizedStore.bytes_per_token(cache.opts.format, 4, "token", D) + 2)
+    expected = (2 * B * H * ring * D * 4 + B * ring * 8 + kept + 2 * B * H * (fine + 1) * D // 4
+                + B * H * (ring + kept_slots) * 4 + B * H * kept_slots * 4 + 3 * B * H * 8)
+    assert cache.nbytes() == expected
+    assert make_cache("h2o", batch=B, then_bits="2", group_size=4).nbytes() < cache.nbytes()
+
+
 def test_bad_options_are_one_line_errors():
     cls = kv_cache.STRATEGIES["snapkv"]
     with pytest.raises(ValueError, match="--budget 10 leaves no room.*use --budget 49"):
         cls.check_options(dict(budget=10), 128, 64)
     with pytest.raises(ValueError, match="--kernel_size must be an odd"):
         cls.check_options(dict(kernel_size=4), 128, 64)
+    with pytest.raises(ValueError, match="--fine_share .* needs --then_bits 2 and --head_budget uniform"):
+        cls.check_options(dict(then_bits="4", fine_share=0.5), 128, 64)
+    with pytest.raises(ValueError, match="--fine_share must be a share between 0 and 1"):
+        cls.check_options(dict(then_bits="2", fine_share=2), 128, 64)
     with pytest.raises(ValueError, match="--group_size 48 must divide head_dim 64"):
         kv_cache.STRATEGIES["h2o"].check_options(dict(then_bits="4", group_size=48), 128, 64)
 
