@@ -27,8 +27,16 @@
  * acc += (p scale) codes, plus (sum p zero) on every channel at the end. Per-channel keys (KIVI) fold their scales
  * into q: s = (q * scale) . codes + q . zero, computed once per key group.
  *
- * Parallel: OpenMP over work items (b, h, chunk of tokens), so that B = 1 with 3 KV heads still keeps every core
- * busy; each item writes its own softmax partials, merged per (b, query head) at the end.
+ * Parallel: OpenMP over work items (b, h, chunk of CHUNK tokens), so that B = 1 with 3 KV heads still keeps every
+ * core busy; each item writes its own softmax partials, merged per (b, query head) at the end. The chunks are fixed
+ * in token space, whatever the batch, its lengths and the threads: a sequence's result never depends on which
+ * sequences share its batch (the tests compare a batch with its rows run alone, token for token).
+ *
+ * Paged (table given: kv_cache/paging.py's block table, (B, blocks) int64, `page` tokens a block): the buffers are the
+ * pool's (batch stride 0) and token t of sequence b sits in row table[b][t / page] * page + t % page; per-channel
+ * key metadata in that row / k_rows (a block holds whole key groups). Rows are mapped one by one, inside the same
+ * blocks of BLOCK_T tokens as when contiguous: the arithmetic, and so every bit of the result, is the contiguous
+ * store's.
  */
 #include <math.h>
 #include <stdint.h>
@@ -38,7 +46,7 @@
 
 #define MAX_D 256
 #define BLOCK_T 32     /* tokens per block: a decoded value block (BLOCK_T x D floats) stays in L1 */
-#define MIN_CHUNK 256  /* tokens of the smallest work item, so per-item setup and the merge stay small */
+#define CHUNK 512      /* tokens of a work item (a multiple of BLOCK_T): per-item setup and the merge stay small */
 
 typedef struct {          /* one store buffer: element (b, h, t, i) at data + b * sb + h * sh + t * st + i */
     const void *data;     /* NULL: absent (the zero-points of a symmetric format) */
@@ -61,6 +69,7 @@ typedef struct {          /* mirrored by _Args in kernels/cpu_attention.py */
     int64_t n_recent;     /* recent (16-bit) tokens attended beside the older ones; 0: none */
     buf_t recent_k, recent_v;  /* float32 (B, H, n_recent, D) */
     const uint8_t *recent_keep; int64_t keep_sb;  /* (B, n_recent) bool: which recent slots hold a token */
+    const int64_t *table; int64_t table_sb, page;  /* paged: the block table and tokens a block; NULL: contiguous */
 } args_t;
 
 /* Bit casts (memcpy is how C spells them; gcc turns it into nothing). */
@@ -183,15 +192,22 @@ static inline __attribute__((always_inline)) void apply_columns(float *x, const 
 
 #define ROW(buf, type, b, h, t) ((const type *)(buf).data + (b) * (buf).sb + (h) * (buf).sh + (t) * (buf).st)
 
-/* Metadata rows t .. t + n - 1 of (b, h), `cols` float16 each, as floats: one flat loop when the rows are
- * contiguous (the store's layout), else row by row. */
-static inline void load_metadata(buf_t buf, int b, int h, int64_t t, int n, int cols, float *out) {
-    const uint16_t *first = ROW(buf, uint16_t, b, h, t);
-    if (buf.st == cols) {
+/* The buffer row of token t of sequence b: t itself, or its pool row when paged. */
+static inline int64_t token_row(const args_t *a, int b, int64_t t) {
+    return a->table ? a->table[b * a->table_sb + t / a->page] * a->page + t % a->page : t;
+}
+
+/* Metadata rows rows[0 .. n-1] of (b, h), `cols` float16 each, as floats: one flat loop when the rows follow each
+ * other in a buffer of that layout (always, contiguous), else row by row. */
+static inline void load_metadata(buf_t buf, int b, int h, const int64_t *rows, int n, int cols, float *out) {
+    const uint16_t *first = ROW(buf, uint16_t, b, h, rows[0]);
+    if (buf.st == cols && rows[n - 1] - rows[0] == n - 1) {
         for (int i = 0; i < n * cols; i++) out[i] = half_to_float(first[i]);
     } else {
-        for (int j = 0; j < n; j++)
-            for (int r = 0; r < cols; r++) out[j * cols + r] = half_to_float(first[j * buf.st + r]);
+        for (int j = 0; j < n; j++) {
+            const uint16_t *row = ROW(buf, uint16_t, b, h, rows[j]);
+            for (int r = 0; r < cols; r++) out[j * cols + r] = half_to_float(row[r]);
+        }
     }
 }
 
@@ -210,6 +226,7 @@ static inline __attribute__((always_inline)) void attend_chunk(const args_t *a, 
     float *k_scales = v_block + BLOCK_T * D, *k_zeros = k_scales + BLOCK_T * D;
     float *v_scales = k_zeros + BLOCK_T * D, *v_zeros = v_scales + BLOCK_T * D;
     float q_sum[G], q_zero[G], p_zero[G], coefficient[BLOCK_T], row[MAX_D];
+    int64_t rows[BLOCK_T];  /* the buffer row of each token of a block */
 
     for (int g = 0; g < G; g++) {
         const float *qg = a->q + b * a->q_sb + (int64_t)(h * G + g) * a->q_sh;
@@ -225,19 +242,20 @@ static inline __attribute__((always_inline)) void attend_chunk(const args_t *a, 
 
     for (int64_t tb = t0; tb < t1; tb += BLOCK_T) {
         const int n = t1 - tb < BLOCK_T ? (int)(t1 - tb) : BLOCK_T;
+        for (int j = 0; j < n; j++) rows[j] = token_row(a, b, tb + j);
         /* Keys: scores[g][j]. */
         if (!per_channel_keys) {
-            load_metadata(a->k_scale, b, h, tb, n, k_columns, k_scales);
-            if (k_zero) load_metadata(a->k_zero, b, h, tb, n, k_columns, k_zeros);
+            load_metadata(a->k_scale, b, h, rows, n, k_columns, k_scales);
+            if (k_zero) load_metadata(a->k_zero, b, h, rows, n, k_columns, k_zeros);
         }
         for (int j = 0; j < n; j++) {
             const int64_t t = tb + j;
             if (per_channel_keys && t >= key_group_end) {  /* a new key group: fold its scales into q */
-                const int64_t group = t / a->k_rows;
-                key_group_end = (group + 1) * a->k_rows;
+                key_group_end = (t / a->k_rows + 1) * a->k_rows;
+                const int64_t group = rows[j] / a->k_rows;  /* its metadata row */
                 float scale[MAX_D], zero[MAX_D], scale_plane[MAX_D], zero_plane[MAX_D];
-                load_metadata(a->k_scale, b, h, group, 1, D, scale);
-                if (k_zero) load_metadata(a->k_zero, b, h, group, 1, D, zero);
+                load_metadata(a->k_scale, b, h, &group, 1, D, scale);
+                if (k_zero) load_metadata(a->k_zero, b, h, &group, 1, D, zero);
                 for (int e = 0; e < D; e++) {
                     const int c = (e % plane) * per_byte + e / plane;
                     scale_plane[e] = scale[c];
@@ -248,7 +266,7 @@ static inline __attribute__((always_inline)) void attend_chunk(const args_t *a, 
                     q_zero[g] = dot(q_plane + g * D, zero_plane, D);
                 }
             }
-            decode_row(ROW(a->k_q, uint8_t, b, h, t), D, bits, fp8, row);
+            decode_row(ROW(a->k_q, uint8_t, b, h, rows[j]), D, bits, fp8, row);
             if (per_channel_keys) {
                 for (int g = 0; g < G; g++) scores[g * BLOCK_T + j] = dot(q_scaled + g * D, row, D) + q_zero[g];
             } else if (k_columns > 1) {
@@ -279,10 +297,10 @@ static inline __attribute__((always_inline)) void attend_chunk(const args_t *a, 
             l_out[g] += sum;
         }
         /* Values: decode the block once, then each query head adds its probabilities times the rows. */
-        load_metadata(a->v_scale, b, h, tb, n, v_columns, v_scales);
-        if (v_zero) load_metadata(a->v_zero, b, h, tb, n, v_columns, v_zeros);
+        load_metadata(a->v_scale, b, h, rows, n, v_columns, v_scales);
+        if (v_zero) load_metadata(a->v_zero, b, h, rows, n, v_columns, v_zeros);
         for (int j = 0; j < n; j++) {
-            decode_row(ROW(a->v_q, uint8_t, b, h, tb + j), D, bits, fp8, v_block + j * D);
+            decode_row(ROW(a->v_q, uint8_t, b, h, rows[j]), D, bits, fp8, v_block + j * D);
             if (v_columns > 1)
                 apply_columns(v_block + j * D, v_scales + j * v_columns, v_zeros + j * v_columns, D, v_cols, per_byte);
         }
@@ -363,16 +381,12 @@ int older_attention(const args_t *a) {
 
     if (a->n_recent < 0 || (a->n_recent > 0 && (!a->recent_k.data || !a->recent_v.data || !a->recent_keep)))
         return 1;
-    /* Chunks per (b, h): about 8 work items a thread (dynamic scheduling evens out rows of different lengths),
-     * each at least MIN_CHUNK tokens, a whole number of BLOCK_T. */
+    if (a->table && (a->page <= 0 || a->page % a->k_rows))
+        return 2;
+    /* Chunks of CHUNK tokens per (b, h), as many as the longest row needs (dynamic scheduling skips the empty
+     * ones of shorter rows quickly). */
     const int n_threads = a->n_threads > 0 ? a->n_threads : omp_get_max_threads();
-    int64_t chunks = (8 * (int64_t)n_threads + B * H - 1) / (B * H > 0 ? B * H : 1);
-    const int64_t most = (max_n + MIN_CHUNK - 1) / MIN_CHUNK;
-    chunks = chunks < most ? chunks : most;
-    chunks = chunks < 1 ? 1 : chunks;
-    int64_t chunk_len = (max_n + chunks - 1) / chunks;
-    chunk_len = (chunk_len + BLOCK_T - 1) / BLOCK_T * BLOCK_T;
-    if (chunk_len > 0) chunks = (max_n + chunk_len - 1) / chunk_len;
+    const int64_t chunk_len = CHUNK, chunks = max_n > 0 ? (max_n + CHUNK - 1) / CHUNK : 1;
     /* Each (b, h) has its older chunks and, with recent tokens, one more item for them: the merge below treats
      * every item of (b, h) alike. */
     const int64_t slots = chunks + (a->n_recent > 0);
@@ -389,7 +403,7 @@ int older_attention(const args_t *a) {
         : D == 128 ? (a->bits == 8 ? attend_chunk_128_8 : a->bits == 4 ? attend_chunk_128_4 : attend_chunk_128_2)
         : attend_chunk_any;
 
-#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads) if (items > 1 && max_n * B * H >= 2 * MIN_CHUNK)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads) if (items > 1 && max_n * B * H >= CHUNK)
     for (int64_t item = 0; item < items; item++) {
         const int b = (int)(item / (H * slots)), h = (int)(item / slots % H);
         float *part = parts + item * part_floats;

@@ -49,7 +49,8 @@ class _Args(ctypes.Structure):  # args_t in cpu_attention.c
                 + [(name, _Buf) for name in ("k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero")]
                 + [(name, ctypes.c_void_p) for name in ("acc", "m", "l")]
                 + [("n_recent", ctypes.c_int64), ("recent_k", _Buf), ("recent_v", _Buf), ("recent_keep", ctypes.c_void_p),
-                   ("keep_sb", ctypes.c_int64)])
+                   ("keep_sb", ctypes.c_int64), ("table", ctypes.c_void_p), ("table_sb", ctypes.c_int64),
+                   ("page", ctypes.c_int64)])
 
 
 def cache_folder() -> Path:
@@ -146,7 +147,8 @@ def _last_contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
 def _run(q: Tensor, k_q: Tensor, k_scale: Tensor, k_zero: Optional[Tensor], v_q: Tensor, v_scale: Tensor,
          v_zero: Optional[Tensor], n_older: Tensor, fmt: str, k_granularity: str, group_size: int,
          recent_k: Optional[Tensor] = None, recent_v: Optional[Tensor] = None,
-         recent_keep: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+         recent_keep: Optional[Tensor] = None, table: Optional[Tensor] = None,
+         page: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """The kernel call, on checked arguments (older_attention's): the custom op's body, and what eager calls run
     directly (the op dispatcher costs about 40 us a call)."""
     fmt = get_format(fmt)
@@ -165,6 +167,9 @@ def _run(q: Tensor, k_q: Tensor, k_scale: Tensor, k_zero: Optional[Tensor], v_q:
     # Tokens every buffer holds: the kernel refuses an n_older past it (there, not here: reading n_older here
     # would be a host sync, and under torch.compile a graph break).
     capacity = min(k_q.shape[2], v_q.shape[2], v_scale.shape[2], k_scale.shape[2] * (group_size if per_channel else 1))
+    if table is not None:  # the logical tokens the table maps (its entries are the pool's blocks)
+        table = table.to(torch.int64).contiguous()
+        capacity = table.shape[1] * page
     args = _Args(B=B, H=H, G=HQ // H, D=D, bits=fmt.bits, fp8=fmt.payload_dtype == torch.float8_e4m3fn,
                  k_rows=group_size if per_channel else 1, k_cols=1 if per_channel else cols, v_cols=cols,
                  n_threads=torch.get_num_threads(), capacity=capacity, n_older=n_older.data_ptr(), q=q.data_ptr(),
@@ -172,7 +177,9 @@ def _run(q: Tensor, k_q: Tensor, k_scale: Tensor, k_zero: Optional[Tensor], v_q:
                  v_scale=_buf(v_scale), v_zero=_buf(v_zero), acc=acc.data_ptr(), m=m.data_ptr(), l=l.data_ptr(),
                  n_recent=0 if recent_k is None else recent_k.shape[2], recent_k=_buf(recent_k),
                  recent_v=_buf(recent_v), recent_keep=None if recent_keep is None else recent_keep.data_ptr(),
-                 keep_sb=0 if recent_keep is None else recent_keep.stride(0))
+                 keep_sb=0 if recent_keep is None else recent_keep.stride(0),
+                 table=None if table is None else table.data_ptr(), table_sb=0 if table is None else table.stride(0),
+                 page=page)
     code = _load().older_attention(ctypes.byref(args))
     if code == 4:
         raise ValueError(f"n_older {n_older.tolist()} is negative or past the store's {capacity} tokens")
@@ -185,14 +192,15 @@ def _run(q: Tensor, k_q: Tensor, k_scale: Tensor, k_zero: Optional[Tensor], v_q:
 def _older_attention_op(q: Tensor, k_q: Tensor, k_scale: Tensor, k_zero: Optional[Tensor], v_q: Tensor,
                         v_scale: Tensor, v_zero: Optional[Tensor], n_older: Tensor, fmt: str, k_granularity: str,
                         group_size: int, recent_k: Optional[Tensor], recent_v: Optional[Tensor],
-                        recent_keep: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+                        recent_keep: Optional[Tensor], table: Optional[Tensor],
+                        page: int) -> tuple[Tensor, Tensor, Tensor]:
     return _run(q, k_q, k_scale, k_zero, v_q, v_scale, v_zero, n_older, fmt, k_granularity, group_size, recent_k,
-                recent_v, recent_keep)
+                recent_v, recent_keep, table, page)
 
 
 @_older_attention_op.register_fake
 def _(q, k_q, k_scale, k_zero, v_q, v_scale, v_zero, n_older, fmt, k_granularity, group_size, recent_k, recent_v,
-      recent_keep):
+      recent_keep, table, page):
     B, HQ, D = q.shape
     return q.new_empty(B, HQ, D, dtype=torch.float32), q.new_empty(B, HQ, dtype=torch.float32), \
         q.new_empty(B, HQ, dtype=torch.float32)
@@ -201,7 +209,7 @@ def _(q, k_q, k_scale, k_zero, v_q, v_scale, v_zero, n_older, fmt, k_granularity
 def older_attention(q: Tensor, k_q: Tensor, k_scale: Tensor, k_zero: Optional[Tensor], v_q: Tensor, v_scale: Tensor,
                     v_zero: Optional[Tensor], n_older: Tensor, fmt, k_granularity: str, group_size: int,
                     recent_k: Optional[Tensor] = None, recent_v: Optional[Tensor] = None,
-                    recent_keep: Optional[Tensor] = None):
+                    recent_keep: Optional[Tensor] = None, table: Optional[Tensor] = None, page: int = 0):
     """Softmax partials of decode attention over the first n_older[b] tokens of a quantized older store and, when
     recent_k, recent_v (B, H, NH, D) and recent_keep (B, NH) bool are given, the recent slots recent_keep marks:
     a quantize_kv decode step's whole attention is then acc / l.
@@ -211,6 +219,8 @@ def older_attention(q: Tensor, k_q: Tensor, k_scale: Tensor, k_zero: Optional[Te
     one (the last dim must be contiguous, else it is copied); zero-points None for the symmetric formats. n_older (B,)
     int64: valid tokens per sequence (0 allowed; a whole number of key groups when keys are per channel). fmt: a
     kernels.formats Format or its --bits name; k_granularity "token" or "channel"; group_size as the store's.
+    table (B, blocks) int32 / int64, page: a paged store (kv_cache/paging.py): the buffers are the pool's (1, H, P,
+    ...), token t of sequence b in pool row table[b, t // page] * page + t % page; page a multiple of the key group.
 
     Returns float32 (acc (B, HQ, D), m (B, HQ), l (B, HQ)) with s_t = q . k_t: m = max_t s_t, l = sum_t exp(s_t - m),
     acc = sum_t exp(s_t - m) v_t; an empty row has m = -inf, l = 0, acc = 0. Merging with the attention over the
@@ -219,6 +229,13 @@ def older_attention(q: Tensor, k_q: Tensor, k_scale: Tensor, k_zero: Optional[Te
         out = (a acc + a_w acc_w) / (a l + a_w l_w)
     """
     fmt = get_format(fmt)
+    if table is not None:  # the pool, seen with batch stride 0 (the table maps each sequence's tokens)
+        if table.dim() != 2 or table.shape[0] != q.shape[0] or page <= 0 or page % (
+                group_size if k_granularity == "channel" else 1):
+            raise ValueError(f"table must be (B, blocks) = ({q.shape[0]}, ...) with page > 0 a whole number of key "
+                             f"groups, got {tuple(table.shape)} and page {page}")
+        k_q, k_scale, k_zero, v_q, v_scale, v_zero = (None if t is None else t.expand(q.shape[0], *t.shape[1:])
+                                                      for t in (k_q, k_scale, k_zero, v_q, v_scale, v_zero))
     if q.dim() != 3 or k_q.dim() != 4:
         raise ValueError(f"older_attention takes q (B, HQ, D) and a store (B, H, M, ...), got {tuple(q.shape)} and "
                          f"{tuple(k_q.shape)}")
@@ -259,5 +276,5 @@ def older_attention(q: Tensor, k_q: Tensor, k_scale: Tensor, k_zero: Optional[Te
                          f"{tuple(recent_k.shape)}, {tuple(recent_v.shape)}, {tuple(recent_keep.shape)} "
                          f"{recent_keep.dtype}")
     args = (q, k_q, k_scale, k_zero, v_q, v_scale, v_zero, n_older, fmt.name, k_granularity, group_size, recent_k,
-            recent_v, recent_keep)
+            recent_v, recent_keep, table, page)
     return torch.ops.kvcache.older_attention(*args) if torch.compiler.is_compiling() else _run(*args)

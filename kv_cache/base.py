@@ -43,9 +43,9 @@ class CacheOptions:
     """Options every strategy has. Subclasses add fields and extend check() (and derive(), for what follows from
     the options)."""
     attn_impl: Optional[str] = option(None, "decode step: triton = fused attention over the stored format (default "
-                                            "on CUDA), cpu = a C kernel reading the quantized store's codes "
-                                            "(kernels/cpu_attention.py), torch = PyTorch (default elsewhere); "
-                                            "prefill always uses PyTorch", choices=ATTN_IMPLS)
+                                            "on CUDA), cpu = a C kernel reading quantize_kv's stored codes "
+                                            "(kernels/cpu_attention.py; default on the CPU where it builds), torch = "
+                                            "PyTorch; prefill always uses PyTorch", choices=ATTN_IMPLS)
 
     def check(self, head_dim: int):
         """Raise ValueError with one line naming the fix when the options cannot work. It only checks: what follows
@@ -265,8 +265,8 @@ class KVCache(nn.Module):
                 return attend_with_scores(q, recent_k, recent_v, keep)
             return attend(q, recent_k, recent_v, keep.view(B, 1, 1, -1))
         # The C kernel computes in float32: a float64 model (the tests' references) keeps the PyTorch path.
-        if self.attn_impl == "cpu" and not scores and isinstance(older, QuantizedStore) and older.pool is None \
-                and q.dtype != torch.float64:
+        # Not a PlaneStore (a QuantizedStore with low planes, which the C kernel does not read).
+        if self.attn_impl == "cpu" and not scores and type(older) is QuantizedStore and q.dtype != torch.float64:
             return self.attend_codes(q, recent_k, recent_v, keep, older, n_older)
         H = recent_k.shape[1]
         lane = older_read or older.capacity
@@ -303,9 +303,11 @@ class KVCache(nn.Module):
         the older store's codes where they are (never dequantized into a tensor: the bytes read per step shrink with
         the format, and only the n_older tokens held are read) and the recent tokens beside them."""
         B, HQ, _, D = q.shape
-        acc, _, total = self.older_attention(q[:, :, 0].float() * D ** -0.5, *older.buffers_of(B), n_older,
-                                             older.fmt, older.k_granularity, older.group_size, recent_k, recent_v,
-                                             keep)
+        store = older.kernel_inputs(B)
+        buffers = (store[name] for name in ("k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero"))
+        acc, _, total = self.older_attention(q[:, :, 0].float() * D ** -0.5, *buffers, n_older, older.fmt,
+                                             older.k_granularity, older.group_size, recent_k, recent_v, keep,
+                                             store.get("older_table"), store.get("older_block", 0))
         return (acc / total[..., None]).to(q.dtype)[:, :, None]
 
     def row_groups(self) -> list[RowGroup]:
@@ -362,14 +364,18 @@ def rotate_qk(q: Tensor, k: Tensor, pos: Tensor, rope_cos: Tensor, rope_sin: Ten
 
 
 def attn_impl_for(impl, device=None):
-    """The decode implementation asked for, or the device's default (triton on CUDA when installed, else torch); a
-    one-line ValueError when it cannot run there. device None: check the name only."""
+    """The decode implementation asked for, or the device's default (triton on CUDA when installed; on the CPU, cpu
+    where its C kernel builds, else torch); a one-line ValueError when it cannot run there. device None: check the
+    name only."""
     if impl is not None and impl not in ATTN_IMPLS:
         raise ValueError(f"--attn_impl {impl!r} is not available: use one of {', '.join(ATTN_IMPLS)}")
     if device is None:
         return impl
     has_triton = importlib.util.find_spec("triton") is not None
     on_cuda = torch.device(device).type == "cuda"
+    if impl is None and torch.device(device).type == "cpu":
+        from kernels.cpu_attention import available
+        impl = "cpu" if available() else "torch"
     impl = impl or ("triton" if on_cuda and has_triton else "torch")
     if impl == "triton" and not has_triton:
         raise ValueError("--attn_impl triton needs the triton package (pip install triton): or use --attn_impl torch")

@@ -96,6 +96,66 @@ def test_long_rows_split_over_threads_merge_exactly_once():
         torch.set_num_threads(threads)
 
 
+def paged(store, page, seed=0):
+    """The store's buffers moved into a pool of shuffled blocks (batch dim 1) with one spare block a sequence,
+    NaN (or 0x7f) wherever no token was put, and the block table that maps each sequence's tokens: the layout of a
+    paged QuantizedStore (kv_cache/stores.py)."""
+    buffers = store.all_buffers()
+    B, H, N = buffers[0].shape[:3]
+    blocks = N // page
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.randperm(B * (blocks + 1), generator=gen)[:B * blocks].view(B, blocks)
+    pool = []
+    for t in buffers:
+        if t is None:
+            pool.append(None)
+            continue
+        rows = page * t.shape[2] // N  # rows a block: page tokens, or page / F key groups
+        out = torch.full((1, H, B * (blocks + 1) * rows, *t.shape[3:]), float("nan")).to(t.dtype) \
+            if t.dtype == torch.float16 else torch.full((1, H, B * (blocks + 1) * rows, *t.shape[3:]), 0x7f,
+                                                      dtype=torch.uint8).view(t.dtype)
+        where = (table[:, :, None] * rows + torch.arange(rows)).flatten(1)  # (B, blocks * rows)
+        for b in range(B):
+            out[0, :, where[b]] = t[b, :, :blocks * rows]
+        pool.append(out)
+    return pool, table.int()
+
+
+@pytest.mark.parametrize("fmt, k_granularity, page", [("4", "channel", 32), ("4", "channel", 64), ("8", "token", 16),
+                                                      ("2", "token", 16), ("fp8", "token", 48)])
+def test_paged_store_is_the_contiguous_one_bit_for_bit(fmt, k_granularity, page):
+    """A pool read through its block table (blocks smaller and larger than the kernel's 32-token blocks, shuffled,
+    the unused rows poisoned) gives exactly the contiguous store's partials: the same arithmetic in the same order."""
+    lengths = [576, 0, 96]
+    store = filled_store(fmt, k_granularity, lengths)
+    q = torch.randn(3, 9, 64) / 8
+    n = torch.tensor(lengths)
+    pool, table = paged(store, page)
+    got = cpu_attention.older_attention(q, *pool, n, fmt, k_granularity, GROUP, table=table, page=page)
+    want = cpu_attention.older_attention(q, *store.all_buffers(), n, fmt, k_granularity, GROUP)
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+
+
+def test_a_row_is_the_same_in_any_batch():
+    """Work is cut into chunks fixed in token space: a sequence's partials do not depend on the other rows of its
+    batch or on the thread count (batched decoding equals one by one, bit for bit)."""
+    lengths = [1600, 64, 900]
+    store = filled_store("2", "channel", lengths)
+    q = torch.randn(3, 9, 64) / 8
+    together = cpu_attention.older_attention(q, *store.all_buffers(), torch.tensor(lengths), "2", "channel", GROUP)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for b, n in enumerate(lengths):
+            alone = cpu_attention.older_attention(q[b:b + 1], *store.buffers_of(slice(b, b + 1)), torch.tensor([n]),
+                                                  "2", "channel", GROUP)
+            for x, y in zip(alone, together):
+                assert torch.equal(x[0], y[b]), f"row {b}"
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_compiled_call_matches_eager():
     store = filled_store("4", "channel", [320])
     q = torch.randn(1, 9, 64)
@@ -148,7 +208,8 @@ FORMATS_AT_HEAD_16 = {"int8": dict(bits="8"), "fp8": dict(bits="fp8"), "int4": d
 @pytest.mark.parametrize("name", FORMATS_AT_HEAD_16)
 def test_quantize_kv_decodes_the_torch_paths_tokens(name):
     """quantize_kv with --attn_impl cpu on a ragged batch (a row with no older token yet, rows with several groups)
-    decodes the PyTorch path's greedy tokens, eager and compiled into one graph."""
+    decodes the PyTorch path's greedy tokens, eager, compiled into one graph, and paged (the kernel reading the
+    pool through the block table)."""
     torch.manual_seed(0)
     model = Transformer(ARGS).eval().requires_grad_(False)
     gen = torch.Generator().manual_seed(1)
@@ -157,13 +218,19 @@ def test_quantize_kv_decodes_the_torch_paths_tokens(name):
     out = {}
     for impl, decode_fn in (("torch", runner.decode_one_token), ("cpu", runner.decode_one_token),
                             ("cpu-compiled", torch.compile(runner.decode_one_token, backend="aot_eager",
-                                                           fullgraph=True))):
+                                                           fullgraph=True)), ("cpu-paged", runner.decode_one_token)):
         options = dict(sink_size=4, window_size=8, attn_impl=impl.split("-")[0], **FORMATS_AT_HEAD_16[name])
-        runner.setup_cache(model, "quantize_kv", options, len(batch), 41 + new_tokens)
+        runner.setup_cache(model, "quantize_kv", options, len(batch), 41 + new_tokens,
+                           block_size=8 if impl == "cpu-paged" else None)
+        assert (model.caches()[0].older.pool is not None) == (impl == "cpu-paged")
         assert model.caches()[0].attn_impl == impl.split("-")[0]
         rows = engine.generate_batch(model, batch, new_tokens, decode_fn=decode_fn)["sequences"]
         out[impl] = [row["tokens"] for row in rows]
-    assert out["cpu"] == out["torch"] and out["cpu-compiled"] == out["torch"]
+    assert out["cpu"] == out["torch"] and out["cpu-compiled"] == out["torch"] and out["cpu-paged"] == out["torch"]
+
+
+def test_the_cpu_kernel_is_the_cpu_default():
+    assert attn_impl_for(None, "cpu") == "cpu" and attn_impl_for("torch", "cpu") == "torch"
 
 
 def test_attn_impl_cpu_is_refused_off_the_cpu_in_one_line():
