@@ -106,6 +106,10 @@ class EvictOptions(SinkWindowOptions, RotateOptions):
         if self.fine_share and (str(self.then_bits) != "2" or self.head_budget != "uniform"):
             raise ValueError("--fine_share keeps the best-scored tokens at 4 bits and the rest at 2: it needs "
                              "--then_bits 2 and --head_budget uniform")
+        if self.fine_share and not 0 < self.fine_size <= PlaneStore.MAX_FINE:
+            raise ValueError(f"--fine_share {self.fine_share} of the {self.older_size} tokens kept beyond sinks and "
+                             f"window is {self.fine_size} tokens at 4 bits: it must be 1 to {PlaneStore.MAX_FINE} "
+                             "(raise or lower --fine_share or --budget)")
         fmt = None if self.then_bits is None else get_format(self.then_bits)
         if fmt is not None and fmt.asymmetric and head_dim is not None:
             if head_dim % self.group_size or head_dim % fmt.per_byte:
@@ -128,8 +132,9 @@ class EvictOptions(SinkWindowOptions, RotateOptions):
 
     @property
     def fine_size(self) -> int:
-        """--fine_share: tokens a head keeps at 4 bits (0: every kept token in --then_bits' format)."""
-        return round(self.fine_share * self.older_size)
+        """--fine_share: tokens a head keeps at 4 bits, the share's whole tokens (0: every kept token in
+        --then_bits' format)."""
+        return int(self.fine_share * self.older_size)
 
     def n_older(self, length: int) -> int:
         """Tokens in the older store once a sequence has seen `length` tokens: every token past sinks + window, up to
@@ -186,7 +191,8 @@ class EvictionCache(KVCache):
         position."""
         opts = cls.Options.resolve(options, head_dim)
         stored = (2 * head_dim * dtype.itemsize if opts.format is None else
-                  PlaneStore.bytes_per_token(opts.group_size, head_dim, opts.fine_share) if opts.fine_size else
+                  PlaneStore.bytes_per_token(opts.group_size, head_dim, opts.fine_size / opts.older_size)
+                  if opts.fine_size else
                   QuantizedStore.bytes_per_token(opts.format, opts.group_size, "token", head_dim))
         return n_kv_head * (stored + 4 + 4)
 
@@ -300,12 +306,12 @@ class EvictionCache(KVCache):
         target = torch.where(has_room, self.cells(start + n_older),
                              torch.where(replace, self.cells(lowest_at), scratch))
         target = torch.where(leaves[:, None], target, scratch)  # (R, H) cells
-        extra = {}
-        if self.fine_size:  # the low-plane entry it takes, if any (before anything moves)
-            extra["fine"] = self.fine_entries(target % n_slots, leaves[:, None] & (has_room | replace),
-                                              leaving_score)[..., None]
+        low_plane = {}  # mixed precision: the low-plane entry it takes, if any (chosen before anything moves)
+        if self.fine_size:
+            low_plane["low_entry"] = self.fine_entries(target % n_slots, leaves[:, None] & (has_room | replace),
+                                                  leaving_score)[..., None]
         self.older.write_heads(rows, (target % n_slots)[..., None], *ring.read(rows, slot),
-                               lanes=(target // n_slots)[..., None] if self.adaptive else None, **extra)
+                               lanes=(target // n_slots)[..., None] if self.adaptive else None, **low_plane)
         self.older_pos[:R].view(R, -1).scatter_(1, target, leaving_pos.expand(R, H).int())
         self.older_score[:R].view(R, -1).scatter_(1, target, leaving_score)
         self.n_older[:R] += leaves[:, None] & has_room
@@ -326,17 +332,17 @@ class EvictionCache(KVCache):
         else a free entry, else the entry of the head's lowest-scored fine token if it scores higher, which is
         demoted to 2 bits here (its entry forgotten); else it is kept at 2 bits."""
         R, M = slots.shape[0], self.older_size
-        fine = self.older.fine[:R]
+        entry_of = self.older.low_entry[:R]  # each slot's low-plane entry
         held = torch.arange(M, device=slots.device) < self.n_older[:R, :, None]  # stale entries past n_older
-        is_fine = held & (fine[..., :M] >= 0)
-        replaced = torch.where(slots < self.n_older[:R], fine.gather(2, slots[..., None])[..., 0], -1).long()
+        is_fine = held & (entry_of[..., :M] >= 0)
+        replaced = torch.where(slots < self.n_older[:R], entry_of.gather(2, slots[..., None])[..., 0], -1).long()
         lowest, lowest_at = self.older_score[:R, :, :M].masked_fill(~is_fine, float("inf")).min(-1)
         n_fine = is_fine.sum(-1)
         demote = kept & (replaced < 0) & (n_fine >= self.fine_size) & (score > lowest)
         entry = torch.where(replaced >= 0, replaced, torch.where(n_fine < self.fine_size, n_fine, torch.where(
-            demote, fine.gather(2, lowest_at[..., None])[..., 0].long(), -1)))
-        scratch = self.older.n_slots - 1
-        fine.scatter_(2, torch.where(demote, lowest_at, scratch)[..., None], -1)
+            demote, entry_of.gather(2, lowest_at[..., None])[..., 0].long(), -1)))
+        # the demoted token forgets its entry (the others write the scratch slot's)
+        entry_of.scatter_(2, torch.where(demote, lowest_at, self.older.capacity)[..., None], -1)
         return torch.where(kept, entry, -1)
 
     def _prefill(self, q, k, v, pos, rows, chunk):
@@ -399,9 +405,10 @@ class EvictionCache(KVCache):
             2, by_pos.view(*by_pos.shape, *[1] * (x.dim() - 3)).expand(*by_pos.shape, *x.shape[3:]))
             for name, x in fresh.items()}
         if self.fine_size:  # the best-scored fine_size of the chosen that have their low plane, entries in order
-            ranked = scores.gather(2, by_pos).masked_fill(~(chosen & (fields["fine"] >= 0)), float("-inf"))
-            fine = chosen & (fields["fine"] >= 0) & (ranks(ranked) < self.fine_size)
-            fields["fine"] = torch.where(fine, fine.cumsum(-1) - 1, -1)
+            has_low = fields["low_entry"] >= 0
+            ranked = scores.gather(2, by_pos).masked_fill(~(chosen & has_low), float("-inf"))
+            fine = chosen & has_low & (ranks(ranked) < self.fine_size)
+            fields["low_entry"] = torch.where(fine, fine.cumsum(-1) - 1, -1)
         self.older.write_heads_buf(fields, rows, target % n_slots, lanes=None if self.fine_size else target // n_slots)
         for buf, x in ((self.older_pos, all_pos.int()), (self.older_score, scores)):
             part = buf[rows]

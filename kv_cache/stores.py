@@ -36,7 +36,7 @@ PlaneStore (the eviction policies' older store with --fine_share: mixed precisio
   are the 4-bit code's. The low planes of the E = fine_size tokens a head keeps at 4 bits sit apart, per sequence
   (not paged):
   k_lo, v_lo  (B, H, E + 1, D // 4) uint8, entry E the scratch entry.
-  fine        (B, H, n_slots) int16: the low-plane entry of the token in each logical slot, -1 for a coarse one.
+  low_entry   (B, H, n_slots) int16: the low-plane entry of the token in each logical slot, -1 for a coarse one.
   A fine token dequantizes as (4 * hi + lo) * scale + zero, a coarse one as (4 * hi + 1.5) * scale + zero.
 
 DenseOlderStore, QuantizedStore with per-token keys (the eviction policies' older store, kv_cache/evict.py)
@@ -462,68 +462,76 @@ class PlaneStore(QuantizedStore):
     forgetting its low-plane entry: nothing is quantized again."""
 
     PLANES = ("k_lo", "v_lo")
+    MAX_FINE = 2 ** 15 - 1  # entries an int16 map can name
 
     def __init__(self, batch_size, n_kv_head, capacity, head_dim, fine_size, group_size, device, pool=None):
         super().__init__(batch_size, n_kv_head, capacity, head_dim, get_format("2"), group_size, "token", device,
                          pool)
         self.fine_size = fine_size
         for name in self.PLANES:
-            self.register_buffer(name, torch.zeros(batch_size, n_kv_head, fine_size + 1, head_dim // 4,
+            self.register_buffer(name, torch.zeros(batch_size, n_kv_head, fine_size + 1, self.plane_bytes(head_dim),
                                                    dtype=torch.uint8, device=device))
-        self.register_buffer("fine", torch.full((batch_size, n_kv_head, self.n_slots), -1, dtype=torch.int16,
+        self.register_buffer("low_entry", torch.full((batch_size, n_kv_head, self.n_slots), -1, dtype=torch.int16,
                                                 device=device))
 
+    @staticmethod
+    def plane_bytes(head_dim: int) -> int:
+        """Bytes of one token's 2-bit plane of keys (or values) in one KV head."""
+        return head_dim // get_format("2").per_byte
+
     @classmethod
-    def bytes_per_token(cls, group_size: int, head_dim: int, fine_share: float) -> float:
-        """Bytes of one kept token in one KV head: the 2-bit store's, its low-plane entry, and fine_share of a low
-        plane of keys and values."""
+    def bytes_per_token(cls, group_size: int, head_dim: int, fine: float) -> float:
+        """Bytes of one kept token in one KV head: the 2-bit store's, its int16 low-plane entry, and the fraction
+        `fine` (fine_size / kept tokens) of a low plane of keys and values."""
         return (QuantizedStore.bytes_per_token(get_format("2"), group_size, "token", head_dim) + 2
-                + fine_share * 2 * head_dim // 4)
+                + fine * 2 * cls.plane_bytes(head_dim))
 
     def encode(self, k: Tensor, v: Tensor) -> dict:
-        """k, v (R, H, N, D) in the stored form, both planes, fine 0 (a token that has its low plane; raw()'s
-        fine is its entry, -1 when it has none)."""
+        """k, v (R, H, N, D) in the stored form, both planes, low_entry 0: a token that has its low plane (raw()
+        gives a stored token's entry, -1 when it has none)."""
         (k_q, k_lo, k_scale, k_zero), (v_q, v_lo, v_scale, v_zero) = (quantize_planes(x, self.group_size)
                                                                       for x in (k, v))
         return dict(k_q=k_q, k_scale=k_scale, k_zero=k_zero, v_q=v_q, v_scale=v_scale, v_zero=v_zero, k_lo=k_lo,
-                    v_lo=v_lo, fine=torch.zeros(k.shape[:3], dtype=torch.int16, device=k.device))
+                    v_lo=v_lo, low_entry=torch.zeros(k.shape[:3], dtype=torch.int16, device=k.device))
 
-    def write_heads(self, rows, slots: Tensor, k: Tensor, v: Tensor, lanes: Tensor = None, fine: Tensor = None):
-        """QuantizedStore.write_heads, each token's low plane to entry fine (R, H, T) (-1: none, a coarse token)."""
-        self.write_heads_buf({**self.encode(k, v), "fine": fine}, rows, slots, lanes)
+    def write_heads(self, rows, slots: Tensor, k: Tensor, v: Tensor, lanes: Tensor = None,
+                    low_entry: Tensor = None):
+        """QuantizedStore.write_heads, each token's low plane to entry low_entry (R, H, T) (-1: a coarse token)."""
+        self.write_heads_buf({**self.encode(k, v), "low_entry": low_entry}, rows, slots, lanes)
 
     def write_heads_buf(self, buffers: dict, rows, slots: Tensor, lanes: Tensor = None):
-        """Store.write_heads_buf; buffers["fine"] (R, H, T) is each token's low-plane entry (-1: coarse), where
+        """Store.write_heads_buf; buffers["low_entry"] (R, H, T) is each token's low-plane entry (-1: coarse), where
         its low planes buffers["k_lo"], buffers["v_lo"] go (the scratch entry for a coarse token)."""
         assert lanes is None, "mixed precision keeps each head in its own lane"
         buffers = dict(buffers)
-        fine, planes = buffers.pop("fine"), {name: buffers.pop(name) for name in self.PLANES}
+        entry, planes = buffers.pop("low_entry"), {name: buffers.pop(name) for name in self.PLANES}
         super().write_heads_buf(buffers, rows, slots)
-        write_heads(self.fine, rows, slots, fine.to(torch.int16))
-        entries = torch.where(fine >= 0, fine, self.fine_size).long()
+        write_heads(self.low_entry, rows, slots, entry.to(torch.int16))
+        entries = torch.where(entry >= 0, entry, self.fine_size).long()
         for name, x in planes.items():
             write_heads(getattr(self, name), rows, entries, x)
 
     def raw(self, rows, n: int) -> dict:
-        """QuantizedStore.raw, with each token's low-plane entry (fine, -1: coarse) and its low planes (the scratch
+        """QuantizedStore.raw, with each token's low-plane entry (low_entry, -1: coarse) and its low planes (the scratch
         entry's bytes for a coarse token)."""
         stored = super().raw(rows, n)
-        fine = self.fine[rows][:, :, :n]
-        entries = torch.where(fine >= 0, fine, self.fine_size).long()
+        entry = self.low_entry[rows][:, :, :n]
+        entries = torch.where(entry >= 0, entry, self.fine_size).long()
         for name in self.PLANES:
             lo = getattr(self, name)[rows]
             stored[name] = lo.gather(2, entries[..., None].expand(*entries.shape, lo.shape[-1]))
-        return {**stored, "fine": fine}
+        return {**stored, "low_entry": entry}
 
     def dequantize(self, rows, n: int, dtype) -> tuple[Tensor, Tensor]:
         stored = self.raw(rows, n)
-        fine = stored["fine"] >= 0
-        return tuple(dequantize_planes(stored[f"{x}_q"], stored[f"{x}_lo"], fine, stored[f"{x}_scale"],
+        has_low = stored["low_entry"] >= 0
+        return tuple(dequantize_planes(stored[f"{x}_q"], stored[f"{x}_lo"], has_low, stored[f"{x}_scale"],
                                        stored[f"{x}_zero"], self.group_size, dtype) for x in "kv")
 
     def kernel_inputs(self, R: int) -> dict:
-        return dict(super().kernel_inputs(R), k_lo=self.k_lo[:R], v_lo=self.v_lo[:R], older_fine=self.fine[:R])
+        return dict(super().kernel_inputs(R), k_lo=self.k_lo[:R], v_lo=self.v_lo[:R],
+                    older_fine=self.low_entry[:R])
 
     def reset(self, rows: Tensor):
         super().reset(rows)
-        self.fine[rows] = -1
+        self.low_entry[rows] = -1

@@ -148,8 +148,8 @@ def run(args, argv) -> list[dict]:
 
 def markdown(header: dict, rows: list[dict]) -> str:
     lines = [f"# CPU decode speed against the peers {header['date']}", "", *header_lines(header),
-             f"- llama-cpp-python {header['llama_cpp']}, optimum-quanto {header['optimum_quanto']}; {header['threads']} "
-             f"threads, {header['steps']} steps, best of {header['repeats']}", ""]
+             f"- llama-cpp-python {header['llama_cpp']}, optimum-quanto {header['optimum_quanto']}; "
+             f"{header['threads']} threads, {header['steps']} steps, best of {header['repeats']}", ""]
     lines += markdown_table(["library", "cache", "context", "tokens/s", "vs the library's full", "note"],
                             [[r["library"], r["cache"], r["context"], fmt(r["tokens_per_s"], ".2f"),
                               fmt(r["vs_full"], ".3f"), r["note"]] for r in rows])

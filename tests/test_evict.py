@@ -151,7 +151,7 @@ def held_scores(cache, row, h) -> dict:
 
 def make_cache(policy, batch=1, **options):
     cls = kv_cache.STRATEGIES[policy]
-    return cls(batch, 64, H, D, torch.float32, "cpu", sink_size=S, window_size=W, budget=BUDGET, **options)
+    return cls(batch, 64, H, D, torch.float32, "cpu", **{"sink_size": S, "window_size": W, "budget": BUDGET, **options})
 
 
 @pytest.mark.parametrize("head_budget", ["uniform", "adaptive"])
@@ -186,13 +186,15 @@ def test_policy_keeps_what_the_reference_keeps(policy, head_budget):
         assert any(t >= PROMPT - W for kept in ref.kept for t in kept)
 
 
+@pytest.mark.parametrize("prompt", [PROMPT, S + W + 1])
 @pytest.mark.parametrize("policy", ["h2o", "tova", "snapkv"])
-def test_mixed_precision_keeps_what_the_reference_keeps(policy):
+def test_mixed_precision_keeps_what_the_reference_keeps(policy, prompt):
     """--then_bits 2 --fine_share 0.5: the 4 kept tokens of a head at 2 bits, its best-scored 2 with their low planes
     too (4 bits). Which tokens each head keeps, which of them at 4 bits, and every output match a float64 reference
-    that dequantizes each kept token by its precision; decoding demotes fine tokens that a newcomer outscores."""
+    that dequantizes each kept token by its precision; decoding demotes fine tokens that a newcomer outscores. A
+    prompt with one token past sinks and window leaves a 4-bit place free: decoding fills it first."""
     gen = torch.Generator().manual_seed(11)
-    T = PROMPT + STEPS
+    T = prompt + STEPS
     q = torch.randn(1, HQ, T, D, generator=gen) * 2
     k = torch.randn(1, H, T, D, generator=gen) * 2
     v = torch.randn(1, H, T, D, generator=gen)
@@ -204,15 +206,18 @@ def test_mixed_precision_keeps_what_the_reference_keeps(policy):
 
     def fine_tokens():
         older = cache.older
-        return [{int(cache.older_pos[0, h, i]) for i in range(int(cache.n_older[0, h])) if older.fine[0, h, i] >= 0}
+        return [{int(cache.older_pos[0, h, i]) for i in range(int(cache.n_older[0, h]))
+                 if older.low_entry[0, h, i] >= 0}
                 for h in range(H)]
 
-    out = cache(q[:, :, :PROMPT], k[:, :, :PROMPT], v[:, :, :PROMPT], torch.arange(PROMPT), cos, sin,
+    out = cache(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], torch.arange(prompt), cos, sin,
                 torch.tensor([0]))
-    assert torch.allclose(out[0].double(), ref.prefill(q[0, :, :PROMPT], k[0, :, :PROMPT], v[0, :, :PROMPT]),
+    assert torch.allclose(out[0].double(), ref.prefill(q[0, :, :prompt], k[0, :, :prompt], v[0, :, :prompt]),
                           atol=1e-5)
     assert cache.older_tokens(0) == ref.kept and fine_tokens() == ref.fine, "after the prompt"
-    for p in range(PROMPT, T):
+    if prompt < PROMPT:
+        assert all(len(fine) == 1 for fine in ref.fine)
+    for p in range(prompt, T):
         out = cache(q[:, :, p:p + 1], k[:, :, p:p + 1], v[:, :, p:p + 1], torch.tensor([[p]]), cos, sin)
         ref_out = ref.decode(q[0, :, p], k[0, :, p], v[0, :, p])
         assert torch.allclose(out[0, :, 0].double(), ref_out, atol=1e-4), f"output at position {p}"
@@ -220,7 +225,50 @@ def test_mixed_precision_keeps_what_the_reference_keeps(policy):
         assert fine_tokens() == ref.fine, f"4-bit tokens after position {p}"
     if policy == "tova":  # its scores are the current query's: newcomers outscore and demote fine tokens
         assert ref.demoted > 0
-    assert all(len(fine) == 2 for fine in ref.fine)
+    check_planes(cache, 0, k, v)
+
+
+def check_planes(cache, row, k, v):
+    """Every held token of sequence `row` (keys and values k, v (B, H, T, D) by position, stored as they are: no
+    RoPE, no rotation) is stored as quantize_planes makes it, its high plane in its slot and, when fine, its low
+    plane at its entry; the entries of a head are distinct and below fine_size."""
+    older = cache.older
+    for h in range(H):
+        entries = []
+        for slot in range(int(cache.n_older[row, h])):
+            t, entry = int(cache.older_pos[row, h, slot]), int(older.low_entry[row, h, slot])
+            for x, hi, lo in ((k, older.k_q, older.k_lo), (v, older.v_q, older.v_lo)):
+                planes = quantize_planes(x[row:row + 1, h:h + 1, t:t + 1], older.group_size)
+                assert torch.equal(hi[row, h, slot], planes[0][0, 0, 0]), (row, h, slot)
+                if entry >= 0:
+                    assert torch.equal(lo[row, h, entry], planes[1][0, 0, 0]), (row, h, slot, entry)
+            entries += [entry] if entry >= 0 else []
+        assert len(set(entries)) == len(entries) and all(0 <= e < cache.fine_size for e in entries), entries
+
+
+@pytest.mark.parametrize("policy", ["h2o", "tova"])
+def test_mixed_precision_planes_stay_their_tokens_over_chunks(policy):
+    """Two ragged prompts prefilled in chunks of 3 (tokens already kept are copied in their stored form; a coarse
+    one has no low plane to get back), then decoded together: after every call each held token's planes are its
+    own and its entry is one of its head's distinct 4-bit places."""
+    gen = torch.Generator().manual_seed(5)
+    T, lengths = 36, (21, 14)
+    q, k, v = (torch.randn(2, n, T, D, generator=gen) * 2 for n in (HQ, H, H))
+    cache = make_cache(policy, batch=2, budget=13, then_bits="2", fine_share=0.5, group_size=4, rotate="none")
+    cos, sin = identity_rope(T)
+    for row, length in enumerate(lengths):
+        for first in range(0, length, 3):
+            end = min(first + 3, length)
+            cache(q[row:row + 1, :, first:end], k[row:row + 1, :, first:end], v[row:row + 1, :, first:end],
+                  torch.arange(first, end), cos, sin, torch.tensor([row]))
+            check_planes(cache, row, k, v)
+    pos = torch.tensor(lengths)
+    for _ in range(T - max(lengths)):
+        step = lambda x: torch.stack([x[r, :, p] for r, p in enumerate(pos.tolist())])[:, :, None]  # noqa: E731
+        cache(step(q), step(k), step(v), pos[:, None], cos, sin)
+        pos += 1
+        for row in range(2):
+            check_planes(cache, row, k, v)
 
 
 def test_hand_set_scores_decide_the_replacement():
@@ -279,6 +327,9 @@ def test_mixed_precision_bytes_are_the_layout():
                 + B * H * (ring + kept_slots) * 4 + B * H * kept_slots * 4 + 3 * B * H * 8)
     assert cache.nbytes() == expected
     assert make_cache("h2o", batch=B, then_bits="2", group_size=4).nbytes() < cache.nbytes()
+    bigger = make_cache("h2o", batch=B, then_bits="2", group_size=4, fine_share=0.5, budget=BUDGET + 2)  # 3 fine
+    per_token = kv_cache.STRATEGIES["h2o"].bytes_per_token(cache.opts, H, D, torch.float32)
+    assert bigger.nbytes() - cache.nbytes() == 2 * B * per_token
 
 
 def test_bad_options_are_one_line_errors():
@@ -291,6 +342,10 @@ def test_bad_options_are_one_line_errors():
         cls.check_options(dict(then_bits="4", fine_share=0.5), 128, 64)
     with pytest.raises(ValueError, match="--fine_share must be a share between 0 and 1"):
         cls.check_options(dict(then_bits="2", fine_share=2), 128, 64)
+    with pytest.raises(ValueError, match="is 0 tokens at 4 bits: it must be 1 to 32767"):
+        cls.check_options(dict(then_bits="2", fine_share=0.001, budget=100), 128, 64)
+    with pytest.raises(ValueError, match="is 40000 tokens at 4 bits: it must be 1 to 32767"):
+        cls.check_options(dict(then_bits="2", fine_share=1, budget=40048), 128, 64)
     with pytest.raises(ValueError, match="--group_size 48 must divide head_dim 64"):
         kv_cache.STRATEGIES["h2o"].check_options(dict(then_bits="4", group_size=48), 128, 64)
 
