@@ -1,10 +1,13 @@
-# Run from the repository root: python outputs/results/cpu_speed_2026-12-04/ab_kernel.py. A/B of the C kernel: the source before this session's change (adaptive chunks, contiguous only) against now
+# Run from the repository root: python outputs/results/cpu_speed_2026-12-04/ab_kernel.py.
+# A/B of the C kernel: the source before this session's change (adaptive chunks, contiguous only) against now
 # (fixed 512-token chunks, rows through token_row), same arguments, interleaved calls, one layer at 1k / 4k / 8k.
 import ctypes, subprocess, sys, time, statistics
 sys.path.insert(0, ".")
 import tempfile, os
 tmp = tempfile.mkdtemp()
-open(os.path.join(tmp, "old.c"), "w").write(subprocess.run(["git", "show", "e08d31f:kernels/cpu_attention.c"], capture_output=True, text=True, check=True).stdout)
+old_source = subprocess.run(["git", "show", "e08d31f:kernels/cpu_attention.c"], capture_output=True, text=True,
+                            check=True).stdout
+open(os.path.join(tmp, "old.c"), "w").write(old_source)
 import torch
 from kernels import cpu_attention as ca
 from kernels.formats import get_format
