@@ -309,7 +309,7 @@ class EvictionCache(KVCache):
         low_plane = {}  # mixed precision: the low-plane entry it takes, if any (chosen before anything moves)
         if self.fine_size:
             low_plane["low_entry"] = self.fine_entries(target % n_slots, leaves[:, None] & (has_room | replace),
-                                                  leaving_score)[..., None]
+                                                       leaving_score)[..., None]
         self.older.write_heads(rows, (target % n_slots)[..., None], *ring.read(rows, slot),
                                lanes=(target // n_slots)[..., None] if self.adaptive else None, **low_plane)
         self.older_pos[:R].view(R, -1).scatter_(1, target, leaving_pos.expand(R, H).int())
@@ -409,7 +409,7 @@ class EvictionCache(KVCache):
             ranked = scores.gather(2, by_pos).masked_fill(~(chosen & has_low), float("-inf"))
             fine = chosen & has_low & (ranks(ranked) < self.fine_size)
             fields["low_entry"] = torch.where(fine, fine.cumsum(-1) - 1, -1)
-        self.older.write_heads_buf(fields, rows, target % n_slots, lanes=None if self.fine_size else target // n_slots)
+        self.older.write_heads_buf(fields, rows, target % n_slots, lanes=target // n_slots if self.adaptive else None)
         for buf, x in ((self.older_pos, all_pos.int()), (self.older_score, scores)):
             part = buf[rows]
             part.view(R, -1).scatter_(1, target.flatten(1), x.gather(2, by_pos).flatten(1))

@@ -75,12 +75,18 @@ def write_rows(buf: Tensor, rows, slots: Tensor, x: Tensor):
     if buf.dtype == torch.float8_e4m3fn:  # no float8 scatter / index_put on some devices: copy the bytes
         buf, x = buf.view(torch.uint8), x.view(torch.uint8)
     if isinstance(rows, slice):  # index_put_ on the buffer itself: compiled, it stays in place (module docstring)
-        R, H = x.shape[:2]
-        first = rows.start or 0
-        sequences = torch.arange(first, first + R, device=buf.device).view(R, 1, 1)
-        buf.index_put_((sequences, torch.arange(H, device=buf.device).view(1, H, 1), slots.view(R, 1, -1)), x)
+        buf.index_put_((*sequences_and_heads(rows, x), slots.view(x.shape[0], 1, -1)), x)
     else:
         buf[rows[:, None], :, slots] = x.transpose(1, 2)
+
+
+def sequences_and_heads(rows: slice, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Index tensors (R, 1, 1) and (1, H, 1) of the R sequences of slice `rows` and the H heads of x (R, H, ...):
+    with a slot index (R, 1 or H, T), buf.index_put_ writes x into the buffer itself (module docstring: Writes)."""
+    R, H = x.shape[:2]
+    first = rows.start or 0
+    return (torch.arange(first, first + R, device=x.device).view(R, 1, 1),
+            torch.arange(H, device=x.device).view(1, H, 1))
 
 
 def slot_index(slots: Tensor, shape) -> Tensor:
@@ -121,10 +127,7 @@ def write_heads(buf: Tensor, rows, slots: Tensor, x: Tensor, phys: Tensor = None
     if phys is not None:
         buf[0][heads, phys] = x
     elif isinstance(rows, slice) and lanes is None:  # index_put_ on the buffer itself, as write_rows
-        R, H = x.shape[:2]
-        first = rows.start or 0
-        buf.index_put_((torch.arange(first, first + R, device=buf.device).view(R, 1, 1),
-                        torch.arange(H, device=buf.device).view(1, H, 1), slots), x)
+        buf.index_put_((*sequences_and_heads(rows, x), slots), x)
     elif isinstance(rows, slice):  # one scatter over the rows' lanes x slots, seen flat
         part = buf[rows].flatten(1, 2)
         cells = (lanes * buf.shape[2] + slots).flatten(1)
@@ -471,8 +474,8 @@ class PlaneStore(QuantizedStore):
         for name in self.PLANES:
             self.register_buffer(name, torch.zeros(batch_size, n_kv_head, fine_size + 1, self.plane_bytes(head_dim),
                                                    dtype=torch.uint8, device=device))
-        self.register_buffer("low_entry", torch.full((batch_size, n_kv_head, self.n_slots), -1, dtype=torch.int16,
-                                                device=device))
+        self.register_buffer("low_entry", torch.full((batch_size, n_kv_head, self.n_slots), -1,
+                                                     dtype=torch.int16, device=device))
 
     @staticmethod
     def plane_bytes(head_dim: int) -> int:
@@ -485,6 +488,10 @@ class PlaneStore(QuantizedStore):
         `fine` (fine_size / kept tokens) of a low plane of keys and values."""
         return (QuantizedStore.bytes_per_token(get_format("2"), group_size, "token", head_dim) + 2
                 + fine * 2 * cls.plane_bytes(head_dim))
+
+    def plane_rows(self, entry: Tensor) -> Tensor:
+        """The low-plane rows of tokens whose entries are `entry`: the entry, or the scratch entry for a coarse one."""
+        return torch.where(entry >= 0, entry, self.fine_size).long()
 
     def encode(self, k: Tensor, v: Tensor) -> dict:
         """k, v (R, H, N, D) in the stored form, both planes, low_entry 0: a token that has its low plane (raw()
@@ -507,16 +514,15 @@ class PlaneStore(QuantizedStore):
         entry, planes = buffers.pop("low_entry"), {name: buffers.pop(name) for name in self.PLANES}
         super().write_heads_buf(buffers, rows, slots)
         write_heads(self.low_entry, rows, slots, entry.to(torch.int16))
-        entries = torch.where(entry >= 0, entry, self.fine_size).long()
         for name, x in planes.items():
-            write_heads(getattr(self, name), rows, entries, x)
+            write_heads(getattr(self, name), rows, self.plane_rows(entry), x)
 
     def raw(self, rows, n: int) -> dict:
-        """QuantizedStore.raw, with each token's low-plane entry (low_entry, -1: coarse) and its low planes (the scratch
-        entry's bytes for a coarse token)."""
+        """QuantizedStore.raw, with each token's low-plane entry (low_entry, -1: coarse) and its low planes (the
+        scratch entry's bytes for a coarse token)."""
         stored = super().raw(rows, n)
         entry = self.low_entry[rows][:, :, :n]
-        entries = torch.where(entry >= 0, entry, self.fine_size).long()
+        entries = self.plane_rows(entry)
         for name in self.PLANES:
             lo = getattr(self, name)[rows]
             stored[name] = lo.gather(2, entries[..., None].expand(*entries.shape, lo.shape[-1]))
