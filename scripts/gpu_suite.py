@@ -18,6 +18,9 @@ Sections, in the order they run (value first):
   short     quantize_kv / compress_kv at batch 1, context 256: never more than 5 % slower than full
   long      32k context x batch 8: the main strategies, speed-up over full against the ideal one from byte counts;
             full and int4 / int2 paged too (blocks of 16 through the block table), against their contiguous rows
+  mixed     the engine (continuous batching, paged as serve.py) on 2R requests: full and int4 rows decoding in one
+            batch (two KV configurations, R rows each) against the same requests in one configuration on 2R rows;
+            eager steps and steps replayed as a CUDA graph
   kernel    the fused attention kernel alone at 32k: bytes moved / time against the copy bandwidth
   budget    the largest batch at 32k that fits --budget_gb (weights included) and its aggregate tokens/s
   peer      HF transformers eager (DynamicCache, SDPA) on the same shapes, and ours at the same settings
@@ -65,7 +68,9 @@ TARGETS = {
     "kernel": ("fused attention >= 80 % of the copy bandwidth at 32k", 80.0),
     "budget": ("at the memory budget, int4's aggregate tokens/s >= 2.5x full's", 2.5),
     "peer": ("ours >= 10x HF transformers eager at the same shape, context and batch", 10.0),
+    "mixed": ("two KV configurations in one batch >= 0.9x the faster single configuration's decode tokens/s", 0.9),
 }
+MIXED = ("full", "quantize_kv-int4")  # the two KV configurations of the mixed-batch rows
 # The entries of scripts/presets.py whose fused (Triton) decode path is checked against the PyTorch one, whole model.
 MODEL_CHECK = ("full", "compress_kv", "quantize_kv-int8", "quantize_kv-fp8", "quantize_kv-int4", "quantize_kv-int2")
 MODEL_TOL = 2e-2  # ||logits_triton - logits_torch|| / ||logits_torch|| per step, bf16 (see README "GPU speed")
@@ -79,6 +84,7 @@ class Mode:
     long: int             # context of the long, kernel and budget rows
     long_batch: int
     peer_context: int     # HF eager's second row: context x long_batch
+    mixed: tuple          # (rows per configuration, prompt tokens, new tokens) of the mixed-batch rows
     curve: list           # (context, batch) pairs for the plot
     budget_gb: float
     model_check: list     # (name, ModelArgs) of the fused-vs-torch whole-model check
@@ -95,13 +101,15 @@ def modes(quick: bool, tiny: bool, budget_gb: float) -> Mode:
         tiny_args = SHAPES["tiny"]
         check = [("tiny-d64-gqa2", tiny_args),
                  ("tiny-d128-gqa4", dataclasses.replace(tiny_args, n_head=4, n_kv_head=1, head_dim=128))]
-        return Mode(shape="tiny", short=80, long=150, long_batch=2, peer_context=100, curve=[(100, 1)],
+        return Mode(shape="tiny", short=80, long=150, long_batch=2, peer_context=100, mixed=(2, 40, 4),
+                    curve=[(100, 1)],
                     budget_gb=0.02, model_check=check, model_context=90, steps=2, repeats=1, warmup=1,
                     budget_s=240, graph=False)  # a cap: alone on 2 cores it takes ~60 s
     check = [("smollm2-135m", SHAPES["smollm2-135m"]),
              ("llama3-8b-2layers", dataclasses.replace(SHAPES["llama3-8b"], n_layer=2))]
     curve = [(4096, 1), (32768, 1), (256, 8), (4096, 8)]
-    return Mode(shape="llama3-8b", short=256, long=32768, long_batch=8, peer_context=8192, curve=curve,
+    return Mode(shape="llama3-8b", short=256, long=32768, long_batch=8, peer_context=8192, mixed=(8, 4096, 64),
+                curve=curve,
                 budget_gb=budget_gb, model_check=check, model_context=1000, steps=32, repeats=3 if quick else 5,
                 warmup=3, budget_s=170 if quick else 400, graph=True)
 
@@ -122,7 +130,8 @@ class Report:
 
     def write(self):
         self.header["elapsed_s"] = round(time.time() - self.header["t0"], 1)
-        atomic_write_json(self.out / "gpu_suite.json", dict(self.header, rows=self.rows, targets=targets(self.rows)),
+        rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in self.rows]  # _: kept in memory only
+        atomic_write_json(self.out / "gpu_suite.json", dict(self.header, rows=rows, targets=targets(self.rows)),
                           indent=1, default=str)
         atomic_write_text(self.out / "gpu_suite.md", markdown(self.header, self.rows))
 
@@ -130,6 +139,9 @@ class Report:
 def row_text(r: dict) -> str:
     if r["section"] in ("kernels", "model"):
         return f"{r['name']}: err {fmt(r.get('err'), '.2e')} (tol {fmt(r.get('tol'), '.0e')}) {r['result']} {r['note']}"
+    if r["section"] == "mixed":
+        return (f"{r['name']}: decode {fmt(r.get('decode_tps'), '.1f')} tokens/s, total {fmt(r.get('total_tps'), '.1f')} "
+                f"tokens/s, {r.get('rows', '')} rows {r['note']}")
     if r["section"] == "kernel":
         return (f"{r['name']}: {fmt(r.get('bytes_per_s'), '.0f', 1e9)} GB/s ({fmt(r.get('copy_pct'), '.1f')} % of "
                 f"copy) {r['note']}")
@@ -167,6 +179,9 @@ def targets(rows: list[dict]) -> list[dict]:
     add("budget", "int4 / full", full_budget and int4_budget and int4_budget["tokens_per_s"] / full_budget["tokens_per_s"],
         TARGETS["budget"][1])
     for r in rows:
+        if r["section"] == "mixed" and r["name"].startswith("mixed"):
+            add("mixed", r["name"], r.get("vs_best_single"), TARGETS["mixed"][1])
+    for r in rows:
         if r["section"] == "peer" and r["name"] == "full" and "batch" in r:  # a skipped row has no shape
             add("peer", f"full b{r['batch']} ctx {r['context']}", r.get("vs_peer"), TARGETS["peer"][1])
     return out
@@ -193,6 +208,15 @@ def markdown(header: dict, rows: list[dict]) -> str:
     if kernel:
         lines += ["## fused attention kernel alone", ""]
         lines += bench_decode.table(["name", "context", "batch"], bench_decode.KERNEL_COLUMNS, kernel) + [""]
+    mixed = [r for r in rows if r["section"] == "mixed"]
+    if mixed:
+        lines += ["## two KV configurations in one batch (the engine, paged, continuous batching)", ""]
+        lines += markdown_table(
+            ["row", "path", "rows", "requests", "prompt", "generated", "decode tokens/s", "total tokens/s",
+             "vs best single", "tokens as single", "note"],
+            [[r["name"], r.get("path", ""), r.get("rows", ""), r.get("requests", ""), r.get("prompt_tokens", ""),
+              r.get("generated_tokens", ""), fmt(r.get("decode_tps"), ".1f"), fmt(r.get("total_tps"), ".1f"),
+              fmt(r.get("vs_best_single"), ".3f"), r.get("same_tokens", ""), r["note"]] for r in mixed]) + [""]
     serve = [r for r in rows if r["section"] == "serve"]
     if serve:
         lines += ["## serving at one KV budget (scripts/bench_serve.py; its own tables in serve/)", ""]
@@ -364,6 +388,79 @@ def hf_peer_row(args, context, batch, mode: Mode, device) -> dict:
     return row
 
 
+@torch.no_grad()
+def mixed_row(model, configs: list, requests: list, mode: Mode, cfg: dict, graphed: bool, device) -> dict:
+    """The engine as serve.py builds it (runner.setup_mixed_cache, paged in blocks of DEFAULT_BLOCK_SIZE, one pool
+    per configuration) running `requests` (prompt, configuration name) to the end, greedy, continuous batching.
+    configs: (preset name, rows) in row order. graphed: each decode step replayed as one CUDA graph (greedy, so the
+    sampling tensors captured with it hold the values every later step would pass)."""
+    from engine import Engine
+    from runner import setup_mixed_cache
+    from scheduler import SamplingParams
+    _, prompt_len, new_tokens = mode.mixed
+    release(model, device)
+    max_seq_length = prompt_len + new_tokens + 1
+    setup_mixed_cache(model, [(name, BY_NAME[name].strategy, bench_decode.row_options(name, cfg), rows, None)
+                              for name, rows in configs], max_seq_length, block_size=DEFAULT_BLOCK_SIZE)
+    decode_fn = bench_decode.GraphedDecode() if graphed else decode_one_token
+    engine = Engine(model, decode_fn, seed=0)
+    params = SamplingParams(max_new_tokens=new_tokens)
+    ids = [engine.add_request(prompt, params, kv) for prompt, kv in requests]
+    done = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    while engine.has_unfinished():
+        for request in engine.step().finished:
+            done[request.id] = request
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    total_s = time.perf_counter() - t0
+    stats = engine.stats
+    tokens = [done[i].tokens for i in ids]
+    generated = sum(map(len, tokens))
+    release(model, device)
+    return dict(section="mixed", path="cuda graph" if graphed else "eager", rows=sum(n for _, n in configs),
+                requests=len(requests), prompt_tokens=prompt_len, generated_tokens=generated,
+                decode_tps=stats.decode_tokens / stats.decode_s, total_tps=(generated + prompt_len * len(requests))
+                / total_s, total_s=total_s, prefill_s=stats.prefill_s, note="", _tokens=tokens)
+
+
+def mixed_rows(report: Report, model, mode: Mode, cfg: dict, device, deadline: float):
+    """Two KV configurations in one batch (R rows each, requests alternating) against each configuration alone on
+    2R rows with the same requests: decode tokens/s over the faster single configuration's, and how many requests'
+    greedy tokens equal those of their configuration alone (a graphed single's: those of the eager one)."""
+    rows_per, prompt_len, _ = mode.mixed
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(model.args.vocab_size, (prompt_len,), generator=gen).tolist()
+               for _ in range(2 * rows_per)]
+    graph_paths = [False, True] if device.type == "cuda" else [False]
+    eager = {}  # the eager singles' tokens: a graphed single's are counted against them
+    for graphed in graph_paths:
+        path = "graph" if graphed else "eager"
+        singles = {}
+        for name in MIXED:
+            row = guarded(report, "mixed", f"{name} alone ({path})", deadline, lambda: dict(
+                mixed_row(model, [(name, 2 * rows_per)], [(p, name) for p in prompts], mode, cfg, graphed, device),
+                name=f"{name} alone ({path})"))
+            if row and "decode_tps" in row:
+                singles[name] = row
+                if not graphed:
+                    eager[name] = row["_tokens"]
+                elif name in eager:
+                    row["same_tokens"] = sum(a == b for a, b in zip(row["_tokens"], eager[name]))
+                    report.write()
+        requests = [(p, MIXED[i % 2]) for i, p in enumerate(prompts)]
+        label = f"mixed {' + '.join(MIXED)} ({path})"
+        row = guarded(report, "mixed", label, deadline, lambda: dict(
+            mixed_row(model, [(name, rows_per) for name in MIXED], requests, mode, cfg, graphed, device), name=label))
+        if row and "decode_tps" in row and len(singles) == len(MIXED):
+            row["vs_best_single"] = row["decode_tps"] / max(r["decode_tps"] for r in singles.values())
+            row["same_tokens"] = sum(t == singles[kv]["_tokens"][i]
+                                     for i, (t, (_, kv)) in enumerate(zip(row["_tokens"], requests)))
+            report.write()
+
+
 SERVE_ARGS = {  # a mixed workload at one KV budget (scripts/bench_serve.py): its defaults size the budget
     False: ["--device", "cuda", "--shape", "llama3-8b", "--num_prompts", "24", "--prompt_lengths", "128-2048",
             "--new_tokens", "64", "--prefill_prompt", "8192", "--prefill_chunks", "512,2048,all"],
@@ -462,6 +559,8 @@ def run(out: Path, quick: bool, tiny: bool, budget_gb: float, budget_s, seed: in
         speed("short", name, mode.short, 1)
     for name in long_names:
         speed("long", name, mode.long, mode.long_batch)
+    if not quick:
+        mixed_rows(report, model, mode, cfg, device, deadline)
     # Which decode path full and compress_kv should use: the Triton kernel (their default on CUDA) or PyTorch SDPA.
     for name in ([] if quick else ["full@torch", "compress_kv@torch"]):
         speed("short", name, mode.short, 1)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from scripts.common import REPO_DIR
-SECTIONS = ["kernels", "model", "headline", "short", "long", "kernel", "budget", "peer", "serve", "compiled",
+SECTIONS = ["kernels", "model", "headline", "short", "long", "mixed", "kernel", "budget", "peer", "serve", "compiled",
             "curve"]
 
 
@@ -50,6 +50,15 @@ def test_tiny_suite_rows_are_consistent(suite_run):
     assert len(model_rows) == 12 and all(r["err"] <= r["tol"] for r in model_rows)
     full_torch = next(r for r in rows if r["section"] == "long" and r["name"] == "full@torch")
     assert full_torch["attn_impl"] == "torch"
+    # two KV configurations in one batch against each alone on the same requests (the CPU runs eager steps only)
+    mixed = {r["name"]: r for r in rows if r["section"] == "mixed"}
+    assert set(mixed) == {"full alone (eager)", "quantize_kv-int4 alone (eager)", "mixed full + quantize_kv-int4 (eager)"}
+    both = mixed["mixed full + quantize_kv-int4 (eager)"]
+    best = max(mixed[n]["decode_tps"] for n in ("full alone (eager)", "quantize_kv-int4 alone (eager)"))
+    assert both["vs_best_single"] == pytest.approx(both["decode_tps"] / best)
+    assert both["rows"] == 4 and both["requests"] == 4 and both["generated_tokens"] == 4 * 4
+    assert 0 <= both["same_tokens"] <= 4
+    assert any(t["case"] == "mixed full + quantize_kv-int4 (eager)" and t["value"] for t in report["targets"])
     long = {r["name"]: r for r in rows if r["section"] == "long"}
     # paged rows: the pool holds every sequence's max_seq_length in blocks (full: a little more than contiguous,
     # the null block and the rounding to whole blocks; quantized pages need no per-sequence scratch group), and
