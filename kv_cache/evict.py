@@ -60,7 +60,7 @@ from kernels.formats import FORMATS, get_format
 from kv_cache.base import (GROUP_SIZE, KVCache, SinkWindowOptions, attend, attention_probs, option, per_kv_head,
                            rotate_qk)
 from kv_cache.paging import PageSpace, round_up
-from kv_cache.rotation import RotateOptions, register_rotation, rotated
+from kv_cache.rotation import RotateOptions, register_rotation, rotated, rotated_qkv
 from kv_cache.stores import DenseOlderStore, DenseStore, PlaneStore, QuantizedStore, RingStore, run_cells
 
 
@@ -282,7 +282,7 @@ class EvictionCache(KVCache):
         chunk = None if decode else Chunk(q, int(pos[0, -1]) + 1, rope_cos, rope_sin)
         q, k = rotate_qk(q, k, pos, rope_cos, rope_sin)
         if self.rotate:
-            q, k, v = (rotated(x, self.rotation) for x in (q, k, v))
+            q, k, v = rotated_qkv(q, k, v, self.rotation)
         out = self._decode(q, k, v, pos) if decode else self._prefill(q, k, v, pos, rows, chunk)
         return rotated(out, self.rotation, inverse=True) if self.rotate else out
 

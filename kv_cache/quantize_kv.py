@@ -51,7 +51,7 @@ from kernels.formats import FORMATS, get_format
 from kv_cache.base import GROUP_SIZE, KVCache, SinkWindowOptions, attend, option, register, rotate, rotate_qk
 from kv_cache.layer_spec import BITS_PER_LAYER_EXAMPLE, layer_bits, parse_bits_per_layer
 from kv_cache.paging import PageSpace, round_up
-from kv_cache.rotation import RotateOptions, register_rotation, rotated
+from kv_cache.rotation import RotateOptions, register_rotation, rotated, rotated_qkv
 from kv_cache.stores import QuantizedStore, RingStore, flush_size
 
 K_GRANULARITIES = ("token", "channel")
@@ -225,7 +225,7 @@ class QuantizeKVCache(KVCache):
         q, k_rot = rotate_qk(q, k, pos, rope_cos, rope_sin)
         rope = (rope_cos, rope_sin)
         if self.rotate:
-            q, k_rot, v = (rotated(x, self.rotation) for x in (q, k_rot, v))
+            q, k_rot, v = rotated_qkv(q, k_rot, v, self.rotation)
         stored_k = k if self.pre_rope else k_rot  # what the ring and the older store hold
         if decode:
             out = self._decode(q, stored_k, v, pos, rows, rope)
@@ -248,25 +248,29 @@ class QuantizeKVCache(KVCache):
             return self.attend_decode(q, ring, recent_last=pos[:, 0], recent_pos=ring.pos[:R])
         n_past = pos[:, 0] + 1 - S - W  # tokens of each sequence that have left sinks + window
         n_older = n_past.clamp(min=0) // F * F
-        # The group that completes now is the ring's oldest F tokens; when none completes, the (meaningless)
-        # group is quantized into the scratch group so the step's work and shapes never change.
-        arange = torch.arange(F, device=q.device)
-        group_pos = pos + 1 - W - F + arange  # (R, F)
         completes = (n_past >= F) & (n_past % F == 0)
-        start = torch.where(completes, group_pos[:, 0] - S, self.older_size)  # (R,)
-        group_slots = ring.slots(group_pos).clamp(min=0)
-        # --key_rope pre: the ring holds unrotated keys, so the flush below quantizes them as they are, from the
-        # same ring slots, in Triton or PyTorch alike. (Un-rotating rotated ring keys before quantizing would
-        # instead round twice in the model dtype, and cost an inverse rotation of every flushed group.) What
-        # attention reads is then rotated: the ring's S + W + F slots each step (a small copy) and the
-        # dequantized older keys, inside the fused kernel's tiles or after the PyTorch path dequantizes them.
-        if self.quantize_into is not None:
-            # Straight from the (contiguous) ring into the older store at `start`: no gathered copy, no host sync.
-            self.quantize_into(ring.k[:R], ring.v[:R], group_slots, *self.older.append_target(R, start))
-        elif q.device.type != "cpu" or torch.compiler.is_compiling() or bool(completes.any()):
-            # Eager on the CPU, asking whether a group completes costs nothing (no device to wait for), and with
-            # per-channel keys none does on 31 steps of 32: those steps skip quantizing the scratch group.
-            self.older.store(rows, start[:, None] + arange, *ring.read(rows, group_slots))
+        # Eager on the CPU, asking whether a group completes costs nothing (no device to wait for), and with
+        # per-channel keys none does on 31 steps of 32: those steps skip the flush and its index arithmetic.
+        # Elsewhere every step flushes, so the step's work and shapes never change: when no group completes,
+        # the (meaningless) group is quantized into the scratch group.
+        if self.quantize_into is not None or q.device.type != "cpu" or torch.compiler.is_compiling() \
+                or bool(completes.any()):
+            # The group that completes now is the ring's oldest F tokens.
+            arange = torch.arange(F, device=q.device)
+            group_pos = pos + 1 - W - F + arange  # (R, F)
+            start = torch.where(completes, group_pos[:, 0] - S, self.older_size)  # (R,)
+            group_slots = ring.slots(group_pos).clamp(min=0)
+            # --key_rope pre: the ring holds unrotated keys, so the flush quantizes them as they are, from the
+            # same ring slots, in Triton or PyTorch alike. (Un-rotating rotated ring keys before quantizing would
+            # instead round twice in the model dtype, and cost an inverse rotation of every flushed group.) What
+            # attention reads is then rotated: the ring's S + W + F slots each step (a small copy) and the
+            # dequantized older keys, inside the fused kernel's tiles or after the PyTorch path dequantizes them.
+            if self.quantize_into is not None:
+                # Straight from the (contiguous) ring into the older store at `start`: no gathered copy, no host
+                # sync.
+                self.quantize_into(ring.k[:R], ring.v[:R], group_slots, *self.older.append_target(R, start))
+            else:
+                self.older.store(rows, start[:, None] + arange, *ring.read(rows, group_slots))
         recent, older = ring, self.older
         if self.pre_rope:
             ring_k, ring_v = ring.logical(slice(0, R))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kv_cache
-from kv_cache.rotation import hadamard, rotated, rotation_matrix
+from kv_cache.rotation import hadamard, rotated, rotated_qkv, rotation_matrix
 from test_kv_cache import (SCHEDULE, english_prose, group_quantizer, quantized_counts, random_tokens, reference_logits,
                            run, tiny_model)
 from tokenizer import load_tokenizer
@@ -132,9 +132,9 @@ def test_auto_rotates_the_low_bit_formats(strategy, options, head_dim, applied):
 
 
 @pytest.mark.parametrize("rotate", ["hadamard", "signed_hadamard"])
-def test_fast_transform_is_the_matrix_and_batch_invariant(rotate):
-    """rotated(), a fast Walsh-Hadamard transform, is x @ R and x @ R^T (float64), and a row's result in float32 is
-    bit for bit the same alone as in a batch (a matmul's rounding changes with the batch)."""
+def test_transform_is_the_matrix_and_batch_invariant(rotate):
+    """rotated() is x @ R and x @ R^T (float64), and a row's result in float32 is bit for bit the same alone as in a
+    batch, and a token's alone as in a chunk of tokens (a matmul's rounding may change with the rows beside)."""
     gen = torch.Generator().manual_seed(4)
     for D in (2, 16, 64):
         r = rotation_matrix(rotate, D, torch.float64, "cpu")
@@ -145,6 +145,11 @@ def test_fast_transform_is_the_matrix_and_batch_invariant(rotate):
         for inverse in (False, True):
             batch = rotated(x32, r32, inverse)
             assert all(torch.equal(batch[i:i + 1], rotated(x32[i:i + 1], r32, inverse)) for i in range(3))
+            assert all(torch.equal(batch[:, :, t:t + 1], rotated(x32[:, :, t:t + 1], r32, inverse)) for t in range(5))
+        # q, k, v in one product: each exactly as rotated() alone (GQA: q has more heads than k and v)
+        q = torch.randn(3, 6, 5, D, generator=gen)
+        for got, x in zip(rotated_qkv(q, x32, x32[:, :1], r32), (q, x32, x32[:, :1])):
+            assert torch.equal(got, rotated(x, r32))
 
 
 def test_rotate_needs_a_power_of_two_head_dim():
