@@ -194,24 +194,37 @@ class GraphedDecode:
         return self.out
 
 
-@torch.no_grad()
-def time_decode(model, decode_fn, token, context, steps, repeats, warmup, device) -> tuple[float, float]:
-    """(median seconds per decode step, seconds of the first call), greedy. Positions (B, 1), as the engine passes
+class Decoder:
+    """Greedy decode steps of one filled cache from position `context` on. Positions (B, 1), as the engine passes
     them, stay on the device and are advanced in place, so the loop never waits for the host."""
-    input_pos = torch.full((token.shape[0], 1), context, device=device)
 
-    def run(n):
-        nonlocal token
+    def __init__(self, model, decode_fn, token, context, device):
+        self.model, self.decode_fn, self.token, self.device = model, decode_fn, token, device
+        self.input_pos = torch.full((token.shape[0], 1), context, device=device)
+
+    @torch.no_grad()
+    def run(self, n: int):
         for _ in range(n):
             # clone: a CUDA-graph output is overwritten by the next replay
-            token = decode_fn(model, token, input_pos, None).clone()
-            input_pos.add_(1)
+            self.token = self.decode_fn(self.model, self.token, self.input_pos, None).clone()
+            self.input_pos.add_(1)
 
-    first_s = timed(lambda: run(1), device)
-    run(warmup)
-    synchronize(device)
-    step_s = statistics.median(timed(lambda: run(steps), device) / steps for _ in range(repeats))
-    return step_s, first_s
+    def seconds_per_step(self, n: int) -> float:
+        return timed(lambda: self.run(n), self.device) / n
+
+    def first_call(self, warmup: int) -> float:
+        """Seconds of the first call (compilation, capture), then `warmup` untimed steps."""
+        first_s = timed(lambda: self.run(1), self.device)
+        self.run(warmup)
+        synchronize(self.device)
+        return first_s
+
+
+def time_decode(model, decode_fn, token, context, steps, repeats, warmup, device) -> tuple[float, float]:
+    """(median seconds per decode step, seconds of the first call), greedy."""
+    decoder = Decoder(model, decode_fn, token, context, device)
+    first_s = decoder.first_call(warmup)
+    return statistics.median(decoder.seconds_per_step(steps) for _ in range(repeats)), first_s
 
 
 def measure(model, strategy: str, options: dict, batch: int, context: int, max_seq_length: int, chunk: int,
@@ -253,6 +266,42 @@ def measure(model, strategy: str, options: dict, batch: int, context: int, max_s
     return out
 
 
+@torch.no_grad()
+def measure_interleaved(model, plans: list[dict], batch: int, context: int, steps: int, repeats: int, warmup: int,
+                        device) -> list[dict]:
+    """--interleave: the rows of one (shape, context, batch) timed in turns: every plan's caches (strategy,
+    options, max_seq_length, chunk) filled once and kept side by side, then each repeat of each row in one round,
+    the model's layers given that row's caches for its turn. A shared machine's drift then falls on every row
+    alike, where rows timed minutes apart can differ by 10-15 % on their own (eager only: a compiled step would
+    recompile for each set of caches). measure's fields per plan, in order."""
+    outs, turns = [], []
+    try:
+        for plan in plans:
+            out = {}
+            setup_cache(model, plan["strategy"], plan["options"], batch, plan["max_seq_length"])
+            out["attn_impl"] = model.caches()[0].attn_impl
+            t0 = time.perf_counter()
+            token = fill_context(model, batch, context, plan["chunk"], device)
+            out["fill_s"] = time.perf_counter() - t0
+            caches = [layer.attention.kv_cache for layer in model.layers]
+            decoder = Decoder(model, decode_one_token, token, context, device)
+            out["first_call_s"] = decoder.first_call(warmup)
+            outs.append(out)
+            turns.append((caches, decoder, []))
+        for _ in range(repeats):
+            for caches, decoder, times in turns:
+                for layer, cache in zip(model.layers, caches):
+                    layer.attention.kv_cache = cache
+                times.append(decoder.seconds_per_step(steps))
+        for out, (_, _, times) in zip(outs, turns):
+            out.update(step_s=statistics.median(times), peak_bytes=peak_memory_bytes(device), decode_path="eager",
+                       interleaved=len(plans))
+    finally:
+        turns.clear()
+        release(model, device)
+    return outs
+
+
 # ---------------------------------------------------------------- one row
 
 
@@ -266,6 +315,31 @@ def row_options(name: str, cfg: dict, attn_impl: str = None) -> dict:
 
 
 def bench_row(model, shape, name, context, batch, cfg, device) -> dict:
+    row = plan_row(model, shape, name, context, batch, cfg, device)
+    if "skipped" in row["note"]:
+        return row
+    row.update(measure(model, STRATEGIES[name].strategy, row["options"], batch, context, row["max_seq_length"],
+                       row["prefill_chunk"], cfg["steps"], cfg["repeats"], cfg["warmup"], device,
+                       compile_decode() if cfg["compile"] else decode_one_token))
+    return finish_row(model, row, cfg, device)
+
+
+def bench_rows_interleaved(model, shape, names, context, batch, cfg, device) -> list[dict]:
+    """--interleave: every row of `names` at one context and batch, timed in turns (measure_interleaved)."""
+    rows = [plan_row(model, shape, name, context, batch, cfg, device) for name in names]
+    timed_rows = [r for r in rows if "skipped" not in r["note"]]
+    plans = [dict(strategy=STRATEGIES[r["strategy"]].strategy, options=r["options"], max_seq_length=r["max_seq_length"],
+                  chunk=r["prefill_chunk"]) for r in timed_rows]
+    for row, out in zip(timed_rows, measure_interleaved(model, plans, batch, context, cfg["steps"], cfg["repeats"],
+                                                        cfg["warmup"], device)):
+        row.update(out)
+        finish_row(model, row, cfg, device)
+    return rows
+
+
+def plan_row(model, shape, name, context, batch, cfg, device) -> dict:
+    """A row's sizes before it is timed: its cache's bytes, the ideal speed-up, the fill's chunk; note "skipped: ..."
+    when its estimate does not fit the free memory."""
     strategy = STRATEGIES[name].strategy
     args = model.args
     row = dict(shape=shape, context=context, batch=batch, strategy=name, note="")
@@ -281,18 +355,20 @@ def bench_row(model, shape, name, context, batch, cfg, device) -> dict:
                weight_bytes=weights, options=options, ideal_vs_full=(weights + full_kv) / (weights + kv))
     if need > available:
         row["note"] = f"skipped: OOM estimate ({need / GiB:.1f} GiB needed, {available / GiB:.1f} GiB free)"
-        return row
-    row.update(measure(model, strategy, options, batch, context, max_seq_length, chunk, cfg["steps"], cfg["repeats"],
-                       cfg["warmup"], device, compile_decode() if cfg["compile"] else decode_one_token))
+    return row
+
+
+def finish_row(model, row: dict, cfg: dict, device) -> dict:
+    """tokens/s and the roofline of a timed row."""
     if "step_s" not in row:
         return row
-    step_s = row["step_s"]
-    roofline_s = (weights + kv) / cfg["bandwidth"]
+    args, batch, step_s = model.args, row["batch"], row["step_s"]
+    roofline_s = (row["weight_bytes"] + row["kv_bytes"]) / cfg["bandwidth"]
     world = getattr(model, "tp_world", 1)
     if world > 1:  # each GPU sends (and receives) its ring share of the step's 2 x n_layer all-reduces
         message = tp.all_reduce_bytes(args, batch, 1, cfg["dtype"]) // (2 * args.n_layer)
         row["allreduce_bytes"] = tp.ring_bytes(message, world) * 2 * args.n_layer
-        row["allreduce_step_s"] = 2 * args.n_layer * all_reduce_seconds(message, device)  # measured, back to back
+        row["allreduce_step_s"] = 2 * args.n_layer * all_reduce_seconds(message, device)
         roofline_s += row["allreduce_bytes"] / cfg["allreduce_bandwidth"]
     row.update(tokens_per_s=batch / step_s, roofline_s=roofline_s, roofline_pct=100 * roofline_s / step_s)
     return row
@@ -424,7 +500,9 @@ def write_report(path: Path, header: dict, rows: list[dict], kernel_rows: list[d
              f"- copy bandwidth: {header['bandwidth'] / 1e9:.0f} GB/s (device-to-device copy, read + write)",
              f"- model dtype: {header.get('dtype', 'bfloat16')} (random weights of the shape's sizes)",
              f"- compile: {header['compile']}; steps {header['steps']} x repeats {header['repeats']} "
-             f"(median), warm-up {header['warmup']}; sinks {header['sink_size']}, window {header['window_size']}",
+             f"(median), warm-up {header['warmup']}; sinks {header['sink_size']}, window {header['window_size']}"
+             + ("; the strategies of each context and batch timed in turns (--interleave)"
+                if header.get("interleave") else ""),
              *[f"- {s}: weights read per step {b / 1e9:.3f} GB" + (" per GPU" if tp_rows else "")
                for s, b in header["weight_bytes"].items()]]
     if tp_rows:
@@ -461,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed decode steps after the first call (default 3)")
     p.add_argument("--prefill_chunk", type=int, default=None, help="prefill chunk (default: sized to free memory)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step with CUDA graphs")
+    p.add_argument("--interleave", action="store_true",
+                   help="time the strategies of each context and batch in turns, their caches side by side (eager; "
+                        "for a shared CPU, whose drift otherwise falls on rows measured minutes apart)")
     p.add_argument("--attn_impl", default=None,
                    help="decode attention (triton, cpu or torch) of every strategy with an --attn_impl option "
                         "(default: each cache's own)")
@@ -522,6 +603,8 @@ def run(args, argv):
         sys.exit(f"error: --tp {args.tp} but torchrun started {world} rank(s): give --tp {world}")
     if world > 1 and args.attention_kernel:
         sys.exit("error: --attention_kernel times one GPU's kernel: drop --tp")
+    if args.interleave and (args.compile or args.attention_kernel):
+        sys.exit("error: --interleave times eager decode steps: drop --compile / --attention_kernel")
     for shape in args.shapes:  # a shape that does not split fails before any row runs
         tp.shard_args(SHAPES[shape], world, args.replicate_kv_heads)
     device = tp.rank_device(device)
@@ -555,7 +638,7 @@ def run(args, argv):
     if world > 1:
         cfg["allreduce_bandwidth"] = all_reduce_bandwidth(device, world)
     header.update(dtype=str(cfg["dtype"]).removeprefix("torch."), bandwidth=bandwidth, compile=args.compile,
-                  attn_impl=args.attn_impl, steps=steps, repeats=repeats,
+                  interleave=args.interleave, attn_impl=args.attn_impl, steps=steps, repeats=repeats,
                   warmup=args.warmup, sink_size=args.sink_size, window_size=args.window_size,
                   weight_bytes=cfg["weight_bytes"], tp=world, replicate_kv_heads=args.replicate_kv_heads,
                   allreduce_bandwidth=cfg.get("allreduce_bandwidth"))
@@ -589,11 +672,15 @@ def run(args, argv):
                 cfg["weight_bytes"][shape] = weight_bytes_read(model)
                 for context in contexts:
                     for batch in batches:
-                        for name in args.strategies:
-                            row = bench_row(model, shape, name, context, batch, cfg, device)
+                        if args.interleave:
+                            new = bench_rows_interleaved(model, shape, args.strategies, context, batch, cfg, device)
+                        else:
+                            new = (bench_row(model, shape, name, context, batch, cfg, device)
+                                   for name in args.strategies)
+                        for row in new:
                             rows.append(row)
                             compare_with_full(rows)
-                            print(f"{shape} ctx {context} batch {batch} {name}: "
+                            print(f"{shape} ctx {context} batch {batch} {row['strategy']}: "
                                   f"{fmt(row.get('tokens_per_s'), '.1f')} tokens/s, "
                                   f"{fmt(row.get('roofline_pct'), '.1f')}% of roofline, "
                                   f"vs full {fmt(row.get('vs_full'), '.3f')} (ideal "

@@ -167,6 +167,24 @@ def test_bench_decode_cpu_smoke(tmp_path):
     assert (tmp_path / "plot" / "roofline.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_bench_decode_interleaved(tmp_path, capsys):
+    """--interleave: the strategies of each context and batch timed in turns, every row complete; not with --compile."""
+    names = ["full", "quantize_kv-int4", "snapkv"]
+    bench_decode.main(["--device", "cpu", "--shapes", "tiny", "--contexts", "64", "--batches", "2", "--steps", "2",
+                       "--repeats", "2", "--warmup", "1", "--strategies", ",".join(names), "--interleave",
+                       "--out", str(tmp_path)])
+    report = json.loads(next(tmp_path.glob("bench_decode_*.json")).read_text())
+    rows = report["rows"]
+    assert [r["strategy"] for r in rows] == names and report["interleave"]
+    for r in rows:
+        assert r["interleaved"] == 3 and r["step_s"] > 0 and r["fill_s"] > 0 and r["note"] == ""
+        assert r["tokens_per_s"] == pytest.approx(2 / r["step_s"])
+        assert r["vs_full"] == pytest.approx(rows[0]["step_s"] / r["step_s"])
+    assert "timed in turns (--interleave)" in next(tmp_path.glob("bench_decode_*.md")).read_text()
+    with pytest.raises(SystemExit, match="--interleave times eager decode steps: drop --compile"):
+        bench_decode.main(["--device", "cpu", "--shapes", "tiny", "--interleave", "--compile", "--out", str(tmp_path)])
+
+
 def test_bench_attention_kernel_cpu_smoke(tmp_path):
     """The fused-kernel rows (Triton's CPU interpreter here): every kind runs and its byte count is the stores'."""
     bench_decode.main(["--device", "cpu", "--shapes", "tiny", "--attention_kernel", "--contexts", "100",
