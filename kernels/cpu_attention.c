@@ -46,6 +46,7 @@
 
 #define MAX_D 256
 #define BLOCK_T 32     /* tokens per block: a decoded value block (BLOCK_T x D floats) stays in L1 */
+#define MAX_F 256      /* tokens of a key group the flush quantizes together (group_size) */
 #define CHUNK 512      /* tokens of a work item (a multiple of BLOCK_T): per-item setup and the merge stay small */
 
 typedef struct {          /* one store buffer: element (b, h, t, i) at data + b * sb + h * sh + t * st + i */
@@ -436,5 +437,111 @@ int older_attention(const args_t *a) {
             a->l[(int64_t)b * HQ + i] = l;
         }
     free(parts);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- the decode step's flush
+ *
+ * quantize_into: quantize_kv's flush on the CPU, as kernels/quantize_append.py's Triton kernel does it on a GPU:
+ * source rows of the 16-bit ring read in place, quantized into the older store at each sequence's token offset, in
+ * one call for keys and values (eager, the PyTorch route is ~50 small ops a layer, every step for per-token
+ * formats). The same float32 operations in the same order as kernels/quantize.py (metadata rounded outward to
+ * float16, round half to even), so the bytes are equal: compiled without reassociation or contraction. int8 and the
+ * asymmetric formats (fp8 keeps the PyTorch route). */
+
+typedef struct {          /* one side (keys or values): mirrored by _Side in kernels/cpu_attention.py */
+    const float *src; int64_t src_sb, src_sh, src_st;  /* (B, H, ., D) float32, last dim contiguous */
+    buf_t payload, scale, zero;                         /* the store's buffers; zero.data NULL when symmetric */
+    int32_t F, G;                                       /* tokens per scale row, channels per scale column */
+} side_t;
+
+typedef struct {          /* mirrored by _QuantArgs in kernels/cpu_attention.py */
+    int32_t B, H, D, N, bits;
+    const int64_t *rows; int64_t rows_sb;   /* (B or 1, N): source rows of sequence b */
+    const int64_t *start; int64_t start_sb; /* (B or 1,): its first destination token */
+    side_t side[2];
+} quant_args_t;
+
+static uint16_t half_bits(_Float16 h) { uint16_t b; memcpy(&b, &h, 2); return b; }
+
+/* x rounded to float16, then one step outward (up: toward +inf) when rounding went the other way
+ * (kernels/quantize.py's _half_up / _half_down). */
+static uint16_t half_outward(float x, int up) {
+    const _Float16 h = (_Float16)x;
+    const float back = (float)h;
+    const uint16_t bits = half_bits(h);
+    if (up && back < x) return back < 0.0f ? bits - 1 : bits == 0x8000 ? 1 : bits + 1;
+    if (!up && back > x) return back > 0.0f ? bits - 1 : bits == 0 ? 0x8001 : bits + 1;
+    return bits;
+}
+
+__attribute__((optimize("no-associative-math", "fp-contract=off")))
+static void quantize_group(const side_t *s, const float *const *x, int F, int D, int bits, int64_t dst, int b, int h) {
+    /* x[f]: the F source tokens of one scale row; dst: the first destination token (a multiple of F). */
+    const int G = s->G, per_byte = 8 / bits, asym = s->zero.data != NULL;
+    const float levels = asym ? (float)((1 << bits) - 1) : 127.0f;
+    uint8_t *payload = (uint8_t *)s->payload.data + b * s->payload.sb + h * s->payload.sh;
+    uint16_t *scale = (uint16_t *)s->scale.data + b * s->scale.sb + h * s->scale.sh + dst / F * s->scale.st;
+    uint16_t *zero = asym ? (uint16_t *)s->zero.data + b * s->zero.sb + h * s->zero.sh + dst / F * s->zero.st : NULL;
+    for (int c = 0; c < D / G; c++) {
+        float lo = INFINITY, hi = -INFINITY, amax = 0.0f;
+        for (int f = 0; f < F; f++)
+            for (int i = c * G; i < (c + 1) * G; i++) {
+                const float v = x[f][i];
+                lo = v < lo ? v : lo;
+                hi = v > hi ? v : hi;
+                amax = fabsf(v) > amax ? fabsf(v) : amax;
+            }
+        float z = 0.0f;
+        uint16_t sc;
+        if (asym) {
+            const uint16_t zb = half_outward(lo, 0);
+            z = half_to_float(zb);
+            zero[c] = zb;
+            sc = half_outward((hi - z) / levels, 1);
+        } else {
+            sc = half_outward(amax / levels, 1);
+        }
+        scale[c] = sc;
+        const float sf = half_to_float(sc), rcp = sf > 0.0f ? 1.0f / sf : 0.0f;
+        for (int f = 0; f < F; f++) {
+            uint8_t *row = payload + (dst + f) * s->payload.st;
+            for (int i = c * G; i < (c + 1) * G; i++) {
+                float y = nearbyintf(asym ? (x[f][i] - z) * rcp : x[f][i] * rcp);
+                if (!asym) {
+                    y = y < -127.0f ? -127.0f : y > 127.0f ? 127.0f : y;
+                    ((int8_t *)row)[i] = (int8_t)y;
+                } else {
+                    y = y < 0.0f ? 0.0f : y > levels ? levels : y;
+                    const int shift = (i % per_byte) * bits;
+                    row[i / per_byte] = (uint8_t)((row[i / per_byte] & ~(((1 << bits) - 1) << shift))
+                                                  | ((uint8_t)y << shift));
+                }
+            }
+        }
+    }
+}
+
+/* Returns 0, or 1 for arguments the caller should have refused (kernels/cpu_attention.py checks them first). */
+int quantize_into(const quant_args_t *a) {
+    if (a->B < 0 || a->H <= 0 || a->D <= 0 || a->D > MAX_D || (a->bits != 8 && a->bits != 4 && a->bits != 2))
+        return 1;
+    for (int k = 0; k < 2; k++) {
+        const side_t *s = &a->side[k];
+        if (s->F <= 0 || s->G <= 0 || a->D % s->G || a->N % s->F || s->F > MAX_F)
+            return 1;
+    }
+    for (int b = 0; b < a->B; b++)
+        for (int h = 0; h < a->H; h++)
+            for (int k = 0; k < 2; k++) {
+                const side_t *s = &a->side[k];
+                const int64_t *rows = a->rows + b * a->rows_sb, start = a->start[b * a->start_sb];
+                for (int t = 0; t < a->N; t += s->F) {
+                    const float *x[MAX_F];
+                    for (int f = 0; f < s->F; f++)
+                        x[f] = s->src + b * s->src_sb + h * s->src_sh + rows[t + f] * s->src_st;
+                    quantize_group(s, x, s->F, a->D, a->bits, start + t, b, h);
+                }
+            }
     return 0;
 }

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kernels.formats import get_format
+from kernels.formats import get_format, older_format
 
 SOURCE = Path(__file__).with_suffix(".c")
 # -fassociative-math (with the two flags it needs) lets gcc sum a dot product in vector lanes and reduce them once,
@@ -51,6 +51,18 @@ class _Args(ctypes.Structure):  # args_t in cpu_attention.c
                 + [("n_recent", ctypes.c_int64), ("recent_k", _Buf), ("recent_v", _Buf), ("recent_keep", ctypes.c_void_p),
                    ("keep_sb", ctypes.c_int64), ("table", ctypes.c_void_p), ("table_sb", ctypes.c_int64),
                    ("page", ctypes.c_int64)])
+
+
+class _Side(ctypes.Structure):  # side_t in cpu_attention.c
+    _fields_ = [("src", ctypes.c_void_p), ("src_sb", ctypes.c_int64), ("src_sh", ctypes.c_int64),
+                ("src_st", ctypes.c_int64), ("payload", _Buf), ("scale", _Buf), ("zero", _Buf), ("F", ctypes.c_int32),
+                ("G", ctypes.c_int32)]
+
+
+class _QuantArgs(ctypes.Structure):  # quant_args_t in cpu_attention.c
+    _fields_ = ([(name, ctypes.c_int32) for name in ("B", "H", "D", "N", "bits")]
+                + [("rows", ctypes.c_void_p), ("rows_sb", ctypes.c_int64), ("start", ctypes.c_void_p),
+                   ("start_sb", ctypes.c_int64), ("side", _Side * 2)])
 
 
 def cache_folder() -> Path:
@@ -116,6 +128,8 @@ def _load():
             raise RuntimeError(_error) from None
         lib.older_attention.argtypes = [ctypes.POINTER(_Args)]
         lib.older_attention.restype = ctypes.c_int
+        lib.quantize_into.argtypes = [ctypes.POINTER(_QuantArgs)]
+        lib.quantize_into.restype = ctypes.c_int
         _lib = lib
     return _lib
 
@@ -278,3 +292,40 @@ def older_attention(q: Tensor, k_q: Tensor, k_scale: Tensor, k_zero: Optional[Te
     args = (q, k_q, k_scale, k_zero, v_q, v_scale, v_zero, n_older, fmt.name, k_granularity, group_size, recent_k,
             recent_v, recent_keep, table, page)
     return torch.ops.kvcache.older_attention(*args) if torch.compiler.is_compiling() else _run(*args)
+
+
+def quantize_supported(fmt, dtype) -> bool:
+    """Whether quantize_into serves a store of format fmt fed from a ring of dtype: float32 sources, int8 or the
+    asymmetric formats (fp8 keeps kernels/quantize.py's PyTorch route)."""
+    fmt = get_format(fmt)
+    return dtype == torch.float32 and (fmt.asymmetric or fmt.payload_dtype == torch.int8)
+
+
+def quantize_into(k: Tensor, v: Tensor, rows: Tensor, start: Tensor, k_q: Tensor, k_scale: Tensor,
+                  k_zero: Optional[Tensor], v_q: Tensor, v_scale: Tensor, v_zero: Optional[Tensor]):
+    """kernels.quantize_append.quantize_into on the CPU, in one C call, eager only (the decode step's flush; compiled,
+    Inductor fuses kernels/quantize.py's PyTorch route instead): k[b, :, rows[b]] and v[b, :, rows[b]] (float32
+    (B, H, ., D), last dim contiguous) quantized into older tokens start[b] .. start[b] + N - 1 of sequence b of the
+    store, the same bytes as quantize_keys / quantize_values. rows int64 (N,) shared or (B, N); start int64 (1,)
+    shared or (B,), each a multiple of the key group; the store's buffers may be views of the first B sequences, or
+    a pool seen with batch stride 0 (QuantizedStore.append_target). Formats: quantize_supported."""
+    B, H, _, D = k.shape
+    if k.dtype != torch.float32 or v.dtype != torch.float32 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("quantize_into (CPU) takes float32 k and v with head_dim contiguous")
+    if k_q.dtype not in (torch.int8, torch.uint8):
+        raise ValueError(f"quantize_into (CPU) writes int8 or packed 4 / 2-bit codes, not {k_q.dtype}")
+    rows = rows.to(torch.int64).reshape(-1 if rows.dim() == 1 else rows.shape[0], rows.shape[-1]).contiguous()
+    start = start.to(torch.int64).reshape(-1).contiguous()
+    if rows.shape[0] not in (1, B) or start.numel() not in (1, B):
+        raise ValueError(f"rows {tuple(rows.shape)} / start {tuple(start.shape)}: give one shared or one per sequence")
+    sides = []
+    for x, payload, scale, zero in ((k, k_q, k_scale, k_zero), (v, v_q, v_scale, v_zero)):
+        per_byte, F, G = older_format(payload, scale, D)
+        sides.append(_Side(src=x.data_ptr(), src_sb=x.stride(0), src_sh=x.stride(1), src_st=x.stride(2),
+                           payload=_buf(payload), scale=_buf(scale), zero=_buf(zero), F=F, G=G))
+    args = _QuantArgs(B=B, H=H, D=D, N=rows.shape[1], bits=8 // per_byte, rows=rows.data_ptr(),
+                      rows_sb=rows.stride(0) if rows.shape[0] == B and B > 1 else 0, start=start.data_ptr(),
+                      start_sb=1 if start.numel() == B and B > 1 else 0, side=(_Side * 2)(*sides))
+    if _load().quantize_into(ctypes.byref(args)):
+        raise ValueError("cpu_attention.c refused quantize_into's arguments: groups that do not tile head_dim or the "
+                         "rows, or a key group past 256 tokens")

@@ -54,6 +54,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels.formats import older_format
 from kernels.quantize import COARSE_LOW
 
 LOG2E = 1.4426950408889634
@@ -406,18 +407,6 @@ def per_batch_rows(t: Tensor, B: int, name: str) -> tuple[Tensor, int]:
     if t.stride(-1) != 1 and t.shape[-1] > 1:
         raise ValueError(f"{name} needs its last dim contiguous")
     return t, (0 if t.dim() == 1 or t.shape[0] == 1 else t.stride(0))
-
-
-def older_format(payload: Tensor, scale: Tensor, D: int) -> tuple[int, int, int]:
-    """(values per byte, tokens per scale row F, channels per scale column G) from the older store's shapes."""
-    per_byte = D // payload.shape[-1]
-    if per_byte not in (1, 2, 4) or payload.shape[-1] * per_byte != D:
-        raise ValueError(f"older payload last dim {payload.shape[-1]} does not pack head_dim {D} at 8, 4 or 2 bits")
-    F = payload.shape[2] // scale.shape[2]
-    G = D // scale.shape[3]
-    if F * scale.shape[2] != payload.shape[2] or G * scale.shape[3] != D:
-        raise ValueError(f"older scale shape {tuple(scale.shape)} does not tile payload {tuple(payload.shape)}")
-    return per_byte, F, G
 
 
 def check_planes(k_lo: Tensor, v_lo: Tensor, older_fine: Tensor, k_format: tuple, v_format: tuple, B: int, H: int,

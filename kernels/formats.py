@@ -57,3 +57,15 @@ def get_format(bits) -> Format:
     if fmt is None:
         raise ValueError(f"--bits {bits} is not supported: use {', '.join(FORMATS)}")
     return fmt
+
+
+def older_format(payload: torch.Tensor, scale: torch.Tensor, D: int) -> tuple[int, int, int]:
+    """(values per byte, tokens per scale row F, channels per scale column G) from the older store's shapes."""
+    per_byte = D // payload.shape[-1]
+    if per_byte not in (1, 2, 4) or payload.shape[-1] * per_byte != D:
+        raise ValueError(f"older payload last dim {payload.shape[-1]} does not pack head_dim {D} at 8, 4 or 2 bits")
+    F = payload.shape[2] // scale.shape[2]
+    G = D // scale.shape[3]
+    if F * scale.shape[2] != payload.shape[2] or G * scale.shape[3] != D:
+        raise ValueError(f"older scale shape {tuple(scale.shape)} does not tile payload {tuple(payload.shape)}")
+    return per_byte, F, G

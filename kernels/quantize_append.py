@@ -8,7 +8,7 @@ functions serve every platform, triton is Linux-only). Source rows are read thro
 store, at decode: no gathered copy), and the token offset in the store comes in a device tensor: no host sync,
 static shapes (CUDA-graph-able). Both may be shared by the batch or given per sequence (each sequence flushes its
 own ring slots into its own tokens of the older store), read with a batch stride (0 when shared). Keys and values go
-in one launch. The format of each store is read off its buffers' shapes (kernels.decode_attention.older_format): scale
+in one launch. The format of each store is read off its buffers' shapes (kernels.formats.older_format): scale
 rows cover F tokens and scale columns G channels.
 """
 from typing import Optional
@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.decode_attention import older_format, per_batch, per_batch_rows
+from kernels.decode_attention import per_batch, per_batch_rows
+from kernels.formats import older_format
 
 
 @triton.jit

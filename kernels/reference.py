@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor
 
-from kernels.decode_attention import older_format
+from kernels.formats import older_format
 from kernels.quantize import COARSE_LOW
 
 

@@ -186,12 +186,16 @@ class QuantizeKVCache(KVCache):
             raise ValueError("--bits_per_layer gives each layer its own format: build layer i's cache with "
                              "options=QuantizeKVCache.layer_options(options, i, n_layer) (runner.cache_factory does)")
         self.sink_size, self.window_size, self.flush_size = opts.sink_size, opts.window_size, opts.flush_size
-        self.quantize_into = None
+        self.quantize_into = None  # the decode flush in one kernel call: Triton, or C on the CPU (eager steps)
         if self.attn_impl == "triton":
             from kernels.quantize_append import quantize_into, triton_quantize_supported
             # The decode flush quantizes in Triton too where its power-of-two tiles fit the layout.
             if triton_quantize_supported(head_dim, opts.group_size):
                 self.quantize_into = quantize_into
+        elif self.attn_impl == "cpu":
+            from kernels import cpu_attention
+            if cpu_attention.quantize_supported(opts.format, dtype):
+                self.quantize_into = cpu_attention.quantize_into
         self.older_size = opts.older_capacity(max_seq_length)  # 0: everything fits in sinks + window, as full
         if self.older_size:
             self.ring = RingStore(batch_size, n_kv_head, self.sink_size, self.window_size + self.flush_size, head_dim,
@@ -253,8 +257,9 @@ class QuantizeKVCache(KVCache):
         # per-channel keys none does on 31 steps of 32: those steps skip the flush and its index arithmetic.
         # Elsewhere every step flushes, so the step's work and shapes never change: when no group completes,
         # the (meaningless) group is quantized into the scratch group.
-        if self.quantize_into is not None or q.device.type != "cpu" or torch.compiler.is_compiling() \
-                or bool(completes.any()):
+        compiling = torch.compiler.is_compiling()
+        quantize_into = None if compiling and q.device.type == "cpu" else self.quantize_into  # C: eager only
+        if self.attn_impl == "triton" or q.device.type != "cpu" or compiling or bool(completes.any()):
             # The group that completes now is the ring's oldest F tokens.
             arange = torch.arange(F, device=q.device)
             group_pos = pos + 1 - W - F + arange  # (R, F)
@@ -265,10 +270,10 @@ class QuantizeKVCache(KVCache):
             # instead round twice in the model dtype, and cost an inverse rotation of every flushed group.) What
             # attention reads is then rotated: the ring's S + W + F slots each step (a small copy) and the
             # dequantized older keys, inside the fused kernel's tiles or after the PyTorch path dequantizes them.
-            if self.quantize_into is not None:
-                # Straight from the (contiguous) ring into the older store at `start`: no gathered copy, no host
-                # sync.
-                self.quantize_into(ring.k[:R], ring.v[:R], group_slots, *self.older.append_target(R, start))
+            if quantize_into is not None:
+                # Straight from the (contiguous) ring into the older store at `start` in one call (Triton, or C on
+                # the CPU): no gathered copy, no host sync.
+                quantize_into(ring.k[:R], ring.v[:R], group_slots, *self.older.append_target(R, start))
             else:
                 self.older.store(rows, start[:, None] + arange, *ring.read(rows, group_slots))
         recent, older = ring, self.older

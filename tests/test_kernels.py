@@ -227,12 +227,28 @@ def poisoned_mid_store(bits, axis, group, B, H, M, D) -> dict:
     return store
 
 
+def quantize_into_of(impl: str, bits):
+    """The flush kernel of `impl`: Triton (kernels/quantize_append.py) or C (kernels/cpu_attention.py, the CPU's
+    eager flush: int8 and the asymmetric formats)."""
+    if impl == "triton":
+        from kernels.quantize_append import quantize_into
+        return quantize_into
+    from kernels import cpu_attention
+    if DEVICE != "cpu" or not cpu_attention.available():
+        pytest.skip("the C flush runs on the CPU, with a C compiler")
+    if not cpu_attention.quantize_supported(bits, torch.float32):
+        pytest.skip(f"the C flush does not write {bits} (the PyTorch route does)")
+    return cpu_attention.quantize_into
+
+
+@pytest.mark.parametrize("impl", ["triton", "cpu"])
 @pytest.mark.parametrize("bits,axis,group", QUANT_CASES, ids=[f"{b}-{a}-{g}" for b, a, g in QUANT_CASES])
-def test_quantize_into(bits, axis, group):
-    """The Triton kernel writes exactly (bit for bit) what the PyTorch reference quantize_keys / quantize_values
-    give, at the token offset in a device tensor, reading its source rows through an index; nothing else changes."""
+def test_quantize_into(bits, axis, group, impl):
+    """The flush kernel (Triton, or C on the CPU) writes exactly (bit for bit) what the PyTorch reference
+    quantize_keys / quantize_values give, at the token offset in a device tensor, reading its source rows through
+    an index; nothing else changes."""
     from kernels.quantize import quantize_keys, quantize_values
-    from kernels.quantize_append import quantize_into
+    quantize_into = quantize_into_of(impl, bits)
 
     gen = torch.Generator().manual_seed(zlib.crc32(f"{bits}{axis}{group}".encode()))
     B, H, D, M = 2, 2, 32, 48
@@ -261,12 +277,13 @@ def test_quantize_into(bits, axis, group):
         assert torch.equal(as_bytes(t[:, :, untouched]), as_bytes(before[name][:, :, untouched])), name
 
 
+@pytest.mark.parametrize("impl", ["triton", "cpu"])
 @pytest.mark.parametrize("bits,axis,group", QUANT_CASES, ids=[f"{b}-{a}-{g}" for b, a, g in QUANT_CASES])
-def test_quantize_into_per_sequence(bits, axis, group):
+def test_quantize_into_per_sequence(bits, axis, group, impl):
     """Each sequence flushes its own ring slots (rows (B, N)) into its own older position (start (B,)): sequence b's
     store holds exactly what the reference path writes for it alone, and nothing else changes."""
     from kernels.quantize import quantize_keys, quantize_values
-    from kernels.quantize_append import quantize_into
+    quantize_into = quantize_into_of(impl, bits)
 
     gen = torch.Generator().manual_seed(zlib.crc32(f"per-sequence-{bits}{axis}{group}".encode()))
     B, H, D, M = 3, 2, 32, 48
