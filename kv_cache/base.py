@@ -254,7 +254,18 @@ class KVCache(nn.Module):
                 older_probs = probs[..., :H * lane_slots].unflatten(2, (H, lane_slots)).sum(1)
                 probs = torch.cat([older_probs, probs[..., H * lane_slots:]], dim=2)
             return out, probs
-        recent_k, recent_v = recent.logical(slice(0, B)) if is_store else recent
+        if is_store and recent_pos is None and recent_last is not None and not scores and q.device.type == "cpu" \
+                and not torch.compiler.is_compiling():
+            # Slots in position order (full's store): eager on the CPU, reading the batch's longest position costs
+            # no device sync, so the step reads the slots held, not the whole allocation (a server's rows are
+            # allocated for its longest request; compiled, the shapes stay static; scores keep every slot's column).
+            held = int(recent_last.max()) + 1
+            if recent.pool is None:
+                recent_k, recent_v = recent.k[:B, :, :held], recent.v[:B, :, :held]
+            else:
+                recent_k, recent_v = recent.read(slice(0, B), torch.arange(held, device=q.device).expand(B, held))
+        else:
+            recent_k, recent_v = recent.logical(slice(0, B)) if is_store else recent
         if recent_pos is not None:  # ring slots hold their positions; with recent_last too they are filled in order
             first_recent = sink_size + (n_older[:, None] if older is not None else 0)
             keep = (recent_pos >= 0) & ((recent_pos < sink_size) | (recent_pos >= first_recent))
