@@ -180,7 +180,11 @@ def assert_same(sharded: dict, reference: dict, world: int):
         got = sharded[name]
         assert got["tokens"] == ref["tokens"], name
         err = (got["logits"] - ref["logits"]).abs().max() / ref["logits"].abs().max()
-        assert err <= 1e-5, (name, float(err))
+        # Sharded matmuls round differently (last bits), and a value that close to a code boundary takes the
+        # neighbouring code: a 4-bit cache may differ by such a flip (measured 6.6e-5 on SmolLM2 over three ranks,
+        # where int4 differs from full by 6.1e-3); 16-bit and 8-bit caches stay within float rounding.
+        tol = 2e-4 if name.endswith(("int4", "int2")) else 1e-5
+        assert err <= tol, (name, float(err))
         assert got["kv_bytes"] < ref["kv_bytes"], name  # each rank stores its own heads only
         if name == "full":  # the plain cache's bytes are its heads': exactly 1 / world of them
             assert got["kv_bytes"] * world == ref["kv_bytes"], name
