@@ -314,7 +314,7 @@ def quantize_into(k: Tensor, v: Tensor, rows: Tensor, start: Tensor, k_q: Tensor
         raise ValueError("quantize_into (CPU) takes float32 k and v with head_dim contiguous")
     if k_q.dtype not in (torch.int8, torch.uint8):
         raise ValueError(f"quantize_into (CPU) writes int8 or packed 4 / 2-bit codes, not {k_q.dtype}")
-    rows = rows.to(torch.int64).reshape(-1 if rows.dim() == 1 else rows.shape[0], rows.shape[-1]).contiguous()
+    rows = rows.to(torch.int64).reshape(-1, rows.shape[-1]).contiguous()  # (1 or B, N)
     start = start.to(torch.int64).reshape(-1).contiguous()
     if rows.shape[0] not in (1, B) or start.numel() not in (1, B):
         raise ValueError(f"rows {tuple(rows.shape)} / start {tuple(start.shape)}: give one shared or one per sequence")

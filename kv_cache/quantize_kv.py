@@ -258,7 +258,7 @@ class QuantizeKVCache(KVCache):
         # Elsewhere every step flushes, so the step's work and shapes never change: when no group completes,
         # the (meaningless) group is quantized into the scratch group.
         compiling = torch.compiler.is_compiling()
-        quantize_into = None if compiling and q.device.type == "cpu" else self.quantize_into  # C: eager only
+        quantize_into = None if compiling and self.attn_impl == "cpu" else self.quantize_into  # C: eager only
         if self.attn_impl == "triton" or q.device.type != "cpu" or compiling or bool(completes.any()):
             # The group that completes now is the ring's oldest F tokens.
             arange = torch.arange(F, device=q.device)

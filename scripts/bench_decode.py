@@ -227,6 +227,22 @@ def time_decode(model, decode_fn, token, context, steps, repeats, warmup, device
     return statistics.median(decoder.seconds_per_step(steps) for _ in range(repeats)), first_s
 
 
+def filled(out: dict, model, strategy: str, options: dict, batch: int, context: int, max_seq_length: int,
+           chunk: int, device, broadcast: bool = False, block_size: int = None) -> torch.Tensor:
+    """Set up `strategy`'s caches and fill them to `context` tokens for `batch` sequences (paged: every sequence
+    holding the blocks of all its max_seq_length positions, so timed steps run on the device alone); out gets
+    attn_impl and fill_s. The next token (batch, 1)."""
+    pool = setup_cache(model, strategy, options, batch, max_seq_length, block_size=block_size)
+    out["attn_impl"] = model.caches()[0].attn_impl
+    t0 = time.perf_counter()
+    token = fill_context(model, batch, context, chunk, device, broadcast)
+    for row in range(batch if pool is not None else 0):
+        pool.reserve(row, max_seq_length)
+    synchronize(device)
+    out["fill_s"] = time.perf_counter() - t0
+    return token
+
+
 def measure(model, strategy: str, options: dict, batch: int, context: int, max_seq_length: int, chunk: int,
             steps: int, repeats: int, warmup: int, device, decode_fn=decode_one_token, broadcast: bool = False,
             block_size: int = None, path: str = None) -> dict:
@@ -239,14 +255,8 @@ def measure(model, strategy: str, options: dict, batch: int, context: int, max_s
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        pool = setup_cache(model, strategy, options, batch, max_seq_length, block_size=block_size)
-        out["attn_impl"] = model.caches()[0].attn_impl
-        t0 = time.perf_counter()
-        token = fill_context(model, batch, context, chunk, device, broadcast)
-        for row in range(batch if pool is not None else 0):
-            pool.reserve(row, max_seq_length)
-        synchronize(device)
-        out["fill_s"] = time.perf_counter() - t0
+        token = filled(out, model, strategy, options, batch, context, max_seq_length, chunk, device, broadcast,
+                       block_size)
         try:
             out["step_s"], out["first_call_s"] = time_decode(model, decode_fn, token, context, steps, repeats,
                                                              warmup, device)
@@ -278,11 +288,8 @@ def measure_interleaved(model, plans: list[dict], batch: int, context: int, step
     try:
         for plan in plans:
             out = {}
-            setup_cache(model, plan["strategy"], plan["options"], batch, plan["max_seq_length"])
-            out["attn_impl"] = model.caches()[0].attn_impl
-            t0 = time.perf_counter()
-            token = fill_context(model, batch, context, plan["chunk"], device)
-            out["fill_s"] = time.perf_counter() - t0
+            token = filled(out, model, plan["strategy"], plan["options"], batch, context, plan["max_seq_length"],
+                           plan["chunk"], device)
             caches = [layer.attention.kv_cache for layer in model.layers]
             decoder = Decoder(model, decode_one_token, token, context, device)
             out["first_call_s"] = decoder.first_call(warmup)
@@ -368,7 +375,7 @@ def finish_row(model, row: dict, cfg: dict, device) -> dict:
     if world > 1:  # each GPU sends (and receives) its ring share of the step's 2 x n_layer all-reduces
         message = tp.all_reduce_bytes(args, batch, 1, cfg["dtype"]) // (2 * args.n_layer)
         row["allreduce_bytes"] = tp.ring_bytes(message, world) * 2 * args.n_layer
-        row["allreduce_step_s"] = 2 * args.n_layer * all_reduce_seconds(message, device)
+        row["allreduce_step_s"] = 2 * args.n_layer * all_reduce_seconds(message, device)  # measured, back to back
         roofline_s += row["allreduce_bytes"] / cfg["allreduce_bandwidth"]
     row.update(tokens_per_s=batch / step_s, roofline_s=roofline_s, roofline_pct=100 * roofline_s / step_s)
     return row

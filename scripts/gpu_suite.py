@@ -52,7 +52,7 @@ if TINY or not torch.cuda.is_available():
 from atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from kv_cache.paging import DEFAULT_BLOCK_SIZE  # noqa: E402
 from memory import available_memory_bytes, peak_memory_bytes, predicted_kv_bytes  # noqa: E402
-from runner import compile_decode, decode_one_token, prefill, setup_cache  # noqa: E402
+from runner import compile_decode, decode_one_token, prefill, setup_cache, synchronize  # noqa: E402
 from scripts import bench_decode, gpu_check  # noqa: E402
 from scripts.common import (GiB, copy_bandwidth, fmt, header_lines, markdown_table, plot_roofline,  # noqa: E402
                             release, run_header, timed)
@@ -102,16 +102,14 @@ def modes(quick: bool, tiny: bool, budget_gb: float) -> Mode:
         check = [("tiny-d64-gqa2", tiny_args),
                  ("tiny-d128-gqa4", dataclasses.replace(tiny_args, n_head=4, n_kv_head=1, head_dim=128))]
         return Mode(shape="tiny", short=80, long=150, long_batch=2, peer_context=100, mixed=(2, 40, 4),
-                    curve=[(100, 1)],
-                    budget_gb=0.02, model_check=check, model_context=90, steps=2, repeats=1, warmup=1,
-                    budget_s=240, graph=False)  # a cap: alone on 2 cores it takes ~60 s
+                    curve=[(100, 1)], budget_gb=0.02, model_check=check, model_context=90, steps=2, repeats=1,
+                    warmup=1, budget_s=240, graph=False)  # a cap: alone on 2 cores it takes ~60 s
     check = [("smollm2-135m", SHAPES["smollm2-135m"]),
              ("llama3-8b-2layers", dataclasses.replace(SHAPES["llama3-8b"], n_layer=2))]
     curve = [(4096, 1), (32768, 1), (256, 8), (4096, 8)]
     return Mode(shape="llama3-8b", short=256, long=32768, long_batch=8, peer_context=8192, mixed=(8, 4096, 64),
-                curve=curve,
-                budget_gb=budget_gb, model_check=check, model_context=1000, steps=32, repeats=3 if quick else 5,
-                warmup=3, budget_s=170 if quick else 400, graph=True)
+                curve=curve, budget_gb=budget_gb, model_check=check, model_context=1000, steps=32,
+                repeats=3 if quick else 5, warmup=3, budget_s=170 if quick else 400, graph=True)
 
 
 # ---------------------------------------------------------------- the report
@@ -140,8 +138,8 @@ def row_text(r: dict) -> str:
     if r["section"] in ("kernels", "model"):
         return f"{r['name']}: err {fmt(r.get('err'), '.2e')} (tol {fmt(r.get('tol'), '.0e')}) {r['result']} {r['note']}"
     if r["section"] == "mixed":
-        return (f"{r['name']}: decode {fmt(r.get('decode_tps'), '.1f')} tokens/s, total {fmt(r.get('total_tps'), '.1f')} "
-                f"tokens/s, {r.get('rows', '')} rows {r['note']}")
+        return (f"{r['name']}: decode {fmt(r.get('decode_tps'), '.1f')} tokens/s, total "
+                f"{fmt(r.get('total_tps'), '.1f')} tokens/s, {r.get('rows', '')} rows {r['note']}")
     if r["section"] == "kernel":
         return (f"{r['name']}: {fmt(r.get('bytes_per_s'), '.0f', 1e9)} GB/s ({fmt(r.get('copy_pct'), '.1f')} % of "
                 f"copy) {r['note']}")
@@ -407,14 +405,12 @@ def mixed_row(model, configs: list, requests: list, mode: Mode, cfg: dict, graph
     params = SamplingParams(max_new_tokens=new_tokens)
     ids = [engine.add_request(prompt, params, kv) for prompt, kv in requests]
     done = {}
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     t0 = time.perf_counter()
     while engine.has_unfinished():
         for request in engine.step().finished:
             done[request.id] = request
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     total_s = time.perf_counter() - t0
     stats = engine.stats
     tokens = [done[i].tokens for i in ids]

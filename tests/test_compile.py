@@ -167,7 +167,7 @@ def test_bench_decode_cpu_smoke(tmp_path):
     assert (tmp_path / "plot" / "roofline.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_bench_decode_interleaved(tmp_path, capsys):
+def test_bench_decode_interleaved(tmp_path):
     """--interleave: the strategies of each context and batch timed in turns, every row complete; not with --compile."""
     names = ["full", "quantize_kv-int4", "snapkv"]
     bench_decode.main(["--device", "cpu", "--shapes", "tiny", "--contexts", "64", "--batches", "2", "--steps", "2",
