@@ -92,8 +92,9 @@ def rotated(x: Tensor, r: Tensor, inverse: bool = False) -> Tensor:
     """x (..., D) @ r (inverse: @ r.T), computed in r's precision and returned in x's dtype, as one batched product
     of 1 x D rows: every row goes through the same (1 x D) @ (D x D) product whatever rows are beside it, so a row's
     result never depends on the batch (one (N x D) @ (D x D) matmul's blocking, and so its rounding, may change with
-    N: batched decoding must equal one sequence alone). One op: at decode's few rows 9x faster on the CPU than the
-    log2(D) stages of a Walsh-Hadamard butterfly in PyTorch ops (18 us against 155 us a call at D = 64)."""
+    N: batched decoding must equal one sequence alone). One op: at decode's few rows ~8x faster on the CPU than the
+    log2(D) stages of a Walsh-Hadamard butterfly in PyTorch ops
+    (outputs/results/cpu_speed_2026-12-04/rotation_micro.txt)."""
     return _row_products(x.reshape(-1, 1, x.shape[-1]), r.T if inverse else r).reshape(x.shape).to(x.dtype)
 
 
