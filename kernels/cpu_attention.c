@@ -32,6 +32,12 @@
  * in token space, whatever the batch, its lengths and the threads: a sequence's result never depends on which
  * sequences share its batch (the tests compare a batch with its rows run alone, token for token).
  *
+ * The whole eager decode step of a quantize_kv layer in one call (kernels/cpu_attention.py DecodeStep): given `flush`,
+ * the tokens leaving the window are first quantized into the store (quantize_into, below); given new_k, the step's
+ * token is written into its ring slot and its position into the ring's slot positions; the recent slots attended are
+ * then read from those positions (recent_pos) instead of a mask; `normalize` divides by l. At short context the
+ * torch ops those replace cost more than the attention.
+ *
  * Paged (table given: kv_cache/paging.py's block table, (B, blocks) int64, `page` tokens a block): the buffers are the
  * pool's (batch stride 0) and token t of sequence b sits in row table[b][t / page] * page + t % page; per-channel
  * key metadata in that row / k_rows (a block holds whole key groups). Rows are mapped one by one, inside the same
@@ -54,6 +60,20 @@ typedef struct {          /* one store buffer: element (b, h, t, i) at data + b 
     int64_t sb, sh, st;   /* strides in elements; the last dimension is contiguous */
 } buf_t;
 
+/* quantize_into's arguments (the decode step's flush, below). */
+typedef struct {          /* one side (keys or values): mirrored by _Side in kernels/cpu_attention.py */
+    const float *src; int64_t src_sb, src_sh, src_st;  /* (B, H, ., D) float32, last dim contiguous */
+    buf_t payload, scale, zero;                         /* the store's buffers; zero.data NULL when symmetric */
+    int32_t F, G;                                       /* tokens per scale row, channels per scale column */
+} side_t;
+
+typedef struct {          /* mirrored by _QuantArgs in kernels/cpu_attention.py */
+    int32_t B, H, D, N, bits;
+    const int64_t *rows; int64_t rows_sb;   /* (B or 1, N): source rows of sequence b */
+    const int64_t *start; int64_t start_sb; /* (B or 1,): its first destination token */
+    side_t side[2];
+} quant_args_t;
+
 typedef struct {          /* mirrored by _Args in kernels/cpu_attention.py */
     int32_t B, H, G, D;
     int32_t bits;         /* bits per code: 8, 4 or 2 */
@@ -71,7 +91,21 @@ typedef struct {          /* mirrored by _Args in kernels/cpu_attention.py */
     buf_t recent_k, recent_v;  /* float32 (B, H, n_recent, D) */
     const uint8_t *recent_keep; int64_t keep_sb;  /* (B, n_recent) bool: which recent slots hold a token */
     const int64_t *table; int64_t table_sb, page;  /* paged: the block table and tokens a block; NULL: contiguous */
+    /* Which recent slots hold a token when recent_keep is NULL: a ring's slot positions (B, n_recent) int64, -1
+     * empty; a slot is attended when its position is a sink (< sink_size) or has not reached the older store
+     * (>= sink_size + n_older[b]). */
+    int64_t *recent_pos; int64_t pos_sb, sink_size;
+    /* The step's own token, written first when new_k is given: new_k, new_v (B, H, D) float32 into recent slot
+     * new_slot[b] of sequence b (recent_k / recent_v then written, not only read), new_pos[b] into recent_pos. */
+    const float *new_k, *new_v; int64_t new_sb, new_sh, new_vsb, new_vsh;
+    const int64_t *new_slot, *new_pos;
+    int32_t normalize;    /* acc divided by l on output: the attention itself (an empty row stays 0) */
+    /* The step's flush, run first when given (quantize_into's arguments for the same B sequences; paged, its starts
+     * are logical tokens, mapped through the table as the attention maps them). */
+    const quant_args_t *flush;
 } args_t;
+
+static int quantize_rows(const quant_args_t *a, const args_t *paged);
 
 /* Bit casts (memcpy is how C spells them; gcc turns it into nothing). */
 static inline float from_bits(uint32_t bits) { float x; memcpy(&x, &bits, 4); return x; }
@@ -327,19 +361,21 @@ static inline __attribute__((always_inline)) void attend_chunk(const args_t *a, 
 static void attend_recent(const args_t *a, int b, int h, float *m_out, float *l_out, float *acc, float *work) {
     const int G = a->G, D = a->D, per_byte = 8 / a->bits, plane = D / per_byte;
     const int64_t n = a->n_recent;
-    const uint8_t *keep = a->recent_keep + b * a->keep_sb;
+    const uint8_t *keep = a->recent_keep ? a->recent_keep + b * a->keep_sb : NULL;
+    const int64_t *pos = a->recent_pos ? a->recent_pos + b * a->pos_sb : NULL, first_recent = a->sink_size + a->n_older[b];
     float *scores = work, *sum = work + n;
+#define KEPT(t) (keep ? keep[t] : pos[t] >= 0 && (pos[t] < a->sink_size || pos[t] >= first_recent))
     for (int g = 0; g < G; g++) {
         const float *qg = a->q + b * a->q_sb + (int64_t)(h * G + g) * a->q_sh;
         float most = -INFINITY, total = 0.0f;
         for (int64_t t = 0; t < n; t++) {
-            if (!keep[t]) continue;
+            if (!KEPT(t)) continue;
             scores[t] = dot(qg, ROW(a->recent_k, float, b, h, t), D);
             most = scores[t] > most ? scores[t] : most;
         }
         for (int d = 0; d < D; d++) sum[d] = 0.0f;
         for (int64_t t = 0; most > -INFINITY && t < n; t++) {
-            if (!keep[t]) continue;
+            if (!KEPT(t)) continue;
             const float p = expf(scores[t] - most), *v = ROW(a->recent_v, float, b, h, t);
             total += p;
             for (int d = 0; d < D; d++) sum[d] += p * v[d];
@@ -348,6 +384,7 @@ static void attend_recent(const args_t *a, int b, int h, float *m_out, float *l_
         l_out[g] = total;
         for (int d = 0; d < D; d++) acc[g * D + (d % per_byte) * plane + d / per_byte] = sum[d];
     }
+#undef KEPT
 }
 
 /* The common head sizes and code widths get their own copy with D and bits constants (loops unrolled, no
@@ -364,7 +401,8 @@ CHUNK_FN(attend_chunk_128_2, 128, 2)
 CHUNK_FN(attend_chunk_any, a->D, a->bits)
 
 /* Returns 0, or a nonzero code for arguments the caller should have refused (kernels/cpu_attention.py checks them
- * first and names the fix): 1 bad sizes, 2 bad metadata grouping, 3 out of memory, 4 n_older past the buffers. */
+ * first and names the fix): 1 bad sizes, 2 bad metadata grouping, 3 out of memory, 4 n_older past the buffers, 5 a
+ * flush quantize_into would refuse. */
 int older_attention(const args_t *a) {
     const int B = a->B, H = a->H, G = a->G, D = a->D, HQ = H * G;
     if (B < 0 || H <= 0 || G <= 0 || D <= 0 || D > MAX_D || (a->bits != 8 && a->bits != 4 && a->bits != 2))
@@ -380,10 +418,29 @@ int older_attention(const args_t *a) {
         max_n = a->n_older[b] > max_n ? a->n_older[b] : max_n;
     }
 
-    if (a->n_recent < 0 || (a->n_recent > 0 && (!a->recent_k.data || !a->recent_v.data || !a->recent_keep)))
+    if (a->n_recent < 0 || (a->n_recent > 0 && (!a->recent_k.data || !a->recent_v.data ||
+                                                 (!a->recent_keep && !a->recent_pos))))
         return 1;
     if (a->table && (a->page <= 0 || a->page % a->k_rows))
         return 2;
+    if (a->flush && (a->flush->B != B || quantize_rows(a->flush, a)))
+        return 5;
+    if (a->new_k) {  /* the step's token into its recent slot first (a ring write: no torch ops for it) */
+        if (!a->new_v || !a->new_slot || !a->new_pos || !a->recent_pos || a->n_recent <= 0)
+            return 1;
+        for (int b = 0; b < B; b++)
+            if (a->new_slot[b] < 0 || a->new_slot[b] >= a->n_recent)
+                return 1;
+        for (int b = 0; b < B; b++) {
+            const int64_t slot = a->new_slot[b];
+            for (int h = 0; h < H; h++) {
+                memcpy((float *)ROW(a->recent_k, float, b, h, slot), a->new_k + b * a->new_sb + h * a->new_sh, D * 4);
+                memcpy((float *)ROW(a->recent_v, float, b, h, slot), a->new_v + b * a->new_vsb + h * a->new_vsh,
+                       D * 4);
+            }
+            a->recent_pos[b * a->pos_sb + slot] = a->new_pos[b];
+        }
+    }
     /* Chunks of CHUNK tokens per (b, h), as many as the longest row needs (dynamic scheduling skips the empty
      * ones of shorter rows quickly). */
     const int n_threads = a->n_threads > 0 ? a->n_threads : omp_get_max_threads();
@@ -433,6 +490,8 @@ int older_attention(const args_t *a) {
                 l += w * part[G + g];
                 for (int d = 0; d < D; d++) acc[d] += w * acc_c[(d % per_byte) * plane + d / per_byte];
             }
+            if (a->normalize && l > 0.0f)
+                for (int d = 0; d < D; d++) acc[d] /= l;
             a->m[(int64_t)b * HQ + i] = m;
             a->l[(int64_t)b * HQ + i] = l;
         }
@@ -449,18 +508,6 @@ int older_attention(const args_t *a) {
  * float16, round half to even), so the bytes are equal: compiled without reassociation or contraction. int8 and the
  * asymmetric formats (fp8 keeps the PyTorch route). */
 
-typedef struct {          /* one side (keys or values): mirrored by _Side in kernels/cpu_attention.py */
-    const float *src; int64_t src_sb, src_sh, src_st;  /* (B, H, ., D) float32, last dim contiguous */
-    buf_t payload, scale, zero;                         /* the store's buffers; zero.data NULL when symmetric */
-    int32_t F, G;                                       /* tokens per scale row, channels per scale column */
-} side_t;
-
-typedef struct {          /* mirrored by _QuantArgs in kernels/cpu_attention.py */
-    int32_t B, H, D, N, bits;
-    const int64_t *rows; int64_t rows_sb;   /* (B or 1, N): source rows of sequence b */
-    const int64_t *start; int64_t start_sb; /* (B or 1,): its first destination token */
-    side_t side[2];
-} quant_args_t;
 
 static uint16_t half_bits(_Float16 h) { uint16_t b; memcpy(&b, &h, 2); return b; }
 
@@ -522,8 +569,9 @@ static void quantize_group(const side_t *s, const float *const *x, int F, int D,
     }
 }
 
-/* Returns 0, or 1 for arguments the caller should have refused (kernels/cpu_attention.py checks them first). */
-int quantize_into(const quant_args_t *a) {
+/* Returns 0, or 1 for arguments the caller should have refused (kernels/cpu_attention.py checks them first).
+ * paged: the attention's arguments whose table maps each sequence's logical start (NULL, or no table: as given). */
+static int quantize_rows(const quant_args_t *a, const args_t *paged) {
     if (a->B < 0 || a->H <= 0 || a->D <= 0 || a->D > MAX_D || (a->bits != 8 && a->bits != 4 && a->bits != 2))
         return 1;
     for (int k = 0; k < 2; k++) {
@@ -535,7 +583,8 @@ int quantize_into(const quant_args_t *a) {
         for (int h = 0; h < a->H; h++)
             for (int k = 0; k < 2; k++) {
                 const side_t *s = &a->side[k];
-                const int64_t *rows = a->rows + b * a->rows_sb, start = a->start[b * a->start_sb];
+                const int64_t *rows = a->rows + b * a->rows_sb, logical = a->start[b * a->start_sb];
+                const int64_t start = paged && paged->table ? token_row(paged, b, logical) : logical;
                 for (int t = 0; t < a->N; t += s->F) {
                     const float *x[MAX_F];
                     for (int f = 0; f < s->F; f++)
@@ -545,3 +594,5 @@ int quantize_into(const quant_args_t *a) {
             }
     return 0;
 }
+
+int quantize_into(const quant_args_t *a) { return quantize_rows(a, NULL); }

@@ -1,6 +1,8 @@
 """Decode attention over quantize_kv's quantized older store on the CPU, without dequantizing it: a small C kernel
 (kernels/cpu_attention.c) reads the stored codes directly, so a quantized cache reads fewer bytes than the full
-cache's float32 one. The CPU counterpart of kernels/decode_attention.py's older loop.
+cache's float32 one. The CPU counterpart of kernels/decode_attention.py's older loop. Eager quantize_kv steps run
+through DecodeStep: the flush, the ring write and the attention in one call whose arguments are checked and laid out
+once per cache.
 
 The C file is compiled on first use (cc -O3 -march=native -fopenmp) into a cache folder, $KVCACHE_CACHE or
 ~/.cache/kvcache/cpu_attention/, under a name keyed by the source, the compiler's version and this CPU's flags: home
@@ -50,7 +52,11 @@ class _Args(ctypes.Structure):  # args_t in cpu_attention.c
                 + [(name, ctypes.c_void_p) for name in ("acc", "m", "l")]
                 + [("n_recent", ctypes.c_int64), ("recent_k", _Buf), ("recent_v", _Buf), ("recent_keep", ctypes.c_void_p),
                    ("keep_sb", ctypes.c_int64), ("table", ctypes.c_void_p), ("table_sb", ctypes.c_int64),
-                   ("page", ctypes.c_int64)])
+                   ("page", ctypes.c_int64), ("recent_pos", ctypes.c_void_p), ("pos_sb", ctypes.c_int64),
+                   ("sink_size", ctypes.c_int64), ("new_k", ctypes.c_void_p), ("new_v", ctypes.c_void_p)]
+                + [(name, ctypes.c_int64) for name in ("new_sb", "new_sh", "new_vsb", "new_vsh")]
+                + [("new_slot", ctypes.c_void_p), ("new_pos", ctypes.c_void_p), ("normalize", ctypes.c_int32),
+                   ("flush", ctypes.c_void_p)])
 
 
 class _Side(ctypes.Structure):  # side_t in cpu_attention.c
@@ -158,13 +164,12 @@ def _last_contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
     return t if t is None or t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _run(q: Tensor, k_q: Tensor, k_scale: Tensor, k_zero: Optional[Tensor], v_q: Tensor, v_scale: Tensor,
-         v_zero: Optional[Tensor], n_older: Tensor, fmt: str, k_granularity: str, group_size: int,
-         recent_k: Optional[Tensor] = None, recent_v: Optional[Tensor] = None,
-         recent_keep: Optional[Tensor] = None, table: Optional[Tensor] = None,
-         page: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """The kernel call, on checked arguments (older_attention's): the custom op's body, and what eager calls run
-    directly (the op dispatcher costs about 40 us a call)."""
+def _layout(q: Tensor, k_q: Tensor, k_scale: Tensor, k_zero: Optional[Tensor], v_q: Tensor, v_scale: Tensor,
+            v_zero: Optional[Tensor], n_older: Tensor, fmt: str, k_granularity: str, group_size: int,
+            recent_k: Optional[Tensor] = None, recent_v: Optional[Tensor] = None,
+            recent_keep: Optional[Tensor] = None, table: Optional[Tensor] = None, page: int = 0):
+    """(the kernel's arguments, (acc, m, l), the tensors they point into) for checked arguments (older_attention's):
+    the tensors must outlive the call (a copy made here for the kernel's layout is only held there)."""
     fmt = get_format(fmt)
     B, HQ, D = q.shape
     H = k_q.shape[1]
@@ -194,12 +199,32 @@ def _run(q: Tensor, k_q: Tensor, k_scale: Tensor, k_zero: Optional[Tensor], v_q:
                  keep_sb=0 if recent_keep is None else recent_keep.stride(0),
                  table=None if table is None else table.data_ptr(), table_sb=0 if table is None else table.stride(0),
                  page=page)
+    return args, (acc, m, l), (q, k_q, k_scale, k_zero, v_q, v_scale, v_zero, n_older, recent_k, recent_v,
+                               recent_keep, table)
+
+
+def _call(args: _Args, n_older: Tensor):
     code = _load().older_attention(ctypes.byref(args))
     if code == 4:
-        raise ValueError(f"n_older {n_older.tolist()} is negative or past the store's {capacity} tokens")
+        raise ValueError(f"n_older {n_older.tolist()} is negative or past the store's {args.capacity} tokens")
+    if code == 5:
+        raise ValueError("cpu_attention.c refused the step's flush: groups that do not tile head_dim or the rows, or "
+                         "a key group past 256 tokens")
     if code:
         raise ValueError(f"cpu_attention.c refused its arguments (code {code}): older_attention's checks missed a case")
-    return acc, m, l
+
+
+def _run(q: Tensor, k_q: Tensor, k_scale: Tensor, k_zero: Optional[Tensor], v_q: Tensor, v_scale: Tensor,
+         v_zero: Optional[Tensor], n_older: Tensor, fmt: str, k_granularity: str, group_size: int,
+         recent_k: Optional[Tensor] = None, recent_v: Optional[Tensor] = None,
+         recent_keep: Optional[Tensor] = None, table: Optional[Tensor] = None,
+         page: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """The kernel call, on checked arguments (older_attention's): the custom op's body, and what eager calls run
+    directly (the op dispatcher costs about 40 us a call)."""
+    args, outputs, _held = _layout(q, k_q, k_scale, k_zero, v_q, v_scale, v_zero, n_older, fmt, k_granularity,
+                                   group_size, recent_k, recent_v, recent_keep, table, page)
+    _call(args, n_older)
+    return outputs
 
 
 @torch.library.custom_op("kvcache::older_attention", mutates_args=())
@@ -242,6 +267,14 @@ def older_attention(q: Tensor, k_q: Tensor, k_scale: Tensor, k_zero: Optional[Te
         m* = max(m, m_w);  a = exp(m - m*), a_w = exp(m_w - m*)  (0 for a part whose m is -inf)
         out = (a acc + a_w acc_w) / (a l + a_w l_w)
     """
+    args = _checked(q, k_q, k_scale, k_zero, v_q, v_scale, v_zero, n_older, fmt, k_granularity, group_size, recent_k,
+                    recent_v, recent_keep, table, page)
+    return torch.ops.kvcache.older_attention(*args) if torch.compiler.is_compiling() else _run(*args)
+
+
+def _checked(q, k_q, k_scale, k_zero, v_q, v_scale, v_zero, n_older, fmt, k_granularity, group_size, recent_k,
+             recent_v, recent_keep, table, page) -> tuple:
+    """older_attention's arguments checked (a one-line ValueError naming what is wrong), as _run takes them."""
     fmt = get_format(fmt)
     if table is not None:  # the pool, seen with batch stride 0 (the table maps each sequence's tokens)
         if table.dim() != 2 or table.shape[0] != q.shape[0] or page <= 0 or page % (
@@ -289,9 +322,91 @@ def older_attention(q: Tensor, k_q: Tensor, k_scale: Tensor, k_zero: Optional[Te
         raise ValueError(f"recent_k, recent_v must be ({B}, {H}, NH, {D}) and recent_keep ({B}, NH) bool, got "
                          f"{tuple(recent_k.shape)}, {tuple(recent_v.shape)}, {tuple(recent_keep.shape)} "
                          f"{recent_keep.dtype}")
-    args = (q, k_q, k_scale, k_zero, v_q, v_scale, v_zero, n_older, fmt.name, k_granularity, group_size, recent_k,
+    return (q, k_q, k_scale, k_zero, v_q, v_scale, v_zero, n_older, fmt.name, k_granularity, group_size, recent_k,
             recent_v, recent_keep, table, page)
-    return torch.ops.kvcache.older_attention(*args) if torch.compiler.is_compiling() else _run(*args)
+
+
+class DecodeStep:
+    """A quantize_kv layer's whole eager decode step on the CPU in one kernel call, its arguments checked and laid
+    out once: the step's token written into its ring slot, then the attention over the older store's codes and the
+    ring's slots that hold a token not yet in the store (kept by the ring's slot positions), divided by its sum.
+    older_attention checks and lays out its arguments on every call and its caller writes the ring and builds the
+    keep mask with torch ops: at short context those cost more than the attention itself.
+
+    store: the older store's buffers for `batch` sequences (QuantizedStore.kernel_inputs: k_q ... v_zero, and
+    older_table / older_block when paged); ring_k, ring_v (batch, H, NH, D) float32 and ring_pos (batch, NH) int64:
+    the ring's buffers, written in place by every call (they must be those tensors, not copies); sink_size: the
+    positions below it are sinks. The buffers are bound by address: a cache builds a new DecodeStep when they move
+    (bound_to)."""
+
+    def __init__(self, store: dict, fmt, k_granularity: str, group_size: int, ring_k: Tensor, ring_v: Tensor,
+                 ring_pos: Tensor, sink_size: int, n_head: int, flush_size: int):
+        batch, H, NH, D = ring_k.shape
+        if ring_k.dtype != torch.float32 or ring_v.dtype != torch.float32 or ring_k.stride(-1) != 1 \
+                or ring_v.stride(-1) != 1 or ring_pos.dtype != torch.int64 or ring_pos.stride(-1) != 1 \
+                or tuple(ring_pos.shape) != (batch, NH):
+            raise ValueError("DecodeStep writes the ring in place: float32 ring_k / ring_v with head_dim contiguous "
+                             f"and int64 ring_pos ({batch}, {NH}), got {ring_k.dtype}, {ring_v.dtype}, "
+                             f"{ring_pos.dtype} {tuple(ring_pos.shape)}")
+        q = ring_k.new_zeros(batch, n_head, D)
+        n_older = torch.zeros(batch, dtype=torch.int64)
+        keep = torch.zeros(batch, NH, dtype=torch.bool)
+        buffers = [store[name] for name in ("k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero")]
+        checked = _checked(q, *buffers, n_older, fmt, k_granularity, group_size, ring_k, ring_v, keep,
+                           store.get("older_table"), store.get("older_block", 0))
+        self.args, (_, self.m, self.l), self.held = _layout(*checked)
+        self.args.recent_keep, self.args.keep_sb = None, 0
+        self.args.recent_pos, self.args.pos_sb, self.args.sink_size = ring_pos.data_ptr(), ring_pos.stride(0), sink_size
+        self.args.normalize = 1
+        self.batch, self.n_head, self.D = batch, n_head, D
+        # Paged: the pool's table (int32, changed as blocks are handed out) is read as int64 afresh each call.
+        self.table = store.get("older_table")
+        # The flush (flush_size ring slots a sequence into the store) in the same call, where quantize_into serves
+        # the format (flushes); paged, into the pool seen with batch stride 0, its starts mapped by the table in C.
+        self.flush_args = None
+        if quantize_supported(fmt, ring_k.dtype):
+            targets = [None if t is None else t.expand(batch, *t.shape[1:]) for t in buffers]
+            self.flush_args = _quant_args(ring_k, ring_v, flush_size, *targets)
+        self.flushes = self.flush_args is not None
+        self.bound_to = (ring_k.data_ptr(), buffers[0].data_ptr())
+        self.ring = (ring_k, ring_v, ring_pos)
+
+    def __call__(self, q: Tensor, n_older: Tensor, new_k: Tensor, new_v: Tensor, new_slot: Tensor,
+                 new_pos: Tensor, flush: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+        """q (R, n_head, D) float32 rotated and scaled, R <= batch; n_older (R,) int64; the step's token new_k,
+        new_v (R, H, D) float32 (head_dim contiguous) at positions new_pos (R,) int64 into ring slots new_slot (R,)
+        int64; flush (where flushes): (ring slots (R, flush_size), older token (R,)) int64 contiguous, quantized
+        first, as quantize_into's rows and start. Returns the attention (R, n_head, D) float32."""
+        R = q.shape[0]
+        if R > self.batch or q.dtype != torch.float32 or q.stride(-1) != 1 or new_k.dtype != torch.float32 \
+                or new_v.dtype != torch.float32 or new_k.stride(-1) != 1 or new_v.stride(-1) != 1 \
+                or n_older.dtype != torch.int64 or new_slot.dtype != torch.int64 or new_pos.dtype != torch.int64:
+            raise ValueError(f"DecodeStep takes at most {self.batch} rows of float32 q / new_k / new_v (head_dim "
+                             "contiguous) and int64 n_older / new_slot / new_pos")
+        n_older, new_slot, new_pos = n_older.contiguous(), new_slot.contiguous(), new_pos.contiguous()
+        out = q.new_empty(R, self.n_head, self.D)
+        a = self.args
+        a.B, a.n_threads = R, torch.get_num_threads()
+        a.q, a.q_sb, a.q_sh = q.data_ptr(), q.stride(0), q.stride(1)
+        a.n_older, a.acc, a.m, a.l = n_older.data_ptr(), out.data_ptr(), self.m.data_ptr(), self.l.data_ptr()
+        a.new_k, a.new_sb, a.new_sh = new_k.data_ptr(), new_k.stride(0), new_k.stride(1)
+        a.new_v, a.new_vsb, a.new_vsh = new_v.data_ptr(), new_v.stride(0), new_v.stride(1)
+        a.new_slot, a.new_pos = new_slot.data_ptr(), new_pos.data_ptr()
+        if self.table is not None:
+            table = self.table[:R].to(torch.int64).contiguous()
+            a.table, a.table_sb = table.data_ptr(), table.stride(0)
+        if flush is not None:
+            rows, start = flush
+            f = self.flush_args
+            f.B, f.rows, f.rows_sb, f.start, f.start_sb = R, rows.data_ptr(), rows.stride(0), start.data_ptr(), 1
+            a.flush = ctypes.addressof(f)
+        try:
+            _call(a, n_older)
+        finally:  # no pointer into this call's tensors outlives it
+            a.q = a.n_older = a.acc = a.new_k = a.new_v = a.new_slot = a.new_pos = a.flush = None
+            if self.table is not None:
+                a.table = None
+        return out
 
 
 def quantize_supported(fmt, dtype) -> bool:
@@ -299,6 +414,18 @@ def quantize_supported(fmt, dtype) -> bool:
     asymmetric formats (fp8 keeps kernels/quantize.py's PyTorch route)."""
     fmt = get_format(fmt)
     return dtype == torch.float32 and (fmt.asymmetric or fmt.payload_dtype == torch.int8)
+
+
+def _quant_args(k: Tensor, v: Tensor, N: int, k_q: Tensor, k_scale: Tensor, k_zero: Optional[Tensor], v_q: Tensor,
+                v_scale: Tensor, v_zero: Optional[Tensor]) -> _QuantArgs:
+    """quantize_into's arguments for N source rows of k and v a sequence, all but the rows and starts."""
+    B, H, _, D = k.shape
+    sides = []
+    for x, payload, scale, zero in ((k, k_q, k_scale, k_zero), (v, v_q, v_scale, v_zero)):
+        per_byte, F, G = older_format(payload, scale, D)
+        sides.append(_Side(src=x.data_ptr(), src_sb=x.stride(0), src_sh=x.stride(1), src_st=x.stride(2),
+                           payload=_buf(payload), scale=_buf(scale), zero=_buf(zero), F=F, G=G))
+    return _QuantArgs(B=B, H=H, D=D, N=N, bits=8 // per_byte, side=(_Side * 2)(*sides))
 
 
 def quantize_into(k: Tensor, v: Tensor, rows: Tensor, start: Tensor, k_q: Tensor, k_scale: Tensor,
@@ -318,14 +445,9 @@ def quantize_into(k: Tensor, v: Tensor, rows: Tensor, start: Tensor, k_q: Tensor
     start = start.to(torch.int64).reshape(-1).contiguous()
     if rows.shape[0] not in (1, B) or start.numel() not in (1, B):
         raise ValueError(f"rows {tuple(rows.shape)} / start {tuple(start.shape)}: give one shared or one per sequence")
-    sides = []
-    for x, payload, scale, zero in ((k, k_q, k_scale, k_zero), (v, v_q, v_scale, v_zero)):
-        per_byte, F, G = older_format(payload, scale, D)
-        sides.append(_Side(src=x.data_ptr(), src_sb=x.stride(0), src_sh=x.stride(1), src_st=x.stride(2),
-                           payload=_buf(payload), scale=_buf(scale), zero=_buf(zero), F=F, G=G))
-    args = _QuantArgs(B=B, H=H, D=D, N=rows.shape[1], bits=8 // per_byte, rows=rows.data_ptr(),
-                      rows_sb=rows.stride(0) if rows.shape[0] == B and B > 1 else 0, start=start.data_ptr(),
-                      start_sb=1 if start.numel() == B and B > 1 else 0, side=(_Side * 2)(*sides))
+    args = _quant_args(k, v, rows.shape[1], k_q, k_scale, k_zero, v_q, v_scale, v_zero)
+    args.rows, args.rows_sb = rows.data_ptr(), rows.stride(0) if rows.shape[0] == B and B > 1 else 0
+    args.start, args.start_sb = start.data_ptr(), 1 if start.numel() == B and B > 1 else 0
     if _load().quantize_into(ctypes.byref(args)):
         raise ValueError("cpu_attention.c refused quantize_into's arguments: groups that do not tile head_dim or the "
                          "rows, or a key group past 256 tokens")

@@ -212,6 +212,7 @@ class QuantizeKVCache(KVCache):
         rotation = "none" if opts.key_rope == "pre" or self.older is None else opts.applied_rotation(opts.format,
                                                                                                      head_dim)
         self.rotate = register_rotation(self, rotation, head_dim, dtype, device)
+        self._step = None  # the C kernel's one-call eager decode step, built on first use (decode_step)
         # Nothing is ever quantized without an older store: then --key_rope pre changes nothing and post's path runs.
         self.pre_rope = opts.key_rope == "pre" and self.older is not None
         if self.pre_rope and self.attn_impl == "triton" and (head_dim < 16 or head_dim & (head_dim - 1)):
@@ -244,9 +245,26 @@ class QuantizeKVCache(KVCache):
             return keys, self.older
         return rotate(keys, ring_pos.clamp(min=0), *rope), PreRopeOlder(self.older, *rope, self.sink_size)
 
+    def decode_step(self, n_head: int):
+        """kernels.cpu_attention.DecodeStep over this cache's ring and older store where it serves (the C kernel,
+        eager, a float32 ring, keys stored after RoPE), else None; rebuilt when the buffers have moved."""
+        if self.attn_impl != "cpu" or self.older is None or self.pre_rope or self.dtype != torch.float32 \
+                or type(self.older) is not QuantizedStore or torch.compiler.is_compiling():
+            return None
+        ring, older = self.ring, self.older
+        if self._step is None or self._step.bound_to != (ring.k.data_ptr(), older.k_q.data_ptr()):
+            from kernels.cpu_attention import DecodeStep
+            self._step = DecodeStep(older.kernel_inputs(self.batch_size), older.fmt, older.k_granularity,
+                                    older.group_size, ring.k, ring.v, ring.pos, self.sink_size, n_head,
+                                    self.flush_size)
+        return self._step
+
     def _decode(self, q, k, v, pos, rows, rope):
         R, S, W, F = q.shape[0], self.sink_size, self.window_size, self.flush_size
         ring = self.ring
+        step = self.decode_step(q.shape[1])
+        if step is not None:
+            return self._decode_cpu(step, q, k, v, pos)
         ring.write_positions(rows, pos, k, v)
         if self.older is None:
             return self.attend_decode(q, ring, recent_last=pos[:, 0], recent_pos=ring.pos[:R])
@@ -282,6 +300,31 @@ class QuantizeKVCache(KVCache):
             ring_k, older = self._attended(ring_k, ring.pos[:R], rope)
             recent = (ring_k, ring_v)
         return self.attend_decode(q, recent, recent_pos=ring.pos[:R], sink_size=S, n_older=n_older, older=older)
+
+    def _decode_cpu(self, step, q, k, v, pos):
+        """_decode eager on the CPU in one C call (decode_step): the positions read on the host (no device to wait
+        for), what each sequence holds follows from the options' own formula, and the flush runs only on the steps
+        where a group leaves the window, then the step's token is written into the ring and attention runs."""
+        R, S, W, F = q.shape[0], self.sink_size, self.window_size, self.flush_size
+        ring, opts = self.ring, self.opts
+        positions = pos[:, 0].tolist()
+        held = [opts.n_older(p + 1) for p in positions]
+        index = held + [ring.slots(p) for p in positions]
+        flushing = any(n > opts.n_older(p) for n, p in zip(held, positions))
+        if flushing:  # each row's completed group (the ring's oldest F tokens), or the scratch group's
+            index += [n - F if n > opts.n_older(p) else self.older_size for n, p in zip(held, positions)]
+            index += [max(0, ring.slots(p + 1 - W - F + i)) for p in positions for i in range(F)]
+        index = torch.tensor(index)
+        n_older, new_slot = index[:R], index[R:2 * R]
+        flush = (index[3 * R:].view(R, F), index[2 * R:3 * R]) if flushing else None
+        if flushing and not step.flushes:  # the PyTorch route, before the step (fp8)
+            group_slots, start = flush
+            self.older.store(slice(0, R), start[:, None] + torch.arange(F), *ring.read(slice(0, R), group_slots))
+            flush = None
+        # The token is written after the flush: the ring's W + F slots past the sinks hold the flushed group and the
+        # window, never the slot the new token takes.
+        out = step(q[:, :, 0] * q.shape[-1] ** -0.5, n_older, k[:, :, 0], v[:, :, 0], new_slot, pos[:, 0], flush)
+        return out[:, :, None]
 
     def _prefill(self, q, k_rot, k, v, pos, rows, rope):
         """k_rot: the chunk's keys rotated (attended); k: as stored (rotated, or unrotated with --key_rope pre)."""

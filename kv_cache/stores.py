@@ -219,8 +219,11 @@ class Store(nn.Module):
         return True
 
 
-def ring_slots(pos: Tensor, sink_size: int, ring_size: int) -> Tensor:
-    """The RingStore slot of each position: sinks in place, later positions round the ring."""
+def ring_slots(pos, sink_size: int, ring_size: int):
+    """The RingStore slot of each position (a tensor, or one position as an int: read on the host): sinks in
+    place, later positions round the ring."""
+    if isinstance(pos, int):
+        return pos if pos < sink_size else sink_size + (pos - sink_size) % ring_size
     return torch.where(pos < sink_size, pos, sink_size + (pos - sink_size) % ring_size)
 
 
@@ -268,7 +271,7 @@ class RingStore(DenseStore):
         # Paged, the logical slots are a whole number of blocks; the slots past sink_size + ring_size stay empty.
         self.register_buffer("pos", torch.full((batch_size, self.n_slots), -1, dtype=torch.long, device=device))
 
-    def slots(self, pos: Tensor) -> Tensor:
+    def slots(self, pos):
         return ring_slots(pos, self.sink_size, self.ring_size)
 
     def write_positions(self, rows, pos: Tensor, k: Tensor, v: Tensor):

@@ -18,6 +18,7 @@ A library that is not importable in the running venv is a row saying so. Results
 .md, written atomically (<out>: outputs/local/cpu_peers_speed/ unless --out).
 """
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 
 import engine
 import runner
+import weight_quant
 from atomic import atomic_write_json, atomic_write_text, check_writable_file
 from scripts import evaluate
 from scripts.common import LOCAL_OUT, fmt, list_of, markdown_table, run_header, header_lines, version
@@ -34,14 +36,19 @@ from scripts.presets import BY_NAME
 
 SINKS, WINDOW, GROUP = 16, 32, 32
 # (row name, library, the cache: ours a preset, transformers a QuantizedCache's nbits, llama.cpp a ggml type)
+# "+int8w": the same cache on the model with int8 weight-only linears (--quantize int8, torchao): what a quarter of
+# the weight bytes buys on the CPU.
 ROWS = [("full", "ours", "full"), ("int8", "ours", "quantize_kv-int8"), ("int4", "ours", "quantize_kv-int4"),
+        ("full, int8 weights", "ours", "full+int8w"),
         ("full (DynamicCache)", "transformers", None), ("quanto int4", "transformers", 4),
         ("quanto int2", "transformers", 2),
         ("f16 KV", "llama.cpp", "f16"), ("q8_0 KV", "llama.cpp", "q8_0"), ("q4_0 KV", "llama.cpp", "q4_0")]
 FULL = {"ours": "full", "transformers": "full (DynamicCache)", "llama.cpp": "f16 KV"}
 
 
-def our_decode(model, preset: str, ids: list[int], steps: int) -> float:
+def our_decode(models: dict, cache: str, ids: list[int], steps: int) -> float:
+    preset, _, weights = cache.partition("+")
+    model = models["ours+" + weights] if weights else models["ours"]
     options = BY_NAME[preset].options(SINKS, WINDOW, extra=["--group_size", str(GROUP)] if preset != "full" else [])
     evaluate.install_cache(model, BY_NAME[preset].strategy, options, len(ids) + steps + 1)
     with torch.no_grad():
@@ -104,10 +111,12 @@ def run(args, argv) -> list[dict]:
     models = {}
     if "ours" in libraries:
         models["ours"] = runner.load_model(gguf_path(), torch.device("cpu"), torch.float32)
+        models["ours+int8w"] = weight_quant.quantize_weights(
+            runner.load_model(gguf_path(), torch.device("cpu"), torch.float32), "int8")
     if "transformers" in libraries and reasons["transformers"] is None:
         models["transformers"] = load_hf_model(torch.float32, torch.device("cpu"))
     vocab = 49152
-    decode = {"ours": lambda cache, ids: our_decode(models["ours"], cache, ids, args.steps),
+    decode = {"ours": lambda cache, ids: our_decode(models, cache, ids, args.steps),
               "transformers": lambda cache, ids: hf_decode(models["transformers"], cache, ids, args.steps),
               "llama.cpp": lambda cache, ids: llama_decode(cache, ids, args.steps, args.threads)}
     rows = []
@@ -143,7 +152,40 @@ def run(args, argv) -> list[dict]:
     text = markdown(header, rows)
     atomic_write_text(args.out / "cpu_peers_speed.md", text)
     print(text)
+    plot(rows, args.out / "cpu_peers_speed.png", f"{header['device']}, {header['date']}")
     return rows
+
+
+def plot(rows: list[dict], path: Path, title: str):
+    """`path` (a PNG): each library's decode tokens/s against context (left) and each quantized cache's speed over
+    its library's full cache (right, 1.0 = as fast as full)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (speed, ratio) = plt.subplots(1, 2, figsize=(13, 4.5))
+    styles = {"ours": "o-", "transformers": "s--", "llama.cpp": "^:"}
+    for name, library, _ in ROWS:
+        points = sorted((r["context"], r) for r in rows if r["cache"] == name and r["tokens_per_s"])
+        if not points:
+            continue
+        x = [context for context, _ in points]
+        speed.plot(x, [r["tokens_per_s"] for _, r in points], styles[library], label=f"{library}: {name}")
+        if name != FULL[library]:
+            ratio.plot(x, [r["vs_full"] for _, r in points], styles[library], label=f"{library}: {name}")
+    ratio.axhline(1.0, color="grey", linewidth=1)
+    for ax, ylabel in ((speed, "decode tokens/s"), (ratio, "tokens/s over the library's full cache")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    ratio.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.suptitle(f"CPU decode against the peers, batch 1 ({title})")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)  # atomic: a reader never sees half a PNG
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def markdown(header: dict, rows: list[dict]) -> str:

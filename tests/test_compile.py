@@ -201,3 +201,19 @@ def test_bench_attention_kernel_cpu_smoke(tmp_path):
     assert all(r["bytes"] < rows[0]["bytes"] for r in quantized)  # quantized stores move fewer bytes
     for kind in [k for k in by_kind if k.endswith("+scores")]:  # the same reads, with the scores stored besides
         assert by_kind[kind]["bytes"] == by_kind[kind[:-len("+scores")]]["bytes"]
+
+
+@pytest.mark.skipif("quantize_kv-int4-triton" not in CASES, reason="no triton")
+def test_compiled_triton_step_flushes_with_the_triton_kernel(model):
+    """Compiled with --attn_impl triton, the decode flush is the Triton kernel's op (kvcache.quantize_into) in the
+    graph, as eager steps call it: the PyTorch route writes the same bytes in ~50 ops, so no other test sees the
+    difference (a condition meant to keep the C flush out of compiled steps once dropped the Triton one too)."""
+    targets = []
+
+    def recording(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    reset_dynamo()
+    run(model, "quantize_kv-int4-triton", torch.compile(runner.decode_one_token, backend=recording, fullgraph=True))
+    assert any("quantize_into" in target for target in targets), "the compiled step flushes without the kernel"

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 import engine
+import kv_cache
 import runner
 from kernels import cpu_attention
 from kernels.formats import FORMATS, get_format
 from kernels.reference import dequantize_ref
 from kv_cache.base import attn_impl_for
 from kv_cache.stores import QuantizedStore
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, rope_tables
 
 pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="no C compiler with OpenMP")
 
@@ -227,6 +228,36 @@ def test_quantize_kv_decodes_the_torch_paths_tokens(name):
         rows = engine.generate_batch(model, batch, new_tokens, decode_fn=decode_fn)["sequences"]
         out[impl] = [row["tokens"] for row in rows]
     assert out["cpu"] == out["torch"] and out["cpu-compiled"] == out["torch"] and out["cpu-paged"] == out["torch"]
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", FORMATS_AT_HEAD_16)
+def test_the_one_call_decode_step_is_the_torch_paths(name):
+    """quantize_kv's eager CPU decode (DecodeStep: the flush, the ring write and the attention in C calls, the
+    positions read on the host) against the PyTorch path on the same float32 inputs: a ragged batch (3, 23 and 41
+    tokens) decoding 30 steps across flushes, the step fed 3 rows, then 2, then 3 again. The outputs agree to float32
+    rounding; the ring (keys, values, slot positions) and the older store are the same bytes."""
+    cls = kv_cache.STRATEGIES["quantize_kv"]
+    B, H, HQ, D, M = 3, 2, 4, 16, 96
+    cos, sin = rope_tables(ARGS, M)
+    caches = {impl: cls(B, M, H, D, torch.float32, "cpu", sink_size=4, window_size=8, attn_impl=impl,
+                        **FORMATS_AT_HEAD_16[name]) for impl in ("cpu", "torch")}
+    gen = torch.Generator().manual_seed(0)
+    lengths = [3, 23, 41]
+    for b, n in enumerate(lengths):
+        q, k, v = (torch.randn(1, heads, n, D, generator=gen) for heads in (HQ, H, H))
+        for cache in caches.values():
+            cache(q, k, v, torch.arange(n), cos, sin, torch.tensor([b]))
+    for step in range(30):
+        R = 2 if 10 <= step < 20 else 3
+        q, k, v = (torch.randn(R, heads, 1, D, generator=gen) for heads in (HQ, H, H))
+        pos = torch.tensor(lengths[:R])[:, None]
+        out = {impl: cache(q, k, v, pos, cos, sin) for impl, cache in caches.items()}
+        torch.testing.assert_close(out["cpu"], out["torch"], rtol=1e-5, atol=1e-5)
+        lengths[:R] = [n + 1 for n in lengths[:R]]
+    assert caches["cpu"]._step is not None and caches["torch"].decode_step(HQ) is None
+    for name_, buffer in caches["torch"].named_buffers():
+        assert torch.equal(dict(caches["cpu"].named_buffers())[name_], buffer), name_
 
 
 def test_the_cpu_kernel_is_the_cpu_default():
