@@ -188,6 +188,17 @@ def quantize_weights(model: nn.Module, mode, group_size=None) -> nn.Module:
     return model
 
 
+def cpu_speed_notice(mode, device: torch.device, compiled: bool) -> str | None:
+    """One line when a weight quantization is known to decode slower than float32 here: eager int8 on the CPU, where
+    torchao converts each int8 weight to the activation dtype inside every matmul (measured on SmolLM2-135M, batch 1,
+    2 threads: 10.0 against 14.3 tokens/s at 1k, outputs/results/cpu_speed_2026-12-04/peers_one_call/)."""
+    if mode == "int8" and device.type == "cpu" and not compiled:
+        return ("--quantize int8 on the CPU holds a quarter of the linears' bytes but decodes slower than float32 "
+                "(0.70x measured at 1k eager: torchao converts each int8 weight inside every matmul): leave it out "
+                "for speed, keep it for memory")
+    return None
+
+
 def describe(model: nn.Module) -> str:
     """One line for the run's report: what the weights hold, quantized and not."""
     linears = quantized_linears(model)

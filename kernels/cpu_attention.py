@@ -369,7 +369,6 @@ class DecodeStep:
             self.flush_args = _quant_args(ring_k, ring_v, flush_size, *targets)
         self.flushes = self.flush_args is not None
         self.bound_to = (ring_k.data_ptr(), buffers[0].data_ptr())
-        self.ring = (ring_k, ring_v, ring_pos)
 
     def __call__(self, q: Tensor, n_older: Tensor, new_k: Tensor, new_v: Tensor, new_slot: Tensor,
                  new_pos: Tensor, flush: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:

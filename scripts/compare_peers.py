@@ -201,6 +201,11 @@ def methods(args, press_ratios: dict) -> list[Method]:
                                                          "ExpectedAttentionPress", "TOVAPress", "KVzipPress"):
                 continue
             rows.append(Method(f"{press} ({label})", "kvpress", "press", press=press, press_kwargs=kw, budget=budget))
+    for share in args.press_bytes:  # every press that evicts for real, at a fraction of full's bytes
+        for press, kw in presses:
+            if press != "KVzapPress":
+                rows.append(Method(f"{press} (bytes = {share:g}x full)", "kvpress", "press", press=press,
+                                   press_kwargs=kw, budget=share))
     rows.append(Method(f"SnapKVPress 0.5 + QuantizedCache quanto int4 residual {W}", "kvpress",
                        "press", press="SnapKVPress", press_kwargs={"window_size": W}, budget="combo",
                        quantized=dict(backend="quanto", nbits=4, residual_length=W, q_group_size=G)))
@@ -450,6 +455,8 @@ def build_parser():
                              "q_group_size)", group=True)
     p.add_argument("--evict_budget", type=int, default=0,
                    help="tokens our eviction rows keep per KV head (0: a fifth of --context)")
+    p.add_argument("--press_bytes", type=list_of(float, "fractions (e.g. 0.1,0.2)", empty=True), default=[],
+                   help="also run every evicting kvpress press at these fractions of full's bytes (e.g. 0.1)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -467,6 +474,9 @@ def check_args(args):
                          f"--new_tokens + --sink_size + --window_size")
     if args.ppl_tokens < 0 or args.ruler_samples < 0:
         raise ValueError("--ppl_tokens and --ruler_samples must be >= 0")
+    if any(not 0 < share < 1 for share in args.press_bytes):
+        raise ValueError(f"--press_bytes {','.join(map(str, args.press_bytes))}: give fractions between 0 and 1 "
+                         "(e.g. 0.1)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda but torch sees no GPU: use --device cpu or a CUDA torch")
 
@@ -504,6 +514,8 @@ def run(args, argv) -> list[dict]:
                 m.params["budget_ratio"] = lambda n, keep=keep: max(0.0, 1 - keep / n)
             elif budget == "bytes":
                 m.params["budget_ratio"] = lambda n: 1 - int4_ratio
+            elif isinstance(budget, float):  # --press_bytes: a press keeps that share of the tokens, so of the bytes
+                m.params["budget_ratio"] = lambda n, share=budget: 1 - share
             else:  # kvpress's press + QuantizedCache combination, at half the tokens
                 m.params["budget_ratio"] = lambda n: 0.5
         lib_reason = peers.get(m.library)

@@ -164,21 +164,23 @@ def plot(rows: list[dict], path: Path, title: str):
     import matplotlib.pyplot as plt
     fig, (speed, ratio) = plt.subplots(1, 2, figsize=(13, 4.5))
     styles = {"ours": "o-", "transformers": "s--", "llama.cpp": "^:"}
-    for name, library, _ in ROWS:
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, library, _) in enumerate(ROWS):
+        style = dict(color=colours[i % len(colours)], label=f"{library}: {name}")
         points = sorted((r["context"], r) for r in rows if r["cache"] == name and r["tokens_per_s"])
         if not points:
             continue
         x = [context for context, _ in points]
-        speed.plot(x, [r["tokens_per_s"] for _, r in points], styles[library], label=f"{library}: {name}")
+        speed.plot(x, [r["tokens_per_s"] for _, r in points], styles[library], **style)
         if name != FULL[library]:
-            ratio.plot(x, [r["vs_full"] for _, r in points], styles[library], label=f"{library}: {name}")
+            ratio.plot(x, [r["vs_full"] for _, r in points], styles[library], **style)
     ratio.axhline(1.0, color="grey", linewidth=1)
     for ax, ylabel in ((speed, "decode tokens/s"), (ratio, "tokens/s over the library's full cache")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-    ratio.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    speed.legend(fontsize=8)
     fig.suptitle(f"CPU decode against the peers, batch 1 ({title})")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")

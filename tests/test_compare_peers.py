@@ -80,6 +80,19 @@ def test_ours_are_every_preset():
     assert by_name["quantize_kv 16/32 int4"]["bits"] == "4"
 
 
+def test_press_bytes_rows_keep_that_share():
+    """--press_bytes 0.1: every press that evicts, at compression ratio 0.9 whatever the prompt's length (a press
+    keeps that share of the tokens, so of full's bytes); KVzap (Hub weights) is left out."""
+    args = cp.build_parser().parse_args(["--context", "500", "--press_bytes", "0.1"])
+    rows = [m for m in cp.methods(args, {"tokens": "tokens", "bytes": "bytes"}) if m.params.get("budget") == 0.1]
+    assert [m.params["press"] for m in rows] == ["StreamingLLMPress", "SnapKVPress", "KnormPress",
+                                                 "ExpectedAttentionPress", "TOVAPress", "KVzipPress",
+                                                 "AdaKVPress(SnapKVPress)"]
+    assert all(m.name.endswith("(bytes = 0.1x full)") for m in rows)
+    with pytest.raises(ValueError, match="--press_bytes 1.5: give fractions between 0 and 1"):
+        cp.check_args(cp.build_parser().parse_args(["--press_bytes", "1.5"]))
+
+
 def test_bad_setting_is_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "scripts.compare_peers", "--context", "40", "--out", str(tmp_path)],
                          cwd=REPO_DIR, capture_output=True, text=True)

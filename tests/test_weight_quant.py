@@ -219,6 +219,16 @@ def test_check_mode_names_the_alternative():
         weight_quant.check_mode("int8", torch.device("mps"), torch.float32)
 
 
+def test_cpu_int8_speed_notice_is_one_line():
+    """Eager int8 weights on the CPU decode slower than float32 (measured): the CLI says so in one line, and says
+    nothing where it was not measured slower."""
+    notice = weight_quant.cpu_speed_notice("int8", torch.device("cpu"), compiled=False)
+    assert "decodes slower than float32" in notice and "leave it out for speed" in notice and "\n" not in notice
+    assert weight_quant.cpu_speed_notice("int8", torch.device("cpu"), compiled=True) is None
+    assert weight_quant.cpu_speed_notice("int8", torch.device("cuda"), compiled=False) is None
+    assert weight_quant.cpu_speed_notice(None, torch.device("cpu"), compiled=False) is None
+
+
 def test_compiled_decode_matches_eager():
     """--compile with torchao weights (a tiny random model: inductor's C++ build dominates): the decode step
     compiles as one graph (fullgraph) and gives eager's tokens."""
