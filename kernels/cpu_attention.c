@@ -423,14 +423,16 @@ int older_attention(const args_t *a) {
         return 1;
     if (a->table && (a->page <= 0 || a->page % a->k_rows))
         return 2;
-    if (a->flush && (a->flush->B != B || quantize_rows(a->flush, a)))
-        return 5;
-    if (a->new_k) {  /* the step's token into its recent slot first (a ring write: no torch ops for it) */
+    if (a->new_k) {  /* checked before anything is written */
         if (!a->new_v || !a->new_slot || !a->new_pos || !a->recent_pos || a->n_recent <= 0)
             return 1;
         for (int b = 0; b < B; b++)
             if (a->new_slot[b] < 0 || a->new_slot[b] >= a->n_recent)
                 return 1;
+    }
+    if (a->flush && (a->flush->B != B || quantize_rows(a->flush, a)))
+        return 5;
+    if (a->new_k) {  /* the step's token into its recent slot (a ring write: no torch ops for it) */
         for (int b = 0; b < B; b++) {
             const int64_t slot = a->new_slot[b];
             for (int h = 0; h < H; h++) {

@@ -245,6 +245,11 @@ class QuantizeKVCache(KVCache):
             return keys, self.older
         return rotate(keys, ring_pos.clamp(min=0), *rope), PreRopeOlder(self.older, *rope, self.sink_size)
 
+    def __getstate__(self):
+        """Copies and pickles leave the C step out: it holds raw pointers into this cache's buffers (a copy builds
+        its own on first use)."""
+        return dict(self.__dict__, _step=None)
+
     def decode_step(self, n_head: int):
         """kernels.cpu_attention.DecodeStep over this cache's ring and older store where it serves (the C kernel,
         eager, a float32 ring, keys stored after RoPE), else None; rebuilt when the buffers have moved."""

@@ -2,6 +2,8 @@
 (kernels/reference.dequantize_ref of the same buffers), for every format, both key layouts, the specialised and the
 generic head sizes, rows of different lengths (empty ones too), under torch.compile, and its one-line refusals; and
 quantize_kv's --attn_impl cpu path, which decodes the PyTorch path's tokens."""
+import copy
+
 import pytest
 import torch
 
@@ -258,6 +260,12 @@ def test_the_one_call_decode_step_is_the_torch_paths(name):
     assert caches["cpu"]._step is not None and caches["torch"].decode_step(HQ) is None
     for name_, buffer in caches["torch"].named_buffers():
         assert torch.equal(dict(caches["cpu"].named_buffers())[name_], buffer), name_
+    # A copy (its step holds raw pointers into the original's buffers) builds its own step and decodes alike.
+    twin = copy.deepcopy(caches["cpu"])
+    q, k, v = (torch.randn(3, heads, 1, D, generator=gen) for heads in (HQ, H, H))
+    pos = torch.tensor(lengths)[:, None]
+    torch.testing.assert_close(twin(q, k, v, pos, cos, sin), caches["cpu"](q, k, v, pos, cos, sin), rtol=0, atol=0)
+    assert twin._step is not caches["cpu"]._step
 
 
 def test_the_cpu_kernel_is_the_cpu_default():
