@@ -254,7 +254,7 @@ class QuantizeKVCache(KVCache):
         """kernels.cpu_attention.DecodeStep over this cache's ring and older store where it serves (the C kernel,
         eager, a float32 ring, keys stored after RoPE), else None; rebuilt when the buffers have moved."""
         if self.attn_impl != "cpu" or self.older is None or self.pre_rope or self.dtype != torch.float32 \
-                or type(self.older) is not QuantizedStore or torch.compiler.is_compiling():
+                or torch.compiler.is_compiling():
             return None
         ring, older = self.ring, self.older
         if self._step is None or self._step.bound_to != (ring.k.data_ptr(), older.k_q.data_ptr()):
@@ -310,14 +310,15 @@ class QuantizeKVCache(KVCache):
         """_decode eager on the CPU in one C call (decode_step): the positions read on the host (no device to wait
         for), what each sequence holds follows from the options' own formula, and the flush runs only on the steps
         where a group leaves the window, then the step's token is written into the ring and attention runs."""
-        R, S, W, F = q.shape[0], self.sink_size, self.window_size, self.flush_size
+        R, W, F = q.shape[0], self.window_size, self.flush_size
         ring, opts = self.ring, self.opts
         positions = pos[:, 0].tolist()
         held = [opts.n_older(p + 1) for p in positions]
+        completes = [n > opts.n_older(p) for n, p in zip(held, positions)]
         index = held + [ring.slots(p) for p in positions]
-        flushing = any(n > opts.n_older(p) for n, p in zip(held, positions))
+        flushing = any(completes)
         if flushing:  # each row's completed group (the ring's oldest F tokens), or the scratch group's
-            index += [n - F if n > opts.n_older(p) else self.older_size for n, p in zip(held, positions)]
+            index += [n - F if done else self.older_size for n, done in zip(held, completes)]
             index += [max(0, ring.slots(p + 1 - W - F + i)) for p in positions for i in range(F)]
         index = torch.tensor(index)
         n_older, new_slot = index[:R], index[R:2 * R]
