@@ -248,7 +248,10 @@ def _decode_split_kernel(
         if HAS_START:
             first_older = tl.load(older_start_ptr + b * stride_osb + h * stride_osh).to(tl.int32)
 
-    if split < SPLITS_MID:
+    # Without an older store the split is never an older one: a static False, so that branch is not compiled (its
+    # dead code with dummy pointers broke Triton 3.6's coalescing pass on sm_90).
+    older_split = split < SPLITS_MID if HAS_MID else False
+    if older_split:
         # Mid store: tokens [first_older, first_older + n_older), shared evenly (whole tiles) among the splits.
         chunk = tl.cdiv(tl.cdiv(n_older, SPLITS_MID), BLOCK_N) * BLOCK_N
         start = first_older + split * chunk
@@ -507,6 +510,11 @@ class DecodeInputs(NamedTuple):
     k_lo: Optional[Tensor] = None
     v_lo: Optional[Tensor] = None
     older_fine: Optional[Tensor] = None
+    num_warps: int = 0  # 0: the launch defaults below (DEFAULT_WARPS, DEFAULT_STAGES); scripts/tune_decode.py tries others
+    num_stages: int = 0
+
+
+DEFAULT_WARPS, DEFAULT_STAGES = 4, 2  # of the split kernel
 
 
 def decode_attention(q: Tensor, recent_k: Tensor, recent_v: Tensor, *, splits: tuple = None, block_n: int = None,
@@ -687,7 +695,7 @@ def _launch(inputs: DecodeInputs, return_scores: bool):
         V_TILES=_group_tiles(v_f, v_g, D, BLOCK_D),
         BLOCK_G=BLOCK_G, BLOCK_N=block_n, BLOCK_D=BLOCK_D,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2,
+        num_warps=inputs.num_warps or DEFAULT_WARPS, num_stages=inputs.num_stages or DEFAULT_STAGES,
     )
     _decode_split_kernel[(B * H, n_splits)](
         *args, **constexprs, PAGED_HI=paged_hi, HI_BLOCK=recent_block if paged_hi else 1, PAGED_MID=paged_older,

@@ -31,6 +31,12 @@ def _half_down(x: Tensor) -> Tensor:
     return torch.where(h.float() > x, torch.nextafter(h, torch.full_like(h, float("-inf"))), h)
 
 
+def _divide(x: Tensor, d: float) -> Tensor:
+    """x / d rounded as IEEE division on every device: CUDA divides by a Python number as a multiplication by its
+    reciprocal (one ulp off now and then), so d comes as a tensor on x's device (the Triton flush uses div_rn)."""
+    return x / torch.full((), d, dtype=x.dtype, device=x.device)
+
+
 def _reciprocal(scale: Tensor) -> Tensor:
     """1/scale in float32, 0 where the scale is 0 (an all-zero group: every code is 0 and dequantizes to 0)."""
     scale = scale.float()
@@ -60,7 +66,7 @@ def unpack_bits(packed: Tensor, bits: int, D: int) -> Tensor:
 def quantize_int8(x: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
     """Symmetric int8 over `dim` (kept as size 1 in the scale): scale = amax/127, q = round(x/scale)."""
     x = x.float()
-    scale = _half_up(x.abs().amax(dim, keepdim=True) / INT8_MAX)
+    scale = _half_up(_divide(x.abs().amax(dim, keepdim=True), INT8_MAX))
     q = torch.round(x * _reciprocal(scale)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, scale
 
@@ -74,7 +80,7 @@ def quantize_fp8(x: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
     """float8_e4m3fn payload with scale = amax/448 over `dim`. The clamp only guards float32 rounding at the top
     (e4m3fn has no infinity: an out-of-range cast is NaN on some devices)."""
     x = x.float()
-    scale = _half_up(x.abs().amax(dim, keepdim=True) / FP8_MAX)
+    scale = _half_up(_divide(x.abs().amax(dim, keepdim=True), FP8_MAX))
     q = (x * _reciprocal(scale)).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, scale
 
@@ -85,7 +91,7 @@ def quantize_asym(x: Tensor, bits: int, dim: int) -> tuple[Tensor, Tensor, Tenso
     x = x.float()
     levels = (1 << bits) - 1
     zero = _half_down(x.amin(dim, keepdim=True))
-    scale = _half_up((x.amax(dim, keepdim=True) - zero.float()) / levels)
+    scale = _half_up(_divide(x.amax(dim, keepdim=True) - zero.float(), levels))
     q = torch.round((x - zero.float()) * _reciprocal(scale)).clamp_(0, levels).to(torch.uint8)
     return q, scale, zero
 

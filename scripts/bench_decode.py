@@ -167,6 +167,22 @@ def fill_context(model: Transformer, batch: int, context: int, chunk: int, devic
     return tokens[:, -1:].expand(batch, 1).contiguous()
 
 
+def cuda_graph(fn, warmup: int = 1):
+    """fn captured once as a CUDA graph, after `warmup` calls off the capture stream (as torch.cuda.graphs advises;
+    they also compile its kernels); returns (the graph's replay, what the captured call returned). A replay is one
+    launch instead of fn's many, so a timing of it sees the kernels, not the host's launch overhead."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph.replay, out
+
+
 class GraphedDecode:
     """decode_one_token captured once as a CUDA graph and replayed (plain eager kernels, no torch.compile): the
     launch overhead of a few hundred small kernels per step disappears at no compile time. Capture happens on the
@@ -174,23 +190,16 @@ class GraphedDecode:
     values), so the warm-up and capture runs at that position leave the cache exactly as one step would."""
 
     def __init__(self):
-        self.graph = None
+        self.replay = None
 
     def __call__(self, model, token, input_pos, sampling=None):
-        if self.graph is None:
+        if self.replay is None:
             self.token, self.input_pos = token.clone(), input_pos.clone()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up off the capture stream, as torch.cuda.graphs advises
-                for _ in range(2):
-                    decode_one_token(model, self.token, self.input_pos, sampling)
-            torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = decode_one_token(model, self.token, self.input_pos, sampling)
+            self.replay, self.out = cuda_graph(
+                lambda: decode_one_token(model, self.token, self.input_pos, sampling), warmup=2)
         self.token.copy_(token)
         self.input_pos.copy_(input_pos)
-        self.graph.replay()
+        self.replay()
         return self.out
 
 
@@ -405,7 +414,7 @@ def kernel_case(kind, args: ModelArgs, batch, context, cfg, device, generator):
     q = torch.randn(batch, args.n_head, 1, D, device=device, dtype=DTYPE, generator=generator)
     if kind == "bf16":
         recent_k = torch.randn(batch, H, context, D, device=device, dtype=DTYPE, generator=generator)
-        recent_v = torch.randn_like(recent_k)
+        recent_v = torch.randn(recent_k.shape, device=device, dtype=DTYPE, generator=generator)  # seeded, as k
         inputs = dict(q=q, recent_k=recent_k, recent_v=recent_v, recent_last=torch.tensor([context - 1], device=device))
         return inputs, 2 * q.nbytes + recent_k.nbytes + recent_v.nbytes
     options = row_options(f"quantize_kv-{kind}", cfg)
@@ -439,19 +448,22 @@ def kernel_case(kind, args: ModelArgs, batch, context, cfg, device, generator):
     return inputs, n_bytes
 
 
-def bench_kernel_row(decode_attention, shape, kind, context, batch, cfg, device) -> dict:
-    row = dict(shape=shape, kind=kind, context=context, batch=batch, note="")
+def bench_kernel_row(decode_attention, shape, kind, context, batch, cfg, device, variant: dict = None) -> dict:
+    """One layer's decode attention over `context` tokens of `batch` sequences, timed. variant: more arguments of
+    decode_attention (splits, block_n, num_warps, num_stages: scripts/tune_decode.py)."""
+    row = dict(shape=shape, kind=kind, context=context, batch=batch, note="", **({"variant": variant} if variant else {}))
     generator = torch.Generator(device=device).manual_seed(0)
     try:
         case, n_bytes = kernel_case(kind, SHAPES[shape], batch, context, cfg, device, generator)
+        call = lambda: decode_attention(**case, **(variant or {}))  # noqa: E731
         if device.type == "cuda":
-            # do_bench clears L2 before each call (so the call reads from memory) and hides the launch behind it.
+            # The call replayed as a CUDA graph (the decode step runs it so; the host's checks and launches would
+            # otherwise be timed at batch 1); do_bench clears L2 before each replay, so it reads from memory.
             import triton.testing
-            seconds = triton.testing.do_bench(lambda: decode_attention(**case), warmup=25, rep=200,
-                                              return_mode="median") / 1e3
+            seconds = triton.testing.do_bench(cuda_graph(call)[0], warmup=25, rep=200, return_mode="median") / 1e3
         else:
-            decode_attention(**case)
-            seconds = timed(lambda: decode_attention(**case), device)
+            call()
+            seconds = timed(call, device)
     except torch.cuda.OutOfMemoryError:
         row["note"] = "OOM"
         return row

@@ -4,6 +4,7 @@
     python -m scripts.gpu_suite OUT_DIR --quick      # <= 3 minutes: the headline rows again, for a rerun
     python -m scripts.gpu_suite OUT_DIR --tiny       # CPU rehearsal: the same code paths, tiny shapes, < 2 minutes
     python -m scripts.gpu_suite --plot OUT_DIR       # afterwards, on any machine: OUT_DIR/roofline.png from the JSON
+    python -m scripts.tune_decode OUT_DIR/tune       # the same lease, after it: the kernel's launch settings (<= 2 min)
 
 Every row is printed the moment it is measured and OUT_DIR/gpu_suite.md + .json are rewritten (atomically) after
 it, so a run cut short keeps everything it measured. Before each row the suite checks its time budget; rows it has
@@ -122,6 +123,7 @@ class Report:
         self.out, self.header, self.rows = out, header, []
 
     def add(self, row: dict):
+        row.setdefault("at_s", round(time.time() - self.header["t0"], 1))  # when it ended: what the next run can fit
         self.rows.append(row)
         print(f"[{row['section']}] {row_text(row)}", flush=True)
         self.write()

@@ -69,6 +69,20 @@ def main() -> int:
                     else " pre-RoPE keys" if rope else "")
             ok &= check(f"decode split, {kind} older{what}, bf16 model", ptx, r"mma\.sync",
                         r"cp\.async\.c[ag]\.shared\.global.*0x10,")
+    # The full cache (no older store: its pointers are dummies in the model dtype, HAS_MID off), plain and paged.
+    # Its dead older-store branch once broke Triton 3.6's coalescing pass on sm_90 (the H200's image), not 3.9's.
+    for paged in (False, True):
+        types = dict(q_ptr="*bf16", recent_k_ptr="*bf16", recent_v_ptr="*bf16", recent_last_ptr="*i64",
+                     o_part_ptr="*fp32", lse_part_ptr="*fp32", qk_scale="fp32", recent_table_ptr="*i32")
+        types.update((name, "*bf16") for name in split.arg_names if name.endswith("_ptr") and name not in types)
+        constexprs = dict(H=8, GROUP=4, D=128, HAS_HI_POS=False, HAS_HI_LAST=True, HAS_MID=False, SPLITS_MID=0,
+                          SPLITS_HI=33, K_PER_BYTE=1, K_F=1, K_G=1, K_ZERO=False, K_TILES=True, V_PER_BYTE=1, V_F=1,
+                          V_G=1, V_ZERO=False, V_TILES=True, BLOCK_G=16, BLOCK_N=64, BLOCK_D=128, DOT_PRECISION="tf32",
+                          PAGED_HI=paged, HI_BLOCK=16 if paged else 1, PAGED_MID=False, MID_BLOCK=1, SCORES=False,
+                          KEY_ROPE=False, HAS_START=False, HAS_LO=False)
+        ptx = compile_ptx(split, types, constexprs, num_warps=4, num_stages=2)
+        ok &= check(f"decode split, full cache{' paged' if paged else ''}, bf16 model", ptx, r"mma\.sync",
+                    r"cp\.async\.c[ag]\.shared\.global.*0x10,")
     ptx = compile_ptx(decode_attention._decode_merge_kernel,
                       dict(o_part_ptr="*fp32", lse_part_ptr="*fp32", out_ptr="*bf16"),
                       dict(HQ=9, D=64, SPLITS=88, BLOCK_S=128, CHUNK_S=16, BLOCK_D=64), num_warps=2)

@@ -45,6 +45,7 @@ def test_tiny_suite_rows_are_consistent(suite_run):
     for r in (r for r in rows if "tokens_per_s" in r and r["name"] != "hf-eager"):
         assert r["tokens_per_s"] == pytest.approx(r["batch"] / r["step_s"])
         assert r["roofline_s"] == pytest.approx((r["weight_bytes"] + r["kv_bytes"]) / report["bandwidth"])
+    assert all(a["at_s"] <= b["at_s"] for a, b in zip(rows, rows[1:]))  # when each row ended, in order
     model_rows = [r for r in rows if r["section"] == "model"]
     # every strategy and bit width, at head_dim 64 and 128, fused vs torch path within the stated bf16 tolerance
     assert len(model_rows) == 12 and all(r["err"] <= r["tol"] for r in model_rows)
@@ -103,3 +104,27 @@ def test_a_spent_time_budget_skips_rows_and_still_finishes(tmp_path):
     report = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert report["finished"] and report["rows"] and all(r["result"] == "skipped" for r in report["rows"])
     assert "## targets" in (tmp_path / "gpu_suite.md").read_text()
+
+
+def test_tune_decode_rehearsal(tmp_path):
+    """scripts/tune_decode.py --tiny: every variant's row is timed and its output equals the defaults' on the same
+    seeded inputs (the interpreter ignores warps and stages, not tiles and splits); the table marks one best per
+    format and batch."""
+    proc = subprocess.run([sys.executable, "-m", "scripts.tune_decode", str(tmp_path), "--tiny"], cwd=REPO_DIR,
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "tune_decode.json").read_text())
+    rows = report["rows"]
+    assert report["finished"] and {(r["kind"], r["name"]) for r in rows} == {
+        (kind, name) for kind in ("bf16", "int8") for name in ("defaults", "block_n 128", "block_n 32")}
+    assert all(r["seconds"] > 0 and r["rel_err"] <= 2e-2 and r["note"] == "" for r in rows)
+    assert (tmp_path / "tune_decode.md").read_text().count("**(best)**") == 2
+
+
+def test_tune_decode_without_a_gpu_says_to_rehearse(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("checks the machine without a GPU")
+    proc = subprocess.run([sys.executable, "-m", "scripts.tune_decode", str(tmp_path / "x")], cwd=REPO_DIR,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0 and "--tiny" in proc.stderr
+    assert not (tmp_path / "x").exists()
