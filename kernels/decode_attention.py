@@ -47,6 +47,7 @@ A constexpr too.
 """
 import inspect
 import math
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -150,17 +151,32 @@ def _dequant_tile(payload_ptr, scale_ptr, zero_ptr, stride_pn, stride_sn, n0, en
 
 
 @triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr):
+    """a @ b (float32 tiles), accumulated in float32. ieee / tf32: float32 operands; bf16: rounded to bfloat16 first;
+    bf16_emulated: the same bfloat16 roundings multiplied in float32 (their products are exact there), for Triton's
+    CPU interpreter, whose dot of bfloat16 tiles is wrong."""
+    if DOT_PRECISION == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif DOT_PRECISION == "bf16_emulated":
+        return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _softmax_step(q, k, v, k_col_scale, v_row_scale, keep, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
     """One online-softmax step of the query group q (BLOCK_G, D) over a tile k, v (BLOCK_N, D); scores in log2.
     Operands are float32: 16-bit values are exact in tf32, and the dequantized tiles and the probabilities keep
-    tf32's 10 mantissa bits instead of bfloat16's 7 (a decode step is bound by memory, not by the dots)."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (k_col_scale * qk_scale)[None, :]
+    tf32's 10 mantissa bits instead of bfloat16's 7. DOT_PRECISION "bf16" rounds them to bfloat16 instead: half the
+    shared-memory traffic and twice tf32's rate, for a GPU where the dots, not the bytes, bound the step (tried by
+    scripts/tune_decode.py)."""
+    s = _dot(q, tl.trans(k), DOT_PRECISION) * (k_col_scale * qk_scale)[None, :]
     s = tl.where(keep[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p * v_row_scale[None, :], v, input_precision=DOT_PRECISION)
+    acc = acc * alpha[:, None] + _dot(p * v_row_scale[None, :], v, DOT_PRECISION)
     return m_new, l_i, acc, s
 
 
@@ -512,6 +528,7 @@ class DecodeInputs(NamedTuple):
     older_fine: Optional[Tensor] = None
     num_warps: int = 0  # 0: the launch defaults below (DEFAULT_WARPS, DEFAULT_STAGES); scripts/tune_decode.py tries others
     num_stages: int = 0
+    dot_precision: str = ""  # "": ieee for float32 models, tf32 otherwise; "bf16": bfloat16 operands (_softmax_step)
 
 
 DEFAULT_WARPS, DEFAULT_STAGES = 4, 2  # of the split kernel
@@ -567,6 +584,8 @@ def _launch(inputs: DecodeInputs, return_scores: bool):
     k_lo, v_lo, older_fine = inputs.k_lo, inputs.v_lo, inputs.older_fine
     B, HQ, T, D = q.shape
     H, NH = recent_k.shape[1], recent_k.shape[2]
+    if inputs.dot_precision not in ("", "ieee", "tf32", "bf16"):
+        raise ValueError(f"dot_precision {inputs.dot_precision!r}: pass ieee, tf32 or bf16 (or leave it empty)")
     if T != 1:
         raise ValueError(f"decode_attention takes one query token per sequence, got {T}")
     if HQ % H:
@@ -650,6 +669,9 @@ def _launch(inputs: DecodeInputs, return_scores: bool):
                              "contiguous, as model.rope_tables makes them")
     if block_n <= 0:
         block_n = 64 if BLOCK_D <= 128 else 32
+    dot_precision = inputs.dot_precision or ("ieee" if q.dtype == torch.float32 else "tf32")
+    if dot_precision == "bf16" and os.environ.get("TRITON_INTERPRET") == "1":
+        dot_precision = "bf16_emulated"
     splits_older, splits_hi = (inputs.split_older, inputs.split_hi) if inputs.split_older >= 0 else _num_splits(q.device, B * H, M, NH, block_n)
     if not has_older:
         splits_older = 0
@@ -694,7 +716,7 @@ def _launch(inputs: DecodeInputs, return_scores: bool):
         V_PER_BYTE=v_pb, V_F=v_f, V_G=v_g, V_ZERO=v_asym,
         V_TILES=_group_tiles(v_f, v_g, D, BLOCK_D),
         BLOCK_G=BLOCK_G, BLOCK_N=block_n, BLOCK_D=BLOCK_D,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION=dot_precision,
         num_warps=inputs.num_warps or DEFAULT_WARPS, num_stages=inputs.num_stages or DEFAULT_STAGES,
     )
     _decode_split_kernel[(B * H, n_splits)](

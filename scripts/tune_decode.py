@@ -7,7 +7,8 @@ replayed as a CUDA graph, L2 cleared), and each variant's output checked against
 
 Why: the first H200 run (outputs/results/gpu_2026-12-04/) read int8 at 39 % and int4 at 13 % of the copy bandwidth at
 32k x 8, and the split count of the defaults (kernels/decode_attention._num_splits: 2 x SMs programs, rounded up) puts
-a second, mostly empty wave on the chip when ~200 registers allow two programs per SM. The table says which settings
+a second, mostly empty wave on the chip when ~200 registers allow two programs per SM, and 4/2-bit tiles look bound
+by instructions (dequantization, float32 operands through shared memory for tf32 dots) rather than bytes. The table says which settings
 to make the defaults (decode_attention.DEFAULT_WARPS / DEFAULT_STAGES, _num_splits, the block_n rule). OUT_DIR gets
 tune_decode.md and .json, rewritten after every row.
 """
@@ -25,6 +26,7 @@ from scripts.presets import SINK_SIZE, WINDOW_SIZE
 from shapes import SHAPES
 
 KINDS = ("bf16", "int8", "int4", "int2")
+TINY_VARIANTS = ("defaults", "block_n 32", "bf16 dots")  # the rehearsal's: tiles and the dots' operands
 TOL = 2e-2  # ||variant - defaults|| / ||defaults||: the same function in another summation order, bf16 output
 
 
@@ -36,6 +38,9 @@ def variants(kind: str, batch: int, n_kv_head: int, n_sm: int) -> list[tuple[str
     return [("defaults", {}), ("block_n 128", dict(block_n=128)), ("block_n 32", dict(block_n=32)),
             ("8 warps", dict(num_warps=8)), ("3 stages", dict(num_stages=3)), ("4 stages", dict(num_stages=4)),
             ("block_n 128, 8 warps, 3 stages", dict(block_n=128, num_warps=8, num_stages=3)),
+            ("bf16 dots", dict(dot_precision="bf16")),
+            ("bf16 dots, block_n 128, 8 warps, 3 stages", dict(dot_precision="bf16", block_n=128, num_warps=8,
+                                                               num_stages=3)),
             (f"splits {one_wave} (one wave)", dict(splits=splits(one_wave))),
             (f"splits {2 * one_wave}", dict(splits=splits(2 * one_wave)))]
 
@@ -66,7 +71,9 @@ def main(argv=None):
     for batch in batches:
         for kind in KINDS[:2] if args.tiny else KINDS:
             reference = None
-            for name, variant in variants(kind, batch, SHAPES[shape].n_kv_head, n_sm)[:3 if args.tiny else None]:
+            for name, variant in variants(kind, batch, SHAPES[shape].n_kv_head, n_sm):
+                if args.tiny and name not in TINY_VARIANTS:
+                    continue
                 if time.time() - t0 > args.budget_s:
                     rows.append(dict(kind=kind, batch=batch, name=name, note="skipped: time budget spent"))
                     continue

@@ -83,6 +83,10 @@ def main() -> int:
         ptx = compile_ptx(split, types, constexprs, num_warps=4, num_stages=2)
         ok &= check(f"decode split, full cache{' paged' if paged else ''}, bf16 model", ptx, r"mma\.sync",
                     r"cp\.async\.c[ag]\.shared\.global.*0x10,")
+    # tune_decode's "bf16 dots": bfloat16 tensor-core dots (not tf32) over the same tiles
+    ptx = compile_ptx(split, types, dict(constexprs, DOT_PRECISION="bf16"), num_warps=4, num_stages=2)
+    ok &= check("decode split, full cache, bf16 dots", ptx, r"mma\.sync\.aligned\.\w+\.row\.col\.f32\.bf16\.bf16",
+                absent=(r"\.tf32",))
     ptx = compile_ptx(decode_attention._decode_merge_kernel,
                       dict(o_part_ptr="*fp32", lse_part_ptr="*fp32", out_ptr="*bf16"),
                       dict(HQ=9, D=64, SPLITS=88, BLOCK_S=128, CHUNK_S=16, BLOCK_D=64), num_warps=2)

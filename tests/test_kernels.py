@@ -106,6 +106,10 @@ def test_decode_attention(name, dtype, B, HQ, H, D, kind, k_group, v_group):
         out = decode_attention(q, recent_k, recent_v, splits=splits, block_n=16, **args)
         assert out.shape == q.shape and out.dtype == dtype
         assert rel_err(out, ref) < TOL[dtype], (name, splits)
+    if dtype == torch.bfloat16:  # the dots over bfloat16 operands (a tune_decode variant): within bf16's tolerance
+        out = decode_attention(q, recent_k, recent_v, splits=(1, 1) if kind else (0, 2), block_n=16,
+                               dot_precision="bf16", **args)
+        assert rel_err(out, ref) < TOL[dtype], (name, "bf16 dots")
 
 
 PER_SEQUENCE_CASES = [
