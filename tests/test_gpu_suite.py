@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from scripts.common import REPO_DIR
-SECTIONS = ["kernels", "model", "headline", "short", "long", "mixed", "kernel", "budget", "peer", "serve", "compiled",
+SECTIONS = ["kernels", "model", "headline", "short", "long", "compiled", "mixed", "kernel", "budget", "peer", "serve",
             "curve"]
 
 
@@ -75,7 +75,7 @@ def test_tiny_suite_rows_are_consistent(suite_run):
     peer = [r for r in rows if r["section"] == "peer" and r["name"] == "full"]
     assert len(peer) == 2 and all(r["vs_peer"] > 0 for r in peer)
     kinds = {t["case"] for t in report["targets"]}
-    assert "full b1" in kinds and "int4 / full" in kinds
+    assert "full b1" in kinds and "full b1 compiled" in kinds and "int4 / full" in kinds
 
 
 def test_plot_from_the_json(suite_run):
