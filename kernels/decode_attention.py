@@ -47,7 +47,6 @@ A constexpr too.
 """
 import inspect
 import math
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -151,14 +150,23 @@ def _dequant_tile(payload_ptr, scale_ptr, zero_ptr, stride_pn, stride_sn, n0, en
 
 
 @triton.jit
+def _round_bf16(x):
+    """float32 x rounded to the nearest bfloat16 (ties to even), still float32 (finite x)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _dot(a, b, DOT_PRECISION: tl.constexpr):
     """a @ b (float32 tiles), accumulated in float32. ieee / tf32: float32 operands; bf16: rounded to bfloat16 first;
-    bf16_emulated: the same bfloat16 roundings multiplied in float32 (their products are exact there), for Triton's
-    CPU interpreter, whose dot of bfloat16 tiles is wrong."""
+    bf16_emulated: the same operands (rounded to nearest bfloat16, as sm_90's cvt.rn) multiplied in float32, where
+    their products are exact (only the order of the sum differs from the MMA), for Triton's CPU interpreter, whose
+    dot of bfloat16 tiles is wrong and whose cast to bfloat16 truncates."""
     if DOT_PRECISION == "bf16":
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
     elif DOT_PRECISION == "bf16_emulated":
-        return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
+        return tl.dot(_round_bf16(a), _round_bf16(b), input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision=DOT_PRECISION)
 
@@ -264,10 +272,9 @@ def _decode_split_kernel(
         if HAS_START:
             first_older = tl.load(older_start_ptr + b * stride_osb + h * stride_osh).to(tl.int32)
 
-    # Without an older store the split is never an older one: a static False, so that branch is not compiled (its
-    # dead code with dummy pointers broke Triton 3.6's coalescing pass on sm_90).
-    older_split = split < SPLITS_MID if HAS_MID else False
-    if older_split:
+    # Without an older store the condition is a constexpr False and the older branch is never built: its dead code
+    # with dummy pointers broke Triton 3.6's coalescing pass on sm_90.
+    if HAS_MID and split < SPLITS_MID:
         # Mid store: tokens [first_older, first_older + n_older), shared evenly (whole tiles) among the splits.
         chunk = tl.cdiv(tl.cdiv(n_older, SPLITS_MID), BLOCK_N) * BLOCK_N
         start = first_older + split * chunk
@@ -586,6 +593,9 @@ def _launch(inputs: DecodeInputs, return_scores: bool):
     H, NH = recent_k.shape[1], recent_k.shape[2]
     if inputs.dot_precision not in ("", "ieee", "tf32", "bf16"):
         raise ValueError(f"dot_precision {inputs.dot_precision!r}: pass ieee, tf32 or bf16 (or leave it empty)")
+    if inputs.num_warps not in (0, 1, 2, 4, 8, 16) or inputs.num_stages < 0:
+        raise ValueError(f"num_warps {inputs.num_warps} / num_stages {inputs.num_stages}: pass a power of two up to "
+                         "16 and a whole number of stages (0: the defaults)")
     if T != 1:
         raise ValueError(f"decode_attention takes one query token per sequence, got {T}")
     if HQ % H:
@@ -670,7 +680,7 @@ def _launch(inputs: DecodeInputs, return_scores: bool):
     if block_n <= 0:
         block_n = 64 if BLOCK_D <= 128 else 32
     dot_precision = inputs.dot_precision or ("ieee" if q.dtype == torch.float32 else "tf32")
-    if dot_precision == "bf16" and os.environ.get("TRITON_INTERPRET") == "1":
+    if dot_precision == "bf16" and INTERPRETED:
         dot_precision = "bf16_emulated"
     splits_older, splits_hi = (inputs.split_older, inputs.split_hi) if inputs.split_older >= 0 else _num_splits(q.device, B * H, M, NH, block_n)
     if not has_older:
@@ -747,6 +757,10 @@ def score_columns(inputs: DecodeInputs) -> int:
     lanes = inputs.k_q.shape[1] if inputs.older_start is not None else 1  # head-shared: every lane's slots per head
     return n_recent + lanes * (inputs.older_table.shape[1] * inputs.older_block if inputs.older_table is not None else
                                inputs.k_q.shape[2])
+
+
+# Triton decides once, when a kernel is defined, whether it runs in its CPU interpreter (TRITON_INTERPRET).
+INTERPRETED = type(_decode_split_kernel).__name__ == "InterpretedFunction"
 
 
 def _register(name: str, return_scores: bool, fake):

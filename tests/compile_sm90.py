@@ -19,6 +19,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from kernels import decode_attention, quantize_append  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
+WARPS, STAGES = decode_attention.DEFAULT_WARPS, decode_attention.DEFAULT_STAGES  # the launch defaults
 
 
 def compile_ptx(fn, types: dict, constexprs: dict, **options) -> str:
@@ -63,7 +64,7 @@ def main() -> int:
                               V_ZERO=asym, V_TILES=True, BLOCK_G=16, BLOCK_N=64, BLOCK_D=64, DOT_PRECISION="tf32",
                               PAGED_HI=False, HI_BLOCK=1, PAGED_MID=paged, MID_BLOCK=32 if paged else 1,
                               SCORES=start or planes, KEY_ROPE=rope, HAS_START=start, HAS_LO=planes)
-            ptx = compile_ptx(split, types, constexprs, num_warps=4, num_stages=2)
+            ptx = compile_ptx(split, types, constexprs, num_warps=WARPS, num_stages=STAGES)
             # Tensor-core dots, and the tiles fetched 16 bytes at a time (asynchronously, pipelined).
             what = (" in planes paged" if planes else " head-shared paged" if start else " paged" if paged
                     else " pre-RoPE keys" if rope else "")
@@ -80,12 +81,12 @@ def main() -> int:
                           V_G=1, V_ZERO=False, V_TILES=True, BLOCK_G=16, BLOCK_N=64, BLOCK_D=128, DOT_PRECISION="tf32",
                           PAGED_HI=paged, HI_BLOCK=16 if paged else 1, PAGED_MID=False, MID_BLOCK=1, SCORES=False,
                           KEY_ROPE=False, HAS_START=False, HAS_LO=False)
-        ptx = compile_ptx(split, types, constexprs, num_warps=4, num_stages=2)
+        ptx = compile_ptx(split, types, constexprs, num_warps=WARPS, num_stages=STAGES)
         ok &= check(f"decode split, full cache{' paged' if paged else ''}, bf16 model", ptx, r"mma\.sync",
                     r"cp\.async\.c[ag]\.shared\.global.*0x10,")
     # tune_decode's "bf16 dots": bfloat16 tensor-core dots (not tf32) over the same tiles
-    ptx = compile_ptx(split, types, dict(constexprs, DOT_PRECISION="bf16"), num_warps=4, num_stages=2)
-    ok &= check("decode split, full cache, bf16 dots", ptx, r"mma\.sync\.aligned\.\w+\.row\.col\.f32\.bf16\.bf16",
+    ptx = compile_ptx(split, types, dict(constexprs, DOT_PRECISION="bf16"), num_warps=WARPS, num_stages=STAGES)
+    ok &= check("decode split, full cache paged, bf16 dots", ptx, r"mma\.sync\.aligned\.\w+\.row\.col\.f32\.bf16\.bf16",
                 absent=(r"\.tf32",))
     ptx = compile_ptx(decode_attention._decode_merge_kernel,
                       dict(o_part_ptr="*fp32", lse_part_ptr="*fp32", out_ptr="*bf16"),

@@ -116,7 +116,7 @@ def test_tune_decode_rehearsal(tmp_path):
     report = json.loads((tmp_path / "tune_decode.json").read_text())
     rows = report["rows"]
     assert report["finished"] and {(r["kind"], r["name"]) for r in rows} == {
-        (kind, name) for kind in ("bf16", "int8") for name in ("defaults", "block_n 32", "bf16 dots")}
+        (kind, name) for kind in ("int8", "int4") for name in ("defaults", "block_n 32", "bf16 dots")}
     assert all(r["seconds"] > 0 and r["rel_err"] <= 2e-2 and r["note"] == "" for r in rows)
     assert (tmp_path / "tune_decode.md").read_text().count("**(best)**") == 2
 
