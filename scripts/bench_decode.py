@@ -448,16 +448,20 @@ def kernel_case(kind, args: ModelArgs, batch, context, cfg, device, generator):
     return inputs, n_bytes
 
 
+def seeded_kernel_case(kind, shape: str, batch, context, cfg, device):
+    """kernel_case's inputs and bytes for a row, drawn from seed 0: every run and variant of a row reads the same."""
+    return kernel_case(kind, SHAPES[shape], batch, context, cfg, device, torch.Generator(device=device).manual_seed(0))
+
+
 def bench_kernel_row(decode_attention, shape, kind, context, batch, cfg, device, variant: dict = None,
                      case: tuple = None) -> dict:
     """One layer's decode attention over `context` tokens of `batch` sequences, timed. variant: more arguments of
     decode_attention (splits, block_n, num_warps, num_stages, dot_precision: scripts/tune_decode.py); case: the
-    (inputs, bytes) of kernel_case, when the caller reuses them."""
+    (inputs, bytes) of seeded_kernel_case, when the caller reuses them."""
     row = dict(shape=shape, kind=kind, context=context, batch=batch, note="", **({"variant": variant} if variant else {}))
-    generator = torch.Generator(device=device).manual_seed(0)
     try:
-        case, n_bytes = case or kernel_case(kind, SHAPES[shape], batch, context, cfg, device, generator)
-        call = lambda: decode_attention(**case, **(variant or {}))  # noqa: E731
+        inputs, n_bytes = case or seeded_kernel_case(kind, shape, batch, context, cfg, device)
+        call = lambda: decode_attention(**inputs, **(variant or {}))  # noqa: E731
         if device.type == "cuda":
             # The call replayed as a CUDA graph (the decode step runs it so; the host's checks and launches would
             # otherwise be timed at batch 1); do_bench clears L2 before each replay, so it reads from memory.

@@ -85,9 +85,7 @@ def main(argv=None):
                     rows.append(dict(kind=kind, batch=batch, name=name, note="skipped: time budget spent"))
                     continue
                 try:  # one (kind, batch)'s inputs for all its variants, built once
-                    if case is None:
-                        generator = torch.Generator(device=device).manual_seed(0)
-                        case = bench_decode.kernel_case(kind, SHAPES[shape], batch, context, cfg, device, generator)
+                    case = case or bench_decode.seeded_kernel_case(kind, shape, batch, context, cfg, device)
                     row = dict(name=name, **bench_decode.bench_kernel_row(decode_attention, shape, kind, context,
                                                                           batch, cfg, device, variant, case))
                     if "seconds" in row:
