@@ -94,12 +94,6 @@ def run(args, options):
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or 0,
                             stop_ids=tuple(tokenizer.eos_ids))
     decode_fn = compile_decode() if args.compile else decode_one_token
-    if args.compile and device.type == "cpu" and max_seq_length < 4096 \
-            and any(getattr(cache, "older", None) is not None and cache.flush_size > 1 for cache in model.caches()):
-        # Measured: bench_decode_2026-12-04_155731 (compiled) against _155223 (eager), docs/results.md.
-        warn("--compile on the CPU: quantize_kv with per-channel key groups (int4 / int2) decoded at 0.94x its eager "
-             "speed at 1k tokens (compiled, every step quantizes a key group at static shapes; eager, one step in "
-             "32), faster than eager from 4k: leave --compile out below ~4k tokens")
     engine = Engine(model, decode_fn, args.prefill_chunk_size, seed=args.seed)
     for i, ids in enumerate(prompts):  # one line before any work when a prompt can never run
         engine.check(ids, params, f"prompt {i}" if len(prompts) > 1 else "the prompt")

@@ -211,11 +211,12 @@ def compile_decode(decode_fn=decode_one_token):
     """decode_fn as one compiled graph (fullgraph: a graph break fails loudly instead of slowing every step), replayed
     as a CUDA graph on GPU (mode reduce-overhead). The caches keep static shapes and take positions as a tensor, so
     it compiles once per cache set-up (and sampling mode: greedy or not) and never again per step
-    (tests/test_compile.py holds them to it)."""
+    (tests/test_compile.py holds them to it). dynamic=False: a second set-up with other shapes (other options, or
+    bench_decode --interleave's caches side by side) gets its own static graph, never one generalized over sizes."""
     import torch._inductor.config as inductor_config
     inductor_config.coordinate_descent_tuning = True  # as gpt-fast: tunes the GEMV-like decode kernels
     inductor_config.triton.unique_kernel_names = True  # readable kernel names in profiler traces
-    return torch.compile(decode_fn, mode="reduce-overhead", fullgraph=True)
+    return torch.compile(decode_fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
 
 
 def warm_up(model: Transformer, decode_fn, sampling: Sampling = None, calls: int = 3) -> float:

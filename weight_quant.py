@@ -189,14 +189,17 @@ def quantize_weights(model: nn.Module, mode, group_size=None) -> nn.Module:
 
 
 def cpu_speed_notice(mode, device: torch.device, compiled: bool) -> str | None:
-    """One line when a weight quantization is known to decode slower than float32 here: eager int8 on the CPU, where
-    torchao converts each int8 weight to the activation dtype inside every matmul (measured on SmolLM2-135M, batch 1,
-    2 threads: 10.0 against 14.3 tokens/s at 1k, outputs/results/cpu_speed_2026-12-04/peers_one_call/)."""
-    if mode == "int8" and device.type == "cpu" and not compiled:
-        return ("--quantize int8 on the CPU holds a quarter of the linears' bytes but decodes slower than float32 "
-                "(0.70x measured at 1k eager: torchao converts each int8 weight inside every matmul): leave it out "
-                "for speed, keep it for memory")
-    return None
+    """One line when a weight quantization is known not to decode faster than float32 here, eager on the CPU (the
+    figures: docs/results.md, "CPU decode speed in turns"): int8, where torchao converts each int8 weight to the
+    activation dtype inside every matmul, and int4, whose CPU matmul (torch's _weight_int4pack_mm_for_cpu) unpacks
+    every weight on every call."""
+    if device.type != "cpu" or compiled or mode not in ("int8", "int4"):
+        return None
+    share, reason = {"int8": ("a quarter", "torchao converts each int8 weight inside every matmul"),
+                     "int4": ("an eighth", "the CPU int4 matmul unpacks every weight on every call; under half "
+                                           "float32's speed, and slower still to prefill")}[mode]
+    return (f"--quantize {mode} on the CPU holds {share} of the linears' bytes but does not decode faster than "
+            f"float32 ({reason}): leave it out for speed, keep it for memory")
 
 
 def describe(model: nn.Module) -> str:

@@ -279,7 +279,7 @@ class QuantizeKVCache(KVCache):
         # Eager on the CPU, asking whether a group completes costs nothing (no device to wait for), and with
         # per-channel keys none does on 31 steps of 32: those steps skip the flush and its index arithmetic.
         # Elsewhere every step flushes, so the step's work and shapes never change: when no group completes,
-        # the (meaningless) group is quantized into the scratch group.
+        # the (meaningless) group goes to the scratch group (compiled on the CPU, unquantized: below).
         compiling = torch.compiler.is_compiling()
         quantize_into = None if compiling and self.attn_impl == "cpu" else self.quantize_into  # C: eager only
         if self.attn_impl == "triton" or q.device.type != "cpu" or compiling or bool(completes.any()):
@@ -298,7 +298,20 @@ class QuantizeKVCache(KVCache):
                 # the CPU): no gathered copy, no host sync.
                 quantize_into(ring.k[:R], ring.v[:R], group_slots, *self.older.append_target(R, start))
             else:
-                self.older.store(rows, start[:, None] + arange, *ring.read(rows, group_slots))
+                tokens = start[:, None] + arange
+                k_group, v_group = ring.read(rows, group_slots)
+                if compiling and q.device.type == "cpu" and F > 1 and self.older.k_zero is not None:
+                    # Compiled on the CPU, a branch costs no device sync: the group is quantized on the one step
+                    # in F where one completes; on the others the scratch group's bytes are written back as they
+                    # are (torch.cond: the branches may not write, so the write stays outside, unconditional).
+                    # (contiguous: the branches' outputs must agree in layout, and a paged read is a transposed view)
+                    codes = torch.cond(completes.any(),
+                                       lambda k, v: tuple(c.contiguous() for c in self.older.quantize(k, v)),
+                                       lambda k, v: tuple(c.contiguous() for c in self.older.read_codes(rows, tokens)),
+                                       (k_group, v_group))
+                else:
+                    codes = self.older.quantize(k_group, v_group)
+                self.older.write_codes(rows, tokens, codes)
         recent, older = ring, self.older
         if self.pre_rope:
             ring_k, ring_v = ring.logical(slice(0, R))

@@ -378,6 +378,8 @@ class QuantizedStore(Store):
 
     POOLED = ("k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero")
 
+    KEY_META = (1, 2)  # all_buffers()' key scales and zero-points: a row per flush group with per-channel keys
+
     def all_buffers(self) -> tuple:
         """(k_q, k_scale, k_zero, v_q, v_scale, v_zero), zero-points None when symmetric."""
         return self.k_q, self.k_scale, self.k_zero, self.v_q, self.v_scale, self.v_zero
@@ -412,18 +414,34 @@ class QuantizedStore(Store):
     def store(self, rows, tokens: Tensor, k: Tensor, v: Tensor):
         """Quantize k, v (R, H, N, D) into tokens `tokens` (R, N) of sequences `rows` (a slice or an index tensor);
         each row's tokens are whole flush groups in order."""
-        k_q, k_scale, k_zero = quantize_keys(k, self.fmt, self.k_granularity, self.group_size)
-        v_q, v_scale, v_zero = quantize_values(v, self.fmt, self.group_size)
+        self.write_codes(rows, tokens, self.quantize(k, v))
+
+    def quantize(self, k: Tensor, v: Tensor) -> tuple:
+        """k, v (R, H, N, D), whole flush groups, in the store's format: (k_q, k_scale, k_zero, v_q, v_scale,
+        v_zero) as write_codes takes them, zero-points None when symmetric."""
+        return (*quantize_keys(k, self.fmt, self.k_granularity, self.group_size),
+                *quantize_values(v, self.fmt, self.group_size))
+
+    def _code_slots(self, rows, tokens: Tensor) -> tuple:
+        """(token slots, key-metadata rows) of tokens (R, N) of sequences `rows`: physical when paged."""
         slots = tokens if self.pool is None else self.physical(rows, tokens)
+        return slots, self._key_rows(slots)
+
+    def write_codes(self, rows, tokens: Tensor, codes: tuple):
+        """Write quantize()'s codes of tokens (R, N) of sequences `rows`."""
         write = write_rows if self.pool is None else (lambda buf, _, where, x: write_pool(buf, where, x))
-        k_rows = self._key_rows(slots)
-        write(self.k_q, rows, slots, k_q)
-        write(self.k_scale, rows, k_rows, k_scale)
-        write(self.v_q, rows, slots, v_q)
-        write(self.v_scale, rows, slots, v_scale)
-        if k_zero is not None:
-            write(self.k_zero, rows, k_rows, k_zero)
-            write(self.v_zero, rows, slots, v_zero)
+        slots, k_rows = self._code_slots(rows, tokens)
+        for i, (buf, code) in enumerate(zip(self.all_buffers(), codes)):
+            if code is not None:
+                write(buf, rows, k_rows if i in self.KEY_META else slots, code)
+
+    def read_codes(self, rows, tokens: Tensor) -> tuple:
+        """What write_codes(rows, tokens, codes) wrote, read back: the same shapes, as a compiled step's flush
+        writes when no group completes (kv_cache/quantize_kv.py)."""
+        read = read_rows if self.pool is None else (lambda buf, _, where: read_pool(buf, where))
+        slots, k_rows = self._code_slots(rows, tokens)
+        return tuple(None if buf is None else read(buf, rows, k_rows if i in self.KEY_META else slots)
+                     for i, buf in enumerate(self.all_buffers()))
 
     def encode(self, k: Tensor, v: Tensor) -> dict:
         """k, v (R, H, N, D) quantized, per-token keys ({buffer name: (R, H, N, ...)}): the eviction stores' form."""
@@ -451,7 +469,7 @@ class QuantizedStore(Store):
         else:  # gather the first n logical tokens of each sequence out of the pool
             phys = self.physical(rows, torch.arange(n, device=self.k_q.device).expand(self.n_rows(rows), -1))
             k_rows = self._key_rows(phys)
-            buffers = tuple(None if t is None else read_pool(t, k_rows if i in (1, 2) else phys)
+            buffers = tuple(None if t is None else read_pool(t, k_rows if i in self.KEY_META else phys)
                             for i, t in enumerate(self.all_buffers()))
         return dequantize_older(*buffers, n, self.fmt, self.k_granularity, self.group_size, self.head_dim, dtype)
 

@@ -287,30 +287,36 @@ def measure(model, strategy: str, options: dict, batch: int, context: int, max_s
 
 @torch.no_grad()
 def measure_interleaved(model, plans: list[dict], batch: int, context: int, steps: int, repeats: int, warmup: int,
-                        device) -> list[dict]:
+                        device, decode_fn=decode_one_token, path: str = "eager") -> list[dict]:
     """--interleave: the rows of one (shape, context, batch) timed in turns: every plan's caches (strategy,
     options, max_seq_length, chunk) filled once and kept side by side, then each repeat of each row in one round,
     the model's layers given that row's caches for its turn. A shared machine's drift then falls on every row
-    alike, where rows timed minutes apart can differ by 10-15 % on their own (eager only: a compiled step would
-    recompile for each set of caches). measure's fields per plan, in order."""
+    alike, where rows timed minutes apart can differ by 10-15 % on their own. Compiled (decode_fn from
+    runner.compile_decode), each plan's first call compiles its own graph, which torch.compile's guards pick again
+    on each of its turns; a recompilation while timing fails the run. measure's fields per plan, in order."""
     outs, turns = [], []
+    graphs = torch._dynamo.utils.counters["stats"]
     try:
-        for plan in plans:
-            out = {}
-            token = filled(out, model, plan["strategy"], plan["options"], batch, context, plan["max_seq_length"],
-                           plan["chunk"], device)
-            caches = [layer.attention.kv_cache for layer in model.layers]
-            decoder = Decoder(model, decode_one_token, token, context, device)
-            out["first_call_s"] = decoder.first_call(warmup)
-            outs.append(out)
-            turns.append((caches, decoder, []))
-        for _ in range(repeats):
-            for caches, decoder, times in turns:
-                for layer, cache in zip(model.layers, caches):
-                    layer.attention.kv_cache = cache
-                times.append(decoder.seconds_per_step(steps))
+        with torch._dynamo.config.patch(recompile_limit=max(8, len(plans))):  # one graph per plan, none run eagerly
+            for plan in plans:
+                out = {}
+                token = filled(out, model, plan["strategy"], plan["options"], batch, context, plan["max_seq_length"],
+                               plan["chunk"], device)
+                caches = [layer.attention.kv_cache for layer in model.layers]
+                decoder = Decoder(model, decode_fn, token, context, device)
+                out["first_call_s"] = decoder.first_call(warmup)
+                outs.append(out)
+                turns.append((caches, decoder, []))
+            compiled = graphs["unique_graphs"]
+            for _ in range(repeats):
+                for caches, decoder, times in turns:
+                    for layer, cache in zip(model.layers, caches):
+                        layer.attention.kv_cache = cache
+                    times.append(decoder.seconds_per_step(steps))
+            if graphs["unique_graphs"] != compiled:
+                raise RuntimeError("the compiled step recompiled while timed in turns: run without --interleave")
         for out, (_, _, times) in zip(outs, turns):
-            out.update(step_s=statistics.median(times), peak_bytes=peak_memory_bytes(device), decode_path="eager",
+            out.update(step_s=statistics.median(times), peak_bytes=peak_memory_bytes(device), decode_path=path,
                        interleaved=len(plans))
     finally:
         turns.clear()
@@ -346,8 +352,9 @@ def bench_rows_interleaved(model, shape, names, context, batch, cfg, device) -> 
     timed_rows = [r for r in rows if "skipped" not in r["note"]]
     plans = [dict(strategy=STRATEGIES[r["strategy"]].strategy, options=r["options"], max_seq_length=r["max_seq_length"],
                   chunk=r["prefill_chunk"]) for r in timed_rows]
+    decode_fn, path = (compile_decode(), "compiled") if cfg["compile"] else (decode_one_token, "eager")
     for row, out in zip(timed_rows, measure_interleaved(model, plans, batch, context, cfg["steps"], cfg["repeats"],
-                                                        cfg["warmup"], device)):
+                                                        cfg["warmup"], device, decode_fn, path)):
         row.update(out)
         finish_row(model, row, cfg, device)
     return rows
@@ -565,8 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill_chunk", type=int, default=None, help="prefill chunk (default: sized to free memory)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step with CUDA graphs")
     p.add_argument("--interleave", action="store_true",
-                   help="time the strategies of each context and batch in turns, their caches side by side (eager; "
-                        "for a shared CPU, whose drift otherwise falls on rows measured minutes apart)")
+                   help="time the strategies of each context and batch in turns, their caches side by side (eager or "
+                        "--compile; for a shared CPU, whose drift otherwise falls on rows measured minutes apart)")
     p.add_argument("--attn_impl", default=None,
                    help="decode attention (triton, cpu or torch) of every strategy with an --attn_impl option "
                         "(default: each cache's own)")
@@ -628,8 +635,8 @@ def run(args, argv):
         sys.exit(f"error: --tp {args.tp} but torchrun started {world} rank(s): give --tp {world}")
     if world > 1 and args.attention_kernel:
         sys.exit("error: --attention_kernel times one GPU's kernel: drop --tp")
-    if args.interleave and (args.compile or args.attention_kernel):
-        sys.exit("error: --interleave times eager decode steps: drop --compile / --attention_kernel")
+    if args.interleave and args.attention_kernel:
+        sys.exit("error: --interleave times decode steps: drop --attention_kernel")
     for shape in args.shapes:  # a shape that does not split fails before any row runs
         tp.shard_args(SHAPES[shape], world, args.replicate_kv_heads)
     device = tp.rank_device(device)

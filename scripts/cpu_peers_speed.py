@@ -36,10 +36,11 @@ from scripts.presets import BY_NAME
 
 SINKS, WINDOW, GROUP = 16, 32, 32
 # (row name, library, the cache: ours a preset, transformers a QuantizedCache's nbits, llama.cpp a ggml type)
-# "+int8w": the same cache on the model with int8 weight-only linears (--quantize int8, torchao): what a quarter of
-# the weight bytes buys on the CPU.
+# "+int8w" / "+int4w": the same cache on the model with int8 / int4 weight-only linears (--quantize, torchao): what
+# a quarter / an eighth of the weight bytes buys on the CPU.
+WEIGHT_MODES = {"int8w": "int8", "int4w": "int4"}
 ROWS = [("full", "ours", "full"), ("int8", "ours", "quantize_kv-int8"), ("int4", "ours", "quantize_kv-int4"),
-        ("full, int8 weights", "ours", "full+int8w"),
+        ("full, int8 weights", "ours", "full+int8w"), ("full, int4 weights", "ours", "full+int4w"),
         ("full (DynamicCache)", "transformers", None), ("quanto int4", "transformers", 4),
         ("quanto int2", "transformers", 2),
         ("f16 KV", "llama.cpp", "f16"), ("q8_0 KV", "llama.cpp", "q8_0"), ("q4_0 KV", "llama.cpp", "q4_0")]
@@ -111,8 +112,9 @@ def run(args, argv) -> list[dict]:
     models = {}
     if "ours" in libraries:
         models["ours"] = runner.load_model(gguf_path(), torch.device("cpu"), torch.float32)
-        models["ours+int8w"] = weight_quant.quantize_weights(
-            runner.load_model(gguf_path(), torch.device("cpu"), torch.float32), "int8")
+        for weights, mode in WEIGHT_MODES.items():
+            models["ours+" + weights] = weight_quant.quantize_weights(
+                runner.load_model(gguf_path(), torch.device("cpu"), torch.float32), mode)
     if "transformers" in libraries and reasons["transformers"] is None:
         models["transformers"] = load_hf_model(torch.float32, torch.device("cpu"))
     vocab = 49152

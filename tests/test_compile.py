@@ -168,7 +168,7 @@ def test_bench_decode_cpu_smoke(tmp_path):
 
 
 def test_bench_decode_interleaved(tmp_path):
-    """--interleave: the strategies of each context and batch timed in turns, every row complete; not with --compile."""
+    """--interleave: the strategies of each context and batch timed in turns, every row complete."""
     names = ["full", "quantize_kv-int4", "snapkv"]
     bench_decode.main(["--device", "cpu", "--shapes", "tiny", "--contexts", "64", "--batches", "2", "--steps", "2",
                        "--repeats", "2", "--warmup", "1", "--strategies", ",".join(names), "--interleave",
@@ -181,8 +181,22 @@ def test_bench_decode_interleaved(tmp_path):
         assert r["tokens_per_s"] == pytest.approx(2 / r["step_s"])
         assert r["vs_full"] == pytest.approx(rows[0]["step_s"] / r["step_s"])
     assert "timed in turns (--interleave)" in next(tmp_path.glob("bench_decode_*.md")).read_text()
-    with pytest.raises(SystemExit, match="--interleave times eager decode steps: drop --compile"):
-        bench_decode.main(["--device", "cpu", "--shapes", "tiny", "--interleave", "--compile", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--interleave times decode steps: drop --attention_kernel"):
+        bench_decode.main(["--device", "cpu", "--shapes", "tiny", "--interleave", "--attention_kernel",
+                           "--out", str(tmp_path)])
+
+
+def test_bench_decode_interleaved_compiled(tmp_path):
+    """--interleave --compile: each row's compiled graph is picked again on each of its turns (a recompilation
+    while timing would fail the run), and every row is timed compiled."""
+    names = ["full", "quantize_kv-int4"]
+    bench_decode.main(["--device", "cpu", "--shapes", "tiny", "--contexts", "64", "--batches", "2", "--steps", "2",
+                       "--repeats", "2", "--warmup", "1", "--strategies", ",".join(names), "--interleave", "--compile",
+                       "--out", str(tmp_path)])
+    rows = json.loads(next(tmp_path.glob("bench_decode_*.json")).read_text())["rows"]
+    assert [r["strategy"] for r in rows] == names
+    for r in rows:
+        assert r["decode_path"] == "compiled" and r["interleaved"] == 2 and r["step_s"] > 0 and r["note"] == "", r
 
 
 def test_bench_attention_kernel_cpu_smoke(tmp_path):
@@ -218,3 +232,20 @@ def test_compiled_triton_step_flushes_with_the_triton_kernel(model):
     reset_dynamo()
     run(model, name, torch.compile(runner.decode_one_token, backend=recording, fullgraph=True))
     assert any(target.split(".default")[0] == op for target in targets), f"the compiled step flushes without {op}"
+
+
+def test_compiled_cpu_step_quantizes_a_group_only_when_one_completes(model):
+    """Compiled on the CPU with per-channel keys, the flush of a key group is a branch of the graph (torch.cond: the
+    group is quantized on the step where one completes, the scratch group's bytes written back on the others), and
+    inductor's code of it decodes the eager step's tokens and leaves the caches' contents."""
+    from torch._inductor.compile_fx import compile_fx
+
+    name, targets = "quantize_kv-int4", []
+
+    def recording(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes)
+        return compile_fx(gm, example_inputs)
+
+    compiled = compiled_run(model, name, torch.compile(runner.decode_one_token, backend=recording, fullgraph=True))
+    assert "cond" in targets, "the compiled step quantizes a key group on every step"
+    assert_same(name, compiled, run(model, name, runner.decode_one_token), exact=False)

@@ -17,7 +17,7 @@ def test_rows_time_each_cache_against_its_librarys_full(tmp_path):
         argv += ["--only", "ours,llama.cpp"]
     rows = cps.run(cps.build_parser().parse_args(argv), argv)
     ours = [r for r in rows if r["library"] == "ours"]
-    assert [r["cache"] for r in ours] == ["full", "int8", "int4", "full, int8 weights"]
+    assert [r["cache"] for r in ours] == ["full", "int8", "int4", "full, int8 weights", "full, int4 weights"]
     assert all(r["tokens_per_s"] > 0 for r in ours) and ours[0]["vs_full"] == 1.0
     assert ours[1]["vs_full"] == pytest.approx(ours[1]["tokens_per_s"] / ours[0]["tokens_per_s"])
     llama = [r for r in rows if r["library"] == "llama.cpp"]

@@ -407,20 +407,6 @@ def test_compile_time_is_kept_out_of_the_decode_speed(monkeypatch, capsys, check
     assert text_of(compiled) == text_of(plain)
 
 
-def test_compile_says_when_it_is_slower_than_eager(monkeypatch, capsys, checkpoints):
-    """--compile on the CPU with int4's per-channel key groups at short context: one line saying it measured slower
-    than eager and what to do; nothing for full or int8 (per-token scales), where compiled steps were faster."""
-    monkeypatch.setattr(generate, "compile_decode", lambda: runner.decode_one_token)  # the notice, not Inductor
-    argv = ["--checkpoint_path", str(checkpoints["tiny"]), "--max_new_tokens", "24", "--compile"]
-    small = ["--sink_size", "4", "--window_size", "8"]  # a quantized store at this length (else it is full)
-    for cache, expected in ((["quantize_kv", "--bits", "4", *small], True), (["quantize_kv", "--bits", "4"], False),
-                            (["quantize_kv", "--bits", "8", *small], False), ([], False)):
-        generate.main(argv + cache)
-        lines = [line for line in capsys.readouterr().err.splitlines() if "--compile on the CPU" in line]
-        assert len(lines) == int(expected)
-        assert not lines or "leave --compile out below ~4k tokens" in lines[0]
-
-
 def test_read_prompt_escapes_and_bom(tmp_path):
     (tmp_path / "bom.txt").write_bytes("\ufeffhello".encode("utf-8"))
     assert cli_options.read_prompt(f"@{tmp_path / 'bom.txt'}") == "hello"

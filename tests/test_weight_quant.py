@@ -219,13 +219,14 @@ def test_check_mode_names_the_alternative():
         weight_quant.check_mode("int8", torch.device("mps"), torch.float32)
 
 
-def test_cpu_int8_speed_notice_is_one_line():
-    """Eager int8 weights on the CPU decode slower than float32 (measured): the CLI says so in one line, and says
-    nothing where it was not measured slower."""
-    notice = weight_quant.cpu_speed_notice("int8", torch.device("cpu"), compiled=False)
-    assert "decodes slower than float32" in notice and "leave it out for speed" in notice and "\n" not in notice
-    assert weight_quant.cpu_speed_notice("int8", torch.device("cpu"), compiled=True) is None
-    assert weight_quant.cpu_speed_notice("int8", torch.device("cuda"), compiled=False) is None
+def test_cpu_speed_notice_is_one_line():
+    """Eager int8 and int4 weights on the CPU do not decode faster than float32 (measured): the CLI says so in one
+    line each, and says nothing where it was not measured."""
+    for mode in ("int8", "int4"):
+        notice = weight_quant.cpu_speed_notice(mode, torch.device("cpu"), compiled=False)
+        assert f"--quantize {mode}" in notice and "leave it out for speed" in notice and "\n" not in notice
+        assert weight_quant.cpu_speed_notice(mode, torch.device("cpu"), compiled=True) is None
+        assert weight_quant.cpu_speed_notice(mode, torch.device("cuda"), compiled=False) is None
     assert weight_quant.cpu_speed_notice(None, torch.device("cpu"), compiled=False) is None
 
 
