@@ -193,7 +193,7 @@ def cpu_speed_notice(mode, device: torch.device, compiled: bool) -> str | None:
     figures: docs/results.md, "CPU decode speed in turns"): int8, where torchao converts each int8 weight to the
     activation dtype inside every matmul, and int4, whose CPU matmul (torch's _weight_int4pack_mm_for_cpu) unpacks
     every weight on every call."""
-    if device.type != "cpu" or compiled or mode not in ("int8", "int4"):
+    if device.type != "cpu" or compiled or mode not in MODES:
         return None
     share, reason = {"int8": ("a quarter", "torchao converts each int8 weight inside every matmul"),
                      "int4": ("an eighth", "the CPU int4 matmul unpacks every weight on every call; under half "
