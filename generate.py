@@ -37,7 +37,7 @@ def run(args, options):
     device = tp.rank_device(device)  # under torchrun: this rank's GPU
     check_options(args)
     weight_quant.check_mode(args.quantize, device, dtype)
-    notice = weight_quant.cpu_speed_notice(args.quantize, device, args.compile)
+    notice = weight_quant.cpu_speed_notice(args.quantize, device)
     if notice:
         warn(notice)
     kv_cache.base.attn_impl_for(options.get("attn_impl"), device)  # e.g. --attn_impl triton on a CPU

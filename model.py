@@ -180,8 +180,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, input_pos, self.rope_cos, self.rope_sin, rows)
         x = self.norm(x)
-        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(x, weight)
+        return F.linear(x, self.tok_embeddings.weight) if self.output is None else self.output(x)
 
     @classmethod
     def from_state_dict(cls, args: ModelArgs, state_dict: dict, device="cpu", dtype=torch.float32) -> "Transformer":

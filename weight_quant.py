@@ -163,43 +163,76 @@ MODE_OF_CLASS = {"Int8Tensor": "int8", "Int4OpaqueTensor": "int4", "Int4TilePack
 
 
 def quantize_weights(model: nn.Module, mode, group_size=None) -> nn.Module:
-    """Quantize the model's linear weights in place with torchao's quantize_ (mode None: leave them); returns model.
+    """Quantize the model's linear weights in place with torchao's quantize_ (mode None: leave float weights as they
+    are); returns model.
     A model whose weights are already `mode` (a checkpoint from scripts/prepare_checkpoint.py --quantize) is kept
-    as it is. Under tensor parallelism call it after sharding: each rank quantizes its own shards."""
+    as it is (mode None takes the mode it holds, for CpuInt8Linear). Under tensor parallelism call it after sharding:
+    each rank quantizes its own shards."""
+    held = mode_of(model)
+    mode = mode or held
     if mode is None:
         return model
     linears = quantized_linears(model)
     weight = next(iter(linears.values())).weight
     check_mode(mode, weight.device, weight.dtype)
-    held = mode_of(model)
-    if held is not None:
-        if held != mode:
-            raise ValueError(f"the checkpoint's weights are already {held}: drop --quantize {mode}, or quantize a "
-                             "float checkpoint")
-        return model
-    group_size = resolve_group_size(mode, group_size, [m.in_features for m in linears.values()], weight.device.type)
-    import_torchao()
-    from torchao.quantization import quantize_
-    # torch.compile (--compile) warns once per torchao class that it has no stable hash for AOT autograd's cache:
-    # the cache skips those graphs, nothing else changes.
-    warnings.filterwarnings("ignore", message=r".*does not implement _stable_hash_for_caching")
-    quantize_(model, torchao_config(mode, group_size, weight.device.type),
-              filter_fn=lambda module, name: name in linears)
+    if held is not None and held != mode:
+        raise ValueError(f"the checkpoint's weights are already {held}: drop --quantize {mode}, or quantize a "
+                         "float checkpoint")
+    if held is None:
+        group_size = resolve_group_size(mode, group_size, [m.in_features for m in linears.values()],
+                                        weight.device.type)
+        import_torchao()
+        from torchao.quantization import quantize_
+        # torch.compile (--compile) warns once per torchao class that it has no stable hash for AOT autograd's
+        # cache: the cache skips those graphs, nothing else changes.
+        warnings.filterwarnings("ignore", message=r".*does not implement _stable_hash_for_caching")
+        quantize_(model, torchao_config(mode, group_size, weight.device.type),
+                  filter_fn=lambda module, name: name in linears)
+    if mode == "int8" and weight.device.type == "cpu":
+        for module in linears.values():
+            module.__class__ = CpuInt8Linear
     return model
 
 
-def cpu_speed_notice(mode, device: torch.device, compiled: bool) -> str | None:
-    """One line when a weight quantization is known not to decode faster than float32 here, eager on the CPU (the
-    figures: docs/results.md, "CPU decode speed in turns"): int8, where torchao converts each int8 weight to the
-    activation dtype inside every matmul, and int4, whose CPU matmul (torch's _weight_int4pack_mm_for_cpu) unpacks
-    every weight on every call."""
-    if device.type != "cpu" or compiled or mode not in MODES:
+@torch.library.custom_op("kvcache::int8_weight_linear", mutates_args=())
+def int8_weight_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """torchao's own weight-only int8 linear (Int8Tensor, per row: our int8 mode) as one op a compiled graph calls
+    and does not look into; no bias (CpuInt8Linear adds it)."""
+    from torchao.quantization import Int8Tensor
+    return nn.functional.linear(x, Int8Tensor(qdata, scale, [1, qdata.shape[1]], x.dtype))
+
+
+@int8_weight_linear.register_fake
+def _(x, qdata, scale):
+    return x.new_empty(*x.shape[:-1], qdata.shape[0])
+
+
+class CpuInt8Linear(nn.Linear):
+    """An nn.Linear whose weight is torchao's int8 (quantize_weights sets the class on the CPU). Eager it is any
+    nn.Linear. Compiled, its matmul is the opaque int8_weight_linear: traced into, torchao's linear becomes an
+    int8 -> float conversion in Inductor's C++ (vectorized through partial int8 loads) before the matmul, ~7x
+    slower than aten's conversion on an AVX2 CPU, and `--compile --quantize int8` decoded at 0.20x of float32's
+    compiled speed (outputs/results/cpu_speed_2026-12-05/)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            return super().forward(x)
+        y = int8_weight_linear(x, self.weight.qdata, self.weight.scale)
+        return y if self.bias is None else y + self.bias
+
+
+def cpu_speed_notice(mode, device: torch.device) -> str | None:
+    """One line when a weight quantization is known not to decode faster than float32 on the CPU, eager or compiled
+    (the figures: docs/results.md, "CPU decode speed in turns"): int8, whose matmul converts every int8 weight to
+    the activation dtype on every call (compiled too: CpuInt8Linear keeps torchao's eager op in the graph), and
+    int4, whose CPU matmul (torch's _weight_int4pack_mm_for_cpu, the same op compiled) unpacks every weight."""
+    if device.type != "cpu" or mode not in MODES:
         return None
-    share, reason = {"int8": ("a quarter", "torchao converts each int8 weight inside every matmul"),
+    share, reason = {"int8": ("a quarter", "every matmul converts each int8 weight to float first"),
                      "int4": ("an eighth", "the CPU int4 matmul unpacks every weight on every call; under half "
                                            "float32's speed, and slower still to prefill")}[mode]
     return (f"--quantize {mode} on the CPU holds {share} of the linears' bytes but does not decode faster than "
-            f"float32 ({reason}): leave it out for speed, keep it for memory")
+            f"float32, eager or compiled ({reason}): leave it out for speed, keep it for memory")
 
 
 def describe(model: nn.Module) -> str:

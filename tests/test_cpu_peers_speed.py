@@ -35,3 +35,10 @@ def test_rows_time_each_cache_against_its_librarys_full(tmp_path):
 def test_bad_arguments_are_one_line():
     with pytest.raises(SystemExit, match="every context longer than --steps"):
         cps.main(["--contexts", "8", "--steps", "16"])
+
+
+def test_no_weight_rows_times_only_the_caches(tmp_path):
+    argv = ["--contexts", "48", "--steps", "2", "--repeats", "1", "--threads", "1", "--only", "ours",
+            "--no-weight_rows", "--out", str(tmp_path)]
+    rows = cps.run(cps.build_parser().parse_args(argv), argv)
+    assert [r["cache"] for r in rows] == ["full", "int8", "int4"] and all(r["tokens_per_s"] > 0 for r in rows)

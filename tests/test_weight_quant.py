@@ -172,6 +172,9 @@ def test_prepared_checkpoint_loads_as_quantized_on_the_fly(base, tmp_path, capsy
     prepare_checkpoint.main(["--quantize", "int8", "--out_dir", str(out_dir)])
     loaded = runner.load_model(out_dir, torch.device("cpu"), torch.float32)  # the normal load path
     assert weight_quant.mode_of(loaded) == "int8"
+    # without --quantize (mode None) a held int8 checkpoint still gets the CPU class that compiles its matmuls whole
+    weight_quant.quantize_weights(loaded, None)
+    assert {type(m) for m in weight_quant.quantized_linears(loaded).values()} == {weight_quant.CpuInt8Linear}
     on_the_fly = quantized(base, "int8")
     ids = torch.tensor([[1, 504, 3437, 253, 655, 28, 2]])
     logits = []
@@ -220,14 +223,14 @@ def test_check_mode_names_the_alternative():
 
 
 def test_cpu_speed_notice_is_one_line():
-    """Eager int8 and int4 weights on the CPU do not decode faster than float32 (measured): the CLI says so in one
-    line each, and says nothing where it was not measured."""
+    """int8 and int4 weights on the CPU do not decode faster than float32, eager or compiled (measured): the CLI
+    says so in one line each, and says nothing where it was not measured."""
     for mode in ("int8", "int4"):
-        notice = weight_quant.cpu_speed_notice(mode, torch.device("cpu"), compiled=False)
+        notice = weight_quant.cpu_speed_notice(mode, torch.device("cpu"))
         assert f"--quantize {mode}" in notice and "leave it out for speed" in notice and "\n" not in notice
-        assert weight_quant.cpu_speed_notice(mode, torch.device("cpu"), compiled=True) is None
-        assert weight_quant.cpu_speed_notice(mode, torch.device("cuda"), compiled=False) is None
-    assert weight_quant.cpu_speed_notice(None, torch.device("cpu"), compiled=False) is None
+        assert "eager or compiled" in notice
+        assert weight_quant.cpu_speed_notice(mode, torch.device("cuda")) is None
+    assert weight_quant.cpu_speed_notice(None, torch.device("cpu")) is None
 
 
 def test_compiled_decode_matches_eager():
@@ -235,6 +238,7 @@ def test_compiled_decode_matches_eager():
     compiles as one graph (fullgraph) and gives eager's tokens."""
     from conftest import reset_dynamo
     from model import ModelArgs, Transformer
+    from torch._inductor.utils import run_and_get_code
     reset_dynamo()
     torch.manual_seed(0)
     model = Transformer(ModelArgs(vocab_size=256, dim=128, n_layer=2, n_head=2, n_kv_head=1, intermediate_size=256,
@@ -247,7 +251,10 @@ def test_compiled_decode_matches_eager():
     eager = engine.generate_batch(model, prompt.tolist(), 12)["tokens"]
     decode = runner.compile_decode()
     with torch.inference_mode():
-        runner.warm_up(model, decode)
+        _, code = run_and_get_code(runner.warm_up, model, decode)
         compiled = engine.generate_batch(model, prompt.tolist(), 12, decode_fn=decode)["tokens"]
     assert torch.equal(eager, compiled)
+    # On the CPU every int8 linear is torchao's eager op inside the graph (weight_quant.CpuInt8Linear), not an
+    # int8 -> float conversion of Inductor's: 2 layers x (wqkv, wo, w1, w2, w3) + the untied output
+    assert "".join(code).count("torch.ops.kvcache.int8_weight_linear.default(") == 11
     reset_dynamo()
