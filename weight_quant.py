@@ -189,6 +189,7 @@ def quantize_weights(model: nn.Module, mode, group_size=None) -> nn.Module:
         quantize_(model, torchao_config(mode, group_size, weight.device.type),
                   filter_fn=lambda module, name: name in linears)
     if mode == "int8" and weight.device.type == "cpu":
+        # The class changes, not the module: its weight, its name in the state dict and any hook stay as they are.
         for module in linears.values():
             module.__class__ = CpuInt8Linear
     return model
