@@ -132,7 +132,7 @@ def run(args, argv) -> list[dict]:
         for context in args.contexts:
             ids = torch.randint(0, vocab, (context,), generator=torch.Generator().manual_seed(args.seed)).tolist()
             for name, library, cache in ROWS:
-                if library != lib or "+" in str(cache) and not args.weight_rows:
+                if library != lib or ("+" in str(cache) and not args.weight_rows):
                     continue
                 row = dict(library=lib, version=version({"ours": "torch", "transformers": "transformers",
                                                         "llama.cpp": "llama-cpp-python"}[lib]),
