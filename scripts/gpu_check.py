@@ -64,6 +64,11 @@ def poisoned_empty():
         torch.empty, torch.empty_like = empty, empty_like
 
 
+def crash_note(e: Exception) -> str:
+    """A row's note for a case that crashed (the other cases still run)."""
+    return f"{type(e).__name__}: {e}"[:200]
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     if out.isnan().any():
         return float("nan")
@@ -201,7 +206,7 @@ def check_decode_attention(tiny: bool, device, gen, dtype=torch.bfloat16):
                     err = rel_err(out, reference) if out.shape == inputs["q"].shape else float("nan")
                     yield "decode_attention", case, n_older, err, TOL[dtype], ""
                 except Exception as e:  # a crash is a failure of this case; the others still run
-                    yield "decode_attention", case, 0, float("nan"), TOL[dtype], f"{type(e).__name__}: {e}"[:200]
+                    yield "decode_attention", case, 0, float("nan"), TOL[dtype], crash_note(e)
                     continue
                 if not paged and length == LENGTHS[tiny][-1] and B == BATCHES[tiny][-1]:
                     # the bfloat16-operand dots scripts/tune_decode.py tries, against the same reference
@@ -211,7 +216,7 @@ def check_decode_attention(tiny: bool, device, gen, dtype=torch.bfloat16):
                             out = decode_attention(**inputs, dot_precision="bf16")
                         yield "decode_attention", case, n_older, rel_err(out, reference), TOL[dtype], ""
                     except Exception as e:
-                        yield "decode_attention", case, 0, float("nan"), TOL[dtype], f"{type(e).__name__}: {e}"[:200]
+                        yield "decode_attention", case, 0, float("nan"), TOL[dtype], crash_note(e)
 
 
 def poisoned_store(group: dict, n_groups: int, device) -> dict:
@@ -298,7 +303,7 @@ def check_quantize_into(tiny: bool, device, gen, dtype=torch.bfloat16):
                         yield "quantize_into", case, start, wrong / total, 0.0, first
                 except Exception as e:  # a crash is a failure of this case; the others still run
                     yield ("quantize_into", f"{kind} {head_name} L{length}", 0, float("nan"), 0.0,
-                           f"{type(e).__name__}: {e}"[:200])
+                           crash_note(e))
 
 
 CHECKS = [check_decode_attention, check_quantize_into]  # one generator per kernel file; add new kernels here
