@@ -60,7 +60,7 @@ from kernels.formats import FORMATS, get_format
 from kv_cache.base import (GROUP_SIZE, KVCache, SinkWindowOptions, attend, attention_probs, option, per_kv_head,
                            rotate_qk)
 from kv_cache.paging import PageSpace, round_up
-from kv_cache.rotation import RotateOptions, register_rotation, rotated, rotated_qkv
+from kv_cache.rotation import RotateOptions, register_rotation, rotated, rotated_arrivals
 from kv_cache.stores import DenseOlderStore, DenseStore, PlaneStore, QuantizedStore, RingStore, run_cells
 
 
@@ -227,8 +227,9 @@ class EvictionCache(KVCache):
             self.older = QuantizedStore(batch_size, n_kv_head, opts.older_size, head_dim, opts.format,
                                         opts.group_size, "token", device, pool)
         self.adaptive = opts.head_budget == "adaptive"
-        # q, k, v in, output out (kv_cache/rotation.py): scores are unchanged
-        self.rotate = register_rotation(self, opts.applied_rotation(opts.format, head_dim), head_dim, dtype, device)
+        # q, k (and v) in, output out (kv_cache/rotation.py): scores are unchanged
+        register_rotation(self, opts.applied_rotation(opts.format, head_dim), opts.applied_parts("token"), head_dim,
+                          dtype, device)
         n_ring, n_older_slots = self.ring.n_slots, self.older.n_slots
         self.register_buffer("ring_score", torch.zeros(batch_size, n_kv_head, n_ring, device=device))
         self.register_buffer("older_score", torch.zeros(batch_size, n_kv_head, n_older_slots, device=device))
@@ -282,9 +283,9 @@ class EvictionCache(KVCache):
         chunk = None if decode else Chunk(q, int(pos[0, -1]) + 1, rope_cos, rope_sin)
         q, k = rotate_qk(q, k, pos, rope_cos, rope_sin)
         if self.rotate:
-            q, k, v = rotated_qkv(q, k, v, self.rotation)
+            q, k, v = rotated_arrivals(q, k, v, self.rotation, self.rotate_values)
         out = self._decode(q, k, v, pos) if decode else self._prefill(q, k, v, pos, rows, chunk)
-        return rotated(out, self.rotation, inverse=True) if self.rotate else out
+        return rotated(out, self.rotation, inverse=True) if self.rotate_values else out
 
     def _decode(self, q, k, v, pos):
         R, H, S, M = q.shape[0], self.n_kv_head, self.sink_size, self.older_size

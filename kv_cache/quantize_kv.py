@@ -17,9 +17,10 @@ are dequantized on the fly inside attention. Layouts: kv_cache/stores.py; format
   --key_rope post|pre: keys quantized after RoPE at their absolute positions (post, default, as KIVI: attention
               needs no re-rotation), or before it (pre, as KVQuant: per-channel key statistics are not smeared by
               the position-dependent rotation) and rotated after dequantization, inside attention.
-  --rotate hadamard|signed_hadamard: every head's q, k, v rotated by an orthogonal Hadamard matrix after RoPE and
-              the output rotated back (kv_cache/rotation.py): outlier channels are spread over the head before
-              quantization; the stores and kernels see rotated tokens only. Not with --key_rope pre.
+  --rotate hadamard|signed_hadamard: every head's q and k (and v, the output rotated back, per --rotate_parts)
+              rotated by an orthogonal Hadamard matrix after RoPE (kv_cache/rotation.py): outlier channels
+              are spread over the head before quantization; the stores and kernels see rotated tokens only. Not
+              with --key_rope pre.
 
 Choices made here:
   * --group_size (default 32) must divide head_dim when values are grouped by channels (4/2 bits): a ValueError
@@ -51,7 +52,7 @@ from kernels.formats import FORMATS, get_format
 from kv_cache.base import GROUP_SIZE, KVCache, SinkWindowOptions, attend, option, register, rotate, rotate_qk
 from kv_cache.layer_spec import BITS_PER_LAYER_EXAMPLE, layer_bits, parse_bits_per_layer
 from kv_cache.paging import PageSpace, round_up
-from kv_cache.rotation import RotateOptions, register_rotation, rotated, rotated_qkv
+from kv_cache.rotation import RotateOptions, register_rotation, rotated, rotated_arrivals
 from kv_cache.stores import QuantizedStore, RingStore, flush_size
 
 K_GRANULARITIES = ("token", "channel")
@@ -206,12 +207,12 @@ class QuantizeKVCache(KVCache):
         else:  # slot = position, as the full cache
             self.ring = RingStore(batch_size, n_kv_head, 0, max_seq_length, head_dim, dtype, device, pool)
             self.older = None
-        # --rotate: q, k, v rotated as they arrive, the output back as it leaves (kv_cache/rotation.py); nothing is
+        # --rotate: q and k (and v) rotated as they arrive, the output back (kv_cache/rotation.py); nothing is
         # quantized without an older store, and then the rotation would change nothing but rounding. Keys quantized
         # before RoPE are never rotated (auto: none).
         rotation = "none" if opts.key_rope == "pre" or self.older is None else opts.applied_rotation(opts.format,
                                                                                                      head_dim)
-        self.rotate = register_rotation(self, rotation, head_dim, dtype, device)
+        register_rotation(self, rotation, opts.applied_parts(opts.k_granularity), head_dim, dtype, device)
         self._step = None  # the C kernel's one-call eager decode step, built on first use (decode_step)
         # Nothing is ever quantized without an older store: then --key_rope pre changes nothing and post's path runs.
         self.pre_rope = opts.key_rope == "pre" and self.older is not None
@@ -230,13 +231,13 @@ class QuantizeKVCache(KVCache):
         q, k_rot = rotate_qk(q, k, pos, rope_cos, rope_sin)
         rope = (rope_cos, rope_sin)
         if self.rotate:
-            q, k_rot, v = rotated_qkv(q, k_rot, v, self.rotation)
+            q, k_rot, v = rotated_arrivals(q, k_rot, v, self.rotation, self.rotate_values)
         stored_k = k if self.pre_rope else k_rot  # what the ring and the older store hold
         if decode:
             out = self._decode(q, stored_k, v, pos, rows, rope)
         else:
             out = self._prefill(q, k_rot, stored_k, v, pos, rows, rope)
-        return rotated(out, self.rotation, inverse=True) if self.rotate else out
+        return rotated(out, self.rotation, inverse=True) if self.rotate_values else out
 
     def _attended(self, keys, ring_pos, rope):
         """Ring keys (R, H, slots, D) and the older store as attention reads them: as stored (post), or rotated by

@@ -414,7 +414,7 @@ def test_cli_options_and_capacity():
                                                     attn_impl=None)),
                                ("quantize_kv", dict(sink_size=16, window_size=32, bits="8", group_size=32,
                                                     k_granularity=None, bits_per_layer=None, key_rope="post",
-                                                    rotate="auto", attn_impl=None))]:
+                                                    rotate="auto", rotate_parts="auto", attn_impl=None))]:
         cls = kv_cache.STRATEGIES[strategy]
         parser = argparse.ArgumentParser()
         cls.add_arguments(parser)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kv_cache
-from kv_cache.rotation import hadamard, rotated, rotated_qkv, rotation_matrix
+from kv_cache.rotation import hadamard, rotated, rotated_together, rotation_matrix
 from test_kv_cache import (SCHEDULE, english_prose, group_quantizer, quantized_counts, random_tokens, reference_logits,
                            run, tiny_model)
 from tokenizer import load_tokenizer
@@ -28,13 +28,15 @@ def test_hadamard_is_the_walsh_matrix_and_rotations_are_orthogonal():
     assert rotation_matrix("hadamard", 64, torch.bfloat16, "cpu").dtype == torch.float32  # computed in float32
 
 
-@pytest.mark.parametrize("bits,rotate", [("8", "hadamard"), ("4", "signed_hadamard"), ("2", "hadamard"),
-                                         ("fp8", "signed_hadamard")])
-def test_rotated_quantize_kv_equals_reference(bits, rotate):
-    """Which tokens are quantized when is quantize_kv's (tests/test_kv_cache.py); here each is stored as
-    Q(kR), Q(vR) and read back times R^T: float64, exact to 1e-9."""
+@pytest.mark.parametrize("bits,rotate,parts", [("8", "hadamard", "keys_values"), ("4", "signed_hadamard", "keys"),
+                                               ("2", "hadamard", "keys"), ("2", "hadamard", "keys_values"),
+                                               ("fp8", "signed_hadamard", "keys")])
+def test_rotated_quantize_kv_equals_reference(bits, rotate, parts):
+    """Which tokens are quantized when is quantize_kv's (tests/test_kv_cache.py); here each key is stored as Q(kR)
+    and read back times R^T, each value as Q(vR) read back times R^T (keys_values) or as Q(v) (keys): float64,
+    exact to 1e-9."""
     S, W, G = 4, 8, 8
-    options = dict(sink_size=S, window_size=W, group_size=G, bits=bits, rotate=rotate)
+    options = dict(sink_size=S, window_size=W, group_size=G, bits=bits, rotate=rotate, rotate_parts=parts)
     model, tokens = tiny_model(), random_tokens(2, 88)
     out = run(model, "quantize_kv", options, tokens, SCHEDULE, 96)
     fmt_bits = {"8": 8, "4": 4, "2": 2, "fp8": "fp8"}[bits]
@@ -42,7 +44,10 @@ def test_rotated_quantize_kv_equals_reference(bits, rotate):
     F = G if k_granularity == "channel" else 1
     r = rotation_matrix(rotate, model.args.head_dim, torch.float64, "cpu")
     plain = group_quantizer(S, F, fmt_bits, k_granularity, G, 88)
-    rotated = lambda k, v: tuple(x @ r.T for x in plain(k @ r, v @ r))  # noqa: E731
+    if parts == "keys_values":
+        rotated = lambda k, v: tuple(x @ r.T for x in plain(k @ r, v @ r))  # noqa: E731
+    else:
+        rotated = lambda k, v: (lambda k_read, v_read: (k_read @ r.T, v_read))(*plain(k @ r, v))  # noqa: E731
     counts = quantized_counts(SCHEDULE, S, W, F)
     ref = reference_logits(model, tokens, quantize=rotated, n_quantized=counts, sink_size=S)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-9)
@@ -50,17 +55,18 @@ def test_rotated_quantize_kv_equals_reference(bits, rotate):
     assert (out - unrotated).abs().max() > 1e-6  # the rotation changed what was quantized
 
 
-@pytest.mark.parametrize("policy", ["h2o", "snapkv"])
-def test_rotated_eviction_is_the_cache_over_rotated_tokens(policy):
-    """An eviction cache with --rotate is the same cache without it fed qR, kR, vR (RoPE is the identity here, so
-    before and after it are the same), its output times R^T; the same tokens kept per head."""
+@pytest.mark.parametrize("policy,parts", [("h2o", "keys_values"), ("snapkv", "keys_values"), ("snapkv", "keys")])
+def test_rotated_eviction_is_the_cache_over_rotated_tokens(policy, parts):
+    """An eviction cache with --rotate is the same cache without it fed qR, kR and vR, its output times R^T
+    (keys_values), or qR, kR and v, its output as it is (keys); RoPE is the identity here, so before and after it
+    are the same. The same tokens kept per head."""
     HQ, H, D, T, prompt = 4, 2, 16, 30, 14
     gen = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, n, T, D, generator=gen, dtype=torch.float64) * 2 for n in (HQ, H, H))
     cos, sin = torch.ones(T, D, dtype=torch.float64), torch.zeros(T, D, dtype=torch.float64)
     options = dict(sink_size=2, window_size=3, budget=9, then_bits="4", group_size=8)
     cls = kv_cache.STRATEGIES[policy]
-    rotated_cache = cls(1, 64, H, D, torch.float64, "cpu", rotate="hadamard", **options)
+    rotated_cache = cls(1, 64, H, D, torch.float64, "cpu", rotate="hadamard", rotate_parts=parts, **options)
     plain_cache = cls(1, 64, H, D, torch.float64, "cpu", rotate="none", **options)
     r = rotation_matrix("hadamard", D, torch.float64, "cpu")
     for start, stop in [(0, prompt)] + [(p, p + 1) for p in range(prompt, T)]:
@@ -68,7 +74,10 @@ def test_rotated_eviction_is_the_cache_over_rotated_tokens(policy):
         rows = torch.tensor([0]) if stop - start > 1 else None
         x = [t[:, :, start:stop] for t in (q, k, v)]
         got = rotated_cache(*x, pos, cos, sin, rows)
-        want = plain_cache(*(t @ r for t in x), pos, cos, sin, rows) @ r.T
+        if parts == "keys_values":
+            want = plain_cache(*(t @ r for t in x), pos, cos, sin, rows) @ r.T
+        else:
+            want = plain_cache(x[0] @ r, x[1] @ r, x[2], pos, cos, sin, rows)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
         assert rotated_cache.older_tokens(0) == plain_cache.older_tokens(0)
     assert rotated_cache.nbytes() == plain_cache.nbytes()  # the matrix is not KV storage
@@ -76,9 +85,9 @@ def test_rotated_eviction_is_the_cache_over_rotated_tokens(policy):
 
 def test_rotation_makes_int2_lose_less_on_smollm2(smollm2_model, smollm2_gguf_path):
     """SmolLM2's keys have outlier channels: on 256 tokens of prose fed in chunks of 64 (each chunk attends to the
-    earlier ones through the int2 store), the logits' KL to the full cache's drops with the rotation. Measured:
-    KL 0.058 -> 0.012 (hadamard), 0.012 (signed); top-1 agreement 0.917 -> 0.969; at 384 tokens in chunks of 32,
-    0.065 -> 0.021."""
+    earlier ones through the int2 store), the logits' KL to the full cache's drops with the rotation (of the keys,
+    --rotate_parts' default). Measured: KL 0.058 -> 0.013 (keys), 0.012 (keys and values); top-1 agreement 0.917 ->
+    0.953 (keys), 0.969 (both); at 384 tokens in chunks of 32, 0.065 -> 0.025 (keys), 0.021 (both)."""
     tokenizer = load_tokenizer(smollm2_gguf_path)
     tokens = torch.tensor([tokenizer.encode(english_prose())[:256]])
     schedule = [64] * 4
@@ -94,6 +103,7 @@ def test_rotation_makes_int2_lose_less_on_smollm2(smollm2_model, smollm2_gguf_pa
     ("quantize_kv", dict(bits="4", rotate="hadamard", key_rope="pre"), "drop --key_rope pre"),
     ("h2o", dict(budget=64, rotate="hadamard"), "add --then_bits"),
     ("quantize_kv", dict(bits="4", rotate="diagonal"), "use auto, none, hadamard, signed_hadamard"),
+    ("quantize_kv", dict(bits="4", rotate_parts="values"), "use auto, keys, keys_values"),
 ])
 def test_rotate_refuses_what_cannot_work(strategy, options, message):
     with pytest.raises(ValueError, match=message):
@@ -131,6 +141,36 @@ def test_auto_rotates_the_low_bit_formats(strategy, options, head_dim, applied):
     assert torch.equal(auto.out, named.out)
 
 
+@pytest.mark.parametrize("strategy,options,rotates_values", [
+    ("quantize_kv", dict(bits="2"), False),  # per-channel keys: the keys alone
+    ("quantize_kv", dict(bits="4", k_granularity="token"), True),  # per-token keys: values too
+    ("quantize_kv", dict(bits="2", rotate_parts="keys_values"), True),  # named: as named
+    ("h2o", dict(budget=20, then_bits="2"), True),  # the eviction stores' keys are per token
+    ("snapkv", dict(budget=20, then_bits="4", rotate_parts="keys"), False),
+])
+def test_auto_parts_follow_the_key_layout(strategy, options, rotates_values):
+    """--rotate_parts auto rotates the values where keys are quantized per token, not where per channel (measured:
+    docs/results.md); what a cache computes with auto is what it computes with the parts named."""
+    cls = kv_cache.STRATEGIES[strategy]
+    options = dict(sink_size=2, window_size=3, group_size=8, **options)
+    auto = cls(1, 48, 2, 16, torch.float64, "cpu", **options)
+    assert auto.rotate and auto.rotate_values == rotates_values
+    named = cls(1, 48, 2, 16, torch.float64, "cpu",
+                **dict(options, rotate_parts="keys_values" if rotates_values else "keys"))
+    other = cls(1, 48, 2, 16, torch.float64, "cpu",
+                **dict(options, rotate_parts="keys" if rotates_values else "keys_values"))
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, n, 40, 16, generator=gen, dtype=torch.float64) for n in (4, 2, 2))
+    cos, sin = torch.ones(48, 16, dtype=torch.float64), torch.zeros(48, 16, dtype=torch.float64)
+    outs = []
+    for cache in (auto, named, other):  # a prompt of 24, then decode steps that read the quantized tokens
+        steps = [cache(q[:, :, :24], k[:, :, :24], v[:, :, :24], torch.arange(24), cos, sin, torch.tensor([0]))]
+        steps += [cache(q[:, :, p:p + 1], k[:, :, p:p + 1], v[:, :, p:p + 1], torch.tensor([[p]]), cos, sin)
+                  for p in range(24, 40)]
+        outs.append(torch.cat(steps, 2))
+    assert torch.equal(outs[0], outs[1]) and not torch.allclose(outs[0], outs[2], rtol=0, atol=1e-9)
+
+
 @pytest.mark.parametrize("rotate", ["hadamard", "signed_hadamard"])
 def test_transform_is_the_matrix_and_batch_invariant(rotate):
     """rotated() is x @ R and x @ R^T (float64), and a row's result in float32 is bit for bit the same alone as in a
@@ -148,7 +188,7 @@ def test_transform_is_the_matrix_and_batch_invariant(rotate):
             assert all(torch.equal(batch[:, :, t:t + 1], rotated(x32[:, :, t:t + 1], r32, inverse)) for t in range(5))
         # q, k, v in one product: each exactly as rotated() alone (GQA: q has more heads than k and v)
         q = torch.randn(3, 6, 5, D, generator=gen)
-        for got, x in zip(rotated_qkv(q, x32, x32[:, :1], r32), (q, x32, x32[:, :1])):
+        for got, x in zip(rotated_together((q, x32, x32[:, :1]), r32), (q, x32, x32[:, :1])):
             assert torch.equal(got, rotated(x, r32))
 
 
