@@ -36,7 +36,8 @@ into the scores of every stored token (policy.update).
 
 Prefill (a chunk of T tokens at the same positions in each row it feeds): the chunk attends to what the cache holds
 plus itself causally in full precision (SDPA); the policy scores every held and new token from the attention of
-the queries it names (policy.score_queries); sinks and the last window_size tokens go to the ring, and each head
+the queries it names (policy.score_queries), averaged over --kernel_size neighbouring positions (SnapKV's pooling,
+snapkv's default, open to every policy); sinks and the last window_size tokens go to the ring, and each head
 keeps the best-scored min(older_size, candidates) of the rest (adaptive: the heads' best, above), compacted into
 its run in position order (tokens already in the older store are copied in their stored form, not quantized
 twice). A policy that needs the whole prompt in view
@@ -54,14 +55,19 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.formats import FORMATS, get_format
 from kv_cache.base import (GROUP_SIZE, KVCache, SinkWindowOptions, attend, attention_probs, option, per_kv_head,
                            rotate_qk)
 from kv_cache.paging import PageSpace, round_up
-from kv_cache.rotation import RotateOptions, register_rotation, rotated, rotated_arrivals
+from kv_cache.rotation import RotateOptions, register_rotation, rotate_in, rotate_out
 from kv_cache.stores import DenseOlderStore, DenseStore, PlaneStore, QuantizedStore, RingStore, run_cells
+
+# The kept tokens are quantized one at a time, keys per token as values: they arrive and leave singly, never in
+# the runs of consecutive tokens that per-channel scales need.
+K_GRANULARITY = "token"
 
 
 @dataclass
@@ -89,6 +95,13 @@ class EvictOptions(SinkWindowOptions, RotateOptions):
                                     "(AdaKV's safeguard)")
     fine_share: float = option(0.0, "--then_bits 2: the share of the kept tokens (beyond sinks and window) that keep "
                                     "4 bits, the best-scored; the rest keep 2 (mixed precision by score; 0: off)")
+    # SnapKV's pooling, for every policy: a needle is a run of tokens (SmolLM2 spells numbers a digit a token,
+    # Llama-3 up to 3 digits a token), and a policy that keeps tokens one score at a time keeps some of its digits
+    # and drops the rest. 15, not SnapKV's 5-7: measured at 1k, 0.1x of full's bytes, int4 kept tokens (RULER
+    # niah x3, docs/results.md "Pooling for every policy"): tova 23.3 -> 96.7, h2o 3.3 -> 23.3, expected_attention
+    # 6.7 -> 16.7; snapkv 13.3 (kernel 5) -> 60.0 at 0.2x. 1: the papers' per-token scores.
+    kernel_size: int = option(15, "the prompt's scores averaged over this many neighbouring positions (odd; "
+                                  "SnapKV's pooling, so a kept token brings its context; 1: each token its own)")
 
     def check(self, head_dim):
         super().check(head_dim)
@@ -96,6 +109,8 @@ class EvictOptions(SinkWindowOptions, RotateOptions):
             raise ValueError(f"--budget {self.budget} leaves no room beyond --sink_size {self.sink_size} + "
                              f"--window_size {self.window_size}: use --budget {self.sink_size + self.window_size + 1} "
                              "or more, or compress_kv for sinks + window alone")
+        if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"--kernel_size must be an odd whole number >= 1 (got {self.kernel_size})")
         if not isinstance(self.head_floor, (int, float)) or not 0 <= self.head_floor <= 1:
             raise ValueError(f"--head_floor must be a share between 0 and 1 (got {self.head_floor}): e.g. 0.2")
         if self.rotates() and self.then_bits is None:
@@ -140,6 +155,20 @@ class EvictOptions(SinkWindowOptions, RotateOptions):
         """Tokens in the older store once a sequence has seen `length` tokens: every token past sinks + window, up to
         the room."""
         return min(self.older_size, max(0, length - self.sink_size - self.window_size))
+
+
+def pooled_over_positions(probs: Tensor, pos: Tensor, k: int) -> Tensor:
+    """probs (R, H, Q, N) averaged over the k positions around each token (SnapKV's pooling: a token scored high
+    brings its neighbours, e.g. every digit of a number spelt a digit a token), in position order (held tokens sit
+    in the cache in no particular order) and over held neighbours only; pos (R, H, N), -1 for an empty slot."""
+    order = pos.argsort(-1)  # empty slots (-1, probability 0) first
+    R, H, Q, N = probs.shape
+    by_pos = order[:, :, None, :].expand(R, H, Q, N)
+    mass = probs.gather(3, by_pos).reshape(R * H, Q, N)
+    held = (pos.gather(2, order) >= 0).to(probs.dtype)
+    window_sum = lambda x: F.avg_pool1d(x, k, stride=1, padding=k // 2, count_include_pad=True)  # noqa: E731
+    mean = (window_sum(mass).view(R, H, Q, N) / window_sum(held)[:, :, None, :].clamp(min=1 / k))
+    return mean.scatter(3, by_pos, mean)
 
 
 class EvictionCache(KVCache):
@@ -193,7 +222,7 @@ class EvictionCache(KVCache):
         stored = (2 * head_dim * dtype.itemsize if opts.format is None else
                   PlaneStore.bytes_per_token(opts.group_size, head_dim, opts.fine_size / opts.older_size)
                   if opts.fine_size else
-                  QuantizedStore.bytes_per_token(opts.format, opts.group_size, "token", head_dim))
+                  QuantizedStore.bytes_per_token(opts.format, opts.group_size, K_GRANULARITY, head_dim))
         return n_kv_head * (stored + 4 + 4)
 
     @classmethod
@@ -225,10 +254,10 @@ class EvictionCache(KVCache):
                                     opts.group_size, device, pool)
         else:
             self.older = QuantizedStore(batch_size, n_kv_head, opts.older_size, head_dim, opts.format,
-                                        opts.group_size, "token", device, pool)
+                                        opts.group_size, K_GRANULARITY, device, pool)
         self.adaptive = opts.head_budget == "adaptive"
         # q, k (and v) in, output out (kv_cache/rotation.py): scores are unchanged
-        register_rotation(self, opts.applied_rotation(opts.format, head_dim), opts.applied_parts("token"), head_dim,
+        register_rotation(self, opts.applied_rotation(opts.format, head_dim), opts.applied_parts(K_GRANULARITY), head_dim,
                           dtype, device)
         n_ring, n_older_slots = self.ring.n_slots, self.older.n_slots
         self.register_buffer("ring_score", torch.zeros(batch_size, n_kv_head, n_ring, device=device))
@@ -282,10 +311,9 @@ class EvictionCache(KVCache):
         rows, pos = self.rows_and_positions(q, input_pos, rows)
         chunk = None if decode else Chunk(q, int(pos[0, -1]) + 1, rope_cos, rope_sin)
         q, k = rotate_qk(q, k, pos, rope_cos, rope_sin)
-        if self.rotate:
-            q, k, v = rotated_arrivals(q, k, v, self.rotation, self.rotate_values)
+        q, k, v = rotate_in(self, q, k, v)
         out = self._decode(q, k, v, pos) if decode else self._prefill(q, k, v, pos, rows, chunk)
-        return rotated(out, self.rotation, inverse=True) if self.rotate_values else out
+        return rotate_out(self, out)
 
     def _decode(self, q, k, v, pos):
         R, H, S, M = q.shape[0], self.n_kv_head, self.sink_size, self.older_size
@@ -382,6 +410,8 @@ class EvictionCache(KVCache):
         mask = torch.cat([held, causal], -1)
         out = attend(q, keys, values, mask)
         probs = self.prompt_attention(q, keys, values, mask, chunk)  # (R, H, Q, N)
+        if self.opts.kernel_size > 1:
+            probs = pooled_over_positions(probs, all_pos, self.opts.kernel_size)
         old_scores = self.older_score[rows].view(R, -1).gather(1, cells).view(R, H, L).masked_fill(~held_older, 0.0)
         old = torch.cat([old_scores, self.ring_score[rows], torch.zeros(R, H, T, device=dev)], dim=2)
         scores = self.prefill_scores(probs, old, all_pos)

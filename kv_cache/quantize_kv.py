@@ -52,7 +52,7 @@ from kernels.formats import FORMATS, get_format
 from kv_cache.base import GROUP_SIZE, KVCache, SinkWindowOptions, attend, option, register, rotate, rotate_qk
 from kv_cache.layer_spec import BITS_PER_LAYER_EXAMPLE, layer_bits, parse_bits_per_layer
 from kv_cache.paging import PageSpace, round_up
-from kv_cache.rotation import RotateOptions, register_rotation, rotated, rotated_arrivals
+from kv_cache.rotation import RotateOptions, register_rotation, rotate_in, rotate_out
 from kv_cache.stores import QuantizedStore, RingStore, flush_size
 
 K_GRANULARITIES = ("token", "channel")
@@ -230,14 +230,13 @@ class QuantizeKVCache(KVCache):
         rows, pos = self.rows_and_positions(q, input_pos, rows)
         q, k_rot = rotate_qk(q, k, pos, rope_cos, rope_sin)
         rope = (rope_cos, rope_sin)
-        if self.rotate:
-            q, k_rot, v = rotated_arrivals(q, k_rot, v, self.rotation, self.rotate_values)
+        q, k_rot, v = rotate_in(self, q, k_rot, v)
         stored_k = k if self.pre_rope else k_rot  # what the ring and the older store hold
         if decode:
             out = self._decode(q, stored_k, v, pos, rows, rope)
         else:
             out = self._prefill(q, k_rot, stored_k, v, pos, rows, rope)
-        return rotated(out, self.rotation, inverse=True) if self.rotate_values else out
+        return rotate_out(self, out)
 
     def _attended(self, keys, ring_pos, rope):
         """Ring keys (R, H, slots, D) and the older store as attention reads them: as stored (post), or rotated by
@@ -301,10 +300,12 @@ class QuantizeKVCache(KVCache):
             else:
                 tokens = start[:, None] + arange
                 k_group, v_group = ring.read(rows, group_slots)
-                if compiling and q.device.type == "cpu" and F > 1 and self.older.k_zero is not None:
+                if compiling and q.device.type == "cpu" and F > 1 and self.older.fmt.asymmetric:
                     # Compiled on the CPU, a branch costs no device sync: the group is quantized on the one step
                     # in F where one completes; on the others the scratch group's bytes are written back as they
-                    # are (torch.cond: the branches may not write, so the write stays outside, unconditional).
+                    # are (torch.cond: the branches may not write, so the write stays outside, unconditional; and
+                    # they return tensors only, so only the asymmetric formats, whose codes carry zero points:
+                    # F > 1 is theirs, per-channel groups).
                     # (contiguous: the branches' outputs must agree in layout, and a paged read is a transposed view)
                     codes = torch.cond(completes.any(),
                                        lambda k, v: tuple(c.contiguous() for c in self.older.quantize(k, v)),

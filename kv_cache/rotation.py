@@ -47,6 +47,9 @@ class RotateOptions(CacheOptions):
             raise ValueError(f"--rotate {self.rotate!r} is not supported: use {', '.join(ROTATIONS)}")
         if self.rotate_parts not in ROTATE_PARTS:
             raise ValueError(f"--rotate_parts {self.rotate_parts!r} is not supported: use {', '.join(ROTATE_PARTS)}")
+        if self.rotate == "none" and self.rotate_parts != "auto":
+            raise ValueError(f"--rotate_parts {self.rotate_parts} names what --rotate rotates, and --rotate none "
+                             "rotates nothing: drop --rotate_parts, or use --rotate hadamard")
         if self.rotates() and head_dim is not None and not power_of_two(head_dim):
             raise ValueError(f"--rotate {self.rotate} needs a power-of-two head_dim (Sylvester's Hadamard matrix; "
                              f"this model's is {head_dim}): use --rotate none")
@@ -109,12 +112,19 @@ def register_rotation(cache, rotation: str, parts: str, head_dim: int, dtype, de
         cache.register_buffer("rotation", rotation_matrix(rotation, head_dim, dtype, device), persistent=False)
 
 
-def rotated_arrivals(q: Tensor, k: Tensor, v: Tensor, r: Tensor, values: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """q and k, and v where `values` (--rotate_parts keys_values), rotated by r as they reach the cache; the
-    attention output of rotated values goes back through rotated(out, r, inverse=True)."""
-    if values:
-        return rotated_together((q, k, v), r)
-    return (*rotated_together((q, k), r), v)
+def rotate_in(cache, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k and v as a cache with register_rotation's flags stores and attends them: q and k rotated, and v where
+    cache.rotate_values (--rotate_parts keys_values); the attention output then goes through rotate_out."""
+    if not cache.rotate:
+        return q, k, v
+    if cache.rotate_values:
+        return rotated_together((q, k, v), cache.rotation)
+    return (*rotated_together((q, k), cache.rotation), v)
+
+
+def rotate_out(cache, out: Tensor) -> Tensor:
+    """The attention output of rotate_in's tokens in the model's basis: rotated values' output rotated back."""
+    return rotated(out, cache.rotation, inverse=True) if cache.rotate_values else out
 
 
 def rotated(x: Tensor, r: Tensor, inverse: bool = False) -> Tensor:

@@ -26,8 +26,9 @@ class Reference:
     tokens each head has room for (adaptive: what it won at the prompt when the prompt overflowed the budget)."""
 
     def __init__(self, policy: str, kernel_size: int, adaptive: bool = False, floor: int = 0, fine_size: int = 0,
-                 group_size: int = 0):
+                 group_size: int = 0, obs_window: int = W):
         self.policy, self.kernel_size, self.adaptive, self.floor = policy, kernel_size, adaptive, floor
+        self.obs_window = obs_window  # snapkv: the last prompt queries that score
         self.k, self.v = {}, {}
         self.kept = [[] for _ in range(H)]
         self.score = [{} for _ in range(H)]
@@ -83,13 +84,13 @@ class Reference:
         for t in range(T):
             self.k[t], self.v[t] = k[:, t], v[:, t]
         outs = torch.stack([self.attend(q[:, t], [list(range(t + 1))] * H)[0] for t in range(T)], dim=1)
-        queries = {"h2o": range(T), "tova": [T - 1], "snapkv": range(max(0, T - W), T)}[self.policy]
+        queries = {"h2o": range(T), "tova": [T - 1], "snapkv": range(max(0, T - self.obs_window), T)}[self.policy]
         candidates = list(range(S, T - W))
         for h in range(H):
             mass = torch.zeros(T, dtype=torch.float64)
             for t in queries:
                 mass[:t + 1] += self.attend(q[:, t], [list(range(t + 1))] * H)[1][h]
-            if self.policy == "snapkv":
+            if self.kernel_size > 1:  # --kernel_size: pooled over neighbouring positions (snapkv's default)
                 mass = F.avg_pool1d(mass[None, None], self.kernel_size, 1, self.kernel_size // 2,
                                     count_include_pad=False)[0, 0]
             self.score[h] = {t: float(mass[t]) for t in range(T)}
@@ -151,21 +152,22 @@ def held_scores(cache, row, h) -> dict:
 
 def make_cache(policy, batch=1, **options):
     cls = kv_cache.STRATEGIES[policy]
-    return cls(batch, 64, H, D, torch.float32, "cpu", **{"sink_size": S, "window_size": W, "budget": BUDGET, **options})
+    # each token scored alone (--kernel_size 1) unless a test pools: the references below score token by token
+    return cls(batch, 64, H, D, torch.float32, "cpu", **{"sink_size": S, "window_size": W, "budget": BUDGET,
+                                                         "kernel_size": 1, **options})
 
 
 @pytest.mark.parametrize("head_budget", ["uniform", "adaptive"])
-@pytest.mark.parametrize("policy", ["h2o", "tova", "snapkv"])
-def test_policy_keeps_what_the_reference_keeps(policy, head_budget):
+@pytest.mark.parametrize("policy,kernel_size", [("h2o", 1), ("tova", 1), ("snapkv", 3), ("h2o", 3), ("tova", 3)])
+def test_policy_keeps_what_the_reference_keeps(policy, kernel_size, head_budget):
     gen = torch.Generator().manual_seed(7)
     T = PROMPT + STEPS
     q = torch.randn(1, HQ, T, D, generator=gen) * 2  # peaked attention: scores well apart, no near-ties
     k = torch.randn(1, H, T, D, generator=gen) * 2
     v = torch.randn(1, H, T, D, generator=gen)
-    # snapkv pools over 3 positions here: its default (15) spans this 12-token prompt, so every score would tie
-    cache = make_cache(policy, head_budget=head_budget, head_floor=0.25,
-                       **(dict(kernel_size=3) if policy == "snapkv" else {}))
-    ref = Reference(policy, getattr(cache.opts, "kernel_size", 1), head_budget == "adaptive", cache.opts.floor_size)
+    # pooled over 3 positions at most here: snapkv's default (15) spans this 12-token prompt, so every score would tie
+    cache = make_cache(policy, head_budget=head_budget, head_floor=0.25, kernel_size=kernel_size)
+    ref = Reference(policy, kernel_size, head_budget == "adaptive", cache.opts.floor_size)
     cos, sin = identity_rope(T)  # keys and queries unrotated: the reference needs no RoPE
     out = cache(q[:, :, :PROMPT], k[:, :, :PROMPT], v[:, :, :PROMPT], torch.arange(PROMPT), cos, sin,
                 torch.tensor([0]))
@@ -186,6 +188,22 @@ def test_policy_keeps_what_the_reference_keeps(policy, head_budget):
         assert any(t >= PROMPT - W for kept in ref.kept for t in kept)
 
 
+def test_snapkv_observation_window_scores_with_its_queries():
+    """--obs_window: the last obs_window prompt queries score the prompt, not the last window_size."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, n, PROMPT, D, generator=gen) * 2 for n in (HQ, H, H))
+    cos, sin = identity_rope(PROMPT)
+    kept = {}
+    for obs in (0, 9):
+        cache = make_cache("snapkv", kernel_size=1, obs_window=obs)
+        cache(q, k, v, torch.arange(PROMPT), cos, sin, torch.tensor([0]))
+        ref = Reference("snapkv", 1, obs_window=obs or W)
+        ref.prefill(q[0], k[0], v[0])
+        assert cache.older_tokens(0) == ref.kept, obs
+        kept[obs] = ref.kept
+    assert kept[0] != kept[9]  # the window's queries and the wider observation's choose differently here
+
+
 @pytest.mark.parametrize("prompt", [PROMPT, S + W + 1])
 @pytest.mark.parametrize("policy", ["h2o", "tova", "snapkv"])
 def test_mixed_precision_keeps_what_the_reference_keeps(policy, prompt):
@@ -201,7 +219,7 @@ def test_mixed_precision_keeps_what_the_reference_keeps(policy, prompt):
     cache = make_cache(policy, then_bits="2", fine_share=0.5, group_size=4, rotate="none",
                        **(dict(kernel_size=3) if policy == "snapkv" else {}))
     assert cache.fine_size == 2
-    ref = Reference(policy, getattr(cache.opts, "kernel_size", 1), fine_size=2, group_size=4)
+    ref = Reference(policy, cache.opts.kernel_size, fine_size=2, group_size=4)
     cos, sin = identity_rope(T)
 
     def fine_tokens():
@@ -338,6 +356,8 @@ def test_bad_options_are_one_line_errors():
         cls.check_options(dict(budget=10), 128, 64)
     with pytest.raises(ValueError, match="--kernel_size must be an odd"):
         cls.check_options(dict(kernel_size=4), 128, 64)
+    with pytest.raises(ValueError, match="--obs_window must be a whole number of queries >= 0"):
+        cls.check_options(dict(obs_window=-1), 128, 64)
     with pytest.raises(ValueError, match="--fine_share .* needs --then_bits 2 and --head_budget uniform"):
         cls.check_options(dict(then_bits="4", fine_share=0.5), 128, 64)
     with pytest.raises(ValueError, match="--fine_share must be a share between 0 and 1"):

@@ -69,8 +69,9 @@ def random_inputs(seed=11):
 
 
 def make(**options):
+    """The reference scores each token alone: --kernel_size 1 (pooling is tests/test_evict.py's)."""
     return kv_cache.STRATEGIES["expected_attention"](1, 64, H, D, torch.float64, "cpu", sink_size=S, window_size=W,
-                                                     budget=BUDGET, n_future=N_FUTURE, **options)
+                                                     budget=BUDGET, n_future=N_FUTURE, kernel_size=1, **options)
 
 
 def test_keeps_what_the_reference_keeps_and_never_revises():

@@ -104,6 +104,7 @@ def test_rotation_makes_int2_lose_less_on_smollm2(smollm2_model, smollm2_gguf_pa
     ("h2o", dict(budget=64, rotate="hadamard"), "add --then_bits"),
     ("quantize_kv", dict(bits="4", rotate="diagonal"), "use auto, none, hadamard, signed_hadamard"),
     ("quantize_kv", dict(bits="4", rotate_parts="values"), "use auto, keys, keys_values"),
+    ("quantize_kv", dict(bits="4", rotate="none", rotate_parts="keys"), "drop --rotate_parts, or use --rotate hada"),
 ])
 def test_rotate_refuses_what_cannot_work(strategy, options, message):
     with pytest.raises(ValueError, match=message):

@@ -15,3 +15,8 @@ row ruler1k_h2o_b360_int4 h2o --budget 360 --then_bits 4
 row ruler1k_tova_b360_int4 tova --budget 360 --then_bits 4
 row ruler1k_expected_attention_b360_int4 expected_attention --budget 360 --then_bits 4
 row ruler1k_snapkv_adaptive_b360_int4 snapkv --budget 360 --then_bits 4 --head_budget adaptive --head_floor 0.5
+# --kernel_size 15 (SnapKV's pooling of the prompt's scores, open to every policy since 2026-12-05): does keeping a
+# scored token's neighbours, every digit of a needle, lift the policies that score one token at a time?
+row ruler1k_tova_b360_int4_k15 tova --budget 360 --then_bits 4 --kernel_size 15
+row ruler1k_expected_attention_b360_int4_k15 expected_attention --budget 360 --then_bits 4 --kernel_size 15
+row ruler1k_h2o_b360_int4_k15 h2o --budget 360 --then_bits 4 --kernel_size 15
