@@ -37,7 +37,7 @@ into the scores of every stored token (policy.update).
 Prefill (a chunk of T tokens at the same positions in each row it feeds): the chunk attends to what the cache holds
 plus itself causally in full precision (SDPA); the policy scores every held and new token from the attention of
 the queries it names (policy.score_queries), averaged over --kernel_size neighbouring positions (SnapKV's pooling,
-snapkv's default, open to every policy); sinks and the last window_size tokens go to the ring, and each head
+every policy's default); sinks and the last window_size tokens go to the ring, and each head
 keeps the best-scored min(older_size, candidates) of the rest (adaptive: the heads' best, above), compacted into
 its run in position order (tokens already in the older store are copied in their stored form, not quantized
 twice). A policy that needs the whole prompt in view
@@ -257,8 +257,8 @@ class EvictionCache(KVCache):
                                         opts.group_size, K_GRANULARITY, device, pool)
         self.adaptive = opts.head_budget == "adaptive"
         # q, k (and v) in, output out (kv_cache/rotation.py): scores are unchanged
-        register_rotation(self, opts.applied_rotation(opts.format, head_dim), opts.applied_parts(K_GRANULARITY), head_dim,
-                          dtype, device)
+        register_rotation(self, opts.applied_rotation(opts.format, head_dim), opts.applied_parts(K_GRANULARITY),
+                          head_dim, dtype, device)
         n_ring, n_older_slots = self.ring.n_slots, self.older.n_slots
         self.register_buffer("ring_score", torch.zeros(batch_size, n_kv_head, n_ring, device=device))
         self.register_buffer("older_score", torch.zeros(batch_size, n_kv_head, n_older_slots, device=device))
