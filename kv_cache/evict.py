@@ -157,18 +157,15 @@ class EvictOptions(SinkWindowOptions, RotateOptions):
         return min(self.older_size, max(0, length - self.sink_size - self.window_size))
 
 
-def pooled_over_positions(probs: Tensor, pos: Tensor, k: int) -> Tensor:
-    """probs (R, H, Q, N) averaged over the k positions around each token (SnapKV's pooling: a token scored high
+def pooled_over_positions(attention: Tensor, pos: Tensor, k: int) -> Tensor:
+    """attention (R, H, N) averaged over the k positions around each token (SnapKV's pooling: a token scored high
     brings its neighbours, e.g. every digit of a number spelt a digit a token), in position order (held tokens sit
     in the cache in no particular order) and over held neighbours only; pos (R, H, N), -1 for an empty slot."""
-    order = pos.argsort(-1)  # empty slots (-1, probability 0) first
-    R, H, Q, N = probs.shape
-    by_pos = order[:, :, None, :].expand(R, H, Q, N)
-    mass = probs.gather(3, by_pos).reshape(R * H, Q, N)
-    held = (pos.gather(2, order) >= 0).to(probs.dtype)
+    order = pos.argsort(-1)  # empty slots (-1, attention 0) first
+    mass, held = attention.gather(2, order), (pos.gather(2, order) >= 0).to(attention.dtype)
     window_sum = lambda x: F.avg_pool1d(x, k, stride=1, padding=k // 2, count_include_pad=True)  # noqa: E731
-    mean = (window_sum(mass).view(R, H, Q, N) / window_sum(held)[:, :, None, :].clamp(min=1 / k))
-    return mean.scatter(3, by_pos, mean)
+    mean = window_sum(mass) / window_sum(held).clamp(min=1 / k)
+    return mean.scatter(2, order, mean)
 
 
 class EvictionCache(KVCache):
@@ -183,23 +180,24 @@ class EvictionCache(KVCache):
         """The queries of a T-token prefill chunk whose attention scores the tokens."""
         return slice(0, T)
 
-    def prefill_scores(self, probs: Tensor, old: Tensor, pos: Tensor) -> Tensor:
-        """Scores (R, H, N) of the N tokens a chunk's queries attended to, from their probabilities (R, H, Q, N)
-        (summed over each KV head's query heads), the tokens' scores before the chunk, old (R, H, N) (0 for the
-        chunk's own), and their positions pos (R, H, N) (-1: an empty slot, probability 0)."""
-        raise NotImplementedError
+    def prefill_scores(self, attention: Tensor, old: Tensor) -> Tensor:
+        """Scores (R, H, N) of the N tokens a chunk sees, from the attention they received from the chunk
+        (prompt_attention, pooled over --kernel_size positions) and their scores before the chunk, old (R, H, N) (0
+        for the chunk's own). By default the chunk's attention alone: the prompt's end chooses (snapkv, tova)."""
+        return attention
 
     def update(self, scores: Tensor, probs: Tensor) -> Tensor:
         """Scores after a decode step whose attention probabilities (per KV head) are probs (same shape)."""
         raise NotImplementedError
 
     def prompt_attention(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, chunk) -> Tensor:
-        """What prefill_scores scores from, (R, H, Q, N): by default the attention probabilities of the queries
-        score_queries names, summed over each KV head's query heads. q (R, n_head, T, D) as attended (rotated),
+        """What prefill_scores scores from, (R, H, N): by default the attention probabilities of the queries
+        score_queries names, summed over those queries and each KV head's query heads (summed before the pooling,
+        which is linear: pooling (R, H, Q, N) would cost Q times as much). q (R, n_head, T, D) as attended (rotated),
         keys and values (R, H, N, D) every token the chunk sees, mask (R, 1, T, N); chunk: the chunk's Chunk (its
         queries before RoPE and the RoPE tables), for a policy that scores from the queries themselves."""
         queries = self.score_queries(q.shape[2])
-        return per_kv_head(attention_probs(q[:, :, queries], keys, mask[:, :, queries]), self.n_kv_head)
+        return per_kv_head(attention_probs(q[:, :, queries], keys, mask[:, :, queries]).sum(2), self.n_kv_head)
 
     # ------------------------------------------------------------ storage
 
@@ -409,12 +407,12 @@ class EvictionCache(KVCache):
         causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril().expand(R, held.shape[1], T, T)
         mask = torch.cat([held, causal], -1)
         out = attend(q, keys, values, mask)
-        probs = self.prompt_attention(q, keys, values, mask, chunk)  # (R, H, Q, N)
+        attention = self.prompt_attention(q, keys, values, mask, chunk)  # (R, H, N)
         if self.opts.kernel_size > 1:
-            probs = pooled_over_positions(probs, all_pos, self.opts.kernel_size)
+            attention = pooled_over_positions(attention, all_pos, self.opts.kernel_size)
         old_scores = self.older_score[rows].view(R, -1).gather(1, cells).view(R, H, L).masked_fill(~held_older, 0.0)
         old = torch.cat([old_scores, self.ring_score[rows], torch.zeros(R, H, T, device=dev)], dim=2)
-        scores = self.prefill_scores(probs, old, all_pos)
+        scores = self.prefill_scores(attention, old)
         in_ring = (all_pos >= 0) & ((all_pos < S) | (all_pos >= end - W))
         # Tokens in position order (a stable sort), so ties in score go to the earlier position and the choice never
         # depends on the layout (heads per rank, paging, where tokens sit in the cache).

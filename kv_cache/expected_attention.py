@@ -41,7 +41,7 @@ class ExpectedAttentionCache(EvictionCache):
     replaces = False
 
     def prompt_attention(self, q, keys, values, mask, chunk):
-        """Expected attention of the coming queries times each value's norm, (R, H, 1, N)."""
+        """Expected attention of the coming queries times each value's norm, (R, H, N)."""
         R, HQ, T, D = chunk.q.shape
         x = chunk.q[:, :, min(self.sink_size, T - 1):].double()  # past the sinks (a one-token chunk keeps its own)
         mean = x.mean(2)  # (R, HQ, D)
@@ -62,10 +62,7 @@ class ExpectedAttentionCache(EvictionCache):
         logits = (k @ mean[..., None])[..., 0] / math.sqrt(D) + ((k @ cov) * k).sum(-1) / (2 * D)
         held = mask[:, :, -1]  # (R, 1, N): what the chunk's last query sees, every token held
         probs = torch.softmax(logits.masked_fill(~held, float("-inf")), dim=-1).nan_to_num(0.0)
-        return (per_kv_head(probs, self.n_kv_head) * values.double().norm(dim=-1)).float()[:, :, None]
-
-    def prefill_scores(self, probs, old, pos):
-        return probs[:, :, 0]
+        return (per_kv_head(probs, self.n_kv_head) * values.double().norm(dim=-1)).float()
 
     def update(self, scores, probs):
         return scores  # decoding never revises the prompt's selection

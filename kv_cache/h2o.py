@@ -12,8 +12,8 @@ class H2OCache(EvictionCache):
     name = "h2o"
     help = "H2O: sinks + window + the tokens with the most accumulated attention, per KV head, in a fixed budget"
 
-    def prefill_scores(self, probs, old, pos):
-        return old + probs.sum(2)
+    def prefill_scores(self, attention, old):
+        return old + attention
 
     def update(self, scores, probs):
         return scores + probs

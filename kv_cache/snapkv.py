@@ -37,8 +37,5 @@ class SnapKVCache(EvictionCache):
     def score_queries(self, T):
         return slice(max(0, T - (self.opts.obs_window or self.window_size)), T)
 
-    def prefill_scores(self, probs, old, pos):
-        return probs.sum(2)  # pooled over --kernel_size positions by EvictionCache
-
     def update(self, scores, probs):
         return scores  # decoding never revises the prompt's selection

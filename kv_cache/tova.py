@@ -21,8 +21,5 @@ class TOVACache(EvictionCache):
     def score_queries(self, T):
         return slice(T - 1, T)
 
-    def prefill_scores(self, probs, old, pos):
-        return probs[:, :, -1]
-
     def update(self, scores, probs):
         return probs
