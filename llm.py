@@ -15,7 +15,7 @@ import torch
 import kv_cache
 from checkpoint import default_checkpoint_path
 from engine import Engine
-from runner import compile_decode, decode_one_token, default_dtype, load_model, setup_cache
+from runner import DTYPES, compile_decode, decode_one_token, default_dtype, load_model, setup_cache
 from scheduler import SamplingParams
 from tokenizer import load_tokenizer
 
@@ -58,11 +58,16 @@ def until_stop(ids: list[int], stop_ids) -> list[int]:
 
 class LLM:
     def __init__(self, checkpoint_path=None, strategy: str = "full", max_batch_size: int = 8,
-                 max_seq_length: int = None, device: str = None, dtype: torch.dtype = None,
+                 max_seq_length: int = None, device: str = None, dtype: torch.dtype | str = None,
                  block_size: int = None, num_blocks: int = None, prefill_chunk_size: int = 512,
                  compile: bool = False, seed: int = 0, **options):
         """options: the strategy's own (e.g. bits=4, sink_size=16); defaults as on the command line.
-        max_seq_length: the positions a row holds (default: the model's trained context)."""
+        max_seq_length: the positions a row holds (default: the model's trained context). dtype: a torch dtype or its
+        name (e.g. "bfloat16"; default: the device's)."""
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+            dtype = DTYPES[dtype]
         if strategy not in kv_cache.STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}: choose one of {', '.join(kv_cache.STRATEGIES)}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -446,7 +446,8 @@ class QuantizedStore(Store):
     def encode(self, k: Tensor, v: Tensor) -> dict:
         """k, v (R, H, N, D) quantized, per-token keys ({buffer name: (R, H, N, ...)}): the eviction stores' form."""
         assert self.k_granularity == "token", "per-head slots need per-token key scales"
-        encoded = (*quantize_keys(k, self.fmt, "token", self.group_size), *quantize_values(v, self.fmt, self.group_size))
+        encoded = (*quantize_keys(k, self.fmt, self.k_granularity, self.group_size),
+                   *quantize_values(v, self.fmt, self.group_size))
         return {name: x for name, x in zip(self.POOLED, encoded) if x is not None}
 
     def write_heads(self, rows, slots: Tensor, k: Tensor, v: Tensor, lanes: Tensor = None):
