@@ -14,7 +14,7 @@ from checkpoint import SETUP_HINT
 from kv_cache.paging import DEFAULT_BLOCK_SIZE
 from profiling import check_profile_name
 from atomic import check_writable_file
-from runner import DTYPES, default_dtype
+from runner import DTYPES, resolve_dtype
 
 DEFAULT_PROMPT = "Once upon a time,"
 
@@ -191,7 +191,7 @@ def resolve_device_dtype(device_name: str, dtype_name):
             raise ValueError("--device mps but no Apple GPU is available: run with --device cpu")
     elif device.type != "cpu":
         raise ValueError(f"--device {device_name}: generate.py runs on cpu or cuda (cuda:N), not {device.type}")
-    dtype = DTYPES[dtype_name] if dtype_name else default_dtype(device)
+    dtype = resolve_dtype(dtype_name, device)
     return device, dtype
 
 

@@ -15,7 +15,7 @@ import torch
 import kv_cache
 from checkpoint import default_checkpoint_path
 from engine import Engine
-from runner import DTYPES, compile_decode, decode_one_token, default_dtype, load_model, setup_cache
+from runner import compile_decode, decode_one_token, load_model, resolve_dtype, setup_cache
 from scheduler import SamplingParams
 from tokenizer import load_tokenizer
 
@@ -64,14 +64,10 @@ class LLM:
         """options: the strategy's own (e.g. bits=4, sink_size=16); defaults as on the command line.
         max_seq_length: the positions a row holds (default: the model's trained context). dtype: a torch dtype or its
         name (e.g. "bfloat16"; default: the device's)."""
-        if isinstance(dtype, str):
-            if dtype not in DTYPES:
-                raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-            dtype = DTYPES[dtype]
         if strategy not in kv_cache.STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}: choose one of {', '.join(kv_cache.STRATEGIES)}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = dtype or default_dtype(self.device)
+        dtype = resolve_dtype(dtype, self.device)
         path = Path(checkpoint_path) if checkpoint_path else default_checkpoint_path()
         self.tokenizer = load_tokenizer(path)
         self.model = load_model(path, self.device, dtype)

@@ -24,7 +24,7 @@ from checkpoint import default_checkpoint_path, load_model_args
 from cli_options import check_options, prompt_texts
 from llm import prompt_tokens
 from model import ModelArgs, Transformer
-from runner import DTYPES, default_dtype
+from runner import resolve_dtype
 
 BATCH_LIMIT = 2**20  # the largest batch searched for
 
@@ -67,7 +67,7 @@ def resolve(args, options) -> dict:
         device = torch.device(args.device)
     except RuntimeError:
         raise ValueError(f"--device {args.device!r} is not a device: use cpu, cuda or cuda:N") from None
-    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
+    dtype = resolve_dtype(args.dtype, device)
     check_options(args)
     world = args.tp or tp.world_size()
     if args.tp and tp.world_size() > 1 and args.tp != tp.world_size():

@@ -25,6 +25,17 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """A torch dtype, or its name in DTYPES (--dtype), or None: the device's default (default_dtype)."""
+    if dtype is None:
+        return default_dtype(device)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    return dtype
+
+
 def load_model(checkpoint_path, device, dtype, replicate_kv_heads: bool = False) -> Transformer:
     if tp.world_size() > 1:  # under torchrun: this rank's shard only (tp.py); quantize after this, on the shard
         return tp.load_model(checkpoint_path, device, dtype, replicate_kv_heads)
