@@ -38,7 +38,7 @@ from memory import (available_memory_bytes, peak_memory_bytes, predicted_generat
                     predicted_kv_bytes)
 from model import ModelArgs, Transformer  # noqa: E402
 from cli_options import strategy_parser  # noqa: E402
-from runner import (DTYPES, compile_decode, decode_one_token, default_dtype, pool_of, prefill,  # noqa: E402
+from runner import (DTYPES, compile_decode, decode_one_token, pool_of, prefill, resolve_dtype,  # noqa: E402
                     setup_cache, synchronize)
 from scripts.common import (GiB, LOCAL_OUT, copy_bandwidth, count, fmt, header_lines, list_of,  # noqa: E402
                             markdown_table, name_list, plot_roofline, release, run_header, timed)
@@ -651,7 +651,7 @@ def run(args, argv):
     steps, repeats = args.steps or (4 if on_cpu else 32), args.repeats or (2 if on_cpu else 5)
     if min(contexts) < 1 or min(batches) < 1 or steps < 1 or repeats < 1 or args.warmup < 0:
         sys.exit("error: --contexts, --batches, --steps and --repeats must be at least 1 (see --help)")
-    cfg = dict(dtype=DTYPES[args.dtype] if args.dtype else default_dtype(device),
+    cfg = dict(dtype=resolve_dtype(args.dtype, device),
                steps=steps, repeats=repeats, warmup=args.warmup, compile=args.compile, prefill_chunk=args.prefill_chunk,
                sink_size=args.sink_size, window_size=args.window_size, attn_impl=args.attn_impl, weight_bytes={})
     if args.attn_impl:  # every strategy with an --attn_impl option must offer it
