@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 24: streamed perplexity of every eviction policy at 0.2x and 0.1x of full's bytes. The first 1024 tokens of
-# the evaluation text one token at a time (a stream has no prompt to select from: each policy's decode-time scores
-# decide, and snapkv, which never revises its selection, keeps the first tokens that fill its budget), float32
-# SmolLM2-135M-Instruct on the CPU, sinks/window 16/32, --rotate auto, the default pooling (--kernel_size 15).
+# the evaluation text one token at a time (each token a one-token prefill of the eviction cache: the policy chooses
+# again what it keeps from its scores, the token's own attention among them), float32 SmolLM2-135M-Instruct on the
+# CPU, sinks/window 16/32, --rotate auto, the default pooling (--kernel_size 15).
 # Budgets (memory.predicted_kv_bytes at 1024 tokens): 200 in the model dtype = 0.199x; 360 with int4 kept tokens =
 # 0.100x; 420 with int2 kept tokens, the best-scored half int4 = 0.100x. Full's 20.384 on the same tokens:
 # outputs/results/cpu_rotation_2026-12-04/ppl_full.json; h2o at 0.100x: outputs/results/cpu_mixed_2026-12-04/.
