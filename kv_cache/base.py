@@ -309,17 +309,39 @@ class KVCache(nn.Module):
                       torch.cat([recent_keep, older_keep], dim=2)[:, :, None])
 
     def attend_codes(self, q: Tensor, recent_k: Tensor, recent_v: Tensor, keep: Tensor, older: QuantizedStore,
-                     n_older: Tensor) -> Tensor:
+                     n_older: Tensor, rows=None, chunk: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
         """attend_decode's torch path with --attn_impl cpu: one call of the C kernel (kernels/cpu_attention.py) reads
         the older store's codes where they are (never dequantized into a tensor: the bytes read per step shrink with
-        the format, and only the n_older tokens held are read) and the recent tokens beside them."""
-        B, HQ, _, D = q.shape
-        store = older.kernel_inputs(B)
+        the format, and only the n_older tokens held are read) and the recent tokens beside them.
+
+        A prefill chunk too: q (R, n_head, T, D) of sequences `rows` (default the first R), whose T queries all see
+        the older store's first n_older tokens and the recent slots `keep` marks, and causally the chunk's own keys
+        and values, chunk = (k, v) (R, H, T, D). The kernel takes the T queries as T x n_head query heads (query
+        head h * T + t reads KV head h // (n_head / H), as head h does) and returns its softmax partials; the
+        chunk's own causal part, computed here, is merged with them (older_attention's formula). A chunk thus reads
+        the codes once, where dequantizing the store for every chunk of every layer made a long prompt's prefill
+        quadratic in its length with a large constant."""
+        B, HQ, T, D = q.shape
+        store = older.kernel_inputs(B if rows is None else rows)
         buffers = (store[name] for name in ("k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero"))
-        acc, _, total = self.older_attention(q[:, :, 0].float() * D ** -0.5, *buffers, n_older, older.fmt,
+        scaled = q.float() * D ** -0.5
+        acc, m, total = self.older_attention(scaled.reshape(B, HQ * T, D), *buffers, n_older, older.fmt,
                                              older.k_granularity, older.group_size, recent_k, recent_v, keep,
                                              store.get("older_table"), store.get("older_block", 0))
-        return (acc / total[..., None]).to(q.dtype)[:, :, None]
+        if chunk is None:
+            return (acc / total[..., None]).to(q.dtype).view(B, HQ, T, D)
+        k, v = chunk
+        H = k.shape[1]
+        scores = (scaled.reshape(B, H, HQ // H * T, D) @ k.float().transpose(2, 3)).view(B, HQ, T, T)
+        scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        m_chunk = scores.amax(-1)  # finite: each query sees itself
+        p = torch.exp(scores - m_chunk[..., None])
+        acc_chunk = (p.view(B, H, -1, T) @ v.float()).view(B, HQ, T, D)
+        m, total, acc = m.view(B, HQ, T), total.view(B, HQ, T), acc.view(B, HQ, T, D)
+        m_both = torch.maximum(m, m_chunk)
+        w, w_chunk = torch.exp(m - m_both), torch.exp(m_chunk - m_both)  # w = 0 where the kernel saw nothing
+        out = (w[..., None] * acc + w_chunk[..., None] * acc_chunk) / (w * total + w_chunk * p.sum(-1))[..., None]
+        return out.to(q.dtype)
 
     def row_groups(self) -> list[RowGroup]:
         """The batch's rows by KV configuration: here one group of every row (kv_cache/mixed.py holds several)."""

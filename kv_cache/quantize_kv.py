@@ -38,7 +38,8 @@ Decode (one token per sequence, each at its own position) is static: the slot, t
 left the window (written to the scratch group when none has) and the masks are tensor arithmetic on the positions.
 A prefill chunk attends to what the cache held before it plus itself causally in full precision, then its old
 tokens are quantized. With --attn_impl triton (the default on CUDA) one fused kernel reads the stores as they are
-and the flush quantizes straight from the ring in Triton; prefill runs in PyTorch either way.
+and the flush quantizes straight from the ring in Triton; prefill dequantizes the held tokens in PyTorch. With
+--attn_impl cpu (the CPU's default) decode and prefill chunks alike read the codes in the C kernel.
 """
 import dataclasses
 import math
@@ -53,7 +54,7 @@ from kv_cache.base import GROUP_SIZE, KVCache, SinkWindowOptions, attend, option
 from kv_cache.layer_spec import BITS_PER_LAYER_EXAMPLE, layer_bits, parse_bits_per_layer
 from kv_cache.paging import PageSpace, round_up
 from kv_cache.rotation import RotateOptions, register_rotation, rotate_in, rotate_out
-from kv_cache.stores import QuantizedStore, RingStore, flush_size
+from kv_cache.stores import QuantizedStore, RingStore, as_slice, flush_size
 
 K_GRANULARITIES = ("token", "channel")
 KEY_ROPES = ("post", "pre")
@@ -353,21 +354,29 @@ class QuantizeKVCache(KVCache):
         first = int(pos[0, 0])
         chunk_pos = pos[0]
         n_older_before, n_older_after = self.opts.n_older(first), self.opts.n_older(first + T)
+        rows = as_slice(rows)
         ring_k, ring_v = self.ring.logical(rows)
         ring_pos = self.ring.pos[rows]
-        attended_k, older = self._attended(ring_k, ring_pos, rope)
+        keep = self._recent_keep(ring_pos, n_older_before)
         # The chunk attends to what the cache held before it (quantized tokens dequantized) and to itself causally.
-        keys, values = [attended_k], [ring_v]
-        masks = [self._recent_keep(ring_pos, n_older_before)[:, None, None, :].expand(-1, 1, T, -1)]
-        if n_older_before:
-            older_k, older_v = older.dequantize(rows, n_older_before, self.dtype)
-            keys.append(older_k)
-            values.append(older_v)
-            masks.append(torch.ones(R, 1, T, n_older_before, dtype=torch.bool, device=q.device))
-        keys.append(k_rot)
-        values.append(v)
-        masks.append(torch.ones(T, T, dtype=torch.bool, device=q.device).tril().expand(R, 1, T, T))
-        out = attend(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), torch.cat(masks, dim=-1))
+        if n_older_before and self.attn_impl == "cpu" and not self.pre_rope and q.dtype != torch.float64:
+            # The C kernel reads the older store's codes as decode does (float32: a float64 model, the tests'
+            # reference, keeps the PyTorch path).
+            n_older = torch.full((R,), n_older_before, dtype=torch.int64)
+            out = self.attend_codes(q, ring_k, ring_v, keep, self.older, n_older, rows, chunk=(k_rot, v))
+        else:
+            attended_k, older = self._attended(ring_k, ring_pos, rope)
+            keys, values = [attended_k], [ring_v]
+            masks = [keep[:, None, None, :].expand(-1, 1, T, -1)]
+            if n_older_before:
+                older_k, older_v = older.dequantize(rows, n_older_before, self.dtype)
+                keys.append(older_k)
+                values.append(older_v)
+                masks.append(torch.ones(R, 1, T, n_older_before, dtype=torch.bool, device=q.device))
+            keys.append(k_rot)
+            values.append(v)
+            masks.append(torch.ones(T, T, dtype=torch.bool, device=q.device).tril().expand(R, 1, T, T))
+            out = attend(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), torch.cat(masks, dim=-1))
         if n_older_after > n_older_before:  # tokens that left the window: from the ring first, then from the chunk
             moved = torch.arange(S + n_older_before, S + n_older_after, device=q.device)
             ring_slots = self.ring.slots(moved[moved < first])

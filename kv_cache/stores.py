@@ -89,6 +89,16 @@ def sequences_and_heads(rows: slice, x: Tensor) -> tuple[Tensor, Tensor]:
             torch.arange(H, device=x.device).view(1, H, 1))
 
 
+def as_slice(rows):
+    """An index tensor on the CPU naming consecutive sequences as the slice that names them (buffers read through it
+    are views, where the index would gather a copy of every row); any other rows as they are."""
+    if isinstance(rows, Tensor) and rows.device.type == "cpu" and rows.numel():
+        first = int(rows[0])
+        if torch.equal(rows, torch.arange(first, first + rows.numel(), dtype=rows.dtype)):
+            return slice(first, first + rows.numel())
+    return rows
+
+
 def slot_index(slots: Tensor, shape) -> Tensor:
     """slots (R, T) as the scatter/gather index of a (R, H, T, D) tensor (a view: no copy)."""
     return slots.view(shape[0], 1, shape[2], 1).expand(shape)
@@ -394,13 +404,15 @@ class QuantizedStore(Store):
         """Rows of the key metadata for (physical or logical) token slots (R, N) in whole flush groups."""
         return slots[:, ::self.flush_size] // self.flush_size if self.k_granularity == "channel" else slots
 
-    def kernel_inputs(self, R: int) -> dict:
-        """The first R sequences as the fused decode kernel reads them (kernels/decode_attention.py): its older
-        ("older") store's arguments."""
+    def kernel_inputs(self, rows) -> dict:
+        """Sequences `rows` (a count: the first ones; a slice; an index tensor, which gathers a contiguous store's
+        rows) as the fused decode kernel reads them (kernels/decode_attention.py): its older ("older") store's
+        arguments."""
         names = ("k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero")
         if self.pool is None:
-            return dict(zip(names, self.buffers_of(R)))
-        return dict(zip(names, self.all_buffers()), older_table=self.table[:R], older_block=self.pool.block_tokens)
+            return dict(zip(names, self.buffers_of(rows)))
+        rows = slice(0, rows) if isinstance(rows, int) else rows
+        return dict(zip(names, self.all_buffers()), older_table=self.table[rows], older_block=self.pool.block_tokens)
 
     def append_target(self, R: int, start: Tensor) -> tuple:
         """(start, k_q, k_scale, k_zero, v_q, v_scale, v_zero) for kernels.quantize_append.quantize_into to write
@@ -465,8 +477,10 @@ class QuantizedStore(Store):
     def dequantize(self, rows, n: int, dtype) -> tuple[Tensor, Tensor]:
         """Keys and values (R, H, n, D) in `dtype` of the first n tokens of sequences `rows` (n a whole number of
         flush groups)."""
-        if self.pool is None:
-            buffers = self.buffers_of(rows)
+        if self.pool is None:  # the first n tokens before the rows: an index tensor gathers only what is read
+            groups = n // self.flush_size if self.k_granularity == "channel" else n
+            buffers = tuple(None if t is None else t[:, :, :groups if i in self.KEY_META else n][rows]
+                            for i, t in enumerate(self.all_buffers()))
         else:  # gather the first n logical tokens of each sequence out of the pool
             phys = self.physical(rows, torch.arange(n, device=self.k_q.device).expand(self.n_rows(rows), -1))
             k_rows = self._key_rows(phys)

@@ -268,6 +268,32 @@ def test_the_one_call_decode_step_is_the_torch_paths(name):
     assert twin._step is not caches["cpu"]._step
 
 
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", FORMATS_AT_HEAD_16)
+@pytest.mark.parametrize("rows", [None, [2, 0]])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_chunked_prefill_reads_the_codes_as_the_torch_path_dequantizes_them(name, rows, paged):
+    """A prompt fed 7 tokens at a time into quantize_kv (sinks 4, window 8: from the third chunk on each chunk sees
+    quantized tokens): with --attn_impl cpu each chunk reads the older store's codes in the C kernel and merges its
+    own causal part with the kernel's partials; the PyTorch path dequantizes the store and runs SDPA over all of
+    it. Same logits to float32 rounding, same stored bytes, in the first rows (views) or chosen ones (an index
+    tensor, rows 2 and 0 of 3), contiguous or paged."""
+    torch.manual_seed(0)
+    model = Transformer(ARGS).eval().requires_grad_(False)
+    tokens = torch.randint(0, ARGS.vocab_size, (2, 61), generator=torch.Generator().manual_seed(1))
+    index = None if rows is None else torch.tensor(rows)
+    logits, buffers = {}, {}
+    for impl in ("torch", "cpu"):
+        options = dict(sink_size=4, window_size=8, attn_impl=impl, **FORMATS_AT_HEAD_16[name])
+        runner.setup_cache(model, "quantize_kv", options, 3, 64, block_size=8 if paged else None)
+        logits[impl] = runner.prefill(model, tokens, chunk_size=7, rows=index)
+        buffers[impl] = {key: b.clone() for key, b in model.caches()[0].named_buffers()}
+    assert model.caches()[0].opts.n_older(61) >= 40  # most of the prompt went through the older store
+    torch.testing.assert_close(logits["cpu"], logits["torch"], rtol=1e-4, atol=1e-4)
+    for key, buffer in buffers["torch"].items():
+        assert torch.equal(buffers["cpu"][key], buffer), key
+
+
 def test_the_cpu_kernel_is_the_cpu_default():
     assert attn_impl_for(None, "cpu") == "cpu" and attn_impl_for("torch", "cpu") == "torch"
 
