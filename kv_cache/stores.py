@@ -409,9 +409,9 @@ class QuantizedStore(Store):
         rows) as the fused decode kernel reads them (kernels/decode_attention.py): its older ("older") store's
         arguments."""
         names = ("k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero")
+        rows = slice(0, rows) if isinstance(rows, int) else rows
         if self.pool is None:
             return dict(zip(names, self.buffers_of(rows)))
-        rows = slice(0, rows) if isinstance(rows, int) else rows
         return dict(zip(names, self.all_buffers()), older_table=self.table[rows], older_block=self.pool.block_tokens)
 
     def append_target(self, R: int, start: Tensor) -> tuple:
@@ -478,7 +478,7 @@ class QuantizedStore(Store):
         """Keys and values (R, H, n, D) in `dtype` of the first n tokens of sequences `rows` (n a whole number of
         flush groups)."""
         if self.pool is None:  # the first n tokens before the rows: an index tensor gathers only what is read
-            groups = n // self.flush_size if self.k_granularity == "channel" else n
+            groups = n // self.flush_size  # key metadata rows: a row per flush group (one token with per-token keys)
             buffers = tuple(None if t is None else t[:, :, :groups if i in self.KEY_META else n][rows]
                             for i, t in enumerate(self.all_buffers()))
         else:  # gather the first n logical tokens of each sequence out of the pool
