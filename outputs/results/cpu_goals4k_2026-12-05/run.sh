@@ -8,6 +8,9 @@
 # Resumable: a row whose JSON exists is skipped. Measured 2026-12-05 (alone, ~450 s a row): 73.3 (100 / 70 / 50),
 # int4's score at the same bytes: int8 keeps sample 2 (which int4 loses to eviction) and still drops the last digit
 # of samples 4 and 6, so precision is not what 0.1x loses at 4k.
+# Then the same with --kernel_size 31 (a diagnosis on niah_single_2's samples 2, 4 and 6 found tova at 0.52x in
+# float32 dropping sample 6's last digit with the default 15 and keeping it with 31, and int8 at 1366 with 31 keeping
+# all three), at 0.1x (int8, 1366) and 0.05x (int4, 955; int4 at 0.05x was 70.0 with 15).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 out=outputs/results/cpu_goals4k_2026-12-05
@@ -17,4 +20,12 @@ base=(--max_tokens 0 --rouge_prompts 0 --retrieval_lengths "" --max_position 0 -
 for task in niah_single_2 niah_multikey_1 niah_single_1; do
   common=("${base[@]}" --ruler "$task")
   row "ruler4k_tova_b1366_int8_$task" tova --budget 1366 --then_bits 8
+done
+for task in niah_single_2 niah_multikey_1 niah_single_1; do
+  common=("${base[@]}" --ruler "$task")
+  row "ruler4k_tova_b1366_int8_k31_$task" tova --budget 1366 --then_bits 8 --kernel_size 31
+done
+for task in niah_single_2 niah_multikey_1 niah_single_1; do
+  common=("${base[@]}" --ruler "$task")
+  row "ruler4k_tova_b955_int4_k31_$task" tova --budget 955 --then_bits 4 --kernel_size 31
 done
