@@ -10,7 +10,9 @@
 # of samples 4 and 6, so precision is not what 0.1x loses at 4k.
 # Then the same with --kernel_size 31 (a diagnosis on niah_single_2's samples 2, 4 and 6 found tova at 0.52x in
 # float32 dropping sample 6's last digit with the default 15 and keeping it with 31, and int8 at 1366 with 31 keeping
-# all three), at 0.1x (int8, 1366) and 0.05x (int4, 955; int4 at 0.05x was 70.0 with 15).
+# all three), at 0.1x (int8, 1366) and 0.05x (int4, 955; int4 at 0.05x was 70.0 with 15). Last, --kernel_size 31
+# where 15 was chosen: tova int4 at 0.100x at 1k (budget 360; 15 scored 96.7, outputs/results/cpu_policies01_2026-12-05/)
+# and 2k (955; 15 scored 90.0, outputs/results/cpu_tova_pooled_2026-12-05/), the three tasks in one row.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 out=outputs/results/cpu_goals4k_2026-12-05
@@ -28,4 +30,9 @@ done
 for task in niah_single_2 niah_multikey_1 niah_single_1; do
   common=("${base[@]}" --ruler "$task")
   row "ruler4k_tova_b955_int4_k31_$task" tova --budget 955 --then_bits 4 --kernel_size 31
+done
+for length_budget in 1024:360 2048:955; do
+  common=("${base[@]/4096/${length_budget%:*}}" --ruler niah_single_1,niah_single_2,niah_multikey_1)
+  row "ruler$((${length_budget%:*} / 1024))k_tova_b${length_budget#*:}_int4_k31" tova --budget ${length_budget#*:} --then_bits 4 \
+    --kernel_size 31
 done
