@@ -12,10 +12,12 @@ RULER scores at --length are passed over.
 
 Rows are only merged where their prompts are the same: the RULER samples' seed, template and package, the prompt
 chunk, the checkpoint and the dtype are part of a row's identity, and a cell's sample count is printed with it. An
-option a result does not record (it predates the option) shows as `name=?`. Two files that give one cell different
-scores (the code changed between them, or another sample count) show both, newest folder date first, and are named under the table.
+option a result does not record (it predates the option) shows as `name=?`. Two files that give one cell another
+sample count show both, newest folder date first; different scores (the code changed between them) are also named
+under the table, with their files.
 """
 import argparse
+import collections
 import dataclasses
 import json
 import re
@@ -106,12 +108,14 @@ def render(rows: dict, tasks: list[str], length: int) -> str:
     def newest_first(cell):
         return sorted(cell.items(), key=lambda kv: max(folder_date(p) for p in kv[1]), reverse=True)
 
-    ordered = [row for row in sorted(rows.values(), key=lambda row: (row["label"] != "full", -(row["ratio"] or 0),
-                                                                     row["label"]))
-               if any(task in row["cells"] for task in tasks)]
-    if not ordered:
+    shown = [row for row in rows.values() if any(task in row["cells"] for task in tasks)]
+    if not shown:
         raise ValueError(f"no RULER result at {length} tokens for {','.join(tasks)}: check --length and --tasks")
-    reference = ordered[0]["prompts"]  # full's, where measured: a row on other prompts says how they differ
+    # the prompts most rows were measured on: a row on other prompts says how they differ, and follows its peers
+    counts = collections.Counter(json.dumps(row["prompts"], sort_keys=True) for row in shown)
+    reference = json.loads(counts.most_common(1)[0][0])
+    ordered = sorted(shown, key=lambda row: (row["label"] != "full", -(row["ratio"] or 0), row["prompts"] != reference,
+                                             row["label"]))
     conflicts, body = [], []
     for row in ordered:
         other = ", ".join(f"{k} {v}" for k, v in row["prompts"].items() if v != reference[k])
@@ -125,7 +129,7 @@ def render(rows: dict, tasks: list[str], length: int) -> str:
             values = newest_first(cell)
             cells.append(" / ".join(f"{score:.1f} ({n})" for (score, n), _ in values))
             scores.append(values[0][0][0])
-            if len(values) > 1:
+            if len({score for (score, _), _ in values}) > 1:
                 conflicts.append(f"{label}, {task}: " + "; ".join(
                     f"{score:.1f} ({n}) in {', '.join(map(str, paths))}" for (score, n), paths in values))
         mean = sum(scores) / len(scores) if len(scores) == len(tasks) else None
