@@ -60,6 +60,14 @@ def folder_date(path: Path) -> str:
     return found[-1] if found else ""
 
 
+def model_name(checkpoint) -> str:
+    """The checkpoint's folder and size (evaluate.py records path, size and mtime; a checkpoint prepared again on
+    another day has another mtime and is the same model)."""
+    if not isinstance(checkpoint, dict):
+        return str(checkpoint)
+    return f"{Path(checkpoint.get('path', '?')).parent.name} ({checkpoint.get('size')} bytes)"
+
+
 def ruler_results(folders: list[Path]) -> list[tuple[Path, dict]]:
     """(path, result) of every evaluate.py JSON with RULER samples under the folders."""
     found = []
@@ -85,15 +93,14 @@ def collect(found: list[tuple[Path, dict]], length: int) -> dict:
             continue
         settings = r.get("settings", {})
         options = {k: v for k, v in r["options"].items() if k != "attn_impl"}
-        key = (r["strategy"], json.dumps(options, sort_keys=True), r.get("ruler_template"),
-               *(str(settings.get(k)) for k in SAME_PROMPTS), r["checkpoint"] if isinstance(r["checkpoint"], str)
-               else json.dumps(r["checkpoint"], sort_keys=True))
         by_tokens = dict(r["kv_bytes_by_tokens"])
         if r["kv_tokens"] == length:
             ratio = r["kv_ratio"]
         else:  # full's bytes grow with the tokens; the cache's are measured at each point of its memory curve
             ratio = by_tokens[length] / (r["kv_bytes_full"] / r["kv_tokens"] * length) if length in by_tokens else None
-        prompts = {"template": r.get("ruler_template"), **{k: settings.get(k) for k in SAME_PROMPTS}}
+        prompts = {"model": model_name(r["checkpoint"]), "template": r.get("ruler_template"),
+                   **{k: settings.get(k) for k in SAME_PROMPTS}}
+        key = (r["strategy"], json.dumps(options, sort_keys=True), json.dumps(prompts, sort_keys=True))
         row = rows.setdefault(key, {"label": config_label(r["strategy"], r["options"]), "ratio": ratio,
                                     "prompts": prompts, "cells": {}})
         for task in dict.fromkeys(s["task"] for s in samples):

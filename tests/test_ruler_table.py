@@ -39,7 +39,9 @@ def results(tmp_path):
     # tova measured a task per file, across two folders; niah_single_1 twice, the code having changed between
     write(old, "tova_s1.json", result("tova", TOVA, {"niah_single_1": [100, 100, 0, 0]}, kv_bytes=100))
     write(new, "tova_s1.json", result("tova", TOVA, {"niah_single_1": [100, 100, 100, 0]}, kv_bytes=100))
-    write(new, "tova_s2.json", result("tova", TOVA, {"niah_single_2": [100, 0, 0, 0]}, kv_bytes=100))
+    # the checkpoint prepared again (another mtime) is the same model: its cells join the row
+    write(new, "tova_s2.json", {**result("tova", TOVA, {"niah_single_2": [100, 0, 0, 0]}, kv_bytes=100),
+                                "checkpoint": {"path": "m.pth", "size": 1, "mtime_ns": 5}})
     # the same configuration on other prompts (another seed) is another row, never merged
     write(new, "tova_mk1_seed.json", result("tova", TOVA, {"niah_multikey_1": [100] * 4}, kv_bytes=100,
                                             settings={**SETTINGS, "seed": 7}))
