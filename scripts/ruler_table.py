@@ -34,13 +34,16 @@ NIAH3 = ["niah_single_1", "niah_single_2", "niah_multikey_1"]
 SAME_PROMPTS = ("seed", "prefill_chunk", "dtype", "ruler_package")
 
 
+SHOWN = ("bits", "budget")  # what a reader compares rows by: shown at their defaults too
+
+
 def default_options(strategy: str) -> dict:
     return {f.name: f.default for f in dataclasses.fields(kv_cache.STRATEGIES[strategy].Options)}
 
 
 def config_label(strategy: str, options: dict) -> str:
-    """The strategy and the options that differ from today's defaults (attn_impl apart: the path, not the cache);
-    an option the result predates is `name=?`."""
+    """The strategy, its bits or budget, and the options that differ from today's defaults (attn_impl apart: the
+    path, not the cache); an option the result predates is `name=?`."""
     if strategy not in kv_cache.STRATEGIES:
         return strategy
     parts = [strategy]
@@ -49,7 +52,7 @@ def config_label(strategy: str, options: dict) -> str:
             continue
         if name not in options:
             parts.append(f"{name}=?")
-        elif options[name] != default and str(options[name]) != str(default):
+        elif name in SHOWN or (options[name] != default and str(options[name]) != str(default)):
             parts.append(f"{name}={options[name]}")
     return " ".join(parts)
 

@@ -76,6 +76,8 @@ def test_cells_merge_across_folders_with_counts_means_and_disagreements(results)
     assert snapkv and "obs_window=?" in snapkv[0] and "budget=300" in snapkv[0]
     assert rows[snapkv[0]][1] == "100.0 (2) / 100.0 (4)"  # a cell of another sample count is another measurement
     assert f"- {snapkv[0]}" not in text  # with the same score: no disagreement to name
+    # bits and budget are what rows are compared by: shown at their defaults too, the other defaults left out
+    assert ruler_table.config_label("quantize_kv", ruler_table.default_options("quantize_kv")) == "quantize_kv bits=8"
     assert list(rows)[0] == "full" and list(rows)[1] == snapkv[0]  # full first, then by bytes
     assert "sample count in parentheses" in text
 
