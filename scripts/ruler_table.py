@@ -5,8 +5,8 @@
 
 The long RULER matrix is measured a row at a time on the CPU (one configuration and often one task per JSON, so a
 session that ends mid-way loses one row at most), across folders and sessions. This puts the cells side by side: a
-row per configuration (strategy and the options that differ from today's defaults; its KV bytes at the prompt
-length as a share of full's), a column per task with its score and sample count, and the mean over --tasks when
+row per configuration (strategy, its bits or budget, and the options that differ from today's defaults; its KV
+bytes at the prompt length as a share of full's; in brackets how its prompts differ from those of most rows), a column per task with its score and sample count, and the mean over --tasks when
 every one is measured. Each FOLDER is searched recursively for *.json; files that are not evaluate.py results with
 RULER scores at --length are passed over.
 
@@ -32,8 +32,6 @@ from scripts.common import count, fmt, list_of, markdown_table
 NIAH3 = ["niah_single_1", "niah_single_2", "niah_multikey_1"]
 # What makes two results' prompts and numbers comparable besides the cache: evaluate.py's settings keys.
 SAME_PROMPTS = ("seed", "prefill_chunk", "dtype", "ruler_package")
-
-
 SHOWN = ("bits", "budget")  # what a reader compares rows by: shown at their defaults too
 
 
