@@ -50,6 +50,11 @@ class CacheOptions:
     def check(self, head_dim: int):
         """Raise ValueError with one line naming the fix when the options cannot work. It only checks: what follows
         from the options is derive()'s."""
+        for f in dataclasses.fields(self):  # the flags' choices, for options that come from the API or a request
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices and value is not None and str(value) not in map(str, choices):
+                names = [str(c) for c in choices]
+                raise ValueError(f"--{f.name} {value!r} is not supported: use {', '.join(names[:-1])} or {names[-1]}")
         attn_impl_for(self.attn_impl)
 
     def derive(self, head_dim: int):

@@ -12,7 +12,8 @@ RULER scores at --length are passed over.
 
 Rows are only merged where their prompts are the same: the RULER samples' seed, template and package, the prompt
 chunk, the checkpoint and the dtype are part of a row's identity, and a cell's sample count is printed with it. An
-option a result does not record (it predates the option) shows as `name=?`. Two files that give one cell another
+option a result does not record (it predates the option) shows as `name=?`, unless the option came with a default
+that kept what the code did before it (BEFORE_OPTION). Two files that give one cell another
 sample count show both, newest folder date first; different scores (the code changed between them) are also named
 under the table, with their files.
 """
@@ -33,6 +34,8 @@ NIAH3 = ["niah_single_1", "niah_single_2", "niah_multikey_1"]
 # What makes two results' prompts and numbers comparable besides the cache: evaluate.py's settings keys.
 SAME_PROMPTS = ("seed", "prefill_chunk", "dtype", "ruler_package")
 SHOWN = ("bits", "budget")  # what a reader compares rows by: shown at their defaults too
+# Options added with a default that kept what the code did before them: a result that predates one ran with it.
+BEFORE_OPTION = {"pooling": "centered"}
 
 
 def default_options(strategy: str) -> dict:
@@ -45,6 +48,7 @@ def config_label(strategy: str, options: dict) -> str:
     if strategy not in kv_cache.STRATEGIES:
         return strategy
     parts = [strategy]
+    options = {**{k: v for k, v in BEFORE_OPTION.items() if k in default_options(strategy)}, **options}
     for name, default in default_options(strategy).items():
         if name == "attn_impl":
             continue

@@ -26,8 +26,9 @@ class Reference:
     tokens each head has room for (adaptive: what it won at the prompt when the prompt overflowed the budget)."""
 
     def __init__(self, policy: str, kernel_size: int, adaptive: bool = False, floor: int = 0, fine_size: int = 0,
-                 group_size: int = 0, obs_window: int = W):
+                 group_size: int = 0, obs_window: int = W, pooling: str = "centered"):
         self.policy, self.kernel_size, self.adaptive, self.floor = policy, kernel_size, adaptive, floor
+        self.pooling = pooling
         self.obs_window = obs_window  # snapkv: the last prompt queries that score
         self.k, self.v = {}, {}
         self.kept = [[] for _ in range(H)]
@@ -90,7 +91,9 @@ class Reference:
             mass = torch.zeros(T, dtype=torch.float64)
             for t in queries:
                 mass[:t + 1] += self.attend(q[:, t], [list(range(t + 1))] * H)[1][h]
-            if self.kernel_size > 1:  # --kernel_size: pooled over neighbouring positions (snapkv's default)
+            if self.kernel_size > 1 and self.pooling == "forward":  # the kernel_size positions up to each token
+                mass = torch.stack([mass[max(0, t - self.kernel_size + 1):t + 1].mean() for t in range(T)])
+            elif self.kernel_size > 1:  # --kernel_size: pooled over neighbouring positions (snapkv's default)
                 mass = F.avg_pool1d(mass[None, None], self.kernel_size, 1, self.kernel_size // 2,
                                     count_include_pad=False)[0, 0]
             self.score[h] = {t: float(mass[t]) for t in range(T)}
@@ -158,16 +161,19 @@ def make_cache(policy, batch=1, **options):
 
 
 @pytest.mark.parametrize("head_budget", ["uniform", "adaptive"])
-@pytest.mark.parametrize("policy,kernel_size", [("h2o", 1), ("tova", 1), ("snapkv", 3), ("h2o", 3), ("tova", 3)])
-def test_policy_keeps_what_the_reference_keeps(policy, kernel_size, head_budget):
+@pytest.mark.parametrize("policy,kernel_size,pooling", [("h2o", 1, "centered"), ("tova", 1, "centered"),
+                                                        ("snapkv", 3, "centered"), ("h2o", 3, "centered"),
+                                                        ("tova", 3, "centered"), ("tova", 3, "forward"),
+                                                        ("snapkv", 5, "forward")])
+def test_policy_keeps_what_the_reference_keeps(policy, kernel_size, pooling, head_budget):
     gen = torch.Generator().manual_seed(7)
     T = PROMPT + STEPS
     q = torch.randn(1, HQ, T, D, generator=gen) * 2  # peaked attention: scores well apart, no near-ties
     k = torch.randn(1, H, T, D, generator=gen) * 2
     v = torch.randn(1, H, T, D, generator=gen)
     # pooled over 3 positions at most here: snapkv's default (15) spans this 12-token prompt, so every score would tie
-    cache = make_cache(policy, head_budget=head_budget, head_floor=0.25, kernel_size=kernel_size)
-    ref = Reference(policy, kernel_size, head_budget == "adaptive", cache.opts.floor_size)
+    cache = make_cache(policy, head_budget=head_budget, head_floor=0.25, kernel_size=kernel_size, pooling=pooling)
+    ref = Reference(policy, kernel_size, head_budget == "adaptive", cache.opts.floor_size, pooling=pooling)
     cos, sin = identity_rope(T)  # keys and queries unrotated: the reference needs no RoPE
     out = cache(q[:, :, :PROMPT], k[:, :, :PROMPT], v[:, :, :PROMPT], torch.arange(PROMPT), cos, sin,
                 torch.tensor([0]))
@@ -356,6 +362,10 @@ def test_bad_options_are_one_line_errors():
         cls.check_options(dict(budget=10), 128, 64)
     with pytest.raises(ValueError, match="--kernel_size must be an odd"):
         cls.check_options(dict(kernel_size=4), 128, 64)
+    with pytest.raises(ValueError, match="--pooling 'back' is not supported: use centered or forward"):
+        cls.check_options(dict(pooling="back"), 128, 64)
+    with pytest.raises(ValueError, match="--head_budget 'even' is not supported: use uniform or adaptive"):
+        cls.check_options(dict(head_budget="even"), 128, 64)
     with pytest.raises(ValueError, match="--obs_window must be a whole number of queries >= 0"):
         cls.check_options(dict(obs_window=-1), 128, 64)
     with pytest.raises(ValueError, match="--fine_share .* needs --then_bits 2 and --head_budget uniform"):
