@@ -54,7 +54,8 @@ class CacheOptions:
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
             if choices and value is not None and str(value) not in map(str, choices):
                 names = [str(c) for c in choices]
-                raise ValueError(f"--{f.name} {value!r} is not supported: use {', '.join(names[:-1])} or {names[-1]}")
+                listed = " or ".join(names) if len(names) == 2 else ", ".join(names)
+                raise ValueError(f"--{f.name} {value!r} is not supported: use {listed}")
         attn_impl_for(self.attn_impl)
 
     def derive(self, head_dim: int):
