@@ -39,11 +39,6 @@ class CompressOptions(SinkWindowOptions):
     rope_positions: str = option("cache", "rotate keys by their rank inside the cache (fluent past the trained "
                                           "context) or by their original absolute position", choices=ROPE_POSITIONS)
 
-    def check(self, head_dim):
-        super().check(head_dim)
-        if self.rope_positions not in ROPE_POSITIONS:
-            raise ValueError(f"--rope_positions {self.rope_positions!r} is not supported: use cache or original")
-
 
 def holds_everything(opts: SinkWindowOptions, max_seq_length: int) -> bool:
     """Sinks + window outnumber the tokens the cache is sized for: within max_seq_length nothing is ever evicted."""

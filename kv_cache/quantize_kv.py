@@ -73,9 +73,7 @@ class QuantizeOptions(SinkWindowOptions, RotateOptions):
                            choices=KEY_ROPES)
 
     def check(self, head_dim):
-        super().check(head_dim)
-        if self.key_rope not in KEY_ROPES:
-            raise ValueError(f"--key_rope {self.key_rope!r} is not supported: use post or pre")
+        super().check(head_dim)  # the choices of --key_rope, --k_granularity, --bits (CacheOptions.check)
         if self.key_rope == "pre" and self.rotates():
             raise ValueError(f"--rotate {self.rotate} rotates keys after RoPE (a rotation of the channels does not "
                              "commute with RoPE's): drop --key_rope pre, or use --rotate none")
@@ -87,9 +85,6 @@ class QuantizeOptions(SinkWindowOptions, RotateOptions):
         fmt = get_format(self.bits)
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(f"--group_size must be a whole number >= 1 (got {self.group_size})")
-        k_granularity = self.k_granularity or fmt.default_k_granularity
-        if k_granularity not in K_GRANULARITIES:
-            raise ValueError(f"--k_granularity {k_granularity!r} is not supported: use token or channel")
         if fmt.asymmetric:
             if head_dim % fmt.per_byte:
                 raise ValueError(f"head_dim {head_dim} cannot be packed {fmt.per_byte} codes per byte: use --bits 8")

@@ -42,11 +42,7 @@ class RotateOptions(CacheOptions):
                                choices=list(ROTATE_PARTS))
 
     def check(self, head_dim):
-        super().check(head_dim)
-        if self.rotate not in ROTATIONS:
-            raise ValueError(f"--rotate {self.rotate!r} is not supported: use {', '.join(ROTATIONS)}")
-        if self.rotate_parts not in ROTATE_PARTS:
-            raise ValueError(f"--rotate_parts {self.rotate_parts!r} is not supported: use {', '.join(ROTATE_PARTS)}")
+        super().check(head_dim)  # the choices of --rotate and --rotate_parts (CacheOptions.check)
         if self.rotate == "none" and self.rotate_parts != "auto":
             raise ValueError(f"--rotate_parts {self.rotate_parts} names what --rotate rotates, and --rotate none "
                              "rotates nothing: drop --rotate_parts, or use --rotate hadamard")

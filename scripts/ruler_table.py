@@ -47,9 +47,9 @@ def config_label(strategy: str, options: dict) -> str:
     path, not the cache); an option the result predates is `name=?`."""
     if strategy not in kv_cache.STRATEGIES:
         return strategy
-    parts = [strategy]
-    options = {**{k: v for k, v in BEFORE_OPTION.items() if k in default_options(strategy)}, **options}
-    for name, default in default_options(strategy).items():
+    parts, defaults = [strategy], default_options(strategy)
+    options = {**{k: v for k, v in BEFORE_OPTION.items() if k in defaults}, **options}
+    for name, default in defaults.items():
         if name == "attn_impl":
             continue
         if name not in options:
