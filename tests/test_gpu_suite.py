@@ -48,8 +48,8 @@ def test_tiny_suite_rows_are_consistent(suite_run):
         assert r["roofline_s"] == pytest.approx((r["weight_bytes"] + r["kv_bytes"]) / report["bandwidth"])
     assert all(a["at_s"] <= b["at_s"] for a, b in zip(rows, rows[1:]))  # when each row ended, in order
     model_rows = [r for r in rows if r["section"] == "model"]
-    # every strategy and bit width, at head_dim 64 and 128, fused vs torch path within the stated bf16 tolerance
-    assert len(model_rows) == 12 and all(r["err"] <= r["tol"] for r in model_rows)
+    # every strategy and bit width, fused vs torch path within the stated bf16 tolerance
+    assert len(model_rows) == 6 and all(r["err"] <= r["tol"] for r in model_rows)
     full_torch = next(r for r in rows if r["section"] == "long" and r["name"] == "full@torch")
     assert full_torch["attn_impl"] == "torch"
     # two KV configurations in one batch against each alone on the same requests (the CPU runs eager steps only)
