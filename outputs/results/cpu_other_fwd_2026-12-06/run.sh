@@ -7,6 +7,8 @@
 # snapkv's default (--obs_window 32, centered pooling) on the same samples: outputs/results/cpu_ruler_other_2026-12-04/
 # (2k) and cpu_ruler_other4k_2026-12-04/ (4k). One row per task and configuration, most telling first (a 4k row takes
 # 8-12 minutes alone); resumable: a row whose JSON exists is skipped.
+# Measured 2026-12-06: the first row only (niah_single_3 at 4k, forward, 0.100x): 0.0 (full 30, snapkv default 0):
+# the UUID is lost here too; the others not run yet.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 out=outputs/results/cpu_other_fwd_2026-12-06
