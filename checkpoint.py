@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from atomic import AtomicDir, clean_stale  # noqa: F401 (clean_stale: for the scripts)
+from gguf_file import open_gguf
 from model import ModelArgs, Transformer, rope_inv_freq
 from weight_quant import WEIGHT_QUANTIZATION_FILE, import_torchao, weight_quantization  # noqa: F401 (re-exported)
 
@@ -547,7 +548,7 @@ def read_gguf(path: Path):
     import gguf
 
     try:
-        reader = gguf.GGUFReader(path)
+        reader = open_gguf(path)
     except Exception as e:  # a truncated file fails in many ways inside numpy's memmap parsing
         raise ValueError(f"cannot read GGUF file {path} ({_one_line(e)}) — the file is damaged or incomplete: "
                          "download it again")

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import gguf
 import sentencepiece
 import tiktoken
 from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
+
+from gguf_file import open_gguf
 
 
 @dataclass
@@ -294,7 +295,7 @@ def _read_gguf_tokenizer(gguf_path: Path):
     """(tokenizers.Tokenizer, bos token, eos tokens, add_bos, chat template) from a GGUF's metadata,
     built like transformers' GGUF loader builds a `gpt2` (byte-level BPE) vocabulary."""
     try:
-        fields = gguf.GGUFReader(str(gguf_path)).fields
+        fields = open_gguf(gguf_path).fields
     except Exception as e:  # gguf raises ValueError, struct.error, ... on a truncated or foreign file
         raise ValueError(f"cannot read {gguf_path} as GGUF ({e}); pass a complete .gguf file") from None
 

@@ -18,6 +18,7 @@ A library that is not importable in the running venv is a row saying so. Results
 .md, written atomically (<out>: outputs/local/cpu_peers_speed/ unless --out).
 """
 import argparse
+import copy
 import os
 import sys
 import time
@@ -116,8 +117,7 @@ def run(args, argv) -> list[dict]:
     if "ours" in libraries:
         models["ours"] = runner.load_model(gguf_path(), torch.device("cpu"), torch.float32)
         for weights, mode in WEIGHT_MODES.items() if args.weight_rows else ():
-            models["ours+" + weights] = weight_quant.quantize_weights(
-                runner.load_model(gguf_path(), torch.device("cpu"), torch.float32), mode)
+            models["ours+" + weights] = weight_quant.quantize_weights(copy.deepcopy(models["ours"]), mode)
     if "transformers" in libraries and reasons["transformers"] is None:
         models["transformers"] = load_hf_model(torch.float32, torch.device("cpu"))
     vocab = 49152

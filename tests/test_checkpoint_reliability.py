@@ -45,6 +45,7 @@ import os  # noqa: E402
 import signal  # noqa: E402
 
 import gguf  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from checkpoint import load_checkpoint  # noqa: E402
@@ -76,6 +77,26 @@ def tiny_gguf(tmp_path_factory):
     path = folder / "tiny.gguf"
     write_gguf(path, make_hf_checkpoint("tied", folder / "hf"), gguf.GGMLQuantizationType.Q4_1, with_tokenizer=True)
     return path
+
+
+def test_fast_gguf_reader_reads_what_gguf_reads(tiny_gguf):
+    """gguf_file.open_gguf (gguf's reader through a plain view of the map) gives gguf.GGUFReader's fields and
+    tensors, byte for byte: metadata scalars, strings, the token list and merges, Q4_1 and float tensors."""
+    from gguf_file import open_gguf
+
+    theirs, ours = gguf.GGUFReader(str(tiny_gguf)), open_gguf(tiny_gguf)
+    assert list(ours.fields) == list(theirs.fields) and "tokenizer.ggml.merges" in ours.fields
+    for name, field in theirs.fields.items():
+        mine = ours.fields[name]
+        assert (mine.offset, mine.types, mine.data) == (field.offset, field.types, field.data), name
+        assert len(mine.parts) == len(field.parts), name
+        assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(mine.parts, field.parts)), name
+        assert mine.contents() == field.contents(), name
+    assert {t.tensor_type for t in ours.tensors} >= {gguf.GGMLQuantizationType.Q4_1}
+    for mine, tensor in zip(ours.tensors, theirs.tensors, strict=True):
+        assert (mine.name, mine.tensor_type, list(mine.shape), mine.data_offset) == \
+            (tensor.name, tensor.tensor_type, list(tensor.shape), tensor.data_offset)
+        assert mine.data.dtype == tensor.data.dtype and np.array_equal(mine.data, tensor.data), mine.name
 
 
 def conversions(tmp_path, tiny_gguf):
