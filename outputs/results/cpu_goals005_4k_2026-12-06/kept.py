@@ -5,43 +5,10 @@
 # A line after the prompt (and after any decode step that changed what is held): the answer so far, then per layer
 # (0 first, "|" between layers) the three KV heads' needle as held (a digit held, '_' not), the two tokens before
 # it (": " as tokenized) and the "." after it included ("~" a blank token).
+# Since 2026-12-06 the code is cpu_uuid_kept_2026-12-06/kept.py's, which takes the task and the length as arguments
+# (the same lines for a needle a digit a token); this runs it on niah_single_2 at 4096 tokens.
+import runpy
 import sys
-sys.path.insert(0, ".")
-from engine import generate_batch
-from scripts import evaluate as ev
-from scripts.data import ruler
 
-base = ["--max_tokens", "0", "--rouge_prompts", "0", "--retrieval_lengths", "", "--max_position", "0",
-        "--ruler_samples", "10", "--ruler_lengths", "4096", "--ruler", "niah_single_2"]
-indices = [int(x) for x in sys.argv[1].split(",")]
-config = sys.argv[2].split()
-args, _ = ev.parse(["full"] + base)
-model, tok, _ = ev.load(args)
-prompts = [p for p in ev.ruler_prompts(tok, args) if p["index"] in indices]
-a, opts = ev.parse([config[0]] + base + ["--sink_size", "16", "--window_size", "32"] + config[1:])
-for p in prompts:
-    ids, answer = p["ids"], p["outputs"][0]
-    pieces = [tok.decode([t]) for t in ids]
-    start = next(i for i in range(len(ids)) if "".join(pieces[i:i + len(answer)]).strip() == answer)
-    span = list(range(start - 2, start + len(answer) + 1))  # ":", " ", the digits, "."
-    print(f"sample {p['index']} answer {answer} at positions {start}..{start + len(answer) - 1}: "
-          f"{''.join(pieces[span[0]:span[-1] + 1])!r}", flush=True)
-    ev.install_cache(model, config[0], opts, ev.ruler_tokens(prompts, 4096))
-    said, last = [], [None]
-
-    def snapshot(out):
-        said.extend(t for _, t in out.tokens)
-        if out.finished:
-            return
-        layers = []
-        for cache in model.caches():
-            heads = cache.older_tokens(0)
-            ring = set(cache.ring.pos[0].tolist())
-            layers.append(" ".join("".join((pieces[q].strip() or "~")[:1] if (q in set(h) or q in ring) else "_" for q in span)
-                                   for h in heads))
-        if layers != last[0]:  # printed after the prompt, then only when a decode step changed what is held
-            print(f"  after {tok.decode(said)!r}: " + " | ".join(layers), flush=True)
-        last[0] = layers
-
-    generate_batch(model, [ids], ruler.tokens_to_generate("niah_single_2"), eos_ids=tok.eos_ids, on_step=snapshot)
-    print(f"  answered {tok.decode(said)!r}", flush=True)
+sys.argv = [sys.argv[0], "niah_single_2", "4096", *sys.argv[1:]]
+runpy.run_path("outputs/results/cpu_uuid_kept_2026-12-06/kept.py", run_name="__main__")
