@@ -2,9 +2,10 @@
 
 gguf 0.19's GGUFReader slices its np.memmap once per value while it parses the metadata: numpy makes every slice a
 memmap object (__array_finalize__, __getitem__), and SmolLM2's 49152-token vocabulary and its merges make that about
-a million slices, 10 s on this project's two-core CPU. Reading the same bytes through a plain ndarray view of the map
-gives the same arrays (still views of the mapped file, nothing copied) in a third of the time. Upstream's fix
-(ggml-org/llama.cpp pull request 13378, read-only mode with np.frombuffer) is still open; drop this when it lands.
+a million slices, 6.5 s on this project's two-core CPU. Reading the same bytes through a plain ndarray view of the
+map gives the same arrays (still views of the mapped file, nothing copied) in 2.3 s, 0.35x the time
+(outputs/results/cpu_gguf_read_2026-12-06/). Upstream's fix (ggml-org/llama.cpp pull request 13378, read-only mode
+with np.frombuffer) is still open; drop this when it lands.
 """
 import gguf
 import numpy as np
