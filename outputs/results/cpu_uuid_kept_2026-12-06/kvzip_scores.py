@@ -4,6 +4,8 @@
 # marks its ends? One full-precision pass over prompt + "Repeat the previous context exactly." + prompt (nothing
 # evicted), both scores taken from the same pass; per layer, how many of the needle's 36 characters each KV head
 # would keep among its best M candidates (M = 312: budget 360 less sinks and window 16/32, 0.100x at 1k with int4).
+# "shared": snapkv's scores, each head's normalised to sum 1, averaged over every head of every layer: one choice
+# for all heads (a layer would need the later layers' scores: a selection after the whole prompt's pass).
 # One model load; run from the repo root:
 #   .venv/bin/python outputs/results/cpu_uuid_kept_2026-12-06/kvzip_scores.py niah_single_3 1024 0,1,2
 import sys
@@ -60,6 +62,9 @@ for p in prompts:
             lines[name].append("/".join(f"{h:2d}" for h in held))
     print(f"sample {p['index']} answer {answer} at {start}..{end - 1} of {len(ids)}: characters of 36 held per "
           f"KV head, layer 0 first", flush=True)
+    shared = sum(snap / snap.sum(-1, keepdim=True) for snap, _ in captured).mean(0)
+    top = shared.masked_fill(~candidates, float("-inf")).argsort(descending=True)[:KEPT]
+    print(f"  shared: {len(set(top.tolist()) & set(range(start, end)))} characters held in every head", flush=True)
     for name, held in lines.items():
         whole = sum(x == str(end - start) for layer in held for x in layer.replace(" ", "").split("/"))
         print(f"  {name:6s} heads holding all: {whole:2d} of {3 * len(held)} | " + " | ".join(held), flush=True)
