@@ -12,7 +12,7 @@
 # Measured 2026-12-06 (10 samples each; full and snapkv's default int4 from the folders above): at 0.100x, forward:
 # 4k niah_single_3 0.0 (full 30.0, snapkv default 0.0), fwe 30.0 (50.0, 30.0); 2k niah_single_3 0.0 (90.0, 0.0),
 # fwe 36.7 (46.7, 33.3), vt 4.0 (14.0, 12.0); tova at 2k: niah_single_3 0.0, fwe 30.0, vt 12.0. At 0.050x, forward:
-# 4k niah_single_3 0.0. Not run yet: the last three rows (4k: tova at 0.100x on both tasks, forward at 0.050x on fwe).
+# 4k niah_single_3 0.0, fwe 20.0; tova at 4k (0.100x): niah_single_3 0.0, fwe 40.0 (every row run).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 out=outputs/results/cpu_other_fwd_2026-12-06
