@@ -4,7 +4,8 @@
 # (the optional samples: those to run, all 10 by default). --keep_needle, an oracle, not a method (it knows where
 # the answer is): the eviction policy's pooled prompt scores get a bonus on the needle's tokens (the two before it,
 # its characters, the one after), so every head of every layer keeps them all and the rest of the budget is chosen
-# as the policy chooses: what a policy that finds the span would get at these bytes. It decodes 48 tokens, not the
+# as the policy chooses: what a policy that finds the span would get at these bytes. For snapkv, which never revises
+# the prompt's choice (tova's decode scores would replace the bonus after one step); needs --kernel_size > 1. It decodes 48 tokens, not the
 # task's 128 (the answer and what is around it fit; a run that talks on after the answer costs no more time).
 import sys
 sys.path.insert(0, ".")
@@ -37,11 +38,11 @@ if keep_needle:
     evict.pooled_over_positions = pooled_with_needle
 for p in prompts:
     ids, answer = p["ids"], p["outputs"][0]
-    pieces = [tok.decode([t]) for t in ids]
-    # the needle's tokens: the shortest run whose text is the answer (as kept.py finds it)
-    start, end = next((i, j) for i in range(len(ids)) for j in range(i + 1, min(len(ids), i + len(answer)) + 1)
-                      if "".join(pieces[i:j]).strip() == answer)
-    needle[:] = [start - 2, end + 1]
+    if keep_needle:  # the needle's tokens: the shortest run whose text is the answer (as kept.py finds it)
+        pieces = [tok.decode([t]) for t in ids]
+        start, end = next((i, j) for i in range(len(ids)) for j in range(i + 1, min(len(ids), i + len(answer)) + 1)
+                          if "".join(pieces[i:j]).strip() == answer)
+        needle[:] = [start - 2, end + 1]
     ev.install_cache(model, config[0], opts, ev.ruler_tokens(prompts, length))
     steps = min(48, ruler.tokens_to_generate(task)) if keep_needle else ruler.tokens_to_generate(task)
     out = generate_batch(model, [ids], steps, eos_ids=tok.eos_ids)

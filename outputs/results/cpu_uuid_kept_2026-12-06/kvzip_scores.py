@@ -29,9 +29,10 @@ P = [0]
 
 
 def prompt_attention(self, q, keys, values, mask, chunk):
-    p, group = P[0], q.shape[1] // self.n_kv_head
-    question = attention_probs(q[:, :, p - WINDOW:p], keys[:, :, :p], mask[:, :, p - WINDOW:p, :p])
-    repeat = attention_probs(q[:, :, p:], keys, mask[:, :, p:])[..., :p]
+    # keys: the older store's and the ring's slots (empty on a first prefill, masked), then the chunk's tokens
+    p, group, c = P[0], q.shape[1] // self.n_kv_head, keys.shape[2] - q.shape[2]
+    question = attention_probs(q[:, :, p - WINDOW:p], keys[:, :, :c + p], mask[:, :, p - WINDOW:p, :c + p])[..., c:]
+    repeat = attention_probs(q[:, :, p:], keys, mask[:, :, p:])[..., c:c + p]
     snap = question.sum(2).unflatten(1, (self.n_kv_head, group)).sum(2)[0]
     kvzip = repeat.amax(2).unflatten(1, (self.n_kv_head, group)).amax(2)[0]
     pos = torch.arange(p)[None].expand(self.n_kv_head, p)
@@ -46,6 +47,7 @@ for p in prompts:
     pieces = [tok.decode([t]) for t in ids]
     start, end = next((i, j) for i in range(len(ids)) for j in range(i + 1, min(len(ids), i + len(answer)) + 1)
                       if "".join(pieces[i:j]).strip() == answer)
+    start += not pieces[start].strip()  # a blank token before the UUID is not the UUID's
     P[0], captured[:] = len(ids), []
     full_input = ids + repeat_ids + ids
     a, opts = ev.parse(["snapkv"] + base + ["--sink_size", str(SINKS), "--window_size", str(WINDOW),
@@ -60,11 +62,11 @@ for p in prompts:
             ranked = score.masked_fill(~candidates, float("-inf")).argsort(-1, descending=True)[:, :KEPT]
             held = [len(set(r.tolist()) & set(range(start, end))) for r in ranked]
             lines[name].append("/".join(f"{h:2d}" for h in held))
-    print(f"sample {p['index']} answer {answer} at {start}..{end - 1} of {len(ids)}: characters of 36 held per "
-          f"KV head, layer 0 first", flush=True)
+    print(f"sample {p['index']} answer {answer} at {start}..{end - 1} of {len(ids)}: its {end - start} tokens held "
+          f"per KV head, layer 0 first", flush=True)
     shared = sum(snap / snap.sum(-1, keepdim=True) for snap, _ in captured).mean(0)
     top = shared.masked_fill(~candidates, float("-inf")).argsort(descending=True)[:KEPT]
-    print(f"  shared: {len(set(top.tolist()) & set(range(start, end)))} characters held in every head", flush=True)
+    print(f"  shared: {len(set(top.tolist()) & set(range(start, end)))} tokens held in every head", flush=True)
     for name, held in lines.items():
         whole = sum(x == str(end - start) for layer in held for x in layer.replace(" ", "").split("/"))
         print(f"  {name:6s} heads holding all: {whole:2d} of {3 * len(held)} | " + " | ".join(held), flush=True)
