@@ -5,27 +5,22 @@
 # A line after the prompt (and after any decode step that changed what is held): the answer so far, then per layer
 # (0 first, "|" between layers) the three KV heads' needle as held (a digit held, '_' not), the two tokens before
 # it (": " as tokenized) and the "." after it included ("~" a blank token).
+import os
 import sys
-sys.path.insert(0, ".")
-from engine import generate_batch
-from scripts import evaluate as ev
-from scripts.data import ruler
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # needle.py, also when run through runpy
+import needle  # noqa: E402
+from engine import generate_batch  # noqa: E402
+from scripts import evaluate as ev  # noqa: E402
+from scripts.data import ruler  # noqa: E402
 
-base = ["--max_tokens", "0", "--rouge_prompts", "0", "--retrieval_lengths", "", "--max_position", "0",
-        "--ruler_samples", "10", "--ruler_lengths", sys.argv[2], "--ruler", sys.argv[1]]
 task, length = sys.argv[1], int(sys.argv[2])
-indices = [int(x) for x in sys.argv[3].split(",")]
+base, model, tok, prompts = needle.load(task, length, sys.argv[3])
 config = sys.argv[4].split()
-args, _ = ev.parse(["full"] + base)
-model, tok, _ = ev.load(args)
-prompts = [p for p in ev.ruler_prompts(tok, args) if p["index"] in indices]
-a, opts = ev.parse([config[0]] + base + ["--sink_size", "16", "--window_size", "32"] + config[1:])
+opts = needle.options(base, config)
 for p in prompts:
     ids, answer = p["ids"], p["outputs"][0]
     pieces = [tok.decode([t]) for t in ids]
-    # the answer's tokens: the shortest run from `start` whose text is the answer (a digit or a UUID's piece a token)
-    start, end = next((i, j) for i in range(len(ids)) for j in range(i + 1, min(len(ids), i + len(answer)) + 1)
-                      if "".join(pieces[i:j]).strip() == answer)
+    start, end = needle.span(pieces, answer)
     span = list(range(start - 2, end + 1))  # the two tokens before it, its tokens, the one after
     print(f"sample {p['index']} answer {answer} at positions {start}..{end - 1}: "
           f"{''.join(pieces[span[0]:span[-1] + 1])!r}", flush=True)

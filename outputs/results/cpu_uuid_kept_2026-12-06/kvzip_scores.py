@@ -2,14 +2,14 @@
 # scored by the most attention any query of the repetition gives it, per KV head over its query heads) mark a UUID's
 # middle, where the question's attention (snapkv's: the prompt's last 32 queries, summed, pooled over 15 positions)
 # marks its ends? One full-precision pass over prompt + "Repeat the previous context exactly." + prompt (nothing
-# evicted), both scores taken from the same pass; per layer, how many of the needle's 36 characters each KV head
+# evicted), both scores taken from the same pass; per layer, how many of the needle's tokens each KV head
 # would keep among its best M candidates (M = 312: budget 360 less sinks and window 16/32, 0.100x at 1k with int4).
 # "shared": snapkv's scores, each head's normalised to sum 1, averaged over every head of every layer: one choice
 # for all heads (a layer would need the later layers' scores: a selection after the whole prompt's pass).
 # One model load; run from the repo root:
 #   .venv/bin/python outputs/results/cpu_uuid_kept_2026-12-06/kvzip_scores.py niah_single_3 1024 0,1,2
 import sys
-sys.path.insert(0, ".")
+import needle  # first: it puts the repo root on the path
 import torch
 from engine import generate_batch
 from kv_cache.base import attention_probs
@@ -17,13 +17,9 @@ from kv_cache.evict import pooled_over_positions
 from kv_cache.snapkv import SnapKVCache
 from scripts import evaluate as ev
 
-task, length, indices = sys.argv[1], int(sys.argv[2]), [int(x) for x in sys.argv[3].split(",")]
-SINKS, WINDOW, KEPT = 16, 32, 312
-base = ["--max_tokens", "0", "--rouge_prompts", "0", "--retrieval_lengths", "", "--max_position", "0",
-        "--ruler_samples", "10", "--ruler_lengths", str(length), "--ruler", task]
-args, _ = ev.parse(["full"] + base)
-model, tok, _ = ev.load(args)
-prompts = [p for p in ev.ruler_prompts(tok, args) if p["index"] in indices]
+task, length = sys.argv[1], int(sys.argv[2])
+SINKS, WINDOW, KEPT = needle.SINKS, needle.WINDOW, 312
+base, model, tok, prompts = needle.load(task, length, sys.argv[3])
 captured = []  # per layer: (snapkv scores, kvzip scores), each (H, P) over the prompt's P tokens
 P = [0]
 
@@ -36,7 +32,7 @@ def prompt_attention(self, q, keys, values, mask, chunk):
     snap = question.sum(2).unflatten(1, (self.n_kv_head, group)).sum(2)[0]
     kvzip = repeat.amax(2).unflatten(1, (self.n_kv_head, group)).amax(2)[0]
     pos = torch.arange(p)[None].expand(self.n_kv_head, p)
-    captured.append((pooled_over_positions(snap[None], pos[None], 15)[0], kvzip))
+    captured.append((pooled_over_positions(snap[None], pos[None], self.opts.kernel_size)[0], kvzip))  # snapkv's
     return torch.zeros(keys.shape[:3])
 
 
@@ -45,28 +41,26 @@ repeat_ids = tok.encode("\n\nRepeat the previous context exactly.\n")
 for p in prompts:
     ids, answer = p["ids"], p["outputs"][0]
     pieces = [tok.decode([t]) for t in ids]
-    start, end = next((i, j) for i in range(len(ids)) for j in range(i + 1, min(len(ids), i + len(answer)) + 1)
-                      if "".join(pieces[i:j]).strip() == answer)
+    start, end = needle.span(pieces, answer)
     start += not pieces[start].strip()  # a blank token before the UUID is not the UUID's
     P[0], captured[:] = len(ids), []
     full_input = ids + repeat_ids + ids
-    a, opts = ev.parse(["snapkv"] + base + ["--sink_size", str(SINKS), "--window_size", str(WINDOW),
-                                            "--budget", str(len(full_input) - 64)])  # below: it evicts, so it scores
+    opts = needle.options(base, ["snapkv", "--budget", str(len(full_input) - 64)])  # below: it evicts, so it scores
     ev.install_cache(model, "snapkv", opts, len(full_input) + 8)
     generate_batch(model, [full_input], 1, eos_ids=tok.eos_ids)
     candidates = torch.zeros(len(ids), dtype=torch.bool)
     candidates[SINKS:len(ids) - WINDOW] = True
-    lines = {"snapkv": [], "kvzip": []}
+    held = {"snapkv": [], "kvzip": []}  # per layer, each KV head's count of the needle's tokens among its best KEPT
     for snap, kvzip in captured:
         for name, score in (("snapkv", snap), ("kvzip", kvzip)):
             ranked = score.masked_fill(~candidates, float("-inf")).argsort(-1, descending=True)[:, :KEPT]
-            held = [len(set(r.tolist()) & set(range(start, end))) for r in ranked]
-            lines[name].append("/".join(f"{h:2d}" for h in held))
+            held[name].append([len(set(r.tolist()) & set(range(start, end))) for r in ranked])
     print(f"sample {p['index']} answer {answer} at {start}..{end - 1} of {len(ids)}: its {end - start} tokens held "
           f"per KV head, layer 0 first", flush=True)
     shared = sum(snap / snap.sum(-1, keepdim=True) for snap, _ in captured).mean(0)
     top = shared.masked_fill(~candidates, float("-inf")).argsort(descending=True)[:KEPT]
     print(f"  shared: {len(set(top.tolist()) & set(range(start, end)))} tokens held in every head", flush=True)
-    for name, held in lines.items():
-        whole = sum(x == str(end - start) for layer in held for x in layer.replace(" ", "").split("/"))
-        print(f"  {name:6s} heads holding all: {whole:2d} of {3 * len(held)} | " + " | ".join(held), flush=True)
+    for name, layers in held.items():
+        whole = sum(n == end - start for layer in layers for n in layer)
+        print(f"  {name:6s} heads holding all: {whole:2d} of {sum(map(len, layers))} | "
+              + " | ".join("/".join(f"{n:2d}" for n in layer) for layer in layers), flush=True)
