@@ -6,6 +6,8 @@
 # would keep among its best M candidates (M = 312: budget 360 less sinks and window 16/32, 0.100x at 1k with int4).
 # "shared": snapkv's scores, each head's normalised to sum 1, averaged over every head of every layer: one choice
 # for all heads (a layer would need the later layers' scores: a selection after the whole prompt's pass).
+# "kvzip per layer" / "kvzip shared": KVzip's scores, each token's most attention from any head of the layer / of
+# any layer: one choice for a layer's heads / for all.
 # One model load; run from the repo root:
 #   .venv/bin/python outputs/results/cpu_uuid_kept_2026-12-06/kvzip_scores.py niah_single_3 1024 0,1,2
 import sys
@@ -60,6 +62,12 @@ for p in prompts:
     shared = sum(snap / snap.sum(-1, keepdim=True) for snap, _ in captured).mean(0)
     top = shared.masked_fill(~candidates, float("-inf")).argsort(descending=True)[:KEPT]
     print(f"  shared: {len(set(top.tolist()) & set(range(start, end)))} tokens held in every head", flush=True)
+    # KVzip's scores shared: each token's most attention from any head of a layer (per layer), or of any layer
+    for name, score in (("kvzip per layer", torch.stack([kvzip.amax(0) for _, kvzip in captured])),
+                        ("kvzip shared", torch.stack([kvzip.amax(0) for _, kvzip in captured]).amax(0, keepdim=True))):
+        ranked = score.masked_fill(~candidates, float("-inf")).argsort(-1, descending=True)[:, :KEPT]
+        counts = [len(set(r.tolist()) & set(range(start, end))) for r in ranked]
+        print(f"  {name}: tokens held in every head of a layer: " + " ".join(map(str, counts)), flush=True)
     for name, layers in held.items():
         whole = sum(n == end - start for layer in layers for n in layer)
         print(f"  {name:6s} heads holding all: {whole:2d} of {sum(map(len, layers))} | "
