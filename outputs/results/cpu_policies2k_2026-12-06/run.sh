@@ -5,8 +5,8 @@
 # 10 samples a task, float32 SmolLM2-135M-Instruct on the CPU, greedy, sinks/window 16/32, --rotate auto. kvpress's
 # best at 2k: 26.7 (outputs/results/cpu_peers2k_2026-12-05/); full 83.3 (cpu_goals_2026-12-04/ruler2k_full.json).
 # One row per task and policy (about 5 minutes a row alone); resumable: a row whose JSON exists is skipped.
-# Measured 2026-12-06: h2o 26.7 (niah_single_1 0 / niah_single_2 30 / niah_multikey_1 50); expected_attention's
-# rows not run yet.
+# Measured 2026-12-06: h2o 26.7 (niah_single_1 0 / niah_single_2 30 / niah_multikey_1 50); expected_attention
+# 26.7 (0 / 40 / 40).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 out=outputs/results/cpu_policies2k_2026-12-06
