@@ -11,10 +11,10 @@ Strategies and their options are generate.py's subcommands. One JSON object per 
     on past --max_tokens, recording perplexity by position; caches with a fixed capacity (full, quantize_kv) stop
     at --max_position. --stream_step decode feeds each token through the decode step instead of a one-token
     prefill chunk: generation's own path, where an eviction policy moves the token leaving the window into its
-    store (a prefill chunk has the policy choose again what it keeps from its pooled scores), and far faster for
-    the eviction caches. --stream_prompt N feeds the text's first N tokens as one prompt, compressed as the
-    strategy compresses a prompt (SnapKV and Expected Attention choose only there: decoded from the first token,
-    they keep the first tokens that leave the window), and scores the max_tokens - N tokens after it.
+    store (a prefill chunk has the policy choose again what it keeps from its pooled scores, sorting every held
+    token for every token streamed). --stream_prompt N feeds the text's first N tokens as one prompt, compressed as
+    the strategy compresses a prompt (SnapKV and Expected Attention choose only there: decoded from the first
+    token, they keep the first tokens that leave the window), and scores the max_tokens - N tokens after it.
   * ROUGE-L: greedy continuations of --rouge_prompts prompts cut from the text, scored against the text's own
     continuation and against the full cache's (computed once per checkpoint and prompt set, cached in
     outputs/rouge_full/).

@@ -37,6 +37,8 @@ CASES = {
                                            group_size=8)),
     # --fine_share: mixed precision by score (tova demotes 4-bit tokens to 2 bits as it decodes)
     "tova-mixed": ("tova", dict(SINK_WINDOW, budget=20, then_bits="2", fine_share=0.5, group_size=8)),
+    # --decode_kernel_size: each decode step's attention pooled over held neighbours, per row's own tokens
+    "tova-pooled-decode": ("tova", dict(SINK_WINDOW, budget=20, then_bits="4", group_size=8, decode_kernel_size=3)),
 }
 # Ragged: one token, shorter than sinks + window, longer than the window, and longer than several flush groups.
 PROMPT_LENGTHS = [7, 1, 23, 41]  # the one-token prompt not in row 0: its prefill must reach its own row

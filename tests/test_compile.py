@@ -31,7 +31,9 @@ CASES = {
     "h2o": ("h2o", dict(SINK_WINDOW, budget=24)),  # evicts from position 24 on, with scores from every step
     "snapkv-then-int8": ("snapkv", dict(SINK_WINDOW, budget=24, then_bits="8")),
     "snapkv-adaptive": ("snapkv", dict(SINK_WINDOW, budget=24, head_budget="adaptive")),
-    "tova-mixed": ("tova", dict(SINK_WINDOW, budget=24, then_bits="2", fine_share=0.5, group_size=16)),
+    # with the decode step's attention pooled over 3 held neighbours (--decode_kernel_size: an argsort a step)
+    "tova-mixed": ("tova", dict(SINK_WINDOW, budget=24, then_bits="2", fine_share=0.5, group_size=16,
+                                decode_kernel_size=3)),
 }
 # The fused Triton decode attention (--attn_impl triton, a custom op under torch.compile) on its richest input,
 # quantize_kv's packed KIVI store; Triton's CPU interpreter is slow, so the full cache's (hi store only) is left to

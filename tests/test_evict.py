@@ -26,9 +26,9 @@ class Reference:
     tokens each head has room for (adaptive: what it won at the prompt when the prompt overflowed the budget)."""
 
     def __init__(self, policy: str, kernel_size: int, adaptive: bool = False, floor: int = 0, fine_size: int = 0,
-                 group_size: int = 0, obs_window: int = W, pooling: str = "centered"):
+                 group_size: int = 0, obs_window: int = W, pooling: str = "centered", decode_kernel_size: int = 1):
         self.policy, self.kernel_size, self.adaptive, self.floor = policy, kernel_size, adaptive, floor
-        self.pooling = pooling
+        self.pooling, self.decode_kernel_size = pooling, decode_kernel_size
         self.obs_window = obs_window  # snapkv: the last prompt queries that score
         self.k, self.v = {}, {}
         self.kept = [[] for _ in range(H)]
@@ -133,7 +133,13 @@ class Reference:
                 for h in range(H)]
         out, probs = self.attend(q, held)
         for h in range(H):
-            for t, prob in zip(held[h], probs[h].tolist()):
+            k = self.decode_kernel_size  # neighbours among the held tokens, in position order, as many as exist
+            around = (lambda i: range(i - k + 1, i + 1)) if self.pooling == "forward" else \
+                (lambda i: range(i - k // 2, i + k // 2 + 1))
+            step = probs[h].tolist()
+            pooled = [sum(step[j] for j in around(i) if 0 <= j < len(step)) /
+                      sum(1 for j in around(i) if 0 <= j < len(step)) for i in range(len(step))]
+            for t, prob in zip(held[h], pooled):
                 if self.policy == "h2o":
                     self.score[h][t] += prob
                 elif self.policy == "tova":
@@ -166,14 +172,28 @@ def make_cache(policy, batch=1, **options):
                                                         ("tova", 3, "centered"), ("tova", 3, "forward"),
                                                         ("snapkv", 5, "forward")])
 def test_policy_keeps_what_the_reference_keeps(policy, kernel_size, pooling, head_budget):
+    check_against_reference(policy, kernel_size, pooling, head_budget)
+
+
+@pytest.mark.parametrize("policy,pooling", [("tova", "centered"), ("tova", "forward"), ("h2o", "centered")])
+def test_pooled_decode_scores_keep_what_the_reference_keeps(policy, pooling):
+    """--decode_kernel_size 3: each decode step's attention pooled over neighbouring held tokens before the scores
+    take it; the tokens kept, outputs and scores are the reference's, and differ from unpooled decoding's."""
+    pooled = check_against_reference(policy, 3, pooling, "uniform", decode_kernel_size=3)
+    assert pooled.kept != check_against_reference(policy, 3, pooling, "uniform").kept or policy == "h2o"
+
+
+def check_against_reference(policy, kernel_size, pooling, head_budget, decode_kernel_size=1) -> "Reference":
     gen = torch.Generator().manual_seed(7)
     T = PROMPT + STEPS
     q = torch.randn(1, HQ, T, D, generator=gen) * 2  # peaked attention: scores well apart, no near-ties
     k = torch.randn(1, H, T, D, generator=gen) * 2
     v = torch.randn(1, H, T, D, generator=gen)
     # pooled over 3 positions at most here: snapkv's default (15) spans this 12-token prompt, so every score would tie
-    cache = make_cache(policy, head_budget=head_budget, head_floor=0.25, kernel_size=kernel_size, pooling=pooling)
-    ref = Reference(policy, kernel_size, head_budget == "adaptive", cache.opts.floor_size, pooling=pooling)
+    cache = make_cache(policy, head_budget=head_budget, head_floor=0.25, kernel_size=kernel_size, pooling=pooling,
+                       decode_kernel_size=decode_kernel_size)
+    ref = Reference(policy, kernel_size, head_budget == "adaptive", cache.opts.floor_size, pooling=pooling,
+                    decode_kernel_size=decode_kernel_size)
     cos, sin = identity_rope(T)  # keys and queries unrotated: the reference needs no RoPE
     out = cache(q[:, :, :PROMPT], k[:, :, :PROMPT], v[:, :, :PROMPT], torch.arange(PROMPT), cos, sin,
                 torch.tensor([0]))
@@ -192,6 +212,7 @@ def test_policy_keeps_what_the_reference_keeps(policy, kernel_size, pooling, hea
             assert all(abs(got[t] - ref.score[h][t]) < 1e-4 for t in ref.kept[h]), (p, h)
     if policy == "tova":  # decoding replaced some prompt tokens (h2o's prompt tokens have accumulated more)
         assert any(t >= PROMPT - W for kept in ref.kept for t in kept)
+    return ref
 
 
 def test_snapkv_observation_window_scores_with_its_queries():
@@ -378,6 +399,10 @@ def test_bad_options_are_one_line_errors():
         cls.check_options(dict(then_bits="2", fine_share=1, budget=40048), 128, 64)
     with pytest.raises(ValueError, match="--group_size 48 must divide head_dim 64"):
         kv_cache.STRATEGIES["h2o"].check_options(dict(then_bits="4", group_size=48), 128, 64)
+    with pytest.raises(ValueError, match="--decode_kernel_size must be an odd whole number >= 1"):
+        kv_cache.STRATEGIES["tova"].check_options(dict(decode_kernel_size=2), 128, 64)
+    with pytest.raises(ValueError, match="--decode_kernel_size pools over each head's own lane: it needs"):
+        kv_cache.STRATEGIES["tova"].check_options(dict(decode_kernel_size=3, head_budget="adaptive"), 128, 64)
 
 
 @pytest.mark.parametrize("policy", ["snapkv", "h2o", "tova"])
