@@ -385,8 +385,9 @@ class EvictionCache(KVCache):
         held = torch.arange(n_slots, device=probs.device) < self.n_older[:R, :, None]
         older_pos = self.older_pos[:R].long().masked_fill(~held, -1)
         ring_pos = self.ring.pos[:R].long()[:, None, :].expand(R, self.n_kv_head, -1)
-        return pooled_over_positions(probs, torch.cat([older_pos, ring_pos], dim=2), self.opts.decode_kernel_size,
-                                     forward=self.opts.pooling == "forward")
+        pos = torch.cat([older_pos, ring_pos], dim=2)
+        pooled = pooled_over_positions(probs, pos, self.opts.decode_kernel_size, forward=self.opts.pooling == "forward")
+        return pooled.masked_fill(pos < 0, 0.0)  # what is not held gets nothing, as unpooled (not its neighbours')
 
     def fine_entries(self, slots: Tensor, kept: Tensor, score: Tensor) -> Tensor:
         """--fine_share, a decode step: the low-plane entry (R, H) (-1: none) of the token leaving the window, kept

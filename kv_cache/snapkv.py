@@ -21,6 +21,9 @@ class SnapKVOptions(EvictOptions):
 
     def check(self, head_dim):
         super().check(head_dim)
+        if self.decode_kernel_size != 1:
+            raise ValueError("snapkv never revises its choice while decoding, so --decode_kernel_size has no "
+                             "effect: drop it (it serves tova)")
         if not isinstance(self.obs_window, int) or self.obs_window < 0:
             raise ValueError(f"--obs_window must be a whole number of queries >= 0 (got {self.obs_window}): "
                              "e.g. 64, or 0 for --window_size")

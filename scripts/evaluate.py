@@ -12,9 +12,10 @@ Strategies and their options are generate.py's subcommands. One JSON object per 
     at --max_position. --stream_step decode feeds each token through the decode step instead of a one-token
     prefill chunk: generation's own path, where an eviction policy moves the token leaving the window into its
     store (a prefill chunk has the policy choose again what it keeps from its pooled scores, sorting every held
-    token for every token streamed). --stream_prompt N feeds the text's first N tokens as one prompt, compressed as
-    the strategy compresses a prompt (SnapKV and Expected Attention choose only there: decoded from the first
-    token, they keep the first tokens that leave the window), and scores the max_tokens - N tokens after it.
+    token for every token streamed). --stream_prompt N feeds the text's first N tokens as one prefill chunk, a
+    prompt as generation feeds one of up to --prefill_chunk_size tokens (512 by default), compressed as the strategy
+    compresses it (SnapKV and Expected Attention choose only there: decoded from the first token, they keep the
+    first tokens that leave the window), and scores the max_tokens - N tokens after it.
   * ROUGE-L: greedy continuations of --rouge_prompts prompts cut from the text, scored against the text's own
     continuation and against the full cache's (computed once per checkpoint and prompt set, cached in
     outputs/rouge_full/).
@@ -113,8 +114,9 @@ def add_arguments(parser, suppress=False):
                         help="how perplexity feeds each token with --chunk_size 1: as a one-token prefill chunk "
                              "(default) or through the decode step, as generation feeds it")
     parser.add_argument("--stream_prompt", type=int, default=default(0),
-                        help="perplexity: feed the text's first this many tokens as one prompt (compressed as the "
-                             "strategy compresses a prompt) and score the --max_tokens minus these after it (0: none)")
+                        help="perplexity: feed the text's first this many tokens as one prefill chunk, a prompt "
+                             "(compressed as the strategy compresses one), and score the --max_tokens minus these "
+                             "after it (0: none)")
     parser.add_argument("--stream_tokens", type=int, default=default(0),
                         help="stream on to this many tokens, recording perplexity by position (default: --max_tokens)")
     parser.add_argument("--max_position", type=int, default=default(0),

@@ -183,9 +183,18 @@ def test_pooled_decode_scores_keep_what_the_reference_keeps(policy, pooling):
     assert pooled.kept != check_against_reference(policy, 3, pooling, "uniform").kept or policy == "h2o"
 
 
-def check_against_reference(policy, kernel_size, pooling, head_budget, decode_kernel_size=1) -> "Reference":
+@pytest.mark.parametrize("prompt", [S + W + 1, 3])
+@pytest.mark.parametrize("policy", ["tova", "h2o"])
+def test_pooled_decode_over_a_store_and_ring_still_filling(policy, prompt):
+    """Short prompts: decoding starts with the kept store (and, for 3 tokens, the ring) part empty, so the pooling
+    must skip the slots nothing holds, as the reference's held tokens do."""
+    check_against_reference(policy, 3, "centered", "uniform", decode_kernel_size=3, prompt=prompt, steps=14)
+
+
+def check_against_reference(policy, kernel_size, pooling, head_budget, decode_kernel_size=1, prompt=PROMPT,
+                            steps=STEPS) -> "Reference":
     gen = torch.Generator().manual_seed(7)
-    T = PROMPT + STEPS
+    T = prompt + steps
     q = torch.randn(1, HQ, T, D, generator=gen) * 2  # peaked attention: scores well apart, no near-ties
     k = torch.randn(1, H, T, D, generator=gen) * 2
     v = torch.randn(1, H, T, D, generator=gen)
@@ -195,14 +204,14 @@ def check_against_reference(policy, kernel_size, pooling, head_budget, decode_ke
     ref = Reference(policy, kernel_size, head_budget == "adaptive", cache.opts.floor_size, pooling=pooling,
                     decode_kernel_size=decode_kernel_size)
     cos, sin = identity_rope(T)  # keys and queries unrotated: the reference needs no RoPE
-    out = cache(q[:, :, :PROMPT], k[:, :, :PROMPT], v[:, :, :PROMPT], torch.arange(PROMPT), cos, sin,
+    out = cache(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], torch.arange(prompt), cos, sin,
                 torch.tensor([0]))
-    ref_out = ref.prefill(q[0, :, :PROMPT], k[0, :, :PROMPT], v[0, :, :PROMPT])
+    ref_out = ref.prefill(q[0, :, :prompt], k[0, :, :prompt], v[0, :, :prompt])
     assert torch.allclose(out[0].double(), ref_out, atol=1e-5)
     assert cache.older_tokens(0) == ref.kept, "after the prompt"
     if head_budget == "adaptive":  # the heads' shares differ, and their sum is the budget's
         assert len(set(ref.room)) > 1 and sum(ref.room) == H * (BUDGET - S - W), ref.room
-    for p in range(PROMPT, T):
+    for p in range(prompt, T):
         out = cache(q[:, :, p:p + 1], k[:, :, p:p + 1], v[:, :, p:p + 1], torch.tensor([[p]]), cos, sin)
         ref_out = ref.decode(q[0, :, p], k[0, :, p], v[0, :, p])
         assert torch.allclose(out[0, :, 0].double(), ref_out, atol=1e-5), f"output at position {p}"
@@ -211,7 +220,7 @@ def check_against_reference(policy, kernel_size, pooling, head_budget, decode_ke
             got = held_scores(cache, 0, h)
             assert all(abs(got[t] - ref.score[h][t]) < 1e-4 for t in ref.kept[h]), (p, h)
     if policy == "tova":  # decoding replaced some prompt tokens (h2o's prompt tokens have accumulated more)
-        assert any(t >= PROMPT - W for kept in ref.kept for t in kept)
+        assert any(t >= prompt - W for kept in ref.kept for t in kept)
     return ref
 
 
@@ -403,6 +412,8 @@ def test_bad_options_are_one_line_errors():
         kv_cache.STRATEGIES["tova"].check_options(dict(decode_kernel_size=2), 128, 64)
     with pytest.raises(ValueError, match="--decode_kernel_size pools over each head's own lane: it needs"):
         kv_cache.STRATEGIES["tova"].check_options(dict(decode_kernel_size=3, head_budget="adaptive"), 128, 64)
+    with pytest.raises(ValueError, match="snapkv never revises its choice while decoding, so --decode_kernel_size"):
+        cls.check_options(dict(decode_kernel_size=3), 128, 64)
 
 
 @pytest.mark.parametrize("policy", ["snapkv", "h2o", "tova"])
