@@ -29,8 +29,8 @@ class ExpectedAttentionOptions(EvictOptions):
     def check(self, head_dim):
         super().check(head_dim)
         if self.decode_kernel_size != 1:
-            raise ValueError("expected_attention never revises its choice while decoding, so --decode_kernel_size has no "
-                             "effect: drop it (it serves tova)")
+            raise ValueError("expected_attention never revises its choice while decoding, so --decode_kernel_size "
+                             "has no effect: drop it (it serves tova)")
         if not isinstance(self.n_future, int) or self.n_future < 1:
             raise ValueError(f"--n_future must be a whole number >= 1 (got {self.n_future})")
 
