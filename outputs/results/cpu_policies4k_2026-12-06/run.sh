@@ -3,9 +3,9 @@
 # defaults, --kernel_size 15) with int4 kept tokens at 0.100x of full's KV bytes (budget 2146 at 4096 tokens, as the
 # 0.1x rows of outputs/results/cpu_ruler4k_2026-12-04/), RULER niah_single_1, niah_single_2, niah_multikey_1,
 # 10 samples a task, float32 SmolLM2-135M-Instruct on the CPU, greedy, sinks/window 16/32, --rotate auto. kvpress's
-# best at 4k: 26.7 at 0.107x (docs/results.md). One row per task and policy (the first took over 45 minutes beside other jobs);
-# resumable: a row whose JSON exists is skipped. Not run yet: 2026-12-06's first row (h2o, niah_single_1) was
-# stopped at 4 of 10 prompts after 45 minutes beside other jobs, so that the streamed perplexity rows could run.
+# best at 4k: 26.7 at 0.107x (docs/results.md). One row per task and policy;
+# resumable: a row whose JSON exists is skipped. Measured 2026-12-06, alone, 9-12 minutes a row: h2o 3.3
+# (niah_single_1 0 / niah_single_2 10 / niah_multikey_1 0); expected_attention's rows not run yet.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 out=outputs/results/cpu_policies4k_2026-12-06
