@@ -622,8 +622,8 @@ def run_settings(args, options: dict) -> dict:
                                   *OUTPUT_OPTIONS)]  # how the ranks split the heads changes no result
     if not args.ruler:  # no RULER: a result made before the RULER options existed has the same settings
         measured = [name for name in measured if not name.startswith("ruler")]
-    for name, default in (("stream_step", "prefill"), ("stream_prompt", 0)):
-        if getattr(args, name) == default:  # the same settings as a result made before the option existed
+    for name in ("stream_step", "stream_prompt"):
+        if getattr(args, name) == parser.get_default(name):  # the settings of a result made before the option
             measured.remove(name)
     if not args.quantize:  # float weights: the same settings as a result made before --quantize existed
         measured = [name for name in measured if name not in ("quantize", "weight_group_size")]

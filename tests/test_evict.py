@@ -10,7 +10,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import kv_cache
 from kernels.quantize import quantize_planes, unpack_bits
@@ -64,6 +63,14 @@ class Reference:
             probs.append(p.sum(0))
         return out, probs
 
+    def pooled(self, values: list, k: int) -> list:
+        """Each value averaged over its k neighbours in the list (the held tokens in position order) as many as
+        exist: centred, or with --pooling forward the k up to it."""
+        around = (lambda i: range(i - k + 1, i + 1)) if self.pooling == "forward" else \
+            (lambda i: range(i - k // 2, i + k // 2 + 1))
+        return [sum(values[j] for j in around(i) if 0 <= j < len(values)) /
+                sum(1 for j in around(i) if 0 <= j < len(values)) for i in range(len(values))]
+
     def keep_fine(self, h, t, replaced):
         """Mixed precision: head h keeps position t, in place of `replaced` (None: a free slot). It is fine if the
         replaced token was, or a fine place is free, or it outscores the lowest fine token (demoted)."""
@@ -91,11 +98,8 @@ class Reference:
             mass = torch.zeros(T, dtype=torch.float64)
             for t in queries:
                 mass[:t + 1] += self.attend(q[:, t], [list(range(t + 1))] * H)[1][h]
-            if self.kernel_size > 1 and self.pooling == "forward":  # the kernel_size positions up to each token
-                mass = torch.stack([mass[max(0, t - self.kernel_size + 1):t + 1].mean() for t in range(T)])
-            elif self.kernel_size > 1:  # --kernel_size: pooled over neighbouring positions (snapkv's default)
-                mass = F.avg_pool1d(mass[None, None], self.kernel_size, 1, self.kernel_size // 2,
-                                    count_include_pad=False)[0, 0]
+            if self.kernel_size > 1:  # --kernel_size: pooled over neighbouring positions (snapkv's default)
+                mass = torch.tensor(self.pooled(mass.tolist(), self.kernel_size), dtype=torch.float64)
             self.score[h] = {t: float(mass[t]) for t in range(T)}
             best = sorted(candidates, key=lambda t: -self.score[h][t])[:BUDGET - S - W]
             self.kept[h] = sorted(best)
@@ -133,13 +137,7 @@ class Reference:
                 for h in range(H)]
         out, probs = self.attend(q, held)
         for h in range(H):
-            k = self.decode_kernel_size  # neighbours among the held tokens, in position order, as many as exist
-            around = (lambda i: range(i - k + 1, i + 1)) if self.pooling == "forward" else \
-                (lambda i: range(i - k // 2, i + k // 2 + 1))
-            step = probs[h].tolist()
-            pooled = [sum(step[j] for j in around(i) if 0 <= j < len(step)) /
-                      sum(1 for j in around(i) if 0 <= j < len(step)) for i in range(len(step))]
-            for t, prob in zip(held[h], pooled):
+            for t, prob in zip(held[h], self.pooled(probs[h].tolist(), self.decode_kernel_size)):
                 if self.policy == "h2o":
                     self.score[h][t] += prob
                 elif self.policy == "tova":
