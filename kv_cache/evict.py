@@ -128,9 +128,6 @@ class EvictOptions(SinkWindowOptions, RotateOptions):
         if not isinstance(self.decode_kernel_size, int) or self.decode_kernel_size < 1 \
                 or self.decode_kernel_size % 2 == 0:
             raise ValueError(f"--decode_kernel_size must be an odd whole number >= 1 (got {self.decode_kernel_size})")
-        if self.decode_kernel_size > 1 and self.head_budget != "uniform":
-            raise ValueError("--decode_kernel_size pools over each head's own lane: it needs --head_budget uniform "
-                             "(or use --decode_kernel_size 1)")
         if not isinstance(self.head_floor, (int, float)) or not 0 <= self.head_floor <= 1:
             raise ValueError(f"--head_floor must be a share between 0 and 1 (got {self.head_floor}): e.g. 0.2")
         if self.rotates() and self.then_bits is None:
@@ -202,14 +199,16 @@ class EvictionCache(KVCache):
         """The queries of a T-token prefill chunk whose attention scores the tokens."""
         return slice(0, T)
 
-    def prefill_scores(self, attention: Tensor, old: Tensor) -> Tensor:
+    def prefill_scores(self, attention: Tensor, old: Tensor, pos: Tensor, first: int, end: int) -> Tensor:
         """Scores (R, H, N) of the N tokens a chunk sees, from the attention they received from the chunk
         (prompt_attention, pooled over --kernel_size positions) and their scores before the chunk, old (R, H, N) (0
-        for the chunk's own). By default the chunk's attention alone: the prompt's end chooses (snapkv, tova)."""
+        for the chunk's own); pos (R, H, N) their positions (-1: an empty slot), the chunk's first .. end - 1. By
+        default the chunk's attention alone: the prompt's end chooses (snapkv, tova)."""
         return attention
 
-    def update(self, scores: Tensor, probs: Tensor) -> Tensor:
-        """Scores after a decode step whose attention probabilities (per KV head) are probs (same shape)."""
+    def update(self, scores: Tensor, probs: Tensor, pos: Tensor, now: Tensor) -> Tensor:
+        """Scores after a decode step at position now (R, 1, 1) whose attention probabilities (per KV head) are
+        probs, for the tokens at positions pos (scores' shape, -1: an empty slot)."""
         raise NotImplementedError
 
     def prompt_attention(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, chunk) -> Tensor:
@@ -373,21 +372,33 @@ class EvictionCache(KVCache):
                                         older_start=self.older_start[:R] if self.adaptive else None)
         if self.opts.decode_kernel_size > 1:
             probs = self.pooled_step(probs)
-        self.older_score[:R] = self.update(self.older_score[:R], probs[..., :n_slots])
-        self.ring_score[:R] = self.update(self.ring_score[:R], probs[..., n_slots:])
+        now = pos[:, :, None]
+        self.older_score[:R] = self.update(self.older_score[:R], probs[..., :n_slots], self.older_pos[:R].long(), now)
+        self.ring_score[:R] = self.update(self.ring_score[:R], probs[..., n_slots:],
+                                          self.ring.pos[:R].long()[:, None, :], now)
         return out
 
     def pooled_step(self, probs: Tensor) -> Tensor:
         """--decode_kernel_size: a decode step's probabilities (R, H, older slots + ring slots) averaged over that
-        many neighbouring held tokens in position order (pooled_over_positions, as the prompt's). Uniform budgets:
-        head h holds its lane's first n_older slots; the rest (and the scratch slot) are not held."""
-        R, n_slots = probs.shape[0], self.older.n_slots
-        held = torch.arange(n_slots, device=probs.device) < self.n_older[:R, :, None]
-        older_pos = self.older_pos[:R].long().masked_fill(~held, -1)
-        ring_pos = self.ring.pos[:R].long()[:, None, :].expand(R, self.n_kv_head, -1)
+        many neighbouring held tokens of each head in position order (pooled_over_positions, as the prompt's). The
+        older columns are cells (a slot of a lane, base.attend_decode): head h holds the cells of its run
+        (older_start, n_older: its own lane's first slots under uniform budgets, any lane's under adaptive), so each
+        head pools over every lane's cells with those of other heads, the scratch slot and the empty ones not held,
+        and a cell takes the pooled value of the one head that holds it."""
+        R, H, n_slots = probs.shape[0], self.n_kv_head, self.older.n_slots
+        run = torch.arange(H * self.older_size, device=probs.device)
+        in_run = (run >= self.older_start[:R, :, None]) & (run < (self.older_start + self.n_older)[:R, :, None])
+        holds = torch.zeros(R, H, H * n_slots, dtype=torch.bool, device=probs.device).scatter(
+            2, self.cells(run).expand(R, H, -1), in_run)  # (R, H, cells): head h holds the cell
+        older_pos = torch.where(holds, self.older_pos[:R].long().view(R, 1, -1), -1)
+        older_mass = torch.where(holds, probs[..., :n_slots].reshape(R, 1, -1), 0.0)
+        ring_pos = self.ring.pos[:R].long()[:, None, :].expand(R, H, -1)
         pos = torch.cat([older_pos, ring_pos], dim=2)
-        pooled = pooled_over_positions(probs, pos, self.opts.decode_kernel_size, forward=self.opts.pooling == "forward")
-        return pooled.masked_fill(pos < 0, 0.0)  # what is not held gets nothing, as unpooled (not its neighbours')
+        pooled = pooled_over_positions(torch.cat([older_mass, probs[..., n_slots:]], dim=2), pos,
+                                       self.opts.decode_kernel_size, forward=self.opts.pooling == "forward")
+        pooled = pooled.masked_fill(pos < 0, 0.0)  # what is not held gets nothing, as unpooled (not its neighbours')
+        older = pooled[..., :H * n_slots].sum(1).view(R, H, n_slots)  # one head at most holds a cell
+        return torch.cat([older, pooled[..., H * n_slots:]], dim=2)
 
     def fine_entries(self, slots: Tensor, kept: Tensor, score: Tensor) -> Tensor:
         """--fine_share, a decode step: the low-plane entry (R, H) (-1: none) of the token leaving the window, kept
@@ -449,7 +460,7 @@ class EvictionCache(KVCache):
                                               forward=self.opts.pooling == "forward")
         old_scores = self.older_score[rows].view(R, -1).gather(1, cells).view(R, H, L).masked_fill(~held_older, 0.0)
         old = torch.cat([old_scores, self.ring_score[rows], torch.zeros(R, H, T, device=dev)], dim=2)
-        scores = self.prefill_scores(attention, old)
+        scores = self.prefill_scores(attention, old, all_pos, first, end)
         in_ring = (all_pos >= 0) & ((all_pos < S) | (all_pos >= end - W))
         # Tokens in position order (a stable sort), so ties in score go to the earlier position and the choice never
         # depends on the layout (heads per rank, paging, where tokens sit in the cache).

@@ -67,5 +67,5 @@ class ExpectedAttentionCache(EvictionCache):
         probs = torch.softmax(logits.masked_fill(~held, float("-inf")), dim=-1).nan_to_num(0.0)
         return (per_kv_head(probs, self.n_kv_head) * values.double().norm(dim=-1)).float()
 
-    def update(self, scores, probs):
+    def update(self, scores, probs, pos, now):
         return scores  # decoding never revises the prompt's selection

@@ -40,5 +40,5 @@ class SnapKVCache(EvictionCache):
     def score_queries(self, T):
         return slice(max(0, T - (self.opts.obs_window or self.window_size)), T)
 
-    def update(self, scores, probs):
+    def update(self, scores, probs, pos, now):
         return scores  # decoding never revises the prompt's selection

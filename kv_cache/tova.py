@@ -21,5 +21,5 @@ class TOVACache(EvictionCache):
     def score_queries(self, T):
         return slice(T - 1, T)
 
-    def update(self, scores, probs):
+    def update(self, scores, probs, pos, now):
         return probs

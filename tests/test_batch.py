@@ -27,6 +27,7 @@ CASES = {
     "quantize_kv-int4-token-keys": ("quantize_kv", dict(SINK_WINDOW, bits="4", group_size=8, k_granularity="token")),
     # budget 20: 8 slots beyond sinks + window, so the longer prompts and their decoding evict
     "h2o": ("h2o", dict(SINK_WINDOW, budget=20)),
+    "h2o-mean": ("h2o", dict(SINK_WINDOW, budget=20, accumulate="mean")),  # scores by positions: chunks, rows
     "tova": ("tova", dict(SINK_WINDOW, budget=20)),
     "snapkv": ("snapkv", dict(SINK_WINDOW, budget=20)),
     "expected_attention": ("expected_attention", dict(SINK_WINDOW, budget=20)),
@@ -39,6 +40,9 @@ CASES = {
     "tova-mixed": ("tova", dict(SINK_WINDOW, budget=20, then_bits="2", fine_share=0.5, group_size=8)),
     # --decode_kernel_size: each decode step's attention pooled over held neighbours, per row's own tokens
     "tova-pooled-decode": ("tova", dict(SINK_WINDOW, budget=20, then_bits="4", group_size=8, decode_kernel_size=3)),
+    # ... and over each head's run across lanes (--head_budget adaptive)
+    "tova-adaptive-pooled-decode": ("tova", dict(SINK_WINDOW, budget=20, head_budget="adaptive",
+                                                 decode_kernel_size=3)),
 }
 # Ragged: one token, shorter than sinks + window, longer than the window, and longer than several flush groups.
 PROMPT_LENGTHS = [7, 1, 23, 41]  # the one-token prompt not in row 0: its prefill must reach its own row

@@ -25,9 +25,11 @@ class Reference:
     tokens each head has room for (adaptive: what it won at the prompt when the prompt overflowed the budget)."""
 
     def __init__(self, policy: str, kernel_size: int, adaptive: bool = False, floor: int = 0, fine_size: int = 0,
-                 group_size: int = 0, obs_window: int = W, pooling: str = "centered", decode_kernel_size: int = 1):
+                 group_size: int = 0, obs_window: int = W, pooling: str = "centered", decode_kernel_size: int = 1,
+                 accumulate: str = "sum"):
         self.policy, self.kernel_size, self.adaptive, self.floor = policy, kernel_size, adaptive, floor
         self.pooling, self.decode_kernel_size = pooling, decode_kernel_size
+        self.accumulate = accumulate  # h2o: the attention received summed, or its mean over the queries that paid it
         self.obs_window = obs_window  # snapkv: the last prompt queries that score
         self.k, self.v = {}, {}
         self.kept = [[] for _ in range(H)]
@@ -100,6 +102,8 @@ class Reference:
                 mass[:t + 1] += self.attend(q[:, t], [list(range(t + 1))] * H)[1][h]
             if self.kernel_size > 1:  # --kernel_size: pooled over neighbouring positions (snapkv's default)
                 mass = torch.tensor(self.pooled(mass.tolist(), self.kernel_size), dtype=torch.float64)
+            if self.accumulate == "mean":  # token t was attended by the T - t queries from t on
+                mass = mass / torch.arange(T, 0, -1, dtype=torch.float64)
             self.score[h] = {t: float(mass[t]) for t in range(T)}
             best = sorted(candidates, key=lambda t: -self.score[h][t])[:BUDGET - S - W]
             self.kept[h] = sorted(best)
@@ -138,7 +142,9 @@ class Reference:
         out, probs = self.attend(q, held)
         for h in range(H):
             for t, prob in zip(held[h], self.pooled(probs[h].tolist(), self.decode_kernel_size)):
-                if self.policy == "h2o":
+                if self.policy == "h2o" and self.accumulate == "mean":  # the queries t .. p - 1, then p's
+                    self.score[h][t] = (self.score[h][t] * (p - t) + prob) / (p - t + 1)
+                elif self.policy == "h2o":
                     self.score[h][t] += prob
                 elif self.policy == "tova":
                     self.score[h][t] = prob
@@ -173,12 +179,46 @@ def test_policy_keeps_what_the_reference_keeps(policy, kernel_size, pooling, hea
     check_against_reference(policy, kernel_size, pooling, head_budget)
 
 
+@pytest.mark.parametrize("head_budget", ["uniform", "adaptive"])
 @pytest.mark.parametrize("policy,pooling", [("tova", "centered"), ("tova", "forward"), ("h2o", "centered")])
-def test_pooled_decode_scores_keep_what_the_reference_keeps(policy, pooling):
-    """--decode_kernel_size 3: each decode step's attention pooled over neighbouring held tokens before the scores
-    take it; the tokens kept, outputs and scores are the reference's, and differ from unpooled decoding's."""
-    pooled = check_against_reference(policy, 3, pooling, "uniform", decode_kernel_size=3)
-    assert pooled.kept != check_against_reference(policy, 3, pooling, "uniform").kept or policy == "h2o"
+def test_pooled_decode_scores_keep_what_the_reference_keeps(policy, pooling, head_budget):
+    """--decode_kernel_size 3: each decode step's attention pooled over neighbouring held tokens of each head (under
+    adaptive budgets, its run across lanes) before the scores take it; the tokens kept, outputs and scores are the
+    reference's, and differ from unpooled decoding's."""
+    pooled = check_against_reference(policy, 3, pooling, head_budget, decode_kernel_size=3)
+    assert pooled.kept != check_against_reference(policy, 3, pooling, head_budget).kept or policy == "h2o"
+
+
+@pytest.mark.parametrize("kernel_size,decode_kernel_size,head_budget", [(1, 1, "uniform"), (3, 3, "uniform"),
+                                                                       (3, 3, "adaptive")])
+def test_h2o_mean_keeps_what_the_reference_keeps(kernel_size, decode_kernel_size, head_budget):
+    """--accumulate mean: each token's received attention divided by the queries that paid it (from its position on,
+    prompt and decode steps), pooled or not; the tokens kept, outputs and scores are the reference's, and the
+    choice differs from the sum's (which favours the earliest tokens)."""
+    mean = check_against_reference("h2o", kernel_size, "centered", head_budget, decode_kernel_size, accumulate="mean")
+    assert mean.kept != check_against_reference("h2o", kernel_size, "centered", head_budget, decode_kernel_size).kept
+
+
+def test_h2o_mean_over_chunks_and_steps_is_the_mean_attention_received():
+    """--accumulate mean through a prompt in two chunks and two decode steps, nothing evicted (9 tokens, budget 9):
+    each kept token's score is the attention its KV head's queries paid it, averaged over the queries from its
+    position on, computed from the whole causal attention in float64."""
+    gen = torch.Generator().manual_seed(3)
+    n = BUDGET
+    q, k, v = (torch.randn(1, heads, n, D, generator=gen) for heads in (HQ, H, H))
+    cache = make_cache("h2o", accumulate="mean")
+    cos, sin = identity_rope(n)
+    for first, end in ((0, 4), (4, 7), (7, 8), (8, 9)):
+        cache(q[:, :, first:end], k[:, :, first:end], v[:, :, first:end], torch.arange(first, end)[None], cos, sin,
+              torch.tensor([0]) if end - first > 1 else None)
+    logits = q[0].double() @ k[0].double().repeat_interleave(HQ // H, 0).transpose(1, 2) / math.sqrt(D)
+    probs = logits.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+    received = probs.view(H, HQ // H, n, n).sum(1)  # (H, queries, keys)
+    for h in range(H):
+        got = held_scores(cache, 0, h)
+        assert sorted(got) == list(range(S, n - W)), got  # every token past sinks, out of the window: kept
+        for t, score in got.items():
+            assert abs(score - float(received[h, t:, t].mean())) < 1e-5, (h, t)
 
 
 @pytest.mark.parametrize("prompt", [S + W + 1, 3])
@@ -190,7 +230,7 @@ def test_pooled_decode_over_a_store_and_ring_still_filling(policy, prompt):
 
 
 def check_against_reference(policy, kernel_size, pooling, head_budget, decode_kernel_size=1, prompt=PROMPT,
-                            steps=STEPS) -> "Reference":
+                            steps=STEPS, accumulate="sum") -> "Reference":
     gen = torch.Generator().manual_seed(7)
     T = prompt + steps
     q = torch.randn(1, HQ, T, D, generator=gen) * 2  # peaked attention: scores well apart, no near-ties
@@ -198,9 +238,9 @@ def check_against_reference(policy, kernel_size, pooling, head_budget, decode_ke
     v = torch.randn(1, H, T, D, generator=gen)
     # pooled over 3 positions at most here: snapkv's default (15) spans this 12-token prompt, so every score would tie
     cache = make_cache(policy, head_budget=head_budget, head_floor=0.25, kernel_size=kernel_size, pooling=pooling,
-                       decode_kernel_size=decode_kernel_size)
+                       decode_kernel_size=decode_kernel_size, **({"accumulate": accumulate} if policy == "h2o" else {}))
     ref = Reference(policy, kernel_size, head_budget == "adaptive", cache.opts.floor_size, pooling=pooling,
-                    decode_kernel_size=decode_kernel_size)
+                    decode_kernel_size=decode_kernel_size, accumulate=accumulate)
     cos, sin = identity_rope(T)  # keys and queries unrotated: the reference needs no RoPE
     out = cache(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], torch.arange(prompt), cos, sin,
                 torch.tensor([0]))
@@ -408,8 +448,6 @@ def test_bad_options_are_one_line_errors():
         kv_cache.STRATEGIES["h2o"].check_options(dict(then_bits="4", group_size=48), 128, 64)
     with pytest.raises(ValueError, match="--decode_kernel_size must be an odd whole number >= 1"):
         kv_cache.STRATEGIES["tova"].check_options(dict(decode_kernel_size=2), 128, 64)
-    with pytest.raises(ValueError, match="--decode_kernel_size pools over each head's own lane: it needs"):
-        kv_cache.STRATEGIES["tova"].check_options(dict(decode_kernel_size=3, head_budget="adaptive"), 128, 64)
     with pytest.raises(ValueError, match="snapkv never revises its choice while decoding, so --decode_kernel_size"):
         cls.check_options(dict(decode_kernel_size=3), 128, 64)
 

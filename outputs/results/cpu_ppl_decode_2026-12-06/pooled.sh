@@ -14,3 +14,7 @@ for policy in tova h2o; do
   common=("${base[@]}")
   row "ppl_${policy}_b360_int4_dk15" "$policy" --budget 360 --then_bits 4 --decode_kernel_size 15
 done
+# --head_budget adaptive (pooled over each head's run across lanes; refused before 2026-12-06, later): tova after
+# the 512-token prompt, against ppl.sh's adaptive row without pooling.
+common=("${base[@]}" --stream_prompt 512)
+row ppl_p512_tova_adaptive_b360_int4_dk15 tova --budget 360 --then_bits 4 --head_budget adaptive --decode_kernel_size 15
