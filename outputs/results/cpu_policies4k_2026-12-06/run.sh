@@ -5,7 +5,8 @@
 # 10 samples a task, float32 SmolLM2-135M-Instruct on the CPU, greedy, sinks/window 16/32, --rotate auto. kvpress's
 # best at 4k: 26.7 at 0.107x (docs/results.md). One row per task and policy;
 # resumable: a row whose JSON exists is skipped. Measured 2026-12-06, alone, 9-12 minutes a row: h2o 3.3
-# (niah_single_1 0 / niah_single_2 10 / niah_multikey_1 0); expected_attention's rows not run yet.
+# (niah_single_1 0 / niah_single_2 10 / niah_multikey_1 0); expected_attention 10.0 (0 / 10 / 20; 2026-12-06
+# later, 6-10 minutes a row beside another job).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 out=outputs/results/cpu_policies4k_2026-12-06
