@@ -381,24 +381,25 @@ class EvictionCache(KVCache):
     def pooled_step(self, probs: Tensor) -> Tensor:
         """--decode_kernel_size: a decode step's probabilities (R, H, older slots + ring slots) averaged over that
         many neighbouring held tokens of each head in position order (pooled_over_positions, as the prompt's). The
-        older columns are cells (a slot of a lane, base.attend_decode): head h holds the cells of its run
-        (older_start, n_older: its own lane's first slots under uniform budgets, any lane's under adaptive), so each
-        head pools over every lane's cells with those of other heads, the scratch slot and the empty ones not held,
-        and a cell takes the pooled value of the one head that holds it."""
-        R, H, n_slots = probs.shape[0], self.n_kv_head, self.older.n_slots
-        run = torch.arange(H * self.older_size, device=probs.device)
-        in_run = (run >= self.older_start[:R, :, None]) & (run < (self.older_start + self.n_older)[:R, :, None])
-        holds = torch.zeros(R, H, H * n_slots, dtype=torch.bool, device=probs.device).scatter(
-            2, self.cells(run).expand(R, H, -1), in_run)  # (R, H, cells): head h holds the cell
-        older_pos = torch.where(holds, self.older_pos[:R].long().view(R, 1, -1), -1)
-        older_mass = torch.where(holds, probs[..., :n_slots].reshape(R, 1, -1), 0.0)
+        older columns are cells (a slot of a lane, base.attend_decode), and head h holds those of its run
+        (older_start, n_older): under uniform budgets in its own lane's first slots, under adaptive in any lane's,
+        so there it is looked for in every lane's (H x the columns). Each held cell takes its head's pooled value;
+        the rest (the scratch slot, empty slots) 0, as unpooled."""
+        R, H, M, n_slots = probs.shape[0], self.n_kv_head, self.older_size, self.older.n_slots
+        run = torch.arange(H * M, device=probs.device)
+        run = run.expand(H, -1) if self.adaptive else run.view(H, M)  # (H, columns): the run tokens each head scans
+        held = (run >= self.older_start[:R, :, None]) & (run < (self.older_start + self.n_older)[:R, :, None])
+        cells = self.cells(run).expand(R, -1, -1).flatten(1)  # (R, H x columns)
+        older_pos = self.older_pos[:R].view(R, -1).gather(1, cells).view(held.shape).long().masked_fill(~held, -1)
+        older_mass = probs[..., :n_slots].reshape(R, -1).gather(1, cells).view(held.shape).masked_fill(~held, 0.0)
         ring_pos = self.ring.pos[:R].long()[:, None, :].expand(R, H, -1)
         pos = torch.cat([older_pos, ring_pos], dim=2)
         pooled = pooled_over_positions(torch.cat([older_mass, probs[..., n_slots:]], dim=2), pos,
                                        self.opts.decode_kernel_size, forward=self.opts.pooling == "forward")
         pooled = pooled.masked_fill(pos < 0, 0.0)  # what is not held gets nothing, as unpooled (not its neighbours')
-        older = pooled[..., :H * n_slots].sum(1).view(R, H, n_slots)  # one head at most holds a cell
-        return torch.cat([older, pooled[..., H * n_slots:]], dim=2)
+        older = torch.zeros(R, H * n_slots, device=probs.device, dtype=probs.dtype).scatter_add_(
+            1, cells, pooled[..., :run.shape[1]].flatten(1))  # one head at most holds a cell
+        return torch.cat([older.view(R, H, n_slots), pooled[..., run.shape[1]:]], dim=2)
 
     def fine_entries(self, slots: Tensor, kept: Tensor, score: Tensor) -> Tensor:
         """--fine_share, a decode step: the low-plane entry (R, H) (-1: none) of the token leaving the window, kept

@@ -1,12 +1,13 @@
 """h2o: Heavy-Hitter Oracle (Zhang et al., 2023), decode-time eviction under a fixed budget (kv_cache/evict.py keeps,
-evicts and frees; this policy only scores). A token's score is the attention it has received so far, summed over
-every query (prefill and decode) and the query heads of its KV head; the lowest-scored leaves. Scores come with the
-fused kernel's output (no second pass over the keys).
+evicts and frees; this policy only scores). A token's score is the attention it has received so far from every
+query (prefill and decode), summed over the query heads of its KV head, and over the queries (H2O's, the default)
+or averaged over them (--accumulate mean); the lowest-scored leaves. Scores come with the fused kernel's output (no
+second pass over the keys).
 
-A sum favours the oldest tokens, attended by the most queries: with --accumulate mean a token's score is the
-attention it received divided by the queries that have attended it (each query from its position on, so
-p - t + 1 at step p for a token at t), the average kvpress's ObservedAttentionPress scores a prompt by, kept as a
-running mean while decoding.
+A sum favours the oldest tokens, attended by the most queries. The mean divides by the queries that have attended
+the token (each query from its own position on: p - t + 1 at step p for a token at t), as kvpress's
+ObservedAttentionPress scores a prompt (it averages over the query heads too: a constant factor, the same choice),
+kept as a running mean while decoding.
 """
 from dataclasses import dataclass
 

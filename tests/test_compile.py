@@ -28,8 +28,10 @@ CASES = {
     "quantize_kv-int4": ("quantize_kv", dict(SINK_WINDOW, bits="4", group_size=16)),
     "quantize_kv-int2-token": ("quantize_kv", dict(SINK_WINDOW, bits="2", group_size=16, k_granularity="token",
                                                    rotate="hadamard")),
-    # evicts from position 24 on, with scores from every step (their mean: divided by each token's age)
-    "h2o": ("h2o", dict(SINK_WINDOW, budget=24, accumulate="mean")),
+    "h2o": ("h2o", dict(SINK_WINDOW, budget=24)),  # evicts from position 24 on, with scores from every step
+    # their mean over each token's queries (positions in the update), decode pooled over each head's run in any lane
+    "h2o-mean-adaptive-pooled": ("h2o", dict(SINK_WINDOW, budget=24, accumulate="mean", head_budget="adaptive",
+                                             decode_kernel_size=3)),
     "snapkv-then-int8": ("snapkv", dict(SINK_WINDOW, budget=24, then_bits="8")),
     "snapkv-adaptive": ("snapkv", dict(SINK_WINDOW, budget=24, head_budget="adaptive")),
     # with the decode step's attention pooled over 3 held neighbours (--decode_kernel_size: an argsort a step)

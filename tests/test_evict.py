@@ -199,26 +199,65 @@ def test_h2o_mean_keeps_what_the_reference_keeps(kernel_size, decode_kernel_size
     assert mean.kept != check_against_reference("h2o", kernel_size, "centered", head_budget, decode_kernel_size).kept
 
 
-def test_h2o_mean_over_chunks_and_steps_is_the_mean_attention_received():
-    """--accumulate mean through a prompt in two chunks and two decode steps, nothing evicted (9 tokens, budget 9):
-    each kept token's score is the attention its KV head's queries paid it, averaged over the queries from its
-    position on, computed from the whole causal attention in float64."""
-    gen = torch.Generator().manual_seed(3)
-    n = BUDGET
-    q, k, v = (torch.randn(1, heads, n, D, generator=gen) for heads in (HQ, H, H))
-    cache = make_cache("h2o", accumulate="mean")
-    cos, sin = identity_rope(n)
-    for first, end in ((0, 4), (4, 7), (7, 8), (8, 9)):
-        cache(q[:, :, first:end], k[:, :, first:end], v[:, :, first:end], torch.arange(first, end)[None], cos, sin,
-              torch.tensor([0]) if end - first > 1 else None)
-    logits = q[0].double() @ k[0].double().repeat_interleave(HQ // H, 0).transpose(1, 2) / math.sqrt(D)
-    probs = logits.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
-    received = probs.view(H, HQ // H, n, n).sum(1)  # (H, queries, keys)
+@pytest.mark.parametrize("head_budget", ["uniform", "adaptive"])
+def test_pooled_step_pools_each_heads_own_tokens(head_budget):
+    """pooled_step on random probabilities in every column, held or not: each head's held tokens (its run, in
+    whatever lanes, and the ring) averaged over their 3 neighbours in position order; every other column 0."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, heads, PROMPT, D, generator=gen) * 2 for heads in (HQ, H, H))
+    cache = make_cache("tova", head_budget=head_budget, head_floor=0.25, decode_kernel_size=3)
+    cache(q, k, v, torch.arange(PROMPT), *identity_rope(PROMPT), torch.tensor([0]))
+    assert (len(set(cache.n_older[0].tolist())) > 1) == (head_budget == "adaptive")  # runs across lanes, or not
+    n_slots = cache.older.n_slots
+    probs = torch.rand(1, H, n_slots + cache.ring.n_slots, generator=gen)
+    expected = torch.zeros_like(probs)
+    older_probs, older_pos = probs[0, :, :n_slots].flatten(), cache.older_pos[0].flatten()
     for h in range(H):
-        got = held_scores(cache, 0, h)
-        assert sorted(got) == list(range(S, n - W)), got  # every token past sinks, out of the window: kept
-        for t, score in got.items():
-            assert abs(score - float(received[h, t:, t].mean())) < 1e-5, (h, t)
+        start, n = int(cache.older_start[0, h]), int(cache.n_older[0, h])
+        held = [(int(older_pos[cell]), "older", cell) for cell in cache.cells(torch.arange(start, start + n)).tolist()]
+        held += [(p, "ring", j) for j, p in enumerate(cache.ring.pos[0].tolist()) if p >= 0]
+        held.sort()
+        values = [float(older_probs[i] if part == "older" else probs[0, h, n_slots + i]) for _, part, i in held]
+        for (_, part, i), pooled in zip(held, Reference("tova", 1).pooled(values, 3)):
+            if part == "older":
+                expected[0, i // n_slots, i % n_slots] = pooled
+            else:
+                expected[0, h, n_slots + i] = pooled
+    assert torch.allclose(cache.pooled_step(probs), expected, atol=1e-6)
+
+
+def test_h2o_mean_over_chunks_and_steps_is_the_mean_attention_received():
+    """--accumulate mean, nothing evicted (budget 20): row 0 prefilled in two chunks (the kept store holds tokens
+    before the second), row 1 in one, then both decode together at their own positions; each token's score, kept
+    or in the ring, is the attention its KV head's queries paid it averaged over the queries from its position on,
+    computed from the whole causal attention in float64."""
+    gen = torch.Generator().manual_seed(3)
+    lengths, steps = (14, 10), 3
+    n = max(lengths) + steps
+    q, k, v = (torch.randn(2, heads, n, D, generator=gen) for heads in (HQ, H, H))
+    cache = make_cache("h2o", batch=2, budget=20, accumulate="mean")
+    cos, sin = identity_rope(n)
+    for row, chunks in ((0, ((0, 8), (8, 14))), (1, ((0, 10),))):
+        for first, end in chunks:
+            cache(q[row:row + 1, :, first:end], k[row:row + 1, :, first:end], v[row:row + 1, :, first:end],
+                  torch.arange(first, end), cos, sin, torch.tensor([row]))
+    for step in range(steps):
+        at = torch.tensor([[length + step] for length in lengths])
+        gather = lambda x: x.gather(2, at[:, None, :, None].expand(-1, x.shape[1], 1, D))  # noqa: E731
+        cache(gather(q), gather(k), gather(v), at, cos, sin)
+    for row, length in enumerate(lengths):
+        m = length + steps
+        logits = q[row, :, :m].double() @ k[row, :, :m].double().repeat_interleave(HQ // H, 0).transpose(1, 2)
+        probs = (logits / math.sqrt(D)).masked_fill(~torch.ones(m, m, dtype=torch.bool).tril(), float("-inf"))
+        received = probs.softmax(-1).view(H, HQ // H, m, m).sum(1)  # (H, queries, keys)
+        for h in range(H):
+            got = held_scores(cache, row, h)
+            assert sorted(got) == list(range(S, m - W)), got  # past the sinks, out of the window: every one kept
+            got.update({int(p): float(cache.ring_score[row, h, j]) for j, p in enumerate(cache.ring.pos[row])
+                        if p >= 0})
+            assert sorted(got) == list(range(m))
+            for t, score in got.items():
+                assert abs(score - float(received[h, t:, t].mean())) < 1e-5, (row, h, t)
 
 
 @pytest.mark.parametrize("prompt", [S + W + 1, 3])

@@ -76,6 +76,8 @@ def test_cells_merge_across_folders_with_counts_means_and_disagreements(results)
     assert snapkv and "obs_window=?" in snapkv[0] and "budget=300" in snapkv[0]
     # an option that came with the earlier behaviour as its default: a result before it ran with that default
     assert "pooling" not in snapkv[0] and "decode_kernel_size" not in snapkv[0]
+    before = {k: v for k, v in ruler_table.default_options("h2o").items() if k != "accumulate"}
+    assert ruler_table.config_label("h2o", before) == "h2o budget=256"  # an h2o result before --accumulate: a sum
     forward = {**ruler_table.default_options("snapkv"), "pooling": "forward"}
     assert ruler_table.config_label("snapkv", forward) == "snapkv budget=256 pooling=forward"
     assert rows[snapkv[0]][1] == "100.0 (2) / 100.0 (4)"  # a cell of another sample count is another measurement
