@@ -5,7 +5,7 @@
 # (2k 83.3, 4k 80.0). At 4k one row per task (a row takes 10-30 minutes here), in order of value, so a session that
 # ends mid-way loses one task's row at most. Resumable: a row whose JSON exists is skipped.
 # Measured 2026-12-05 (later), alone: 2k int2 --rotate none 26.7 (20 / 40 / 20, 1065 s), 2k int8 83.3 (100 / 100 / 50,
-# 805 s) = full's; the 4k int8 rows are not run yet.
+# 805 s) = full's. 2026-12-06: 4k int8 80.0 (100 / 90 / 50, 886-1067 s a row beside another job) = full's.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 out=outputs/results/cpu_quant_2k4k_2026-12-05
