@@ -382,24 +382,33 @@ class EvictionCache(KVCache):
         """--decode_kernel_size: a decode step's probabilities (R, H, older slots + ring slots) averaged over that
         many neighbouring held tokens of each head in position order (pooled_over_positions, as the prompt's). The
         older columns are cells (a slot of a lane, base.attend_decode), and head h holds those of its run
-        (older_start, n_older): under uniform budgets in its own lane's first slots, under adaptive in any lane's,
-        so there it is looked for in every lane's (H x the columns). Each held cell takes its head's pooled value;
-        the rest (the scratch slot, empty slots) 0, as unpooled."""
+        (older_start, n_older): under uniform budgets its own lane's first n_older slots, pooled in place; under
+        adaptive any lane's, so every head looks for its run in every lane's first older_size slots (H x the
+        columns). Each held cell takes its head's pooled value; the rest (the scratch slot, empty slots) 0, as
+        unpooled."""
         R, H, M, n_slots = probs.shape[0], self.n_kv_head, self.older_size, self.older.n_slots
-        run = torch.arange(H * M, device=probs.device)
-        run = run.expand(H, -1) if self.adaptive else run.view(H, M)  # (H, columns): the run tokens each head scans
-        held = (run >= self.older_start[:R, :, None]) & (run < (self.older_start + self.n_older)[:R, :, None])
-        cells = self.cells(run).expand(R, -1, -1).flatten(1)  # (R, H x columns)
-        older_pos = self.older_pos[:R].view(R, -1).gather(1, cells).view(held.shape).long().masked_fill(~held, -1)
-        older_mass = probs[..., :n_slots].reshape(R, -1).gather(1, cells).view(held.shape).masked_fill(~held, 0.0)
         ring_pos = self.ring.pos[:R].long()[:, None, :].expand(R, H, -1)
-        pos = torch.cat([older_pos, ring_pos], dim=2)
-        pooled = pooled_over_positions(torch.cat([older_mass, probs[..., n_slots:]], dim=2), pos,
-                                       self.opts.decode_kernel_size, forward=self.opts.pooling == "forward")
-        pooled = pooled.masked_fill(pos < 0, 0.0)  # what is not held gets nothing, as unpooled (not its neighbours')
-        older = torch.zeros(R, H * n_slots, device=probs.device, dtype=probs.dtype).scatter_add_(
-            1, cells, pooled[..., :run.shape[1]].flatten(1))  # one head at most holds a cell
-        return torch.cat([older.view(R, H, n_slots), pooled[..., run.shape[1]:]], dim=2)
+        if not self.adaptive:
+            held = torch.arange(n_slots, device=probs.device) < self.n_older[:R, :, None]
+            return self.pooled_held(probs, held, self.older_pos[:R], ring_pos)
+        run = torch.arange(H * M, device=probs.device).expand(H, -1)  # (H, H * M): the run tokens each head scans
+        held = (run >= self.older_start[:R, :, None]) & (run < (self.older_start + self.n_older)[:R, :, None])
+        cells = self.cells(run).expand(R, -1, -1).flatten(1)
+        by_run = lambda x: x.reshape(R, -1).gather(1, cells).view(R, H, H * M)  # noqa: E731  cells -> run tokens
+        pooled = self.pooled_held(torch.cat([by_run(probs[..., :n_slots]), probs[..., n_slots:]], dim=2), held,
+                                  by_run(self.older_pos[:R]), ring_pos)
+        older = torch.zeros(R, H * n_slots, dtype=probs.dtype, device=probs.device).scatter_add_(
+            1, cells, pooled[..., :H * M].flatten(1))  # one head at most holds a cell
+        return torch.cat([older.view(R, H, n_slots), pooled[..., H * M:]], dim=2)
+
+    def pooled_held(self, probs: Tensor, held: Tensor, older_pos: Tensor, ring_pos: Tensor) -> Tensor:
+        """pooled_step over columns (R, H, older columns + ring slots): the older columns each head holds (held), at
+        older_pos, and the ring's; what a head does not hold neither gives (its mass, another head's) nor gets."""
+        pos = torch.cat([older_pos.long().masked_fill(~held, -1), ring_pos], dim=2)
+        not_held = pos < 0
+        pooled = pooled_over_positions(probs.masked_fill(not_held, 0.0), pos, self.opts.decode_kernel_size,
+                                       forward=self.opts.pooling == "forward")
+        return pooled.masked_fill(not_held, 0.0)
 
     def fine_entries(self, slots: Tensor, kept: Tensor, score: Tensor) -> Tensor:
         """--fine_share, a decode step: the low-plane entry (R, H) (-1: none) of the token leaving the window, kept
