@@ -372,10 +372,9 @@ class EvictionCache(KVCache):
                                         older_start=self.older_start[:R] if self.adaptive else None)
         if self.opts.decode_kernel_size > 1:
             probs = self.pooled_step(probs)
-        now = pos[:, :, None]
-        self.older_score[:R] = self.update(self.older_score[:R], probs[..., :n_slots], self.older_pos[:R].long(), now)
-        self.ring_score[:R] = self.update(self.ring_score[:R], probs[..., n_slots:],
-                                          self.ring.pos[:R].long()[:, None, :], now)
+        now = pos[:, :, None]  # positions as stored (views, no copy a step: only h2o's mean reads them)
+        self.older_score[:R] = self.update(self.older_score[:R], probs[..., :n_slots], self.older_pos[:R], now)
+        self.ring_score[:R] = self.update(self.ring_score[:R], probs[..., n_slots:], self.ring.pos[:R, None, :], now)
         return out
 
     def pooled_step(self, probs: Tensor) -> Tensor:
