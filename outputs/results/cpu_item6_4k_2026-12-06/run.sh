@@ -2,11 +2,11 @@
 # Issue 24 item 6 at 4k: every eviction policy at 0.2x of full's KV bytes with kept tokens in the model dtype (float32
 # here; budget 805 = 0.200x at 4096 tokens, memory.predicted_kv_bytes, as budget 200 = 0.199x at 1k in
 # outputs/results/cpu_pooled_2026-12-05/), and the head-adaptive budgets (--head_budget adaptive) of snapkv and tova
-# with int4 kept tokens at 0.100x (budget 2146, the uniform rows' bytes: outputs/results/cpu_policies4k_2026-12-06/,
-# cpu_goals4k_2026-12-05/). RULER niah_single_1, niah_single_2, niah_multikey_1 at 4096 tokens, 10 samples a task,
+# with int4 kept tokens at 0.100x (budget 2146, the uniform rows' bytes: outputs/results/cpu_tova_pooled_2026-12-05/,
+# cpu_ruler4k_2026-12-04/). RULER niah_single_1, niah_single_2, niah_multikey_1 at 4096 tokens, 10 samples a task,
 # float32 SmolLM2-135M-Instruct on the CPU, greedy, sinks/window 16/32, every other option at its default.
 # kvpress's best at 4k: 26.7 at 0.107x (outputs/results/cpu_peers4k_2026-12-06/); full 80.0 (cpu_ruler4k_2026-12-04/).
-# One row per task and configuration (7-8 minutes a row with one thread beside another job); resumable: a row whose
+# One row per task and configuration (431-1135 s a row with one thread beside another job); resumable: a row whose
 # JSON exists is skipped.
 # Measured 2026-12-06 (two processes, one thread each, beside a compare_peers run for the first two thirds): at
 # 0.200x tova 70.0 (100 / 60 / 50), snapkv 50.0 (100 / 20 / 30), h2o 0.0, expected_attention 0.0; adaptive at 0.100x

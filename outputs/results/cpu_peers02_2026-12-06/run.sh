@@ -7,8 +7,8 @@
 # a length whose peers.json exists is skipped. Measured 2026-12-06 with THREADS=1 beside two evaluate.py rows (peers.md
 # per length): 1k TOVAPress 33.3, SnapKVPress 20.0, StreamingLLMPress 16.7, KnormPress 13.3, ExpectedAttentionPress
 # 0.0 (0.224x); 2k TOVAPress 56.7, SnapKVPress 40.0, StreamingLLMPress 20.0, KnormPress 16.7, ExpectedAttentionPress
-# 0.0 (0.212x). The 2k run was stopped once after its first three presses and run again whole; the three gave the
-# same means both times.
+# 0.0 (0.212x). The 2k run was stopped once after its first three presses and run again whole; the stopped run's
+# lines were taken out of log.txt (its three means, 20.0 / 40.0 / 16.7, were the rerun's).
 set -euo pipefail
 export TQDM_DISABLE=1  # progress bars (weights loading) would fill the log
 cd "$(dirname "$0")/../../.."
