@@ -489,6 +489,8 @@ def test_bad_options_are_one_line_errors():
         kv_cache.STRATEGIES["tova"].check_options(dict(decode_kernel_size=2), 128, 64)
     with pytest.raises(ValueError, match="snapkv never revises its choice while decoding, so --decode_kernel_size"):
         cls.check_options(dict(decode_kernel_size=3), 128, 64)
+    with pytest.raises(ValueError, match="expected_attention never revises its choice while decoding, so --decode"):
+        kv_cache.STRATEGIES["expected_attention"].check_options(dict(decode_kernel_size=3), 128, 64)
 
 
 @pytest.mark.parametrize("policy", ["snapkv", "h2o", "tova"])
