@@ -64,7 +64,7 @@ from kv_cache.base import (GROUP_SIZE, KVCache, SinkWindowOptions, attend, atten
                            rotate_qk)
 from kv_cache.paging import PageSpace, round_up
 from kv_cache.rotation import RotateOptions, register_rotation, rotate_in, rotate_out
-from kv_cache.stores import DenseOlderStore, DenseStore, PlaneStore, QuantizedStore, RingStore, run_cells
+from kv_cache.stores import DenseOlderStore, DenseStore, PlaneStore, QuantizedStore, RingStore, bytes_of, run_cells
 
 # The kept tokens are quantized one at a time, keys per token as values: they arrive and leave singly, never in
 # the runs of consecutive tokens that per-channel scales need.
@@ -485,8 +485,9 @@ class EvictionCache(KVCache):
         n_slots = self.older.n_slots
         target = torch.where(chosen, self.cells(new_start[..., None] + chosen.cumsum(-1) - 1),
                              self.scratch_cells()[:, None])  # (R, H, N)
-        stored = {name: of_runs(x) for name, x in self.older.raw(rows, M).items()} if L else None
+        stored = {name: of_runs(bytes_of(x)) for name, x in self.older.raw(rows, M).items()} if L else None
         fresh = self.older.encode(torch.cat([ring_k, k], dim=2), torch.cat([ring_v, v], dim=2))
+        fresh = {name: bytes_of(x) for name, x in fresh.items()}  # fp8 codes move as bytes (no float8 gather)
         fields = {name: (x if stored is None else torch.cat([stored[name], x], dim=2)).gather(
             2, by_pos.view(*by_pos.shape, *[1] * (x.dim() - 3)).expand(*by_pos.shape, *x.shape[3:]))
             for name, x in fresh.items()}

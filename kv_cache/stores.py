@@ -68,12 +68,17 @@ from kernels.formats import Format, get_format
 from kernels.quantize import dequantize_older, dequantize_planes, quantize_keys, quantize_planes, quantize_values
 
 
+def bytes_of(x: Tensor) -> Tensor:
+    """float8 codes as their bytes (a uint8 view), anything else as it is: float8 has no gather, scatter or
+    index_put on some devices (the CPU among them), and moving the bytes moves the codes."""
+    return x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x
+
+
 def write_rows(buf: Tensor, rows, slots: Tensor, x: Tensor):
     """buf[rows][i, :, slots[i, t]] = x[i, :, t] for x (R, H, T, ...): each sequence writes its own slots. rows: a
     slice (the first R sequences: the static decode step, one scatter) or an index tensor (prefill into chosen
     sequences)."""
-    if buf.dtype == torch.float8_e4m3fn:  # no float8 scatter / index_put on some devices: copy the bytes
-        buf, x = buf.view(torch.uint8), x.view(torch.uint8)
+    buf, x = bytes_of(buf), bytes_of(x)
     if isinstance(rows, slice):  # index_put_ on the buffer itself: compiled, it stays in place (module docstring)
         buf.index_put_((*sequences_and_heads(rows, x), slots.view(x.shape[0], 1, -1)), x)
     else:
@@ -106,8 +111,8 @@ def slot_index(slots: Tensor, shape) -> Tensor:
 
 def read_rows(buf: Tensor, rows, slots: Tensor) -> Tensor:
     """buf[rows][i, :, slots[i, t]] as (R, H, T, ...); rows as in write_rows."""
-    if buf.dtype == torch.float8_e4m3fn:  # no float8 gather / indexing on some devices: read the bytes
-        return read_rows(buf.view(torch.uint8), rows, slots).view(torch.float8_e4m3fn)
+    if buf.dtype == torch.float8_e4m3fn:  # read the bytes (bytes_of)
+        return read_rows(bytes_of(buf), rows, slots).view(torch.float8_e4m3fn)
     if isinstance(rows, slice):
         part = buf[rows]
         return part.gather(2, slot_index(slots, (part.shape[0], part.shape[1], slots.shape[1], part.shape[3])))
@@ -131,8 +136,7 @@ def write_heads(buf: Tensor, rows, slots: Tensor, x: Tensor, phys: Tensor = None
     """buf[rows][i, h, slots[i, h, t]] = x[i, h, t] for x (R, H, T, ...): each KV head writes its own slots.
     phys: the physical slots (R, H, T) of a pool buf (1, H, P, ...) instead (slots is then unused). lanes (R, H, T):
     head h's x[i, h, t] goes to lane (head dim) lanes[i, h, t] instead of h (a head-shared store's run)."""
-    if buf.dtype == torch.float8_e4m3fn:  # no float8 scatter / index_put on some devices: copy the bytes
-        buf, x = buf.view(torch.uint8), x.view(torch.uint8)
+    buf, x = bytes_of(buf), bytes_of(x)
     heads = torch.arange(x.shape[1], device=x.device).view(1, -1, 1) if lanes is None else lanes
     if phys is not None:
         buf[0][heads, phys] = x

@@ -34,6 +34,9 @@ CASES = {
                                              decode_kernel_size=3)),
     "snapkv-then-int8": ("snapkv", dict(SINK_WINDOW, budget=24, then_bits="8")),
     "snapkv-adaptive": ("snapkv", dict(SINK_WINDOW, budget=24, head_budget="adaptive")),
+    # prompt statistics at prefill, a decode step that never revises; int4 kept tokens rotated (--rotate auto)
+    "expected_attention-then-int4": ("expected_attention", dict(SINK_WINDOW, budget=24, then_bits="4",
+                                                                group_size=16)),
     # with the decode step's attention pooled over 3 held neighbours (--decode_kernel_size: an argsort a step)
     "tova-mixed": ("tova", dict(SINK_WINDOW, budget=24, then_bits="2", fine_share=0.5, group_size=16,
                                 decode_kernel_size=3)),

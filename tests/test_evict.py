@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import kv_cache
-from kernels.quantize import quantize_planes, unpack_bits
+from kernels.quantize import dequantize_block, quantize_keys, quantize_planes, quantize_values, unpack_bits
+from kv_cache.rotation import rotation_matrix
 from kv_cache.stores import QuantizedStore
 
 S, W, BUDGET = 2, 3, 9  # kept = 4 slots per head
@@ -26,8 +27,9 @@ class Reference:
 
     def __init__(self, policy: str, kernel_size: int, adaptive: bool = False, floor: int = 0, fine_size: int = 0,
                  group_size: int = 0, obs_window: int = W, pooling: str = "centered", decode_kernel_size: int = 1,
-                 accumulate: str = "sum"):
+                 accumulate: str = "sum", kept_as=None, rotation=None):
         self.policy, self.kernel_size, self.adaptive, self.floor = policy, kernel_size, adaptive, floor
+        self.kept_as = kept_as  # --then_bits: kept_as(x, is_key) is a kept token as stored and read back
         self.pooling, self.decode_kernel_size = pooling, decode_kernel_size
         self.accumulate = accumulate  # h2o: the attention received summed, or its mean over the queries that paid it
         self.obs_window = obs_window  # snapkv: the last prompt queries that score
@@ -39,16 +41,21 @@ class Reference:
         self.fine_size, self.group_size = fine_size, group_size
         self.fine = [set() for _ in range(H)]
         self.demoted = 0
+        self.rotation = rotation  # mixed precision with --rotate: planes of x R, read back times R^T
 
     def stored(self, x, h, t):
         """Head h's key or value of position t as the cache attends to it: kept tokens dequantized in float64 from
-        their planes (mixed precision), everything else as given."""
-        if not self.fine_size or t not in self.kept[h]:
+        their planes (mixed precision) or their --then_bits codes, everything else as given."""
+        if t not in self.kept[h] or not (self.fine_size or self.kept_as):
             return x[t][h].double()
-        hi, lo, scale, zero = quantize_planes(x[t][h].view(1, 1, 1, D), self.group_size)
+        if self.kept_as:
+            return self.kept_as(x[t][h].double(), x is self.k)
+        r = self.rotation
+        hi, lo, scale, zero = quantize_planes((x[t][h] if r is None else x[t][h] @ r).view(1, 1, 1, D), self.group_size)
         low = unpack_bits(lo, 2, D).double() if t in self.fine[h] else torch.full((D,), 1.5, dtype=torch.float64)
         codes = (unpack_bits(hi, 2, D).double() * 4 + low).view(-1, self.group_size)
-        return (codes * scale.double().view(-1, 1) + zero.double().view(-1, 1)).flatten()
+        read = (codes * scale.double().view(-1, 1) + zero.double().view(-1, 1)).flatten()
+        return read if r is None else read @ r.T
 
     def probs(self, h, q, positions):
         """Attention (group heads, len(positions)) of q (group heads, D) over the head's tokens, float64."""
@@ -163,10 +170,10 @@ def held_scores(cache, row, h) -> dict:
     return dict(zip(cache.older_pos[row].flatten()[cells].tolist(), cache.older_score[row].flatten()[cells].tolist()))
 
 
-def make_cache(policy, batch=1, **options):
+def make_cache(policy, batch=1, dtype=torch.float32, **options):
     cls = kv_cache.STRATEGIES[policy]
     # each token scored alone (--kernel_size 1) unless a test pools: the references below score token by token
-    return cls(batch, 64, H, D, torch.float32, "cpu", **{"sink_size": S, "window_size": W, "budget": BUDGET,
+    return cls(batch, 64, H, D, dtype, "cpu", **{"sink_size": S, "window_size": W, "budget": BUDGET,
                                                          "kernel_size": 1, **options})
 
 
@@ -268,19 +275,38 @@ def test_pooled_decode_over_a_store_and_ring_still_filling(policy, prompt):
     check_against_reference(policy, 3, "centered", "uniform", decode_kernel_size=3, prompt=prompt, steps=14)
 
 
+def kept_as(then_bits: str, rotate: str):
+    """A kept token (D,) as an eviction store holds and reads it back, in float64: turned by the rotation (keys and
+    values: --rotate_parts auto, the keys being per token), quantized per token in groups of 4 channels, dequantized,
+    turned back."""
+    r = rotation_matrix(rotate, D, torch.float64, "cpu") if rotate != "none" else torch.eye(D, dtype=torch.float64)
+
+    def stored(x, is_key):
+        y = (x @ r).view(1, 1, 1, D)
+        codes = quantize_keys(y, then_bits, "token", 4) if is_key else quantize_values(y, then_bits, 4)
+        return dequantize_block(*codes, then_bits, "token", 4, D, torch.float64).flatten() @ r.T
+    return stored
+
+
 def check_against_reference(policy, kernel_size, pooling, head_budget, decode_kernel_size=1, prompt=PROMPT,
-                            steps=STEPS, accumulate="sum") -> "Reference":
+                            steps=STEPS, accumulate="sum", then_bits=None, rotate="none") -> "Reference":
     gen = torch.Generator().manual_seed(7)
     T = prompt + steps
-    q = torch.randn(1, HQ, T, D, generator=gen) * 2  # peaked attention: scores well apart, no near-ties
-    k = torch.randn(1, H, T, D, generator=gen) * 2
-    v = torch.randn(1, H, T, D, generator=gen)
+    # --then_bits in float64: the reference quantizes what the cache quantizes, so codes round alike
+    dtype = torch.float32 if then_bits is None else torch.float64
+    q = (torch.randn(1, HQ, T, D, generator=gen) * 2).to(dtype)  # peaked attention: scores well apart, no near-ties
+    k = (torch.randn(1, H, T, D, generator=gen) * 2).to(dtype)
+    v = torch.randn(1, H, T, D, generator=gen).to(dtype)
+    stored = {} if then_bits is None else dict(then_bits=then_bits, group_size=4, rotate=rotate)
     # pooled over 3 positions at most here: snapkv's default (15) spans this 12-token prompt, so every score would tie
-    cache = make_cache(policy, head_budget=head_budget, head_floor=0.25, kernel_size=kernel_size, pooling=pooling,
-                       decode_kernel_size=decode_kernel_size, **({"accumulate": accumulate} if policy == "h2o" else {}))
+    cache = make_cache(policy, dtype=dtype, head_budget=head_budget, head_floor=0.25, kernel_size=kernel_size,
+                       pooling=pooling, decode_kernel_size=decode_kernel_size, **stored,
+                       **({"accumulate": accumulate} if policy == "h2o" else {}))
+    assert cache.rotate == (rotate != "none")
     ref = Reference(policy, kernel_size, head_budget == "adaptive", cache.opts.floor_size, pooling=pooling,
-                    decode_kernel_size=decode_kernel_size, accumulate=accumulate)
-    cos, sin = identity_rope(T)  # keys and queries unrotated: the reference needs no RoPE
+                    decode_kernel_size=decode_kernel_size, accumulate=accumulate,
+                    kept_as=None if then_bits is None else kept_as(then_bits, rotate))
+    cos, sin = (x.to(dtype) for x in identity_rope(T))  # keys and queries unrotated: the reference needs no RoPE
     out = cache(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], torch.arange(prompt), cos, sin,
                 torch.tensor([0]))
     ref_out = ref.prefill(q[0, :, :prompt], k[0, :, :prompt], v[0, :, :prompt])
@@ -301,6 +327,23 @@ def check_against_reference(policy, kernel_size, pooling, head_budget, decode_ke
     return ref
 
 
+@pytest.mark.parametrize("policy,then_bits,rotate,head_budget", [
+    ("h2o", "4", "hadamard", "uniform"), ("tova", "4", "signed_hadamard", "adaptive"),
+    ("snapkv", "8", "none", "uniform"), ("snapkv", "4", "hadamard", "adaptive"),
+    ("h2o", "fp8", "none", "adaptive"), ("h2o", "fp8", "none", "uniform"), ("tova", "2", "hadamard", "uniform")])
+def test_quantized_kept_tokens_keep_what_the_reference_keeps(policy, then_bits, rotate, head_budget):
+    """--then_bits, rotated or not, uniform and head-adaptive budgets: the tokens each head keeps, every output and
+    the scores are those of the float64 reference whose kept tokens are rotated, quantized, read back and turned back
+    (sinks and window exact), and quantizing changed the outputs (the reference with exact kept tokens differs)."""
+    ref = check_against_reference(policy, 3 if policy == "snapkv" else 1, "centered", head_budget,
+                                  then_bits=then_bits, rotate=rotate)
+    q = torch.randn(HQ, D, dtype=torch.float64)
+    held = [sorted(set(range(S)) | set(kept)) for kept in ref.kept]
+    exact_kept = Reference(policy, 1)
+    exact_kept.k, exact_kept.v, exact_kept.kept = ref.k, ref.v, ref.kept
+    assert not torch.allclose(ref.attend(q, held)[0], exact_kept.attend(q, held)[0], atol=1e-3)
+
+
 def test_snapkv_observation_window_scores_with_its_queries():
     """--obs_window: the last obs_window prompt queries score the prompt, not the last window_size."""
     gen = torch.Generator().manual_seed(3)
@@ -317,23 +360,27 @@ def test_snapkv_observation_window_scores_with_its_queries():
     assert kept[0] != kept[9]  # the window's queries and the wider observation's choose differently here
 
 
+@pytest.mark.parametrize("rotate", ["none", "hadamard"])
 @pytest.mark.parametrize("prompt", [PROMPT, S + W + 1])
 @pytest.mark.parametrize("policy", ["h2o", "tova", "snapkv"])
-def test_mixed_precision_keeps_what_the_reference_keeps(policy, prompt):
+def test_mixed_precision_keeps_what_the_reference_keeps(policy, prompt, rotate):
     """--then_bits 2 --fine_share 0.5: the 4 kept tokens of a head at 2 bits, its best-scored 2 with their low planes
     too (4 bits). Which tokens each head keeps, which of them at 4 bits, and every output match a float64 reference
-    that dequantizes each kept token by its precision; decoding demotes fine tokens that a newcomer outscores. A
-    prompt with one token past sinks and window leaves a 4-bit place free: decoding fills it first."""
+    that dequantizes each kept token by its precision (rotated: the planes of kR, read back times R^T; then in
+    float64, so the reference's codes round as the cache's); decoding demotes fine tokens that a newcomer outscores.
+    A prompt with one token past sinks and window leaves a 4-bit place free: decoding fills it first."""
     gen = torch.Generator().manual_seed(11)
     T = prompt + STEPS
-    q = torch.randn(1, HQ, T, D, generator=gen) * 2
-    k = torch.randn(1, H, T, D, generator=gen) * 2
-    v = torch.randn(1, H, T, D, generator=gen)
-    cache = make_cache(policy, then_bits="2", fine_share=0.5, group_size=4, rotate="none",
+    dtype = torch.float32 if rotate == "none" else torch.float64
+    q = (torch.randn(1, HQ, T, D, generator=gen) * 2).to(dtype)
+    k = (torch.randn(1, H, T, D, generator=gen) * 2).to(dtype)
+    v = torch.randn(1, H, T, D, generator=gen).to(dtype)
+    cache = make_cache(policy, dtype=dtype, then_bits="2", fine_share=0.5, group_size=4, rotate=rotate,
                        **(dict(kernel_size=3) if policy == "snapkv" else {}))
-    assert cache.fine_size == 2
-    ref = Reference(policy, cache.opts.kernel_size, fine_size=2, group_size=4)
-    cos, sin = identity_rope(T)
+    assert cache.fine_size == 2 and cache.rotate == (rotate != "none")
+    r = rotation_matrix(rotate, D, torch.float64, "cpu") if cache.rotate else None
+    ref = Reference(policy, cache.opts.kernel_size, fine_size=2, group_size=4, rotation=r)
+    cos, sin = (x.to(dtype) for x in identity_rope(T))
 
     def fine_tokens():
         older = cache.older
@@ -356,7 +403,7 @@ def test_mixed_precision_keeps_what_the_reference_keeps(policy, prompt):
         assert fine_tokens() == ref.fine, f"4-bit tokens after position {p}"
     if policy == "tova":  # its scores are the current query's: newcomers outscore and demote fine tokens
         assert ref.demoted > 0
-    check_planes(cache, 0, k, v)
+    check_planes(cache, 0, *((k, v) if r is None else (k @ r, v @ r)))  # the planes of what is stored
 
 
 def check_planes(cache, row, k, v):
@@ -423,16 +470,17 @@ def test_hand_set_scores_decide_the_replacement():
     assert cache.older_pos[0, 1, :4].tolist() == before[1]
 
 
+@pytest.mark.parametrize("policy", ["h2o", "expected_attention"])  # the layout is the policies' shared one
 @pytest.mark.parametrize("head_budget", ["uniform", "adaptive"])
 @pytest.mark.parametrize("then_bits", [None, "8", "4", "fp8"])
-def test_bytes_are_the_layout(then_bits, head_budget):
+def test_bytes_are_the_layout(then_bits, head_budget, policy):
     """nbytes counts every buffer (ring, older store, scores, positions, each head's count, start and room) and
     bytes_per_token is what one more slot of the older store costs, to the byte. Head-adaptive budgets cost the
     same bytes: the heads share one run of H x (budget - sinks - window) slots (the sum, not heads x the most one
     head may keep)."""
     options = dict(then_bits=then_bits, group_size=4, head_budget=head_budget)
     B, ring, kept_slots = 3, S + W, BUDGET - S - W + 1  # + the scratch slot
-    cache = make_cache("h2o", batch=B, **options)
+    cache = make_cache(policy, batch=B, **options)
     if then_bits is None:
         kept = 2 * B * H * kept_slots * D * 4
     else:
@@ -441,7 +489,7 @@ def test_bytes_are_the_layout(then_bits, head_budget):
                 + kept + B * H * (ring + kept_slots) * 4 + B * H * kept_slots * 4  # scores, positions
                 + 3 * B * H * 8)  # each head's count, start and room
     assert cache.nbytes() == expected
-    cls = kv_cache.STRATEGIES["h2o"]
+    cls = kv_cache.STRATEGIES[policy]
     bigger = cls(B, 64, H, D, torch.float32, "cpu", sink_size=S, window_size=W, budget=BUDGET + 1, **options)
     assert bigger.nbytes() - cache.nbytes() == B * cls.bytes_per_token(cache.opts, H, D, torch.float32)
 

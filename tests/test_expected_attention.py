@@ -1,7 +1,9 @@
 """expected_attention (kv_cache/expected_attention.py) against a float64 reference written out here: query statistics
 from the raw queries, RoPE as explicit rotation matrices averaged over the future positions, the closed-form
 expected attention per query head, summed per KV head, times the value norms, and each head's best candidates.
-Batched, paged and compiled runs take it in tests/test_batch.py and tests/test_paged.py."""
+Decode outputs against attention over what each head holds, in float64; its bytes are the shared layout's
+(tests/test_evict.py). Batched, paged, compiled and fused-kernel runs take it in tests/test_batch.py,
+tests/test_paged.py, tests/test_compile.py and tests/test_kernels.py."""
 import math
 
 import pytest
@@ -85,8 +87,22 @@ def test_keeps_what_the_reference_keeps_and_never_revises():
         for t, got in held_scores(cache, 0, h).items():
             assert abs(got - scores[h, t].item()) < 1e-6 * scores[h].max().item()
     for p in range(T, T + 3):  # the budget is full: tokens leaving the window are dropped, the choice stays
-        cache(q[None, :, p:p + 1], k[None, :, p:p + 1], v[None, :, p:p + 1], torch.tensor([[p]]), cos, sin)
+        out = cache(q[None, :, p:p + 1], k[None, :, p:p + 1], v[None, :, p:p + 1], torch.tensor([[p]]), cos, sin)
         assert cache.older_tokens(0) == kept
+        torch.testing.assert_close(out[0, :, 0], reference_output(q[:, p], k, v, p, kept), rtol=0, atol=1e-5)
+
+
+def reference_output(q, k, v, p, kept):
+    """Decode attention at position p (q (HQ, D)) over what each KV head holds: sinks, its kept tokens, the window
+    ending at p; RoPE as matrices."""
+    out = torch.zeros(HQ, D, dtype=torch.float64)
+    for hq in range(HQ):
+        h = hq // (HQ // H)
+        held = sorted(set(range(S)) | set(kept[h]) | set(range(p - W + 1, p + 1)))
+        keys = torch.stack([k[h, t] @ rope_matrix(t).T for t in held])
+        probs = (keys @ (q[hq] @ rope_matrix(p).T) / math.sqrt(D)).softmax(0)
+        out[hq] = probs @ v[h, held]
+    return out
 
 
 def test_rotated_storage_keeps_the_same_tokens():

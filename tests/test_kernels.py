@@ -362,6 +362,8 @@ E2E_CASES = [
     ("h2o", dict(sink_size=4, window_size=8, budget=18, head_budget="adaptive")),
     # mixed precision by score: each token's low plane read where its entry says, demotions as tova decodes
     ("tova", dict(sink_size=4, window_size=8, budget=18, then_bits="2", fine_share=0.5, group_size=8)),
+    # expected attention's prompt scores, int4 kept tokens rotated by --rotate auto
+    ("expected_attention", dict(sink_size=4, window_size=8, budget=18, then_bits="4", group_size=8)),
 ]
 
 
