@@ -634,7 +634,8 @@ def _launch(inputs: DecodeInputs, return_scores: bool):
                                  "before they were stored")
             older_start, stride_osb, stride_osh = per_head(older_start, B, H, "older_start")
             lane_rows = k_q.stride(1) // k_q.stride(2)
-            if any(t is not None and (t.stride(1) != lane_rows * t.stride(2)) for t in
+            # lanes are addressed as lane_rows rows apart (a single lane's stride is never used: one KV head a rank)
+            if any(t is not None and t.shape[1] > 1 and (t.stride(1) != lane_rows * t.stride(2)) for t in
                    (k_q, k_scale, k_zero, v_q, v_scale, v_zero)) or not 0 < older_lane <= M:
                 raise ValueError(f"a head-shared older store needs buffers of {lane_rows} rows a lane and "
                                  f"0 < older_lane <= {M} (got {older_lane})")

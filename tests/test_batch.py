@@ -140,7 +140,7 @@ def test_sampling_differs_per_sequence(model):
     assert len({tuple(r["tokens"]) for r in rows}) > 1
 
 
-@pytest.mark.parametrize("name", ["full", "compress_kv", "quantize_kv-int4"])
+@pytest.mark.parametrize("name", ["full", "compress_kv", "quantize_kv-int4", "h2o-adaptive-then-int2", "tova-mixed"])
 def test_fused_kernel_path_per_sequence(model, name):
     """--attn_impl triton (Triton's CPU interpreter here) on a ragged batch gives the torch path's tokens."""
     strategy, options = CASES[name]

@@ -292,7 +292,8 @@ def test_block_accounting_under_random_interleavings(ops):
 
 # ---------------------------------------------------------------- the fused kernels through the block table
 
-TRITON_CASES = ["full", "compress_kv-original", "quantize_kv-int8", "quantize_kv-int4", "quantize_kv-fp8"]
+TRITON_CASES = ["full", "compress_kv-original", "quantize_kv-int8", "quantize_kv-int4", "quantize_kv-fp8",
+                "h2o-then-int4", "snapkv-adaptive", "tova-mixed"]  # eviction: kept runs in pages, lanes, planes
 
 
 @pytest.mark.parametrize("name", TRITON_CASES)
