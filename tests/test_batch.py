@@ -36,8 +36,9 @@ CASES = {
     "snapkv-adaptive": ("snapkv", dict(SINK_WINDOW, budget=20, head_budget="adaptive")),
     "h2o-adaptive-then-int2": ("h2o", dict(SINK_WINDOW, budget=20, head_budget="adaptive", then_bits="2",
                                            group_size=8)),
-    # fp8 codes move through the prefill's choice as bytes (the CPU has no float8 gather)
-    "snapkv-adaptive-then-fp8": ("snapkv", dict(SINK_WINDOW, budget=20, head_budget="adaptive", then_bits="fp8")),
+    # fp8 codes move through the prefill's choice as bytes (the CPU has no float8 gather), kept ones too when a
+    # later chunk comes (h2o prefills in chunks: tests/test_paged.py)
+    "h2o-adaptive-then-fp8": ("h2o", dict(SINK_WINDOW, budget=20, head_budget="adaptive", then_bits="fp8")),
     # --fine_share: mixed precision by score (tova demotes 4-bit tokens to 2 bits as it decodes)
     "tova-mixed": ("tova", dict(SINK_WINDOW, budget=20, then_bits="2", fine_share=0.5, group_size=8)),
     # --decode_kernel_size: each decode step's attention pooled over held neighbours, per row's own tokens

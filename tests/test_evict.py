@@ -277,8 +277,10 @@ def test_pooled_decode_over_a_store_and_ring_still_filling(policy, prompt):
 
 def kept_as(then_bits: str, rotate: str):
     """A kept token (D,) as an eviction store holds and reads it back, in float64: turned by the rotation (keys and
-    values: --rotate_parts auto, the keys being per token), quantized per token in groups of 4 channels, dequantized,
-    turned back."""
+    values: --rotate_parts auto, the keys being per token), quantized per token (int4 / int2: groups of 4 channels;
+    int8 / fp8: one scale a head), dequantized, turned back. The quantizer is kernels/quantize.py's, whose codes
+    tests/test_quantize.py holds to its own reference: what this checks is which tokens are quantized, when, and
+    how the rotation wraps them."""
     r = rotation_matrix(rotate, D, torch.float64, "cpu") if rotate != "none" else torch.eye(D, dtype=torch.float64)
 
     def stored(x, is_key):
@@ -292,7 +294,7 @@ def check_against_reference(policy, kernel_size, pooling, head_budget, decode_ke
                             steps=STEPS, accumulate="sum", then_bits=None, rotate="none") -> "Reference":
     gen = torch.Generator().manual_seed(7)
     T = prompt + steps
-    # --then_bits in float64: the reference quantizes what the cache quantizes, so codes round alike
+    # --then_bits in float64: the reference's quantizer gets the very inputs the cache's gets (rotated in float64)
     dtype = torch.float32 if then_bits is None else torch.float64
     q = (torch.randn(1, HQ, T, D, generator=gen) * 2).to(dtype)  # peaked attention: scores well apart, no near-ties
     k = (torch.randn(1, H, T, D, generator=gen) * 2).to(dtype)
@@ -334,10 +336,11 @@ def check_against_reference(policy, kernel_size, pooling, head_budget, decode_ke
 def test_quantized_kept_tokens_keep_what_the_reference_keeps(policy, then_bits, rotate, head_budget):
     """--then_bits, rotated or not, uniform and head-adaptive budgets: the tokens each head keeps, every output and
     the scores are those of the float64 reference whose kept tokens are rotated, quantized, read back and turned back
-    (sinks and window exact), and quantizing changed the outputs (the reference with exact kept tokens differs)."""
+    (sinks and window exact); and the quantization shows: over what each head holds at the end, a query's
+    attention differs with the kept tokens exact."""
     ref = check_against_reference(policy, 3 if policy == "snapkv" else 1, "centered", head_budget,
                                   then_bits=then_bits, rotate=rotate)
-    q = torch.randn(HQ, D, dtype=torch.float64)
+    q = torch.randn(HQ, D, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     held = [sorted(set(range(S)) | set(kept)) for kept in ref.kept]
     exact_kept = Reference(policy, 1)
     exact_kept.k, exact_kept.v, exact_kept.kept = ref.k, ref.v, ref.kept
