@@ -31,6 +31,8 @@ CASES = {
     "tova": ("tova", dict(SINK_WINDOW, budget=20)),
     "snapkv": ("snapkv", dict(SINK_WINDOW, budget=20)),
     "expected_attention": ("expected_attention", dict(SINK_WINDOW, budget=20)),
+    "expected_attention-adaptive-then-int4": ("expected_attention", dict(SINK_WINDOW, budget=20, head_budget="adaptive",
+                                                                     then_bits="4", group_size=8)),
     "h2o-then-int4": ("h2o", dict(SINK_WINDOW, budget=20, then_bits="4", group_size=8, rotate="hadamard")),
     # --head_budget adaptive: the heads share 2 x 8 slots (runs across lanes), whole prompt and chunked
     "snapkv-adaptive": ("snapkv", dict(SINK_WINDOW, budget=20, head_budget="adaptive")),
