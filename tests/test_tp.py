@@ -53,6 +53,10 @@ RANDOM_CASES.update({
     "full-compiled": ("full", [], False, True),
 })
 PROMPT_LEN, NEW_TOKENS, BLOCK_SIZE = 12, 5, 4
+# --head_budget adaptive shares a layer's budget among the KV heads of a rank: over 2 ranks of 1 KV head each, the
+# budget of the head alone, as uniform
+ADAPTIVE = ("snapkv", [f"--{k}={v}" for k, v in dict(SMALL, budget=10, head_budget="adaptive").items()], False,
+            False)
 LLAMA3 = dict(vocab_size=256, hidden_size=128, num_hidden_layers=2, intermediate_size=256, num_attention_heads=8,
               num_key_value_heads=2, head_dim=16, rope_theta=500000.0, rms_norm_eps=1e-5, initializer_range=0.1,
               max_position_embeddings=256)
@@ -153,6 +157,8 @@ def groups(random_checkpoints) -> dict:
         {"key": "llama3", "checkpoint": str(random_checkpoints["llama3"]), "replicate": False, "cases": RANDOM_CASES},
         {"key": "llama3-int8", "checkpoint": str(random_checkpoints["llama3"]), "replicate": False, "quantize": "int8",
          "cases": {"full": CASES["full"]}},
+        {"key": "llama3-adaptive", "checkpoint": str(random_checkpoints["llama3"]), "replicate": False,
+         "cases": {"snapkv": ADAPTIVE}},
         {"key": "one_kv_head", "checkpoint": str(random_checkpoints["one_kv_head"]), "replicate": True,
          "cases": {k: CASES[k] for k in ("full", "quantize_kv-int4")}}])
     three = spawn(random_checkpoints["root"], 3, [
@@ -209,6 +215,16 @@ def test_llama3_shape_over_two_ranks(two_ranks, random_checkpoints):
     assert sharded["model_args"]["n_head"] == 4 and sharded["model_args"]["n_kv_head"] == 1
     reference = single_process(random_checkpoints["llama3"], RANDOM_CASES)
     assert_same(sharded, reference, 2)
+
+
+def test_head_adaptive_budgets_share_among_a_ranks_heads(two_ranks, random_checkpoints):
+    """--head_budget adaptive over 2 ranks of the Llama-3 shape (1 KV head a rank): each rank's head keeps the
+    budget alone, so the run is the single process's uniform one (snapkv), while in one process, where the 2 heads
+    share it, adaptive chooses otherwise."""
+    sharded = two_ranks["llama3-adaptive"]
+    reference = single_process(random_checkpoints["llama3"], {"snapkv": RANDOM_CASES["snapkv"], "adaptive": ADAPTIVE})
+    assert_same(sharded, {"snapkv": reference["snapkv"]}, 2)
+    assert not torch.allclose(reference["adaptive"]["logits"], reference["snapkv"]["logits"], rtol=0, atol=1e-4)
 
 
 def test_replicated_kv_head_over_two_ranks(two_ranks, random_checkpoints):
