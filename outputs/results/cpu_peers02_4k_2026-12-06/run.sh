@@ -5,7 +5,7 @@
 # niah_multikey_1 at 4096 tokens, 10 samples each, seed 1234 as scripts/evaluate.py's), with our full and
 # transformers' full as references. Ours at 0.2x on these samples: outputs/results/cpu_item6_4k_2026-12-06/ (budget
 # 805). Run in .venv-peers (scripts/setup.sh --peers), THREADS=1 beside one evaluate.py process.
-# Measured 2026-12-06 (57 min, THREADS=1 beside one evaluate.py process; peers.md): both presses keep 843 of the
+# Measured 2026-12-06 (47 min, THREADS=1 beside one evaluate.py process; peers.md): both presses keep 843 of the
 # prompt's 4095 tokens, 0.206x of full's bytes measured: TOVAPress 40.0 (80 / 20 / 20), SnapKVPress 36.7 (90 / 20 /
 # 0); our full and transformers' full 80.0 (100 / 90 / 50).
 set -euo pipefail
