@@ -27,9 +27,8 @@ class Reference:
 
     def __init__(self, policy: str, kernel_size: int, adaptive: bool = False, floor: int = 0, fine_size: int = 0,
                  group_size: int = 0, obs_window: int = W, pooling: str = "centered", decode_kernel_size: int = 1,
-                 accumulate: str = "sum", kept_as=None, rotation=None):
+                 accumulate: str = "sum", then_bits: str = None, rotation=None):
         self.policy, self.kernel_size, self.adaptive, self.floor = policy, kernel_size, adaptive, floor
-        self.kept_as = kept_as  # --then_bits: kept_as(x, is_key) is a kept token as stored and read back
         self.pooling, self.decode_kernel_size = pooling, decode_kernel_size
         self.accumulate = accumulate  # h2o: the attention received summed, or its mean over the queries that paid it
         self.obs_window = obs_window  # snapkv: the last prompt queries that score
@@ -37,24 +36,32 @@ class Reference:
         self.kept = [[] for _ in range(H)]
         self.score = [{} for _ in range(H)]
         self.room = [BUDGET - S - W] * H
-        # Mixed precision (fine_size > 0): kept tokens are 2-bit planes of a 4-bit code, fine ones with both.
+        # Kept tokens quantized: --then_bits codes per token (groups of group_size channels for int4 / int2, one
+        # scale a head for int8 / fp8), or mixed precision's (fine_size > 0) 2-bit planes of a 4-bit code, fine
+        # ones with both; with --rotate (rotation R, keys and values) the codes of x R, read back times R^T.
+        self.then_bits, self.rotation = then_bits, rotation
         self.fine_size, self.group_size = fine_size, group_size
         self.fine = [set() for _ in range(H)]
         self.demoted = 0
-        self.rotation = rotation  # mixed precision with --rotate: planes of x R, read back times R^T
 
     def stored(self, x, h, t):
         """Head h's key or value of position t as the cache attends to it: kept tokens dequantized in float64 from
-        their planes (mixed precision) or their --then_bits codes, everything else as given."""
-        if t not in self.kept[h] or not (self.fine_size or self.kept_as):
+        their --then_bits codes or their planes (mixed precision), everything else as given. The quantizer is
+        kernels/quantize.py's, whose codes tests/test_quantize.py holds to its own reference: what this checks is
+        which tokens are quantized, when, at which precision, and how the rotation wraps them."""
+        if t not in self.kept[h] or not (self.fine_size or self.then_bits):
             return x[t][h].double()
-        if self.kept_as:
-            return self.kept_as(x[t][h].double(), x is self.k)
-        r = self.rotation
-        hi, lo, scale, zero = quantize_planes((x[t][h] if r is None else x[t][h] @ r).view(1, 1, 1, D), self.group_size)
-        low = unpack_bits(lo, 2, D).double() if t in self.fine[h] else torch.full((D,), 1.5, dtype=torch.float64)
-        codes = (unpack_bits(hi, 2, D).double() * 4 + low).view(-1, self.group_size)
-        read = (codes * scale.double().view(-1, 1) + zero.double().view(-1, 1)).flatten()
+        r, G = self.rotation, self.group_size
+        y = (x[t][h] if r is None else x[t][h] @ r).view(1, 1, 1, D)
+        if self.then_bits:
+            bits = self.then_bits
+            codes = quantize_keys(y, bits, "token", G) if x is self.k else quantize_values(y, bits, G)
+            read = dequantize_block(*codes, bits, "token", G, D, torch.float64).flatten()
+        else:
+            hi, lo, scale, zero = quantize_planes(y, G)
+            low = unpack_bits(lo, 2, D).double() if t in self.fine[h] else torch.full((D,), 1.5, dtype=torch.float64)
+            codes = (unpack_bits(hi, 2, D).double() * 4 + low).view(-1, G)
+            read = (codes * scale.double().view(-1, 1) + zero.double().view(-1, 1)).flatten()
         return read if r is None else read @ r.T
 
     def probs(self, h, q, positions):
@@ -275,21 +282,6 @@ def test_pooled_decode_over_a_store_and_ring_still_filling(policy, prompt):
     check_against_reference(policy, 3, "centered", "uniform", decode_kernel_size=3, prompt=prompt, steps=14)
 
 
-def kept_as(then_bits: str, rotate: str):
-    """A kept token (D,) as an eviction store holds and reads it back, in float64: turned by the rotation (keys and
-    values: --rotate_parts auto, the keys being per token), quantized per token (int4 / int2: groups of 4 channels;
-    int8 / fp8: one scale a head), dequantized, turned back. The quantizer is kernels/quantize.py's, whose codes
-    tests/test_quantize.py holds to its own reference: what this checks is which tokens are quantized, when, and
-    how the rotation wraps them."""
-    r = rotation_matrix(rotate, D, torch.float64, "cpu") if rotate != "none" else torch.eye(D, dtype=torch.float64)
-
-    def stored(x, is_key):
-        y = (x @ r).view(1, 1, 1, D)
-        codes = quantize_keys(y, then_bits, "token", 4) if is_key else quantize_values(y, then_bits, 4)
-        return dequantize_block(*codes, then_bits, "token", 4, D, torch.float64).flatten() @ r.T
-    return stored
-
-
 def check_against_reference(policy, kernel_size, pooling, head_budget, decode_kernel_size=1, prompt=PROMPT,
                             steps=STEPS, accumulate="sum", then_bits=None, rotate="none") -> "Reference":
     gen = torch.Generator().manual_seed(7)
@@ -307,7 +299,8 @@ def check_against_reference(policy, kernel_size, pooling, head_budget, decode_ke
     assert cache.rotate == (rotate != "none")
     ref = Reference(policy, kernel_size, head_budget == "adaptive", cache.opts.floor_size, pooling=pooling,
                     decode_kernel_size=decode_kernel_size, accumulate=accumulate,
-                    kept_as=None if then_bits is None else kept_as(then_bits, rotate))
+                    then_bits=then_bits, group_size=4,
+                    rotation=rotation_matrix(rotate, D, torch.float64, "cpu") if rotate != "none" else None)
     cos, sin = (x.to(dtype) for x in identity_rope(T))  # keys and queries unrotated: the reference needs no RoPE
     out = cache(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], torch.arange(prompt), cos, sin,
                 torch.tensor([0]))
