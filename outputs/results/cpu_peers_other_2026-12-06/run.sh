@@ -7,7 +7,7 @@
 # (128 / 30 / 50 tokens, as evaluate.py's; the default cap of 32 would cut a UUID). niah_multikey_2 is left out:
 # full scores 0.0 on it at 2k. Run in .venv-peers (scripts/setup.sh --peers), THREADS=1 beside one evaluate.py
 # process.
-# Measured 2026-12-06/07 (44 min, THREADS=1 beside one evaluate.py process; peers.md): our full and transformers' full
+# Measured 2026-12-06/07 (43 min, THREADS=1 beside one evaluate.py process; peers.md): our full and transformers' full
 # 50.2 (fwe 46.7 / niah_single_3 90.0 / vt 14.0), evaluate.py's full on these samples; SnapKVPress 5.3 at 0.212x
 # (10.0 / 0.0 / 6.0) and 1.1 at 0.113x, TOVAPress 1.1 at 0.212x and 1.3 at 0.113x. --only's "bytes" also matched the
 # presses at quantize_kv int4's bytes (0.208x: SnapKVPress 4.2, TOVAPress 1.1), run too.
