@@ -14,7 +14,8 @@
 # Measured 2026-12-06/07 at OMP_NUM_THREADS=1 (71-521 s a row; rows, not timings): one process ran sections 1 and 2
 # and section 3's 2k rows as far as tova's niah_single_3 row, beside compare_peers (cpu_peers_other*_2026-12-06/);
 # it was then stopped and run again with SECTION=3b, and after compare_peers a second process ran SECTION=3b beside
-# it. Not run (the session ended): section 3's other rows on the other tasks at 2k, and section 4. The scores:
+# it. Then section 3's other rows on the other tasks at 2k, one process at OMP_NUM_THREADS=2 (63-132 s a row), stopped
+# before section 4, which is not run. The scores:
 # docs/results.md "Every policy at 0.1x in float32" and "RULER's other tasks at 2k and 4k", or
 # `python -m scripts.ruler_table outputs/results --length 4096`.
 set -euo pipefail
