@@ -42,13 +42,21 @@ def default_options(strategy: str) -> dict:
     return {f.name: f.default for f in dataclasses.fields(kv_cache.STRATEGIES[strategy].Options)}
 
 
+def with_before_options(strategy: str, options: dict) -> dict:
+    """options with each BEFORE_OPTION the strategy has and the result predates at the value it ran with."""
+    if strategy not in kv_cache.STRATEGIES:
+        return options
+    defaults = default_options(strategy)
+    return {**{k: v for k, v in BEFORE_OPTION.items() if k in defaults}, **options}
+
+
 def config_label(strategy: str, options: dict) -> str:
     """The strategy, its bits or budget, and the options that differ from today's defaults (attn_impl apart: the
     path, not the cache); an option the result predates is `name=?`."""
     if strategy not in kv_cache.STRATEGIES:
         return strategy
     parts, defaults = [strategy], default_options(strategy)
-    options = {**{k: v for k, v in BEFORE_OPTION.items() if k in defaults}, **options}
+    options = with_before_options(strategy, options)
     for name, default in defaults.items():
         if name == "attn_impl":
             continue
@@ -97,7 +105,8 @@ def collect(found: list[tuple[Path, dict]], length: int) -> dict:
         if not samples:
             continue
         settings = r.get("settings", {})
-        options = {k: v for k, v in r["options"].items() if k != "attn_impl"}
+        # a result before a BEFORE_OPTION ran with its default: one row with today's results at that default
+        options = {k: v for k, v in with_before_options(r["strategy"], r["options"]).items() if k != "attn_impl"}
         by_tokens = dict(r["kv_bytes_by_tokens"])
         if r["kv_tokens"] == length:
             ratio = r["kv_ratio"]

@@ -42,6 +42,10 @@ def results(tmp_path):
     # the checkpoint prepared again (another mtime) is the same model: its cells join the row
     write(new, "tova_s2.json", {**result("tova", TOVA, {"niah_single_2": [100, 0, 0, 0]}, kv_bytes=100),
                                 "checkpoint": {"path": "m.pth", "size": 1, "mtime_ns": 5}})
+    # niah_multikey_1 measured before --pooling, --decode_kernel_size and --accumulate (their defaults kept what the
+    # code did): the same configuration, one row
+    before = {k: v for k, v in TOVA.items() if k not in ruler_table.BEFORE_OPTION}
+    write(old, "tova_mk1.json", result("tova", before, {"niah_multikey_1": [100, 100, 0, 0]}, kv_bytes=100))
     # the same configuration on other prompts (another seed) is another row, never merged
     write(new, "tova_mk1_seed.json", result("tova", TOVA, {"niah_multikey_1": [100] * 4}, kv_bytes=100,
                                             settings={**SETTINGS, "seed": 7}))
@@ -68,7 +72,7 @@ def test_cells_merge_across_folders_with_counts_means_and_disagreements(results)
     assert rows["full"] == ["1.000", "100.0 (4)", "75.0 (4)", "50.0 (4)", "75.0"]
     tova = "tova budget=300 then_bits=4"
     # the newer folder's score first; both kept, and the disagreement named under the table with its files
-    assert rows[tova] == ["0.100", "75.0 (4) / 50.0 (4)", "25.0 (4)", "–", "–"]
+    assert rows[tova] == ["0.100", "75.0 (4) / 50.0 (4)", "25.0 (4)", "50.0 (4)", "50.0"]  # the mean of the newest
     assert f"- {tova}, niah_single_1: 75.0 (4) in {results / 'cpu_b_2026-12-05' / 'tova_s1.json'}; 50.0 (4) in" in text
     # the other seed's row stands apart, saying how its prompts differ from the first row's
     assert rows[f"{tova} [seed 7]"] == ["0.100", "–", "–", "100.0 (4)", "–"]
