@@ -9,10 +9,10 @@
 # first of them; it was not run there). One row per task and configuration (one JSON each), resumable: a row whose
 # JSON exists is skipped; two processes share the list (a row one of them runs is marked .running). vt and fwe come
 # first, and the int4 rows last: a niah_single_3 row with int4 kept tokens (a UUID, up to 128 new tokens a sample)
-# took 27-34 min at one thread, where a float32 one takes about 6.
+# took 9-34 min at one thread here, where a float32 one takes about 6.
 # Measured 2026-12-07, two processes at OMP_NUM_THREADS=1 on the two cores (278-2040 s a row; rows, not timings): the
 # list was reordered twice while it ran (vt and fwe first, then the int4 rows last; the rows are the same). The
-# niah_single_3 rows of h2o and expected_attention with int4 kept tokens were started last, at the session's end.
+# niah_single_3 rows of h2o and expected_attention with int4 kept tokens ran last (1012 and 533 s).
 # The scores: docs/results.md "RULER's other tasks at 2k and 4k", or ruler_table_other_4096.md here
 # (`python -m scripts.ruler_table outputs/results --length 4096 --tasks niah_single_3,niah_multikey_2,vt,fwe`).
 set -euo pipefail
